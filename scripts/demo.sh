@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The newcomer's one command: installs what moeserve needs, builds it, creates the demo model
+# (DeepSeek-V3 architecture and tokenizer, small dimensions, RANDOM weights) and generates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+./scripts/build.sh
+if [ ! -f models/demo/model.safetensors ]; then
+  ./build/moeserve init-model --preset demo --out models/demo
+fi
+echo "== moeserve generate on the demo model (random weights: the text is meaningless) =="
+./build/moeserve generate --model models/demo --prompt-ids 0,3,10,100,1000 --max-tokens 24 "$@"

@@ -1,0 +1,174 @@
+// generate, score and init-model: the commands that run a model on token ids.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "core/error.h"
+#include "engine/generator.h"
+#include "model/init_model.h"
+
+namespace moeserve::cli {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+struct GenerateArgs {
+  std::string model, prompt_ids;
+  int64_t max_tokens = 16;
+  float temperature = 0.0f, top_p = 1.0f;
+  int64_t top_k = 0;
+  uint64_t seed = 0;
+  bool json = false, ignore_eos = false;
+  int threads = 0;
+};
+
+void warn_if_random(const std::string& dir) {
+  if (has_random_weights(dir))
+    std::fprintf(stderr,
+                 "note: %s holds RANDOM weights (made by `moeserve init-model`); its output is "
+                 "meaningless text, for demos and tests only.\n",
+                 dir.c_str());
+}
+
+void run_generate(const GenerateArgs& a) {
+  MS_CHECK(a.temperature >= 0.0f, "--temperature must be >= 0");
+  MS_CHECK(a.top_p > 0.0f && a.top_p <= 1.0f, "--top-p must be in (0, 1]");
+  MS_CHECK(a.top_k >= 0, "--top-k must be >= 0");
+  MS_CHECK(a.max_tokens >= 1, "--max-tokens must be >= 1");
+  const std::vector<int32_t> prompt = parse_ids(a.prompt_ids, "--prompt-ids");
+  ThreadPool pool(a.threads);
+  model::Model m(a.model, pool);
+  warn_if_random(a.model);
+  engine::Generator gen(m);
+  engine::GenerateOptions opt;
+  opt.max_tokens = a.max_tokens;
+  opt.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
+  if (!a.ignore_eos && m.config().eos_token_id >= 0)
+    opt.stop_ids.push_back(static_cast<int32_t>(m.config().eos_token_id));
+  engine::GenerateStats st;
+  std::vector<int32_t> out = gen.generate(
+      prompt, opt,
+      [&](int32_t id) {
+        if (!a.json) {
+          std::printf("%d ", id);
+          std::fflush(stdout);
+        }
+      },
+      &st);
+  if (a.json) {
+    std::printf("%s\n", json{{"prompt_ids", prompt}, {"output_ids", out}}.dump().c_str());
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr, "prompt %lld tokens in %.3f s, %lld tokens generated in %.3f s (%.2f tokens/s)\n",
+                 static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
+                 static_cast<long long>(st.output_tokens), st.decode_seconds,
+                 st.output_tokens > 1 ? (st.output_tokens - 1) / st.decode_seconds : 0.0);
+  }
+}
+
+void run_score(const std::string& dir, const std::string& ids_s, int threads) {
+  const std::vector<int32_t> ids = parse_ids(ids_s, "--ids");
+  ThreadPool pool(threads);
+  model::Model m(dir, pool);
+  engine::Generator gen(m);
+  const std::vector<double> lp = gen.score(ids);
+  json j = {{"ids", ids}, {"logprobs", json::array()}};
+  for (size_t i = 0; i < lp.size(); ++i) j["logprobs"].push_back(i == 0 ? json(nullptr) : json(lp[i]));
+  std::printf("%s\n", j.dump().c_str());
+}
+
+struct InitArgs {
+  std::string config, preset, out, dtype = "bf16", tokenizer;
+  uint64_t seed = 0;
+  bool force = false;
+};
+
+void run_init(const InitArgs& a) {
+  MS_CHECK(a.config.empty() != a.preset.empty(), "give exactly one of --config and --preset");
+  MS_CHECK(a.dtype == "bf16" || a.dtype == "fp8", "--dtype must be bf16 or fp8, got ", a.dtype);
+  model::ModelConfig cfg;
+  if (!a.preset.empty()) {
+    cfg = model::preset_config(a.preset);
+  } else {
+    std::ifstream in(a.config);
+    MS_CHECK(in.good(), "cannot open --config ", a.config);
+    json j = json::parse(in, nullptr, false);
+    MS_CHECK(!j.is_discarded(), a.config, " is not valid JSON");
+    cfg = model::ModelConfig::from_json(j);
+  }
+  if (fs::exists(fs::path(a.out) / "model.safetensors") && !a.force)
+    fail(a.out, " already holds a model (use --force to overwrite)");
+  model::InitOptions opt;
+  opt.seed = a.seed;
+  opt.fp8 = a.dtype == "fp8";
+  opt.progress = true;
+  model::write_random_model(cfg, a.out, opt);
+  // Mark the folder so every command can say plainly that the weights are random.
+  {
+    const fs::path p = fs::path(a.out) / "config.json";
+    std::ifstream in(p);
+    json j = json::parse(in);
+    j["moeserve_random_weights"] = true;
+    j["moeserve_seed"] = a.seed;
+    std::ofstream(p) << j.dump(2) << "\n";
+  }
+  std::string tok = a.tokenizer;
+  if (tok.empty() && cfg.vocab_size == 129280) tok = bundled_tokenizer_dir();
+  if (!tok.empty()) {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+      const fs::path src = fs::path(tok) / f;
+      MS_CHECK(fs::exists(src), "--tokenizer ", tok, " has no ", f);
+      fs::copy_file(src, fs::path(a.out) / f, fs::copy_options::overwrite_existing);
+    }
+  }
+  std::fprintf(stderr, "wrote a random-weight %s checkpoint (%s) to %s%s\n",
+               a.preset.empty() ? a.config.c_str() : a.preset.c_str(), a.dtype.c_str(),
+               a.out.c_str(), tok.empty() ? "" : " with the DeepSeek-V3 tokenizer");
+}
+
+}  // namespace
+
+void register_model_commands(CLI::App& app) {
+  auto g = std::make_shared<GenerateArgs>();
+  CLI::App* gen = app.add_subcommand("generate", "Generate tokens after a prompt");
+  gen->add_option("--model", g->model, "Hugging Face model folder")->required()->check(CLI::ExistingDirectory);
+  gen->add_option("--prompt-ids", g->prompt_ids, "Prompt as token ids: 1,2,3")->required();
+  gen->add_option("--max-tokens", g->max_tokens, "Tokens to generate")->capture_default_str();
+  gen->add_option("--temperature", g->temperature, "0 = greedy")->capture_default_str();
+  gen->add_option("--top-p", g->top_p, "Nucleus sampling mass")->capture_default_str();
+  gen->add_option("--top-k", g->top_k, "Sample among the k most likely (0 = all)")->capture_default_str();
+  gen->add_option("--seed", g->seed, "Sampling seed")->capture_default_str();
+  gen->add_flag("--json", g->json, "Print {\"prompt_ids\": [...], \"output_ids\": [...]}");
+  gen->add_flag("--ignore-eos", g->ignore_eos, "Do not stop at the end-of-sequence token");
+  gen->add_option("--threads", g->threads, "Worker threads (0 = one per core)");
+  gen->callback([g] { run_generate(*g); });
+
+  auto s = std::make_shared<std::pair<std::string, std::string>>();
+  auto threads = std::make_shared<int>(0);
+  CLI::App* sc = app.add_subcommand("score", "Print log P(ids[i] | ids[<i]) for every token as JSON");
+  sc->add_option("--model", s->first, "Hugging Face model folder")->required()->check(CLI::ExistingDirectory);
+  sc->add_option("--ids", s->second, "Token ids: 1,2,3")->required();
+  sc->add_option("--threads", *threads, "Worker threads (0 = one per core)");
+  sc->callback([s, threads] { run_score(s->first, s->second, *threads); });
+
+  auto i = std::make_shared<InitArgs>();
+  std::string presets;
+  for (const auto& n : model::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
+  CLI::App* init = app.add_subcommand("init-model", "Write a deterministic random-weight checkpoint");
+  init->add_option("--config", i->config, "config.json to build the model from");
+  init->add_option("--preset", i->preset, "Built-in configuration: " + presets);
+  init->add_option("--out", i->out, "Folder to write")->required();
+  init->add_option("--seed", i->seed, "Seed of the weights")->capture_default_str();
+  init->add_option("--dtype", i->dtype, "bf16 or fp8 (e4m3, 128x128 block scales)")->capture_default_str();
+  init->add_option("--tokenizer", i->tokenizer, "Copy tokenizer files from this folder");
+  init->add_flag("--force", i->force, "Overwrite an existing model");
+  init->callback([i] { run_init(*i); });
+}
+
+}  // namespace moeserve::cli

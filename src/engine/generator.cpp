@@ -1,0 +1,103 @@
+#include "engine/generator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace moeserve::engine {
+
+namespace {
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+void check_prompt(const std::vector<int32_t>& ids, const model::ModelConfig& c) {
+  MS_CHECK(!ids.empty(), "the prompt is empty");
+  for (int32_t id : ids)
+    MS_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ", c.vocab_size, ")");
+}
+}  // namespace
+
+std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
+                                         const GenerateOptions& opt,
+                                         const std::function<void(int32_t)>& on_token,
+                                         GenerateStats* stats) {
+  const model::ModelConfig& c = m_.config();
+  check_prompt(prompt, c);
+  MS_CHECK(opt.max_tokens >= 0, "max tokens must be >= 0");
+  const int64_t total = static_cast<int64_t>(prompt.size()) + opt.max_tokens;
+  kv::KvPool pool((total + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers, c.kv_cache_dim());
+  std::vector<int32_t> blocks;
+  MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
+  std::vector<float> logits(c.vocab_size);
+  Sampler sampler(opt.sampling);
+  std::vector<int32_t> out;
+  if (opt.max_tokens == 0) return out;
+
+  const double t0 = now();
+  model::Batch b;
+  int64_t past = 0;
+  const int64_t P = static_cast<int64_t>(prompt.size());
+  while (past < P) {
+    const int64_t n = std::min(opt.prefill_chunk, P - past);
+    b.tokens.assign(prompt.begin() + past, prompt.begin() + past + n);
+    b.seqs = {{0, n, past, blocks.data()}};
+    b.logit_rows.clear();
+    if (past + n == P) b.logit_rows = {n - 1};
+    m_.forward(b, pool, logits.data());
+    past += n;
+  }
+  const double t1 = now();
+  int32_t tok = sampler.sample(logits.data(), c.vocab_size);
+  for (;;) {
+    out.push_back(tok);
+    if (on_token) on_token(tok);
+    if (static_cast<int64_t>(out.size()) >= opt.max_tokens) break;
+    if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), tok) != opt.stop_ids.end()) break;
+    b.tokens = {tok};
+    b.seqs = {{0, 1, past, blocks.data()}};
+    b.logit_rows = {0};
+    m_.forward(b, pool, logits.data());
+    ++past;
+    tok = sampler.sample(logits.data(), c.vocab_size);
+  }
+  if (stats) {
+    stats->prompt_tokens = P;
+    stats->output_tokens = static_cast<int64_t>(out.size());
+    stats->prefill_seconds = t1 - t0;
+    stats->decode_seconds = now() - t1;
+  }
+  return out;
+}
+
+std::vector<double> Generator::score(const std::vector<int32_t>& ids, int64_t chunk) {
+  const model::ModelConfig& c = m_.config();
+  check_prompt(ids, c);
+  const int64_t N = static_cast<int64_t>(ids.size());
+  kv::KvPool pool((N + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers, c.kv_cache_dim());
+  std::vector<int32_t> blocks;
+  MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
+  std::vector<double> lp(N, NAN), row;
+  std::vector<float> logits;
+  model::Batch b;
+  for (int64_t past = 0; past < N; past += chunk) {
+    const int64_t n = std::min(chunk, N - past);
+    b.tokens.assign(ids.begin() + past, ids.begin() + past + n);
+    b.seqs = {{0, n, past, blocks.data()}};
+    b.logit_rows.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (past + i + 1 < N) b.logit_rows.push_back(i);
+    logits.resize(std::max<size_t>(1, b.logit_rows.size()) * c.vocab_size);
+    m_.forward(b, pool, logits.data());
+    for (size_t r = 0; r < b.logit_rows.size(); ++r) {
+      log_softmax(logits.data() + r * c.vocab_size, c.vocab_size, &row);
+      const int64_t next = past + b.logit_rows[r] + 1;
+      lp[next] = row[ids[next]];
+    }
+  }
+  return lp;
+}
+
+}  // namespace moeserve::engine

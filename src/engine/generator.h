@@ -1,0 +1,44 @@
+// Running one sequence through a model: chunked prefill, then token-by-token decode with the
+// latent KV cache; and scoring (the log-probability of every token given its prefix).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "kv/kv_pool.h"
+#include "model/model.h"
+
+namespace moeserve::engine {
+
+struct GenerateOptions {
+  int64_t max_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int32_t> stop_ids;  // generation ends after emitting one of these
+  int64_t prefill_chunk = 512;    // prompt tokens per forward
+};
+
+struct GenerateStats {
+  int64_t prompt_tokens = 0, output_tokens = 0;
+  double prefill_seconds = 0, decode_seconds = 0;
+};
+
+class Generator {
+ public:
+  explicit Generator(model::Model& m, int64_t block_size = 16) : m_(m), block_size_(block_size) {}
+
+  // Generates up to max_tokens after `prompt`, calling on_token(id) as each is produced.
+  std::vector<int32_t> generate(const std::vector<int32_t>& prompt, const GenerateOptions& opt,
+                                const std::function<void(int32_t)>& on_token = {},
+                                GenerateStats* stats = nullptr);
+
+  // logprobs[i] = log P(ids[i] | ids[<i]) for i >= 1 (logprobs[0] is NaN: no prefix).
+  std::vector<double> score(const std::vector<int32_t>& ids, int64_t chunk = 128);
+
+ private:
+  model::Model& m_;
+  int64_t block_size_;
+};
+
+}  // namespace moeserve::engine

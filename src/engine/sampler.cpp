@@ -1,0 +1,64 @@
+#include "engine/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace moeserve::engine {
+
+int32_t argmax(const float* logits, int64_t vocab) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < vocab; ++i)
+    if (logits[i] > logits[best]) best = i;
+  return static_cast<int32_t>(best);
+}
+
+void log_softmax(const float* logits, int64_t vocab, std::vector<double>* out) {
+  double mx = logits[0];
+  for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(logits[i] - mx);
+  const double lse = mx + std::log(sum);
+  out->resize(vocab);
+  for (int64_t i = 0; i < vocab; ++i) (*out)[i] = logits[i] - lse;
+}
+
+int32_t Sampler::sample(const float* logits, int64_t vocab) {
+  if (p_.temperature <= 0.0f) return argmax(logits, vocab);
+  // Candidates sorted by logit (descending, ties to the lower id), cut to top_k.
+  idx_.resize(vocab);
+  std::iota(idx_.begin(), idx_.end(), 0);
+  const int64_t k = (p_.top_k > 0 && p_.top_k < vocab) ? p_.top_k : vocab;
+  auto cmp = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  std::partial_sort(idx_.begin(), idx_.begin() + k, idx_.end(), cmp);
+  idx_.resize(k);
+  const double inv_t = 1.0 / p_.temperature, mx = logits[idx_[0]];
+  prob_.resize(k);
+  double sum = 0.0;
+  for (int64_t i = 0; i < k; ++i) sum += (prob_[i] = std::exp((logits[idx_[i]] - mx) * inv_t));
+  // Nucleus: the smallest prefix whose probability reaches top_p.
+  int64_t n = k;
+  if (p_.top_p < 1.0f) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      acc += prob_[i] / sum;
+      if (acc >= p_.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += prob_[i];
+  const double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += prob_[i];
+    if (u < acc) return idx_[i];
+  }
+  return idx_[n - 1];
+}
+
+}  // namespace moeserve::engine

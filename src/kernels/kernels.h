@@ -1,0 +1,64 @@
+// Compute kernels of the CPU backend. Every kernel has a slow, obvious twin in
+// kernels/reference/ that the tests hold it to.
+//
+// Numerical contract (what makes outputs independent of batch size, thread count and ISA):
+// a dot product over K elements is accumulated in 16 lanes: lane l sums the products of the
+// elements k = l, l+16, l+32, ... in increasing k with fused multiply-add, starting from +0.0;
+// elements past K count as 0 * 0. The 16 lanes are then reduced by the fixed tree
+//   for s in 8, 4, 2, 1: lane[l] = lane[l] + lane[l + s]  (l < s)
+// and lane[0] is the result. A weight element enters as a float: bf16/f16/f32 exactly, fp8 e4m3
+// as float(fp8) * scale_inv of its 128x128 block, rounded once. The scalar, AVX2 and AVX-512
+// implementations all follow this contract and agree bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "core/thread_pool.h"
+
+namespace moeserve::kernels {
+
+inline constexpr int kLanes = 16;
+inline constexpr int kFp8Block = 128;
+
+// A weight matrix as a checkpoint stores it: row-major [rows, cols] (torch Linear: [out, in]).
+struct Weight {
+  DType dtype = DType::F32;  // F32, F16, BF16 or F8_E4M3
+  const void* data = nullptr;  // [rows, cols] of dtype; row r at data + r * cols * dtype_size
+  int64_t rows = 0, cols = 0;
+  // F8_E4M3 only: [ceil(total_rows/128), scale_cols] float32, block (r/128, c/128) scales
+  // element (r, c). `scale_row0` is the row of the full matrix that row 0 of this view is, so
+  // a view of some rows still finds its scales.
+  const float* scale_inv = nullptr;
+  int64_t scale_cols = 0;  // ceil(cols / 128)
+  int64_t scale_row0 = 0;
+
+  // Rows [r0, r0 + n) of this matrix as a matrix of its own.
+  Weight rows_view(int64_t r0, int64_t n) const;
+  // The float value of element (r, c), by the contract above.
+  float at(int64_t r, int64_t c) const;
+  size_t bytes() const;  // bytes of data (+ scales) this view covers
+};
+
+// y[i, n] = sum_k x[i, k] * W[n, k]   for i < m, n < W.rows, k < W.cols
+// x: [m, ldx] f32 (uses the first W.cols of each row); y: [m, ldy] f32 (writes W.rows of each).
+// Every y element follows the 16-lane contract, whatever m and the thread count.
+void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+            float* y, int64_t ldy);
+
+// y[i, c] = sum_r x[i, r] * W[r, c]   (W transposed), summed over r = 0, 1, ... in order, one
+// fused multiply-add each, starting from +0.0.  x: [m, ldx] f32 (first W.rows of each row);
+// y: [m, ldy] f32 (W.cols of each row).
+void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+              float* y, int64_t ldy);
+
+// Row r of W as floats: out[c] = W.at(r, c) for c < W.cols.
+void dequant_row(const Weight& w, int64_t r, float* out);
+
+// sum_k a[k] * b[k] by the 16-lane contract.
+float dot(const float* a, const float* b, int64_t n);
+
+// y[k] = fma(a, x[k], y[k])
+void axpy(float a, const float* x, float* y, int64_t n);
+
+}  // namespace moeserve::kernels

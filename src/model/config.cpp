@@ -1,0 +1,264 @@
+#include "model/config.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+
+namespace moeserve::model {
+
+using nlohmann::json;
+
+double yarn_get_mscale(double scale, double mscale) {
+  if (scale <= 1.0) return 1.0;
+  return 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+bool ModelConfig::is_moe_layer(int64_t layer) const {
+  return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+}
+
+double ModelConfig::softmax_scale() const {
+  double s = 1.0 / std::sqrt(static_cast<double>(qk_head_dim()));
+  if (rope_scaling && rope_scaling->mscale_all_dim != 0.0) {
+    const double m = yarn_get_mscale(rope_scaling->factor, rope_scaling->mscale_all_dim);
+    s = s * m * m;
+  }
+  return s;
+}
+
+namespace {
+
+int64_t get_int(const json& j, const char* key, std::optional<int64_t> def = std::nullopt) {
+  if (!j.contains(key) || j[key].is_null()) {
+    MS_CHECK(def.has_value(), "config.json: required field \"", key, "\" is missing");
+    return *def;
+  }
+  MS_CHECK(j[key].is_number_integer(), "config.json: \"", key, "\" must be an integer, got ",
+           j[key].dump());
+  return j[key].get<int64_t>();
+}
+
+double get_num(const json& j, const char* key, double def) {
+  if (!j.contains(key) || j[key].is_null()) return def;
+  MS_CHECK(j[key].is_number(), "config.json: \"", key, "\" must be a number, got ", j[key].dump());
+  return j[key].get<double>();
+}
+
+bool get_bool(const json& j, const char* key, bool def) {
+  if (!j.contains(key) || j[key].is_null()) return def;
+  MS_CHECK(j[key].is_boolean(), "config.json: \"", key, "\" must be true or false, got ",
+           j[key].dump());
+  return j[key].get<bool>();
+}
+
+std::string get_str(const json& j, const char* key, const std::string& def) {
+  if (!j.contains(key) || j[key].is_null()) return def;
+  MS_CHECK(j[key].is_string(), "config.json: \"", key, "\" must be a string, got ", j[key].dump());
+  return j[key].get<std::string>();
+}
+
+void check_positive(int64_t v, const char* key) {
+  MS_CHECK(v > 0, "config.json: \"", key, "\" must be positive, got ", v);
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_json(const json& j) {
+  MS_CHECK(j.is_object(), "config.json must hold a JSON object");
+  ModelConfig c;
+  c.model_type = get_str(j, "model_type", "deepseek_v3");
+  MS_CHECK(c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2" ||
+               c.model_type == "kimi_k2",
+           "config.json: model_type \"", c.model_type,
+           "\" is not supported (supported: deepseek_v3, deepseek_v2, kimi_k2)");
+  c.vocab_size = get_int(j, "vocab_size");
+  c.hidden_size = get_int(j, "hidden_size");
+  c.intermediate_size = get_int(j, "intermediate_size");
+  c.num_hidden_layers = get_int(j, "num_hidden_layers");
+  c.num_attention_heads = get_int(j, "num_attention_heads");
+  if (j.contains("q_lora_rank") && !j["q_lora_rank"].is_null())
+    c.q_lora_rank = get_int(j, "q_lora_rank");
+  c.kv_lora_rank = get_int(j, "kv_lora_rank");
+  c.qk_nope_head_dim = get_int(j, "qk_nope_head_dim");
+  c.qk_rope_head_dim = get_int(j, "qk_rope_head_dim");
+  c.v_head_dim = get_int(j, "v_head_dim");
+  c.n_routed_experts = get_int(j, "n_routed_experts", 0);
+  c.moe_intermediate_size = get_int(j, "moe_intermediate_size", 0);
+  c.n_shared_experts = get_int(j, "n_shared_experts", 0);
+  c.num_experts_per_tok = get_int(j, "num_experts_per_tok", 0);
+  c.n_group = get_int(j, "n_group", 1);
+  c.topk_group = get_int(j, "topk_group", 1);
+  c.first_k_dense_replace = get_int(j, "first_k_dense_replace", 0);
+  c.moe_layer_freq = get_int(j, "moe_layer_freq", 1);
+  c.norm_topk_prob = get_bool(j, "norm_topk_prob", false);
+  c.routed_scaling_factor = get_num(j, "routed_scaling_factor", 1.0);
+  const std::string scoring = get_str(j, "scoring_func", c.model_type == "deepseek_v2" ? "softmax" : "sigmoid");
+  if (scoring == "sigmoid") c.scoring_func = ScoringFunc::Sigmoid;
+  else if (scoring == "softmax") c.scoring_func = ScoringFunc::Softmax;
+  else fail("config.json: scoring_func \"", scoring, "\" is not supported (sigmoid, softmax)");
+  const std::string topk = get_str(j, "topk_method", c.model_type == "deepseek_v2" ? "greedy" : "noaux_tc");
+  if (topk == "noaux_tc") c.topk_method = TopkMethod::NoauxTc;
+  else if (topk == "greedy") c.topk_method = TopkMethod::Greedy;
+  else if (topk == "group_limited_greedy") c.topk_method = TopkMethod::GroupLimitedGreedy;
+  else fail("config.json: topk_method \"", topk, "\" is not supported (noaux_tc, greedy, group_limited_greedy)");
+  c.rms_norm_eps = get_num(j, "rms_norm_eps", 1e-6);
+  c.rope_theta = get_num(j, "rope_theta", 10000.0);
+  c.max_position_embeddings = get_int(j, "max_position_embeddings", 4096);
+  c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", false);
+  c.bos_token_id = get_int(j, "bos_token_id", -1);
+  if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
+    MS_CHECK(!j["eos_token_id"].empty() && j["eos_token_id"][0].is_number_integer(),
+             "config.json: eos_token_id list must hold integers");
+    c.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+  } else {
+    c.eos_token_id = get_int(j, "eos_token_id", -1);
+  }
+
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    const json& r = j["rope_scaling"];
+    MS_CHECK(r.is_object(), "config.json: rope_scaling must be an object or null");
+    const std::string type = get_str(r, "type", get_str(r, "rope_type", ""));
+    MS_CHECK(type == "yarn" || type == "deepseek_yarn", "config.json: rope_scaling type \"", type,
+             "\" is not supported (yarn)");
+    RopeScaling rs;
+    rs.factor = get_num(r, "factor", 1.0);
+    rs.beta_fast = get_num(r, "beta_fast", 32.0);
+    rs.beta_slow = get_num(r, "beta_slow", 1.0);
+    rs.mscale = get_num(r, "mscale", 1.0);
+    rs.mscale_all_dim = get_num(r, "mscale_all_dim", 0.0);
+    rs.original_max_position_embeddings =
+        get_int(r, "original_max_position_embeddings", c.max_position_embeddings);
+    MS_CHECK(rs.factor > 0, "config.json: rope_scaling.factor must be positive");
+    c.rope_scaling = rs;
+  }
+
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    const json& q = j["quantization_config"];
+    MS_CHECK(q.is_object(), "config.json: quantization_config must be an object");
+    const std::string method = get_str(q, "quant_method", "");
+    MS_CHECK(method == "fp8", "config.json: quantization method \"", method,
+             "\" is not supported (fp8 with 128x128 blocks)");
+    const std::string fmt = get_str(q, "fmt", "e4m3");
+    MS_CHECK(fmt == "e4m3", "config.json: fp8 format \"", fmt, "\" is not supported (e4m3)");
+    if (q.contains("weight_block_size")) {
+      const json& b = q["weight_block_size"];
+      MS_CHECK(b.is_array() && b.size() == 2 && b[0] == 128 && b[1] == 128,
+               "config.json: weight_block_size ", b.dump(), " is not supported ([128, 128])");
+    }
+    c.fp8 = true;
+  }
+
+  check_positive(c.vocab_size, "vocab_size");
+  check_positive(c.hidden_size, "hidden_size");
+  check_positive(c.num_hidden_layers, "num_hidden_layers");
+  check_positive(c.num_attention_heads, "num_attention_heads");
+  check_positive(c.kv_lora_rank, "kv_lora_rank");
+  check_positive(c.qk_nope_head_dim, "qk_nope_head_dim");
+  check_positive(c.v_head_dim, "v_head_dim");
+  MS_CHECK(c.qk_rope_head_dim > 0 && c.qk_rope_head_dim % 2 == 0,
+           "config.json: qk_rope_head_dim must be positive and even, got ", c.qk_rope_head_dim);
+  if (c.q_lora_rank) check_positive(*c.q_lora_rank, "q_lora_rank");
+  check_positive(c.moe_layer_freq, "moe_layer_freq");
+  MS_CHECK(c.first_k_dense_replace >= 0, "config.json: first_k_dense_replace must be >= 0");
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (!c.is_moe_layer(l)) {
+      check_positive(c.intermediate_size, "intermediate_size");
+      break;
+    }
+  }
+  if (c.n_routed_experts > 0) {
+    check_positive(c.moe_intermediate_size, "moe_intermediate_size");
+    check_positive(c.num_experts_per_tok, "num_experts_per_tok");
+    MS_CHECK(c.n_routed_experts <= 4096, "config.json: n_routed_experts ", c.n_routed_experts,
+             " is more than 4096");
+    MS_CHECK(c.num_experts_per_tok <= c.n_routed_experts, "config.json: num_experts_per_tok (",
+             c.num_experts_per_tok, ") exceeds n_routed_experts (", c.n_routed_experts, ")");
+    check_positive(c.n_group, "n_group");
+    MS_CHECK(c.n_routed_experts % c.n_group == 0, "config.json: n_routed_experts (",
+             c.n_routed_experts, ") must be divisible by n_group (", c.n_group, ")");
+    MS_CHECK(c.topk_group >= 1 && c.topk_group <= c.n_group, "config.json: topk_group (",
+             c.topk_group, ") must be between 1 and n_group (", c.n_group, ")");
+    if (c.topk_method == TopkMethod::NoauxTc) {
+      MS_CHECK(c.n_routed_experts / c.n_group >= 2,
+               "config.json: noaux_tc needs at least 2 experts per group");
+      MS_CHECK(c.num_experts_per_tok <= c.topk_group * (c.n_routed_experts / c.n_group),
+               "config.json: num_experts_per_tok exceeds the experts of the kept groups");
+    }
+  }
+  return c;
+}
+
+ModelConfig ModelConfig::load(const std::string& model_dir) {
+  const auto path = std::filesystem::path(model_dir) / "config.json";
+  MS_CHECK(std::filesystem::exists(path), "no config.json in model folder ", model_dir);
+  std::ifstream in(path);
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    fail(path.string(), " is not valid JSON (", e.what(), ")");
+  }
+  return from_json(j);
+}
+
+json ModelConfig::to_json() const {
+  json j = {{"architectures", {model_type == "deepseek_v2" ? "DeepseekV2ForCausalLM" : "DeepseekV3ForCausalLM"}},
+            {"model_type", model_type},
+            {"vocab_size", vocab_size},
+            {"hidden_size", hidden_size},
+            {"intermediate_size", intermediate_size},
+            {"moe_intermediate_size", moe_intermediate_size},
+            {"num_hidden_layers", num_hidden_layers},
+            {"num_attention_heads", num_attention_heads},
+            {"num_key_value_heads", num_attention_heads},
+            {"q_lora_rank", q_lora_rank ? json(*q_lora_rank) : json(nullptr)},
+            {"kv_lora_rank", kv_lora_rank},
+            {"qk_nope_head_dim", qk_nope_head_dim},
+            {"qk_rope_head_dim", qk_rope_head_dim},
+            {"v_head_dim", v_head_dim},
+            {"n_routed_experts", n_routed_experts},
+            {"n_shared_experts", n_shared_experts},
+            {"num_experts_per_tok", num_experts_per_tok},
+            {"n_group", n_group},
+            {"topk_group", topk_group},
+            {"first_k_dense_replace", first_k_dense_replace},
+            {"moe_layer_freq", moe_layer_freq},
+            {"norm_topk_prob", norm_topk_prob},
+            {"routed_scaling_factor", routed_scaling_factor},
+            {"scoring_func", scoring_func == ScoringFunc::Sigmoid ? "sigmoid" : "softmax"},
+            {"topk_method", topk_method == TopkMethod::NoauxTc ? "noaux_tc"
+                            : topk_method == TopkMethod::Greedy ? "greedy"
+                                                                : "group_limited_greedy"},
+            {"rms_norm_eps", rms_norm_eps},
+            {"rope_theta", rope_theta},
+            {"max_position_embeddings", max_position_embeddings},
+            {"tie_word_embeddings", tie_word_embeddings},
+            {"bos_token_id", bos_token_id},
+            {"eos_token_id", eos_token_id},
+            {"hidden_act", "silu"},
+            {"attention_bias", false},
+            {"torch_dtype", "bfloat16"}};
+  if (rope_scaling) {
+    j["rope_scaling"] = {{"type", "yarn"},
+                         {"factor", rope_scaling->factor},
+                         {"beta_fast", rope_scaling->beta_fast},
+                         {"beta_slow", rope_scaling->beta_slow},
+                         {"mscale", rope_scaling->mscale},
+                         {"mscale_all_dim", rope_scaling->mscale_all_dim},
+                         {"original_max_position_embeddings",
+                          rope_scaling->original_max_position_embeddings}};
+  } else {
+    j["rope_scaling"] = nullptr;
+  }
+  if (fp8) {
+    j["quantization_config"] = {{"activation_scheme", "dynamic"},
+                                {"fmt", "e4m3"},
+                                {"quant_method", "fp8"},
+                                {"weight_block_size", {128, 128}}};
+  }
+  return j;
+}
+
+}  // namespace moeserve::model

@@ -1,0 +1,147 @@
+#include "model/model.h"
+
+#include <cmath>
+#include <cstdio>
+
+#include "core/error.h"
+#include "moe/router.h"
+
+namespace moeserve::model {
+
+using kernels::matmul;
+
+namespace {
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+template <typename T>
+T* sized(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+}  // namespace
+
+Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertFilter& local)
+    : store_(std::make_unique<WeightStore>(dir)),
+      cfg_(ModelConfig::load(dir)),
+      w_(load_weights(*store_, cfg_, local)),
+      rope_(cfg_),
+      pool_(pool) {}
+
+void Model::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
+                    float* out) const {
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * dim;
+    double ss = 0.0;
+    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float var = static_cast<float>(ss / static_cast<double>(dim));
+    const float inv = 1.0f / std::sqrt(var + eps);
+    for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = w[i] * (xr[i] * inv);
+  }
+}
+
+void Model::dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out) {
+  const int64_t H = cfg_.hidden_size, I = m.gate.rows;
+  float* g = sized(ws_.gate, n * I);
+  float* u = sized(ws_.up, n * I);
+  matmul(pool_, x, n, H, m.gate, g, I);
+  matmul(pool_, x, n, H, m.up, u, I);
+  for (int64_t i = 0; i < n * I; ++i) g[i] = silu(g[i]) * u[i];
+  matmul(pool_, g, n, I, m.down, out, H);
+}
+
+void Model::moe_ffn(int64_t layer, int64_t n) {
+  const MoeWeights& m = w_.layers[layer].moe;
+  const int64_t H = cfg_.hidden_size, E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
+  const float* h = ws_.h.data();
+  float* logits = sized(ws_.router_logits, n * E);
+  matmul(pool_, h, n, H, m.router, logits, E);
+  int32_t* ex = sized(ws_.route_e, n * K);
+  float* wt = sized(ws_.route_w, n * K);
+  moe::route(moe::RouterParams::from_config(cfg_), logits, m.router_bias.empty() ? nullptr : m.router_bias.data(), n, ex, wt);
+
+  // Plan: the (token, slot) entries of each expert, experts in ascending order.
+  std::vector<int64_t> count(E + 1, 0);
+  for (int64_t i = 0; i < n * K; ++i) ++count[ex[i] + 1];
+  for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
+  std::vector<int64_t> entry(n * K), fill(count.begin(), count.end() - 1);
+  for (int64_t i = 0; i < n * K; ++i) entry[fill[ex[i]]++] = i;
+
+  float* slot_out = sized(ws_.slot_out, n * K * H);  // [n, K, hidden]
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t b = count[e], cnt = count[e + 1] - b;
+    if (!cnt) continue;
+    const MlpWeights& xp = m.experts[e];
+    MS_ASSERT(xp.present());
+    float* xin = sized(ws_.xin, cnt * H);
+    for (int64_t j = 0; j < cnt; ++j)
+      std::copy_n(h + (entry[b + j] / K) * H, H, xin + j * H);
+    float* y = sized(ws_.yout, cnt * H);
+    dense_ffn(xp, xin, cnt, y);
+    for (int64_t j = 0; j < cnt; ++j) std::copy_n(y + j * H, H, slot_out + entry[b + j] * H);
+  }
+  // Combine: weighted sum over the token's experts in ascending id, then the shared experts.
+  float* out = ws_.ffn_out.data();
+  for (int64_t t = 0; t < n; ++t) {
+    float* o = out + t * H;
+    std::fill_n(o, H, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = wt[t * K + k];
+      const float* y = slot_out + (t * K + k) * H;
+      for (int64_t i = 0; i < H; ++i) o[i] = o[i] + y[i] * w;
+    }
+  }
+  if (m.shared.present()) {
+    float* s = sized(ws_.yout, n * H);
+    dense_ffn(m.shared, h, n, s);
+    for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
+  }
+}
+
+void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
+  const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
+  MS_ASSERT(T > 0);
+  float* x = sized(ws_.x, T * H);
+  sized(ws_.h, T * H);
+  sized(ws_.attn_out, T * H);
+  sized(ws_.ffn_out, T * H);
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t id = b.tokens[t];
+    MS_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " is out of range [0, ",
+             cfg_.vocab_size, ")");
+    kernels::dequant_row(w_.embed, id, x + t * H);
+  }
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const LayerWeights& L = w_.layers[l];
+    rmsnorm(x, L.attn_norm, T, H, ws_.h.data());
+    attention(l, b, kv);
+    for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.attn_out[i];
+    rmsnorm(x, L.ffn_norm, T, H, ws_.h.data());
+    if (L.is_moe) moe_ffn(l, T);
+    else dense_ffn(L.mlp, ws_.h.data(), T, ws_.ffn_out.data());
+    for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
+  }
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size());
+  if (!R) return;
+  float* rows = sized(ws_.norm_rows, R * H);
+  for (int64_t r = 0; r < R; ++r) rmsnorm(x + b.logit_rows[r] * H, w_.final_norm, 1, H, rows + r * H);
+  matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size);
+}
+
+void Model::prefault(bool progress) const {
+  const size_t total = store_->total_bytes();
+  size_t done = 0, next_report = 0;
+  volatile uint8_t sink = 0;
+  for (const auto& [name, t] : store_->all()) {
+    const auto* p = static_cast<const uint8_t*>(t->data);
+    for (size_t off = 0; off < t->nbytes; off += 4096) sink = sink + p[off];
+    done += t->nbytes;
+    if (progress && done >= next_report) {
+      std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB", static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9);
+      next_report = done + total / 20;
+    }
+  }
+  if (progress) std::fprintf(stderr, "\rloading weights: 100%% of %.2f GB\n", total / 1e9);
+}
+
+}  // namespace moeserve::model

@@ -1,0 +1,75 @@
+// The DeepSeek-V3-architecture forward pass: one function for prefill and decode. A batch is a
+// set of sequence chunks; each chunk appends its tokens after the chunk's cached positions.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "kv/kv_pool.h"
+#include "model/config.h"
+#include "model/rope.h"
+#include "model/weights.h"
+
+namespace moeserve::model {
+
+struct SeqChunk {
+  int64_t row_begin = 0, n_tokens = 0;  // rows of Batch::tokens
+  int64_t n_past = 0;                   // positions already cached; new tokens go at n_past + i
+  const int32_t* block_table = nullptr; // KV blocks covering positions [0, n_past + n_tokens)
+};
+
+struct Batch {
+  std::vector<int32_t> tokens;     // [n_tokens]
+  std::vector<SeqChunk> seqs;      // chunks cover the rows in order, without gaps
+  std::vector<int64_t> logit_rows; // rows whose next-token logits are wanted
+};
+
+// Buffers reused across steps, sized on demand.
+struct Workspace {
+  std::vector<float> x, h, attn_out, ffn_out;  // [T, hidden]
+  std::vector<float> q, q_a, kv;               // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
+  std::vector<float> q_lat, o_lat, o_heads;    // [T, nh, kv_lora] x2, [T, nh*v]
+  std::vector<float> gate, up;                 // [T, inter] (dense) / [n, inter] (experts)
+  std::vector<float> router_logits, route_w;   // [T, E], [T, K]
+  std::vector<int32_t> route_e;                // [T, K]
+  std::vector<float> xin, yout, slot_out;      // expert gather / scatter buffers
+  std::vector<float> norm_rows;                // [R, hidden]
+};
+
+class Model {
+ public:
+  // Opens the folder, reads config.json and maps the weights. `local` picks the routed experts
+  // this process holds (all when empty).
+  Model(const std::string& dir, const ThreadPool& pool, const ExpertFilter& local = {});
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return w_; }
+  const WeightStore& store() const { return *store_; }
+  const ThreadPool& pool() const { return pool_; }
+
+  // Runs the batch, writing the new tokens' latent KV into `kv`, and fills
+  // logits: [batch.logit_rows.size(), vocab] f32.
+  void forward(const Batch& batch, kv::KvPool& kv, float* logits);
+
+  // Touches every weight page once (reading the checkpoint from disk), printing progress on
+  // stderr when `progress`.
+  void prefault(bool progress) const;
+
+ private:
+  void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out
+  void dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out);  // [n, hidden]
+  void moe_ffn(int64_t layer, int64_t n);  // ws_.h -> ws_.ffn_out
+  void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim, float* out) const;
+
+  std::unique_ptr<WeightStore> store_;
+  ModelConfig cfg_;
+  ModelWeights w_;
+  Rope rope_;
+  const ThreadPool& pool_;
+  Workspace ws_;
+};
+
+}  // namespace moeserve::model

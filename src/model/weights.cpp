@@ -1,0 +1,142 @@
+#include "model/weights.h"
+
+#include "core/error.h"
+
+namespace moeserve::model {
+
+namespace {
+
+class Loader {
+ public:
+  Loader(const WeightStore& s, const ModelConfig& c) : store_(s), cfg_(c) {}
+
+  // A matrix [rows, cols]: bf16, f16, f32, or fp8 with `<name>_scale_inv`.
+  Weight matrix(const std::string& name, int64_t rows, int64_t cols) const {
+    const TensorView& t = store_.get(name, {rows, cols});
+    Weight w;
+    w.dtype = t.dtype;
+    w.data = t.data;
+    w.rows = rows;
+    w.cols = cols;
+    if (t.dtype == DType::F8_E4M3) {
+      const int64_t br = (rows + 127) / 128, bc = (cols + 127) / 128;
+      const std::string sname = name + "_scale_inv";
+      MS_CHECK(store_.has(sname), "tensor ", name, " is F8_E4M3 but its scale ", sname,
+               " is missing");
+      const TensorView& s = store_.get(sname, {br, bc});
+      MS_CHECK(s.dtype == DType::F32, "tensor ", sname, " has dtype ", dtype_name(s.dtype),
+               ", expected F32");
+      w.scale_inv = static_cast<const float*>(s.data);
+      w.scale_cols = bc;
+    } else {
+      MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32,
+               "tensor ", name, " has dtype ", dtype_name(t.dtype),
+               ", supported: BF16, F16, F32, F8_E4M3");
+    }
+    return w;
+  }
+
+  std::vector<float> vec(const std::string& name, int64_t n) const {
+    const TensorView& t = store_.get(name, {n});
+    std::vector<float> out(n);
+    for (int64_t i = 0; i < n; ++i) {
+      switch (t.dtype) {
+        case DType::F32: out[i] = static_cast<const float*>(t.data)[i]; break;
+        case DType::BF16: out[i] = bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]); break;
+        case DType::F16: out[i] = f16_to_f32(static_cast<const uint16_t*>(t.data)[i]); break;
+        default:
+          fail("tensor ", name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32");
+      }
+    }
+    return out;
+  }
+
+  MlpWeights mlp(const std::string& prefix, int64_t inter) const {
+    const int64_t h = cfg_.hidden_size;
+    return {matrix(prefix + ".gate_proj.weight", inter, h), matrix(prefix + ".up_proj.weight", inter, h),
+            matrix(prefix + ".down_proj.weight", h, inter)};
+  }
+
+ private:
+  const WeightStore& store_;
+  const ModelConfig& cfg_;
+};
+
+}  // namespace
+
+ModelWeights load_weights(const WeightStore& store, const ModelConfig& c, const ExpertFilter& local) {
+  Loader ld(store, c);
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads;
+  ModelWeights w;
+  w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H);
+  MS_CHECK(w.embed.dtype != DType::F8_E4M3, "model.embed_tokens.weight must not be F8_E4M3");
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l);
+    LayerWeights L;
+    L.attn_norm = ld.vec(p + ".input_layernorm.weight", H);
+    L.ffn_norm = ld.vec(p + ".post_attention_layernorm.weight", H);
+    AttentionWeights& a = L.attn;
+    const std::string ap = p + ".self_attn";
+    if (c.q_lora_rank) {
+      a.q_a_proj = ld.matrix(ap + ".q_a_proj.weight", *c.q_lora_rank, H);
+      a.q_a_norm = ld.vec(ap + ".q_a_layernorm.weight", *c.q_lora_rank);
+      a.q_b_proj = ld.matrix(ap + ".q_b_proj.weight", nh * c.qk_head_dim(), *c.q_lora_rank);
+    } else {
+      a.q_proj = ld.matrix(ap + ".q_proj.weight", nh * c.qk_head_dim(), H);
+    }
+    a.kv_a_proj = ld.matrix(ap + ".kv_a_proj_with_mqa.weight", c.kv_cache_dim(), H);
+    a.kv_a_norm = ld.vec(ap + ".kv_a_layernorm.weight", c.kv_lora_rank);
+    a.kv_b_proj = ld.matrix(ap + ".kv_b_proj.weight", nh * (c.qk_nope_head_dim + c.v_head_dim),
+                            c.kv_lora_rank);
+    a.o_proj = ld.matrix(ap + ".o_proj.weight", H, nh * c.v_head_dim);
+    L.is_moe = c.is_moe_layer(l);
+    const std::string mp = p + ".mlp";
+    if (!L.is_moe) {
+      L.mlp = ld.mlp(mp, c.intermediate_size);
+    } else {
+      MoeWeights& m = L.moe;
+      m.router = ld.matrix(mp + ".gate.weight", c.n_routed_experts, H);
+      if (c.topk_method == TopkMethod::NoauxTc)
+        m.router_bias = ld.vec(mp + ".gate.e_score_correction_bias", c.n_routed_experts);
+      m.experts.resize(c.n_routed_experts);
+      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+        if (local && !local(l, e)) continue;
+        m.experts[e] = ld.mlp(mp + ".experts." + std::to_string(e), c.moe_intermediate_size);
+      }
+      if (c.n_shared_experts > 0)
+        m.shared = ld.mlp(mp + ".shared_experts", c.moe_intermediate_size * c.n_shared_experts);
+    }
+    w.layers.push_back(std::move(L));
+  }
+  w.final_norm = ld.vec("model.norm.weight", H);
+  if (store.has("lm_head.weight") || !c.tie_word_embeddings) {
+    w.lm_head = ld.matrix("lm_head.weight", c.vocab_size, H);
+  } else {
+    w.lm_head = w.embed;
+  }
+  return w;
+}
+
+size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
+  auto mlp_bytes = [](const MlpWeights& m) {
+    return m.present() ? m.gate.bytes() + m.up.bytes() + m.down.bytes() : 0;
+  };
+  size_t n = w.embed.bytes() / static_cast<size_t>(c.vocab_size) + w.lm_head.bytes();
+  for (const LayerWeights& L : w.layers) {
+    const AttentionWeights& a = L.attn;
+    for (const Weight* m : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
+      if (m->data) n += m->bytes();
+    if (!L.is_moe) {
+      n += mlp_bytes(L.mlp);
+    } else {
+      n += L.moe.router.bytes() + mlp_bytes(L.moe.shared);
+      size_t expert = 0;
+      for (const MlpWeights& e : L.moe.experts)
+        if (e.present()) { expert = mlp_bytes(e); break; }
+      n += expert * static_cast<size_t>(c.num_experts_per_tok);
+    }
+  }
+  return n;
+}
+
+}  // namespace moeserve::model

@@ -1,0 +1,69 @@
+// The weights of a DeepSeek-V3-architecture model as views into the mapped checkpoint, in the
+// dtype they are stored in (bf16, f16, f32, or fp8 e4m3 with 128x128 block scales). Only the
+// 1-D vectors (norm weights, router bias) are copied, to f32.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+
+namespace moeserve::model {
+
+using kernels::Weight;
+
+struct MlpWeights {  // SwiGLU: down(silu(gate(x)) * up(x))
+  Weight gate, up;   // [inter, hidden]
+  Weight down;       // [hidden, inter]
+  bool present() const { return gate.data != nullptr; }
+};
+
+struct AttentionWeights {  // MLA
+  Weight q_proj;                // [heads * qk_head_dim, hidden] when q_lora_rank is null
+  Weight q_a_proj;              // [q_lora_rank, hidden]
+  std::vector<float> q_a_norm;  // [q_lora_rank]
+  Weight q_b_proj;              // [heads * qk_head_dim, q_lora_rank]
+  Weight kv_a_proj;             // [kv_lora_rank + qk_rope_head_dim, hidden]
+  std::vector<float> kv_a_norm; // [kv_lora_rank]
+  Weight kv_b_proj;             // [heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]
+  Weight o_proj;                // [hidden, heads * v_head_dim]
+};
+
+struct MoeWeights {
+  Weight router;                   // [n_routed_experts, hidden]
+  std::vector<float> router_bias;  // [n_routed_experts] (noaux_tc), else empty
+  std::vector<MlpWeights> experts; // [n_routed_experts]; only this rank's are present()
+  MlpWeights shared;               // inter = moe_intermediate_size * n_shared_experts
+};
+
+struct LayerWeights {
+  std::vector<float> attn_norm, ffn_norm;  // [hidden]
+  AttentionWeights attn;
+  bool is_moe = false;
+  MlpWeights mlp;  // dense layers
+  MoeWeights moe;  // MoE layers
+};
+
+struct ModelWeights {
+  Weight embed;                   // [vocab, hidden]
+  std::vector<LayerWeights> layers;
+  std::vector<float> final_norm;  // [hidden]
+  Weight lm_head;                 // [vocab, hidden]
+};
+
+// Which routed experts this process holds: (layer, expert) -> bool. Empty means all.
+using ExpertFilter = std::function<bool(int64_t layer, int64_t expert)>;
+
+// Looks every tensor up by its Hugging Face name, checks dtype and shape, and builds the views.
+// Errors name the tensor. The MTP layer (model.layers.{num_hidden_layers}.*) is ignored.
+ModelWeights load_weights(const WeightStore& store, const ModelConfig& cfg,
+                          const ExpertFilter& local = {});
+
+// Bytes of weights one token reads at batch 1: attention, dense FFNs, shared experts, top-k
+// routed experts, one embedding row and the LM head.
+size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& cfg);
+
+}  // namespace moeserve::model
