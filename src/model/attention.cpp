@@ -36,7 +36,8 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = c.hidden_size;
   const int64_t nh = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim;
   const int64_t qd = c.qk_head_dim(), vd = c.v_head_dim, L = c.kv_lora_rank, kvd = c.kv_cache_dim();
-  const float eps = static_cast<float>(c.rms_norm_eps);
+  // The q_a and kv_a norms are built without an eps argument in the official model: 1e-6.
+  const float eps = 1e-6f;
   const float* h = ws_.h.data();
 
   // Projections: q [T, nh * qd], kv [T, L + rd].

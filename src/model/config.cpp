@@ -116,8 +116,15 @@ ModelConfig ModelConfig::from_json(const json& j) {
     c.eos_token_id = get_int(j, "eos_token_id", -1);
   }
 
-  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-    const json& r = j["rope_scaling"];
+  // Newer transformers write "rope_parameters" (with rope_theta inside) instead.
+  const char* rope_key = j.contains("rope_scaling") ? "rope_scaling" : "rope_parameters";
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    c.rope_theta = get_num(j["rope_parameters"], "rope_theta", c.rope_theta);
+    const std::string t = get_str(j["rope_parameters"], "rope_type", "default");
+    if (t == "default" && !j.contains("rope_scaling")) rope_key = "";
+  }
+  if (*rope_key && j.contains(rope_key) && !j[rope_key].is_null()) {
+    const json& r = j[rope_key];
     MS_CHECK(r.is_object(), "config.json: rope_scaling must be an object or null");
     const std::string type = get_str(r, "type", get_str(r, "rope_type", ""));
     MS_CHECK(type == "yarn" || type == "deepseek_yarn", "config.json: rope_scaling type \"", type,

@@ -200,6 +200,7 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
   const std::string path = (fs::path(dir) / "model.safetensors").string();
   SafeTensorsWriter w(path, entries);
   size_t done = 0, next_report = 0;
+  const bool progress = opt.progress && total > (size_t{64} << 20);  // only for long writes
   std::vector<float> vals;
   std::vector<uint16_t> half;
   std::vector<uint8_t> q8;
@@ -242,7 +243,7 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
         w.write_data(q8.data(), q8.size());
       }
       done += vals.size();
-      if (opt.progress && done >= next_report) {
+      if (progress && done >= next_report) {
         std::fprintf(stderr, "\rwriting %s: %3d%%", path.c_str(), static_cast<int>(100.0 * done / total));
         next_report = done + total / 50;
       }
@@ -250,7 +251,7 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
     if (fp8) w.write_data(scales.data(), scales.size() * 4);
   }
   w.finish();
-  if (opt.progress) std::fprintf(stderr, "\rwriting %s: 100%%\n", path.c_str());
+  if (progress) std::fprintf(stderr, "\rwriting %s: 100%%\n", path.c_str());
 }
 
 }  // namespace moeserve::model

@@ -25,7 +25,14 @@ Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertFilter&
       cfg_(ModelConfig::load(dir)),
       w_(load_weights(*store_, cfg_, local)),
       rope_(cfg_),
-      pool_(pool) {}
+      pool_(pool),
+      expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {}
+
+std::vector<int64_t> Model::expert_token_counts() const {
+  std::vector<int64_t> out(cfg_.num_hidden_layers * cfg_.n_routed_experts);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = expert_counts_[i].load(std::memory_order_relaxed);
+  return out;
+}
 
 void Model::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                     float* out) const {
@@ -63,7 +70,10 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   // Plan: the (token, slot) entries of each expert, experts in ascending order.
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t i = 0; i < n * K; ++i) ++count[ex[i] + 1];
-  for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
+  for (int64_t e = 0; e < E; ++e) {
+    expert_counts_[layer * E + e].fetch_add(count[e + 1], std::memory_order_relaxed);
+    count[e + 1] += count[e];
+  }
   std::vector<int64_t> entry(n * K), fill(count.begin(), count.end() - 1);
   for (int64_t i = 0; i < n * K; ++i) entry[fill[ex[i]]++] = i;
 

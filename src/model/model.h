@@ -2,6 +2,7 @@
 // set of sequence chunks; each chunk appends its tokens after the chunk's cached positions.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -54,6 +55,10 @@ class Model {
   // logits: [batch.logit_rows.size(), vocab] f32.
   void forward(const Batch& batch, kv::KvPool& kv, float* logits);
 
+  // Tokens routed to each expert since the start: [layers * n_routed_experts] (0 for dense
+  // layers). Safe to call from any thread.
+  std::vector<int64_t> expert_token_counts() const;
+
   // Touches every weight page once (reading the checkpoint from disk), printing progress on
   // stderr when `progress`.
   void prefault(bool progress) const;
@@ -70,6 +75,7 @@ class Model {
   Rope rope_;
   const ThreadPool& pool_;
   Workspace ws_;
+  std::unique_ptr<std::atomic<int64_t>[]> expert_counts_;  // [layers * n_routed_experts]
 };
 
 }  // namespace moeserve::model

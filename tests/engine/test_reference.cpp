@@ -1,0 +1,94 @@
+// moeserve against Hugging Face transformers: tiny checkpoints made by
+// tools/make_model_fixtures.py, with the reference's per-token log-probs and greedy
+// continuations in reference.json. No Python is needed here.
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "../test_util.h"
+#include "engine/generator.h"
+#include "model/model.h"
+
+using namespace moeserve;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The tolerance on log-probabilities (nats); the figure reached is printed by each test.
+constexpr double kTolerance = 1e-3;
+
+std::vector<std::string> fixture_names() {
+  std::vector<std::string> names;
+  const fs::path root = fs::path(moeserve::testing::source_dir()) / "tests/fixtures/models";
+  if (fs::exists(root))
+    for (const auto& e : fs::directory_iterator(root))
+      if (fs::exists(e.path() / "reference.json")) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+class Reference : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    dir_ = (fs::path(moeserve::testing::source_dir()) / "tests/fixtures/models" / GetParam()).string();
+    std::ifstream in(fs::path(dir_) / "reference.json");
+    ref_ = json::parse(in);
+    model_ = std::make_unique<model::Model>(dir_, pool_);
+  }
+  std::string dir_;
+  json ref_;
+  ThreadPool pool_{2};
+  std::unique_ptr<model::Model> model_;
+};
+
+TEST_P(Reference, LogProbsMatchTransformers) {
+  engine::Generator gen(*model_);
+  double worst = 0;
+  for (const json& c : ref_["cases"]) {
+    const std::vector<int32_t> ids = c["ids"];
+    const std::vector<double> lp = gen.score(ids);
+    ASSERT_EQ(lp.size(), ids.size());
+    for (size_t i = 1; i < ids.size(); ++i) {
+      const double want = c["logprobs"][i].get<double>();
+      const double d = std::fabs(lp[i] - want);
+      worst = std::max(worst, d);
+      EXPECT_LT(d, kTolerance) << GetParam() << ": token " << i << " of a " << ids.size()
+                               << "-token case: moeserve " << lp[i] << ", transformers " << want;
+    }
+  }
+  std::printf("[ %s ] max |logprob - transformers| = %.3g (tolerance %.0e)\n", GetParam().c_str(), worst, kTolerance);
+}
+
+TEST_P(Reference, GreedyMatchesWhereTheMarginIsClear) {
+  engine::Generator gen(*model_);
+  int compared = 0;
+  for (const json& g : ref_["greedy"]) {
+    const std::vector<int32_t> prompt = g["prompt"], want = g["output"];
+    const std::vector<double> margins = g["margins"];
+    engine::GenerateOptions o;
+    o.max_tokens = static_cast<int64_t>(want.size());
+    const std::vector<int32_t> got = gen.generate(prompt, o);
+    ASSERT_EQ(got.size(), want.size());
+    // Compare up to the first step whose top-2 margin is within the tolerance: from there a
+    // different (equally valid) choice may lead the continuations apart.
+    for (size_t j = 0; j < want.size(); ++j) {
+      if (margins[j] <= kTolerance) break;
+      EXPECT_EQ(got[j], want[j]) << GetParam() << ": greedy step " << j;
+      ++compared;
+    }
+  }
+  EXPECT_GT(compared, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Reference, ::testing::ValuesIn(fixture_names()),
+                         [](const auto& info) { return info.param; });
+GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(Reference);
+
+}  // namespace
+
+TEST(ReferenceFixtures, ArePresent) {
+  // The comparison above is only as good as the fixtures it finds.
+  EXPECT_GE(fixture_names().size(), 3u);
+}
