@@ -9,4 +9,6 @@ if [ ! -f models/demo/model.safetensors ]; then
   ./build/moeserve init-model --preset demo --out models/demo
 fi
 echo "== moeserve generate on the demo model (random weights: the text is meaningless) =="
-./build/moeserve generate --model models/demo --prompt-ids 0,3,10,100,1000 --max-tokens 24 "$@"
+./build/moeserve generate --model models/demo --chat --prompt "Explain mixture-of-experts in one sentence." \
+  --max-tokens 32 "$@"
+echo

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
@@ -10,6 +11,9 @@
 #include "core/error.h"
 #include "engine/generator.h"
 #include "model/init_model.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/stream_decoder.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moeserve::cli {
 
@@ -19,7 +23,8 @@ using nlohmann::json;
 namespace {
 
 struct GenerateArgs {
-  std::string model, prompt_ids;
+  std::string model, prompt_ids, prompt, chat_template;
+  bool chat = false;
   int64_t max_tokens = 16;
   float temperature = 0.0f, top_p = 1.0f;
   int64_t top_k = 0;
@@ -41,7 +46,24 @@ void run_generate(const GenerateArgs& a) {
   MS_CHECK(a.top_p > 0.0f && a.top_p <= 1.0f, "--top-p must be in (0, 1]");
   MS_CHECK(a.top_k >= 0, "--top-k must be >= 0");
   MS_CHECK(a.max_tokens >= 1, "--max-tokens must be >= 1");
-  const std::vector<int32_t> prompt = parse_ids(a.prompt_ids, "--prompt-ids");
+  MS_CHECK(a.prompt_ids.empty() != a.prompt.empty(), "give exactly one of --prompt-ids and --prompt");
+  MS_CHECK(!a.chat || !a.prompt.empty(), "--chat needs --prompt (the user message)");
+  const bool text = !a.prompt.empty();
+  std::optional<tokenizer::Tokenizer> tok;
+  std::vector<int32_t> prompt;
+  if (text) {
+    tok = tokenizer::Tokenizer::load(a.model);
+    if (a.chat) {
+      const auto tmpl = tokenizer::ChatTemplate::from_model_dir(a.model, a.chat_template);
+      nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+      messages.push_back({{"role", "user"}, {"content", a.prompt}});
+      prompt = tok->encode(tmpl.render(messages, true), /*add_special=*/false);
+    } else {
+      prompt = tok->encode(a.prompt, /*add_special=*/true);
+    }
+  } else {
+    prompt = parse_ids(a.prompt_ids, "--prompt-ids");
+  }
   ThreadPool pool(a.threads);
   model::Model m(a.model, pool);
   warn_if_random(a.model);
@@ -51,16 +73,20 @@ void run_generate(const GenerateArgs& a) {
   opt.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
   if (!a.ignore_eos && m.config().eos_token_id >= 0)
     opt.stop_ids.push_back(static_cast<int32_t>(m.config().eos_token_id));
+  if (text && tok->eos_id() >= 0 && !a.ignore_eos) opt.stop_ids.push_back(tok->eos_id());
   engine::GenerateStats st;
+  std::optional<tokenizer::StreamDecoder> dec;
+  if (text) dec.emplace(*tok, /*skip_special=*/true);
   std::vector<int32_t> out = gen.generate(
       prompt, opt,
       [&](int32_t id) {
-        if (!a.json) {
-          std::printf("%d ", id);
-          std::fflush(stdout);
-        }
+        if (a.json) return;
+        if (dec) std::fputs(dec->put(id).c_str(), stdout);
+        else std::printf("%d ", id);
+        std::fflush(stdout);
       },
       &st);
+  if (dec && !a.json) std::fputs(dec->finish().c_str(), stdout);
   if (a.json) {
     std::printf("%s\n", json{{"prompt_ids", prompt}, {"output_ids", out}}.dump().c_str());
   } else {
@@ -138,7 +164,10 @@ void register_model_commands(CLI::App& app) {
   auto g = std::make_shared<GenerateArgs>();
   CLI::App* gen = app.add_subcommand("generate", "Generate tokens after a prompt");
   gen->add_option("--model", g->model, "Hugging Face model folder")->required()->check(CLI::ExistingDirectory);
-  gen->add_option("--prompt-ids", g->prompt_ids, "Prompt as token ids: 1,2,3")->required();
+  gen->add_option("--prompt-ids", g->prompt_ids, "Prompt as token ids: 1,2,3");
+  gen->add_option("--prompt", g->prompt, "Prompt as text (needs the model's tokenizer)");
+  gen->add_flag("--chat", g->chat, "Send --prompt as a user message through the chat template");
+  gen->add_option("--chat-template", g->chat_template, "Jinja chat template file to use instead of the model's");
   gen->add_option("--max-tokens", g->max_tokens, "Tokens to generate")->capture_default_str();
   gen->add_option("--temperature", g->temperature, "0 = greedy")->capture_default_str();
   gen->add_option("--top-p", g->top_p, "Nucleus sampling mass")->capture_default_str();
