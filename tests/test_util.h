@@ -38,10 +38,13 @@ void expect_error(Fn&& fn, std::initializer_list<std::string> fragments) {
   } catch (const moeserve::Error& e) {
     const std::string msg = e.what();
     for (const auto& f : fragments)
-      EXPECT_NE(msg.find(f), std::string::npos) << "message \"" << msg << "\" lacks \"" << f << "\"";
+      EXPECT_NE(msg.find(f), std::string::npos)
+          << "message \"" << msg << "\" lacks \"" << f << "\"";
   }
 }
 
-inline std::string source_dir() { return MOESERVE_SOURCE_DIR; }
+inline std::string source_dir() {
+  return MOESERVE_SOURCE_DIR;
+}
 
 }  // namespace moeserve::testing

@@ -38,13 +38,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 // FLOPs of one forward over `n` new tokens after `past` cached ones: 2 per weight element
 // each token uses, plus attention in the absorbed form (scores, latent sum, absorption).
-double forward_flops(const model::ModelConfig& c, size_t active_matrix_elems, int64_t past, int64_t n) {
+double forward_flops(const model::ModelConfig& c, size_t active_matrix_elems, int64_t past,
+                     int64_t n) {
   double f = 2.0 * static_cast<double>(active_matrix_elems) * n;
   const double nh = c.num_attention_heads, L = c.kv_lora_rank, rd = c.qk_rope_head_dim;
   double ctx = 0;  // sum over the new tokens of their context length
   for (int64_t i = 0; i < n; ++i) ctx += past + i + 1;
-  f += c.num_hidden_layers * nh * (ctx * 2.0 * (2.0 * L + rd) +
-                                   n * 2.0 * L * (c.qk_nope_head_dim + c.v_head_dim));
+  f += c.num_hidden_layers * nh *
+       (ctx * 2.0 * (2.0 * L + rd) + n * 2.0 * L * (c.qk_nope_head_dim + c.v_head_dim));
   return f;
 }
 
@@ -71,7 +72,8 @@ void run_bench(const BenchArgs& a) {
     }
   }
   ThreadPool pool(a.threads);
-  std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", pool.size(), isa_name(detected_isa()));
+  std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", pool.size(),
+               isa_name(detected_isa()));
   const double bw = kernels::measure_read_bandwidth_gbs(pool);
   const double peak = kernels::measure_peak_gflops(pool);
 
@@ -110,35 +112,46 @@ void run_bench(const BenchArgs& a) {
   {
     engine::GenerateOptions w = opt;
     w.max_tokens = 2;
-    gen.generate(std::vector<int32_t>(prompt.begin(), prompt.begin() + std::min<int64_t>(8, a.prompt_len)), w);
+    gen.generate(
+        std::vector<int32_t>(prompt.begin(), prompt.begin() + std::min<int64_t>(8, a.prompt_len)),
+        w);
   }
   engine::GenerateStats st;
   gen.generate(prompt, opt, {}, &st);
   const double prefill_tps = a.prompt_len / st.prefill_seconds;
-  const double prefill_gflops = forward_flops(c, active_elems, 0, a.prompt_len) / st.prefill_seconds / 1e9;
+  const double prefill_gflops =
+      forward_flops(c, active_elems, 0, a.prompt_len) / st.prefill_seconds / 1e9;
   const double decode_tps = (st.output_tokens - 1) / st.decode_seconds;
   const double decode_gbs = active_bytes * decode_tps / 1e9;
   const int64_t kv_tokens = a.prompt_len + a.decode_tokens;
-  const double kv_bytes = static_cast<double>(kv_tokens) * c.num_hidden_layers * c.kv_cache_dim() * 4;
+  const double kv_bytes =
+      static_cast<double>(kv_tokens) * c.num_hidden_layers * c.kv_cache_dim() * 4;
   const double rss = peak_rss_kb() * 1024.0;
 
-  std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n", dir.c_str(),
-              c.fp8 ? "fp8" : "bf16", weight_bytes / 1e9, active_bytes / 1e6);
+  std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n",
+              dir.c_str(), c.fp8 ? "fp8" : "bf16", weight_bytes / 1e9, active_bytes / 1e6);
   std::printf("machine        %d threads, %s; read bandwidth %.1f GB/s; peak FMA %.1f GFLOP/s\n",
               pool.size(), isa_name(detected_isa()), bw, peak);
   std::printf("prefill        %lld tokens: %.1f tokens/s, %.1f GFLOP/s = %.1f%% of peak\n",
-              static_cast<long long>(a.prompt_len), prefill_tps, prefill_gflops, 100.0 * prefill_gflops / peak);
+              static_cast<long long>(a.prompt_len), prefill_tps, prefill_gflops,
+              100.0 * prefill_gflops / peak);
   std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
               decode_tps, decode_gbs, 100.0 * decode_gbs / bw);
-  std::printf("memory         peak RSS %.2f GB; weights %.2f GB + KV cache %.3f GB -> %.1f%% over\n",
-              rss / 1e9, weight_bytes / 1e9, kv_bytes / 1e9,
-              100.0 * (rss / (weight_bytes + kv_bytes) - 1.0));
+  std::printf(
+      "memory         peak RSS %.2f GB; weights %.2f GB + KV cache %.3f GB -> %.1f%% over\n",
+      rss / 1e9, weight_bytes / 1e9, kv_bytes / 1e9,
+      100.0 * (rss / (weight_bytes + kv_bytes) - 1.0));
   if (a.json) {
-    nlohmann::json j = {{"model", dir},           {"bandwidth_gbs", bw},
-                        {"peak_gflops", peak},    {"prefill_tokens_per_s", prefill_tps},
-                        {"prefill_gflops", prefill_gflops}, {"prefill_peak_ratio", prefill_gflops / peak},
-                        {"decode_tokens_per_s", decode_tps}, {"decode_bandwidth_ratio", decode_gbs / bw},
-                        {"peak_rss_bytes", rss},  {"weight_bytes", weight_bytes},
+    nlohmann::json j = {{"model", dir},
+                        {"bandwidth_gbs", bw},
+                        {"peak_gflops", peak},
+                        {"prefill_tokens_per_s", prefill_tps},
+                        {"prefill_gflops", prefill_gflops},
+                        {"prefill_peak_ratio", prefill_gflops / peak},
+                        {"decode_tokens_per_s", decode_tps},
+                        {"decode_bandwidth_ratio", decode_gbs / bw},
+                        {"peak_rss_bytes", rss},
+                        {"weight_bytes", weight_bytes},
                         {"kv_bytes", kv_bytes}};
     std::printf("%s\n", j.dump().c_str());
   }
@@ -150,12 +163,15 @@ void register_bench_command(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
   std::string presets;
   for (const auto& n : model::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
-  CLI::App* b = app.add_subcommand("bench", "Prefill and decode speed against the machine's bounds");
+  CLI::App* b =
+      app.add_subcommand("bench", "Prefill and decode speed against the machine's bounds");
   b->add_option("--model", a->model, "Hugging Face model folder")->check(CLI::ExistingDirectory);
   b->add_option("--preset", a->preset, "Random-weight preset to create and run: " + presets);
-  b->add_option("--dtype", a->dtype, "bf16 or fp8 (with --preset)")->capture_default_str()
+  b->add_option("--dtype", a->dtype, "bf16 or fp8 (with --preset)")
+      ->capture_default_str()
       ->check(CLI::IsMember({"bf16", "fp8"}));
-  b->add_option("--cache-dir", a->cache_dir, "Where preset models are written")->capture_default_str();
+  b->add_option("--cache-dir", a->cache_dir, "Where preset models are written")
+      ->capture_default_str();
   b->add_option("--prompt-len", a->prompt_len, "Prompt tokens to prefill")->capture_default_str();
   b->add_option("--decode-tokens", a->decode_tokens, "Tokens to decode")->capture_default_str();
   b->add_option("--threads", a->threads, "Worker threads (0 = one per core)");

@@ -3,11 +3,12 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "cli/parallel.h"
 #include "core/error.h"
 #include "engine/generator.h"
 #include "model/init_model.h"
@@ -30,7 +31,7 @@ struct GenerateArgs {
   int64_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
-  int threads = 0;
+  ParallelArgs par;
 };
 
 void warn_if_random(const std::string& dir) {
@@ -46,7 +47,8 @@ void run_generate(const GenerateArgs& a) {
   MS_CHECK(a.top_p > 0.0f && a.top_p <= 1.0f, "--top-p must be in (0, 1]");
   MS_CHECK(a.top_k >= 0, "--top-k must be >= 0");
   MS_CHECK(a.max_tokens >= 1, "--max-tokens must be >= 1");
-  MS_CHECK(a.prompt_ids.empty() != a.prompt.empty(), "give exactly one of --prompt-ids and --prompt");
+  MS_CHECK(a.prompt_ids.empty() != a.prompt.empty(),
+           "give exactly one of --prompt-ids and --prompt");
   MS_CHECK(!a.chat || !a.prompt.empty(), "--chat needs --prompt (the user message)");
   const bool text = !a.prompt.empty();
   std::optional<tokenizer::Tokenizer> tok;
@@ -64,10 +66,15 @@ void run_generate(const GenerateArgs& a) {
   } else {
     prompt = parse_ids(a.prompt_ids, "--prompt-ids");
   }
-  ThreadPool pool(a.threads);
-  model::Model m(a.model, pool);
-  warn_if_random(a.model);
+  ParallelModel pm(a.model, a.par);
+  model::Model& m = pm.model();
   engine::Generator gen(m);
+  if (!pm.is_root()) {  // the other ranks hold experts and follow rank 0's steps
+    gen.drain();
+    pm.write_expert_load();
+    return;
+  }
+  warn_if_random(a.model);
   engine::GenerateOptions opt;
   opt.max_tokens = a.max_tokens;
   opt.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
@@ -81,31 +88,43 @@ void run_generate(const GenerateArgs& a) {
       prompt, opt,
       [&](int32_t id) {
         if (a.json) return;
-        if (dec) std::fputs(dec->put(id).c_str(), stdout);
-        else std::printf("%d ", id);
+        if (dec)
+          std::fputs(dec->put(id).c_str(), stdout);
+        else
+          std::printf("%d ", id);
         std::fflush(stdout);
       },
       &st);
+  gen.drain();
+  pm.write_expert_load();
   if (dec && !a.json) std::fputs(dec->finish().c_str(), stdout);
   if (a.json) {
     std::printf("%s\n", json{{"prompt_ids", prompt}, {"output_ids", out}}.dump().c_str());
   } else {
     std::printf("\n");
-    std::fprintf(stderr, "prompt %lld tokens in %.3f s, %lld tokens generated in %.3f s (%.2f tokens/s)\n",
+    std::fprintf(stderr,
+                 "prompt %lld tokens in %.3f s, %lld tokens generated in %.3f s (%.2f tokens/s)\n",
                  static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
                  static_cast<long long>(st.output_tokens), st.decode_seconds,
                  st.output_tokens > 1 ? (st.output_tokens - 1) / st.decode_seconds : 0.0);
   }
 }
 
-void run_score(const std::string& dir, const std::string& ids_s, int threads) {
+void run_score(const std::string& dir, const std::string& ids_s, const ParallelArgs& par) {
   const std::vector<int32_t> ids = parse_ids(ids_s, "--ids");
-  ThreadPool pool(threads);
-  model::Model m(dir, pool);
-  engine::Generator gen(m);
+  ParallelModel pm(dir, par);
+  engine::Generator gen(pm.model());
+  if (!pm.is_root()) {
+    gen.drain();
+    pm.write_expert_load();
+    return;
+  }
   const std::vector<double> lp = gen.score(ids);
+  gen.drain();
+  pm.write_expert_load();
   json j = {{"ids", ids}, {"logprobs", json::array()}};
-  for (size_t i = 0; i < lp.size(); ++i) j["logprobs"].push_back(i == 0 ? json(nullptr) : json(lp[i]));
+  for (size_t i = 0; i < lp.size(); ++i)
+    j["logprobs"].push_back(i == 0 ? json(nullptr) : json(lp[i]));
   std::printf("%s\n", j.dump().c_str());
 }
 
@@ -163,38 +182,47 @@ void run_init(const InitArgs& a) {
 void register_model_commands(CLI::App& app) {
   auto g = std::make_shared<GenerateArgs>();
   CLI::App* gen = app.add_subcommand("generate", "Generate tokens after a prompt");
-  gen->add_option("--model", g->model, "Hugging Face model folder")->required()->check(CLI::ExistingDirectory);
+  gen->add_option("--model", g->model, "Hugging Face model folder")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   gen->add_option("--prompt-ids", g->prompt_ids, "Prompt as token ids: 1,2,3");
   gen->add_option("--prompt", g->prompt, "Prompt as text (needs the model's tokenizer)");
   gen->add_flag("--chat", g->chat, "Send --prompt as a user message through the chat template");
-  gen->add_option("--chat-template", g->chat_template, "Jinja chat template file to use instead of the model's");
+  gen->add_option("--chat-template", g->chat_template,
+                  "Jinja chat template file to use instead of the model's");
   gen->add_option("--max-tokens", g->max_tokens, "Tokens to generate")->capture_default_str();
   gen->add_option("--temperature", g->temperature, "0 = greedy")->capture_default_str();
   gen->add_option("--top-p", g->top_p, "Nucleus sampling mass")->capture_default_str();
-  gen->add_option("--top-k", g->top_k, "Sample among the k most likely (0 = all)")->capture_default_str();
+  gen->add_option("--top-k", g->top_k, "Sample among the k most likely (0 = all)")
+      ->capture_default_str();
   gen->add_option("--seed", g->seed, "Sampling seed")->capture_default_str();
   gen->add_flag("--json", g->json, "Print {\"prompt_ids\": [...], \"output_ids\": [...]}");
   gen->add_flag("--ignore-eos", g->ignore_eos, "Do not stop at the end-of-sequence token");
-  gen->add_option("--threads", g->threads, "Worker threads (0 = one per core)");
+  add_parallel_flags(gen, g->par);
   gen->callback([g] { run_generate(*g); });
 
   auto s = std::make_shared<std::pair<std::string, std::string>>();
-  auto threads = std::make_shared<int>(0);
-  CLI::App* sc = app.add_subcommand("score", "Print log P(ids[i] | ids[<i]) for every token as JSON");
-  sc->add_option("--model", s->first, "Hugging Face model folder")->required()->check(CLI::ExistingDirectory);
+  auto par = std::make_shared<ParallelArgs>();
+  CLI::App* sc =
+      app.add_subcommand("score", "Print log P(ids[i] | ids[<i]) for every token as JSON");
+  sc->add_option("--model", s->first, "Hugging Face model folder")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   sc->add_option("--ids", s->second, "Token ids: 1,2,3")->required();
-  sc->add_option("--threads", *threads, "Worker threads (0 = one per core)");
-  sc->callback([s, threads] { run_score(s->first, s->second, *threads); });
+  add_parallel_flags(sc, *par);
+  sc->callback([s, par] { run_score(s->first, s->second, *par); });
 
   auto i = std::make_shared<InitArgs>();
   std::string presets;
   for (const auto& n : model::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
-  CLI::App* init = app.add_subcommand("init-model", "Write a deterministic random-weight checkpoint");
+  CLI::App* init =
+      app.add_subcommand("init-model", "Write a deterministic random-weight checkpoint");
   init->add_option("--config", i->config, "config.json to build the model from");
   init->add_option("--preset", i->preset, "Built-in configuration: " + presets);
   init->add_option("--out", i->out, "Folder to write")->required();
   init->add_option("--seed", i->seed, "Seed of the weights")->capture_default_str();
-  init->add_option("--dtype", i->dtype, "bf16 or fp8 (e4m3, 128x128 block scales)")->capture_default_str();
+  init->add_option("--dtype", i->dtype, "bf16 or fp8 (e4m3, 128x128 block scales)")
+      ->capture_default_str();
   init->add_option("--tokenizer", i->tokenizer, "Copy tokenizer files from this folder");
   init->add_flag("--force", i->force, "Overwrite an existing model");
   init->callback([i] { run_init(*i); });

@@ -9,5 +9,7 @@ namespace moeserve::cli {
 void register_model_commands(CLI::App& app);  // generate, score, init-model (cmd_model.cpp)
 void register_bench_command(CLI::App& app);   // bench (cmd_bench.cpp)
 void register_text_commands(CLI::App& app);   // tokenize, detokenize, chat-template (cmd_text.cpp)
+void register_serve_command(CLI::App& app);   // serve (cmd_serve.cpp)
+void register_placement_command(CLI::App& app);  // plan-placement (cmd_placement.cpp)
 
 }  // namespace moeserve::cli

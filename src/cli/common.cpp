@@ -29,8 +29,8 @@ std::vector<int32_t> parse_ids(const std::string& s, const char* flag) {
     char* end = nullptr;
     errno = 0;
     const long long v = std::strtoll(item.c_str(), &end, 10);
-    MS_CHECK(end && *end == '\0' && errno == 0 && v >= 0 && v <= INT32_MAX, flag,
-             ": \"", item, "\" is not a token id (a non-negative integer)");
+    MS_CHECK(end && *end == '\0' && errno == 0 && v >= 0 && v <= INT32_MAX, flag, ": \"", item,
+             "\" is not a token id (a non-negative integer)");
     ids.push_back(static_cast<int32_t>(v));
     i = j + 1;
   }

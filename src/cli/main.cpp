@@ -1,7 +1,9 @@
 // moeserve: one binary, one subcommand per job. Errors reach the user as one line on stderr and
 // exit status 1; --help works everywhere.
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <string>
 
 #include "cli/commands.h"
 #include "core/error.h"
@@ -13,12 +15,17 @@ int main(int argc, char** argv) {
   moeserve::cli::register_model_commands(app);
   moeserve::cli::register_bench_command(app);
   moeserve::cli::register_text_commands(app);
+  moeserve::cli::register_serve_command(app);
+  moeserve::cli::register_placement_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const moeserve::Error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    // Under mpirun every failure reaches all ranks through a collective check, so rank 0 alone
+    // tells the user.
+    const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+    if (!rank || std::string(rank) == "0") std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -6,26 +6,40 @@ namespace moeserve {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::F32: return 4;
-    case DType::F16: return 2;
-    case DType::BF16: return 2;
-    case DType::F8_E4M3: return 1;
-    case DType::I64: return 8;
-    case DType::I32: return 4;
-    case DType::U8: return 1;
+    case DType::F32:
+      return 4;
+    case DType::F16:
+      return 2;
+    case DType::BF16:
+      return 2;
+    case DType::F8_E4M3:
+      return 1;
+    case DType::I64:
+      return 8;
+    case DType::I32:
+      return 4;
+    case DType::U8:
+      return 1;
   }
   return 0;
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    case DType::F8_E4M3: return "F8_E4M3";
-    case DType::I64: return "I64";
-    case DType::I32: return "I32";
-    case DType::U8: return "U8";
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::F8_E4M3:
+      return "F8_E4M3";
+    case DType::I64:
+      return "I64";
+    case DType::I32:
+      return "I32";
+    case DType::U8:
+      return "U8";
   }
   return "?";
 }
@@ -34,9 +48,9 @@ bool parse_dtype(const std::string& s, DType* out) {
   static const struct {
     const char* name;
     DType t;
-  } table[] = {{"F32", DType::F32},         {"F16", DType::F16}, {"BF16", DType::BF16},
-               {"F8_E4M3", DType::F8_E4M3}, {"I64", DType::I64}, {"I32", DType::I32},
-               {"U8", DType::U8}};
+  } table[] = {
+      {"F32", DType::F32}, {"F16", DType::F16}, {"BF16", DType::BF16}, {"F8_E4M3", DType::F8_E4M3},
+      {"I64", DType::I64}, {"I32", DType::I32}, {"U8", DType::U8}};
   for (const auto& e : table) {
     if (s == e.name) {
       *out = e.t;
@@ -71,7 +85,7 @@ uint16_t f32_to_f16(float f) {
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(q));
   }
   int e;
-  std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  std::frexp(a, &e);                                      // a = m * 2^e, m in [0.5, 1)
   const float q = std::nearbyint(std::ldexp(a, 11 - e));  // 11 significant bits
   uint32_t mant = static_cast<uint32_t>(q);
   int exp = e - 1 + 15;

@@ -10,7 +10,7 @@ namespace moeserve {
 enum class DType : uint8_t { F32, F16, BF16, F8_E4M3, I64, I32, U8 };
 
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);        // safetensors spelling: "F32", "BF16", "F8_E4M3", ...
+const char* dtype_name(DType t);  // safetensors spelling: "F32", "BF16", "F8_E4M3", ...
 bool parse_dtype(const std::string& s, DType* out);
 
 inline float bf16_to_f32(uint16_t h) {

@@ -31,9 +31,9 @@ template <typename... Args>
 }  // namespace moeserve
 
 // Boundary check: throws moeserve::Error(message) when cond is false.
-#define MS_CHECK(cond, ...)                                   \
-  do {                                                        \
-    if (!(cond)) ::moeserve::fail(__VA_ARGS__);               \
+#define MS_CHECK(cond, ...)                     \
+  do {                                          \
+    if (!(cond)) ::moeserve::fail(__VA_ARGS__); \
   } while (0)
 
 // Internal invariant: a failure is a bug in moeserve, not bad input.

@@ -21,7 +21,8 @@ ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) {
     if (const char* env = std::getenv("MOESERVE_THREADS")) n_threads = std::atoi(env);
   }
-  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (n_threads <= 0)
+    n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   n_threads_ = n_threads;
   for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
 }
@@ -66,8 +67,10 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   bool serial = n_threads_ == 1 || n <= grain;
   if (!serial) {
     std::lock_guard<std::mutex> lk(mu_);
-    if (busy_) serial = true;  // nested call
-    else busy_ = true;
+    if (busy_)
+      serial = true;  // nested call
+    else
+      busy_ = true;
   }
   if (serial) {
     fn(0, n, 0);

@@ -9,10 +9,14 @@ namespace moeserve::engine {
 
 const char* finish_reason_name(FinishReason r) {
   switch (r) {
-    case FinishReason::Stop: return "stop";
-    case FinishReason::Length: return "length";
-    case FinishReason::Cancelled: return "cancelled";
-    case FinishReason::Error: return "error";
+    case FinishReason::Stop:
+      return "stop";
+    case FinishReason::Length:
+      return "length";
+    case FinishReason::Cancelled:
+      return "cancelled";
+    case FinishReason::Error:
+      return "error";
   }
   return "?";
 }
@@ -28,7 +32,10 @@ struct Engine::Seq {
   std::vector<int32_t> blocks;
   bool done = false;
   Seq(uint64_t i, std::shared_ptr<Request> r)
-      : id(i), req(std::move(r)), sampler(req->sampling), tokens(req->prompt),
+      : id(i),
+        req(std::move(r)),
+        sampler(req->sampling),
+        tokens(req->prompt),
         n_prompt(static_cast<int64_t>(req->prompt.size())) {}
 };
 
@@ -39,16 +46,16 @@ static int64_t blocks_from_mb(const model::ModelConfig& c, const EngineConfig& e
 }
 
 Engine::Engine(model::Model& m, const EngineConfig& cfg)
-    : model_(m), cfg_(cfg),
+    : model_(m),
+      cfg_(cfg),
       kv_(blocks_from_mb(m.config(), cfg), cfg.block_size, m.config().num_hidden_layers,
           m.config().kv_cache_dim()) {
   MS_CHECK(cfg_.max_num_seqs >= 1, "--max-num-seqs must be >= 1");
   MS_CHECK(cfg_.max_model_len >= 2, "--max-model-len must be >= 2");
   MS_CHECK(cfg_.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
-  MS_CHECK(kv_.n_blocks() * cfg_.block_size >= cfg_.max_model_len,
-           "the KV cache (", kv_.n_blocks(), " blocks of ", cfg_.block_size,
-           " tokens) cannot hold one sequence of --max-model-len ", cfg_.max_model_len,
-           " tokens; raise --kv-cache-mb or lower --max-model-len");
+  MS_CHECK(kv_.n_blocks() * cfg_.block_size >= cfg_.max_model_len, "the KV cache (", kv_.n_blocks(),
+           " blocks of ", cfg_.block_size, " tokens) cannot hold one sequence of --max-model-len ",
+           cfg_.max_model_len, " tokens; raise --kv-cache-mb or lower --max-model-len");
   stats_.kv_blocks_total = kv_.n_blocks();
   logits_.resize(static_cast<size_t>(cfg_.max_num_seqs) * m.config().vocab_size);
   thread_ = std::thread([this] { loop(); });
@@ -75,11 +82,13 @@ SubmitResult Engine::submit(std::shared_ptr<Request> r, uint64_t* id, std::strin
   if (r->prompt.empty()) return bad("the prompt is empty");
   for (int32_t t : r->prompt)
     if (t < 0 || t >= c.vocab_size)
-      return bad("token id " + std::to_string(t) + " is out of range [0, " + std::to_string(c.vocab_size) + ")");
+      return bad("token id " + std::to_string(t) + " is out of range [0, " +
+                 std::to_string(c.vocab_size) + ")");
   if (static_cast<int64_t>(r->prompt.size()) + 1 > cfg_.max_model_len)
-    return bad("the prompt has " + std::to_string(r->prompt.size()) +
-               " tokens; with at least one generated token that exceeds the maximum context length of " +
-               std::to_string(cfg_.max_model_len));
+    return bad(
+        "the prompt has " + std::to_string(r->prompt.size()) +
+        " tokens; with at least one generated token that exceeds the maximum context length of " +
+        std::to_string(cfg_.max_model_len));
   if (r->max_tokens < 1) return bad("max_tokens must be at least 1");
   std::lock_guard<std::mutex> lk(mu_);
   if (static_cast<int64_t>(incoming_.size() + waiting_.size()) >= cfg_.max_waiting) {
@@ -145,7 +154,8 @@ void Engine::loop() {
     std::unique_lock<std::mutex> lk(mu_);
     // Sleep while there is nothing new and nothing runnable.
     cv_.wait(lk, [&] {
-      return stop_ || !incoming_.empty() || !cancels_.empty() || (!idle && (!running_.empty() || !waiting_.empty()));
+      return stop_ || !incoming_.empty() || !cancels_.empty() ||
+             (!idle && (!running_.empty() || !waiting_.empty()));
     });
     if (stop_) return;
   }
@@ -172,8 +182,10 @@ bool Engine::step() {
     cancels.swap(cancels_);
   }
   for (uint64_t id : cancels) {
-    for (auto& s : running_) if (s->id == id) finish(*s, FinishReason::Cancelled);
-    for (auto& s : waiting_) if (s->id == id) finish(*s, FinishReason::Cancelled);
+    for (auto& s : running_)
+      if (s->id == id) finish(*s, FinishReason::Cancelled);
+    for (auto& s : waiting_)
+      if (s->id == id) finish(*s, FinishReason::Cancelled);
   }
   auto gone = [](const std::unique_ptr<Seq>& s) { return s->done; };
   running_.erase(std::remove_if(running_.begin(), running_.end(), gone), running_.end());
@@ -181,7 +193,10 @@ bool Engine::step() {
 
   // 2. Schedule. Running sequences that finished their prompt decode one token each; those
   // still prefilling, then newly admitted ones, share the rest of the token budget.
-  struct Work { Seq* s; int64_t n; };
+  struct Work {
+    Seq* s;
+    int64_t n;
+  };
   std::vector<Work> work;
   int64_t budget = cfg_.max_batch_tokens;
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
@@ -205,7 +220,8 @@ bool Engine::step() {
     work.push_back({&s, n});
     budget -= n;
   }
-  while (budget > 0 && !waiting_.empty() && static_cast<int64_t>(running_.size()) < cfg_.max_num_seqs) {
+  while (budget > 0 && !waiting_.empty() &&
+         static_cast<int64_t>(running_.size()) < cfg_.max_num_seqs) {
     Seq& s = *waiting_.front();
     const int64_t n = std::min<int64_t>(static_cast<int64_t>(s.tokens.size()), budget);
     if (!ensure_blocks(s, n)) break;  // admit in order; wait for blocks
@@ -237,7 +253,9 @@ bool Engine::step() {
   // 4. Sample, report, finish.
   std::vector<double> lp;
   int64_t new_prompt = 0;
-  for (const Work& w : work) new_prompt += std::max<int64_t>(0, std::min(w.s->n_prompt, w.s->computed) - (w.s->computed - w.n));
+  for (const Work& w : work)
+    new_prompt +=
+        std::max<int64_t>(0, std::min(w.s->n_prompt, w.s->computed) - (w.s->computed - w.n));
   for (size_t i = 0; i < sampled.size(); ++i) {
     Seq& s = *sampled[i];
     const float* row = logits_.data() + i * V;
@@ -257,9 +275,12 @@ bool Engine::step() {
     s.tokens.push_back(ev.token);
     ++s.n_generated;
     if (s.req->on_token) s.req->on_token(ev);
-    const bool stop_tok = std::find(s.req->stop_ids.begin(), s.req->stop_ids.end(), ev.token) != s.req->stop_ids.end();
-    if (stop_tok) finish(s, FinishReason::Stop);
-    else if (s.n_generated >= s.req->max_tokens || static_cast<int64_t>(s.tokens.size()) >= cfg_.max_model_len)
+    const bool stop_tok = std::find(s.req->stop_ids.begin(), s.req->stop_ids.end(), ev.token) !=
+                          s.req->stop_ids.end();
+    if (stop_tok)
+      finish(s, FinishReason::Stop);
+    else if (s.n_generated >= s.req->max_tokens ||
+             static_cast<int64_t>(s.tokens.size()) >= cfg_.max_model_len)
       finish(s, FinishReason::Length);
   }
   running_.erase(std::remove_if(running_.begin(), running_.end(), gone), running_.end());

@@ -25,8 +25,8 @@ namespace moeserve::engine {
 // One generated token, as the engine reports it.
 struct TokenEvent {
   int32_t token = 0;
-  float logprob = 0.0f;                          // log P(token), when the request asked
-  std::vector<std::pair<int32_t, float>> top;    // top_logprobs alternatives, most likely first
+  float logprob = 0.0f;                        // log P(token), when the request asked
+  std::vector<std::pair<int32_t, float>> top;  // top_logprobs alternatives, most likely first
 };
 
 enum class FinishReason { Stop, Length, Cancelled, Error };
@@ -51,13 +51,13 @@ struct Request {
 };
 
 struct EngineConfig {
-  int64_t max_num_seqs = 16;        // running sequences at once
-  int64_t max_model_len = 4096;     // prompt + output tokens of one sequence
-  int64_t kv_blocks = 0;            // 0: derive from kv_cache_mb
+  int64_t max_num_seqs = 16;     // running sequences at once
+  int64_t max_model_len = 4096;  // prompt + output tokens of one sequence
+  int64_t kv_blocks = 0;         // 0: derive from kv_cache_mb
   int64_t kv_cache_mb = 256;
-  int64_t block_size = 16;          // token positions per KV block
-  int64_t max_batch_tokens = 256;   // tokens per step (chunked prefill budget)
-  int64_t max_waiting = 256;        // queued requests before submit() refuses
+  int64_t block_size = 16;         // token positions per KV block
+  int64_t max_batch_tokens = 256;  // tokens per step (chunked prefill budget)
+  int64_t max_waiting = 256;       // queued requests before submit() refuses
 };
 
 struct EngineStats {

@@ -16,7 +16,8 @@ double now() {
 void check_prompt(const std::vector<int32_t>& ids, const model::ModelConfig& c) {
   MS_CHECK(!ids.empty(), "the prompt is empty");
   for (int32_t id : ids)
-    MS_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ", c.vocab_size, ")");
+    MS_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ", c.vocab_size,
+             ")");
 }
 }  // namespace
 
@@ -28,7 +29,8 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   check_prompt(prompt, c);
   MS_CHECK(opt.max_tokens >= 0, "max tokens must be >= 0");
   const int64_t total = static_cast<int64_t>(prompt.size()) + opt.max_tokens;
-  kv::KvPool pool((total + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers, c.kv_cache_dim());
+  kv::KvPool pool((total + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers,
+                  c.kv_cache_dim());
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
   std::vector<float> logits(c.vocab_size);
@@ -46,7 +48,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     b.seqs = {{0, n, past, blocks.data()}};
     b.logit_rows.clear();
     if (past + n == P) b.logit_rows = {n - 1};
-    m_.forward(b, pool, logits.data());
+    forward(b, pool, logits.data());
     past += n;
   }
   const double t1 = now();
@@ -59,7 +61,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     b.tokens = {tok};
     b.seqs = {{0, 1, past, blocks.data()}};
     b.logit_rows = {0};
-    m_.forward(b, pool, logits.data());
+    forward(b, pool, logits.data());
     ++past;
     tok = sampler.sample(logits.data(), c.vocab_size);
   }
@@ -72,11 +74,33 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   return out;
 }
 
+bool Generator::any_active(bool mine) {
+  const model::ExpertParallel* ep = m_.expert_parallel();
+  if (!ep) return mine;
+  int64_t v = mine ? 1 : 0;
+  ep->comm->all_reduce(&v, 1, comm::ReduceOp::Max);
+  return v != 0;
+}
+
+void Generator::forward(const model::Batch& b, kv::KvPool& kv, float* logits) {
+  any_active(true);
+  m_.forward(b, kv, logits);
+}
+
+void Generator::drain() {
+  if (!m_.expert_parallel()) return;
+  const model::ModelConfig& c = m_.config();
+  kv::KvPool kv(1, 1, c.num_hidden_layers, c.kv_cache_dim());
+  const model::Batch empty;
+  while (any_active(false)) m_.forward(empty, kv, nullptr);
+}
+
 std::vector<double> Generator::score(const std::vector<int32_t>& ids, int64_t chunk) {
   const model::ModelConfig& c = m_.config();
   check_prompt(ids, c);
   const int64_t N = static_cast<int64_t>(ids.size());
-  kv::KvPool pool((N + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers, c.kv_cache_dim());
+  kv::KvPool pool((N + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers,
+                  c.kv_cache_dim());
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
   std::vector<double> lp(N, NAN), row;
@@ -90,7 +114,7 @@ std::vector<double> Generator::score(const std::vector<int32_t>& ids, int64_t ch
     for (int64_t i = 0; i < n; ++i)
       if (past + i + 1 < N) b.logit_rows.push_back(i);
     logits.resize(std::max<size_t>(1, b.logit_rows.size()) * c.vocab_size);
-    m_.forward(b, pool, logits.data());
+    forward(b, pool, logits.data());
     for (size_t r = 0; r < b.logit_rows.size(); ++r) {
       log_softmax(logits.data() + r * c.vocab_size, c.vocab_size, &row);
       const int64_t next = past + b.logit_rows[r] + 1;

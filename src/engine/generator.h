@@ -24,6 +24,9 @@ struct GenerateStats {
   double prefill_seconds = 0, decode_seconds = 0;
 };
 
+// Under expert parallelism the ranks of the model's group step together: each forward is
+// preceded by an agreement round, and a rank that is done (or has nothing to run) calls
+// drain(), running empty forwards until every rank is done.
 class Generator {
  public:
   explicit Generator(model::Model& m, int64_t block_size = 16) : m_(m), block_size_(block_size) {}
@@ -36,7 +39,14 @@ class Generator {
   // logprobs[i] = log P(ids[i] | ids[<i]) for i >= 1 (logprobs[0] is NaN: no prefix).
   std::vector<double> score(const std::vector<int32_t>& ids, int64_t chunk = 128);
 
+  // Collective under expert parallelism (a no-op without): takes part in the other ranks'
+  // forwards with empty batches until all of them have called drain().
+  void drain();
+
  private:
+  void forward(const model::Batch& b, kv::KvPool& kv, float* logits);
+  bool any_active(bool mine);
+
   model::Model& m_;
   int64_t block_size_;
 };

@@ -23,7 +23,7 @@ inline constexpr int kFp8Block = 128;
 
 // A weight matrix as a checkpoint stores it: row-major [rows, cols] (torch Linear: [out, in]).
 struct Weight {
-  DType dtype = DType::F32;  // F32, F16, BF16 or F8_E4M3
+  DType dtype = DType::F32;    // F32, F16, BF16 or F8_E4M3
   const void* data = nullptr;  // [rows, cols] of dtype; row r at data + r * cols * dtype_size
   int64_t rows = 0, cols = 0;
   // F8_E4M3 only: [ceil(total_rows/128), scale_cols] float32, block (r/128, c/128) scales
@@ -43,6 +43,8 @@ struct Weight {
 // y[i, n] = sum_k x[i, k] * W[n, k]   for i < m, n < W.rows, k < W.cols
 // x: [m, ldx] f32 (uses the first W.cols of each row); y: [m, ldy] f32 (writes W.rows of each).
 // Every y element follows the 16-lane contract, whatever m and the thread count.
+// x is read in place when its rows are 64-byte aligned (x aligned, ldx % 16 == 0) and K % 16
+// == 0; otherwise matmul first makes an aligned, zero-padded copy of it (m * K floats).
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
             float* y, int64_t ldy);
 

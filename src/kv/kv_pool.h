@@ -41,9 +41,9 @@ class KvPool {
 
  private:
   int64_t n_blocks_, block_size_, n_layers_, kv_dim_;
-  std::vector<float> data_;     // [n_blocks][n_layers][block_size][kv_dim]
-  std::vector<int32_t> free_;   // stack of free block ids
-  std::vector<uint8_t> in_use_; // [n_blocks], to catch double frees
+  std::vector<float> data_;      // [n_blocks][n_layers][block_size][kv_dim]
+  std::vector<int32_t> free_;    // stack of free block ids
+  std::vector<uint8_t> in_use_;  // [n_blocks], to catch double frees
 };
 
 }  // namespace moeserve::kv

@@ -62,7 +62,8 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
     for (int64_t i = 0; i < s.n_tokens; ++i) {
       const int64_t t = s.row_begin + i, pos = s.n_past + i;
       rope_.table(pos, cs.data());
-      for (int64_t hd = 0; hd < nh; ++hd) Rope::apply(cs.data(), q + t * nh * qd + hd * qd + nope, rd);
+      for (int64_t hd = 0; hd < nh; ++hd)
+        Rope::apply(cs.data(), q + t * nh * qd + hd * qd + nope, rd);
       float* kt = kvp + t * kvd;
       rms(kt, a.kv_a_norm, L, eps, kt);
       Rope::apply(cs.data(), kt + L, rd);

@@ -69,10 +69,10 @@ ModelConfig ModelConfig::from_json(const json& j) {
   MS_CHECK(j.is_object(), "config.json must hold a JSON object");
   ModelConfig c;
   c.model_type = get_str(j, "model_type", "deepseek_v3");
-  MS_CHECK(c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2" ||
-               c.model_type == "kimi_k2",
-           "config.json: model_type \"", c.model_type,
-           "\" is not supported (supported: deepseek_v3, deepseek_v2, kimi_k2)");
+  MS_CHECK(
+      c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2" || c.model_type == "kimi_k2",
+      "config.json: model_type \"", c.model_type,
+      "\" is not supported (supported: deepseek_v3, deepseek_v2, kimi_k2)");
   c.vocab_size = get_int(j, "vocab_size");
   c.hidden_size = get_int(j, "hidden_size");
   c.intermediate_size = get_int(j, "intermediate_size");
@@ -94,15 +94,25 @@ ModelConfig ModelConfig::from_json(const json& j) {
   c.moe_layer_freq = get_int(j, "moe_layer_freq", 1);
   c.norm_topk_prob = get_bool(j, "norm_topk_prob", false);
   c.routed_scaling_factor = get_num(j, "routed_scaling_factor", 1.0);
-  const std::string scoring = get_str(j, "scoring_func", c.model_type == "deepseek_v2" ? "softmax" : "sigmoid");
-  if (scoring == "sigmoid") c.scoring_func = ScoringFunc::Sigmoid;
-  else if (scoring == "softmax") c.scoring_func = ScoringFunc::Softmax;
-  else fail("config.json: scoring_func \"", scoring, "\" is not supported (sigmoid, softmax)");
-  const std::string topk = get_str(j, "topk_method", c.model_type == "deepseek_v2" ? "greedy" : "noaux_tc");
-  if (topk == "noaux_tc") c.topk_method = TopkMethod::NoauxTc;
-  else if (topk == "greedy") c.topk_method = TopkMethod::Greedy;
-  else if (topk == "group_limited_greedy") c.topk_method = TopkMethod::GroupLimitedGreedy;
-  else fail("config.json: topk_method \"", topk, "\" is not supported (noaux_tc, greedy, group_limited_greedy)");
+  const std::string scoring =
+      get_str(j, "scoring_func", c.model_type == "deepseek_v2" ? "softmax" : "sigmoid");
+  if (scoring == "sigmoid")
+    c.scoring_func = ScoringFunc::Sigmoid;
+  else if (scoring == "softmax")
+    c.scoring_func = ScoringFunc::Softmax;
+  else
+    fail("config.json: scoring_func \"", scoring, "\" is not supported (sigmoid, softmax)");
+  const std::string topk =
+      get_str(j, "topk_method", c.model_type == "deepseek_v2" ? "greedy" : "noaux_tc");
+  if (topk == "noaux_tc")
+    c.topk_method = TopkMethod::NoauxTc;
+  else if (topk == "greedy")
+    c.topk_method = TopkMethod::Greedy;
+  else if (topk == "group_limited_greedy")
+    c.topk_method = TopkMethod::GroupLimitedGreedy;
+  else
+    fail("config.json: topk_method \"", topk,
+         "\" is not supported (noaux_tc, greedy, group_limited_greedy)");
   c.rms_norm_eps = get_num(j, "rms_norm_eps", 1e-6);
   c.rope_theta = get_num(j, "rope_theta", 10000.0);
   c.max_position_embeddings = get_int(j, "max_position_embeddings", 4096);
@@ -211,7 +221,8 @@ ModelConfig ModelConfig::load(const std::string& model_dir) {
 }
 
 json ModelConfig::to_json() const {
-  json j = {{"architectures", {model_type == "deepseek_v2" ? "DeepseekV2ForCausalLM" : "DeepseekV3ForCausalLM"}},
+  json j = {{"architectures",
+             {model_type == "deepseek_v2" ? "DeepseekV2ForCausalLM" : "DeepseekV3ForCausalLM"}},
             {"model_type", model_type},
             {"vocab_size", vocab_size},
             {"hidden_size", hidden_size},
@@ -235,7 +246,7 @@ json ModelConfig::to_json() const {
             {"norm_topk_prob", norm_topk_prob},
             {"routed_scaling_factor", routed_scaling_factor},
             {"scoring_func", scoring_func == ScoringFunc::Sigmoid ? "sigmoid" : "softmax"},
-            {"topk_method", topk_method == TopkMethod::NoauxTc ? "noaux_tc"
+            {"topk_method", topk_method == TopkMethod::NoauxTc  ? "noaux_tc"
                             : topk_method == TopkMethod::Greedy ? "greedy"
                                                                 : "group_limited_greedy"},
             {"rms_norm_eps", rms_norm_eps},
@@ -248,14 +259,14 @@ json ModelConfig::to_json() const {
             {"attention_bias", false},
             {"torch_dtype", "bfloat16"}};
   if (rope_scaling) {
-    j["rope_scaling"] = {{"type", "yarn"},
-                         {"factor", rope_scaling->factor},
-                         {"beta_fast", rope_scaling->beta_fast},
-                         {"beta_slow", rope_scaling->beta_slow},
-                         {"mscale", rope_scaling->mscale},
-                         {"mscale_all_dim", rope_scaling->mscale_all_dim},
-                         {"original_max_position_embeddings",
-                          rope_scaling->original_max_position_embeddings}};
+    j["rope_scaling"] = {
+        {"type", "yarn"},
+        {"factor", rope_scaling->factor},
+        {"beta_fast", rope_scaling->beta_fast},
+        {"beta_slow", rope_scaling->beta_slow},
+        {"mscale", rope_scaling->mscale},
+        {"mscale_all_dim", rope_scaling->mscale_all_dim},
+        {"original_max_position_embeddings", rope_scaling->original_max_position_embeddings}};
   } else {
     j["rope_scaling"] = nullptr;
   }

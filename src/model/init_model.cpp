@@ -95,7 +95,9 @@ ModelConfig preset_config(const std::string& name) {
   return ModelConfig::from_json(c.to_json());  // validated like any config.json
 }
 
-std::vector<std::string> preset_names() { return {"tiny", "demo", "bench"}; }
+std::vector<std::string> preset_names() {
+  return {"tiny", "demo", "bench"};
+}
 
 namespace {
 
@@ -112,8 +114,8 @@ struct Rng {
   // Approximately standard normal: sum of four 16-bit uniforms, centred and scaled.
   float normal() {
     const uint64_t r = next();
-    const float s = static_cast<float>((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) +
-                                       (r >> 48));
+    const float s =
+        static_cast<float>((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48));
     return (s / 65536.0f - 2.0f) * 1.7320508f;
   }
 };
@@ -169,7 +171,8 @@ std::vector<Spec> tensor_specs(const ModelConfig& c) {
       out.push_back({m + ".gate.e_score_correction_bias", {c.n_routed_experts}, Spec::Bias, false});
     for (int64_t e = 0; e < c.n_routed_experts; ++e)
       mlp(m + ".experts." + std::to_string(e), c.moe_intermediate_size);
-    if (c.n_shared_experts > 0) mlp(m + ".shared_experts", c.moe_intermediate_size * c.n_shared_experts);
+    if (c.n_shared_experts > 0)
+      mlp(m + ".shared_experts", c.moe_intermediate_size * c.n_shared_experts);
   }
   out.push_back({"model.norm.weight", {H}, Spec::Norm, false});
   if (!c.tie_word_embeddings) mat("lm_head.weight", c.vocab_size, H, false);
@@ -192,10 +195,14 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
   size_t total = 0;
   for (const Spec& s : specs) {
     const bool fp8 = opt.fp8 && s.quantize;
-    entries.push_back({s.name, fp8 ? DType::F8_E4M3 : (s.kind == Spec::Bias ? DType::F32 : DType::BF16), s.shape});
+    entries.push_back({s.name,
+                       fp8 ? DType::F8_E4M3 : (s.kind == Spec::Bias ? DType::F32 : DType::BF16),
+                       s.shape});
     total += static_cast<size_t>(s.shape[0]) * (s.shape.size() > 1 ? s.shape[1] : 1);
     if (fp8)
-      entries.push_back({s.name + "_scale_inv", DType::F32, {(s.shape[0] + 127) / 128, (s.shape[1] + 127) / 128}});
+      entries.push_back({s.name + "_scale_inv",
+                         DType::F32,
+                         {(s.shape[0] + 127) / 128, (s.shape[1] + 127) / 128}});
   }
   const std::string path = (fs::path(dir) / "model.safetensors").string();
   SafeTensorsWriter w(path, entries);
@@ -209,10 +216,19 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
     const int64_t rows = s.shape[0], cols = s.shape.size() > 1 ? s.shape[1] : 1;
     float stddev = 1.0f, mean = 0.0f;
     switch (s.kind) {
-      case Spec::Matrix: stddev = 0.5f / std::sqrt(static_cast<float>(cols)); break;
-      case Spec::Embedding: stddev = 1.0f; break;
-      case Spec::Norm: mean = 1.0f; stddev = 0.1f; break;
-      case Spec::Bias: stddev = 0.01f; break;
+      case Spec::Matrix:
+        stddev = 0.5f / std::sqrt(static_cast<float>(cols));
+        break;
+      case Spec::Embedding:
+        stddev = 1.0f;
+        break;
+      case Spec::Norm:
+        mean = 1.0f;
+        stddev = 0.1f;
+        break;
+      case Spec::Bias:
+        stddev = 0.01f;
+        break;
     }
     const bool fp8 = opt.fp8 && s.quantize;
     const int64_t block_rows = fp8 ? 128 : 256;
@@ -233,7 +249,8 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
           const int64_t nc = std::min<int64_t>(128, cols - c0);
           float amax = 0.0f;
           for (int64_t r = 0; r < nr; ++r)
-            for (int64_t j = 0; j < nc; ++j) amax = std::max(amax, std::fabs(vals[r * cols + c0 + j]));
+            for (int64_t j = 0; j < nc; ++j)
+              amax = std::max(amax, std::fabs(vals[r * cols + c0 + j]));
           const float scale = amax > 0 ? amax / 448.0f : 1.0f;
           scales.push_back(scale);
           for (int64_t r = 0; r < nr; ++r)
@@ -244,7 +261,8 @@ void write_random_model(const ModelConfig& cfg, const std::string& dir, const In
       }
       done += vals.size();
       if (progress && done >= next_report) {
-        std::fprintf(stderr, "\rwriting %s: %3d%%", path.c_str(), static_cast<int>(100.0 * done / total));
+        std::fprintf(stderr, "\rwriting %s: %3d%%", path.c_str(),
+                     static_cast<int>(100.0 * done / total));
         next_report = done + total / 50;
       }
     }

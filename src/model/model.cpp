@@ -11,7 +11,9 @@ namespace moeserve::model {
 using kernels::matmul;
 
 namespace {
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float silu(float x) {
+  return x / (1.0f + std::exp(-x));
+}
 
 template <typename T>
 T* sized(std::vector<T>& v, size_t n) {
@@ -20,17 +22,48 @@ T* sized(std::vector<T>& v, size_t n) {
 }
 }  // namespace
 
-Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertFilter& local)
+namespace {
+// `ep` with a placement for every layer: contiguous ranges of experts when it names none.
+std::optional<ExpertParallel> complete(const ExpertParallel* ep, const ModelConfig& c) {
+  if (!ep) return std::nullopt;
+  MS_CHECK(ep->comm, "expert parallelism needs a communicator");
+  ExpertParallel out = *ep;
+  const auto E = static_cast<int32_t>(c.n_routed_experts);
+  if (E > 0) {
+    if (out.placement.layers().empty() && !out.placement.fallback())
+      out.placement.set_default(moe::Placement::contiguous(E, out.comm->size()));
+    out.placement.validate(E, out.comm->size());
+  }
+  return out;
+}
+
+// The experts `ep` gives this rank, as a filter for load_weights (all when there is no ep).
+ExpertFilter local_experts(const std::optional<ExpertParallel>& ep) {
+  if (!ep) return {};
+  const int rank = ep->comm->rank();
+  const moe::PlacementTable* table = &ep->placement;
+  return [table, rank](int64_t layer, int64_t e) {
+    for (int32_t x : table->at(layer).experts_on(rank))
+      if (x == e) return true;
+    return false;
+  };
+}
+}  // namespace
+
+Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertParallel* ep)
     : store_(std::make_unique<WeightStore>(dir)),
       cfg_(ModelConfig::load(dir)),
-      w_(load_weights(*store_, cfg_, local)),
+      ep_(complete(ep, cfg_)),
+      w_(load_weights(*store_, cfg_, local_experts(ep_))),
       rope_(cfg_),
       pool_(pool),
+      dispatcher_(ep_ ? std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode) : nullptr),
       expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {}
 
 std::vector<int64_t> Model::expert_token_counts() const {
   std::vector<int64_t> out(cfg_.num_hidden_layers * cfg_.n_routed_experts);
-  for (size_t i = 0; i < out.size(); ++i) out[i] = expert_counts_[i].load(std::memory_order_relaxed);
+  for (size_t i = 0; i < out.size(); ++i)
+    out[i] = expert_counts_[i].load(std::memory_order_relaxed);
   return out;
 }
 
@@ -65,7 +98,8 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   matmul(pool_, h, n, H, m.router, logits, E);
   int32_t* ex = sized(ws_.route_e, n * K);
   float* wt = sized(ws_.route_w, n * K);
-  moe::route(moe::RouterParams::from_config(cfg_), logits, m.router_bias.empty() ? nullptr : m.router_bias.data(), n, ex, wt);
+  moe::route(moe::RouterParams::from_config(cfg_), logits,
+             m.router_bias.empty() ? nullptr : m.router_bias.data(), n, ex, wt);
 
   // Plan: the (token, slot) entries of each expert, experts in ascending order.
   std::vector<int64_t> count(E + 1, 0);
@@ -77,31 +111,47 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   std::vector<int64_t> entry(n * K), fill(count.begin(), count.end() - 1);
   for (int64_t i = 0; i < n * K; ++i) entry[fill[ex[i]]++] = i;
 
-  float* slot_out = sized(ws_.slot_out, n * K * H);  // [n, K, hidden]
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t b = count[e], cnt = count[e + 1] - b;
-    if (!cnt) continue;
-    const MlpWeights& xp = m.experts[e];
-    MS_ASSERT(xp.present());
-    float* xin = sized(ws_.xin, cnt * H);
-    for (int64_t j = 0; j < cnt; ++j)
-      std::copy_n(h + (entry[b + j] / K) * H, H, xin + j * H);
-    float* y = sized(ws_.yout, cnt * H);
-    dense_ffn(xp, xin, cnt, y);
-    for (int64_t j = 0; j < cnt; ++j) std::copy_n(y + j * H, H, slot_out + entry[b + j] * H);
-  }
-  // Combine: weighted sum over the token's experts in ascending id, then the shared experts.
   float* out = ws_.ffn_out.data();
-  for (int64_t t = 0; t < n; ++t) {
-    float* o = out + t * H;
-    std::fill_n(o, H, 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const float w = wt[t * K + k];
-      const float* y = slot_out + (t * K + k) * H;
-      for (int64_t i = 0; i < H; ++i) o[i] = o[i] + y[i] * w;
+  if (dispatcher_) {
+    // Expert parallel: the tokens travel to the ranks holding their experts and back.
+    const moe::DispatchPlan plan = dispatcher_->plan(ep_->placement.at(layer), n, K, H, ex, wt);
+    const float* recv = dispatcher_->dispatch(plan, h);
+    float* eo = dispatcher_->expert_out(plan);
+    for (int32_t j = 0; j < plan.n_slots; ++j) {
+      const int64_t cnt = plan.slot_count(j), off = plan.slot_offset[j];
+      if (!cnt) continue;
+      const MlpWeights& xp = m.experts[plan.slot_expert[j]];
+      MS_ASSERT(xp.present());
+      dense_ffn(xp, recv + off * H, cnt, eo + off * H);
+    }
+    dispatcher_->combine(plan, eo, out);
+    const auto& t = dispatcher_->exchange_seconds();
+    exchange_seconds_ += t.plan + t.dispatch + t.combine;
+  } else {
+    float* slot_out = sized(ws_.slot_out, n * K * H);  // [n, K, hidden]
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t b = count[e], cnt = count[e + 1] - b;
+      if (!cnt) continue;
+      const MlpWeights& xp = m.experts[e];
+      MS_ASSERT(xp.present());
+      float* xin = sized(ws_.xin, cnt * H);
+      for (int64_t j = 0; j < cnt; ++j) std::copy_n(h + (entry[b + j] / K) * H, H, xin + j * H);
+      float* y = sized(ws_.yout, cnt * H);
+      dense_ffn(xp, xin, cnt, y);
+      for (int64_t j = 0; j < cnt; ++j) std::copy_n(y + j * H, H, slot_out + entry[b + j] * H);
+    }
+    // Combine: weighted sum over the token's experts in ascending id, then the shared experts.
+    for (int64_t t = 0; t < n; ++t) {
+      float* o = out + t * H;
+      std::fill_n(o, H, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float w = wt[t * K + k];
+        const float* y = slot_out + (t * K + k) * H;
+        for (int64_t i = 0; i < H; ++i) o[i] = o[i] + y[i] * w;
+      }
     }
   }
-  if (m.shared.present()) {
+  if (m.shared.present() && n > 0) {
     float* s = sized(ws_.yout, n * H);
     dense_ffn(m.shared, h, n, s);
     for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
@@ -110,7 +160,13 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
 
 void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
-  MS_ASSERT(T > 0);
+  if (T == 0) {
+    // A rank with no tokens still takes part in every MoE exchange of its group.
+    if (dispatcher_)
+      for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+        if (w_.layers[l].is_moe) moe_ffn(l, 0);
+    return;
+  }
   float* x = sized(ws_.x, T * H);
   sized(ws_.h, T * H);
   sized(ws_.attn_out, T * H);
@@ -127,14 +183,17 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
     attention(l, b, kv);
     for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.attn_out[i];
     rmsnorm(x, L.ffn_norm, T, H, ws_.h.data());
-    if (L.is_moe) moe_ffn(l, T);
-    else dense_ffn(L.mlp, ws_.h.data(), T, ws_.ffn_out.data());
+    if (L.is_moe)
+      moe_ffn(l, T);
+    else
+      dense_ffn(L.mlp, ws_.h.data(), T, ws_.ffn_out.data());
     for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
   }
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
   if (!R) return;
   float* rows = sized(ws_.norm_rows, R * H);
-  for (int64_t r = 0; r < R; ++r) rmsnorm(x + b.logit_rows[r] * H, w_.final_norm, 1, H, rows + r * H);
+  for (int64_t r = 0; r < R; ++r)
+    rmsnorm(x + b.logit_rows[r] * H, w_.final_norm, 1, H, rows + r * H);
   matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size);
 }
 
@@ -147,7 +206,8 @@ void Model::prefault(bool progress) const {
     for (size_t off = 0; off < t->nbytes; off += 4096) sink = sink + p[off];
     done += t->nbytes;
     if (progress && done >= next_report) {
-      std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB", static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9);
+      std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB",
+                   static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9);
       next_report = done + total / 20;
     }
   }

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,19 +14,21 @@
 #include "model/config.h"
 #include "model/rope.h"
 #include "model/weights.h"
+#include "moe/dispatch.h"
+#include "moe/placement.h"
 
 namespace moeserve::model {
 
 struct SeqChunk {
-  int64_t row_begin = 0, n_tokens = 0;  // rows of Batch::tokens
-  int64_t n_past = 0;                   // positions already cached; new tokens go at n_past + i
-  const int32_t* block_table = nullptr; // KV blocks covering positions [0, n_past + n_tokens)
+  int64_t row_begin = 0, n_tokens = 0;   // rows of Batch::tokens
+  int64_t n_past = 0;                    // positions already cached; new tokens go at n_past + i
+  const int32_t* block_table = nullptr;  // KV blocks covering positions [0, n_past + n_tokens)
 };
 
 struct Batch {
-  std::vector<int32_t> tokens;     // [n_tokens]
-  std::vector<SeqChunk> seqs;      // chunks cover the rows in order, without gaps
-  std::vector<int64_t> logit_rows; // rows whose next-token logits are wanted
+  std::vector<int32_t> tokens;      // [n_tokens]
+  std::vector<SeqChunk> seqs;       // chunks cover the rows in order, without gaps
+  std::vector<int64_t> logit_rows;  // rows whose next-token logits are wanted
 };
 
 // Buffers reused across steps, sized on demand.
@@ -40,19 +43,32 @@ struct Workspace {
   std::vector<float> norm_rows;                // [R, hidden]
 };
 
+// Expert parallelism: the ranks of `comm` share the routed experts of every MoE layer as
+// `placement` says; each MoE layer exchanges tokens with them (dispatch and combine). Attention
+// and everything else is replicated and runs on each rank's own tokens.
+struct ExpertParallel {
+  comm::Communicator* comm = nullptr;
+  moe::PlacementTable placement;  // default: contiguous ranges of experts per rank
+  moe::DispatchMode mode = moe::DispatchMode::PerRank;
+};
+
 class Model {
  public:
-  // Opens the folder, reads config.json and maps the weights. `local` picks the routed experts
-  // this process holds (all when empty).
-  Model(const std::string& dir, const ThreadPool& pool, const ExpertFilter& local = {});
+  // Opens the folder, reads config.json and maps the weights: all routed experts, or, with
+  // `ep`, those its placement gives this rank.
+  Model(const std::string& dir, const ThreadPool& pool, const ExpertParallel* ep = nullptr);
 
   const ModelConfig& config() const { return cfg_; }
   const ModelWeights& weights() const { return w_; }
   const WeightStore& store() const { return *store_; }
   const ThreadPool& pool() const { return pool_; }
+  const ExpertParallel* expert_parallel() const { return ep_ ? &*ep_ : nullptr; }
+  // Seconds spent inside the MoE exchanges since the start (0 without expert parallelism).
+  double exchange_seconds() const { return exchange_seconds_; }
 
   // Runs the batch, writing the new tokens' latent KV into `kv`, and fills
-  // logits: [batch.logit_rows.size(), vocab] f32.
+  // logits: [batch.logit_rows.size(), vocab] f32. Under expert parallelism every rank of the
+  // group must call forward the same number of times; a rank without work passes an empty batch.
   void forward(const Batch& batch, kv::KvPool& kv, float* logits);
 
   // Tokens routed to each expert since the start: [layers * n_routed_experts] (0 for dense
@@ -67,14 +83,18 @@ class Model {
   void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out
   void dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out);  // [n, hidden]
   void moe_ffn(int64_t layer, int64_t n);  // ws_.h -> ws_.ffn_out
-  void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim, float* out) const;
+  void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
+               float* out) const;
 
   std::unique_ptr<WeightStore> store_;
   ModelConfig cfg_;
+  std::optional<ExpertParallel> ep_;  // with its placement filled in
   ModelWeights w_;
   Rope rope_;
   const ThreadPool& pool_;
   Workspace ws_;
+  std::unique_ptr<moe::Dispatcher> dispatcher_;
+  double exchange_seconds_ = 0;
   std::unique_ptr<std::atomic<int64_t>[]> expert_counts_;  // [layers * n_routed_experts]
 };
 

@@ -40,12 +40,13 @@ Rope::Rope(const ModelConfig& c) : dim_(c.qk_rope_head_dim) {
     float ramp = (static_cast<float>(i) - static_cast<float>(low)) / static_cast<float>(high - low);
     ramp = std::clamp(ramp, 0.0f, 1.0f);
     const float extrapolation_factor = 1.0f - ramp;
-    inv_freq_[i] = interpolation * (1.0f - extrapolation_factor) + extrapolation * extrapolation_factor;
+    inv_freq_[i] =
+        interpolation * (1.0f - extrapolation_factor) + extrapolation * extrapolation_factor;
   }
-  attention_factor_ = static_cast<float>(
-      r.mscale != 0.0 && r.mscale_all_dim != 0.0
-          ? yarn_get_mscale(r.factor, r.mscale) / yarn_get_mscale(r.factor, r.mscale_all_dim)
-          : yarn_get_mscale(r.factor, 1.0));
+  attention_factor_ = static_cast<float>(r.mscale != 0.0 && r.mscale_all_dim != 0.0
+                                             ? yarn_get_mscale(r.factor, r.mscale) /
+                                                   yarn_get_mscale(r.factor, r.mscale_all_dim)
+                                             : yarn_get_mscale(r.factor, 1.0));
 }
 
 void Rope::table(int64_t pos, float* cos_sin) const {
@@ -54,7 +55,8 @@ void Rope::table(int64_t pos, float* cos_sin) const {
   for (int64_t i = 0; i < half; ++i) {
     const float angle = inv_freq_[i] * p;
     cos_sin[i] = static_cast<float>(std::cos(static_cast<double>(angle))) * attention_factor_;
-    cos_sin[half + i] = static_cast<float>(std::sin(static_cast<double>(angle))) * attention_factor_;
+    cos_sin[half + i] =
+        static_cast<float>(std::sin(static_cast<double>(angle))) * attention_factor_;
   }
 }
 

@@ -32,7 +32,9 @@ static std::string shape_string(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-std::string TensorView::shape_str() const { return shape_string(shape); }
+std::string TensorView::shape_str() const {
+  return shape_string(shape);
+}
 
 SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
@@ -71,9 +73,8 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
       const json& e = it.value();
       const std::string& name = it.key();
       MS_CHECK(e.is_object() && e.contains("dtype") && e.contains("shape") &&
-                   e.contains("data_offsets") && e["dtype"].is_string() &&
-                   e["shape"].is_array() && e["data_offsets"].is_array() &&
-                   e["data_offsets"].size() == 2,
+                   e.contains("data_offsets") && e["dtype"].is_string() && e["shape"].is_array() &&
+                   e["data_offsets"].is_array() && e["data_offsets"].size() == 2,
                path, ": header entry for tensor ", name, " is malformed");
       TensorView v;
       v.name = name;
@@ -185,7 +186,8 @@ SafeTensorsWriter::SafeTensorsWriter(const std::string& path, std::vector<Entry>
   for (const auto& e : entries) {
     size_t n = dtype_size(e.dtype);
     for (int64_t d : e.shape) n *= static_cast<size_t>(d);
-    header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {off, off + n}}};
+    header[e.name] = {
+        {"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {off, off + n}}};
     off += n;
   }
   expected_ = off;

@@ -29,9 +29,8 @@ class Loader {
       w.scale_inv = static_cast<const float*>(s.data);
       w.scale_cols = bc;
     } else {
-      MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32,
-               "tensor ", name, " has dtype ", dtype_name(t.dtype),
-               ", supported: BF16, F16, F32, F8_E4M3");
+      MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor ",
+               name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32, F8_E4M3");
     }
     return w;
   }
@@ -41,9 +40,15 @@ class Loader {
     std::vector<float> out(n);
     for (int64_t i = 0; i < n; ++i) {
       switch (t.dtype) {
-        case DType::F32: out[i] = static_cast<const float*>(t.data)[i]; break;
-        case DType::BF16: out[i] = bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]); break;
-        case DType::F16: out[i] = f16_to_f32(static_cast<const uint16_t*>(t.data)[i]); break;
+        case DType::F32:
+          out[i] = static_cast<const float*>(t.data)[i];
+          break;
+        case DType::BF16:
+          out[i] = bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+          break;
+        case DType::F16:
+          out[i] = f16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+          break;
         default:
           fail("tensor ", name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32");
       }
@@ -53,7 +58,8 @@ class Loader {
 
   MlpWeights mlp(const std::string& prefix, int64_t inter) const {
     const int64_t h = cfg_.hidden_size;
-    return {matrix(prefix + ".gate_proj.weight", inter, h), matrix(prefix + ".up_proj.weight", inter, h),
+    return {matrix(prefix + ".gate_proj.weight", inter, h),
+            matrix(prefix + ".up_proj.weight", inter, h),
             matrix(prefix + ".down_proj.weight", h, inter)};
   }
 
@@ -64,7 +70,8 @@ class Loader {
 
 }  // namespace
 
-ModelWeights load_weights(const WeightStore& store, const ModelConfig& c, const ExpertFilter& local) {
+ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
+                          const ExpertFilter& local) {
   Loader ld(store, c);
   const int64_t H = c.hidden_size, nh = c.num_attention_heads;
   ModelWeights w;
@@ -124,7 +131,8 @@ size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
   size_t n = w.embed.bytes() / static_cast<size_t>(c.vocab_size) + w.lm_head.bytes();
   for (const LayerWeights& L : w.layers) {
     const AttentionWeights& a = L.attn;
-    for (const Weight* m : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
+    for (const Weight* m :
+         {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
       if (m->data) n += m->bytes();
     if (!L.is_moe) {
       n += mlp_bytes(L.mlp);
@@ -132,7 +140,10 @@ size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
       n += L.moe.router.bytes() + mlp_bytes(L.moe.shared);
       size_t expert = 0;
       for (const MlpWeights& e : L.moe.experts)
-        if (e.present()) { expert = mlp_bytes(e); break; }
+        if (e.present()) {
+          expert = mlp_bytes(e);
+          break;
+        }
       n += expert * static_cast<size_t>(c.num_experts_per_tok);
     }
   }

@@ -21,22 +21,22 @@ struct MlpWeights {  // SwiGLU: down(silu(gate(x)) * up(x))
   bool present() const { return gate.data != nullptr; }
 };
 
-struct AttentionWeights {  // MLA
-  Weight q_proj;                // [heads * qk_head_dim, hidden] when q_lora_rank is null
-  Weight q_a_proj;              // [q_lora_rank, hidden]
-  std::vector<float> q_a_norm;  // [q_lora_rank]
-  Weight q_b_proj;              // [heads * qk_head_dim, q_lora_rank]
-  Weight kv_a_proj;             // [kv_lora_rank + qk_rope_head_dim, hidden]
-  std::vector<float> kv_a_norm; // [kv_lora_rank]
-  Weight kv_b_proj;             // [heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]
-  Weight o_proj;                // [hidden, heads * v_head_dim]
+struct AttentionWeights {        // MLA
+  Weight q_proj;                 // [heads * qk_head_dim, hidden] when q_lora_rank is null
+  Weight q_a_proj;               // [q_lora_rank, hidden]
+  std::vector<float> q_a_norm;   // [q_lora_rank]
+  Weight q_b_proj;               // [heads * qk_head_dim, q_lora_rank]
+  Weight kv_a_proj;              // [kv_lora_rank + qk_rope_head_dim, hidden]
+  std::vector<float> kv_a_norm;  // [kv_lora_rank]
+  Weight kv_b_proj;              // [heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]
+  Weight o_proj;                 // [hidden, heads * v_head_dim]
 };
 
 struct MoeWeights {
-  Weight router;                   // [n_routed_experts, hidden]
-  std::vector<float> router_bias;  // [n_routed_experts] (noaux_tc), else empty
-  std::vector<MlpWeights> experts; // [n_routed_experts]; only this rank's are present()
-  MlpWeights shared;               // inter = moe_intermediate_size * n_shared_experts
+  Weight router;                    // [n_routed_experts, hidden]
+  std::vector<float> router_bias;   // [n_routed_experts] (noaux_tc), else empty
+  std::vector<MlpWeights> experts;  // [n_routed_experts]; only this rank's are present()
+  MlpWeights shared;                // inter = moe_intermediate_size * n_shared_experts
 };
 
 struct LayerWeights {
@@ -48,7 +48,7 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  Weight embed;                   // [vocab, hidden]
+  Weight embed;  // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;  // [hidden]
   Weight lm_head;                 // [vocab, hidden]

@@ -23,7 +23,8 @@ struct CmdResult {
 
 CmdResult run(const std::string& args) {
   TempDir d;
-  const std::string cmd = std::string(MOESERVE_BINARY) + " " + args + " >" + (d / "out") + " 2>" + (d / "err");
+  const std::string cmd =
+      std::string(MOESERVE_BINARY) + " " + args + " >" + (d / "out") + " 2>" + (d / "err");
   const int rc = std::system(cmd.c_str());
   CmdResult r;
   r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + WTERMSIG(rc);
@@ -49,7 +50,8 @@ void edit_config(const std::string& dir, const std::function<void(json&)>& f) {
 
 void expect_clean_failure(const CmdResult& r, std::initializer_list<std::string> fragments) {
   EXPECT_EQ(r.status, 1) << "stderr: " << r.err;
-  for (const auto& f : fragments) EXPECT_NE(r.err.find(f), std::string::npos) << "stderr lacks \"" << f << "\": " << r.err;
+  for (const auto& f : fragments)
+    EXPECT_NE(r.err.find(f), std::string::npos) << "stderr lacks \"" << f << "\": " << r.err;
 }
 
 }  // namespace
@@ -79,7 +81,9 @@ TEST(Cli, GenerateJsonAndScoreFormats) {
   EXPECT_TRUE(s["logprobs"][0].is_null());
   for (int i = 1; i < 4; ++i) EXPECT_LT(s["logprobs"][i].get<double>(), 0.0);
   // Sampling with a seed is reproducible.
-  const std::string samp = "generate --model " + m + " --prompt-ids 4 --max-tokens 8 --temperature 1 --top-p 0.9 --top-k 50 --seed 9 --json";
+  const std::string samp =
+      "generate --model " + m +
+      " --prompt-ids 4 --max-tokens 8 --temperature 1 --top-p 0.9 --top-k 50 --seed 9 --json";
   EXPECT_EQ(run(samp).out, run(samp).out);
 }
 
@@ -130,10 +134,13 @@ TEST(Cli, TruncatedAndCorruptFiles) {
 TEST(Cli, BadFlags) {
   TempDir d;
   const std::string m = tiny_model(d);
-  expect_clean_failure(run("generate --model " + m + " --prompt-ids 1,x"), {"\"x\" is not a token id"});
-  expect_clean_failure(run("generate --model " + m + " --prompt-ids 1,99999"), {"99999", "out of range"});
+  expect_clean_failure(run("generate --model " + m + " --prompt-ids 1,x"),
+                       {"\"x\" is not a token id"});
+  expect_clean_failure(run("generate --model " + m + " --prompt-ids 1,99999"),
+                       {"99999", "out of range"});
   expect_clean_failure(run("generate --model " + m + " --prompt-ids 1 --top-p 0"), {"--top-p"});
-  expect_clean_failure(run("init-model --preset nope --out " + (d / "x")), {"unknown preset", "nope"});
+  expect_clean_failure(run("init-model --preset nope --out " + (d / "x")),
+                       {"unknown preset", "nope"});
   expect_clean_failure(run("init-model --preset tiny --out " + m), {"already holds a model"});
   const CmdResult r = run("generate --model " + (d / "absent") + " --prompt-ids 1");
   EXPECT_NE(r.status, 0);
@@ -149,7 +156,8 @@ TEST(Cli, Fp8InitModelRuns) {
   json cfg;
   std::ifstream(d / "f8/config.json") >> cfg;
   EXPECT_EQ(cfg["quantization_config"]["quant_method"], "fp8");
-  const CmdResult r = run("generate --model " + (d / "f8") + " --prompt-ids 1,2 --max-tokens 3 --json");
+  const CmdResult r =
+      run("generate --model " + (d / "f8") + " --prompt-ids 1,2 --max-tokens 3 --json");
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["output_ids"].size(), 3u);
 }

@@ -75,7 +75,8 @@ void run_many(model::Model& m, const engine::EngineConfig& cfg, int n_req, int64
     EXPECT_EQ(reqs[i]->out, expected[i]) << "request " << i;
   }
   // Stats are published after each step; wait for the last one.
-  for (int i = 0; i < 100 && eng.stats().kv_blocks_used != 0; ++i) std::this_thread::sleep_for(10ms);
+  for (int i = 0; i < 100 && eng.stats().kv_blocks_used != 0; ++i)
+    std::this_thread::sleep_for(10ms);
   const engine::EngineStats s = eng.stats();
   EXPECT_EQ(s.kv_blocks_used, 0);
   EXPECT_EQ(s.running, 0);
@@ -127,7 +128,8 @@ TEST(Engine, CancelFreesBlocks) {
   auto fut = p.done.get_future();
   ASSERT_EQ(fut.wait_for(30s), std::future_status::ready);
   EXPECT_EQ(fut.get().reason, engine::FinishReason::Cancelled);
-  for (int i = 0; i < 100 && eng.stats().kv_blocks_used != 0; ++i) std::this_thread::sleep_for(10ms);
+  for (int i = 0; i < 100 && eng.stats().kv_blocks_used != 0; ++i)
+    std::this_thread::sleep_for(10ms);
   EXPECT_EQ(eng.stats().kv_blocks_used, 0);
 }
 

@@ -95,8 +95,10 @@ TEST(Forward, LogitsDoNotDependOnTheBatch) {
   std::vector<float> out(3 * c.vocab_size);
   m.forward(b, kv, out.data());
   EXPECT_EQ(0, std::memcmp(out.data(), fb.data() + 22 * c.vocab_size, c.vocab_size * 4));
-  EXPECT_EQ(0, std::memcmp(out.data() + c.vocab_size, fa.data() + 8 * c.vocab_size, c.vocab_size * 4));
-  EXPECT_EQ(0, std::memcmp(out.data() + 2 * c.vocab_size, fb.data() + 5 * c.vocab_size, c.vocab_size * 4));
+  EXPECT_EQ(0,
+            std::memcmp(out.data() + c.vocab_size, fa.data() + 8 * c.vocab_size, c.vocab_size * 4));
+  EXPECT_EQ(0, std::memcmp(out.data() + 2 * c.vocab_size, fb.data() + 5 * c.vocab_size,
+                           c.vocab_size * 4));
 }
 
 TEST(Forward, ResultDoesNotDependOnThreadCount) {

@@ -32,7 +32,8 @@ std::vector<std::string> fixture_names() {
 class Reference : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    dir_ = (fs::path(moeserve::testing::source_dir()) / "tests/fixtures/models" / GetParam()).string();
+    dir_ =
+        (fs::path(moeserve::testing::source_dir()) / "tests/fixtures/models" / GetParam()).string();
     std::ifstream in(fs::path(dir_) / "reference.json");
     ref_ = json::parse(in);
     model_ = std::make_unique<model::Model>(dir_, pool_);
@@ -58,7 +59,8 @@ TEST_P(Reference, LogProbsMatchTransformers) {
                                << "-token case: moeserve " << lp[i] << ", transformers " << want;
     }
   }
-  std::printf("[ %s ] max |logprob - transformers| = %.3g (tolerance %.0e)\n", GetParam().c_str(), worst, kTolerance);
+  std::printf("[ %s ] max |logprob - transformers| = %.3g (tolerance %.0e)\n", GetParam().c_str(),
+              worst, kTolerance);
 }
 
 TEST_P(Reference, GreedyMatchesWhereTheMarginIsClear) {

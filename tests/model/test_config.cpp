@@ -10,7 +10,9 @@ using moeserve::testing::expect_error;
 using nlohmann::json;
 
 namespace {
-json v3_json() { return preset_config("tiny").to_json(); }
+json v3_json() {
+  return preset_config("tiny").to_json();
+}
 }  // namespace
 
 TEST(Config, DeepSeekV3FieldsRoundTrip) {
@@ -77,21 +79,36 @@ TEST(Config, ClearErrors) {
     j[key] = v;
     return j;
   };
-  expect_error([&] { ModelConfig::from_json(with("scoring_func", "relu")); }, {"scoring_func", "relu"});
-  expect_error([&] { ModelConfig::from_json(with("topk_method", "random")); }, {"topk_method", "random"});
-  expect_error([&] { ModelConfig::from_json(with("hidden_size", "big")); }, {"hidden_size", "integer"});
-  expect_error([&] { ModelConfig::from_json(with("hidden_size", 0)); }, {"hidden_size", "positive"});
+  expect_error([&] { ModelConfig::from_json(with("scoring_func", "relu")); },
+               {"scoring_func", "relu"});
+  expect_error([&] { ModelConfig::from_json(with("topk_method", "random")); },
+               {"topk_method", "random"});
+  expect_error([&] { ModelConfig::from_json(with("hidden_size", "big")); },
+               {"hidden_size", "integer"});
+  expect_error([&] { ModelConfig::from_json(with("hidden_size", 0)); },
+               {"hidden_size", "positive"});
   expect_error([&] { ModelConfig::from_json(with("n_group", 3)); }, {"divisible", "n_group"});
   expect_error([&] { ModelConfig::from_json(with("topk_group", 9)); }, {"topk_group"});
-  expect_error([&] { ModelConfig::from_json(with("model_type", "llama")); }, {"llama", "not supported"});
-  expect_error([&] { ModelConfig::from_json(with("qk_rope_head_dim", 15)); }, {"qk_rope_head_dim", "even"});
-  expect_error([&] { ModelConfig::from_json(with("rope_scaling", json{{"type", "linear"}, {"factor", 2}})); },
-               {"rope_scaling", "linear"});
-  expect_error([&] { ModelConfig::from_json(with("quantization_config", json{{"quant_method", "awq"}})); },
-               {"awq", "not supported"});
-  expect_error([&] {
-    ModelConfig::from_json(with("quantization_config", json{{"quant_method", "fp8"}, {"weight_block_size", {64, 64}}}));
-  }, {"weight_block_size"});
+  expect_error([&] { ModelConfig::from_json(with("model_type", "llama")); },
+               {"llama", "not supported"});
+  expect_error([&] { ModelConfig::from_json(with("qk_rope_head_dim", 15)); },
+               {"qk_rope_head_dim", "even"});
+  expect_error(
+      [&] {
+        ModelConfig::from_json(with("rope_scaling", json{{"type", "linear"}, {"factor", 2}}));
+      },
+      {"rope_scaling", "linear"});
+  expect_error(
+      [&] {
+        ModelConfig::from_json(with("quantization_config", json{{"quant_method", "awq"}}));
+      },
+      {"awq", "not supported"});
+  expect_error(
+      [&] {
+        ModelConfig::from_json(with(
+            "quantization_config", json{{"quant_method", "fp8"}, {"weight_block_size", {64, 64}}}));
+      },
+      {"weight_block_size"});
   json j = v3_json();
   j.erase("vocab_size");
   expect_error([&] { ModelConfig::from_json(j); }, {"vocab_size", "missing"});

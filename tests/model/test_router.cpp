@@ -11,7 +11,9 @@ using moeserve::moe::route;
 using moeserve::moe::RouterParams;
 
 namespace {
-float logit(float p) { return std::log(p / (1.0f - p)); }  // sigmoid^-1
+float logit(float p) {
+  return std::log(p / (1.0f - p));
+}  // sigmoid^-1
 }  // namespace
 
 TEST(Router, V3GroupsUseSumOfTop2BiasedScores) {

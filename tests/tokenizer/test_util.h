@@ -12,10 +12,18 @@
 
 namespace moeserve::tokenizer::testing {
 
-inline std::filesystem::path source_dir() { return MOESERVE_SOURCE_DIR; }
-inline std::filesystem::path fixture_dir() { return source_dir() / "tests/fixtures/tokenizer"; }
-inline std::filesystem::path v3_dir() { return source_dir() / "assets/deepseek-v3"; }
-inline std::filesystem::path r1_dir() { return source_dir() / "assets/deepseek-r1"; }
+inline std::filesystem::path source_dir() {
+  return MOESERVE_SOURCE_DIR;
+}
+inline std::filesystem::path fixture_dir() {
+  return source_dir() / "tests/fixtures/tokenizer";
+}
+inline std::filesystem::path v3_dir() {
+  return source_dir() / "assets/deepseek-v3";
+}
+inline std::filesystem::path r1_dir() {
+  return source_dir() / "assets/deepseek-r1";
+}
 
 inline std::string read_text(const std::filesystem::path& p) {
   std::ifstream in(p, std::ios::binary);

@@ -13,7 +13,9 @@ using testing::read_fixture;
 using testing::v3_tokenizer;
 using Ids = std::vector<int32_t>;
 
-std::string show(const std::string& s) { return nlohmann::json(s).dump().substr(0, 120); }
+std::string show(const std::string& s) {
+  return nlohmann::json(s).dump().substr(0, 120);
+}
 
 TEST(Tokenizer, LoadsDeepSeekV3) {
   const Tokenizer& tok = v3_tokenizer();
@@ -123,6 +125,35 @@ TEST(Tokenizer, InvalidUtf8IsAnError) {
       EXPECT_NE(std::string(e.what()).find("not valid UTF-8"), std::string::npos) << e.what();
     }
   }
+}
+
+// Each unsupported piece of tokenizer.json is refused with an error that names it.
+TEST(Tokenizer, UnsupportedConfigurationsAreNamed) {
+  const auto base = nlohmann::json::parse(
+      testing::read_text(testing::fixture_dir() / "synthetic/tokenizer.json"));
+  const std::vector<std::pair<std::string, nlohmann::json>> cases = {
+      {"NFC", {{"normalizer", {{"type", "NFC"}}}}},
+      {"Lowercase",
+       {{"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "Lowercase"}}}}}}}},
+      {"WordPiece", {{"model", {{"type", "WordPiece"}, {"vocab", nlohmann::json::object()}}}}},
+      {"Whitespace", {{"pre_tokenizer", {{"type", "Whitespace"}}}}},
+      {"ByteLevel", {{"pre_tokenizer", {{"type", "Split"}, {"pattern", {{"Regex", "a"}}}}}}},
+      {"Metaspace", {{"decoder", {{"type", "Metaspace"}}}}},
+      {"BertProcessing", {{"post_processor", {{"type", "BertProcessing"}}}}},
+      {"regex", {{"pre_tokenizer", {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}}}}},
+  };
+  for (const auto& [word, patch] : cases) {
+    nlohmann::json j = base;
+    j.merge_patch(patch);
+    try {
+      Tokenizer::from_json(j.dump(), "");
+      ADD_FAILURE() << "accepted a tokenizer with " << patch.dump();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(Tokenizer::load("/nonexistent/model"), Error);
+  EXPECT_THROW(Tokenizer::from_json("{not json", ""), Error);
 }
 
 TEST(Tokenizer, CopiesShareStateAndAgree) {

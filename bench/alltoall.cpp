@@ -1,0 +1,260 @@
+// bench_alltoall: the MoE dispatch and combine against a raw MPI_Alltoallv of the same bytes.
+//   mpirun -np {2,4,8} --oversubscribe --allow-run-as-root bench_alltoall
+//       [--mode both|rank|expert] [--pieces datatypes|staging] [--hidden 2048|7168|both]
+// Per rank: tokens in {1, 16, 128, 4096}, hidden in {2048, 7168}, top-8 of 256 experts, uniform
+// random routing, contiguous placement. Timed per iteration from a barrier to the last rank's
+// end (max over ranks); the best iteration counts (other load only ever adds time: the numbers
+// are meant to be comparable on a shared, oversubscribed machine):
+//   plan, dispatch, combine  each phase (max over ranks of the rank's own time)
+//   total                    plan + dispatch + combine, end to end (no expert compute: the
+//                            dispatched rows are passed to combine as the expert outputs)
+//   raw                      MPI_Alltoallv with dispatch's byte counts, then with combine's
+//                            (alternating with the above, iteration by iteration)
+//   ratio                    total / raw
+//   a2a                      of total, the time inside the all-to-alls (the rest is local work:
+//                            planning, the per-rank copy to slots, the weighted sum)
+// GB/s: the bytes a rank sends (dispatch, plan included) or receives back (combine; its own
+// pairs are read in place and not counted), averaged over ranks, per second of that phase.
+// Configurations whose buffers on all ranks together would exceed MOESERVE_BENCH_MEM_GB (default
+// 16) are skipped and listed.
+#define OMPI_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "moe/dispatch.h"
+
+using namespace moeserve;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int32_t kExperts = 256;
+constexpr int64_t kTopK = 8;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+double best(const std::vector<double>& v) {
+  return *std::min_element(v.begin(), v.end());
+}
+
+// Uniform top-8 of 256, ascending ids, weights 1/8.
+void routing(uint64_t seed, int64_t n, std::vector<int32_t>& ex, std::vector<float>& wt) {
+  ex.resize(n * kTopK);
+  wt.assign(n * kTopK, 1.0f / kTopK);
+  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (int64_t t = 0; t < n; ++t) {
+    int32_t* e = &ex[t * kTopK];
+    for (int64_t k = 0; k < kTopK;) {
+      s = s * 6364136223846793005ull + 1442695040888963407ull;
+      const auto c = static_cast<int32_t>((s >> 33) % kExperts);
+      if (std::find(e, e + k, c) == e + k) e[k++] = c;
+    }
+    std::sort(e, e + kTopK);
+  }
+}
+
+// Byte counts of the two exchanges of a plan, as MPI_Alltoallv wants them.
+struct Counts {
+  std::vector<int> ds, dsd, dr, drd, cs, csd, cr, crd;  // dispatch / combine send / recv
+  size_t d_send = 0, d_recv = 0, c_send = 0, c_recv = 0;
+};
+
+void add(std::vector<int>& c, std::vector<int>& d, size_t& total, size_t bytes) {
+  d.push_back(static_cast<int>(total));
+  c.push_back(static_cast<int>(bytes));
+  total += bytes;
+}
+
+Counts counts_of(const moe::DispatchPlan& p) {
+  Counts c;
+  const size_t row = p.hidden * sizeof(float), mask = p.mask_words * sizeof(uint64_t);
+  const int64_t J = p.n_slots;
+  for (int r = 0; r < p.n_ranks; ++r) {
+    int64_t from_r = 0;  // pairs rank r sends here
+    for (int64_t j = 0; j < J; ++j) from_r += p.recv_count[r * J + j];
+    const size_t pairs_to_r = p.pair_offset[r + 1] - p.pair_offset[r];
+    if (p.mode == moe::DispatchMode::PerRank) {
+      const size_t rows_to = p.row_offset[r + 1] - p.row_offset[r];
+      const size_t rows_from = p.recv_row_offset[r + 1] - p.recv_row_offset[r];
+      add(c.ds, c.dsd, c.d_send, rows_to * (row + mask));
+      add(c.dr, c.drd, c.d_recv, rows_from * (row + mask));
+    } else {
+      add(c.ds, c.dsd, c.d_send, pairs_to_r * row);
+      add(c.dr, c.drd, c.d_recv, from_r * row);
+    }
+    const bool self = r == p.rank;  // combine reads a rank's own pairs in place
+    add(c.cs, c.csd, c.c_send, self ? 0 : from_r * row);
+    add(c.cr, c.crd, c.c_recv, self ? 0 : pairs_to_r * row);
+  }
+  return c;
+}
+
+double memcpy_gbs() {
+  const size_t n = size_t(256) << 20;
+  std::vector<char> a(n, 1), b(n, 2);
+  std::vector<double> t;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), n);
+    t.push_back(seconds_since(t0));
+  }
+  return n / best(t) / 1e9;
+}
+
+struct Row {
+  std::string mode;
+  int64_t tokens = 0, hidden = 0;
+  double plan = 0, dispatch = 0, combine = 0, total = 0, raw = 0, a2a = 0, d_gbs = 0, c_gbs = 0;
+  double rows_per_token = 0;
+};
+
+class Bench {
+ public:
+  explicit Bench(comm::Communicator& c) : c_(c) {}
+
+  double max_over_ranks(double v) {
+    c_.all_reduce(&v, 1, comm::ReduceOp::Max);
+    return v;
+  }
+  double mean_over_ranks(double v) {
+    c_.all_reduce(&v, 1, comm::ReduceOp::Sum);
+    return v / c_.size();
+  }
+
+  // Bytes all ranks together need for this configuration.
+  double need_bytes(int64_t n, int64_t H) {
+    const double hn = static_cast<double>(n) * H * sizeof(float) * c_.size();
+    return hn * (2 + 4 * kTopK);  // hidden, out; x, back, raw send and receive (~K rows each)
+  }
+
+  Row run(moe::DispatchMode mode, int64_t n, int64_t H) {
+    const int iters = n * H >= 128 * 2048 ? (n * H >= 1024 * 2048 ? 5 : 30) : 100;
+    std::vector<int32_t> ex;
+    std::vector<float> wt, hidden(n * H, 0.5f), out(n * H);
+    routing(1234 + c_.rank() * 7919 + n, n, ex, wt);
+    const moe::Placement pl = moe::Placement::contiguous(kExperts, c_.size());
+    Row row;
+    row.mode = mode == moe::DispatchMode::PerRank ? "per-rank" : "per-expert";
+    row.tokens = n, row.hidden = H;
+    moe::Dispatcher d(c_, mode);
+    Counts cnt;
+    std::vector<char> sbuf, rbuf;
+    std::vector<double> tp, td, tc, tt, tx, tr;
+    // Ours and raw alternate, so that both see the same load on a shared machine.
+    for (int it = -1; it < iters; ++it) {  // iteration -1 sizes and warms the buffers up
+      c_.barrier();
+      const auto t0 = Clock::now();
+      const moe::DispatchPlan p = d.plan(pl, n, kTopK, H, ex.data(), wt.data());
+      const double a = seconds_since(t0);
+      const float* x = d.dispatch(p, hidden.data());
+      const double b = seconds_since(t0);
+      d.combine(p, x, out.data());
+      const double e = seconds_since(t0);
+      if (it < 0) {
+        cnt = counts_of(p);
+        row.rows_per_token = mean_over_ranks(n ? double(p.n_rows_sent()) / n : 0.0);
+        sbuf.assign(std::max(cnt.d_send, cnt.c_send) + 1, 1);
+        rbuf.assign(std::max(cnt.d_recv, cnt.c_recv) + 1, 1);
+      } else {
+        tp.push_back(max_over_ranks(a));
+        td.push_back(max_over_ranks(b - a));
+        tc.push_back(max_over_ranks(e - b));
+        tt.push_back(max_over_ranks(e));
+        const auto& x2 = d.exchange_seconds();
+        tx.push_back(max_over_ranks(x2.plan + x2.dispatch + x2.combine));
+      }
+      // The same bytes through MPI_Alltoallv, nothing else.
+      c_.barrier();
+      const auto t1 = Clock::now();
+      MPI_Alltoallv(sbuf.data(), cnt.ds.data(), cnt.dsd.data(), MPI_BYTE, rbuf.data(),
+                    cnt.dr.data(), cnt.drd.data(), MPI_BYTE, MPI_COMM_WORLD);
+      MPI_Alltoallv(sbuf.data(), cnt.cs.data(), cnt.csd.data(), MPI_BYTE, rbuf.data(),
+                    cnt.cr.data(), cnt.crd.data(), MPI_BYTE, MPI_COMM_WORLD);
+      const double r = max_over_ranks(seconds_since(t1));
+      if (it >= 0) tr.push_back(r);
+    }
+    row.plan = best(tp), row.dispatch = best(td), row.combine = best(tc);
+    row.total = best(tt), row.a2a = best(tx), row.raw = best(tr);
+    const double d_bytes = mean_over_ranks(static_cast<double>(cnt.d_send));
+    const double c_bytes = mean_over_ranks(static_cast<double>(cnt.c_recv));
+    row.d_gbs = d_bytes / (row.plan + row.dispatch) / 1e9;
+    row.c_gbs = c_bytes / row.combine / 1e9;
+    return row;
+  }
+
+ private:
+  comm::Communicator& c_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string mode = "both", pieces = "datatypes", hidden = "both";
+  for (int i = 1; i + 1 < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--mode") mode = argv[i + 1];
+    if (a == "--pieces") pieces = argv[i + 1];
+    if (a == "--hidden") hidden = argv[i + 1];
+  }
+  comm::MpiOptions opt;
+  if (pieces == "staging") opt.pieces = comm::PiecesVia::Staging;
+  auto comm = comm::mpi_world(opt);
+  const bool root = comm->rank() == 0;
+  const char* mem_env = std::getenv("MOESERVE_BENCH_MEM_GB");
+  const double budget = (mem_env ? std::atof(mem_env) : 16.0) * 1e9;
+
+  double copy = 0.0;
+  if (root) copy = memcpy_gbs();
+  comm->barrier();
+  if (root) {
+    std::printf(
+        "bench_alltoall: %d ranks, top-%lld of %d experts, uniform routing, f32 rows, "
+        "pieces via %s\n",
+        comm->size(), static_cast<long long>(kTopK), kExperts, pieces.c_str());
+    std::printf("memcpy (one rank alone): %.2f GB/s; memory budget %.0f GB for all ranks\n\n", copy,
+                budget / 1e9);
+    std::printf("%-10s %6s %6s %9s %9s %9s %9s %9s %6s %9s %6s %8s %8s %6s\n", "mode", "tokens",
+                "hidden", "plan us", "disp us", "comb us", "total us", "raw us", "ratio", "a2a us",
+                "a2a/r", "dispGB/s", "combGB/s", "rows/t");
+  }
+  std::vector<moe::DispatchMode> modes;
+  if (mode != "expert") modes.push_back(moe::DispatchMode::PerRank);
+  if (mode != "rank") modes.push_back(moe::DispatchMode::PerExpert);
+  Bench b(*comm);
+  std::vector<std::string> skipped;
+  for (int64_t H : {2048, 7168})
+    for (int64_t n : {1, 16, 128, 4096}) {
+      if (hidden != "both" && std::to_string(H) != hidden) continue;
+      if (b.need_bytes(n, H) > budget) {
+        skipped.push_back(
+            std::to_string(n) + " tokens x hidden " + std::to_string(H) + " (needs ~" +
+            std::to_string(static_cast<int>(b.need_bytes(n, H) / 1e9 + 0.5)) + " GB)");
+        continue;
+      }
+      for (auto m : modes) {
+        const Row r = b.run(m, n, H);
+        if (root)
+          std::printf(
+              "%-10s %6lld %6lld %9.1f %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %6.2f %8.2f %8.2f "
+              "%6.2f\n",
+              r.mode.c_str(), static_cast<long long>(r.tokens), static_cast<long long>(r.hidden),
+              r.plan * 1e6, r.dispatch * 1e6, r.combine * 1e6, r.total * 1e6, r.raw * 1e6,
+              r.total / r.raw, r.a2a * 1e6, r.a2a / r.raw, r.d_gbs, r.c_gbs, r.rows_per_token);
+        std::fflush(stdout);
+      }
+    }
+  if (root)
+    for (const auto& s : skipped) std::printf("skipped (memory): %s\n", s.c_str());
+  return 0;
+}

@@ -1,0 +1,173 @@
+// serve: the OpenAI-compatible HTTP server over one model (src/server).
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "engine/engine.h"
+#include "model/model.h"
+#include "server/server.h"
+
+namespace moeserve::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct ServeArgs {
+  std::string model, host = "127.0.0.1", api_key, served_name, chat_template;
+  int port = 8000;
+  int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
+  int64_t max_waiting = 256;
+  int threads = 0;
+};
+
+// eos_token_id of generation_config.json (a number or a list), when the folder has one.
+std::vector<int64_t> generation_config_eos(const fs::path& dir) {
+  std::vector<int64_t> ids;
+  std::ifstream in(dir / "generation_config.json");
+  if (!in) return ids;
+  const auto j = nlohmann::json::parse(in, nullptr, false);
+  if (!j.is_object() || !j.contains("eos_token_id")) return ids;
+  const auto& e = j["eos_token_id"];
+  if (e.is_number_integer()) ids.push_back(e.get<int64_t>());
+  if (e.is_array())
+    for (const auto& v : e)
+      if (v.is_number_integer()) ids.push_back(v.get<int64_t>());
+  return ids;
+}
+
+void run_serve(const ServeArgs& a) {
+  // Every thread started from here on inherits this mask, so SIGINT / SIGTERM reach only the
+  // sigwait() below and shutdown happens on an ordinary thread.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  const fs::path dir(a.model);
+  MS_CHECK(fs::is_regular_file(dir / "tokenizer.json"), a.model,
+           " has no tokenizer.json: `moeserve serve` needs the model's tokenizer files "
+           "(tokenizer.json, tokenizer_config.json) for its text endpoints; copy them from the "
+           "original checkpoint (for a random-weight model: `moeserve init-model ... --tokenizer "
+           "DIR`, or `--preset demo`, which has the DeepSeek-V3 tokenizer)");
+  MS_CHECK(a.chat_template.empty() || fs::is_regular_file(a.chat_template), "--chat-template ",
+           a.chat_template, " is not a file");
+  MS_CHECK(a.max_num_seqs >= 1, "--max-num-seqs must be >= 1");
+  MS_CHECK(a.max_model_len >= 0, "--max-model-len must be >= 2 (or 0 for the default)");
+  MS_CHECK(a.kv_cache_mb >= 1, "--kv-cache-mb must be >= 1");
+  MS_CHECK(a.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
+  MS_CHECK(a.max_waiting >= 1, "--max-waiting must be >= 1");
+
+  tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(dir);
+  std::optional<server::ChatFormat> chat = server::ChatFormat::load(a.model, a.chat_template, tok);
+  if (!chat)
+    std::fprintf(stderr,
+                 "note: %s has no chat template; /v1/chat/completions will answer 400 (use "
+                 "--chat-template FILE)\n",
+                 a.model.c_str());
+
+  ThreadPool pool(a.threads);
+  model::Model m(a.model, pool);
+  if (has_random_weights(a.model))
+    std::fprintf(stderr,
+                 "note: %s holds RANDOM weights (made by `moeserve init-model`); its output is "
+                 "meaningless text, for demos and tests only.\n",
+                 a.model.c_str());
+  const int64_t max_pos = m.config().max_position_embeddings;
+  engine::EngineConfig ec;
+  ec.max_num_seqs = a.max_num_seqs;
+  ec.max_model_len = a.max_model_len > 0 ? a.max_model_len
+                                         : (max_pos > 0 ? std::min<int64_t>(4096, max_pos) : 4096);
+  MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
+           " is longer than the model's max_position_embeddings (", max_pos, ")");
+  ec.kv_cache_mb = a.kv_cache_mb;
+  ec.max_batch_tokens = a.max_batch_tokens;
+  ec.max_waiting = a.max_waiting;
+  m.prefault(/*progress=*/false);
+  engine::Engine engine(m, ec);
+
+  std::vector<int32_t> eos = server::default_eos_ids(tok, m.config().eos_token_id);
+  for (int64_t id : generation_config_eos(dir))
+    if (id >= 0 && id < m.config().vocab_size &&
+        std::find(eos.begin(), eos.end(), static_cast<int32_t>(id)) == eos.end())
+      eos.push_back(static_cast<int32_t>(id));
+
+  server::ServerOptions so;
+  so.host = a.host;
+  so.port = a.port;
+  so.api_key = !a.api_key.empty()
+                   ? a.api_key
+                   : (std::getenv("MOESERVE_API_KEY") ? std::getenv("MOESERVE_API_KEY") : "");
+  so.served_model_name = a.served_name;
+  if (so.served_model_name.empty()) {
+    const fs::path p = fs::weakly_canonical(fs::absolute(dir));
+    so.served_model_name =
+        p.filename().empty() ? p.parent_path().filename().string() : p.filename().string();
+  }
+  server::Server srv(engine, tok, std::move(chat), std::move(eos), so);
+  srv.bind();
+
+  std::thread sig_thread([&] {
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    std::fprintf(stderr, "moeserve: %s received, shutting down\n",
+                 sig == SIGINT ? "SIGINT" : "SIGTERM");
+    srv.stop();
+  });
+  std::printf(
+      "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
+      "max_num_seqs %lld, %lld KV blocks)\n",
+      so.served_model_name.c_str(), srv.url().c_str(), static_cast<long long>(ec.max_model_len),
+      static_cast<long long>(ec.max_num_seqs),
+      static_cast<long long>(engine.stats().kv_blocks_total));
+  std::fflush(stdout);
+  srv.run();
+  srv.stop();
+  pthread_kill(sig_thread.native_handle(), SIGTERM);  // wakes sigwait if no signal came
+  sig_thread.join();
+  std::fprintf(stderr, "moeserve: stopped\n");
+}
+
+}  // namespace
+
+void register_serve_command(CLI::App& app) {
+  auto a = std::make_shared<ServeArgs>();
+  CLI::App* s = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API");
+  s->add_option("--model", a->model, "Hugging Face model folder (with tokenizer files)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  s->add_option("--host", a->host, "Address to listen on")->capture_default_str();
+  s->add_option("--port", a->port, "Port to listen on (0: any free port)")->capture_default_str();
+  s->add_option("--api-key", a->api_key,
+                "Require 'Authorization: Bearer KEY' (default: $MOESERVE_API_KEY, else none)");
+  s->add_option("--served-model-name", a->served_name,
+                "Model name in the API (default: the folder's name)");
+  s->add_option("--max-num-seqs", a->max_num_seqs, "Sequences running at once")
+      ->capture_default_str();
+  s->add_option("--max-model-len", a->max_model_len,
+                "Prompt + output tokens of one request (default: min(4096, the model's))");
+  s->add_option("--kv-cache-mb", a->kv_cache_mb, "KV cache size in MiB")->capture_default_str();
+  s->add_option("--max-batch-tokens", a->max_batch_tokens, "Tokens per engine step")
+      ->capture_default_str();
+  s->add_option("--max-waiting", a->max_waiting, "Queued requests before answering 429")
+      ->capture_default_str();
+  s->add_option("--chat-template", a->chat_template,
+                "Jinja chat template file (default: the model's tokenizer_config.json)");
+  s->add_option("--threads", a->threads, "Compute threads (0 = one per core)");
+  s->callback([a] { run_serve(*a); });
+}
+
+}  // namespace moeserve::cli

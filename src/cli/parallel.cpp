@@ -1,0 +1,71 @@
+#include "cli/parallel.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/error.h"
+
+namespace moeserve::cli {
+
+void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
+  cmd->add_option("--threads", a.threads, "Worker threads per rank (0 = cores / ranks)");
+  cmd->add_option("--redundant-experts", a.redundant_experts,
+                  "Extra replicas of routed experts spread over the ranks (under mpirun)")
+      ->capture_default_str();
+  cmd->add_option("--placement", a.placement_file,
+                  "Expert placement file (JSON) to use under mpirun");
+  cmd->add_option("--expert-load-out", a.expert_load_out,
+                  "Write per-expert routed token counts (JSON) here at the end");
+}
+
+ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : args_(a) {
+  comm_ = comm::world();
+  int threads = a.threads;
+  if (threads <= 0 && comm_->size() > 1)  // ranks on one machine share its cores
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / comm_->size());
+  pool_ = std::make_unique<ThreadPool>(threads);
+  check_all([&] {
+    MS_CHECK(a.redundant_experts >= 0, "--redundant-experts must be >= 0");
+    if (comm_->size() == 1) {
+      MS_CHECK(a.redundant_experts == 0 && a.placement_file.empty(),
+               "--redundant-experts and --placement need several ranks (mpirun -np N)");
+      model_ = std::make_unique<model::Model>(dir, *pool_);
+      return;
+    }
+    const model::ModelConfig cfg = model::ModelConfig::load(dir);
+    model::ExpertParallel ep;
+    ep.comm = comm_.get();
+    const auto E = static_cast<int32_t>(cfg.n_routed_experts);
+    if (!a.placement_file.empty()) {
+      ep.placement = moe::PlacementTable::load(a.placement_file);
+    } else if (E > 0 && a.redundant_experts > 0) {
+      const std::vector<double> uniform(E, 1.0);
+      ep.placement.set_default(
+          moe::Placement::balanced(uniform, comm_->size(), a.redundant_experts));
+    }
+    ep_ = std::move(ep);
+    model_ = std::make_unique<model::Model>(dir, *pool_, &*ep_);
+  });
+}
+
+ParallelModel::~ParallelModel() = default;
+
+void ParallelModel::write_expert_load() {
+  if (args_.expert_load_out.empty()) return;
+  const model::ModelConfig& c = model_->config();
+  const std::vector<int64_t> counts = model_->expert_token_counts();  // [layers, experts]
+  moe::ExpertCounts ec(c.num_hidden_layers, static_cast<int32_t>(c.n_routed_experts));
+  // Record each count as that many one-expert entries, in chunks.
+  std::vector<int32_t> ids;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      ids.assign(static_cast<size_t>(counts[l * c.n_routed_experts + e]), static_cast<int32_t>(e));
+      if (!ids.empty()) ec.record(l, ids.data(), static_cast<int64_t>(ids.size()));
+    }
+  }
+  ec.reduce(*comm_);
+  if (is_root()) ec.save(args_.expert_load_out);
+}
+
+}  // namespace moeserve::cli

@@ -1,0 +1,441 @@
+// The MPI backend: the only file of moeserve that includes mpi.h.
+//
+// MPI is initialized once per process (MPI_THREAD_SERIALIZED or better: any thread may call,
+// one at a time) by the first mpi_world() and finalized at exit. Counts above INT_MAX: every
+// call moves at most kChunk bytes per MPI message, or describes larger blocks with derived
+// datatypes, so the caller never sees MPI's int counts.
+//
+// All-to-all exchanges go through MPI_Alltoallw on every rank (also all_to_all_v), because the
+// datatype each rank needs (plain bytes, or a derived type for scattered or huge blocks) depends
+// on its own sizes only; a rank choosing MPI_Alltoallv while another chose MPI_Alltoallw would
+// not match. A message in several pieces goes as one derived datatype by default, or through a
+// contiguous staging copy (PiecesVia::Staging), which lets Open MPI use its single-copy path
+// on one node but costs a copy of ours; measured, the derived types were faster.
+// The C API only: Open MPI's mpi.h otherwise pulls in its C++ bindings (libmpi_cxx).
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/local_comm.h"
+#include "core/error.h"
+
+namespace moeserve::comm {
+
+namespace {
+
+constexpr size_t kChunk = size_t(1) << 30;  // bytes of one MPI message or datatype block
+
+#define MS_MPI(call)                              \
+  do {                                            \
+    const int rc_ = (call);                       \
+    if (rc_ != MPI_SUCCESS) mpi_fail(rc_, #call); \
+  } while (0)
+
+[[noreturn]] void mpi_fail(int rc, const char* call) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  fail("MPI error in ", call, ": ", std::string(text, len));
+}
+
+// MPI_Init_thread on first use, MPI_Finalize at exit (unless someone else initialized MPI).
+class Runtime {
+ public:
+  Runtime() {
+    int initialized = 0, provided = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) {
+      MS_MPI(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
+      owned_ = true;
+    } else {
+      MPI_Query_thread(&provided);
+    }
+    MS_CHECK(provided >= MPI_THREAD_SERIALIZED, "MPI provides thread level ", provided,
+             ", moeserve needs MPI_THREAD_SERIALIZED");
+  }
+  ~Runtime() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owned_ && !finalized) MPI_Finalize();
+  }
+
+ private:
+  bool owned_ = false;
+};
+
+void ensure_runtime() {
+  static Runtime runtime;
+}
+
+bool finalized() {
+  int f = 0;
+  MPI_Finalized(&f);
+  return f;
+}
+
+bool fits_int(size_t v) {
+  return v <= static_cast<size_t>(INT_MAX);
+}
+
+// Pieces may lie in different allocations: compare and subtract them as integers.
+uintptr_t address(const std::byte* p) {
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+// Owns the derived datatypes made for one call.
+class Types {
+ public:
+  ~Types() {
+    for (MPI_Datatype& t : owned_) MPI_Type_free(&t);
+  }
+  MPI_Datatype keep(MPI_Datatype t) {
+    MS_MPI(MPI_Type_commit(&t));
+    owned_.push_back(t);
+    return t;
+  }
+  // A type of `bytes` contiguous bytes (size and extent == bytes), for blocks above INT_MAX.
+  MPI_Datatype bytes(size_t n) {
+    MPI_Datatype chunk, body, t;
+    MS_MPI(MPI_Type_contiguous(static_cast<int>(kChunk), MPI_BYTE, &chunk));
+    MS_MPI(MPI_Type_contiguous(static_cast<int>(n / kChunk), chunk, &body));
+    const int lens[2] = {1, static_cast<int>(n % kChunk)};
+    const MPI_Aint displs[2] = {0, static_cast<MPI_Aint>(n - n % kChunk)};
+    const MPI_Datatype parts[2] = {body, MPI_BYTE};
+    MS_MPI(MPI_Type_create_struct(lens[1] ? 2 : 1, lens, displs, parts, &t));
+    MPI_Type_free(&chunk);
+    MPI_Type_free(&body);
+    return keep(t);
+  }
+  // The pieces as one type, displacements from base; blocks of at most kChunk bytes.
+  MPI_Datatype pieces(std::span<const Segments::Piece> ps, const std::byte* base) {
+    lens_.clear();
+    displs_.clear();
+    for (const auto& p : ps)
+      for (size_t o = 0; o < p.bytes; o += kChunk) {
+        lens_.push_back(static_cast<int>(std::min(kChunk, p.bytes - o)));
+        displs_.push_back(static_cast<MPI_Aint>(address(p.ptr) + o - address(base)));
+      }
+    MPI_Datatype t;
+    MS_CHECK(fits_int(lens_.size()), "all_to_all: too many pieces for one peer");
+    MS_MPI(MPI_Type_create_hindexed(static_cast<int>(lens_.size()), lens_.data(), displs_.data(),
+                                    MPI_BYTE, &t));
+    return keep(t);
+  }
+
+ private:
+  std::vector<MPI_Datatype> owned_;
+  std::vector<int> lens_;
+  std::vector<MPI_Aint> displs_;
+};
+
+// The Alltoallw arguments of one side of an exchange.
+struct Side {
+  std::byte* base = nullptr;
+  std::vector<int> counts, displs;
+  std::vector<MPI_Datatype> types;
+
+  void build(const Segments& s, int n, Types& types_out) {
+    base = nullptr;
+    for (int p = 0; p < n; ++p)
+      for (const auto& x : s.peer(p))
+        if (!base || address(x.ptr) < address(base)) base = x.ptr;
+    counts.assign(n, 0);
+    displs.assign(n, 0);
+    types.assign(n, MPI_BYTE);
+    for (int p = 0; p < n; ++p) {
+      const auto ps = s.peer(p);
+      if (ps.empty()) continue;
+      const size_t off = address(ps[0].ptr) - address(base);
+      if (ps.size() == 1 && fits_int(ps[0].bytes) && fits_int(off)) {
+        counts[p] = static_cast<int>(ps[0].bytes);
+        displs[p] = static_cast<int>(off);
+      } else {
+        types[p] = types_out.pieces(ps, base);
+        counts[p] = 1;
+      }
+    }
+  }
+};
+
+class MpiWindow final : public Window {
+ public:
+  MpiWindow(MPI_Comm comm, void* base, size_t bytes) {
+    int n = 0;
+    MPI_Comm_size(comm, &n);
+    MS_MPI(MPI_Win_create(base, static_cast<MPI_Aint>(bytes), 1, MPI_INFO_NULL, comm, &win_));
+    sizes_.resize(n);
+    const uint64_t mine = bytes;
+    MS_MPI(MPI_Allgather(&mine, 1, MPI_UINT64_T, sizes_.data(), 1, MPI_UINT64_T, comm));
+    MS_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, win_));
+  }
+  ~MpiWindow() override {
+    if (finalized()) return;
+    MPI_Win_unlock_all(win_);
+    MPI_Win_free(&win_);
+  }
+  size_t size(int rank) const override {
+    MS_CHECK(rank >= 0 && rank < static_cast<int>(sizes_.size()), "window: rank ", rank,
+             " out of range [0, ", sizes_.size(), ")");
+    return sizes_[rank];
+  }
+  void get(int target, size_t offset, void* dst, size_t bytes) override {
+    const size_t have = size(target);
+    MS_CHECK(offset <= have && bytes <= have - offset, "window: read of [", offset, ", ",
+             offset + bytes, ") past the ", have, " bytes rank ", target, " exposed");
+    for (size_t o = 0; o < bytes; o += kChunk) {
+      const int n = static_cast<int>(std::min(kChunk, bytes - o));
+      MS_MPI(MPI_Get(static_cast<std::byte*>(dst) + o, n, MPI_BYTE, target,
+                     static_cast<MPI_Aint>(offset + o), n, MPI_BYTE, win_));
+    }
+  }
+  void flush(int target) override { MS_MPI(MPI_Win_flush(target, win_)); }
+  void flush_all() override { MS_MPI(MPI_Win_flush_all(win_)); }
+
+ private:
+  MPI_Win win_ = MPI_WIN_NULL;
+  std::vector<uint64_t> sizes_;
+};
+
+// A grow-only byte buffer, never initialized.
+struct Stage {
+  std::unique_ptr<std::byte[]> p;
+  size_t n = 0;
+  std::byte* get(size_t want) {
+    if (want > n) p.reset(new std::byte[want]), n = want;
+    return p.get();
+  }
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator(MPI_Comm comm, const MpiOptions& options) : comm_(comm), options_(options) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiCommunicator() override {
+    if (!finalized()) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm c = MPI_COMM_NULL;
+    MS_MPI(MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &c));
+    if (c == MPI_COMM_NULL) return nullptr;
+    return std::make_unique<MpiCommunicator>(c, options_);
+  }
+
+  void barrier() override { MS_MPI(MPI_Barrier(comm_)); }
+
+  void broadcast(void* data, size_t bytes, int root) override {
+    check_rank(root, "broadcast root");
+    for (size_t o = 0; o < bytes; o += kChunk)
+      MS_MPI(MPI_Bcast(static_cast<std::byte*>(data) + o,
+                       static_cast<int>(std::min(kChunk, bytes - o)), MPI_BYTE, root, comm_));
+  }
+
+  void all_reduce(float* d, size_t n, ReduceOp op) override { reduce(d, n, MPI_FLOAT, op); }
+  void all_reduce(double* d, size_t n, ReduceOp op) override { reduce(d, n, MPI_DOUBLE, op); }
+  void all_reduce(int64_t* d, size_t n, ReduceOp op) override { reduce(d, n, MPI_INT64_T, op); }
+
+  void all_gather(const void* send, size_t bytes, void* recv) override {
+    if (fits_int(bytes)) {
+      const int n = static_cast<int>(bytes);
+      MS_MPI(MPI_Allgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, comm_));
+      return;
+    }
+    Types types;
+    const MPI_Datatype t = types.bytes(bytes);
+    MS_MPI(MPI_Allgather(send, 1, t, recv, 1, t, comm_));
+  }
+
+  void all_gather_v(const void* send, size_t bytes, void* recv, std::span<const size_t> counts,
+                    std::span<const size_t> displs) override {
+    check_per_rank(counts, "all_gather_v counts");
+    check_per_rank(displs, "all_gather_v displs");
+    MS_CHECK(counts[rank_] == bytes, "all_gather_v: rank ", rank_, " sends ", bytes,
+             " bytes, counts say ", counts[rank_]);
+    // counts and displs are the same everywhere, so every rank takes the same branch.
+    const bool small = std::all_of(counts.begin(), counts.end(), fits_int) &&
+                       std::all_of(displs.begin(), displs.end(), fits_int);
+    auto* out = static_cast<std::byte*>(recv);
+    if (small) {
+      const std::vector<int> c(counts.begin(), counts.end()), d(displs.begin(), displs.end());
+      MS_MPI(MPI_Allgatherv(send, static_cast<int>(bytes), MPI_BYTE, recv, c.data(), d.data(),
+                            MPI_BYTE, comm_));
+      return;
+    }
+    if (bytes) std::copy_n(static_cast<const std::byte*>(send), bytes, out + displs[rank_]);
+    for (int r = 0; r < size_; ++r) broadcast(out + displs[r], counts[r], r);
+  }
+
+  void all_to_all(const void* send, size_t bytes, void* recv) override {
+    if (fits_int(bytes)) {
+      const int n = static_cast<int>(bytes);
+      MS_MPI(MPI_Alltoall(send, n, MPI_BYTE, recv, n, MPI_BYTE, comm_));
+      return;
+    }
+    Types types;
+    const MPI_Datatype t = types.bytes(bytes);
+    MS_MPI(MPI_Alltoall(send, 1, t, recv, 1, t, comm_));
+  }
+
+  void all_to_all_v(const void* send, std::span<const size_t> send_counts,
+                    std::span<const size_t> send_displs, void* recv,
+                    std::span<const size_t> recv_counts,
+                    std::span<const size_t> recv_displs) override {
+    check_per_rank(send_counts, "all_to_all_v send_counts");
+    check_per_rank(send_displs, "all_to_all_v send_displs");
+    check_per_rank(recv_counts, "all_to_all_v recv_counts");
+    check_per_rank(recv_displs, "all_to_all_v recv_displs");
+    Segments s, r;
+    for (int p = 0; p < size_; ++p) {
+      s.add(static_cast<const std::byte*>(send) + send_displs[p], send_counts[p]);
+      s.next_peer();
+      r.add(static_cast<std::byte*>(recv) + recv_displs[p], recv_counts[p]);
+      r.next_peer();
+    }
+    all_to_all_segments(s, r);
+  }
+
+  void all_to_all_segments(const Segments& send, const Segments& recv) override {
+    MS_CHECK(send.n_peers() == size_ && recv.n_peers() == size_, "all_to_all_segments: lists for ",
+             send.n_peers(), " and ", recv.n_peers(), " peers on a communicator of size ", size_);
+    if (options_.pieces == PiecesVia::Datatypes) return exchange(send, recv);
+    // Staging: every peer's message becomes one piece.
+    size_t sb = 0, rb = 0;
+    for (int p = 0; p < size_; ++p) {
+      if (send.peer(p).size() > 1) sb += send.peer_bytes(p);
+      if (recv.peer(p).size() > 1) rb += recv.peer_bytes(p);
+    }
+    std::byte* ss = send_stage_.get(sb);
+    std::byte* rs = recv_stage_.get(rb);
+    staged_send_.reset();
+    staged_recv_.reset();
+    for (int p = 0; p < size_; ++p) {
+      const auto sp = send.peer(p), rp = recv.peer(p);
+      if (sp.size() > 1) {
+        std::byte* start = ss;
+        for (const auto& x : sp) std::memcpy(ss, x.ptr, x.bytes), ss += x.bytes;
+        staged_send_.add(start, ss - start);
+      } else {
+        for (const auto& x : sp) staged_send_.add(x.ptr, x.bytes);
+      }
+      staged_send_.next_peer();
+      if (rp.size() > 1) {
+        staged_recv_.add(rs, recv.peer_bytes(p));
+        rs += recv.peer_bytes(p);
+      } else {
+        for (const auto& x : rp) staged_recv_.add(x.ptr, x.bytes);
+      }
+      staged_recv_.next_peer();
+    }
+    exchange(staged_send_, staged_recv_);
+    rs = recv_stage_.p.get();
+    for (int p = 0; p < size_; ++p) {
+      const auto rp = recv.peer(p);
+      if (rp.size() > 1)
+        for (const auto& x : rp) std::memcpy(x.ptr, rs, x.bytes), rs += x.bytes;
+    }
+  }
+
+  void send(const void* data, size_t bytes, int dest, int tag) override {
+    check_rank(dest, "send destination");
+    check_tag(tag);
+    size_t o = 0;
+    do {  // an empty message is still one message
+      const int n = static_cast<int>(std::min(kChunk, bytes - o));
+      MS_MPI(MPI_Send(static_cast<const std::byte*>(data) + o, n, MPI_BYTE, dest, tag, comm_));
+      o += n;
+    } while (o < bytes);
+  }
+
+  void recv(void* data, size_t bytes, int source, int tag) override {
+    check_rank(source, "recv source");
+    check_tag(tag);
+    size_t o = 0;
+    do {
+      const int n = static_cast<int>(std::min(kChunk, bytes - o));
+      MPI_Status st;
+      MS_MPI(MPI_Recv(static_cast<std::byte*>(data) + o, n, MPI_BYTE, source, tag, comm_, &st));
+      int got = 0;
+      MPI_Get_count(&st, MPI_BYTE, &got);
+      MS_CHECK(got == n, "recv: expected ", bytes, " bytes from rank ", source, " tag ", tag,
+               ", the message is shorter");
+      o += n;
+    } while (o < bytes);
+  }
+
+  std::unique_ptr<Window> expose(void* base, size_t bytes) override {
+    // One rank reads only itself; Open MPI may have no one-sided component for a lone process
+    // (osc/rdma needs a shared-memory or network transport, which a single process lacks).
+    if (size_ == 1) return local_window(base, bytes);
+    return std::make_unique<MpiWindow>(comm_, base, bytes);
+  }
+
+  void abort(const std::string& message) override {
+    std::fprintf(stderr, "moeserve: rank %d of %d: aborting the job: %s\n", rank_, size_,
+                 message.c_str());
+    std::fflush(stderr);
+    MPI_Abort(comm_, 1);
+    std::abort();
+  }
+
+ private:
+  void reduce(void* data, size_t n, MPI_Datatype type, ReduceOp op) {
+    int elem = 0;
+    MPI_Type_size(type, &elem);
+    const size_t step = kChunk / elem;
+    const MPI_Op mop = op == ReduceOp::Sum ? MPI_SUM : MPI_MAX;
+    for (size_t o = 0; o < n; o += step)
+      MS_MPI(MPI_Allreduce(MPI_IN_PLACE, static_cast<std::byte*>(data) + o * elem,
+                           static_cast<int>(std::min(step, n - o)), type, mop, comm_));
+  }
+  void check_rank(int r, const char* what) const {
+    MS_CHECK(r >= 0 && r < size_, what, " ", r, " out of range [0, ", size_, ")");
+  }
+  void check_tag(int tag) const {
+    MS_CHECK(tag >= 0 && tag <= 32767, "tag ", tag, " out of range [0, 32767]");
+  }
+  void check_per_rank(std::span<const size_t> v, const char* what) const {
+    MS_CHECK(static_cast<int>(v.size()) == size_, what, ": ", v.size(),
+             " entries for a communicator of size ", size_);
+  }
+
+  // One MPI_Alltoallw: plain bytes for a peer of one piece, a derived type otherwise.
+  void exchange(const Segments& send, const Segments& recv) {
+    Types types;
+    Side s, r;
+    s.build(send, size_, types);
+    r.build(recv, size_, types);
+    MS_MPI(MPI_Alltoallw(s.base, s.counts.data(), s.displs.data(), s.types.data(), r.base,
+                         r.counts.data(), r.displs.data(), r.types.data(), comm_));
+  }
+
+  MPI_Comm comm_;
+  MpiOptions options_;
+  int rank_ = 0, size_ = 1;
+  Stage send_stage_, recv_stage_;       // Staging: contiguous copies of multi-piece messages
+  Segments staged_send_, staged_recv_;  // the lists MPI sees
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> mpi_world(const MpiOptions& options) {
+  ensure_runtime();
+  MPI_Comm c;
+  MS_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &c));
+  return std::make_unique<MpiCommunicator>(c, options);
+}
+
+}  // namespace moeserve::comm

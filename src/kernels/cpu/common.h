@@ -1,0 +1,86 @@
+// Shared pieces of the kernels in cpu/impl.h: scratch buffers and weight access, generic over
+// an instruction set's vector ops `O` (see impl.h). Internal linkage: included once per ISA.
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/kernels.h"
+
+namespace moeserve::kernels {
+namespace {
+
+// A 64-byte aligned float buffer that only grows; kept per thread and reused across calls.
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  float* get(size_t n) {
+    if (n > cap_) {
+      std::free(data_);
+      cap_ = (n + 15) & ~size_t{15};
+      data_ = static_cast<float*>(std::aligned_alloc(64, cap_ * sizeof(float)));
+      MS_ASSERT(data_ != nullptr);
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  size_t cap_ = 0;
+};
+
+constexpr int64_t round16(int64_t n) {
+  return (n + 15) & ~int64_t{15};
+}
+
+template <DType DT>
+constexpr int64_t elem_bytes() {
+  return DT == DType::F32 ? 4 : DT == DType::F8_E4M3 ? 1 : 2;
+}
+
+// Row r of a weight view: its bytes and (fp8) its row of block scales.
+inline const uint8_t* w_row(const Weight& w, int64_t r) {
+  return static_cast<const uint8_t*>(w.data) +
+         r * w.cols * static_cast<int64_t>(dtype_size(w.dtype));
+}
+inline const float* w_scales(const Weight& w, int64_t r) {
+  return w.scale_inv + ((w.scale_row0 + r) / kFp8Block) * w.scale_cols;
+}
+
+template <class O, DType DT>
+inline typename O::V fp8_scale(const float* scales, int64_t k) {
+  if constexpr (DT == DType::F8_E4M3)
+    return O::set1(scales[k / kFp8Block] * 256.0f);
+  else
+    return O::zero();
+}
+
+// Elements [k, k + 16) of a row as floats; `s` = block scale * 256 (fp8 only).
+template <class O, DType DT>
+inline typename O::V load_w(const uint8_t* row, int64_t k, typename O::V s) {
+  if constexpr (DT == DType::F32)
+    return O::load(reinterpret_cast<const float*>(row) + k);
+  else if constexpr (DT == DType::BF16)
+    return O::cvt_bf16(reinterpret_cast<const uint16_t*>(row) + k);
+  else if constexpr (DT == DType::F16)
+    return O::cvt_f16(reinterpret_cast<const uint16_t*>(row) + k);
+  else
+    return O::cvt_fp8(row + k, s);
+}
+
+// Elements [k, k + n), n < 16, then lanes that are exactly +0.0 (the contract's padding).
+template <class O, DType DT>
+inline typename O::V load_w_tail(const uint8_t* row, int64_t k, int64_t n, typename O::V s) {
+  constexpr int64_t es = elem_bytes<DT>();
+  alignas(64) uint8_t raw[64] = {};
+  std::memcpy(raw, row + k * es, static_cast<size_t>(n * es));
+  alignas(64) float f[16];
+  O::store(f, load_w<O, DT>(raw, 0, s));
+  for (int64_t l = n; l < 16; ++l) f[l] = 0.0f;
+  return O::load(f);
+}
+
+}  // namespace
+}  // namespace moeserve::kernels

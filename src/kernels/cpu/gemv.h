@@ -1,0 +1,214 @@
+// matmul for few tokens (decode): memory bound, weights streamed once. Part of impl.h.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels/cpu/common.h"
+
+namespace moeserve::kernels {
+namespace {
+
+// ---- matmul, small m: stream R weight rows at a time, each converted once for up to 8 tokens.
+
+// Elements [k, k + 16) of a row as floats, with no NaN check (fp8: the caller has checked
+// the block with O::fp8_nan128).
+template <class O, DType DT>
+inline typename O::V load_w_checked(const uint8_t* row, int64_t k, typename O::V s) {
+  if constexpr (DT == DType::F8_E4M3)
+    return O::cvt_fp8_nonan(row + k, s);
+  else
+    return load_w<O, DT>(row, k, s);
+}
+
+// y[i, r + j] for i < M, j < R: columns [ka, kb) of the sums, ka a multiple of 128.
+// x: [M, ldx] f32, readable and zero up to round16(K); y: [M, ldy]. A range that does not
+// start at 0 continues from the 16-lane partial sums in part ([R, M, 16] f32), one that does
+// not end at K leaves them there; the one that ends at K reduces into y. `pf`: elements ahead
+// to prefetch on each row (0: none).
+template <class O, DType DT, int M, int R>
+void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t ka, int64_t kb,
+               float* part, int64_t pf, float* y, int64_t ldy) {
+  using V = typename O::V;
+  constexpr bool fp8 = DT == DType::F8_E4M3;
+  constexpr int64_t es = elem_bytes<DT>();
+  const int64_t K = w.cols, kfull = K & ~int64_t{15};
+  const uint8_t* row[R];
+  const float* sc[R] = {};
+  for (int j = 0; j < R; ++j) {
+    row[j] = w_row(w, r + j);
+    if constexpr (fp8) sc[j] = w_scales(w, r + j);
+  }
+  V acc[M][R], s[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) acc[i][j] = ka == 0 ? O::zero() : O::load(part + (j * M + i) * 16);
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j) s[j] = O::zero();
+
+  // One 16-element chunk of every row into every token's accumulators.
+  auto chunk = [&](int64_t k, auto checked) {
+    V xv[M];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) xv[i] = O::load_reg(x + i * ldx + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      V wv;
+      if constexpr (decltype(checked)::value)
+        wv = load_w_checked<O, DT>(row[j], k, s[j]);
+      else
+        wv = load_w<O, DT>(row[j], k, s[j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
+    }
+  };
+  // Two chunks (32 fp8 converted at once), for few tokens, where conversion is the cost.
+  auto chunk_pair = [&](int64_t k) {
+    V x0[M], x1[M];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      x0[i] = O::load_reg(x + i * ldx + k);
+      x1[i] = O::load_reg(x + i * ldx + k + 16);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      V w0, w1;
+      O::cvt_fp8x2_nonan(row[j] + k, s[j], w0, w1);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) acc[i][j] = O::fma(x1[i], w1, O::fma(x0[i], w0, acc[i][j]));
+    }
+  };
+
+  for (int64_t k0 = ka; k0 < kb; k0 += kFp8Block) {
+    const int64_t kend = std::min(kfull, k0 + kFp8Block);
+    if (pf) {
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j)
+        for (int64_t b = 0; b < kFp8Block * es; b += 64)
+          __builtin_prefetch(row[j] + (k0 + pf) * es + b);
+    }
+    bool checked = !fp8;
+    if constexpr (fp8) {
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) s[j] = fp8_scale<O, DT>(sc[j], k0);
+      if (kend - k0 == kFp8Block) {
+        bool nan = false;
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) nan |= O::fp8_nan128(row[j] + k0);
+        checked = !nan;
+      }
+      if (M <= 4 && checked) {
+        for (int64_t k = k0; k < kend; k += 32) chunk_pair(k);
+        continue;
+      }
+    }
+    if (checked) {
+      for (int64_t k = k0; k < kend; k += 16) chunk(k, std::true_type{});
+    } else {
+      for (int64_t k = k0; k < kend; k += 16) chunk(k, std::false_type{});
+    }
+  }
+  if (kb < K) {
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) O::store(part + (j * M + i) * 16, acc[i][j]);
+    return;
+  }
+  if (kfull < K) {  // s[] holds the scales of the last block, which the tail is in
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull, s[j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(x + i * ldx + kfull), wv, acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) y[i * ldy + r + j] = O::reduce(acc[i][j]);
+}
+
+// Rows [r0, r1) for M tokens. When the M rows of x do not fit in L1, K is cut into blocks
+// whose x fits, taken in increasing k for groups of rows (partial sums wait on the stack), so
+// x is read from L1; each row's next block is prefetched meanwhile.
+template <class O, DType DT, int M>
+void gemv_rows(const float* x, int64_t ldx, const Weight& w, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  constexpr int R = O::gemv_rows(M);
+  constexpr int64_t kGroup = 24;  // rows per group: a multiple of every R
+  const int64_t K = w.cols;
+  const int64_t kblk = M * K * 4 <= (32 << 10)
+                           ? K
+                           : std::max(kFp8Block, (16 << 10) / (M * 4) / kFp8Block * kFp8Block);
+  if (kblk >= K) {
+    int64_t r = r0;
+    for (; r + R <= r1; r += R) gemv_tile<O, DT, M, R>(x, ldx, w, r, 0, K, nullptr, 0, y, ldy);
+    for (; r < r1; ++r) gemv_tile<O, DT, M, 1>(x, ldx, w, r, 0, K, nullptr, 0, y, ldy);
+    return;
+  }
+  alignas(64) float part[kGroup * M * 16];  // [kGroup, M, 16]
+  for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+    const int64_t g1 = std::min(r1, g0 + kGroup);
+    for (int64_t ka = 0; ka < K; ka += kblk) {
+      const int64_t kb = std::min(K, ka + kblk), pf = kb < K ? kblk : 0;
+      int64_t r = g0;
+      for (; r + R <= g1; r += R)
+        gemv_tile<O, DT, M, R>(x, ldx, w, r, ka, kb, part + (r - g0) * M * 16, pf, y, ldy);
+      for (; r < g1; ++r)
+        gemv_tile<O, DT, M, 1>(x, ldx, w, r, ka, kb, part + (r - g0) * M * 16, pf, y, ldy);
+    }
+  }
+}
+
+template <class O, DType DT>
+void gemv_rows(int64_t m, const float* x, int64_t ldx, const Weight& w, int64_t r0, int64_t r1,
+               float* y, int64_t ldy) {
+  switch (m) {
+    case 1:
+      return gemv_rows<O, DT, 1>(x, ldx, w, r0, r1, y, ldy);
+    case 2:
+      return gemv_rows<O, DT, 2>(x, ldx, w, r0, r1, y, ldy);
+    case 3:
+      return gemv_rows<O, DT, 3>(x, ldx, w, r0, r1, y, ldy);
+    case 4:
+      return gemv_rows<O, DT, 4>(x, ldx, w, r0, r1, y, ldy);
+    case 5:
+      return gemv_rows<O, DT, 5>(x, ldx, w, r0, r1, y, ldy);
+    case 6:
+      return gemv_rows<O, DT, 6>(x, ldx, w, r0, r1, y, ldy);
+    case 7:
+      return gemv_rows<O, DT, 7>(x, ldx, w, r0, r1, y, ldy);
+    default:
+      return gemv_rows<O, DT, 8>(x, ldx, w, r0, r1, y, ldy);
+  }
+}
+
+// Any m, in groups of up to 8 tokens. Each thread takes a range of rows; with more than 8
+// tokens it goes through its rows in blocks small enough for L2, all token groups per block,
+// so the weights still come from memory once.
+template <class O, DType DT>
+void gemv(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
+          int64_t ldy) {
+  constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
+  const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
+  // Thread chunks of at least ~32 KB of weights, so small matrices are not spread thin.
+  const int64_t grain = std::max<int64_t>(1, (32 << 10) / row_bytes + 1);
+  const int64_t block =
+      m <= 8 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
+  pool.parallel_for(
+      w.rows,
+      [&](int64_t b, int64_t e, int) {
+        for (int64_t r0 = b; r0 < e; r0 += block) {
+          const int64_t r1 = std::min(e, r0 + block);
+          for (int64_t t0 = 0; t0 < m; t0 += 8)
+            gemv_rows<O, DT>(std::min<int64_t>(8, m - t0), x + t0 * ldx, ldx, w, r0, r1,
+                             y + t0 * ldy, ldy);
+        }
+      },
+      grain);
+}
+
+}  // namespace
+}  // namespace moeserve::kernels

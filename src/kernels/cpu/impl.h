@@ -1,0 +1,153 @@
+// The kernels of kernels.h written once over an instruction set's 16-lane float vector `O`:
+//
+//   struct O {
+//     using V = ...;                        // 16 floats, lane l = element l
+//     static constexpr int kTileM, kTileN;  // matmul micro-tile: tokens x weight rows
+//     static constexpr int kTileTM, kTileTN;  // matmul_t micro-tile: tokens x 16-column chunks
+//     static constexpr int gemv_rows(int m);  // GEMV: weight rows streamed together, m <= 8
+//     zero, set1, load, load_reg (not folded into uses), store, fma(a, b, c) = a * b + c, reduce
+//     (the contract's tree), cvt_bf16 / cvt_f16 (16 elements), cvt_fp8(p, s256) (16 elements times
+//     s256 = scale * 256, NaN-exact), fp8_nan128(p) (whether any of 128 bytes is an e4m3 NaN),
+//     cvt_fp8_nonan and cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN)
+//   };
+//
+// kernels_<isa>.cpp defines O and includes this file; everything here has internal linkage, so
+// the copies compiled for different instruction sets never merge at link time. Every path
+// keeps the per-lane order of the contract (K processed in increasing 16-element chunks, lane
+// l of chunk c is element 16c + l), so all of them, for every ISA, give the same bits.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cpu/common.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/gemv.h"
+#include "kernels/cpu/isa.h"
+#include "kernels/cpu/matmul_t.h"
+
+namespace moeserve::kernels {
+namespace {
+
+// Few tokens (decode) stream the weights through the GEMV kernels, many (prefill) go to the
+// blocked GEMM. The crossover is where GEMM's reuse of converted weights starts to pay: sooner
+// for fp8, whose conversion costs more.
+template <DType DT>
+constexpr int64_t gemv_max_m() {
+  return DT == DType::F8_E4M3 ? 16 : 32;
+}
+
+template <class O, DType DT>
+void matmul_dtype(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+                  float* y, int64_t ldy) {
+  if (m <= gemv_max_m<DT>())
+    gemv<O, DT>(pool, x, m, ldx, w, y, ldy);
+  else
+    gemm<O, DT>(pool, x, m, ldx, w, y, ldy);
+}
+
+template <class O>
+void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+            float* y, int64_t ldy) {
+  const int64_t K = w.cols;
+  if (m <= 0 || w.rows <= 0) return;
+  if (K == 0) {  // an empty sum: 16 lanes of +0.0
+    for (int64_t i = 0; i < m; ++i) std::fill(y + i * ldy, y + i * ldy + w.rows, 0.0f);
+    return;
+  }
+  // The kernels read x up to round16(K), and run best on 64-byte aligned rows: otherwise they
+  // get a zero-padded, aligned copy.
+  if (K % 16 || reinterpret_cast<uintptr_t>(x) % 64 || ldx % 16) {
+    static thread_local Scratch xscratch;
+    const int64_t Kp = round16(K);
+    float* xp = xscratch.get(m * Kp);
+    pool.parallel_for(
+        m,
+        [&](int64_t b, int64_t e, int) {
+          for (int64_t i = b; i < e; ++i) {
+            std::memcpy(xp + i * Kp, x + i * ldx, K * sizeof(float));
+            std::fill(xp + i * Kp + K, xp + (i + 1) * Kp, 0.0f);
+          }
+        },
+        std::max<int64_t>(1, (64 << 10) / (Kp * 4)));
+    x = xp;
+    ldx = Kp;
+  }
+  switch (w.dtype) {
+    case DType::F32:
+      return matmul_dtype<O, DType::F32>(pool, x, m, ldx, w, y, ldy);
+    case DType::F16:
+      return matmul_dtype<O, DType::F16>(pool, x, m, ldx, w, y, ldy);
+    case DType::BF16:
+      return matmul_dtype<O, DType::BF16>(pool, x, m, ldx, w, y, ldy);
+    case DType::F8_E4M3:
+      return matmul_dtype<O, DType::F8_E4M3>(pool, x, m, ldx, w, y, ldy);
+    default:
+      fail("matmul: unsupported weight dtype ", dtype_name(w.dtype));
+  }
+}
+
+// ---- vectors
+
+template <class O, DType DT>
+void dequant_row_dtype(const Weight& w, int64_t r, float* out) {
+  const uint8_t* row = w_row(w, r);
+  const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
+  const int64_t K = w.cols, kfull = K & ~int64_t{15};
+  for (int64_t k = 0; k < kfull; k += 16)
+    O::store(out + k, load_w<O, DT>(row, k, fp8_scale<O, DT>(sc, k)));
+  if (kfull < K) {
+    alignas(64) float tmp[16];
+    O::store(tmp, load_w_tail<O, DT>(row, kfull, K - kfull, fp8_scale<O, DT>(sc, kfull)));
+    std::memcpy(out + kfull, tmp, (K - kfull) * sizeof(float));
+  }
+}
+
+template <class O>
+void dequant_row(const Weight& w, int64_t r, float* out) {
+  switch (w.dtype) {
+    case DType::F32:
+      return dequant_row_dtype<O, DType::F32>(w, r, out);
+    case DType::F16:
+      return dequant_row_dtype<O, DType::F16>(w, r, out);
+    case DType::BF16:
+      return dequant_row_dtype<O, DType::BF16>(w, r, out);
+    case DType::F8_E4M3:
+      return dequant_row_dtype<O, DType::F8_E4M3>(w, r, out);
+    default:
+      fail("dequant_row: unsupported weight dtype ", dtype_name(w.dtype));
+  }
+}
+
+template <class O>
+float dot(const float* a, const float* b, int64_t n) {
+  typename O::V acc = O::zero();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) acc = O::fma(O::load(a + k), O::load(b + k), acc);
+  if (k < n) {
+    alignas(64) float ta[16] = {}, tb[16] = {};
+    std::memcpy(ta, a + k, (n - k) * sizeof(float));
+    std::memcpy(tb, b + k, (n - k) * sizeof(float));
+    acc = O::fma(O::load(ta), O::load(tb), acc);
+  }
+  return O::reduce(acc);
+}
+
+template <class O>
+void axpy(float a, const float* x, float* y, int64_t n) {
+  const typename O::V av = O::set1(a);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) O::store(y + k, O::fma(av, O::load(x + k), O::load(y + k)));
+  for (; k < n; ++k) y[k] = std::fma(a, x[k], y[k]);
+}
+
+template <class O>
+const KernelTable& make_table() {
+  static const KernelTable t{&matmul<O>, &matmul_t<O>, &dequant_row<O>, &dot<O>, &axpy<O>};
+  return t;
+}
+
+}  // namespace
+}  // namespace moeserve::kernels

@@ -1,0 +1,36 @@
+// The per-instruction-set implementations of kernels.h, for dispatch and for tests that hold
+// them to each other bit for bit. Each lives in kernels_<isa>.cpp, compiled for that set only.
+#pragma once
+
+#include "core/cpu_features.h"
+#include "kernels/kernels.h"
+
+namespace moeserve::kernels {
+
+// The public kernels of kernels.h as one instruction set implements them.
+struct KernelTable {
+  void (*matmul)(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+                 float* y, int64_t ldy);
+  void (*matmul_t)(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+                   float* y, int64_t ldy);
+  void (*dequant_row)(const Weight& w, int64_t r, float* out);
+  float (*dot)(const float* a, const float* b, int64_t n);
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
+};
+
+namespace scalar {
+const KernelTable& table();
+}
+namespace avx2 {
+const KernelTable& table();  // call only where isa_available(Isa::Avx2)
+}
+namespace avx512 {
+const KernelTable& table();  // call only where isa_available(Isa::Avx512)
+}
+
+// Whether this CPU can run `isa` (MOESERVE_ISA is not consulted).
+bool isa_available(Isa isa);
+// The table of `isa`, which must be available.
+const KernelTable& kernel_table(Isa isa);
+
+}  // namespace moeserve::kernels

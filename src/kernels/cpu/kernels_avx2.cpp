@@ -1,0 +1,99 @@
+// kernels.h for AVX2 + FMA + F16C: a 16-lane accumulator is two ymm registers (lanes 0-7, 8-15).
+#include <immintrin.h>
+
+#include "kernels/cpu/impl.h"
+
+namespace moeserve::kernels {
+namespace {
+
+struct Avx2 {
+  struct V {
+    __m256 lo, hi;  // lanes 0-7, lanes 8-15
+  };
+  static constexpr int kTileM = 2, kTileN = 2;    // 8 ymm accumulators
+  static constexpr int kTileTM = 2, kTileTN = 2;  // 8 ymm accumulators
+  static constexpr int gemv_rows(int m) { return m == 1 ? 4 : m == 2 ? 2 : 1; }
+
+  static V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static V set1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+  static V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static V load_reg(const float* p) { return load(p); }  // 16 registers: let the compiler fold
+  static void store(float* p, V v) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
+  }
+  static V fma(V a, V b, V c) {
+    return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+  }
+
+  // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
+  static float reduce(V v) {
+    const __m256 a = _mm256_add_ps(v.lo, v.hi);
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+  }
+
+  static __m256 bf16x8(const uint16_t* p) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+  static V cvt_bf16(const uint16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
+  static V cvt_f16(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  }
+  // As kernels_avx512.cpp: e4m3 -> f16 bits (exact, value * 2^-8), one multiply.
+  static V fp8_to_f32x16(__m128i b) {
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7),
+                                       _mm256_set1_epi16(static_cast<short>(0xbfff)));
+    return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+  }
+  static V cvt_fp8_nonan(const uint8_t* p, V s256) {
+    const V f = fp8_to_f32x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_mul_ps(f.lo, s256.lo), _mm256_mul_ps(f.hi, s256.hi)};
+  }
+  static void cvt_fp8x2_nonan(const uint8_t* p, V s256, V& lo, V& hi) {
+    lo = cvt_fp8_nonan(p, s256);
+    hi = cvt_fp8_nonan(p + 16, s256);
+  }
+  static bool fp8_nan128(const uint8_t* p) {
+    const __m256i nan_pos = _mm256_set1_epi8(0x7f), nan_neg = _mm256_set1_epi8(-1);
+    __m256i any = _mm256_setzero_si256();
+    for (int i = 0; i < 128; i += 32) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+      any = _mm256_or_si256(
+          any, _mm256_or_si256(_mm256_cmpeq_epi8(b, nan_pos), _mm256_cmpeq_epi8(b, nan_neg)));
+    }
+    return !_mm256_testz_si256(any, any);
+  }
+  // NaN-exact: NaN bytes become the quiet NaN of their sign.
+  static V cvt_fp8(const uint8_t* p, V s256) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    V f = fp8_to_f32x16(b);
+    const int nan = _mm_movemask_epi8(
+        _mm_cmpeq_epi8(_mm_and_si128(b, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f)));
+    if (__builtin_expect(nan != 0, 0)) {
+      alignas(32) float t[16];
+      store(t, f);
+      for (int l = 0; l < 16; ++l) {
+        if (nan >> l & 1) {
+          const uint32_t u = (p[l] & 0x80u) << 24 | 0x7fc00000u;
+          __builtin_memcpy(&t[l], &u, 4);
+        }
+      }
+      f = load(t);
+    }
+    return {_mm256_mul_ps(f.lo, s256.lo), _mm256_mul_ps(f.hi, s256.hi)};
+  }
+};
+
+}  // namespace
+}  // namespace moeserve::kernels
+
+namespace moeserve::kernels::avx2 {
+const KernelTable& table() {
+  return make_table<Avx2>();
+}
+}  // namespace moeserve::kernels::avx2

@@ -1,0 +1,97 @@
+// kernels.h for AVX-512 (F, BW, VL, DQ): a 16-lane accumulator is one zmm register.
+// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized in _mm512_undefined_* once inlined
+// (GCC bug 105593); nothing in this file is affected.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include "kernels/cpu/impl.h"
+
+namespace moeserve::kernels {
+namespace {
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kTileM = 4, kTileN = 6;    // 24 accumulators
+  static constexpr int kTileTM = 4, kTileTN = 6;  // 24 accumulators
+  static constexpr int gemv_rows(int m) {
+    return m == 1 ? 8 : m == 2 ? 6 : m <= 4 ? 4 : m <= 6 ? 3 : 2;
+  }
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  // A load into a register that the compiler may not fold into each use (an operand reused by
+  // several FMAs is cheaper loaded once than once per FMA).
+  static V load_reg(const float* p) {
+    V v = _mm512_loadu_ps(p);
+    asm("" : "+v"(v));
+    return v;
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+
+  // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
+  static float reduce(V v) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+  }
+
+  static V cvt_bf16(const uint16_t* p) {
+    const __m512i u =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  }
+  static V cvt_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  // e4m3 byte b -> f16 bits (b & 0x80) << 8 | (b & 0x7f) << 7, which is exactly value * 2^-8
+  // (sign-extend, shift, clear bit 14); then one rounding in the multiply by scale * 256.
+  static __m256i fp8_to_f16x16(__m128i b) {
+    return _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7),
+                            _mm256_set1_epi16(static_cast<short>(0xbfff)));
+  }
+  static V cvt_fp8_nonan(const uint8_t* p, V s256) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16x16(b)), s256);
+  }
+  static void cvt_fp8x2_nonan(const uint8_t* p, V s256, V& lo, V& hi) {
+    const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i h =
+        _mm512_and_si512(_mm512_slli_epi16(b, 7), _mm512_set1_epi16(static_cast<short>(0xbfff)));
+    lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s256);
+    hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s256);
+  }
+  // 0x7f / 0xff are NaN in e4m3fn.
+  static bool fp8_nan128(const uint8_t* p) {
+    const __m512i nan_pos = _mm512_set1_epi8(0x7f), nan_neg = _mm512_set1_epi8(-1);
+    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64);
+    return (_mm512_cmpeq_epi8_mask(a, nan_pos) | _mm512_cmpeq_epi8_mask(a, nan_neg) |
+            _mm512_cmpeq_epi8_mask(b, nan_pos) | _mm512_cmpeq_epi8_mask(b, nan_neg)) != 0;
+  }
+  // NaN-exact: NaN bytes become the quiet NaN of their sign.
+  static V cvt_fp8(const uint8_t* p, V s256) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    V f = _mm512_cvtph_ps(fp8_to_f16x16(b));
+    const __mmask16 nan =
+        _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f));
+    if (__builtin_expect(nan != 0, 0)) {
+      const __m512i sign = _mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32(INT32_MIN));
+      f = _mm512_mask_mov_ps(
+          f, nan, _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x7fc00000))));
+    }
+    return _mm512_mul_ps(f, s256);
+  }
+};
+
+}  // namespace
+}  // namespace moeserve::kernels
+
+namespace moeserve::kernels::avx512 {
+const KernelTable& table() {
+  return make_table<Avx512>();
+}
+}  // namespace moeserve::kernels::avx512

@@ -1,0 +1,102 @@
+// kernels.h in portable C++: a 16-lane accumulator is an array, each lane updated by std::fma.
+// The reference for what the vector versions must reproduce bit for bit.
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/impl.h"
+
+namespace moeserve::kernels {
+namespace {
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// IEEE half -> float as vcvtph2ps does it: exact, NaN payload kept and made quiet.
+inline float half_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | man << 13 | (man ? 0x400000u : 0));
+  if (exp == 0) return std::copysign(static_cast<float>(man) * 0x1p-24f, sign ? -1.0f : 1.0f);
+  return bits_to_f32(sign | (exp + 112) << 23 | man << 13);
+}
+
+struct Scalar {
+  struct V {
+    float v[16];
+  };
+  static constexpr int kTileM = 1, kTileN = 1;
+  static constexpr int kTileTM = 1, kTileTN = 1;
+  static constexpr int gemv_rows(int m) { return 1; }
+
+  static V zero() { return V{}; }
+  static V set1(float a) {
+    V r;
+    for (float& l : r.v) l = a;
+    return r;
+  }
+  static V load(const float* p) {
+    V r;
+    std::memcpy(r.v, p, sizeof r.v);
+    return r;
+  }
+  static V load_reg(const float* p) { return load(p); }
+  static void store(float* p, const V& v) { std::memcpy(p, v.v, sizeof v.v); }
+  static V fma(const V& a, const V& b, const V& c) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);
+    return r;
+  }
+
+  // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
+  static float reduce(V v) {
+    for (int s = 8; s >= 1; s /= 2)
+      for (int l = 0; l < s; ++l) v.v[l] = v.v[l] + v.v[l + s];
+    return v.v[0];
+  }
+
+  static V cvt_bf16(const uint16_t* p) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = bf16_to_f32(p[l]);
+    return r;
+  }
+  static V cvt_f16(const uint16_t* p) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = half_to_f32(p[l]);
+    return r;
+  }
+  // float(e4m3) * scale rounded once, computed as the vector versions do: the e4m3 bits
+  // re-read as an f16 (exactly value * 2^-8) times scale * 256. 0x7f / 0xff: quiet NaN.
+  static V cvt_fp8(const uint8_t* p, const V& s256) {
+    V r;
+    for (int l = 0; l < 16; ++l) {
+      const uint32_t b = p[l];
+      const float f = (b & 0x7f) == 0x7f
+                          ? bits_to_f32((b & 0x80) << 24 | 0x7fc00000u)
+                          : half_to_f32(static_cast<uint16_t>((b & 0x80) << 8 | (b & 0x7f) << 7));
+      r.v[l] = f * s256.v[l];
+    }
+    return r;
+  }
+  static V cvt_fp8_nonan(const uint8_t* p, const V& s256) { return cvt_fp8(p, s256); }
+  static void cvt_fp8x2_nonan(const uint8_t* p, const V& s256, V& lo, V& hi) {
+    lo = cvt_fp8(p, s256);
+    hi = cvt_fp8(p + 16, s256);
+  }
+  static bool fp8_nan128(const uint8_t* p) {
+    for (int i = 0; i < 128; ++i)
+      if ((p[i] & 0x7f) == 0x7f) return true;
+    return false;
+  }
+};
+
+}  // namespace
+}  // namespace moeserve::kernels
+
+namespace moeserve::kernels::scalar {
+const KernelTable& table() {
+  return make_table<Scalar>();
+}
+}  // namespace moeserve::kernels::scalar

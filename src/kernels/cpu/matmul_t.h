@@ -1,0 +1,133 @@
+// matmul_t (W transposed; MLA absorption), vectorized over columns. Part of cpu/impl.h.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "kernels/cpu/common.h"
+
+namespace moeserve::kernels {
+namespace {
+
+// ---- matmul_t: vectorized over columns c; each y[i, c] sums over r in order.
+
+constexpr int64_t kTransTokens = 64;  // tokens per work item
+
+// Columns [c0, c0 + 16 * nc) of every row of w as floats, zero past cols. wb: [rows, ldw] f32.
+template <class O, DType DT>
+void dequant_cols(const Weight& w, int64_t c0, int64_t nc, float* wb, int64_t ldw) {
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const uint8_t* row = w_row(w, r);
+    const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t k = c0 + 16 * j;
+      const auto s = fp8_scale<O, DT>(sc, k);  // a 16-chunk never straddles a 128-block
+      O::store(wb + r * ldw + 16 * j, k + 16 <= w.cols ? load_w<O, DT>(row, k, s)
+                                                       : load_w_tail<O, DT>(row, k, w.cols - k, s));
+    }
+  }
+}
+
+// y[i, 16j + l] = sum_r x[i, r] * wb[r, 16j + l] for i < MT, j < NT, columns < ncols.
+template <class O, int MT, int NT>
+void trans_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t rows, float* y,
+                int64_t ldy, int64_t ncols) {
+  using V = typename O::V;
+  V acc[MT][NT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
+  for (int64_t r = 0; r < rows; ++r) {
+    V wv[NT];
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) wv[j] = O::load(wb + r * ldw + 16 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const V xb = O::set1(x[i * ldx + r]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NT; ++j) acc[i][j] = O::fma(xb, wv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) {
+      float* dst = y + i * ldy + 16 * j;
+      if (16 * j + 16 <= ncols) {
+        O::store(dst, acc[i][j]);
+      } else if (16 * j < ncols) {
+        alignas(64) float tmp[16];
+        O::store(tmp, acc[i][j]);
+        std::memcpy(dst, tmp, (ncols - 16 * j) * sizeof(float));
+      }
+    }
+}
+
+using TransTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
+                             int64_t);
+
+template <class O, int MT, int... NT>
+constexpr void fill_trans_row(TransTileFn* row, std::integer_sequence<int, NT...>) {
+  ((row[NT] = &trans_tile<O, MT, NT + 1>), ...);
+}
+template <class O, int... MT>
+constexpr void fill_trans_tiles(TransTileFn (*t)[O::kTileTN], std::integer_sequence<int, MT...>) {
+  (fill_trans_row<O, MT + 1>(t[MT], std::make_integer_sequence<int, O::kTileTN>{}), ...);
+}
+
+template <class O, DType DT>
+void matmul_t_dtype(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+                    float* y, int64_t ldy) {
+  constexpr int64_t kSlice = 16 * O::kTileTN;  // columns per work item
+  static const auto tiles = [] {
+    struct T {
+      TransTileFn f[O::kTileTM][O::kTileTN];
+    } t{};
+    fill_trans_tiles<O>(t.f, std::make_integer_sequence<int, O::kTileTM>{});
+    return t;
+  }();
+  const int64_t C = w.cols, n_slices = (C + kSlice - 1) / kSlice;
+  const int64_t n_blocks = (m + kTransTokens - 1) / kTransTokens;
+  // Items are slice-major, so a thread's consecutive items mostly reuse its dequantized slice.
+  pool.parallel_for(n_slices * n_blocks, [&](int64_t b, int64_t e, int) {
+    static thread_local Scratch wscratch;
+    float* wb = wscratch.get(std::max<int64_t>(1, w.rows) * kSlice);  // [rows, kSlice]
+    int64_t have = -1;
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t s = it / n_blocks, blk = it % n_blocks;
+      const int64_t c0 = s * kSlice, cn = std::min(kSlice, C - c0), nc = (cn + 15) / 16;
+      if (s != have) {
+        dequant_cols<O, DT>(w, c0, nc, wb, kSlice);
+        have = s;
+      }
+      const int64_t i1 = std::min(m, (blk + 1) * kTransTokens);
+      for (int64_t i0 = blk * kTransTokens; i0 < i1; i0 += O::kTileTM) {
+        const int64_t mt = std::min<int64_t>(O::kTileTM, i1 - i0);
+        tiles.f[mt - 1][nc - 1](x + i0 * ldx, ldx, wb, kSlice, w.rows, y + i0 * ldy + c0, ldy, cn);
+      }
+    }
+  });
+}
+
+template <class O>
+void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+              float* y, int64_t ldy) {
+  if (m <= 0 || w.cols <= 0) return;
+  switch (w.dtype) {
+    case DType::F32:
+      return matmul_t_dtype<O, DType::F32>(pool, x, m, ldx, w, y, ldy);
+    case DType::F16:
+      return matmul_t_dtype<O, DType::F16>(pool, x, m, ldx, w, y, ldy);
+    case DType::BF16:
+      return matmul_t_dtype<O, DType::BF16>(pool, x, m, ldx, w, y, ldy);
+    case DType::F8_E4M3:
+      return matmul_t_dtype<O, DType::F8_E4M3>(pool, x, m, ldx, w, y, ldy);
+    default:
+      fail("matmul_t: unsupported weight dtype ", dtype_name(w.dtype));
+  }
+}
+
+}  // namespace
+}  // namespace moeserve::kernels

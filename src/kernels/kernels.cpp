@@ -1,0 +1,100 @@
+#include "kernels/kernels.h"
+
+#include "core/error.h"
+#include "kernels/cpu/isa.h"
+
+namespace moeserve::kernels {
+
+Weight Weight::rows_view(int64_t r0, int64_t n) const {
+  MS_ASSERT(r0 >= 0 && n >= 0 && r0 + n <= rows);
+  Weight v = *this;
+  v.data = static_cast<const uint8_t*>(data) + r0 * cols * static_cast<int64_t>(dtype_size(dtype));
+  v.rows = n;
+  v.scale_row0 = scale_row0 + r0;
+  return v;
+}
+
+float Weight::at(int64_t r, int64_t c) const {
+  const int64_t i = r * cols + c;
+  switch (dtype) {
+    case DType::F32:
+      return static_cast<const float*>(data)[i];
+    case DType::F16:
+      return f16_to_f32(static_cast<const uint16_t*>(data)[i]);
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(data)[i]);
+    case DType::F8_E4M3:
+      return fp8e4m3_to_f32(static_cast<const uint8_t*>(data)[i]) *
+             scale_inv[((scale_row0 + r) / kFp8Block) * scale_cols + c / kFp8Block];
+    default:
+      fail("Weight::at: unsupported dtype ", dtype_name(dtype));
+  }
+}
+
+size_t Weight::bytes() const {
+  size_t n = static_cast<size_t>(rows * cols) * dtype_size(dtype);
+  if (dtype == DType::F8_E4M3 && rows > 0) {
+    const int64_t b0 = scale_row0 / kFp8Block, b1 = (scale_row0 + rows - 1) / kFp8Block;
+    n += static_cast<size_t>((b1 - b0 + 1) * scale_cols) * sizeof(float);
+  }
+  return n;
+}
+
+bool isa_available(Isa isa) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case Isa::Scalar:
+      return true;
+    case Isa::Avx2:
+      return avx2;
+    case Isa::Avx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+}
+
+const KernelTable& kernel_table(Isa isa) {
+  MS_ASSERT(isa_available(isa));
+  switch (isa) {
+    case Isa::Avx512:
+      return avx512::table();
+    case Isa::Avx2:
+      return avx2::table();
+    default:
+      return scalar::table();
+  }
+}
+
+namespace {
+const KernelTable& active() {
+  static const KernelTable& t = kernel_table(detected_isa());
+  return t;
+}
+}  // namespace
+
+void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+            float* y, int64_t ldy) {
+  active().matmul(pool, x, m, ldx, w, y, ldy);
+}
+
+void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+              float* y, int64_t ldy) {
+  active().matmul_t(pool, x, m, ldx, w, y, ldy);
+}
+
+void dequant_row(const Weight& w, int64_t r, float* out) {
+  active().dequant_row(w, r, out);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  return active().dot(a, b, n);
+}
+
+void axpy(float a, const float* x, float* y, int64_t n) {
+  active().axpy(a, x, y, n);
+}
+
+}  // namespace moeserve::kernels

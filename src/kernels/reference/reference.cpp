@@ -1,0 +1,89 @@
+#include "kernels/reference/reference.h"
+
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+
+namespace moeserve::kernels::reference {
+
+float weight_value(const Weight& w, int64_t r, int64_t c) {
+  const int64_t i = r * w.cols + c;
+  switch (w.dtype) {
+    case DType::F32:
+      return static_cast<const float*>(w.data)[i];
+    case DType::F16:
+      return f16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
+    case DType::F8_E4M3: {
+      const int64_t block_row = (w.scale_row0 + r) / 128, block_col = c / 128;
+      const float scale = w.scale_inv[block_row * w.scale_cols + block_col];
+      return fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[i]) * scale;
+    }
+    default:
+      fail("reference: unsupported dtype ", dtype_name(w.dtype));
+  }
+}
+
+void dequant(const Weight& w, float* out) {
+  for (int64_t r = 0; r < w.rows; ++r)
+    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = weight_value(w, r, c);
+}
+
+void matmul(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t n = 0; n < w.rows; ++n) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < w.cols; ++k) {
+        const float p = x[i * ldx + k] * weight_value(w, n, k);
+        acc = acc + p;
+      }
+      y[i * ldy + n] = acc;
+    }
+  }
+}
+
+void matmul_abs(const float* x, int64_t m, int64_t ldx, const Weight& w, double* y, int64_t ldy) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t n = 0; n < w.rows; ++n) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < w.cols; ++k)
+        acc += std::fabs(static_cast<double>(x[i * ldx + k]) * weight_value(w, n, k));
+      y[i * ldy + n] = acc;
+    }
+  }
+}
+
+float dot_lanes(const float* a, const float* b, int64_t n) {
+  float lane[16] = {};
+  const int64_t padded = (n + 15) / 16 * 16;
+  for (int64_t k = 0; k < padded; ++k) {
+    const float ak = k < n ? a[k] : 0.0f, bk = k < n ? b[k] : 0.0f;
+    lane[k % 16] = std::fma(ak, bk, lane[k % 16]);
+  }
+  for (int s = 8; s >= 1; s /= 2)
+    for (int l = 0; l < s; ++l) lane[l] = lane[l] + lane[l + s];
+  return lane[0];
+}
+
+void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy) {
+  std::vector<float> row(w.cols);
+  for (int64_t n = 0; n < w.rows; ++n) {
+    for (int64_t k = 0; k < w.cols; ++k) row[k] = weight_value(w, n, k);
+    for (int64_t i = 0; i < m; ++i) y[i * ldy + n] = dot_lanes(x + i * ldx, row.data(), w.cols);
+  }
+}
+
+void matmul_t(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t c = 0; c < w.cols; ++c) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < w.rows; ++r)
+        acc = std::fma(x[i * ldx + r], weight_value(w, r, c), acc);
+      y[i * ldy + c] = acc;
+    }
+  }
+}
+
+}  // namespace moeserve::kernels::reference

@@ -1,0 +1,35 @@
+// Slow, obvious twins of the kernels in kernels.h, element by element through the scalar
+// conversions of core/dtype.h. Used only by tests, to hold the fast kernels to.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace moeserve::kernels::reference {
+
+// Element (r, c) of w as a float: float(fp8) * scale_inv of its 128x128 block for F8_E4M3.
+float weight_value(const Weight& w, int64_t r, int64_t c);
+
+// out: [w.rows, w.cols] f32, every element by weight_value.
+void dequant(const Weight& w, float* out);
+
+// y[i, n] = sum_k x[i, k] * W[n, k] as one float accumulator, k = 0, 1, ... (a * b then +).
+// Not the 16-lane order of the fast kernel: compare with a tolerance (see matmul_abs).
+// x: [m, ldx] f32; y: [m, ldy] f32.
+void matmul(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
+
+// y[i, n] = sum_k |x[i, k] * W[n, k]| (in double): the size of the rounding-error bounds.
+void matmul_abs(const float* x, int64_t m, int64_t ldx, const Weight& w, double* y, int64_t ldy);
+
+// The 16-lane contract of kernels.h written out: lane k % 16 takes fma(x, w, lane) for k in
+// increasing order, K padded to a multiple of 16 with 0 * 0, then the tree 8, 4, 2, 1.
+// Must equal the fast matmul bit for bit.
+void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
+float dot_lanes(const float* a, const float* b, int64_t n);
+
+// y[i, c] = sum_r x[i, r] * W[r, c], one std::fma per r in increasing order from +0.0: the
+// contract of matmul_t, so equal to it bit for bit.  x: [m, ldx]; y: [m, ldy].
+void matmul_t(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
+
+}  // namespace moeserve::kernels::reference

@@ -1,0 +1,292 @@
+#include "moe/dispatch.h"
+
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+
+namespace moeserve::moe {
+
+namespace {
+
+// The fixed block every rank sends every rank in plan: [S] pair counts and [S] leader-row counts
+// of the receiver's slots, then a header that all ranks compare, so that a bad input or a
+// disagreement ends the layer on every rank at once.
+enum Header : int64_t { kStatus, kFingerprint, kHidden, kTopK, kMode, kHeaderWords };
+
+// Checks one rank's router output; returns an empty string when it is fine.
+std::string check_input(const Placement& pl, int n_ranks, int64_t n, int64_t K, int64_t H,
+                        const int32_t* experts, const float* weights) {
+  using detail::concat;
+  if (pl.n_ranks() != n_ranks)
+    return concat("placement is for ", pl.n_ranks(), " ranks, the communicator has ", n_ranks);
+  if (n < 0 || K < 1 || K > pl.n_experts() || H < 1)
+    return concat("bad shape: n_tokens ", n, ", top_k ", K, " of ", pl.n_experts(),
+                  " experts, hidden ", H);
+  if (n > 0 && (!experts || !weights)) return "null experts or weights";
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t e = experts[t * K + k];
+      if (e < 0 || e >= pl.n_experts())
+        return concat("token ", t, " routes to expert ", e, ", out of range [0, ", pl.n_experts(),
+                      ")");
+      if (k > 0 && e <= experts[t * K + k - 1])
+        return concat("token ", t, "'s experts are not strictly ascending");
+    }
+  return {};
+}
+
+// Runs fn, returns its wall time in seconds.
+template <class F>
+double timed(F&& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// o[i] = o[i] + y[i] * w: a multiply, then an add (no FMA: -ffp-contract=off), element by
+// element, so vector lanes give the scalar loop's bits. Blocks of 16 let -O2 vectorize.
+void add_scaled(float* __restrict o, const float* __restrict y, float w, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) o[i + j] = o[i + j] + y[i + j] * w;
+  for (; i < n; ++i) o[i] = o[i] + y[i] * w;
+}
+
+// The send side of a plan: pairs to copies, travel order, rows and masks; adds the per-slot
+// counts to block [R, W].
+void plan_send(DispatchPlan& p, const Placement& pl, const int32_t* experts, const float* weights,
+               int64_t S, std::vector<int64_t>& block) {
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t n = p.n_tokens, K = p.top_k, W = 2 * S + kHeaderWords;
+  const bool per_rank = p.mode == DispatchMode::PerRank;
+  // Each pair to one copy of its expert. The leader of a (token, rank) is its pair of lowest k
+  // there: the one whose row travels (every pair leads in PerExpert).
+  std::vector<int64_t> slot_base(R + 1, 0);
+  for (int r = 0; r < R; ++r) slot_base[r + 1] = slot_base[r] + pl.experts_on(r).size();
+  const int64_t P = n * K;
+  std::vector<int32_t> dest(P), slot(P);
+  std::vector<int64_t> key(P), lead(P), count(slot_base[R] * (S + 1) + 1, 0);
+  std::vector<int64_t> last(R, -1), lead_pair(R, -1);
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t t = i / K;
+    const Replica c = pl.choose(experts[i], me, t);
+    dest[i] = c.rank, slot[i] = c.slot;
+    if (!per_rank || last[c.rank] != t) last[c.rank] = t, lead_pair[c.rank] = i;
+    lead[i] = lead_pair[c.rank];
+    // Travel order: destination slot; in it leaders first, then the others by their leader's
+    // slot; then token (the sort below is stable).
+    key[i] = (slot_base[c.rank] + c.slot) * (S + 1) + (lead[i] == i ? 0 : 1 + slot[lead[i]]);
+    ++count[key[i] + 1];
+    block[c.rank * W + c.slot] += 1;
+    if (lead[i] == i) block[c.rank * W + S + c.slot] += 1;
+  }
+  for (size_t g = 1; g < count.size(); ++g) count[g] += count[g - 1];
+  p.pair_offset.resize(R + 1);
+  for (int r = 0; r <= R; ++r) p.pair_offset[r] = count[slot_base[r] * (S + 1)];
+  p.pair_token.resize(P);
+  p.pair_pos.resize(P);
+  std::vector<int64_t> by_pos(P);  // pair index at each travel position
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t pos = count[key[i]]++;
+    p.pair_pos[i] = pos;
+    p.pair_token[pos] = static_cast<int32_t>(i / K);
+    by_pos[pos] = i;
+  }
+  p.weight.assign(weights, weights + P);
+
+  // Rows: the leaders in travel order, which is (leader slot, token) per rank.
+  std::vector<int64_t> row_of(per_rank ? P : 0);
+  p.row_offset.assign(R + 1, 0);
+  for (int64_t i = 0; i < P; ++i)
+    if (lead[i] == i) ++p.row_offset[dest[i] + 1];
+  for (int r = 0; r < R; ++r) p.row_offset[r + 1] += p.row_offset[r];
+  p.row_token.resize(p.row_offset[R]);
+  std::vector<int64_t> at(p.row_offset.begin(), p.row_offset.end() - 1);  // next row per rank
+  for (int64_t pos = 0; pos < P; ++pos) {
+    const int64_t i = by_pos[pos];
+    if (lead[i] != i) continue;
+    const int64_t row = at[dest[i]]++;
+    p.row_token[row] = static_cast<int32_t>(i / K);
+    if (per_rank) row_of[i] = row;
+  }
+  if (per_rank) {  // each row's other slots at its destination
+    const int64_t MW = p.mask_words;
+    p.row_mask.assign(p.row_offset[R] * MW, 0);
+    for (int64_t i = 0; i < P; ++i)
+      if (lead[i] != i)
+        p.row_mask[row_of[lead[i]] * MW + slot[i] / 64] |= uint64_t{1} << (slot[i] % 64);
+  }
+}
+
+// The receive side of a plan, from the blocks got [R, W] all ranks sent this one. Cell (s, j)
+// holds rank s's rows for local slot j, its leaders first.
+void plan_receive(DispatchPlan& p, const Placement& pl, const std::vector<int64_t>& got,
+                  int64_t S) {
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t W = 2 * S + kHeaderWords;
+  const auto local = pl.experts_on(me);
+  const int64_t J = static_cast<int64_t>(local.size());
+  p.n_slots = static_cast<int32_t>(J);
+  p.slot_expert.assign(local.begin(), local.end());
+  p.recv_count.resize(R * J);
+  p.lead_count.resize(R * J);
+  p.cell_offset.resize(R * J);
+  p.slot_offset.assign(J + 1, 0);
+  p.recv_row_offset.assign(R + 1, 0);
+  for (int s = 0; s < R; ++s) {
+    p.recv_row_offset[s + 1] = p.recv_row_offset[s];
+    for (int64_t j = 0; j < J; ++j) {
+      p.recv_count[s * J + j] = got[s * W + j];
+      p.lead_count[s * J + j] = got[s * W + S + j];
+      p.slot_offset[j + 1] += got[s * W + j];
+      p.recv_row_offset[s + 1] += got[s * W + S + j];
+    }
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    p.slot_offset[j + 1] += p.slot_offset[j];
+    int64_t o = p.slot_offset[j];
+    for (int s = 0; s < R; ++s) p.cell_offset[s * J + j] = o, o += p.recv_count[s * J + j];
+  }
+  // The pairs this rank sends itself are its own cells, in the same order.
+  p.self_row.resize(p.pair_offset.empty() ? 0 : p.pair_offset[me + 1] - p.pair_offset[me]);
+  int64_t q = 0;
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t c = 0; c < p.recv_count[me * J + j]; ++c)
+      p.self_row[q++] = p.cell_offset[me * J + j] + c;
+  MS_ASSERT(q == static_cast<int64_t>(p.self_row.size()));
+}
+
+}  // namespace
+
+Dispatcher::Dispatcher(comm::Communicator& comm, DispatchMode mode) : comm_(comm), mode_(mode) {}
+
+DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t H,
+                              const int32_t* experts, const float* weights) {
+  const int R = comm_.size(), me = comm_.rank();
+  const bool per_rank = mode_ == DispatchMode::PerRank;
+  const int64_t S = pl.max_slots(), W = 2 * S + kHeaderWords;
+  DispatchPlan p;
+  p.mode = mode_, p.rank = me, p.n_ranks = R;
+  p.n_tokens = n, p.top_k = K, p.hidden = H;
+  p.mask_words = per_rank ? static_cast<int32_t>(std::max<int64_t>(1, (S + 63) / 64)) : 0;
+
+  const std::string bad = check_input(pl, R, n, K, H, experts, weights);
+  std::vector<int64_t> block(R * W, 0), got(R * W, 0);  // [R, W] to / from each rank
+  if (bad.empty()) plan_send(p, pl, experts, weights, S, block);
+  for (int r = 0; r < R; ++r) {
+    int64_t* h = &block[r * W + 2 * S];
+    h[kStatus] = bad.empty() ? 0 : 1;
+    h[kFingerprint] = static_cast<int64_t>(pl.fingerprint());
+    h[kHidden] = H, h[kTopK] = K, h[kMode] = static_cast<int64_t>(mode_);
+  }
+  timing_.plan = timed([&] { comm_.all_to_all(block.data(), W * sizeof(int64_t), got.data()); });
+
+  // Every rank sees every rank's header: the same verdict everywhere.
+  std::string failed;
+  for (int r = 0; r < R; ++r)
+    if (got[r * W + 2 * S + kStatus]) failed += (failed.empty() ? "" : ", ") + std::to_string(r);
+  if (!failed.empty())
+    fail("MoE dispatch: invalid routing input on rank(s) ", failed,
+         bad.empty() ? std::string() : " (here: " + bad + ")");
+  const char* what[kHeaderWords] = {};
+  what[kFingerprint] = "placement", what[kHidden] = "hidden size", what[kTopK] = "top_k";
+  what[kMode] = "dispatch mode";
+  for (int f = kFingerprint; f < kHeaderWords; ++f)
+    for (int r = 1; r < R; ++r)
+      MS_CHECK(got[r * W + 2 * S + f] == got[2 * S + f], "MoE dispatch: ranks 0 and ", r,
+               " disagree on the ", what[f]);
+
+  plan_receive(p, pl, got, S);
+  return p;
+}
+
+const float* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
+  MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
+  const int R = p.n_ranks;
+  const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
+  const int64_t MW = p.mask_words, mrow = MW * sizeof(uint64_t);
+  float* x = x_.get(p.n_recv() * H);
+  uint64_t* masks = masks_.get(p.recv_row_offset[R] * MW);
+  // Per peer: the rows (leaders), then (PerRank) their masks. Leaders land in place, in the
+  // first part of each cell; the masks say where else each row goes.
+  send_.reset();
+  recv_.reset();
+  for (int d = 0; d < R; ++d) {
+    for (int64_t r = p.row_offset[d]; r < p.row_offset[d + 1]; ++r)
+      send_.add(hidden + p.row_token[r] * H, row);
+    send_.add(p.row_mask.data() + p.row_offset[d] * MW,
+              (p.row_offset[d + 1] - p.row_offset[d]) * mrow);
+    send_.next_peer();
+  }
+  for (int s = 0; s < R; ++s) {
+    for (int64_t j = 0; j < J; ++j)
+      recv_.add(x + p.cell_offset[s * J + j] * H, p.lead_count[s * J + j] * row);
+    const int64_t b = p.recv_row_offset[s];
+    recv_.add(masks + b * MW, (p.recv_row_offset[s + 1] - b) * mrow);
+    recv_.next_peer();
+  }
+  timing_.dispatch = timed([&] { comm_.all_to_all_segments(send_, recv_); });
+  if (!MW) return x;
+  // Copies to the other slots, in arrival order (leader slot, token): the order plan gave the
+  // non-leaders of each cell.
+  std::vector<int64_t> next(R * J);  // [R, J] next free row of each cell
+  for (int64_t c = 0; c < R * J; ++c) next[c] = p.cell_offset[c] + p.lead_count[c];
+  for (int s = 0; s < R; ++s) {
+    int64_t r = p.recv_row_offset[s];
+    for (int64_t j0 = 0; j0 < J; ++j0)
+      for (int64_t q = 0; q < p.lead_count[s * J + j0]; ++q, ++r) {
+        const float* src = x + (p.cell_offset[s * J + j0] + q) * H;
+        for (int64_t w = 0; w < MW; ++w)
+          for (uint64_t m = masks[r * MW + w]; m; m &= m - 1) {
+            const int64_t j = w * 64 + std::countr_zero(m);
+            MS_ASSERT(j < J && j != j0);
+            std::memcpy(x + next[s * J + j]++ * H, src, row);
+          }
+      }
+  }
+  return x;
+}
+
+float* Dispatcher::expert_out(const DispatchPlan& p) {
+  return y_.get(p.n_recv() * p.hidden);
+}
+
+void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* out) {
+  MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t H = p.hidden, J = p.n_slots, K = p.top_k, row = H * sizeof(float);
+  float* back = back_.get(p.n_pairs_sent() * H);
+  // Each cell's rows back to its source, except this rank's own: those are read in place.
+  send_.reset();
+  recv_.reset();
+  for (int s = 0; s < R; ++s) {
+    for (int64_t j = 0; j < J && s != me; ++j)
+      send_.add(expert_out + p.cell_offset[s * J + j] * H, p.recv_count[s * J + j] * row);
+    send_.next_peer();
+  }
+  for (int d = 0; d < R; ++d) {
+    if (d != me)
+      recv_.add(back + p.pair_offset[d] * H, (p.pair_offset[d + 1] - p.pair_offset[d]) * row);
+    recv_.next_peer();
+  }
+  timing_.combine = timed([&] { comm_.all_to_all_segments(send_, recv_); });
+  // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
+  const int64_t self_begin = p.pair_offset[me], self_end = p.pair_offset[me + 1];
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    float* o = out + t * H;
+    std::fill_n(o, H, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t pos = p.pair_pos[t * K + k];
+      const float* y = pos >= self_begin && pos < self_end
+                           ? expert_out + p.self_row[pos - self_begin] * H
+                           : back + pos * H;
+      add_scaled(o, y, p.weight[t * K + k], H);
+    }
+  }
+}
+
+}  // namespace moeserve::moe

@@ -1,0 +1,152 @@
+#include "server/generate.h"
+
+#include <random>
+
+#include "server/http.h"
+
+#include "core/error.h"
+#include "server/api_error.h"
+#include "server/chat_format.h"
+#include "server/connection.h"
+#include "server/server.h"
+
+namespace moeserve::server {
+
+namespace {
+
+constexpr std::chrono::milliseconds kPoll{50};  // how often a waiting handler looks around
+
+[[noreturn]] void too_long(const std::string& message, const std::string& param) {
+  throw ApiError(400, message, param, "context_length_exceeded");
+}
+
+std::vector<int32_t> prompt_ids(ServerContext& ctx, const GenRequest& g, bool* starts_in_think) {
+  const int64_t vocab = ctx.engine.model_config().vocab_size;
+  try {
+    if (g.endpoint == Endpoint::Chat) {
+      if (!ctx.chat)
+        throw ApiError(400,
+                       "This model has no chat template (its tokenizer_config.json has no "
+                       "chat_template); start the server with --chat-template FILE, or use "
+                       "/v1/completions.",
+                       "messages", "no_chat_template");
+      const std::string text =
+          ctx.chat->render(g.messages, g.add_generation_prompt, g.template_kwargs);
+      *starts_in_think = opens_think(text);
+      // The template writes the special tokens (bos included) itself.
+      return ctx.tok.encode(text, /*add_special=*/false, /*parse_special=*/true);
+    }
+    if (g.prompt_is_ids) {
+      for (int32_t id : g.prompt_ids)
+        if (id >= vocab)
+          bad_request("prompt", "Token id " + std::to_string(id) +
+                                    " in 'prompt' is out of range [0, " + std::to_string(vocab) +
+                                    ").");
+      return g.prompt_ids;
+    }
+    return ctx.tok.encode(g.prompt_text, /*add_special=*/true, /*parse_special=*/true);
+  } catch (const moeserve::Error& e) {
+    bad_request(g.endpoint == Endpoint::Chat ? "messages" : "prompt", e.what());
+  }
+}
+
+}  // namespace
+
+Prepared prepare(ServerContext& ctx, const GenRequest& g) {
+  if (!g.model.empty() && g.model != ctx.opt.served_model_name)
+    throw ApiError(400,
+                   "The model '" + g.model + "' does not exist; this server serves '" +
+                       ctx.opt.served_model_name + "'.",
+                   "model", "model_not_found");
+  Prepared p;
+  bool starts_in_think = false;
+  p.prompt = prompt_ids(ctx, g, &starts_in_think);
+  const std::string prompt_param = g.endpoint == Endpoint::Chat ? "messages" : "prompt";
+  if (p.prompt.empty()) bad_request(prompt_param, "The prompt is empty.");
+
+  const int64_t n = static_cast<int64_t>(p.prompt.size());
+  const int64_t limit = ctx.engine.config().max_model_len;
+  const std::string where = g.endpoint == Endpoint::Chat ? "messages" : "prompt";
+  if (n + 1 > limit)
+    too_long("This model's maximum context length is " + std::to_string(limit) +
+                 " tokens. However, your " + where + " resulted in " + std::to_string(n) +
+                 " tokens, which leaves no room for the completion. Please reduce the length "
+                 "of the " +
+                 where + ".",
+             prompt_param);
+  if (g.max_tokens && n + *g.max_tokens > limit)
+    too_long(
+        "This model's maximum context length is " + std::to_string(limit) +
+            " tokens. However, you requested " + std::to_string(n + *g.max_tokens) + " tokens (" +
+            std::to_string(n) + " in the " + where + ", " + std::to_string(*g.max_tokens) +
+            " in the completion). Please reduce the length of the " + where + " or completion.",
+        "max_tokens");
+  p.max_tokens = g.max_tokens.value_or(limit - n);
+
+  p.sampling.temperature = static_cast<float>(g.temperature);
+  p.sampling.top_p = static_cast<float>(g.top_p);
+  p.sampling.top_k = g.top_k;
+  p.sampling.seed = g.seed ? *g.seed : std::random_device{}() * 0x100000001ull;
+
+  const int64_t vocab = ctx.engine.model_config().vocab_size;
+  if (!g.ignore_eos) p.output.stop_ids = ctx.eos_ids;
+  for (int32_t id : g.stop_token_ids) {
+    if (id >= vocab)
+      bad_request("stop_token_ids", "Token id " + std::to_string(id) +
+                                        " in 'stop_token_ids' is out of range [0, " +
+                                        std::to_string(vocab) + ").");
+    p.output.stop_ids.push_back(id);
+  }
+  p.output.stop = g.stop;
+  p.output.skip_special = g.skip_special_tokens;
+  p.output.reasoning = g.endpoint == Endpoint::Chat && ctx.chat && ctx.chat->reasoning();
+  p.output.starts_in_think = starts_in_think;
+  p.output.logprobs = g.top_logprobs >= 0;
+  p.top_logprobs = g.top_logprobs;
+  return p;
+}
+
+void handle_generate(ServerContext& ctx, Endpoint endpoint, const httplib::Request& req,
+                     httplib::Response& res) {
+  const auto arrival = Clock::now();
+  if (ctx.stopping) throw ApiError(503, "The server is shutting down.", "", "shutting_down");
+  GenRequest g;
+  Prepared p;
+  try {
+    g = parse_request(endpoint, req.body, ctx.opt.limits);
+    p = prepare(ctx, g);
+  } catch (const ApiError&) {
+    ctx.metrics.record_request(endpoint == Endpoint::Chat ? "chat" : "completions",
+                               Outcome::Invalid);
+    throw;
+  }
+  auto gen = std::make_shared<Generation>(ctx, g, std::move(p), arrival);
+  gen->submit();
+  if (g.stream) {
+    stream_response(ctx, std::move(gen), res);
+    return;
+  }
+
+  // Not streamed: wait for the whole output, watching the client and the server meanwhile.
+  ConnectionWatch watch(req);
+  Delta all;
+  while (!gen->done()) {
+    if (ctx.stopping) {
+      gen->abort();
+      throw ApiError(503, "The server is shutting down.", "", "shutting_down");
+    }
+    Delta d;
+    gen->step(d, kPoll);
+    all.append(std::move(d));
+    if (!gen->done() && watch.peer_closed()) {
+      gen->abort();  // nobody is left to answer
+      res.status = 499;
+      return;
+    }
+  }
+  if (gen->failed()) throw ApiError(500, gen->error(), "", "generation_failed");
+  res.set_content(to_wire(gen->builder().full(all, gen->finish_reason(), gen->usage())),
+                  "application/json");
+}
+
+}  // namespace moeserve::server

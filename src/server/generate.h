@@ -1,0 +1,28 @@
+// POST /v1/chat/completions and /v1/completions: validate, render and tokenize the prompt,
+// submit to the engine, then answer with one JSON object or a stream of server-sent events.
+#pragma once
+
+#include "server/generation.h"
+#include "server/protocol.h"
+
+namespace httplib {
+struct Request;
+struct Response;
+}  // namespace httplib
+
+namespace moeserve::server {
+
+struct ServerContext;
+
+// Handles one generation request. Throws ApiError for everything the client gets wrong.
+void handle_generate(ServerContext& ctx, Endpoint endpoint, const httplib::Request& req,
+                     httplib::Response& res);
+
+// The request in engine terms: prompt ids, token budget, sampling, stop conditions. Throws
+// ApiError(400) (unknown model, no chat template, prompt too long, token ids out of range).
+Prepared prepare(ServerContext& ctx, const GenRequest& g);
+
+// Streams `gen` as server-sent events: "data: {chunk}\n\n" ... "data: [DONE]\n\n".
+void stream_response(ServerContext& ctx, std::shared_ptr<Generation> gen, httplib::Response& res);
+
+}  // namespace moeserve::server

@@ -1,0 +1,85 @@
+// From generated token ids to what a client receives: incremental detokenization, stop strings
+// (held back, never sent), the split of reasoning ("<think> ... </think>") from content, and the
+// per-token log-probabilities that go with the text.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/engine.h"
+#include "server/stop_matcher.h"
+#include "tokenizer/stream_decoder.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moeserve::server {
+
+struct TokenLogprob {
+  int32_t id = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
+  int64_t text_offset = 0;  // characters of completion text before this token
+};
+
+// What one step of the pipeline releases.
+struct Delta {
+  std::string reasoning, content;
+  std::vector<TokenLogprob> logprobs;
+  bool empty() const { return reasoning.empty() && content.empty() && logprobs.empty(); }
+  void append(Delta&& d);
+};
+
+// Splits "<think>reasoning</think>content" as DeepSeek-R1 writes it. When the prompt already
+// opened the block (the chat template ends with <think>), output starts inside it; otherwise a
+// "<think>" at the very start of the output opens it. Markers are never part of the output.
+class ReasoningSplitter {
+ public:
+  enum class Start { Content, MaybeThink, InThink };
+  explicit ReasoningSplitter(Start s) : state_(s) {}
+  void put(std::string_view text, Delta& out);
+  void flush(Delta& out);
+
+ private:
+  Start state_;
+  std::string held_;
+};
+
+struct OutputOptions {
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_ids;  // eos and friends: they end the output and add no text
+  bool skip_special = true;
+  bool reasoning = false;  // split reasoning_content from content
+  bool starts_in_think = false;
+  bool logprobs = false;
+};
+
+class OutputPipeline {
+ public:
+  OutputPipeline(const tokenizer::Tokenizer& tok, OutputOptions opt);
+
+  // Consumes one generated token; appends what may be sent to `out`. Returns true when a stop
+  // string ended the output (the token counts; later tokens must not be fed).
+  bool put(const engine::TokenEvent& ev, Delta& out);
+  // Releases held-back text at the end of generation.
+  void finish(Delta& out);
+
+  int64_t tokens() const { return tokens_; }
+  bool stopped_by_string() const { return stop_.stopped(); }
+
+ private:
+  void emit_text(const std::string& text, Delta& out);
+
+  OutputOptions opt_;
+  tokenizer::StreamDecoder decoder_;
+  StopMatcher stop_;
+  ReasoningSplitter splitter_;
+  int64_t tokens_ = 0;
+  int64_t chars_ = 0;  // characters decoded so far (before stop truncation)
+};
+
+// The token's text for logprobs: its bytes when they are valid UTF-8, else "bytes:\xNN..." as
+// vLLM and OpenAI write partial characters.
+std::string token_display(const tokenizer::Tokenizer& tok, int32_t id);
+
+}  // namespace moeserve::server

@@ -1,0 +1,348 @@
+#include "server/protocol.h"
+
+#include <cmath>
+#include <limits>
+
+#include "server/api_error.h"
+
+namespace moeserve::server {
+
+using nlohmann::json;
+
+namespace {
+
+const char* kind_of(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null:
+      return "null";
+    case json::value_t::boolean:
+      return "a boolean";
+    case json::value_t::string:
+      return "a string";
+    case json::value_t::array:
+      return "an array";
+    case json::value_t::object:
+      return "an object";
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned:
+      return "an integer";
+    case json::value_t::number_float:
+      return "a number";
+    default:
+      return "an unsupported value";
+  }
+}
+
+[[noreturn]] void wrong_type(const std::string& name, const char* expected, const json& got) {
+  bad_request(name, "Invalid type for '" + name + "': expected " + expected + ", but got " +
+                        kind_of(got) + " instead.");
+}
+
+// The field's value, or nullptr when it is absent or null (OpenAI treats null as "not given").
+const json* field(const json& obj, const char* key) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return nullptr;
+  return &*it;
+}
+
+std::optional<bool> get_bool(const json& obj, const char* key) {
+  const json* v = field(obj, key);
+  if (!v) return std::nullopt;
+  if (!v->is_boolean()) wrong_type(key, "a boolean", *v);
+  return v->get<bool>();
+}
+
+std::optional<std::string> get_string(const json& obj, const char* key) {
+  const json* v = field(obj, key);
+  if (!v) return std::nullopt;
+  if (!v->is_string()) wrong_type(key, "a string", *v);
+  return v->get<std::string>();
+}
+
+std::optional<double> get_number(const json& obj, const char* key, double lo, double hi) {
+  const json* v = field(obj, key);
+  if (!v) return std::nullopt;
+  if (!v->is_number()) wrong_type(key, "a number", *v);
+  const double d = v->get<double>();
+  if (!std::isfinite(d) || d < lo || d > hi)
+    bad_request(key, "'" + std::string(key) + "' must be between " + json(lo).dump() + " and " +
+                         json(hi).dump() + ", got " + v->dump() + ".");
+  return d;
+}
+
+// An integer within [lo, hi] (a JSON number with a fractional part or an exponent is refused).
+int64_t as_int(const json& v, const std::string& name, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer()) wrong_type(name, "an integer", v);
+  bool ok;
+  int64_t x = 0;
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    ok = u <= static_cast<uint64_t>(hi) && hi >= 0;
+    x = ok ? static_cast<int64_t>(u) : 0;
+  } else {
+    x = v.get<int64_t>();
+    ok = x >= lo && x <= hi;
+  }
+  if (!ok)
+    bad_request(name, "'" + name + "' must be an integer between " + std::to_string(lo) + " and " +
+                          std::to_string(hi) + ", got " + v.dump() + ".");
+  return x;
+}
+
+std::optional<int64_t> get_int(const json& obj, const char* key, int64_t lo, int64_t hi) {
+  const json* v = field(obj, key);
+  if (!v) return std::nullopt;
+  return as_int(*v, key, lo, hi);
+}
+
+// Options moeserve does not implement: accepted only at their neutral value.
+void require_neutral(const json& obj) {
+  for (const char* k : {"presence_penalty", "frequency_penalty"})
+    if (auto v = get_number(obj, k, -2.0, 2.0); v && *v != 0.0)
+      bad_request(k, std::string("'") + k + "' is not supported; only 0 is accepted.");
+  if (auto v = get_number(obj, "repetition_penalty", 0.0, 1e9); v && *v != 1.0)
+    bad_request("repetition_penalty", "'repetition_penalty' is not supported; only 1 is accepted.");
+  if (const json* v = field(obj, "logit_bias")) {
+    if (!v->is_object()) wrong_type("logit_bias", "an object", *v);
+    if (!v->empty()) bad_request("logit_bias", "'logit_bias' is not supported.");
+  }
+  if (auto n = get_int(obj, "n", std::numeric_limits<int64_t>::min(),
+                       std::numeric_limits<int64_t>::max());
+      n && *n != 1)
+    bad_request("n", "Only n = 1 is supported, got n = " + std::to_string(*n) + ".");
+  if (auto b = get_int(obj, "best_of", std::numeric_limits<int64_t>::min(),
+                       std::numeric_limits<int64_t>::max());
+      b && *b != 1)
+    bad_request("best_of", "Only best_of = 1 is supported.");
+  if (get_bool(obj, "echo").value_or(false)) bad_request("echo", "'echo' is not supported.");
+  if (auto s = get_string(obj, "suffix"); s && !s->empty())
+    bad_request("suffix", "'suffix' is not supported.");
+  if (const json* v = field(obj, "response_format")) {
+    if (!v->is_object()) wrong_type("response_format", "an object", *v);
+    const json* t = field(*v, "type");
+    if (!t || !t->is_string() || t->get<std::string>() != "text")
+      bad_request("response_format", "Only response_format {\"type\": \"text\"} is supported.");
+  }
+  if (const json* v = field(obj, "tools")) {
+    if (!v->is_array()) wrong_type("tools", "an array", *v);
+    if (!v->empty()) bad_request("tools", "Tool calling is not supported.");
+  }
+  if (const json* v = field(obj, "functions")) {
+    if (!v->is_array()) wrong_type("functions", "an array", *v);
+    if (!v->empty()) bad_request("functions", "Function calling is not supported.");
+  }
+  if (const json* v = field(obj, "tool_choice")) {
+    if (!v->is_string() || (*v != "none" && *v != "auto"))
+      bad_request("tool_choice", "Tool calling is not supported.");
+  }
+  (void)get_string(obj, "user");
+}
+
+void parse_stop(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
+  if (const json* v = field(obj, "stop")) {
+    std::vector<std::string> list;
+    if (v->is_string()) {
+      list.push_back(v->get<std::string>());
+    } else if (v->is_array()) {
+      if (static_cast<int>(v->size()) > lim.max_stop_strings)
+        bad_request("stop", "At most " + std::to_string(lim.max_stop_strings) +
+                                " stop sequences are supported.");
+      for (const json& s : *v) {
+        if (!s.is_string()) wrong_type("stop", "a string or an array of strings", s);
+        list.push_back(s.get<std::string>());
+      }
+    } else {
+      wrong_type("stop", "a string or an array of strings", *v);
+    }
+    for (auto& s : list) {
+      if (s.size() > lim.max_stop_length)
+        bad_request("stop", "Stop sequences are limited to " + std::to_string(lim.max_stop_length) +
+                                " bytes.");
+      if (!s.empty()) r.stop.push_back(std::move(s));  // "" never matches anything useful
+    }
+  }
+  if (const json* v = field(obj, "stop_token_ids")) {
+    if (!v->is_array()) wrong_type("stop_token_ids", "an array of integers", *v);
+    if (static_cast<int>(v->size()) > lim.max_stop_strings * 4)
+      bad_request("stop_token_ids", "Too many stop_token_ids.");
+    for (const json& id : *v)
+      r.stop_token_ids.push_back(static_cast<int32_t>(
+          as_int(id, "stop_token_ids", 0, std::numeric_limits<int32_t>::max())));
+  }
+}
+
+void parse_sampling(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
+  r.model = get_string(obj, "model").value_or("");
+  r.stream = get_bool(obj, "stream").value_or(false);
+  if (const json* so = field(obj, "stream_options")) {
+    if (!so->is_object()) wrong_type("stream_options", "an object", *so);
+    if (!r.stream)
+      bad_request("stream_options", "'stream_options' is only allowed when 'stream' is true.");
+    r.include_usage = get_bool(*so, "include_usage").value_or(false);
+  }
+  const int64_t kMaxTokens = std::numeric_limits<int32_t>::max();
+  auto mt = get_int(obj, "max_tokens", std::numeric_limits<int64_t>::min(), kMaxTokens);
+  auto mct = get_int(obj, "max_completion_tokens", std::numeric_limits<int64_t>::min(), kMaxTokens);
+  if (mct) {
+    if (*mct < 1)
+      bad_request("max_completion_tokens", "'max_completion_tokens' must be at least 1.");
+    r.max_tokens = mct;
+  } else if (mt) {
+    if (*mt < 1) bad_request("max_tokens", "'max_tokens' must be at least 1.");
+    r.max_tokens = mt;
+  }
+  r.temperature = get_number(obj, "temperature", 0.0, 2.0).value_or(1.0);
+  r.top_p = get_number(obj, "top_p", 0.0, 1.0).value_or(1.0);
+  if (r.top_p <= 0.0) bad_request("top_p", "'top_p' must be greater than 0.");
+  const int64_t k = get_int(obj, "top_k", -1, std::numeric_limits<int32_t>::max()).value_or(0);
+  r.top_k = k < 0 ? 0 : k;
+  if (const json* s = field(obj, "seed")) {
+    if (!s->is_number_integer()) wrong_type("seed", "an integer", *s);
+    r.seed =
+        s->is_number_unsigned() ? s->get<uint64_t>() : static_cast<uint64_t>(s->get<int64_t>());
+  }
+  r.ignore_eos = get_bool(obj, "ignore_eos").value_or(false);
+  r.skip_special_tokens = get_bool(obj, "skip_special_tokens").value_or(true);
+  parse_stop(obj, lim, r);
+  require_neutral(obj);
+}
+
+std::string content_text(const json& c, size_t i) {
+  const std::string param = "messages[" + std::to_string(i) + "].content";
+  if (c.is_string()) return c.get<std::string>();
+  if (!c.is_array()) wrong_type(param, "a string or an array of content parts", c);
+  std::string out;
+  for (size_t p = 0; p < c.size(); ++p) {
+    const json& part = c[p];
+    if (!part.is_object()) wrong_type(param, "an array of content parts", part);
+    const auto type = get_string(part, "type");
+    if (!type || *type != "text")
+      bad_request(param, "Only content parts of type 'text' are supported.");
+    const auto text = get_string(part, "text");
+    if (!text) bad_request(param, "A content part of type 'text' needs a 'text' string.");
+    if (!out.empty()) out += "\n";
+    out += *text;
+  }
+  return out;
+}
+
+void parse_messages(const json& obj, GenRequest& r) {
+  const json* ms = field(obj, "messages");
+  if (!ms) bad_request("messages", "'messages' is a required property.");
+  if (!ms->is_array()) wrong_type("messages", "an array", *ms);
+  if (ms->empty()) bad_request("messages", "'messages' must contain at least one message.");
+  for (size_t i = 0; i < ms->size(); ++i) {
+    const json& m = (*ms)[i];
+    const std::string at = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) wrong_type(at, "an object", m);
+    ChatMessage cm;
+    const json* role = field(m, "role");
+    if (!role) bad_request(at + ".role", "'" + at + ".role' is a required property.");
+    if (!role->is_string()) wrong_type(at + ".role", "a string", *role);
+    cm.role = role->get<std::string>();
+    if (cm.role != "system" && cm.role != "developer" && cm.role != "user" &&
+        cm.role != "assistant" && cm.role != "tool")
+      bad_request(at + ".role", "Invalid value for '" + at + ".role': '" + cm.role +
+                                    "'. Supported roles are system, developer, user, assistant "
+                                    "and tool.");
+    if (const json* c = field(m, "content")) {
+      cm.content = content_text(*c, i);
+    } else if (cm.role != "assistant") {
+      bad_request(at + ".content", "'" + at + ".content' is a required property.");
+    }
+    for (const char* k : {"name", "tool_call_id"})
+      if (const json* v = field(m, k)) {
+        if (!v->is_string()) wrong_type(at + "." + k, "a string", *v);
+        cm.extra[k] = v->get<std::string>();
+      }
+    if (const json* v = field(m, "tool_calls")) {
+      if (!v->is_array()) wrong_type(at + ".tool_calls", "an array", *v);
+      cm.extra["tool_calls"] = nlohmann::ordered_json::parse(v->dump());
+    }
+    if (cm.role == "assistant" && !cm.content && !cm.extra.contains("tool_calls"))
+      bad_request(at + ".content", "An assistant message needs 'content' or 'tool_calls'.");
+    r.messages.push_back(std::move(cm));
+  }
+}
+
+void parse_prompt(const json& obj, GenRequest& r) {
+  const json* p = field(obj, "prompt");
+  if (!p) bad_request("prompt", "'prompt' is a required property.");
+  const json* one = p;
+  if (p->is_array() && !p->empty() && (p->front().is_string() || p->front().is_array())) {
+    if (p->size() != 1)
+      bad_request("prompt", "Only one prompt per request is supported (got " +
+                                std::to_string(p->size()) + ").");
+    one = &p->front();
+  }
+  if (one->is_string()) {
+    r.prompt_text = one->get<std::string>();
+  } else if (one->is_array()) {
+    if (one->empty()) bad_request("prompt", "'prompt' must not be empty.");
+    r.prompt_is_ids = true;
+    r.prompt_ids.reserve(one->size());
+    for (const json& id : *one)
+      r.prompt_ids.push_back(
+          static_cast<int32_t>(as_int(id, "prompt", 0, std::numeric_limits<int32_t>::max())));
+  } else {
+    wrong_type("prompt", "a string, an array of token ids, or an array of one of them", *one);
+  }
+}
+
+}  // namespace
+
+json parse_json_object(std::string_view body, int max_depth) {
+  // Depth scan outside string literals; the parser below is iterative but walks over the result
+  // (dump, destruction) may not be.
+  int depth = 0;
+  bool in_str = false, esc = false;
+  for (char c : body) {
+    if (in_str) {
+      if (esc)
+        esc = false;
+      else if (c == '\\')
+        esc = true;
+      else if (c == '"')
+        in_str = false;
+    } else if (c == '"') {
+      in_str = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth)
+        bad_request("", "The request body nests JSON deeper than " + std::to_string(max_depth) +
+                            " levels.");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) bad_request("", "The request body is not valid JSON.", "invalid_json");
+  if (!j.is_object()) bad_request("", "The request body must be a JSON object.", "invalid_json");
+  return j;
+}
+
+GenRequest parse_request(Endpoint endpoint, std::string_view body, const ProtocolLimits& lim) {
+  const json obj = parse_json_object(body, lim.max_json_depth);
+  GenRequest r;
+  r.endpoint = endpoint;
+  parse_sampling(obj, lim, r);
+  if (endpoint == Endpoint::Chat) {
+    parse_messages(obj, r);
+    const bool want = get_bool(obj, "logprobs").value_or(false);
+    const auto top = get_int(obj, "top_logprobs", 0, lim.max_top_logprobs);
+    if (top && !want)
+      bad_request("top_logprobs", "'logprobs' must be true when 'top_logprobs' is given.");
+    if (want) r.top_logprobs = static_cast<int>(top.value_or(0));
+    r.add_generation_prompt = get_bool(obj, "add_generation_prompt").value_or(true);
+    if (const json* kw = field(obj, "chat_template_kwargs")) {
+      if (!kw->is_object()) wrong_type("chat_template_kwargs", "an object", *kw);
+      r.template_kwargs = nlohmann::ordered_json::parse(kw->dump());
+    }
+  } else {
+    parse_prompt(obj, r);
+    if (auto lp = get_int(obj, "logprobs", 0, lim.max_top_logprobs))
+      r.top_logprobs = static_cast<int>(*lp);
+  }
+  return r;
+}
+
+}  // namespace moeserve::server

@@ -1,0 +1,73 @@
+// The request side of the OpenAI API: JSON bodies of /v1/chat/completions and /v1/completions,
+// parsed and validated into one GenRequest. Everything a client can get wrong (bad JSON, wrong
+// types, out-of-range values, unsupported options) is an ApiError(400) naming the field; nothing
+// past this point needs to check the request again.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace moeserve::server {
+
+enum class Endpoint { Chat, Completions };
+
+// One chat message, normalized: content parts are joined into one string.
+struct ChatMessage {
+  std::string role;  // system, developer, user, assistant, tool
+  std::optional<std::string> content;
+  nlohmann::ordered_json extra = nlohmann::ordered_json::object();  // name, tool_calls, ...
+};
+
+struct GenRequest {
+  Endpoint endpoint = Endpoint::Chat;
+  std::string model;  // "" when the client sent none
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+
+  std::optional<int64_t> max_tokens;  // max_completion_tokens, else max_tokens
+  double temperature = 1.0;           // OpenAI's default
+  double top_p = 1.0;
+  int64_t top_k = 0;  // 0: all
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;        // non-empty strings
+  std::vector<int32_t> stop_token_ids;  // vLLM extension
+  bool ignore_eos = false;              // vLLM extension
+  bool skip_special_tokens = true;      // vLLM extension
+
+  // -1: no logprobs. Otherwise the number of alternatives per token (chat: top_logprobs with
+  // logprobs true; completions: the logprobs integer).
+  int top_logprobs = -1;
+
+  // Chat.
+  std::vector<ChatMessage> messages;
+  bool add_generation_prompt = true;
+  nlohmann::ordered_json template_kwargs = nlohmann::ordered_json::object();
+
+  // Completions: text, or token ids when prompt_is_ids.
+  std::string prompt_text;
+  std::vector<int32_t> prompt_ids;
+  bool prompt_is_ids = false;
+};
+
+// Limits enforced while parsing.
+struct ProtocolLimits {
+  int max_stop_strings = 16;
+  size_t max_stop_length = 1024;  // bytes
+  int max_top_logprobs = 20;
+  int max_json_depth = 64;
+};
+
+// Parses and validates a request body; throws ApiError(400) on any problem.
+GenRequest parse_request(Endpoint endpoint, std::string_view body,
+                         const ProtocolLimits& limits = {});
+
+// Parses a JSON object body, rejecting invalid JSON and nesting deeper than max_depth (so that
+// no recursive walk over a hostile body can exhaust the stack). Throws ApiError(400).
+nlohmann::json parse_json_object(std::string_view body, int max_depth);
+
+}  // namespace moeserve::server

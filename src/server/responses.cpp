@@ -1,0 +1,166 @@
+#include "server/responses.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "server/api_error.h"
+
+namespace moeserve::server {
+
+using json = nlohmann::ordered_json;
+
+namespace {
+
+std::string random_hex(int n) {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  static const char* digits = "0123456789abcdef";
+  std::string s;
+  for (int i = 0; i < n; ++i) s += digits[rng() & 15];
+  return s;
+}
+
+// JSON has no -inf; OpenAI and vLLM report impossible tokens as -9999.
+double clamp_lp(float lp) {
+  return std::isnan(lp) || lp < -9999.0f ? -9999.0 : lp;
+}
+
+json bytes_of(std::string_view b) {
+  json a = json::array();
+  for (unsigned char c : b) a.push_back(static_cast<int>(c));
+  return a;
+}
+
+}  // namespace
+
+std::string to_wire(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string error_body(const std::string& message, const std::string& type,
+                       const std::string& param, const std::string& code) {
+  json e = {{"message", message},
+            {"type", type},
+            {"param", param.empty() ? json(nullptr) : json(param)},
+            {"code", code.empty() ? json(nullptr) : json(code)}};
+  return to_wire(json{{"error", e}});
+}
+
+json usage_json(const Usage& u) {
+  return {{"prompt_tokens", u.prompt_tokens},
+          {"completion_tokens", u.completion_tokens},
+          {"total_tokens", u.prompt_tokens + u.completion_tokens}};
+}
+
+ResponseBuilder::ResponseBuilder(Endpoint endpoint, std::string model,
+                                 const tokenizer::Tokenizer& tok, bool reasoning, bool logprobs,
+                                 bool usage_in_chunks)
+    : endpoint_(endpoint),
+      model_(std::move(model)),
+      id_((endpoint == Endpoint::Chat ? "chatcmpl-" : "cmpl-") + random_hex(24)),
+      created_(std::chrono::duration_cast<std::chrono::seconds>(
+                   std::chrono::system_clock::now().time_since_epoch())
+                   .count()),
+      tok_(tok),
+      reasoning_(reasoning),
+      logprobs_(logprobs),
+      usage_in_chunks_(usage_in_chunks) {}
+
+json ResponseBuilder::base(const char* object) const {
+  return {{"id", id_}, {"object", object}, {"created", created_}, {"model", model_}};
+}
+
+json ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
+  if (endpoint_ == Endpoint::Chat) {
+    json content = json::array();
+    for (const auto& t : lps) {
+      json top = json::array();
+      for (const auto& [id, lp] : t.top)
+        top.push_back({{"token", token_display(tok_, id)},
+                       {"logprob", clamp_lp(lp)},
+                       {"bytes", bytes_of(tok_.token_bytes(id))}});
+      content.push_back({{"token", token_display(tok_, t.id)},
+                         {"logprob", clamp_lp(t.logprob)},
+                         {"bytes", bytes_of(tok_.token_bytes(t.id))},
+                         {"top_logprobs", top}});
+    }
+    return {{"content", content}, {"refusal", nullptr}};
+  }
+  json tokens = json::array(), token_lps = json::array(), tops = json::array(),
+       offsets = json::array();
+  for (const auto& t : lps) {
+    tokens.push_back(token_display(tok_, t.id));
+    token_lps.push_back(clamp_lp(t.logprob));
+    // The sampled token is always listed, so there may be logprobs + 1 entries.
+    json top = json::object();
+    for (const auto& [id, lp] : t.top) top[token_display(tok_, id)] = clamp_lp(lp);
+    const std::string self = token_display(tok_, t.id);
+    if (!top.contains(self)) top[self] = clamp_lp(t.logprob);
+    tops.push_back(top);
+    offsets.push_back(t.text_offset);
+  }
+  return {{"tokens", tokens},
+          {"token_logprobs", token_lps},
+          {"top_logprobs", tops},
+          {"text_offset", offsets}};
+}
+
+json ResponseBuilder::role_chunk() const {
+  json c = base("chat.completion.chunk");
+  c["choices"] = json::array({{{"index", 0},
+                               {"delta", {{"role", "assistant"}, {"content", ""}}},
+                               {"logprobs", nullptr},
+                               {"finish_reason", nullptr}}});
+  if (usage_in_chunks_) c["usage"] = nullptr;
+  return c;
+}
+
+json ResponseBuilder::chunk(const Delta& d, const char* finish_reason) const {
+  const bool want_lp = !d.logprobs.empty();
+  json choice = {{"index", 0}};
+  json c;
+  if (endpoint_ == Endpoint::Chat) {
+    c = base("chat.completion.chunk");
+    json delta = json::object();
+    if (!d.reasoning.empty()) delta["reasoning_content"] = d.reasoning;
+    if (!d.content.empty() || (want_lp && d.reasoning.empty())) delta["content"] = d.content;
+    choice["delta"] = delta;
+  } else {
+    c = base("text_completion");
+    choice["text"] = d.content;
+  }
+  choice["logprobs"] = want_lp ? logprobs(d.logprobs) : json(nullptr);
+  choice["finish_reason"] = finish_reason ? json(finish_reason) : json(nullptr);
+  c["choices"] = json::array({choice});
+  if (usage_in_chunks_) c["usage"] = nullptr;
+  return c;
+}
+
+json ResponseBuilder::usage_chunk(const Usage& u) const {
+  json c = base(endpoint_ == Endpoint::Chat ? "chat.completion.chunk" : "text_completion");
+  c["choices"] = json::array();
+  c["usage"] = usage_json(u);
+  return c;
+}
+
+json ResponseBuilder::full(const Delta& all, const char* finish_reason, const Usage& u) const {
+  json choice = {{"index", 0}};
+  json r;
+  if (endpoint_ == Endpoint::Chat) {
+    r = base("chat.completion");
+    json msg = {{"role", "assistant"}, {"content", all.content}};
+    if (reasoning_) msg["reasoning_content"] = all.reasoning;
+    choice["message"] = msg;
+  } else {
+    r = base("text_completion");
+    choice["text"] = all.content;
+  }
+  choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : json(nullptr);
+  choice["finish_reason"] = finish_reason;
+  r["choices"] = json::array({choice});
+  r["usage"] = usage_json(u);
+  return r;
+}
+
+}  // namespace moeserve::server

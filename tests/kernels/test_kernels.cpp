@@ -1,0 +1,430 @@
+// The fast kernels against the reference (tolerance), against the contract written out (bit
+// for bit), against each other across ISAs, batch sizes and thread counts (bit for bit).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/isa.h"
+#include "kernels/kernels.h"
+#include "kernels/reference/reference.h"
+
+namespace moeserve::kernels {
+namespace {
+
+const DType kDtypes[] = {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3};
+
+std::vector<Isa> isas() {
+  std::vector<Isa> v;
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+    if (isa_available(isa)) v.push_back(isa);
+  return v;
+}
+
+// A weight matrix with its own storage. Values uniform in [-1, 1] (fp8: the full e4m3 range
+// including subnormals and zeros, with block scales between 2^-12 and 2^-6).
+struct TestWeight {
+  std::vector<uint8_t> data;
+  std::vector<float> scales;
+  Weight w;
+
+  TestWeight(DType dtype, int64_t rows, int64_t cols, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    w.dtype = dtype;
+    w.rows = rows;
+    w.cols = cols;
+    data.resize(rows * cols * dtype_size(dtype) + 1);
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const float v = u(rng);
+      switch (dtype) {
+        case DType::F32:
+          std::memcpy(&data[i * 4], &v, 4);
+          break;
+        case DType::F16: {
+          const uint16_t h = f32_to_f16(v);
+          std::memcpy(&data[i * 2], &h, 2);
+          break;
+        }
+        case DType::BF16: {
+          const uint16_t h = f32_to_bf16(v);
+          std::memcpy(&data[i * 2], &h, 2);
+          break;
+        }
+        default:
+          data[i] = f32_to_fp8e4m3(std::ldexp(v, static_cast<int>(rng() % 16) - 6));
+          break;
+      }
+    }
+    if (dtype == DType::F8_E4M3) {
+      w.scale_cols = (cols + 127) / 128;
+      scales.resize(((rows + 127) / 128) * w.scale_cols);
+      for (float& s : scales)
+        s = std::ldexp(1.0f + 0.5f * u(rng), -static_cast<int>(6 + rng() % 7));
+      w.scale_inv = scales.data();
+    }
+    w.data = data.data();
+  }
+};
+
+// 64-byte aligned storage, so tests reach both the kernels' direct path (aligned rows, K a
+// multiple of 16) and their copy path.
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t) { ::operator delete (p, std::align_val_t{64}); }
+  bool operator==(const Aligned64&) const { return true; }
+};
+using Floats = std::vector<float, Aligned64<float>>;
+
+Floats random_floats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  Floats v(n);
+  for (float& f : v) f = u(rng);
+  return v;
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Index of the first element whose bits differ, or -1.
+int64_t first_diff(const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (bits(a[i]) != bits(b[i])) return i;
+  return -1;
+}
+
+std::string shape(DType dt, int64_t m, int64_t n, int64_t k) {
+  return std::string(dtype_name(dt)) + " m=" + std::to_string(m) + " N=" + std::to_string(n) +
+         " K=" + std::to_string(k);
+}
+
+constexpr float kSentinel = -12345.0f;
+
+// Runs `isa`'s matmul with strided x and y; checks y's padding is untouched. y: [m, N].
+std::vector<float> run_matmul(Isa isa, const ThreadPool& pool, const Floats& x, int64_t m,
+                              int64_t ldx, const Weight& w) {
+  const int64_t ldy = w.rows + 3;
+  std::vector<float> y(m * ldy, kSentinel), out(m * w.rows);
+  kernel_table(isa).matmul(pool, x.data(), m, ldx, w, y.data(), ldy);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = w.rows; j < ldy; ++j) EXPECT_EQ(y[i * ldy + j], kSentinel) << "wrote padding";
+    std::memcpy(&out[i * w.rows], &y[i * ldy], w.rows * sizeof(float));
+  }
+  return out;
+}
+
+// fast == contract bit for bit; |fast - plain float sum| <= (K + 16) * 2^-23 * sum |x * w|
+// (the two error bounds, sequential sum (K - 1) u and 16-lane sum (K / 16 + 4) u, added).
+void check_matmul(const ThreadPool& pool, DType dt, int64_t m, int64_t N, int64_t K,
+                  uint32_t seed) {
+  TestWeight tw(dt, N, K, seed);
+  const int64_t ldx = seed % 2 ? K + 5 : (K + 15) / 16 * 16 + 16;  // odd: misaligned rows
+  const auto x = random_floats(m * ldx, seed + 1);
+  std::vector<float> lanes(m * N), plain(m * N);
+  std::vector<double> mag(m * N);
+  reference::matmul_lanes(x.data(), m, ldx, tw.w, lanes.data(), N);
+  reference::matmul(x.data(), m, ldx, tw.w, plain.data(), N);
+  reference::matmul_abs(x.data(), m, ldx, tw.w, mag.data(), N);
+  const double tol = (K + 16) * std::ldexp(1.0, -23);
+  for (Isa isa : isas()) {
+    const auto y = run_matmul(isa, pool, x, m, ldx, tw.w);
+    const int64_t d = first_diff(y.data(), lanes.data(), m * N);
+    ASSERT_EQ(d, -1) << isa_name(isa) << " " << shape(dt, m, N, K) << " at " << d << ": " << y[d]
+                     << " vs contract " << lanes[d];
+    for (int64_t i = 0; i < m * N; ++i)
+      ASSERT_LE(std::fabs(static_cast<double>(y[i]) - plain[i]), tol * mag[i] + 1e-30)
+          << isa_name(isa) << " " << shape(dt, m, N, K) << " at " << i;
+  }
+}
+
+TEST(Matmul, AwkwardShapesAllDtypesAllIsas) {
+  ThreadPool pool(2);
+  uint32_t seed = 1;
+  for (DType dt : kDtypes)
+    for (int64_t K : {1, 15, 16, 17, 127, 129, 300})
+      for (int64_t N : {1, 7, 130})
+        for (int64_t m : {1, 3, 4, 5, 33, 70}) check_matmul(pool, dt, m, N, K, seed++);
+}
+
+TEST(Matmul, EveryDecodeBatchSize) {  // and both sides of the GEMV / GEMM crossovers
+  ThreadPool pool(2);
+  for (DType dt : kDtypes)
+    for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 32, 33})
+      check_matmul(pool, dt, m, 61, 272, 100 + m);
+  for (DType dt : kDtypes)  // x too big for L1: K in blocks, with a ragged end
+    for (int64_t m : {4, 8, 20}) check_matmul(pool, dt, m, 53, 2500, 120 + m);
+}
+
+TEST(Matmul, SeveralKBlocksAndPanels) {  // K past several gemm K blocks, m past one panel
+  ThreadPool pool(2);
+  for (DType dt : kDtypes) {
+    check_matmul(pool, dt, 150, 100, 1000, 200);
+    check_matmul(pool, dt, 131, 53, 2176, 202);
+  }
+}
+
+TEST(Matmul, OneTokenEqualsRowOfABatch) {
+  ThreadPool pool(2);
+  for (DType dt : kDtypes) {
+    for (int64_t K : {129, 300, 777}) {
+      TestWeight tw(dt, 130, K, 7);
+      const int64_t m = 70, ldx = K;
+      const auto x = random_floats(m * ldx, 8);
+      for (Isa isa : isas()) {
+        const auto all = run_matmul(isa, pool, x, m, ldx, tw.w);
+        for (int64_t i : {0, 1, 33, 69}) {
+          Floats xi(x.begin() + i * ldx, x.begin() + (i + 1) * ldx);
+          const auto one = run_matmul(isa, pool, xi, 1, ldx, tw.w);
+          ASSERT_EQ(first_diff(one.data(), &all[i * 130], 130), -1)
+              << isa_name(isa) << " " << shape(dt, m, 130, K) << " token " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(Matmul, IndependentOfThreadCount) {
+  ThreadPool p1(1), p2(2), p3(3);
+  for (DType dt : kDtypes) {
+    for (int64_t m : {1, 4, 70}) {
+      TestWeight tw(dt, 301, 640, 11);
+      const auto x = random_floats(m * 640, 12);
+      for (Isa isa : isas()) {
+        const auto y1 = run_matmul(isa, p1, x, m, 640, tw.w);
+        const auto y2 = run_matmul(isa, p2, x, m, 640, tw.w);
+        const auto y3 = run_matmul(isa, p3, x, m, 640, tw.w);
+        EXPECT_EQ(first_diff(y1.data(), y2.data(), m * 301), -1) << isa_name(isa) << " m=" << m;
+        EXPECT_EQ(first_diff(y1.data(), y3.data(), m * 301), -1) << isa_name(isa) << " m=" << m;
+      }
+    }
+  }
+}
+
+TEST(Matmul, Fp8RowViewsFindTheirScales) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::F8_E4M3, 300, 260, 21);  // partial blocks at the bottom and the right
+  for (int64_t m : {1, 5, 40}) {
+    const auto x = random_floats(m * 260, 22);
+    for (Isa isa : isas()) {
+      const auto full = run_matmul(isa, pool, x, m, 260, tw.w);
+      for (auto [r0, n] : {std::pair<int64_t, int64_t>{100, 150}, {128, 129}, {299, 1}}) {
+        const Weight v = tw.w.rows_view(r0, n);
+        const auto part = run_matmul(isa, pool, x, m, 260, v);
+        for (int64_t i = 0; i < m; ++i)
+          ASSERT_EQ(first_diff(&part[i * n], &full[i * 300 + r0], n), -1)
+              << isa_name(isa) << " view " << r0 << "+" << n << " m=" << m;
+      }
+    }
+  }
+}
+
+TEST(Matmul, EmptyKGivesZeros) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::BF16, 5, 0, 1);
+  Floats x(2, 1.0f);
+  for (Isa isa : isas()) {
+    const auto y = run_matmul(isa, pool, x, 2, 1, tw.w);
+    for (float v : y) EXPECT_EQ(bits(v), 0u);
+  }
+}
+
+// Elements past K are exactly 0 * 0, not 0 * scale: with an infinite scale the padding would
+// otherwise turn the sum into NaN.
+TEST(Matmul, PaddingIsZeroNotZeroTimesScale) {
+  ThreadPool pool(1);
+  std::vector<uint8_t> bytes(17, 0x38);  // 1.0
+  std::vector<float> scales(1, INFINITY);
+  const Weight w{DType::F8_E4M3, bytes.data(), 1, 17, scales.data(), 1, 0};
+  Floats x(17, 1.0f);
+  float want;
+  reference::matmul_lanes(x.data(), 1, 17, w, &want, 1);
+  ASSERT_TRUE(std::isinf(want));
+  for (Isa isa : isas()) {
+    for (int64_t m : {1, 9}) {
+      Floats xm(m * 17, 1.0f);
+      const auto y = run_matmul(isa, pool, xm, m, 17, w);
+      for (float v : y) EXPECT_EQ(bits(v), bits(want)) << isa_name(isa) << " m=" << m;
+    }
+  }
+}
+
+// e4m3 NaN bytes (0x7f, 0xff) make their rows' outputs NaN and leave every other row exact.
+TEST(Matmul, Fp8NanBytesPoisonOnlyTheirRows) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::F8_E4M3, 20, 300, 61);
+  tw.data[5 * 300 + 200] = 0x7f;
+  tw.data[13 * 300 + 3] = 0xff;
+  for (int64_t m : {1, 3, 9}) {
+    const auto x = random_floats(m * 300, 62);
+    std::vector<float> want(m * 20);
+    reference::matmul_lanes(x.data(), m, 300, tw.w, want.data(), 20);
+    for (Isa isa : isas()) {
+      const auto y = run_matmul(isa, pool, x, m, 300, tw.w);
+      for (int64_t i = 0; i < m * 20; ++i) {
+        const int64_t n = i % 20;
+        if (n == 5 || n == 13)
+          EXPECT_TRUE(std::isnan(y[i])) << isa_name(isa) << " " << i;
+        else
+          EXPECT_EQ(bits(y[i]), bits(want[i])) << isa_name(isa) << " " << i;
+      }
+    }
+  }
+}
+
+TEST(MatmulT, EqualsReferenceBitForBit) {
+  ThreadPool pool(3);
+  uint32_t seed = 300;
+  for (DType dt : kDtypes) {
+    for (int64_t rows : {1, 17, 128, 192}) {
+      for (int64_t cols : {1, 15, 16, 100, 260, 512}) {
+        for (int64_t m : {1, 5, 70}) {
+          TestWeight tw(dt, rows, cols, seed++);
+          const int64_t ldx = rows + 2, ldy = cols + 1;
+          const auto x = random_floats(m * ldx, seed++);
+          std::vector<float> want(m * ldy, kSentinel);
+          reference::matmul_t(x.data(), m, ldx, tw.w, want.data(), ldy);
+          for (Isa isa : isas()) {
+            std::vector<float> y(m * ldy, kSentinel);
+            kernel_table(isa).matmul_t(pool, x.data(), m, ldx, tw.w, y.data(), ldy);
+            const int64_t d = first_diff(y.data(), want.data(), m * ldy);
+            ASSERT_EQ(d, -1) << isa_name(isa) << " " << dtype_name(dt) << " rows=" << rows
+                             << " cols=" << cols << " m=" << m << " at " << d;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(MatmulT, IndependentOfThreadCount) {
+  ThreadPool p1(1), p3(3);
+  TestWeight tw(DType::BF16, 128, 512, 5);
+  const auto x = random_floats(300 * 128, 6);
+  std::vector<float> y1(300 * 512), y3(300 * 512);
+  matmul_t(p1, x.data(), 300, 128, tw.w, y1.data(), 512);
+  matmul_t(p3, x.data(), 300, 128, tw.w, y3.data(), 512);
+  EXPECT_EQ(first_diff(y1.data(), y3.data(), 300 * 512), -1);
+}
+
+TEST(Dequant, RowsEqualReferenceBitForBit) {
+  for (DType dt : kDtypes) {
+    TestWeight tw(dt, 300, 270, 31);
+    for (auto [r0, n] : {std::pair<int64_t, int64_t>{0, 300}, {130, 100}}) {
+      const Weight v = tw.w.rows_view(r0, n);
+      std::vector<float> row(270);
+      for (Isa isa : isas()) {
+        for (int64_t r = 0; r < n; r += 7) {
+          kernel_table(isa).dequant_row(v, r, row.data());
+          for (int64_t c = 0; c < 270; ++c) {
+            ASSERT_EQ(bits(row[c]), bits(reference::weight_value(tw.w, r0 + r, c)))
+                << isa_name(isa) << " " << dtype_name(dt) << " (" << r0 + r << ", " << c << ")";
+            ASSERT_EQ(bits(row[c]), bits(v.at(r, c)));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Dequant, EveryFp8ByteAndScale) {
+  std::vector<uint8_t> bytes(256 * 4);
+  for (int i = 0; i < 1024; ++i) bytes[i] = static_cast<uint8_t>(i);
+  // Scales: ordinary, tiny (products underflow to subnormals), large, and one of each sign.
+  for (float scale : {0.0123f, 3e-39f, 1.5e-30f, 7e20f, -0.5f}) {
+    std::vector<float> scales(8, scale);
+    Weight w{DType::F8_E4M3, bytes.data(), 1, 1024, scales.data(), 8, 0};
+    std::vector<float> want(1024), got(1024);
+    kernel_table(Isa::Scalar).dequant_row(w, 0, want.data());
+    for (int i = 0; i < 1024; ++i) {
+      const float ref = reference::weight_value(w, 0, i);
+      if (std::isnan(ref))
+        ASSERT_TRUE(std::isnan(want[i]) && std::signbit(want[i]) == std::signbit(ref));
+      else
+        ASSERT_EQ(bits(want[i]), bits(ref)) << "byte " << (i & 255) << " scale " << scale;
+    }
+    for (Isa isa : isas()) {
+      kernel_table(isa).dequant_row(w, 0, got.data());
+      ASSERT_EQ(first_diff(got.data(), want.data(), 1024), -1) << isa_name(isa) << " " << scale;
+    }
+  }
+}
+
+TEST(Dequant, EveryF16Value) {  // NaN payloads included: the ISAs agree on every bit
+  std::vector<uint16_t> h(65536);
+  for (int i = 0; i < 65536; ++i) h[i] = static_cast<uint16_t>(i);
+  Weight w{DType::F16, h.data(), 1, 65536};
+  std::vector<float> want(65536), got(65536);
+  kernel_table(Isa::Scalar).dequant_row(w, 0, want.data());
+  for (int i = 0; i < 65536; ++i) {
+    const float ref = f16_to_f32(h[i]);
+    if (std::isnan(ref))
+      ASSERT_TRUE(std::isnan(want[i])) << i;
+    else
+      ASSERT_EQ(bits(want[i]), bits(ref)) << i;
+  }
+  for (Isa isa : isas()) {
+    kernel_table(isa).dequant_row(w, 0, got.data());
+    ASSERT_EQ(first_diff(got.data(), want.data(), 65536), -1) << isa_name(isa);
+  }
+}
+
+TEST(Vector, DotFollowsTheContract) {
+  for (int64_t n : {0, 1, 15, 16, 17, 100, 1000, 4099}) {
+    const auto a = random_floats(n + 1, 40 + n), b = random_floats(n + 1, 41 + n);
+    const float want = reference::dot_lanes(a.data(), b.data(), n);
+    double mag = 0, plain = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      mag += std::fabs(static_cast<double>(a[k]) * b[k]);
+      plain += static_cast<double>(a[k]) * b[k];
+    }
+    EXPECT_LE(std::fabs(want - plain), (n / 16 + 5) * std::ldexp(1.0, -24) * mag + 1e-30);
+    for (Isa isa : isas())
+      EXPECT_EQ(bits(kernel_table(isa).dot(a.data(), b.data(), n)), bits(want))
+          << isa_name(isa) << " n=" << n;
+    EXPECT_EQ(bits(dot(a.data(), b.data(), n)), bits(want));
+  }
+}
+
+TEST(Vector, AxpyIsOneFmaPerElement) {
+  for (int64_t n : {0, 1, 15, 16, 17, 100, 1000}) {
+    const auto x = random_floats(n, 50 + n), y0 = random_floats(n, 51 + n);
+    for (Isa isa : isas()) {
+      auto y = y0;
+      kernel_table(isa).axpy(0.37f, x.data(), y.data(), n);
+      for (int64_t k = 0; k < n; ++k)
+        ASSERT_EQ(bits(y[k]), bits(std::fma(0.37f, x[k], y0[k]))) << isa_name(isa) << " " << k;
+    }
+  }
+}
+
+TEST(Weight, ViewsAndBytes) {
+  TestWeight tw(DType::F8_E4M3, 300, 260, 3);
+  EXPECT_EQ(tw.w.bytes(), 300u * 260 + 3 * 3 * 4);
+  const Weight v = tw.w.rows_view(100, 50);  // rows 100..149: scale rows 0 and 1
+  EXPECT_EQ(v.bytes(), 50u * 260 + 2 * 3 * 4);
+  EXPECT_EQ(v.scale_row0, 100);
+  EXPECT_EQ(bits(v.at(30, 200)), bits(tw.w.at(130, 200)));
+  const Weight vv = v.rows_view(28, 1);  // row 128: one scale row
+  EXPECT_EQ(vv.scale_row0, 128);
+  EXPECT_EQ(vv.bytes(), 260u + 3 * 4);
+  TestWeight tb(DType::BF16, 10, 7, 4);
+  EXPECT_EQ(tb.w.bytes(), 140u);
+  EXPECT_EQ(tb.w.rows_view(2, 3).bytes(), 42u);
+}
+
+}  // namespace
+}  // namespace moeserve::kernels

@@ -1,0 +1,117 @@
+// Dispatch plan and run on one process (LocalCommunicator): invariants of the handle and
+// bit-identity with the single-process MoE layer. The multi-rank cases run in tests/mpi.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../mpi/moe_reference.h"
+#include "../test_util.h"
+#include "comm/local_comm.h"
+#include "moe/dispatch.h"
+
+using moeserve::comm::LocalCommunicator;
+using moeserve::moe::Dispatcher;
+using moeserve::moe::DispatchMode;
+using moeserve::moe::DispatchPlan;
+using moeserve::moe::Placement;
+using moeserve::testing::expect_error;
+using moeserve::testing::FakeExperts;
+using moeserve::testing::Rng;
+
+namespace {
+
+struct Batch {
+  int64_t n, K, H;
+  std::vector<int32_t> ex;
+  std::vector<float> wt, h;
+  Batch(int64_t n_, int64_t K_, int64_t H_, int32_t E, uint64_t seed)
+      : n(n_), K(K_), H(H_), ex(n_ * K_), wt(n_ * K_), h(n_ * H_) {
+    Rng r(seed);
+    moeserve::testing::random_routing(r, n, K, E, ex.data(), wt.data());
+    for (float& v : h) v = r.uniform(-2.0f, 2.0f);
+  }
+};
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+}  // namespace
+
+class DispatchLocal : public ::testing::TestWithParam<DispatchMode> {};
+
+TEST_P(DispatchLocal, PlanInvariants) {
+  LocalCommunicator comm;
+  Dispatcher d(comm, GetParam());
+  const int32_t E = 12;
+  const Placement pl = Placement::contiguous(E, 1);
+  Batch b(9, 3, 4, E, 1);
+  const DispatchPlan p = d.plan(pl, b.n, b.K, b.H, b.ex.data(), b.wt.data());
+  ASSERT_EQ(p.pair_offset, (std::vector<int64_t>{0, 27}));
+  EXPECT_EQ(p.n_recv(), 27);
+  EXPECT_EQ(p.n_slots, E);
+  // pair_pos is a permutation, and pair_token follows it.
+  std::vector<int> seen(27, 0);
+  for (int64_t i = 0; i < 27; ++i) {
+    ++seen[p.pair_pos[i]];
+    EXPECT_EQ(p.pair_token[p.pair_pos[i]], i / b.K);
+  }
+  for (int v : seen) EXPECT_EQ(v, 1);
+  // Travel order in slot j: the leaders (PerRank: a token's first expert on the rank; PerExpert:
+  // every pair) by token, then the others by (leader's slot, token).
+  const bool per_rank = GetParam() == DispatchMode::PerRank;
+  for (int32_t j = 0; j < E; ++j) {
+    std::vector<std::pair<int64_t, int64_t>> order;  // (leader slot or -1, token)
+    for (int64_t t = 0; t < b.n; ++t)
+      for (int64_t k = 0; k < b.K; ++k)
+        if (b.ex[t * b.K + k] == j) order.push_back({per_rank && k > 0 ? b.ex[t * b.K] : -1, t});
+    std::stable_sort(order.begin(), order.end(),
+                     [](const auto& a, const auto& c) { return a.first < c.first; });
+    ASSERT_EQ(p.slot_count(j), static_cast<int64_t>(order.size())) << "slot " << j;
+    for (size_t q = 0; q < order.size(); ++q)
+      EXPECT_EQ(p.pair_token[p.slot_offset[j] + q], order[q].second) << "slot " << j;
+  }
+  EXPECT_EQ(p.n_rows_sent(), per_rank ? 9 : 27);  // PerRank: once per token
+
+  // Dispatch: each slot's rows are the hidden rows of its pairs' tokens, in travel order.
+  const float* x = d.dispatch(p, b.h.data());
+  for (int64_t q = 0; q < 27; ++q)
+    EXPECT_EQ(std::memcmp(x + q * b.H, b.h.data() + p.pair_token[q] * b.H, b.H * sizeof(float)), 0)
+        << "row " << q;
+}
+
+TEST_P(DispatchLocal, BitIdenticalToSingleProcessLayer) {
+  LocalCommunicator comm;
+  Dispatcher d(comm, GetParam());
+  const int32_t E = 10;
+  const FakeExperts fx(E, 48, 16, 3);
+  for (int64_t n : {0, 1, 5, 64}) {
+    Batch b(n, 4, fx.H, E, 100 + n);
+    std::vector<float> want(n * fx.H), got(n * fx.H, std::numeric_limits<float>::quiet_NaN());
+    moeserve::testing::reference_moe(fx, n, b.K, b.ex.data(), b.wt.data(), b.h.data(), want.data());
+    moeserve::testing::ep_moe(d, Placement::contiguous(E, 1), fx, n, b.K, b.ex.data(), b.wt.data(),
+                              b.h.data(), got.data());
+    EXPECT_TRUE(same_bits(want, got)) << "n = " << n;
+  }
+}
+
+TEST_P(DispatchLocal, InvalidInputThrows) {
+  LocalCommunicator comm;
+  Dispatcher d(comm, GetParam());
+  const Placement pl = Placement::contiguous(8, 1);
+  const float w[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+  const int32_t descending[4] = {1, 0, 2, 3}, out_of_range[4] = {0, 1, 2, 8};
+  expect_error([&] { d.plan(pl, 2, 2, 16, descending, w); },
+               {"invalid routing input on rank(s) 0", "token 0", "not strictly ascending"});
+  expect_error([&] { d.plan(pl, 1, 4, 16, out_of_range, w); }, {"expert 8, out of range"});
+  expect_error([&] { d.plan(Placement::contiguous(8, 2), 1, 4, 16, out_of_range, w); },
+               {"placement is for 2 ranks, the communicator has 1"});
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, DispatchLocal,
+                         ::testing::Values(DispatchMode::PerRank, DispatchMode::PerExpert),
+                         [](const auto& info) {
+                           return info.param == DispatchMode::PerRank ? "PerRank" : "PerExpert";
+                         });

@@ -1,0 +1,123 @@
+// The single-process MoE layer that expert-parallel runs must match bit for bit, with small
+// deterministic experts and routings. Shared by tests/moe (one process) and tests/mpi.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moe/dispatch.h"
+
+namespace moeserve::testing {
+
+// splitmix64: the same stream on every rank for the same seed.
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * ((next() >> 40) * 0x1.0p-24f); }
+  int64_t below(int64_t n) { return static_cast<int64_t>(next() % static_cast<uint64_t>(n)); }
+};
+
+// n_experts small SwiGLU experts with random weights: y = down(silu(gate x) * up x), each row
+// computed alone in a fixed order, so a row's result never depends on the other rows.
+struct FakeExperts {
+  int32_t n_experts;
+  int64_t H, I;
+  std::vector<float> w;  // [E, 3, I, H]: gate [I, H], up [I, H], down^T [I, H]
+
+  FakeExperts(int32_t E, int64_t hidden, int64_t inter, uint64_t seed)
+      : n_experts(E), H(hidden), I(inter), w(static_cast<size_t>(E) * 3 * inter * hidden) {
+    Rng r(seed);
+    for (float& v : w) v = r.uniform(-0.5f, 0.5f);
+  }
+  // x, y: [n, H] f32
+  void run(int32_t e, const float* x, int64_t n, float* y) const {
+    const float* g = w.data() + static_cast<size_t>(e) * 3 * I * H;
+    const float *u = g + I * H, *d = u + I * H;
+    std::vector<float> a(I);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xr = x + t * H;
+      for (int64_t i = 0; i < I; ++i) {
+        float sg = 0.0f, su = 0.0f;
+        for (int64_t h = 0; h < H; ++h) {
+          sg = sg + g[i * H + h] * xr[h];
+          su = su + u[i * H + h] * xr[h];
+        }
+        a[i] = sg / (1.0f + std::exp(-sg)) * su;
+      }
+      float* yr = y + t * H;
+      std::fill_n(yr, H, 0.0f);
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t h = 0; h < H; ++h) yr[h] = yr[h] + d[i * H + h] * a[i];
+    }
+  }
+};
+
+// Random top-k routing: ids strictly ascending per token, positive weights summing to ~1.
+inline void random_routing(Rng& r, int64_t n, int64_t K, int32_t E, int32_t* ex, float* wt) {
+  std::vector<int32_t> ids(E);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int32_t e = 0; e < E; ++e) ids[e] = e;
+    for (int64_t k = 0; k < K; ++k) std::swap(ids[k], ids[k + r.below(E - k)]);
+    std::sort(ids.begin(), ids.begin() + K);
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      ex[t * K + k] = ids[k];
+      wt[t * K + k] = r.uniform(0.05f, 1.0f);
+      sum += wt[t * K + k];
+    }
+    for (int64_t k = 0; k < K; ++k) wt[t * K + k] /= sum;
+  }
+}
+
+// Model::moe_ffn's routed part: experts ascending, each over its rows, then per token
+// acc = acc + y * w over k from 0.0f. ex, wt: [n, K]; h, out: [n, H].
+inline void reference_moe(const FakeExperts& fx, int64_t n, int64_t K, const int32_t* ex,
+                          const float* wt, const float* h, float* out) {
+  const int64_t H = fx.H;
+  std::vector<float> slot_out(n * K * H), xin, y;
+  for (int32_t e = 0; e < fx.n_experts; ++e) {
+    std::vector<int64_t> entries;
+    for (int64_t i = 0; i < n * K; ++i)
+      if (ex[i] == e) entries.push_back(i);
+    if (entries.empty()) continue;
+    const int64_t cnt = static_cast<int64_t>(entries.size());
+    xin.resize(cnt * H);
+    y.resize(cnt * H);
+    for (int64_t j = 0; j < cnt; ++j) std::copy_n(h + (entries[j] / K) * H, H, xin.data() + j * H);
+    fx.run(e, xin.data(), cnt, y.data());
+    for (int64_t j = 0; j < cnt; ++j)
+      std::copy_n(y.data() + j * H, H, slot_out.data() + entries[j] * H);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    float* o = out + t * H;
+    std::fill_n(o, H, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = wt[t * K + k];
+      const float* yy = slot_out.data() + (t * K + k) * H;
+      for (int64_t i = 0; i < H; ++i) o[i] = o[i] + yy[i] * w;
+    }
+  }
+}
+
+// The expert-parallel layer on this rank's tokens: plan, dispatch, each local expert over its
+// rows, combine. ex, wt: [n, K]; h, out: [n, H].
+inline void ep_moe(moe::Dispatcher& d, const moe::Placement& pl, const FakeExperts& fx, int64_t n,
+                   int64_t K, const int32_t* ex, const float* wt, const float* h, float* out) {
+  const moe::DispatchPlan p = d.plan(pl, n, K, fx.H, ex, wt);
+  const float* x = d.dispatch(p, h);
+  float* y = d.expert_out(p);
+  for (int32_t j = 0; j < p.n_slots; ++j)
+    fx.run(p.slot_expert[j], x + p.slot_offset[j] * fx.H, p.slot_count(j),
+           y + p.slot_offset[j] * fx.H);
+  d.combine(p, y, out);
+}
+
+}  // namespace moeserve::testing

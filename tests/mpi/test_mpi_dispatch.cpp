@@ -1,0 +1,211 @@
+// Expert-parallel dispatch + combine on N processes, bit-identical to the single-process MoE
+// layer (moe_reference.h) that every rank computes over the whole global batch.
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+#include "moe_reference.h"
+
+using moeserve::comm::Communicator;
+using moeserve::comm::ReduceOp;
+using moeserve::moe::Dispatcher;
+using moeserve::moe::DispatchMode;
+using moeserve::moe::DispatchPlan;
+using moeserve::moe::Placement;
+using moeserve::mpitest::Checker;
+using moeserve::testing::FakeExperts;
+using moeserve::testing::Rng;
+
+namespace {
+
+enum class Routing { Random, AllToExpert5, AllToFirstK, Zipf };
+
+struct Case {
+  std::string name;
+  int32_t E;
+  int64_t K, H;
+  std::function<int64_t(int rank, int n)> tokens;  // tokens on each rank
+  Routing routing = Routing::Random;
+  // The placement, from the size and the global routing (for balanced ones).
+  std::function<Placement(int n, const std::vector<int32_t>& ex)> placement;
+};
+
+Placement contiguous(int32_t E, int n) {
+  return Placement::contiguous(E, n);
+}
+
+// The global batch, the same on every rank: [N, K] routing, [N, H] hidden.
+struct Global {
+  int64_t N = 0;
+  std::vector<int64_t> first;  // [n + 1] first global token of each rank
+  std::vector<int32_t> ex;
+  std::vector<float> wt, h;
+};
+
+Global make_batch(const Case& c, int n, uint64_t seed) {
+  Global g;
+  g.first.assign(n + 1, 0);
+  for (int r = 0; r < n; ++r) g.first[r + 1] = g.first[r] + c.tokens(r, n);
+  g.N = g.first[n];
+  g.ex.resize(g.N * c.K);
+  g.wt.resize(g.N * c.K);
+  g.h.resize(g.N * c.H);
+  Rng rng(seed);
+  moeserve::testing::random_routing(rng, g.N, c.K, c.E, g.ex.data(), g.wt.data());
+  for (int64_t t = 0; t < g.N; ++t)
+    for (int64_t k = 0; k < c.K; ++k) {
+      int32_t& e = g.ex[t * c.K + k];
+      if (c.routing == Routing::AllToFirstK) e = static_cast<int32_t>(k);
+      if (c.routing == Routing::AllToExpert5) e = 5;  // K == 1
+      if (c.routing == Routing::Zipf) {               // expert k of a token: skewed towards low ids
+        const int32_t lo = k ? g.ex[t * c.K + k - 1] + 1 : 0;
+        const int32_t room = c.E - static_cast<int32_t>(c.K - k) - lo;
+        e = lo + static_cast<int32_t>(rng.below(rng.below(4) ? 1 + room / 8 : room + 1));
+      }
+    }
+  for (float& v : g.h) v = rng.uniform(-2.0f, 2.0f);
+  return g;
+}
+
+void run_case(Communicator& c, Checker& ck, const Case& cs, DispatchMode mode, Dispatcher& d) {
+  const int n = c.size(), me = c.rank();
+  const Global g = make_batch(cs, n, 1000 + cs.E * 7 + cs.K);
+  const FakeExperts fx(cs.E, cs.H, 8, 42 + cs.E);
+  const Placement pl = cs.placement(n, g.ex);
+  std::vector<float> want(g.N * cs.H);
+  moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
+                                   want.data());
+
+  const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
+  std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
+  const int32_t* ex = g.ex.data() + t0 * cs.K;
+  const float* wt = g.wt.data() + t0 * cs.K;
+  const float* h = g.h.data() + t0 * cs.H;
+  moeserve::testing::ep_moe(d, pl, fx, nt, cs.K, ex, wt, h, got.data());
+  const bool same =
+      std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0;
+  CHECK_MSG(ck, same, cs.name + (mode == DispatchMode::PerRank ? " PerRank" : " PerExpert"));
+
+  // Plan invariants across ranks: what is sent arrives, each row once per pair or per rank.
+  const DispatchPlan p = d.plan(pl, nt, cs.K, cs.H, ex, wt);
+  int64_t sums[3] = {p.n_pairs_sent(), p.n_recv(), nt * cs.K};
+  c.all_reduce(sums, 3, ReduceOp::Sum);
+  CHECK(ck, sums[0] == sums[1] && sums[0] == sums[2]);
+  CHECK(ck, p.n_rows_sent() <= p.n_pairs_sent() && p.n_rows_sent() >= (nt ? 1 : 0));
+  CHECK(ck, p.n_slots == static_cast<int32_t>(pl.experts_on(me).size()));
+}
+
+std::vector<Case> cases() {
+  auto each = [](int64_t t) { return [t](int, int) { return t; }; };
+  std::vector<Case> v;
+  v.push_back({"random", 16, 4, 64, each(7), Routing::Random,
+               [](int n, auto&) { return contiguous(16, n); }});
+  v.push_back({"experts not divisible by ranks", 13, 3, 32, [](int r, int) { return 3 + r; },
+               Routing::Random, [](int n, auto&) { return contiguous(13, n); }});
+  v.push_back({"every token to one expert", 16, 1, 32, each(6), Routing::AllToExpert5,
+               [](int n, auto&) { return contiguous(16, n); }});
+  v.push_back({"every token to the same experts", 16, 4, 32, each(5), Routing::AllToFirstK,
+               [](int n, auto&) { return contiguous(16, n); }});
+  v.push_back({"ranks without tokens", 16, 4, 32, [](int r, int) { return r % 2 ? 0 : 4; },
+               Routing::Random, [](int n, auto&) { return contiguous(16, n); }});
+  v.push_back({"no tokens anywhere", 16, 4, 32, each(0), Routing::Random,
+               [](int n, auto&) { return contiguous(16, n); }});
+  v.push_back({"one token in the batch", 16, 4, 32, [](int r, int n) { return r == n - 1 ? 1 : 0; },
+               Routing::Random, [](int n, auto&) { return contiguous(16, n); }});
+  v.push_back({"redundant experts (EPLB from the batch)", 16, 4, 48, each(9), Routing::Zipf,
+               [](int n, const std::vector<int32_t>& ex) {
+                 std::vector<double> load(16, 0.0);
+                 for (int32_t e : ex) load[e] += 1;
+                 return Placement::balanced(load, n, std::min(8, 16 * (n - 1)));
+               }});
+  v.push_back({"hot expert copied on every rank", 12, 3, 32, each(5), Routing::AllToFirstK,
+               [](int n, auto&) {
+                 std::vector<std::vector<int32_t>> ranks(n);
+                 for (int32_t e = 0; e < 12; ++e) ranks[e * n / 12].push_back(e);
+                 for (int r = 1; r < n; ++r) ranks[r].push_back(0);
+                 return Placement(12, ranks);
+               }});
+  v.push_back({"wide: 64 experts, top-8, hidden 256", 64, 8, 256, each(24), Routing::Random,
+               [](int n, auto&) { return contiguous(64, n); }});
+  return v;
+}
+
+void test_dispatch(Communicator& c, Checker& ck, DispatchMode mode) {
+  Dispatcher d(c, mode);  // one dispatcher for all cases: buffers grow and shrink between them
+  for (const Case& cs : cases()) run_case(c, ck, cs, mode, d);
+}
+
+// A bad input on one rank, or ranks that disagree, end the layer on every rank with an error,
+// and the communicator still works afterwards.
+void test_failures(Communicator& c, Checker& ck) {
+  const int n = c.size(), me = c.rank();
+  Dispatcher d(c);
+  const Placement pl = Placement::contiguous(8, n);
+  const int32_t good[2] = {1, 6}, bad[2] = {6, 1};
+  const float w[2] = {0.5f, 0.5f};
+  CHECK_THROWS(ck, [&] { d.plan(pl, 1, 2, 16, me == n - 1 ? bad : good, w); },
+               {"invalid routing input on rank(s) " + std::to_string(n - 1)});
+  if (n >= 2) {
+    std::vector<std::vector<int32_t>> swapped(n);
+    for (int r = 0; r < n; ++r) {
+      const auto e = pl.experts_on(r);
+      swapped[n - 1 - r].assign(e.begin(), e.end());
+    }
+    const Placement other =
+        pl.max_slots() == Placement(8, swapped).max_slots() ? Placement(8, swapped) : pl;
+    if (!(other == pl))
+      CHECK_THROWS(ck, [&] { d.plan(me == 0 ? other : pl, 1, 2, 16, good, w); },
+                   {"disagree on the placement"});
+    CHECK_THROWS(ck, [&] { d.plan(pl, 1, 2, me == 0 ? 32 : 16, good, w); },
+                 {"disagree on the hidden size"});
+  }
+  std::vector<float> h(16, 1.0f), out(16);
+  const DispatchPlan p = d.plan(pl, 1, 2, 16, good, w);
+  const float* x = d.dispatch(p, h.data());
+  float* y = d.expert_out(p);
+  std::memcpy(y, x, p.n_recv() * 16 * sizeof(float));
+  d.combine(p, y, out.data());
+  CHECK(ck, out[0] == 1.0f && out[15] == 1.0f);
+}
+
+// Counts recorded per rank sum to the global batch's counts; rebalancing from them gives the
+// same table on every rank.
+void test_expert_counts(Communicator& c, Checker& ck) {
+  const int n = c.size(), me = c.rank();
+  Case cs{"counts", 16, 4, 8, [](int r, int) { return 5 + r; }, Routing::Zipf, nullptr};
+  const Global g = make_batch(cs, n, 77);
+  moeserve::moe::ExpertCounts counts(3, 16);
+  counts.record(2, g.ex.data() + g.first[me] * cs.K, (g.first[me + 1] - g.first[me]) * cs.K);
+  counts.reduce(c);
+  std::vector<int64_t> want(16, 0);
+  for (int32_t e : g.ex) ++want[e];
+  CHECK(ck, std::equal(want.begin(), want.end(), counts.layer(2).begin()));
+  const auto table = counts.rebalance(n, std::min(4, 16 * (n - 1)));
+  int64_t fp = static_cast<int64_t>(table.at(2).fingerprint()), fp_max = fp;
+  c.all_reduce(&fp_max, 1, ReduceOp::Max);
+  CHECK(ck, fp == fp_max);
+}
+
+// The same cases with pieces staged through contiguous copies instead of derived datatypes.
+void test_dispatch_staging(Communicator& c, Checker& ck) {
+  auto dt = moeserve::comm::mpi_world({moeserve::comm::PiecesVia::Staging});
+  test_dispatch(*dt, ck, DispatchMode::PerRank);
+  test_dispatch(*dt, ck, DispatchMode::PerExpert);
+}
+
+}  // namespace
+
+int main() {
+  return moeserve::mpitest::run_all({
+      {"dispatch PerRank", [](auto& c, auto& ck) { test_dispatch(c, ck, DispatchMode::PerRank); }},
+      {"dispatch PerExpert",
+       [](auto& c, auto& ck) { test_dispatch(c, ck, DispatchMode::PerExpert); }},
+      {"dispatch via staging", test_dispatch_staging},
+      {"expert counts", test_expert_counts},
+      {"failures", test_failures},
+  });
+}
