@@ -13,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "cli/parallel.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
 #include "engine/generator.h"
@@ -28,7 +29,7 @@ namespace {
 struct BenchArgs {
   std::string model, preset, dtype = "bf16", cache_dir = "models";
   int64_t prompt_len = 512, decode_tokens = 32;
-  int threads = 0;
+  ParallelArgs par;
   bool json = false;
 };
 
@@ -61,7 +62,11 @@ void run_bench(const BenchArgs& a) {
   MS_CHECK(a.model.empty() != a.preset.empty(), "give exactly one of --model and --preset");
   MS_CHECK(a.prompt_len >= 1 && a.decode_tokens >= 2, "--prompt-len >= 1 and --decode-tokens >= 2");
   std::string dir = a.model;
-  if (!a.preset.empty()) {
+  ParallelModel pm(a.par);
+  comm::Communicator& comm = pm.comm();
+  const int n_ranks = comm.size();
+  pm.check_all([&] {
+    if (a.preset.empty() || !pm.is_root()) return;
     dir = (fs::path(a.cache_dir) / (a.preset + "-" + a.dtype)).string();
     if (!fs::exists(fs::path(dir) / "model.safetensors")) {
       std::fprintf(stderr, "creating %s (random weights) ...\n", dir.c_str());
@@ -70,15 +75,13 @@ void run_bench(const BenchArgs& a) {
       opt.progress = true;
       model::write_random_model(model::preset_config(a.preset), dir, opt);
     }
-  }
-  ThreadPool pool(a.threads);
-  std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", pool.size(),
-               isa_name(detected_isa()));
-  const double bw = kernels::measure_read_bandwidth_gbs(pool);
-  const double peak = kernels::measure_peak_gflops(pool);
+  });
+  if (!a.preset.empty()) dir = (fs::path(a.cache_dir) / (a.preset + "-" + a.dtype)).string();
 
-  model::Model m(dir, pool);
-  m.prefault(true);
+  pm.load(dir);
+  model::Model& m = pm.model();
+  if (pm.is_root()) m.prefault(true);
+  else m.prefault(false);
   const model::ModelConfig& c = m.config();
   const size_t weight_bytes = m.store().total_bytes();
   const size_t active_bytes = model::active_weight_bytes(m.weights(), c);
@@ -96,7 +99,7 @@ void run_bench(const BenchArgs& a) {
       } else {
         active_elems += elems(L.moe.router);
         if (L.moe.shared.present()) active_elems += 3 * elems(L.moe.shared.gate);
-        active_elems += 3 * elems(L.moe.experts[0].gate) * c.num_experts_per_tok;
+        active_elems += 3 * static_cast<size_t>(c.moe_intermediate_size * c.hidden_size) * c.num_experts_per_tok;
       }
     }
   }
@@ -115,28 +118,56 @@ void run_bench(const BenchArgs& a) {
     gen.generate(
         std::vector<int32_t>(prompt.begin(), prompt.begin() + std::min<int64_t>(8, a.prompt_len)),
         w);
+    gen.drain();
   }
+  // Every rank runs its own sequence (attention is data-parallel); the slowest sets the pace.
   engine::GenerateStats st;
   gen.generate(prompt, opt, {}, &st);
-  const double prefill_tps = a.prompt_len / st.prefill_seconds;
+  gen.drain();
+  double times[4] = {st.prefill_seconds, st.decode_seconds, st.prefill_exchange_seconds,
+                     st.decode_exchange_seconds};
+  comm.all_reduce(times, 4, comm::ReduceOp::Max);
+  st.prefill_seconds = times[0];
+  st.decode_seconds = times[1];
+  double rss_all = peak_rss_kb() * 1024.0;
+  comm.all_reduce(&rss_all, 1, comm::ReduceOp::Sum);
+  pm.write_expert_load();
+  // The machine's bounds, measured after the run (so its buffers do not count in the peak
+  // RSS) by rank 0 with every core while the others wait.
+  double bw = 0, peak = 0;
+  if (pm.is_root()) {
+    ThreadPool all(0);
+    std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", all.size(),
+                 isa_name(detected_isa()));
+    bw = kernels::measure_read_bandwidth_gbs(all);
+    peak = kernels::measure_peak_gflops(all);
+  }
+  comm.barrier();
+  if (!pm.is_root()) return;
+  const double prefill_tps = n_ranks * a.prompt_len / st.prefill_seconds;
   const double prefill_gflops =
-      forward_flops(c, active_elems, 0, a.prompt_len) / st.prefill_seconds / 1e9;
-  const double decode_tps = (st.output_tokens - 1) / st.decode_seconds;
+      n_ranks * forward_flops(c, active_elems, 0, a.prompt_len) / st.prefill_seconds / 1e9;
+  const double decode_tps = n_ranks * (st.output_tokens - 1) / st.decode_seconds;
   const double decode_gbs = active_bytes * decode_tps / 1e9;
   const int64_t kv_tokens = a.prompt_len + a.decode_tokens;
   const double kv_bytes =
       static_cast<double>(kv_tokens) * c.num_hidden_layers * c.kv_cache_dim() * 4;
-  const double rss = peak_rss_kb() * 1024.0;
+  const double rss = rss_all;
 
   std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n",
               dir.c_str(), c.fp8 ? "fp8" : "bf16", weight_bytes / 1e9, active_bytes / 1e6);
-  std::printf("machine        %d threads, %s; read bandwidth %.1f GB/s; peak FMA %.1f GFLOP/s\n",
-              pool.size(), isa_name(detected_isa()), bw, peak);
+  std::printf("machine        %s; read bandwidth %.1f GB/s; peak FMA %.1f GFLOP/s (all cores)\n",
+              isa_name(detected_isa()), bw, peak);
+  std::printf("parallel       %d rank(s) x %d thread(s); expert parallel %s\n", n_ranks,
+              pm.pool().size(), n_ranks > 1 ? "on" : "off");
   std::printf("prefill        %lld tokens: %.1f tokens/s, %.1f GFLOP/s = %.1f%% of peak\n",
               static_cast<long long>(a.prompt_len), prefill_tps, prefill_gflops,
               100.0 * prefill_gflops / peak);
   std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
               decode_tps, decode_gbs, 100.0 * decode_gbs / bw);
+  if (n_ranks > 1)
+    std::printf("communication  %.1f%% of prefill time, %.1f%% of decode time in MoE all-to-alls\n",
+                100.0 * times[2] / st.prefill_seconds, 100.0 * times[3] / st.decode_seconds);
   std::printf(
       "memory         peak RSS %.2f GB; weights %.2f GB + KV cache %.3f GB -> %.1f%% over\n",
       rss / 1e9, weight_bytes / 1e9, kv_bytes / 1e9,
@@ -150,6 +181,9 @@ void run_bench(const BenchArgs& a) {
                         {"prefill_peak_ratio", prefill_gflops / peak},
                         {"decode_tokens_per_s", decode_tps},
                         {"decode_bandwidth_ratio", decode_gbs / bw},
+                        {"ranks", n_ranks},
+                        {"prefill_comm_share", times[2] / st.prefill_seconds},
+                        {"decode_comm_share", times[3] / st.decode_seconds},
                         {"peak_rss_bytes", rss},
                         {"weight_bytes", weight_bytes},
                         {"kv_bytes", kv_bytes}};
@@ -174,7 +208,7 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   b->add_option("--prompt-len", a->prompt_len, "Prompt tokens to prefill")->capture_default_str();
   b->add_option("--decode-tokens", a->decode_tokens, "Tokens to decode")->capture_default_str();
-  b->add_option("--threads", a->threads, "Worker threads (0 = one per core)");
+  add_parallel_flags(b, a->par);
   b->add_flag("--json", a->json, "Also print the figures as one JSON line");
   b->callback([a] { run_bench(*a); });
 }

@@ -19,12 +19,20 @@ void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
                   "Write per-expert routed token counts (JSON) here at the end");
 }
 
-ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : args_(a) {
+ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : ParallelModel(a) {
+  load(dir);
+}
+
+ParallelModel::ParallelModel(const ParallelArgs& a) : args_(a) {
   comm_ = comm::world();
   int threads = a.threads;
   if (threads <= 0 && comm_->size() > 1)  // ranks on one machine share its cores
     threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / comm_->size());
   pool_ = std::make_unique<ThreadPool>(threads);
+}
+
+void ParallelModel::load(const std::string& dir) {
+  const ParallelArgs& a = args_;
   check_all([&] {
     MS_CHECK(a.redundant_experts >= 0, "--redundant-experts must be >= 0");
     if (comm_->size() == 1) {

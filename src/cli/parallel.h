@@ -27,8 +27,13 @@ void add_parallel_flags(CLI::App* cmd, ParallelArgs& a);
 
 class ParallelModel {
  public:
+  // Joins the process group and loads the model: (the group, then) load(model_dir).
   ParallelModel(const std::string& model_dir, const ParallelArgs& a);
+  // Joins the process group only; call load() later.
+  explicit ParallelModel(const ParallelArgs& a);
   ~ParallelModel();
+
+  void load(const std::string& model_dir);
 
   comm::Communicator& comm() { return *comm_; }
   bool is_root() const { return comm_->rank() == 0; }

@@ -38,7 +38,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   std::vector<int32_t> out;
   if (opt.max_tokens == 0) return out;
 
-  const double t0 = now();
+  const double t0 = now(), x0 = m_.exchange_seconds();
   model::Batch b;
   int64_t past = 0;
   const int64_t P = static_cast<int64_t>(prompt.size());
@@ -51,7 +51,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     forward(b, pool, logits.data());
     past += n;
   }
-  const double t1 = now();
+  const double t1 = now(), x1 = m_.exchange_seconds();
   int32_t tok = sampler.sample(logits.data(), c.vocab_size);
   for (;;) {
     out.push_back(tok);
@@ -70,6 +70,8 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     stats->output_tokens = static_cast<int64_t>(out.size());
     stats->prefill_seconds = t1 - t0;
     stats->decode_seconds = now() - t1;
+    stats->prefill_exchange_seconds = x1 - x0;
+    stats->decode_exchange_seconds = m_.exchange_seconds() - x1;
   }
   return out;
 }

@@ -22,6 +22,7 @@ struct GenerateOptions {
 struct GenerateStats {
   int64_t prompt_tokens = 0, output_tokens = 0;
   double prefill_seconds = 0, decode_seconds = 0;
+  double prefill_exchange_seconds = 0, decode_exchange_seconds = 0;  // inside MoE all-to-alls
 };
 
 // Under expert parallelism the ranks of the model's group step together: each forward is
