@@ -1,7 +1,9 @@
 // bench_kernels: the CPU kernels against this machine's roofline.
 //   decode:  matmul at m = 1, 4, 8 streams the weights once: GB/s vs measured read bandwidth.
 //   prefill: matmul at m = 512 is compute bound: GFLOP/s vs measured peak FMA rate.
-// All figures are best-of-several, denominators re-measured next to each kernel.
+// All figures are best-of-several, denominators re-measured next to each kernel, each timed two
+// ways: wall clock, and CPU time per thread (what the threads would take on an unshared machine;
+// the honest figure when other work shares the cores, as on a shared build machine).
 // Threads: MOESERVE_THREADS (default: all hardware threads). ISA: MOESERVE_ISA caps it.
 #include <algorithm>
 #include <chrono>
@@ -45,24 +47,23 @@ struct BenchWeight {
   }
 };
 
-// Best (lowest) seconds of `iters` calls of fn, after one warm-up call. The machine may be
-// shared; the best run is the one least disturbed, as for the roofline figures.
+// Best (lowest) wall and CPU-clock seconds of fn over `iters` calls. The machine may be shared:
+// the best run is the least disturbed, and the CPU clock (see Clock::kCpu) leaves out the time
+// the threads were not running.
+struct Best {
+  double wall = 1e30, cpu = 1e30;
+};
 template <class F>
-double time_best(int iters, F&& fn) {
+void time_into(const ThreadPool& pool, Best& best, F&& fn) {
+  const double w0 = now_seconds(Clock::kWall, pool), c0 = now_seconds(Clock::kCpu, pool);
   fn();
-  double best = 1e30;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(best,
-                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
+  best.cpu = std::min(best.cpu, now_seconds(Clock::kCpu, pool) - c0);
+  best.wall = std::min(best.wall, now_seconds(Clock::kWall, pool) - w0);
 }
 
 // Decode: weights cycled through copies totalling > 1 GB, so every call streams from DRAM (no
 // help from a large L3). The denominator is a plain streaming read of the same weight bytes,
-// timed alternately with the kernel (the machine may be shared): best of each.
+// timed alternately with the kernel.
 void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
   std::vector<std::unique_ptr<BenchWeight>> copies;
   size_t total = 0;
@@ -70,43 +71,45 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
     copies.push_back(std::make_unique<BenchWeight>(dt, rows, cols));
     total += copies.back()->w.bytes();
   }
-  const size_t bytes = copies[0]->w.bytes();
+  const double bytes = copies[0]->w.bytes();
   for (int64_t m : {1, 4, 8}) {
     std::vector<float> x(m * cols, 0.01f), y(m * rows);
     matmul(pool, x.data(), m, cols, copies[0]->w, y.data(), rows);  // warm-up
-    double t_read = 1e30, t_mm = 1e30;
+    Best read, mm;
     for (int round = 0; round < 4; ++round) {
       for (const auto& c : copies) {
-        t_read = std::min(t_read, time_stream_read(pool, c->data.data(), c->data.size()));
-        const auto t0 = std::chrono::steady_clock::now();
-        matmul(pool, x.data(), m, cols, c->w, y.data(), rows);
-        t_mm = std::min(
-            t_mm, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        time_into(pool, read, [&] { time_stream_read(pool, c->data.data(), c->data.size()); });
+        time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, c->w, y.data(), rows); });
       }
     }
-    const double gbs = bytes / t_mm / 1e9, bw = copies[0]->data.size() / t_read / 1e9;
+    const double raw = copies[0]->data.size();
     std::printf(
-        "decode  %-7s m=%-3lld N=%-6lld K=%-5lld %6.1f MB %7.2f ms %6.1f GB/s  read %5.1f GB/s  "
-        "%5.1f%%\n",
-        dtype_name(dt), (long long)m, (long long)rows, (long long)cols, bytes / 1e6, t_mm * 1e3,
-        gbs, bw, 100 * gbs / bw);
+        "decode  %-7s m=%lld N=%lld K=%lld %5.1f MB | wall %6.1f GB/s, read %5.1f, %5.1f%% | cpu "
+        "%6.1f GB/s, read %5.1f, %5.1f%%\n",
+        dtype_name(dt), (long long)m, (long long)rows, (long long)cols, bytes / 1e6,
+        bytes / mm.wall / 1e9, raw / read.wall / 1e9, 100 * bytes / mm.wall / (raw / read.wall),
+        bytes / mm.cpu / 1e9, raw / read.cpu / 1e9, 100 * bytes / mm.cpu / (raw / read.cpu));
   }
 }
 
 void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t cols) {
   BenchWeight bwt(dt, rows, cols);
   std::vector<float> x(m * cols, 0.01f), y(m * rows);
-  double peak = 0, s = 1e30;
+  matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows);  // warm-up
+  double peak_wall = 0, peak_cpu = 0;
+  Best mm;
   for (int round = 0; round < 4; ++round) {
-    peak = std::max(peak, measure_peak_gflops(pool));
-    s = std::min(s, time_best(2, [&] { matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows); }));
+    peak_wall = std::max(peak_wall, measure_peak_gflops(pool, Clock::kWall));
+    peak_cpu = std::max(peak_cpu, measure_peak_gflops(pool, Clock::kCpu));
+    time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows); });
   }
-  const double gf = 2.0 * m * rows * cols / s / 1e9;
+  const double flop = 2.0 * m * rows * cols;
   std::printf(
-      "prefill %-7s m=%-3lld N=%-6lld K=%-5lld %7.2f ms %6.1f GFLOP/s  peak %5.1f  %5.1f%% of "
-      "peak\n",
-      dtype_name(dt), (long long)m, (long long)rows, (long long)cols, s * 1e3, gf, peak,
-      100 * gf / peak);
+      "prefill %-7s m=%lld N=%lld K=%lld | wall %6.1f GFLOP/s, peak %5.1f, %5.1f%% | cpu %6.1f "
+      "GFLOP/s, peak %5.1f, %5.1f%%\n",
+      dtype_name(dt), (long long)m, (long long)rows, (long long)cols, flop / mm.wall / 1e9,
+      peak_wall, 100 * flop / mm.wall / 1e9 / peak_wall, flop / mm.cpu / 1e9, peak_cpu,
+      100 * flop / mm.cpu / 1e9 / peak_cpu);
 }
 
 }  // namespace
@@ -114,9 +117,11 @@ void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t 
 int main() {
   ThreadPool pool;
   std::printf("threads %d, isa %s\n", pool.size(), isa_name(detected_isa()));
-  std::printf("read bandwidth %.1f GB/s, memcpy %.1f GB/s, peak fp32 FMA %.1f GFLOP/s\n",
-              measure_read_bandwidth_gbs(pool), measure_memcpy_gbs(pool, size_t{256} << 20),
-              measure_peak_gflops(pool));
+  std::printf(
+      "read bandwidth %.1f GB/s, memcpy %.1f GB/s, peak fp32 FMA %.1f GFLOP/s (%.1f by cpu "
+      "clock)\n",
+      measure_read_bandwidth_gbs(pool), measure_memcpy_gbs(pool, size_t{256} << 20),
+      measure_peak_gflops(pool), measure_peak_gflops(pool, Clock::kCpu));
   decode(pool, DType::BF16, 18432, 7168);     // 264 MB
   decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
   for (DType dt : {DType::BF16, DType::F8_E4M3}) {

@@ -498,6 +498,9 @@ def feature_templates():
                    "{% for i in [1] %}{{ loop }}{{ loop.nope }}{{ loop['index'] }}{% endfor %}|"
                    "{{ 5 | format }}|{{ nothing | center(4) }}|{{ nothing | truncate }}|{{ (3)[1:] }}|"
                    "{{ '{}-{}'.format('a', 'b') }}|{{ 'abc'.find('z') }}|{{ 2.5 ** 2 }}{# c #}"
+                   "{{ 17 | round(2) }} {{ 2.675 | round(2) }} {{ 1234 | round(-2) }} {{ 1250 | round(-2) }}"
+                   " {{ 2.5 | round }} {{ -0.5 | round }} {{ 3.14159 | round(3, 'floor') }}|"
+                   "{{ {'a': [1]} | tojson(indent='\t') }}|{{ [1, 2, 3] | batch(nothing) | list }}|"
                    "{% call(x) caller_user('q') %}[{{ x }}]{% endcall %}{#",
     }
 
@@ -529,6 +532,9 @@ def error_templates():
         "pow_overflow": "{{ 10.0 ** 400 }}",
         "indent_float": "{{ 2.5 | indent }}",
         "float_undefined": "{{ nothing | float }}",
+        "fill_too_long": "{{ 'x'.center(3, 'ab') }}",
+        "filter_extra_arg": "{{ 'a' | e(1) }}",
+        "nul_format": "{{ '%\x00' % 1 }}",
     }
 
 

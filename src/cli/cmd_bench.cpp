@@ -80,8 +80,10 @@ void run_bench(const BenchArgs& a) {
 
   pm.load(dir);
   model::Model& m = pm.model();
-  if (pm.is_root()) m.prefault(true);
-  else m.prefault(false);
+  if (pm.is_root())
+    m.prefault(true);
+  else
+    m.prefault(false);
   const model::ModelConfig& c = m.config();
   const size_t weight_bytes = m.store().total_bytes();
   const size_t active_bytes = model::active_weight_bytes(m.weights(), c);
@@ -99,7 +101,8 @@ void run_bench(const BenchArgs& a) {
       } else {
         active_elems += elems(L.moe.router);
         if (L.moe.shared.present()) active_elems += 3 * elems(L.moe.shared.gate);
-        active_elems += 3 * static_cast<size_t>(c.moe_intermediate_size * c.hidden_size) * c.num_experts_per_tok;
+        active_elems += 3 * static_cast<size_t>(c.moe_intermediate_size * c.hidden_size) *
+                        c.num_experts_per_tok;
       }
     }
   }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <memory>
 
 #include "core/cpu_features.h"
@@ -123,7 +124,16 @@ double fma_scalar(int64_t iters, float* sink) {
 
 }  // namespace
 
-double time_stream_read(const ThreadPool& pool, const void* data, size_t bytes) {
+double now_seconds(Clock clock, const ThreadPool& pool) {
+  if (clock == Clock::kWall)
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return (ts.tv_sec + 1e-9 * ts.tv_nsec) / pool.size();
+}
+
+double time_stream_read(const ThreadPool& pool, const void* data, size_t bytes, Clock clock) {
   // Each thread reads a 64-byte aligned range whose length is a multiple of 256 bytes; the
   // ragged ends (< 320 bytes) are left out.
   const uintptr_t p0 = (reinterpret_cast<uintptr_t>(data) + 63) & ~uintptr_t{63};
@@ -133,7 +143,7 @@ double time_stream_read(const ThreadPool& pool, const void* data, size_t bytes) 
   const size_t per = (p1 - p0) / n_threads / 256 * 256;
   const Isa isa = detected_isa();
   float sink[64] = {};
-  const auto t0 = std::chrono::steady_clock::now();
+  const double t0 = now_seconds(clock, pool);
   pool.parallel_for(n_threads, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; ++t) {
       const float* p = reinterpret_cast<const float*>(p0 + t * per);
@@ -143,7 +153,7 @@ double time_stream_read(const ThreadPool& pool, const void* data, size_t bytes) 
                                          : read_scalar(p, n);
     }
   });
-  const double s = seconds_since(t0);
+  const double s = now_seconds(clock, pool) - t0;
   asm volatile("" : : "r"(sink) : "memory");
   return s;
 }
@@ -163,14 +173,14 @@ double measure_read_bandwidth_gbs(const ThreadPool& pool, size_t bytes) {
   return best;
 }
 
-double measure_peak_gflops(const ThreadPool& pool) {
+double measure_peak_gflops(const ThreadPool& pool, Clock clock) {
   const Isa isa = detected_isa();
   const int64_t iters = 4'000'000;  // ~10 ms a run: short runs find the machine's quiet moments
   double best = 0;
   for (int run = 0; run < kRuns; ++run) {
     double lanes_done[256] = {};
     float sink[256] = {};
-    const auto t0 = std::chrono::steady_clock::now();
+    const double t0 = now_seconds(clock, pool);
     pool.parallel_for(pool.size(), [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) {
         const int s = static_cast<int>(t % 256);
@@ -179,7 +189,7 @@ double measure_peak_gflops(const ThreadPool& pool) {
                                             : fma_scalar(iters, &sink[s]);
       }
     });
-    const double secs = seconds_since(t0);
+    const double secs = now_seconds(clock, pool) - t0;
     double lanes = 0;
     for (double l : lanes_done) lanes += l;
     best = std::max(best, 2.0 * lanes / secs / 1e9);

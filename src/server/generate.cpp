@@ -66,21 +66,21 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
 
   const int64_t n = static_cast<int64_t>(p.prompt.size());
   const int64_t limit = ctx.engine.config().max_model_len;
-  const std::string where = g.endpoint == Endpoint::Chat ? "messages" : "prompt";
   if (n + 1 > limit)
     too_long("This model's maximum context length is " + std::to_string(limit) +
-                 " tokens. However, your " + where + " resulted in " + std::to_string(n) +
+                 " tokens. However, your " + prompt_param + " resulted in " + std::to_string(n) +
                  " tokens, which leaves no room for the completion. Please reduce the length "
                  "of the " +
-                 where + ".",
+                 prompt_param + ".",
              prompt_param);
   if (g.max_tokens && n + *g.max_tokens > limit)
-    too_long(
-        "This model's maximum context length is " + std::to_string(limit) +
-            " tokens. However, you requested " + std::to_string(n + *g.max_tokens) + " tokens (" +
-            std::to_string(n) + " in the " + where + ", " + std::to_string(*g.max_tokens) +
-            " in the completion). Please reduce the length of the " + where + " or completion.",
-        "max_tokens");
+    too_long("This model's maximum context length is " + std::to_string(limit) +
+                 " tokens. However, you requested " + std::to_string(n + *g.max_tokens) +
+                 " tokens (" + std::to_string(n) + " in the " + prompt_param + ", " +
+                 std::to_string(*g.max_tokens) +
+                 " in the completion). Please reduce the length of the " + prompt_param +
+                 " or completion.",
+             "max_tokens");
   p.max_tokens = g.max_tokens.value_or(limit - n);
 
   p.sampling.temperature = static_cast<float>(g.temperature);

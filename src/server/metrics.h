@@ -45,7 +45,8 @@ class Metrics {
   void record_e2e(double seconds);
   void record_http_status(int status);
 
-  // The whole /metrics page. `experts_per_layer` and `moe_layer` describe expert_tokens' layout.
+  // The whole /metrics page. st.expert_tokens is [layers * n_routed_experts]; layers with
+  // moe_layer[l] false (dense) are left out.
   std::string render(const engine::EngineStats& st, int64_t n_routed_experts,
                      const std::vector<bool>& moe_layer) const;
 

@@ -335,6 +335,10 @@ GenRequest parse_request(Endpoint endpoint, std::string_view body, const Protoco
     r.add_generation_prompt = get_bool(obj, "add_generation_prompt").value_or(true);
     if (const json* kw = field(obj, "chat_template_kwargs")) {
       if (!kw->is_object()) wrong_type("chat_template_kwargs", "an object", *kw);
+      for (const char* k : {"messages", "add_generation_prompt", "tools", "documents"})
+        if (kw->contains(k))
+          bad_request("chat_template_kwargs",
+                      std::string("'chat_template_kwargs' may not set '") + k + "'.");
       r.template_kwargs = nlohmann::ordered_json::parse(kw->dump());
     }
   } else {

@@ -66,7 +66,7 @@ httplib::Server::Handler guarded(
 json model_card(const ServerContext& ctx) {
   return {{"id", ctx.opt.served_model_name},
           {"object", "model"},
-          {"created", 0},
+          {"created", ctx.started},
           {"owned_by", "moeserve"},
           {"root", ctx.opt.served_model_name},
           {"parent", nullptr},

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <optional>
@@ -44,13 +45,17 @@ struct ServerContext {
         tok(std::move(t)),
         chat(std::move(c)),
         opt(std::move(o)),
-        eos_ids(std::move(eos)) {}
+        eos_ids(std::move(eos)),
+        started(std::chrono::duration_cast<std::chrono::seconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count()) {}
 
   engine::Engine& engine;
   tokenizer::Tokenizer tok;
   std::optional<ChatFormat> chat;  // none: /v1/chat/completions answers 400
   ServerOptions opt;
   std::vector<int32_t> eos_ids;  // end generation unless the request says ignore_eos
+  int64_t started = 0;           // unix seconds, for /v1/models
   Metrics metrics;
   std::atomic<bool> stopping{false};
 };

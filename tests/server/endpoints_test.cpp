@@ -2,6 +2,7 @@
 // strings, usage, logprobs, metrics. After every test the engine holds no KV block.
 #include <gtest/gtest.h>
 
+#include "server/output.h"
 #include "server_test_util.h"
 
 using namespace moeserve;
@@ -189,16 +190,22 @@ TEST_F(Endpoints, StopTokenIdsAndLength) {
   EXPECT_EQ(a.j["usage"]["completion_tokens"], 5);
   body["logprobs"] = 0;
   Reply ids = post(port(), "/v1/completions", body);
-  // Stop at the second generated token: it counts, but its text is not returned.
+  // Stop at the second generated token: it counts, but its text is not returned. Its id is the
+  // one whose bytes are the token's text (tokens shown as "bytes:..." are partial characters).
   const auto& tok = demo_tokenizer();
+  const std::string first = ids.j["choices"][0]["logprobs"]["tokens"][0];
   const std::string second = ids.j["choices"][0]["logprobs"]["tokens"][1];
-  const auto second_id = tok.encode(second, false);
-  if (second_id.size() == 1 && second.rfind("bytes:", 0) != 0) {
-    body.erase("logprobs");
-    body["stop_token_ids"] = second_id;
-    Reply s = post(port(), "/v1/completions", body);
-    EXPECT_EQ(s.j["choices"][0]["finish_reason"], "stop");
-    EXPECT_EQ(s.j["usage"]["completion_tokens"], 2);
+  int32_t second_id = -1;
+  for (int32_t id = 0; id < tok.vocab_size() && second_id < 0; ++id)
+    if (moeserve::server::token_display(tok, id) == second) second_id = id;
+  ASSERT_GE(second_id, 0) << second;
+  body.erase("logprobs");
+  body["stop_token_ids"] = {second_id};
+  Reply s = post(port(), "/v1/completions", body);
+  EXPECT_EQ(s.j["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(s.j["usage"]["completion_tokens"], 2);
+  if (first.rfind("bytes:", 0) != 0) {
+    EXPECT_EQ(s.j["choices"][0]["text"], first);
   }
 }
 
@@ -295,6 +302,47 @@ TEST_F(Endpoints, MetricsCountRequestsTokensAndExperts) {
   EXPECT_GT(routed, 0);
   EXPECT_EQ(metric(port(), "moeserve_kv_blocks_used") + metric(port(), "moeserve_kv_blocks_free"),
             metric(port(), "moeserve_kv_blocks_total"));
+}
+
+// A DeepSeek-R1-style template: the generation prompt opens <think>, so the output starts as
+// reasoning and goes to reasoning_content until </think>.
+TEST(Reasoning, ThinkBlockGoesToReasoningContent) {
+  const std::string r1 =
+      "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] "
+      "}}{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'].split('</think>')[-1] "
+      "}}<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt "
+      "%}<｜Assistant｜><think>\n{% endif %}";
+  TestServer s(test_engine_config(), {}, r1);
+  json body = chat_body("Why is the sky blue?", 12);
+  body["ignore_eos"] = true;
+  Reply r = post(s.port(), "/v1/chat/completions", body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json& msg = r.j["choices"][0]["message"];
+  ASSERT_TRUE(msg["reasoning_content"].is_string()) << r.body;
+  const std::string reasoning = msg["reasoning_content"], content = msg["content"];
+
+  // The same tokens as a plain completion of the rendered prompt: all reasoning up to </think>.
+  const auto& tok = demo_tokenizer();
+  json cb = completion_body("", 12);
+  cb["prompt"] = tok.encode(
+      "<｜begin▁of▁sentence｜><｜User｜>Why is the sky blue?<｜Assistant｜><think>\n", false);
+  cb["ignore_eos"] = true;
+  const std::string raw = post(s.port(), "/v1/completions", cb).j["choices"][0]["text"];
+  const size_t end = raw.find("</think>");
+  EXPECT_EQ(reasoning, raw.substr(0, end));
+  EXPECT_EQ(content, end == std::string::npos ? "" : raw.substr(end + 8));
+
+  body["stream"] = true;
+  std::string streamed_reasoning, streamed_content;
+  for (const auto& p : sse_payloads(post(s.port(), "/v1/chat/completions", body).body)) {
+    if (p == "[DONE]") continue;
+    const json d = json::parse(p)["choices"][0]["delta"];
+    streamed_reasoning += d.value("reasoning_content", "");
+    streamed_content += d.value("content", "");
+  }
+  EXPECT_EQ(streamed_reasoning, reasoning);
+  EXPECT_EQ(streamed_content, content);
+  EXPECT_TRUE(wait_idle(s.port()));
 }
 
 }  // namespace

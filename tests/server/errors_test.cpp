@@ -161,6 +161,9 @@ TEST(Auth, ApiKeyRequiredExceptForHealth) {
   EXPECT_EQ(get(s.port(), "/v1/models", ok).status, 200);
   EXPECT_EQ(post(s.port(), "/v1/chat/completions", chat_body("x", 1), ok).status, 200);
   EXPECT_EQ(get(s.port(), "/metrics", ok).status, 200);
+  for (int i = 0; i < 500 && s.engine().stats().kv_blocks_used > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(s.engine().stats().kv_blocks_used, 0);
 }
 
 TEST(QueueFull, Answers429WhenTheEngineQueueIsFull) {

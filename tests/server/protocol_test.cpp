@@ -114,6 +114,8 @@ TEST(Protocol, RejectsBadInputNamingTheField) {
       {chat_with("model", 3).dump(), "model", "string"},
       {chat_with("presence_penalty", 0.5).dump(), "presence_penalty", "not supported"},
       {chat_with("tools", json::array({{{"type", "function"}}})).dump(), "tools", "not supported"},
+      {chat_with("chat_template_kwargs", {{"messages", 1}}).dump(), "chat_template_kwargs",
+       "may not set"},
       {R"({"model":"m"})", "messages", "required"},
       {R"({"messages":[]})", "messages", "at least one"},
       {R"({"messages":"hi"})", "messages", "array"},

@@ -47,7 +47,9 @@ inline const std::string& demo_model_dir() {
 }
 
 inline const tokenizer::Tokenizer& demo_tokenizer() {
-  static tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(demo_model_dir());
+  // The same files the demo model gets, without writing the model.
+  static tokenizer::Tokenizer tok =
+      tokenizer::Tokenizer::load(source_dir() + "/assets/deepseek-v3");
   return tok;
 }
 
@@ -64,13 +66,15 @@ inline engine::EngineConfig test_engine_config() {
 // A model, an engine and a server on 127.0.0.1:<free port>, torn down in order.
 class TestServer {
  public:
-  explicit TestServer(engine::EngineConfig ec = test_engine_config(),
-                      server::ServerOptions so = {}) {
+  // chat_template: the source of a template to use instead of the model's.
+  explicit TestServer(engine::EngineConfig ec = test_engine_config(), server::ServerOptions so = {},
+                      const std::string& chat_template = "") {
     pool_ = std::make_unique<ThreadPool>(2);
     model_ = std::make_unique<model::Model>(demo_model_dir(), *pool_);
     engine_ = std::make_unique<engine::Engine>(*model_, ec);
     const auto& tok = demo_tokenizer();
-    auto chat = server::ChatFormat::load(demo_model_dir(), "", tok);
+    auto chat = chat_template.empty() ? server::ChatFormat::load(demo_model_dir(), "", tok)
+                                      : server::ChatFormat::from_source(chat_template, tok);
     so.host = "127.0.0.1";
     so.port = 0;
     if (so.served_model_name.empty()) so.served_model_name = "demo";

@@ -18,6 +18,9 @@ namespace {
 
 constexpr int64_t kGemmK = 1024;  // columns per K block (a multiple of 128: fp8 blocks stay whole)
 constexpr int64_t kGemmM = 128;   // tokens per panel
+// Row stride of the dequantized block: not a multiple of 4 KB, so that a tile's weight rows do
+// not all fall in the same L1 set.
+constexpr int64_t kLdw = kGemmK + 16;
 
 template <class O>
 constexpr int64_t gemm_n() {  // weight rows per N block
@@ -90,35 +93,10 @@ constexpr void fill_gemm_tiles(GemmTileFn (*t)[O::kTileN], std::integer_sequence
   (fill_gemm_row<O, MT + 1>(t[MT], std::make_integer_sequence<int, O::kTileN>{}), ...);
 }
 
-// Walks the cache lines of a block of weight rows, a few at a time, so that the next block's
-// rows reach L2 while the current one is computed.
-class BlockPrefetcher {
- public:
-  void start(const uint8_t* first_row, int64_t row_stride, int64_t rows, int64_t row_bytes) {
-    base_ = first_row;
-    stride_ = row_stride;
-    lines_per_row_ = (row_bytes + 63) / 64;
-    total_ = rows * lines_per_row_;
-    next_ = 0;
-  }
-  void step(int64_t n) {
-    for (const int64_t end = std::min(total_, next_ + n); next_ < end; ++next_) {
-      const int64_t r = next_ / lines_per_row_, l = next_ % lines_per_row_;
-      __builtin_prefetch(base_ + r * stride_ + l * 64, 0, 2);  // to L2
-    }
-  }
-  int64_t total() const { return total_; }
-
- private:
-  const uint8_t* base_ = nullptr;
-  int64_t stride_ = 0, lines_per_row_ = 0, total_ = 0, next_ = 0;
-};
-
 template <class O, DType DT>
 void gemm(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
           int64_t ldy) {
   constexpr int64_t NB = gemm_n<O>();
-  constexpr int64_t es = elem_bytes<DT>();
   static_assert(kGemmM % O::kTileM == 0 && NB % O::kTileN == 0);
   static const auto tiles = [] {
     struct T {
@@ -127,12 +105,11 @@ void gemm(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const 
     fill_gemm_tiles<O>(t.f, std::make_integer_sequence<int, O::kTileM>{});
     return t;
   }();
-  const int64_t N = w.rows, K = w.cols, Kp = round16(K), row_bytes = K * es;
+  const int64_t N = w.rows, K = w.cols, Kp = round16(K);
   pool.parallel_for((N + NB - 1) / NB, [&](int64_t b, int64_t e, int) {
     static thread_local Scratch wscratch, pscratch;
-    float* wb = wscratch.get(NB * kGemmK);         // [NB, kGemmK]
+    float* wb = wscratch.get(NB * kLdw);           // [NB, kLdw]
     float* part = pscratch.get(kGemmM * NB * 16);  // [kGemmM, NB, 16]
-    BlockPrefetcher pf;
     for (int64_t nb = b; nb < e; ++nb) {
       const int64_t n0 = nb * NB, nn = std::min(NB, N - n0);
       for (int64_t m0 = 0; m0 < m; m0 += kGemmM) {
@@ -140,26 +117,12 @@ void gemm(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const 
         for (int64_t k0 = 0; k0 < K; k0 += kGemmK) {
           const int64_t nc = std::min(kGemmK, Kp - k0) / 16;
           const bool first = k0 == 0, last = k0 + kGemmK >= K;
-          dequant_block<O, DT>(w, n0, nn, k0, nc, wb, kGemmK);
-          // The block this thread dequantizes next: the next K block, else K block 0 of the
-          // next panel (same rows) or of the next N block.
-          int64_t pn0 = n0, pk0 = k0 + kGemmK;
-          if (last) {
-            pk0 = 0;
-            if (m0 + kGemmM >= m) pn0 = nb + 1 < e ? n0 + NB : N;
-          }
-          const int64_t pnn = std::min(NB, N - pn0);
-          pf.start(w_row(w, std::min(pn0, N - 1)) + pk0 * es, row_bytes, pnn,
-                   std::min(kGemmK, K - pk0) * es);
-          const int64_t calls =
-              ((nn + O::kTileN - 1) / O::kTileN) * ((mm + O::kTileM - 1) / O::kTileM);
-          const int64_t per_call = (pf.total() + calls - 1) / calls;
+          dequant_block<O, DT>(w, n0, nn, k0, nc, wb, kLdw);
           for (int64_t j0 = 0; j0 < nn; j0 += O::kTileN) {
             const int64_t nt = std::min<int64_t>(O::kTileN, nn - j0);
             for (int64_t i0 = 0; i0 < mm; i0 += O::kTileM) {
               const int64_t mt = std::min<int64_t>(O::kTileM, mm - i0);
-              pf.step(per_call);
-              tiles.f[mt - 1][nt - 1](x + (m0 + i0) * ldx + k0, ldx, wb + j0 * kGemmK, kGemmK, nc,
+              tiles.f[mt - 1][nt - 1](x + (m0 + i0) * ldx + k0, ldx, wb + j0 * kLdw, kLdw, nc,
                                       part + (i0 * NB + j0) * 16, NB * 16, first, last,
                                       y + (m0 + i0) * ldy + n0 + j0, ldy);
             }

@@ -12,7 +12,7 @@ namespace {
 // ---- matmul, small m: stream R weight rows at a time, each converted once for up to 8 tokens.
 
 // Elements [k, k + 16) of a row as floats, with no NaN check (fp8: the caller has checked
-// the block with O::fp8_nan128).
+// the block with O::nan_scan128).
 template <class O, DType DT>
 inline typename O::V load_w_checked(const uint8_t* row, int64_t k, typename O::V s) {
   if constexpr (DT == DType::F8_E4M3)
@@ -93,10 +93,10 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
 #pragma GCC unroll 8
       for (int j = 0; j < R; ++j) s[j] = fp8_scale<O, DT>(sc[j], k0);
       if (kend - k0 == kFp8Block) {
-        bool nan = false;
+        auto nan = O::nan_init();
 #pragma GCC unroll 8
-        for (int j = 0; j < R; ++j) nan |= O::fp8_nan128(row[j] + k0);
-        checked = !nan;
+        for (int j = 0; j < R; ++j) nan = O::nan_scan128(nan, row[j] + k0);
+        checked = !O::nan_found(nan);
       }
       if (M <= 4 && checked) {
         for (int64_t k = k0; k < kend; k += 32) chunk_pair(k);

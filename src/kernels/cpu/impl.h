@@ -7,8 +7,9 @@
 //     static constexpr int gemv_rows(int m);  // GEMV: weight rows streamed together, m <= 8
 //     zero, set1, load, load_reg (not folded into uses), store, fma(a, b, c) = a * b + c, reduce
 //     (the contract's tree), cvt_bf16 / cvt_f16 (16 elements), cvt_fp8(p, s256) (16 elements times
-//     s256 = scale * 256, NaN-exact), fp8_nan128(p) (whether any of 128 bytes is an e4m3 NaN),
-//     cvt_fp8_nonan and cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN)
+//     s256 = scale * 256, NaN-exact), NanAcc, nan_init, nan_scan128(acc, p), nan_found(acc)
+//     (whether 128-byte blocks scanned into acc hold an e4m3 NaN), cvt_fp8_nonan and
+//     cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN)
 //   };
 //
 // kernels_<isa>.cpp defines O and includes this file; everything here has internal linkage, so

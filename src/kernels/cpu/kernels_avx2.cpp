@@ -58,15 +58,19 @@ struct Avx2 {
     lo = cvt_fp8_nonan(p, s256);
     hi = cvt_fp8_nonan(p + 16, s256);
   }
-  static bool fp8_nan128(const uint8_t* p) {
-    const __m256i nan_pos = _mm256_set1_epi8(0x7f), nan_neg = _mm256_set1_epi8(-1);
-    __m256i any = _mm256_setzero_si256();
+  // NaN scan as kernels_avx512.cpp: running unsigned max of b | 0x80; 0xff marks a NaN.
+  using NanAcc = __m256i;
+  static NanAcc nan_init() { return _mm256_setzero_si256(); }
+  static NanAcc nan_scan128(NanAcc acc, const uint8_t* p) {
+    const __m256i top = _mm256_set1_epi8(static_cast<char>(0x80));
     for (int i = 0; i < 128; i += 32) {
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
-      any = _mm256_or_si256(
-          any, _mm256_or_si256(_mm256_cmpeq_epi8(b, nan_pos), _mm256_cmpeq_epi8(b, nan_neg)));
+      acc = _mm256_max_epu8(acc, _mm256_or_si256(b, top));
     }
-    return !_mm256_testz_si256(any, any);
+    return acc;
+  }
+  static bool nan_found(NanAcc acc) {
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(-1))) != 0;
   }
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {

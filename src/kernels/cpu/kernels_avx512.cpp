@@ -65,12 +65,17 @@ struct Avx512 {
     lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s256);
     hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s256);
   }
-  // 0x7f / 0xff are NaN in e4m3fn.
-  static bool fp8_nan128(const uint8_t* p) {
-    const __m512i nan_pos = _mm512_set1_epi8(0x7f), nan_neg = _mm512_set1_epi8(-1);
-    const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64);
-    return (_mm512_cmpeq_epi8_mask(a, nan_pos) | _mm512_cmpeq_epi8_mask(a, nan_neg) |
-            _mm512_cmpeq_epi8_mask(b, nan_pos) | _mm512_cmpeq_epi8_mask(b, nan_neg)) != 0;
+  // NaN scan: 0x7f / 0xff are NaN in e4m3fn, i.e. b | 0x80 == 0xff; a running unsigned max of
+  // b | 0x80 over 128-byte blocks has a 0xff byte iff one of them holds a NaN.
+  using NanAcc = __m512i;
+  static NanAcc nan_init() { return _mm512_setzero_si512(); }
+  static NanAcc nan_scan128(NanAcc acc, const uint8_t* p) {
+    const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
+    acc = _mm512_max_epu8(acc, _mm512_or_si512(_mm512_loadu_si512(p), top));
+    return _mm512_max_epu8(acc, _mm512_or_si512(_mm512_loadu_si512(p + 64), top));
+  }
+  static bool nan_found(NanAcc acc) {
+    return _mm512_cmpeq_epi8_mask(acc, _mm512_set1_epi8(-1)) != 0;
   }
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {

@@ -85,11 +85,13 @@ struct Scalar {
     lo = cvt_fp8(p, s256);
     hi = cvt_fp8(p + 16, s256);
   }
-  static bool fp8_nan128(const uint8_t* p) {
-    for (int i = 0; i < 128; ++i)
-      if ((p[i] & 0x7f) == 0x7f) return true;
-    return false;
+  using NanAcc = bool;  // whether an e4m3 NaN (0x7f / 0xff) was seen
+  static NanAcc nan_init() { return false; }
+  static NanAcc nan_scan128(NanAcc acc, const uint8_t* p) {
+    for (int i = 0; i < 128; ++i) acc = acc || (p[i] & 0x7f) == 0x7f;
+    return acc;
   }
+  static bool nan_found(NanAcc acc) { return acc; }
 };
 
 }  // namespace

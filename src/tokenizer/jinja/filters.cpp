@@ -1,19 +1,19 @@
-// jinja2's builtin filters and tests (with transformers' tojson), as chat templates use them.
+// jinja2's builtin filters on strings and numbers (with transformers' tojson); the filters over
+// sequences are in filters_seq.cpp.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <unordered_map>
 
 #include "core/error.h"
-#include "tokenizer/jinja/interpreter.h"
+#include "tokenizer/jinja/filters_impl.h"
 #include "tokenizer/jinja/lexer.h"
 #include "tokenizer/jinja/pystr.h"
 #include "tokenizer/unicode.h"
 
 namespace moeserve::tokenizer::jinja {
-namespace {
-
-using FilterFn = Value (*)(const Value&, CallArgs&, Interpreter&);
+namespace filters_impl {
 
 const std::string& need_str(const Value& v, const char* fn) {
   MS_CHECK(v.is_string(), fn, ": expected a string, got ", v.type_name());
@@ -32,7 +32,6 @@ int64_t length_of(const Value& v) {
   fail("object of type '", v.type_name(), "' has no len()");
 }
 
-// make_attrgetter: "a.b.0" looked up item by item (jinja's environment.getitem).
 Value attr_path(const Value& item, const Value& attribute, Interpreter& in) {
   if (!attribute.is_string()) return in.get_item(item, attribute);
   Value v = item;
@@ -48,10 +47,15 @@ int64_t to_int64(double d) {
   return static_cast<int64_t>(d);
 }
 
-// The sort key of case-insensitive filters (sort, dictsort, unique, min, max).
 Value fold(const Value& v, bool case_sensitive) {
   return (!case_sensitive && v.is_string()) ? Value(pystr::lower(v.str())) : v;
 }
+
+}  // namespace filters_impl
+
+namespace {
+
+using namespace filters_impl;
 
 // transformers' tojson: json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 // sort_keys=False), positional arguments in that order.
@@ -60,9 +64,11 @@ Value f_tojson(const Value& v, CallArgs& a, Interpreter&) {
   JsonStyle style;
   style.ensure_ascii = a.get_or(0, "ensure_ascii", Value(false)).truthy();
   const Value indent = a.get_or(1, "indent", Value::none());
-  MS_CHECK(indent.is_none() || indent.is_int(), "tojson: indent must be an integer or None");
+  MS_CHECK(indent.is_none() || indent.is_int() || indent.is_string(),
+           "tojson: indent must be an integer, a string or None");
   if (!indent.is_none()) {
-    style.indent = int(std::clamp<int64_t>(indent.as_int(), 0, 64));
+    style.indent = indent.is_string() ? 0 : int(std::clamp<int64_t>(indent.as_int(), 0, 64));
+    if (indent.is_string()) style.indent_str = indent.str();
     style.item_sep.pop_back();  // ", " -> "," as json.dumps does with an indent
   }
   const Value seps = a.get_or(2, "separators", Value::none());
@@ -157,35 +163,6 @@ Value f_escape(const Value& v, CallArgs&, Interpreter&) {
   return Value(std::move(out));
 }
 
-Value f_first(const Value& v, CallArgs&, Interpreter&) {
-  const auto s = as_seq(v, "first");
-  return s.empty() ? Value::undefined("first of an empty sequence") : s.front();
-}
-
-Value f_last(const Value& v, CallArgs&, Interpreter&) {
-  const auto s = as_seq(v, "last");
-  return s.empty() ? Value::undefined("last of an empty sequence") : s.back();
-}
-
-Value f_list(const Value& v, CallArgs&, Interpreter&) {
-  return Value::list(as_seq(v, "list"));
-}
-
-Value f_join(const Value& v, CallArgs& a, Interpreter& in) {
-  a.check("join", 2, {"d", "attribute"});
-  const std::string sep = a.get_or(0, "d", Value("")).to_str();
-  const Value* attr = a.get(1, "attribute");
-  std::string out;
-  bool first = true;
-  for (const Value& x : as_seq(v, "join")) {
-    if (!first) out += sep;
-    first = false;
-    out += (attr ? attr_path(x, *attr, in) : x).to_str();
-    in.check_size(out.size());
-  }
-  return Value(std::move(out));
-}
-
 Value f_replace(const Value& v, CallArgs& a, Interpreter& in) {
   a.check("replace", 3, {"old", "new", "count"});
   const Value* old = a.get(0, "old");
@@ -257,200 +234,35 @@ Value f_abs(const Value& v, CallArgs&, Interpreter&) {
   return Value(v.as_int() < 0 ? -v.as_int() : v.as_int());
 }
 
+// jinja2's round: Python's round() (correctly rounded, half to even) for "common", otherwise
+// math.ceil / math.floor of value * 10**precision, scaled back.
 Value f_round(const Value& v, CallArgs& a, Interpreter&) {
+  a.check("round", 2, {"precision", "method"});
   MS_CHECK(v.is_number(), "round: expected a number, got ", v.type_name());
   const int64_t prec = std::clamp<int64_t>(a.get_or(0, "precision", Value(0)).as_int(), -300, 300);
   const std::string method = a.get_or(1, "method", Value("common")).to_str();
-  const double scale = std::pow(10.0, double(prec)), x = v.as_double() * scale;
-  double r;
+  MS_CHECK(method == "common" || method == "ceil" || method == "floor",
+           "round: method must be common, ceil or floor");
   if (method == "common") {
-    r = std::nearbyint(x);  // Python's round(): half to even
-  } else if (method == "ceil") {
-    r = std::ceil(x);
-  } else {
-    MS_CHECK(method == "floor", "round: method must be common, ceil or floor");
-    r = std::floor(x);
-  }
-  return Value(r / scale);
-}
-
-Value f_reverse(const Value& v, CallArgs&, Interpreter&) {
-  if (v.is_string()) {
-    auto chars = split_chars(v.str());
-    std::string out;
-    for (auto it = chars.rbegin(); it != chars.rend(); ++it) out += *it;
-    return Value(std::move(out));
-  }
-  auto s = as_seq(v, "reverse");
-  std::reverse(s.begin(), s.end());
-  return Value::list(std::move(s));
-}
-
-Value f_items(const Value& v, CallArgs&, Interpreter&) {
-  if (v.is_undefined()) return Value::list({});
-  MS_CHECK(v.is_dict(), "items: expected a mapping, got ", v.type_name());
-  std::vector<Value> out;
-  for (const auto& [k, x] : v.dict_data()->items) out.push_back(Value::list({k, x}, true));
-  return Value::list(std::move(out));
-}
-
-Value f_dictsort(const Value& v, CallArgs& a, Interpreter& in) {
-  a.check("dictsort", 3, {"case_sensitive", "by", "reverse"});
-  const bool cs = a.get_or(0, "case_sensitive", Value(false)).truthy();
-  const std::string by = a.get_or(1, "by", Value("key")).to_str();
-  const bool rev = a.get_or(2, "reverse", Value(false)).truthy();
-  MS_CHECK(by == "key" || by == "value", "dictsort: by must be 'key' or 'value'");
-  auto items = f_items(v, a, in).items();
-  const size_t k = by == "key" ? 0 : 1;
-  std::stable_sort(items.begin(), items.end(), [&](const Value& x, const Value& y) {
-    const int c = fold(x.items()[k], cs).compare(fold(y.items()[k], cs));
-    return rev ? c > 0 : c < 0;
-  });
-  return Value::list(std::move(items));
-}
-
-Value f_sort(const Value& v, CallArgs& a, Interpreter& in) {
-  a.check("sort", 3, {"reverse", "case_sensitive", "attribute"});
-  const bool rev = a.get_or(0, "reverse", Value(false)).truthy();
-  const bool cs = a.get_or(1, "case_sensitive", Value(false)).truthy();
-  const Value* attr = a.get(2, "attribute");
-  auto s = as_seq(v, "sort");
-  std::vector<std::pair<Value, Value>> keyed;
-  for (const Value& x : s) keyed.emplace_back(fold(attr ? attr_path(x, *attr, in) : x, cs), x);
-  std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
-    const int c = x.first.compare(y.first);
-    return rev ? c > 0 : c < 0;
-  });
-  std::vector<Value> out;
-  for (auto& [k, x] : keyed) out.push_back(x);
-  return Value::list(std::move(out));
-}
-
-Value f_unique(const Value& v, CallArgs& a, Interpreter& in) {
-  const bool cs = a.get_or(0, "case_sensitive", Value(false)).truthy();
-  const Value* attr = a.get(1, "attribute");
-  std::vector<Value> seen, out;
-  for (const Value& x : as_seq(v, "unique")) {
-    const Value key = fold(attr ? attr_path(x, *attr, in) : x, cs);
-    if (std::any_of(seen.begin(), seen.end(), [&](const Value& s) { return s.equals(key); }))
-      continue;
-    seen.push_back(key);
-    out.push_back(x);
-  }
-  return Value::list(std::move(out));
-}
-
-Value min_max(const Value& v, CallArgs& a, Interpreter& in, bool want_max) {
-  const bool cs = a.get_or(0, "case_sensitive", Value(false)).truthy();
-  const Value* attr = a.get(1, "attribute");
-  Value best, best_key;
-  bool any = false;
-  for (const Value& x : as_seq(v, want_max ? "max" : "min")) {
-    const Value key = fold(attr ? attr_path(x, *attr, in) : x, cs);
-    if (!any || (want_max ? key.compare(best_key) > 0 : key.compare(best_key) < 0)) {
-      best = x;
-      best_key = key;
-      any = true;
+    if (v.is_int()) {  // round(int, n) stays an int
+      if (prec >= 0) return Value(v.as_int());
+      int64_t p = 1;
+      for (int64_t i = 0; i < -prec && p < INT64_MAX / 10; ++i) p *= 10;
+      const int64_t x = v.as_int(), q = x / p, r = x % p;
+      int64_t lo = q - (r < 0), rem = x - lo * p;  // x = lo * p + rem, 0 <= rem < p
+      if (rem * 2 > p || (rem * 2 == p && (lo & 1))) ++lo;
+      return Value(lo * p);
     }
-  }
-  return any ? best : Value::undefined("min/max of an empty sequence");
-}
-Value f_max(const Value& v, CallArgs& a, Interpreter& in) {
-  return min_max(v, a, in, true);
-}
-Value f_min(const Value& v, CallArgs& a, Interpreter& in) {
-  return min_max(v, a, in, false);
-}
-
-Value f_sum(const Value& v, CallArgs& a, Interpreter& in) {
-  const Value* attr = a.get(0, "attribute");
-  Value total = a.get_or(1, "start", Value(0));
-  for (const Value& x : as_seq(v, "sum")) {
-    const Value item = attr ? attr_path(x, *attr, in) : x;
-    MS_CHECK(item.is_number() && total.is_number(), "sum: unsupported operand types");
-    total = (item.is_int() && total.is_int()) ? Value(total.as_int() + item.as_int())
-                                              : Value(total.as_double() + item.as_double());
-  }
-  return total;
-}
-
-Value f_map(const Value& v, CallArgs& a, Interpreter& in) {
-  std::vector<Value> out;
-  if (a.pos.empty()) {
-    const Value* attr = a.get(1000, "attribute");
-    MS_CHECK(attr, "map requires a filter name or attribute=");
-    const Value* dflt = a.get(1000, "default");
-    for (const Value& x : as_seq(v, "map")) {
-      Value r = attr_path(x, *attr, in);
-      out.push_back(r.is_undefined() && dflt ? *dflt : r);
+    if (prec >= 0 && std::isfinite(v.as_double())) {
+      std::vector<char> buf(700);
+      std::snprintf(buf.data(), buf.size(), "%.*f", int(prec), v.as_double());
+      return Value(std::strtod(buf.data(), nullptr));
     }
-    return Value::list(std::move(out));
+    const double scale = std::pow(10.0, double(prec));
+    return Value(std::nearbyint(v.as_double() * scale) / scale);
   }
-  const std::string name = a.pos[0].to_str();
-  CallArgs rest;
-  rest.pos.assign(a.pos.begin() + 1, a.pos.end());
-  rest.kw = a.kw;
-  for (const Value& x : as_seq(v, "map")) out.push_back(in.filter(name, x, rest));
-  return Value::list(std::move(out));
-}
-
-// select / reject / selectattr / rejectattr.
-Value select(const Value& v, CallArgs& a, Interpreter& in, bool want, bool by_attr) {
-  size_t next = 0;
-  Value attr;
-  if (by_attr) {
-    MS_CHECK(!a.pos.empty(), "selectattr/rejectattr need an attribute name");
-    attr = a.pos[next++];
-  }
-  std::string test;
-  CallArgs rest;
-  if (next < a.pos.size()) {
-    test = a.pos[next++].to_str();
-    rest.pos.assign(a.pos.begin() + long(next), a.pos.end());
-  }
-  std::vector<Value> out;
-  for (const Value& x : as_seq(v, "select")) {
-    const Value item = by_attr ? attr_path(x, attr, in) : x;
-    const bool ok = test.empty() ? item.truthy() : in.test(test, item, rest);
-    if (ok == want) out.push_back(x);
-  }
-  return Value::list(std::move(out));
-}
-Value f_select(const Value& v, CallArgs& a, Interpreter& in) {
-  return select(v, a, in, true, false);
-}
-Value f_reject(const Value& v, CallArgs& a, Interpreter& in) {
-  return select(v, a, in, false, false);
-}
-Value f_selectattr(const Value& v, CallArgs& a, Interpreter& in) {
-  return select(v, a, in, true, true);
-}
-Value f_rejectattr(const Value& v, CallArgs& a, Interpreter& in) {
-  return select(v, a, in, false, true);
-}
-
-Value f_attr(const Value& v, CallArgs& a, Interpreter& in) {
-  MS_CHECK(!a.pos.empty(), "attr needs a name");
-  return in.get_attr(v, a.pos[0].to_str());
-}
-
-Value f_batch(const Value& v, CallArgs& a, Interpreter&) {
-  const int64_t n = a.get_or(0, "linecount", Value(1)).as_int();
-  MS_CHECK(n > 0, "batch: linecount must be positive");
-  const Value* fill = a.get(1, "fill_with");
-  std::vector<Value> out, cur;
-  for (const Value& x : as_seq(v, "batch")) {
-    cur.push_back(x);
-    if (int64_t(cur.size()) == n) {
-      out.push_back(Value::list(std::move(cur)));
-      cur.clear();
-    }
-  }
-  if (!cur.empty()) {
-    while (fill && !fill->is_none() && int64_t(cur.size()) < n) cur.push_back(*fill);
-    out.push_back(Value::list(std::move(cur)));
-  }
-  return Value::list(std::move(out));
+  const double scale = std::pow(10.0, double(prec)), x = v.as_double() * scale;
+  return Value((method == "ceil" ? std::ceil(x) : std::floor(x)) / scale);
 }
 
 Value f_center(const Value& v, CallArgs& a, Interpreter&) {
@@ -494,53 +306,38 @@ Value f_format(const Value& v, CallArgs& a, Interpreter&) {
 }
 
 const std::unordered_map<std::string, FilterFn>& filters() {
-  static const std::unordered_map<std::string, FilterFn> table = {
-      {"tojson", f_tojson},
-      {"length", f_length},
-      {"count", f_length},
-      {"default", f_default},
-      {"d", f_default},
-      {"trim", f_trim},
-      {"string", f_string},
-      {"safe", f_safe},
-      {"upper", f_upper},
-      {"lower", f_lower},
-      {"title", f_title},
-      {"capitalize", f_capitalize},
-      {"escape", f_escape},
-      {"e", f_escape},
-      {"forceescape", f_escape},
-      {"first", f_first},
-      {"last", f_last},
-      {"list", f_list},
-      {"join", f_join},
-      {"replace", f_replace},
-      {"indent", f_indent},
-      {"int", f_int},
-      {"float", f_float},
-      {"abs", f_abs},
-      {"round", f_round},
-      {"reverse", f_reverse},
-      {"items", f_items},
-      {"dictsort", f_dictsort},
-      {"sort", f_sort},
-      {"unique", f_unique},
-      {"max", f_max},
-      {"min", f_min},
-      {"sum", f_sum},
-      {"map", f_map},
-      {"select", f_select},
-      {"reject", f_reject},
-      {"selectattr", f_selectattr},
-      {"rejectattr", f_rejectattr},
-      {"attr", f_attr},
-      {"batch", f_batch},
-      {"center", f_center},
-      {"wordcount", f_wordcount},
-      {"truncate", f_truncate},
-      {"format", f_format},
-      {"pprint", [](const Value& v, CallArgs&, Interpreter&) { return Value(v.repr()); }},
-  };
+  static const std::unordered_map<std::string, FilterFn> table = [] {
+    std::unordered_map<std::string, FilterFn> t = {
+        {"tojson", f_tojson},
+        {"length", f_length},
+        {"count", f_length},
+        {"default", f_default},
+        {"d", f_default},
+        {"trim", f_trim},
+        {"string", f_string},
+        {"safe", f_safe},
+        {"upper", f_upper},
+        {"lower", f_lower},
+        {"title", f_title},
+        {"capitalize", f_capitalize},
+        {"escape", f_escape},
+        {"e", f_escape},
+        {"forceescape", f_escape},
+        {"replace", f_replace},
+        {"indent", f_indent},
+        {"int", f_int},
+        {"float", f_float},
+        {"abs", f_abs},
+        {"round", f_round},
+        {"center", f_center},
+        {"wordcount", f_wordcount},
+        {"truncate", f_truncate},
+        {"format", f_format},
+        {"pprint", [](const Value& v, CallArgs&, Interpreter&) { return Value(v.repr()); }},
+    };
+    add_sequence_filters(t);
+    return t;
+  }();
   return table;
 }
 
@@ -552,6 +349,13 @@ bool has_filter(const std::string& name) {
 Value builtin_filter(const std::string& name, const Value& v, CallArgs& args, Interpreter& in) {
   auto it = filters().find(name);
   MS_CHECK(it != filters().end(), "no filter named '", name, "'");
+  static const std::unordered_map<std::string, int> no_args = {
+      {"length", 0},      {"count", 0}, {"string", 0},     {"safe", 0},   {"upper", 0},
+      {"lower", 0},       {"title", 0}, {"capitalize", 0}, {"escape", 0}, {"e", 0},
+      {"forceescape", 0}, {"first", 0}, {"last", 0},       {"list", 0},   {"abs", 0},
+      {"reverse", 0},     {"items", 0}, {"wordcount", 0},  {"pprint", 0}};
+  MS_CHECK(!no_args.count(name) || (args.pos.empty() && args.kw.empty()), "filter '", name,
+           "' takes no arguments");
   return it->second(v, args, in);
 }
 

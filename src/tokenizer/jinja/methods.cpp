@@ -158,7 +158,10 @@ Value string_method(const Value& s, const std::string& m, CallArgs& a, Interpret
   if (m == "format") return Value(py_format(x, a));
   if (m.rfind("is", 0) == 0) return Value(pystr::is(x, m));
   if (m == "center" || m == "ljust" || m == "rjust") {
-    const std::string fill = a.get_or(1, "fillchar", Value(" ")).to_str();
+    const Value fill_v = a.get_or(1, "fillchar", Value(" "));
+    MS_CHECK(fill_v.is_string() && pystr::length(fill_v.str()) == 1,
+             "the fill character must be exactly one character long");
+    const std::string& fill = fill_v.str();
     return Value(pystr::pad(x, a.get_or(0, "width", Value(0)).as_int(), fill,
                             m == "center"  ? 0
                             : m == "ljust" ? -1

@@ -63,7 +63,7 @@ std::string percent_format(const std::string& fmt, const Value& arg) {
     MS_CHECK(i + 1 < fmt.size(), "incomplete format");
     std::string spec = "%";
     size_t j = i + 1;
-    while (j < fmt.size() && std::strchr("-+ 0#.123456789", fmt[j])) spec += fmt[j++];
+    while (j < fmt.size() && fmt[j] && std::strchr("-+ 0#.123456789", fmt[j])) spec += fmt[j++];
     MS_CHECK(j < fmt.size(), "incomplete format");
     const char conv = fmt[j];
     i = j;
@@ -87,7 +87,7 @@ std::string percent_format(const std::string& fmt, const Value& arg) {
       std::snprintf(buf, sizeof buf, (spec + "ll" + (conv == 'i' ? 'd' : conv)).c_str(),
                     static_cast<long long>(v.as_int()));
       out += buf;
-    } else if (std::strchr("feEgG", conv)) {
+    } else if (conv && std::strchr("feEgG", conv)) {
       MS_CHECK(v.is_number(), "%", conv, " format: a number is required, not ", v.type_name());
       std::snprintf(buf, sizeof buf, (spec + conv).c_str(), v.as_double());
       out += buf;

@@ -254,7 +254,11 @@ void json_dump(std::string& out, const Value& v, const JsonStyle& st, int level)
   const auto newline = [&](int lvl) {
     if (st.indent >= 0) {
       out += '\n';
-      out.append(size_t(st.indent) * lvl, ' ');
+      if (st.indent_str.empty()) {
+        out.append(size_t(st.indent) * lvl, ' ');
+      } else {
+        for (int i = 0; i < lvl; ++i) out += st.indent_str;
+      }
     }
   };
   const std::string& item_sep = st.item_sep;

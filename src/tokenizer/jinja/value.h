@@ -127,6 +127,7 @@ class Value {
 // ": ", or "," and ": " when indenting.
 struct JsonStyle {
   int indent = -1;
+  std::string indent_str;  // used instead of `indent` spaces when not empty
   bool sort_keys = false;
   bool ensure_ascii = false;
   std::string item_sep = ", ", key_sep = ": ";

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""End-to-end test of `moeserve serve` with the official `openai` Python client and with curl.
+
+Starts the server on a free port against a random-weight demo model (made with
+`moeserve init-model --preset demo` in a temporary folder, unless --model is given), then checks
+chat and completions, streamed and not, stop strings, usage, logprobs, errors and shutdown.
+
+    python3 tests/e2e/test_openai.py --moeserve build/moeserve
+
+The moeserve binary may also come from $MOESERVE_BINARY. The script needs the `openai` package:
+it runs under the first Python that has it among this one, $MOESERVE_E2E_PYTHON and the venv
+$MOESERVE_E2E_VENV (default .venv-e2e at the top of the repository); when none has it, it prints
+a line starting with SKIPPED and exits with status 77 (ctest's SKIP_RETURN_CODE).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+
+SKIP = 77
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ensure_openai():
+    """Re-executes under a Python that has `openai`, or exits with SKIP."""
+    try:
+        import openai  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if os.environ.get("MOESERVE_E2E_REEXEC"):
+        print("SKIPPED: the Python found has no `openai` package")
+        sys.exit(SKIP)
+    venv = os.environ.get("MOESERVE_E2E_VENV", os.path.join(REPO, ".venv-e2e"))
+    for py in (os.environ.get("MOESERVE_E2E_PYTHON"), os.path.join(venv, "bin", "python")):
+        if py and os.path.exists(py):
+            env = dict(os.environ, MOESERVE_E2E_REEXEC="1")
+            os.execve(py, [py] + sys.argv, env)
+    print("SKIPPED: the `openai` Python package is not installed (create the venv with: "
+          f"python3 -m venv {venv} && {venv}/bin/pip install openai)")
+    sys.exit(SKIP)
+
+
+class Server:
+    """`moeserve serve` on 127.0.0.1 and a free port."""
+
+    def __init__(self, binary, model, api_key):
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--model", model, "--port", "0", "--api-key", api_key,
+             "--served-model-name", "demo", "--max-model-len", "512", "--kv-cache-mb", "64"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"at (http://\S+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError("server did not start: " + line + self.proc.stderr.read())
+        self.url = m.group(1)
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("server not healthy")
+            time.sleep(0.1)
+
+    def stop(self):
+        """SIGINT; returns (exit status, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode, self.proc.stderr.read()
+
+
+def main():
+    ensure_openai()
+    import openai
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--moeserve", default=os.environ.get("MOESERVE_BINARY"),
+                    help="the moeserve binary (default: $MOESERVE_BINARY)")
+    ap.add_argument("--model", help="model folder (default: a fresh random demo model)")
+    args = ap.parse_args()
+    if not args.moeserve or not os.path.exists(args.moeserve):
+        print("error: give the moeserve binary with --moeserve or $MOESERVE_BINARY")
+        return 2
+
+    tmp = tempfile.mkdtemp(prefix="moeserve-e2e-")
+    model = args.model
+    if not model:
+        model = os.path.join(tmp, "demo")
+        subprocess.run([args.moeserve, "init-model", "--preset", "demo", "--out", model],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = "e2e-secret"
+    server = Server(args.moeserve, model, key)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    failures = []
+
+    def check(name, fn):
+        try:
+            fn()
+            print(f"PASS {name}")
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            failures.append(name)
+            print(f"FAIL {name}\n{traceback.format_exc()}")
+
+    chat_msgs = [{"role": "system", "content": "You are terse."},
+                 {"role": "user", "content": "Name three colours."}]
+
+    def models():
+        ms = client.models.list()
+        assert [m.id for m in ms.data] == ["demo"], ms
+
+    def chat():
+        r = client.chat.completions.create(model="demo", messages=chat_msgs, max_tokens=12,
+                                           temperature=0)
+        c = r.choices[0]
+        assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+        assert c.message.role == "assistant" and isinstance(c.message.content, str)
+        assert c.finish_reason in ("stop", "length")
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert r.usage.completion_tokens <= 12
+
+        s = client.chat.completions.create(model="demo", messages=chat_msgs, max_tokens=12,
+                                           temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+        text, reason, usage = "", None, None
+        for chunk in s:
+            if chunk.usage:
+                usage = chunk.usage
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+                reason = ch.finish_reason or reason
+        assert text == c.message.content, (text, c.message.content)
+        assert reason == c.finish_reason
+        assert usage.completion_tokens == r.usage.completion_tokens
+        assert usage.prompt_tokens == r.usage.prompt_tokens
+
+    def completions():
+        r = client.completions.create(model="demo", prompt="The weather today is", max_tokens=10,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        assert r.object == "text_completion"
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 10
+        s = client.completions.create(model="demo", prompt="The weather today is", max_tokens=10,
+                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
+        text = "".join(ch.choices[0].text for ch in s if ch.choices)
+        assert text == r.choices[0].text
+
+    def stop_strings():
+        base = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20,
+                                         temperature=0, logprobs=0,
+                                         extra_body={"ignore_eos": True})
+        text = base.choices[0].text
+        off = base.choices[0].logprobs.text_offset
+        stop = text[off[3]:off[5]]  # two tokens' worth, across a token boundary
+        assert stop, text
+        want = text[:text.find(stop)]
+        r = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20,
+                                      temperature=0, stop=[stop, "zzzz-never"],
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want, (r.choices[0].text, want, stop)
+        assert r.choices[0].finish_reason == "stop"
+        s = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20,
+                                      temperature=0, stop=stop, stream=True,
+                                      extra_body={"ignore_eos": True})
+        chunks = [ch for ch in s]
+        streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        assert streamed == want and stop not in streamed
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+    def logprobs():
+        r = client.chat.completions.create(model="demo", messages=chat_msgs, max_tokens=5,
+                                           temperature=0, logprobs=True, top_logprobs=2)
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens
+        for t in content:
+            assert t.logprob <= 0 and len(t.top_logprobs) == 2
+            assert t.top_logprobs[0].token == t.token
+        c = client.completions.create(model="demo", prompt="Hi", max_tokens=5, temperature=0,
+                                      logprobs=3, extra_body={"ignore_eos": True})
+        lp = c.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
+        assert all(len(t) >= 3 for t in lp.top_logprobs)
+
+    def errors():
+        def expect(exc, status, **kw):
+            try:
+                client.chat.completions.create(**{"model": "demo", "messages": chat_msgs,
+                                                  "max_tokens": 2, **kw})
+            except exc as e:
+                assert e.status_code == status, e
+                assert e.body and "message" in e.body, e.body
+                return
+            raise AssertionError(f"no {exc.__name__} for {kw}")
+
+        expect(openai.BadRequestError, 400, n=2)
+        expect(openai.BadRequestError, 400, model="no-such-model")
+        expect(openai.BadRequestError, 400, messages=[])
+        expect(openai.BadRequestError, 400, messages=[{"role": "alien", "content": "x"}])
+        expect(openai.BadRequestError, 400, max_tokens=0)
+        expect(openai.BadRequestError, 400, max_tokens=100000)  # over --max-model-len
+        expect(openai.BadRequestError, 400, temperature="warm")
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        try:
+            bad.models.list()
+            raise AssertionError("no AuthenticationError")
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401
+        try:
+            client.get("/nothing-here", cast_to=object)
+            raise AssertionError("no NotFoundError")
+        except openai.NotFoundError as e:
+            assert e.status_code == 404
+
+    def curl():
+        if not shutil.which("curl"):
+            print("  (curl not found; skipped)")
+            return
+        auth = ["-H", f"Authorization: Bearer {key}", "-H", "Content-Type: application/json"]
+        body = json.dumps({"model": "demo", "messages": chat_msgs, "max_tokens": 4,
+                           "temperature": 0, "stream": True})
+        out = subprocess.run(["curl", "-sN", *auth, "-d", body, server.url + "/v1/chat/completions"],
+                             capture_output=True, text=True, check=True).stdout
+        events = [e for e in out.split("\n\n") if e]
+        assert all(e.startswith("data: ") for e in events), out
+        assert events[-1] == "data: [DONE]", out
+        first = json.loads(events[0][6:])
+        assert first["object"] == "chat.completion.chunk"
+        assert first["choices"][0]["delta"]["role"] == "assistant"
+        code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                               server.url + "/v1/models"], capture_output=True, text=True).stdout
+        assert code == "401", code
+        code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                               server.url + "/health"], capture_output=True, text=True).stdout
+        assert code == "200", code
+        metrics = subprocess.run(["curl", "-s", *auth, server.url + "/metrics"],
+                                 capture_output=True, text=True).stdout
+        for name in ("moeserve_requests_total", "moeserve_time_to_first_token_seconds_bucket",
+                     "moeserve_kv_blocks_free", "moeserve_expert_routed_tokens_total"):
+            assert name in metrics, name
+        used = re.search(r"^moeserve_kv_blocks_used (\S+)$", metrics, re.M)
+        assert used and float(used.group(1)) == 0, used
+
+    try:
+        for name, fn in [("models", models), ("chat", chat), ("completions", completions),
+                         ("stop strings", stop_strings), ("logprobs", logprobs),
+                         ("errors", errors), ("curl", curl)]:
+            check(name, fn)
+    finally:
+        status, err = server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if status != 0 or "stopped" not in err:
+        failures.append("shutdown")
+        print(f"FAIL shutdown: exit status {status}\n{err}")
+    else:
+        print("PASS shutdown on SIGINT")
+    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 8 checks failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
