@@ -9,26 +9,12 @@
 
 #include "core/error.h"
 #include "model/model.h"
+#include "model/ops.h"
 
 namespace moeserve::model {
 
 using kernels::matmul;
 using kernels::matmul_t;
-
-namespace {
-template <typename T>
-T* sized(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
-void rms(const float* x, const std::vector<float>& w, int64_t dim, float eps, float* out) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(x[i]) * x[i];
-  const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(dim)) + eps);
-  for (int64_t i = 0; i < dim; ++i) out[i] = w[i] * (x[i] * inv);
-}
-}  // namespace
 
 void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
   const AttentionWeights& a = w_.layers[layer].attn;
@@ -46,7 +32,7 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
     const int64_t ql = *c.q_lora_rank;
     float* qa = sized(ws_.q_a, T * ql);
     matmul(pool_, h, T, H, a.q_a_proj, qa, ql);
-    for (int64_t t = 0; t < T; ++t) rms(qa + t * ql, a.q_a_norm, ql, eps, qa + t * ql);
+    for (int64_t t = 0; t < T; ++t) rms_row(qa + t * ql, a.q_a_norm.data(), ql, eps, qa + t * ql);
     matmul(pool_, qa, T, ql, a.q_b_proj, q, nh * qd);
   } else {
     matmul(pool_, h, T, H, a.q_proj, q, nh * qd);
@@ -65,7 +51,7 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
       for (int64_t hd = 0; hd < nh; ++hd)
         Rope::apply(cs.data(), q + t * nh * qd + hd * qd + nope, rd);
       float* kt = kvp + t * kvd;
-      rms(kt, a.kv_a_norm, L, eps, kt);
+      rms_row(kt, a.kv_a_norm.data(), L, eps, kt);
       Rope::apply(cs.data(), kt + L, rd);
       const int64_t bs = kv.block_size();
       std::copy_n(kt, kvd, kv.at(s.block_table[pos / bs], layer, pos % bs));

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "core/error.h"
+#include "model/ops.h"
 #include "moe/router.h"
 
 namespace moeserve::model {
@@ -13,12 +14,6 @@ using kernels::matmul;
 namespace {
 inline float silu(float x) {
   return x / (1.0f + std::exp(-x));
-}
-
-template <typename T>
-T* sized(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
 }
 }  // namespace
 
@@ -70,14 +65,7 @@ std::vector<int64_t> Model::expert_token_counts() const {
 void Model::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                     float* out) const {
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * dim;
-    double ss = 0.0;
-    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-    const float var = static_cast<float>(ss / static_cast<double>(dim));
-    const float inv = 1.0f / std::sqrt(var + eps);
-    for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = w[i] * (xr[i] * inv);
-  }
+  for (int64_t r = 0; r < n; ++r) rms_row(x + r * dim, w.data(), dim, eps, out + r * dim);
 }
 
 void Model::dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out) {
