@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -37,6 +38,31 @@ class Window {
   virtual void get(int target, size_t offset, void* dst, size_t bytes) = 0;
   virtual void flush(int target) = 0;
   virtual void flush_all() = 0;
+};
+
+// Asynchronous tagged messages between the ranks of a communicator, for control traffic
+// (requests, events, KV handoffs) that must never make the sender wait for the receiver's
+// compute loop. Thread-safe: any thread may post and poll (a poller of one tag never sees
+// another tag's messages). Messages from one rank with one tag arrive in the order posted.
+class Mailbox {
+ public:
+  struct Message {
+    int source = -1;
+    int tag = 0;
+    std::vector<std::byte> data;
+  };
+  virtual ~Mailbox() = default;  // call flush() first on every rank
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Queues `data` for rank `dest` and returns at once; the mailbox keeps it until delivered.
+  // tag in [0, 32767].
+  virtual void post(int dest, int tag, std::vector<std::byte> data) = 0;
+  // The next message with `tag` from any rank, if one has arrived; never blocks.
+  virtual std::optional<Message> poll(int tag) = 0;
+  // Waits until every message this rank posted has been taken by its receiver.
+  virtual void flush() = 0;
+  // Messages posted here and not yet taken.
+  virtual size_t pending() = 0;
 };
 
 // A gather list (send side) or scatter list (receive side) of an all-to-all: the message for
@@ -123,6 +149,10 @@ class Communicator {
   // Collective. Exposes [base, base + bytes) of every rank (bytes may differ, and be 0) for
   // one-sided reads. The memory must outlive the window.
   virtual std::unique_ptr<Window> expose(void* base, size_t bytes) = 0;
+
+  // Collective. A mailbox over the same ranks (its own message space: it never matches this
+  // communicator's send/recv). Under MPI it needs MPI_THREAD_MULTIPLE.
+  virtual std::unique_ptr<Mailbox> mailbox() = 0;
 
   // Ends the whole job (every rank of every communicator) after printing message with this
   // rank's number to stderr. For states no rank can recover from; prefer check_all.

@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 
 #include "core/error.h"
 
@@ -33,6 +35,38 @@ class LocalWindow final : public Window {
  private:
   std::byte* base_;
   size_t bytes_;
+};
+
+// Messages to self, queued per tag.
+class LocalMailbox final : public Mailbox {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void post(int dest, int tag, std::vector<std::byte> data) override {
+    MS_CHECK(dest == 0, "mailbox: rank ", dest, " out of range [0, 1)");
+    MS_CHECK(tag >= 0 && tag <= 32767, "mailbox: tag ", tag, " out of range [0, 32767]");
+    std::lock_guard<std::mutex> lk(mu_);
+    queued_[tag].push_back({0, tag, std::move(data)});
+  }
+  std::optional<Message> poll(int tag) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = queued_.find(tag);
+    if (it == queued_.end() || it->second.empty()) return std::nullopt;
+    Message m = std::move(it->second.front());
+    it->second.pop_front();
+    return m;
+  }
+  void flush() override {}
+  size_t pending() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    size_t n = 0;
+    for (const auto& [tag, q] : queued_) n += q.size();
+    return n;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<int, std::deque<Message>> queued_;
 };
 
 void check_self(std::span<const size_t> v, const char* what) {
@@ -122,6 +156,10 @@ std::unique_ptr<Window> local_window(void* base, size_t bytes) {
 
 std::unique_ptr<Window> LocalCommunicator::expose(void* base, size_t bytes) {
   return local_window(base, bytes);
+}
+
+std::unique_ptr<Mailbox> LocalCommunicator::mailbox() {
+  return std::make_unique<LocalMailbox>();
 }
 
 void LocalCommunicator::abort(const std::string& message) {

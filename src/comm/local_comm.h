@@ -37,6 +37,7 @@ class LocalCommunicator final : public Communicator {
   void recv(void* data, size_t bytes, int source, int tag) override;
 
   std::unique_ptr<Window> expose(void* base, size_t bytes) override;
+  std::unique_ptr<Mailbox> mailbox() override;
 
   [[noreturn]] void abort(const std::string& message) override;
 

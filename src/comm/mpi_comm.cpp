@@ -1,9 +1,10 @@
 // The MPI backend: the only file of moeserve that includes mpi.h.
 //
-// MPI is initialized once per process (MPI_THREAD_SERIALIZED or better: any thread may call,
-// one at a time) by the first mpi_world() and finalized at exit. Counts above INT_MAX: every
-// call moves at most kChunk bytes per MPI message, or describes larger blocks with derived
-// datatypes, so the caller never sees MPI's int counts.
+// MPI is initialized once per process (MPI_THREAD_MULTIPLE where the library has it, at least
+// MPI_THREAD_SERIALIZED: any thread may call, one at a time; mailboxes need MULTIPLE) by the first
+// mpi_world() and finalized at exit. Counts above INT_MAX: every call moves at most kChunk bytes
+// per MPI message, or describes larger blocks with derived datatypes, so the caller never sees
+// MPI's int counts.
 //
 // All-to-all exchanges go through MPI_Alltoallw on every rank (also all_to_all_v), because the
 // datatype each rank needs (plain bytes, or a derived type for scattered or huge blocks) depends
@@ -21,7 +22,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -54,14 +58,16 @@ class Runtime {
     int initialized = 0, provided = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
-      MS_MPI(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
+      MS_MPI(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided));
       owned_ = true;
     } else {
       MPI_Query_thread(&provided);
     }
     MS_CHECK(provided >= MPI_THREAD_SERIALIZED, "MPI provides thread level ", provided,
              ", moeserve needs MPI_THREAD_SERIALIZED");
+    provided_ = provided;
   }
+  int provided() const { return provided_; }
   ~Runtime() {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -70,10 +76,12 @@ class Runtime {
 
  private:
   bool owned_ = false;
+  int provided_ = 0;
 };
 
-void ensure_runtime() {
+Runtime& ensure_runtime() {
   static Runtime runtime;
+  return runtime;
 }
 
 bool finalized() {
@@ -203,6 +211,87 @@ class MpiWindow final : public Window {
  private:
   MPI_Win win_ = MPI_WIN_NULL;
   std::vector<uint64_t> sizes_;
+};
+
+// Nonblocking sends kept until complete; receives by matched probe, so two threads polling
+// different tags never take each other's messages.
+class MpiMailbox final : public Mailbox {
+ public:
+  explicit MpiMailbox(MPI_Comm comm) : comm_(comm) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiMailbox() override {
+    if (finalized()) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    for (Pending& p : pending_) MPI_Request_free(&p.req);  // left to complete on their own
+    MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  void post(int dest, int tag, std::vector<std::byte> data) override {
+    MS_CHECK(dest >= 0 && dest < size_, "mailbox: rank ", dest, " out of range [0, ", size_, ")");
+    MS_CHECK(tag >= 0 && tag <= 32767, "mailbox: tag ", tag, " out of range [0, 32767]");
+    MS_CHECK(fits_int(data.size()), "mailbox: a message of ", data.size(),
+             " bytes is over the 2 GiB limit of one message");
+    std::lock_guard<std::mutex> lk(mu_);
+    reap();
+    pending_.push_back({std::move(data), MPI_REQUEST_NULL});
+    Pending& p = pending_.back();
+    MS_MPI(MPI_Isend(p.data.data(), static_cast<int>(p.data.size()), MPI_BYTE, dest, tag, comm_,
+                     &p.req));
+  }
+
+  std::optional<Message> poll(int tag) override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      reap();
+    }
+    int flag = 0;
+    MPI_Message msg;
+    MPI_Status st;
+    MS_MPI(MPI_Improbe(MPI_ANY_SOURCE, tag, comm_, &flag, &msg, &st));
+    if (!flag) return std::nullopt;
+    int n = 0;
+    MPI_Get_count(&st, MPI_BYTE, &n);
+    Message m;
+    m.source = st.MPI_SOURCE;
+    m.tag = tag;
+    m.data.resize(static_cast<size_t>(n));
+    MS_MPI(MPI_Mrecv(m.data.data(), n, MPI_BYTE, &msg, MPI_STATUS_IGNORE));
+    return m;
+  }
+
+  void flush() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (Pending& p : pending_) MS_MPI(MPI_Wait(&p.req, MPI_STATUS_IGNORE));
+    pending_.clear();
+  }
+
+  size_t pending() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    reap();
+    return pending_.size();
+  }
+
+ private:
+  struct Pending {
+    std::vector<std::byte> data;
+    MPI_Request req;
+  };
+  void reap() {  // under mu_
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      int done = 0;
+      MS_MPI(MPI_Test(&it->req, &done, MPI_STATUS_IGNORE));
+      it = done ? pending_.erase(it) : std::next(it);
+    }
+  }
+
+  MPI_Comm comm_;
+  int rank_ = 0, size_ = 1;
+  std::mutex mu_;
+  std::list<Pending> pending_;  // stable addresses: MPI holds pointers into them
 };
 
 // A grow-only byte buffer, never initialized.
@@ -381,6 +470,15 @@ class MpiCommunicator final : public Communicator {
     // (osc/rdma needs a shared-memory or network transport, which a single process lacks).
     if (size_ == 1) return local_window(base, bytes);
     return std::make_unique<MpiWindow>(comm_, base, bytes);
+  }
+
+  std::unique_ptr<Mailbox> mailbox() override {
+    MS_CHECK(ensure_runtime().provided() >= MPI_THREAD_MULTIPLE,
+             "this MPI library does not provide MPI_THREAD_MULTIPLE, which serving under mpirun "
+             "needs (Open MPI built with thread support does)");
+    MPI_Comm c;
+    MS_MPI(MPI_Comm_dup(comm_, &c));
+    return std::make_unique<MpiMailbox>(c);
   }
 
   void abort(const std::string& message) override {

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <sstream>
+
+#include "core/error.h"
 
 namespace moeserve::engine {
 
@@ -21,6 +24,18 @@ void log_softmax(const float* logits, int64_t vocab, std::vector<double>* out) {
   const double lse = mx + std::log(sum);
   out->resize(vocab);
   for (int64_t i = 0; i < vocab; ++i) (*out)[i] = logits[i] - lse;
+}
+
+std::string Sampler::state() const {
+  std::ostringstream o;
+  o << rng_;
+  return o.str();
+}
+
+void Sampler::set_state(const std::string& s) {
+  std::istringstream i(s);
+  i >> rng_;
+  MS_CHECK(!i.fail(), "sampler: invalid generator state");
 }
 
 int32_t Sampler::sample(const float* logits, int64_t vocab) {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace moeserve::engine {
@@ -20,6 +21,10 @@ class Sampler {
   explicit Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {}
   // logits: [vocab] f32.
   int32_t sample(const float* logits, int64_t vocab);
+  // The generator's state as text, and back: a sequence that moves to another process keeps
+  // its random stream.
+  std::string state() const;
+  void set_state(const std::string& s);
 
  private:
   SamplingParams p_;

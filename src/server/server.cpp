@@ -112,7 +112,7 @@ std::vector<int32_t> default_eos_ids(const tokenizer::Tokenizer& tok, int64_t mo
   return ids;
 }
 
-Server::Server(engine::Engine& engine, tokenizer::Tokenizer tok, std::optional<ChatFormat> chat,
+Server::Server(engine::Service& engine, tokenizer::Tokenizer tok, std::optional<ChatFormat> chat,
                std::vector<int32_t> eos_ids, ServerOptions opt)
     : ctx_(std::make_unique<ServerContext>(engine, std::move(tok), std::move(chat), std::move(opt),
                                            std::move(eos_ids))),

@@ -1,5 +1,6 @@
 // moeserve's OpenAI-compatible HTTP server (cpp-httplib): /v1/chat/completions,
-// /v1/completions, /v1/models, /health and /metrics in front of one engine::Engine.
+// /v1/completions, /v1/models, /health and /metrics in front of one engine::Service (one process,
+// or a cluster of ranks under mpirun).
 //
 // Threads: httplib runs each connection on a worker of its pool; a generation request holds its
 // worker while it waits for tokens (see session.h), so the pool is sized for every request the
@@ -39,7 +40,7 @@ struct ServerOptions {
 
 // What request handlers share. Immutable after construction except the metrics and `stopping`.
 struct ServerContext {
-  ServerContext(engine::Engine& e, tokenizer::Tokenizer t, std::optional<ChatFormat> c,
+  ServerContext(engine::Service& e, tokenizer::Tokenizer t, std::optional<ChatFormat> c,
                 ServerOptions o, std::vector<int32_t> eos)
       : engine(e),
         tok(std::move(t)),
@@ -50,7 +51,7 @@ struct ServerContext {
                     std::chrono::system_clock::now().time_since_epoch())
                     .count()) {}
 
-  engine::Engine& engine;
+  engine::Service& engine;
   tokenizer::Tokenizer tok;
   std::optional<ChatFormat> chat;  // none: /v1/chat/completions answers 400
   ServerOptions opt;
@@ -63,7 +64,7 @@ struct ServerContext {
 class Server {
  public:
   // eos_ids: the tokens that end a turn (eos, chat end-of-turn tokens).
-  Server(engine::Engine& engine, tokenizer::Tokenizer tok, std::optional<ChatFormat> chat,
+  Server(engine::Service& engine, tokenizer::Tokenizer tok, std::optional<ChatFormat> chat,
          std::vector<int32_t> eos_ids, ServerOptions opt);
   ~Server();  // stops
 

@@ -26,7 +26,7 @@ struct EngineEvent {
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  explicit Session(engine::Engine& engine) : engine_(engine) {}
+  explicit Session(engine::Service& engine) : engine_(engine) {}
   ~Session();  // cancels the request if the engine has not finished it
 
   // Submits `req` (its callbacks are set here). Returns the engine's answer; on anything but
@@ -41,7 +41,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool finished() const;
 
  private:
-  engine::Engine& engine_;
+  engine::Service& engine_;
   uint64_t id_ = 0;
   bool submitted_ = false;
   mutable std::mutex mu_;

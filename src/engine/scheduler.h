@@ -1,0 +1,89 @@
+// One rank's continuous-batching scheduler over its paged latent KV cache. Each step, running
+// sequences decode one token and waiting or partly prefilled ones get prompt chunks, within a
+// per-step token budget, so a long prompt never stalls decoding. When KV blocks run out, the
+// newest running sequence is preempted (its blocks freed) and later recomputed.
+//
+// Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
+// everything. Request callbacks run inside step() and cancel().
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/request.h"
+#include "kv/kv_pool.h"
+#include "model/model.h"
+
+namespace moeserve::engine {
+
+// A sequence that finished its prompt and sampled its first token on a prefill rank, handed
+// over with its KV blocks (which the scheduler no longer owns).
+struct Prefilled {
+  uint64_t id = 0;
+  std::shared_ptr<Request> req;
+  std::vector<int32_t> tokens;  // prompt + the first token
+  int64_t n_prompt = 0;         // positions in the KV blocks
+  std::vector<int32_t> blocks;
+  std::string sampler_state;
+};
+
+class Scheduler {
+ public:
+  Scheduler(model::Model& m, const EngineConfig& cfg, kv::KvPool& kv);
+  ~Scheduler();  // unfinished requests finish as Cancelled
+
+  // A validated request, queued behind the waiting ones.
+  void add(uint64_t id, std::shared_ptr<Request> r);
+  // The decode side of a handoff: p.blocks (allocated from this pool) hold p.n_prompt positions.
+  void add_prefilled(Prefilled p);
+  // Finishes the request as Cancelled (no-op for unknown ids); true when it was here.
+  bool cancel(uint64_t id);
+  // Finishes every request with `r`.
+  void finish_all(FinishReason r, const std::string& err = "");
+
+  // One forward over what is runnable. Returns false when nothing was; then, with
+  // `force_forward` (the ranks of an expert-parallel group step together), it still runs an
+  // empty forward. A failed forward fails the requests in it and rethrows.
+  bool step(bool force_forward = false);
+
+  // On a prefill-only scheduler (a prefill rank), sequences stop after their first token and
+  // go here instead of decoding on (unless that token already finished them).
+  std::function<void(Prefilled&&)> on_prefilled;
+  void set_prefill_only(bool v) { prefill_only_ = v; }
+
+  bool has_work() const { return !running_.empty() || !waiting_.empty(); }
+  int64_t running() const { return static_cast<int64_t>(running_.size()); }
+  int64_t waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  int64_t preemptions() const { return preemptions_; }
+  int64_t steps() const { return steps_; }
+  int64_t prompt_tokens() const { return prompt_tokens_; }
+  int64_t generated_tokens() const { return generated_tokens_; }
+  const EngineConfig& config() const { return cfg_; }
+  kv::KvPool& kv() { return kv_; }
+
+ private:
+  struct Seq;
+  void finish(Seq& s, FinishReason r, const std::string& err = "");
+  bool ensure_blocks(Seq& s, int64_t n_positions);
+  void preempt(Seq& s);
+  void sweep();  // drops finished sequences
+
+  model::Model& model_;
+  EngineConfig cfg_;
+  kv::KvPool& kv_;
+  bool prefill_only_ = false;
+  std::vector<std::unique_ptr<Seq>> running_;  // admitted, in admission order
+  std::deque<std::unique_ptr<Seq>> waiting_;   // not admitted (or preempted), FIFO
+  int64_t preemptions_ = 0, steps_ = 0, prompt_tokens_ = 0, generated_tokens_ = 0;
+  std::vector<float> logits_;
+  std::vector<double> lp_;
+};
+
+// KV blocks for cfg (kv_blocks, or as many as kv_cache_mb holds).
+int64_t kv_blocks_for(const model::ModelConfig& c, const EngineConfig& e);
+
+}  // namespace moeserve::engine
