@@ -12,8 +12,10 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "cli/parallel.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "engine/cluster.h"
 #include "engine/engine.h"
 #include "model/model.h"
 #include "server/server.h"
@@ -29,7 +31,10 @@ struct ServeArgs {
   int port = 8000;
   int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
   int64_t max_waiting = 256;
-  int threads = 0;
+  int64_t prefill_ranks = 0, decode_ranks = 0;
+  std::string router = "least-loaded", kv_transfer = "one-sided";
+  double kv_transfer_timeout_ms = 10000, kv_lease_ms = 60000;
+  ParallelArgs par;
 };
 
 // eos_token_id of generation_config.json (a number or a list), when the folder has one.
@@ -47,61 +52,14 @@ std::vector<int64_t> generation_config_eos(const fs::path& dir) {
   return ids;
 }
 
-void run_serve(const ServeArgs& a) {
-  // Every thread started from here on inherits this mask, so SIGINT / SIGTERM reach only the
-  // sigwait() below and shutdown happens on an ordinary thread.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
-
+// The server on top of `svc`, until SIGINT / SIGTERM. `sigs` are blocked in every thread.
+void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer tok,
+                std::optional<server::ChatFormat> chat, const model::ModelConfig& mc,
+                const std::string& layout, sigset_t sigs) {
   const fs::path dir(a.model);
-  MS_CHECK(fs::is_regular_file(dir / "tokenizer.json"), a.model,
-           " has no tokenizer.json: `moeserve serve` needs the model's tokenizer files "
-           "(tokenizer.json, tokenizer_config.json) for its text endpoints; copy them from the "
-           "original checkpoint (for a random-weight model: `moeserve init-model ... --tokenizer "
-           "DIR`, or `--preset demo`, which has the DeepSeek-V3 tokenizer)");
-  MS_CHECK(a.chat_template.empty() || fs::is_regular_file(a.chat_template), "--chat-template ",
-           a.chat_template, " is not a file");
-  MS_CHECK(a.max_num_seqs >= 1, "--max-num-seqs must be >= 1");
-  MS_CHECK(a.max_model_len >= 0, "--max-model-len must be >= 2 (or 0 for the default)");
-  MS_CHECK(a.kv_cache_mb >= 1, "--kv-cache-mb must be >= 1");
-  MS_CHECK(a.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
-  MS_CHECK(a.max_waiting >= 1, "--max-waiting must be >= 1");
-
-  tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(dir);
-  std::optional<server::ChatFormat> chat = server::ChatFormat::load(a.model, a.chat_template, tok);
-  if (!chat)
-    std::fprintf(stderr,
-                 "note: %s has no chat template; /v1/chat/completions will answer 400 (use "
-                 "--chat-template FILE)\n",
-                 a.model.c_str());
-
-  ThreadPool pool(a.threads);
-  model::Model m(a.model, pool);
-  if (has_random_weights(a.model))
-    std::fprintf(stderr,
-                 "note: %s holds RANDOM weights (made by `moeserve init-model`); its output is "
-                 "meaningless text, for demos and tests only.\n",
-                 a.model.c_str());
-  const int64_t max_pos = m.config().max_position_embeddings;
-  engine::EngineConfig ec;
-  ec.max_num_seqs = a.max_num_seqs;
-  ec.max_model_len = a.max_model_len > 0 ? a.max_model_len
-                                         : (max_pos > 0 ? std::min<int64_t>(4096, max_pos) : 4096);
-  MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
-           " is longer than the model's max_position_embeddings (", max_pos, ")");
-  ec.kv_cache_mb = a.kv_cache_mb;
-  ec.max_batch_tokens = a.max_batch_tokens;
-  ec.max_waiting = a.max_waiting;
-  m.prefault(/*progress=*/false);
-  engine::Engine engine(m, ec);
-
-  std::vector<int32_t> eos = server::default_eos_ids(tok, m.config().eos_token_id);
+  std::vector<int32_t> eos = server::default_eos_ids(tok, mc.eos_token_id);
   for (int64_t id : generation_config_eos(dir))
-    if (id >= 0 && id < m.config().vocab_size &&
+    if (id >= 0 && id < mc.vocab_size &&
         std::find(eos.begin(), eos.end(), static_cast<int32_t>(id)) == eos.end())
       eos.push_back(static_cast<int32_t>(id));
 
@@ -117,7 +75,7 @@ void run_serve(const ServeArgs& a) {
     so.served_model_name =
         p.filename().empty() ? p.parent_path().filename().string() : p.filename().string();
   }
-  server::Server srv(engine, tok, std::move(chat), std::move(eos), so);
+  server::Server srv(svc, std::move(tok), std::move(chat), std::move(eos), so);
   srv.bind();
 
   std::thread sig_thread([&] {
@@ -127,18 +85,139 @@ void run_serve(const ServeArgs& a) {
                  sig == SIGINT ? "SIGINT" : "SIGTERM");
     srv.stop();
   });
+  const engine::EngineStats st = svc.stats();
   std::printf(
       "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
-      "max_num_seqs %lld, %lld KV blocks)\n",
-      so.served_model_name.c_str(), srv.url().c_str(), static_cast<long long>(ec.max_model_len),
-      static_cast<long long>(ec.max_num_seqs),
-      static_cast<long long>(engine.stats().kv_blocks_total));
+      "max_num_seqs %lld per rank, %s)\n",
+      so.served_model_name.c_str(), srv.url().c_str(),
+      static_cast<long long>(svc.config().max_model_len),
+      static_cast<long long>(svc.config().max_num_seqs), layout.c_str());
+  (void)st;
   std::fflush(stdout);
   srv.run();
   srv.stop();
   pthread_kill(sig_thread.native_handle(), SIGTERM);  // wakes sigwait if no signal came
   sig_thread.join();
-  std::fprintf(stderr, "moeserve: stopped\n");
+}
+
+void run_serve(const ServeArgs& a) {
+  // Every thread started from here on inherits this mask, so SIGINT / SIGTERM reach only the
+  // sigwait() of rank 0 and shutdown happens on an ordinary thread. Other ranks stop when
+  // rank 0 tells them.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  ParallelModel pm(a.par);
+  comm::Communicator& world = pm.world();
+  const bool root = pm.is_root();
+  const fs::path dir(a.model);
+  engine::ClusterConfig cc;
+  std::optional<tokenizer::Tokenizer> tok;
+  std::optional<server::ChatFormat> chat;
+  pm.check_all([&] {
+    MS_CHECK(fs::is_regular_file(dir / "tokenizer.json"), a.model,
+             " has no tokenizer.json: `moeserve serve` needs the model's tokenizer files "
+             "(tokenizer.json, tokenizer_config.json) for its text endpoints; copy them from the "
+             "original checkpoint (for a random-weight model: `moeserve init-model ... "
+             "--tokenizer DIR`, or `--preset demo`, which has the DeepSeek-V3 tokenizer)");
+    MS_CHECK(a.chat_template.empty() || fs::is_regular_file(a.chat_template), "--chat-template ",
+             a.chat_template, " is not a file");
+    MS_CHECK(a.max_num_seqs >= 1, "--max-num-seqs must be >= 1");
+    MS_CHECK(a.max_model_len >= 0, "--max-model-len must be >= 2 (or 0 for the default)");
+    MS_CHECK(a.kv_cache_mb >= 1, "--kv-cache-mb must be >= 1");
+    MS_CHECK(a.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
+    MS_CHECK(a.max_waiting >= 1, "--max-waiting must be >= 1");
+    MS_CHECK(a.router == "least-loaded" || a.router == "round-robin",
+             "--router must be "
+             "least-loaded or round-robin, not '",
+             a.router, "'");
+    MS_CHECK(a.kv_transfer == "one-sided" || a.kv_transfer == "two-sided",
+             "--kv-transfer must be one-sided or two-sided, not '", a.kv_transfer, "'");
+    MS_CHECK(world.size() > 1 || (a.prefill_ranks == 0 && a.decode_ranks == 0),
+             "--prefill-ranks and --decode-ranks split the ranks of an mpirun launch, e.g. "
+             "`mpirun -np 3 moeserve serve ... --prefill-ranks 1 --decode-ranks 2`");
+    cc.prefill_ranks = a.prefill_ranks;
+    cc.decode_ranks = a.decode_ranks;
+    cc.route = a.router == "round-robin" ? engine::RoutePolicy::RoundRobin
+                                         : engine::RoutePolicy::LeastLoaded;
+    cc.transfer = a.kv_transfer == "two-sided" ? engine::KvTransferMode::TwoSided
+                                               : engine::KvTransferMode::OneSided;
+    cc.transfer_timeout_s = a.kv_transfer_timeout_ms / 1e3;
+    cc.lease_s = a.kv_lease_ms / 1e3;
+    cc.validate(world.size());
+    if (root) {
+      tok = tokenizer::Tokenizer::load(dir);
+      chat = server::ChatFormat::load(a.model, a.chat_template, *tok);
+    }
+  });
+  if (root && !chat)
+    std::fprintf(stderr,
+                 "note: %s has no chat template; /v1/chat/completions will answer 400 (use "
+                 "--chat-template FILE)\n",
+                 a.model.c_str());
+  if (cc.disaggregated()) pm.split_group(cc.group_of(world.rank()));
+  pm.load(a.model);
+  model::Model& m = pm.model();
+  if (root && has_random_weights(a.model))
+    std::fprintf(stderr,
+                 "note: %s holds RANDOM weights (made by `moeserve init-model`); its output is "
+                 "meaningless text, for demos and tests only.\n",
+                 a.model.c_str());
+  const int64_t max_pos = m.config().max_position_embeddings;
+  engine::EngineConfig& ec = cc.engine;
+  ec.max_num_seqs = a.max_num_seqs;
+  ec.max_model_len = a.max_model_len > 0 ? a.max_model_len
+                                         : (max_pos > 0 ? std::min<int64_t>(4096, max_pos) : 4096);
+  ec.kv_cache_mb = a.kv_cache_mb;
+  ec.max_batch_tokens = a.max_batch_tokens;
+  ec.max_waiting = a.max_waiting;
+  pm.check_all([&] {
+    MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
+             " is longer than the model's max_position_embeddings (", max_pos, ")");
+  });
+  m.prefault(/*progress=*/false);
+
+  if (world.size() == 1) {
+    engine::Engine engine(m, ec);
+    const std::string layout =
+        std::to_string(engine.stats().kv_blocks_total) + " KV blocks, one process";
+    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, sigs);
+  } else {
+    std::unique_ptr<comm::Mailbox> mb = world.mailbox();
+    std::optional<engine::ClusterWorker> worker;
+    pm.check_all([&] { worker.emplace(m, world, pm.comm(), *mb, cc); });
+    if (root) {
+      std::thread compute([&] { worker->run(); });
+      std::optional<engine::ClusterFrontEnd> fe;
+      fe.emplace(m.config(), *mb, cc);
+      std::string layout = std::to_string(world.size()) + " ranks, ";
+      layout += cc.disaggregated() ? std::to_string(cc.prefill_ranks) + " prefill + " +
+                                         std::to_string(cc.decode_ranks) + " decode (" +
+                                         a.kv_transfer + " KV transfer)"
+                                   : "each prefilling and decoding";
+      layout += ", " + a.router + " routing";
+      try {
+        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, sigs);
+      } catch (...) {
+        fe.reset();  // stops every rank
+        compute.join();
+        throw;
+      }
+      fe.reset();
+      compute.join();
+    } else {
+      worker->run();
+    }
+    worker.reset();  // collective
+    mb->flush();
+    world.barrier();
+  }
+  pm.write_expert_load();
+  if (root) std::fprintf(stderr, "moeserve: stopped\n");
 }
 
 }  // namespace
@@ -166,7 +245,25 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str();
   s->add_option("--chat-template", a->chat_template,
                 "Jinja chat template file (default: the model's tokenizer_config.json)");
-  s->add_option("--threads", a->threads, "Compute threads (0 = one per core)");
+  add_parallel_flags(s, a->par);
+  s->add_option("--prefill-ranks", a->prefill_ranks,
+                "Under mpirun: ranks [0, P) prefill (an expert-parallel group of their own)");
+  s->add_option("--decode-ranks", a->decode_ranks,
+                "Under mpirun: the remaining D ranks decode; P + D = the number of ranks");
+  s->add_option("--router", a->router,
+                "How rank 0 spreads requests over ranks: least-loaded (KV blocks in use and "
+                "unfinished requests) or round-robin")
+      ->capture_default_str();
+  s->add_option("--kv-transfer", a->kv_transfer,
+                "Prefill-to-decode KV cache transfer: one-sided (the decode rank reads the "
+                "prefill rank's registered blocks) or two-sided (sent through a staging copy)")
+      ->capture_default_str();
+  s->add_option("--kv-transfer-timeout-ms", a->kv_transfer_timeout_ms,
+                "A KV transfer that takes longer fails its request")
+      ->capture_default_str();
+  s->add_option("--kv-lease-ms", a->kv_lease_ms,
+                "A prefill rank frees handed-off blocks no decode rank acknowledged after this")
+      ->capture_default_str();
   s->callback([a] { run_serve(*a); });
 }
 

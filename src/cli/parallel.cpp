@@ -24,11 +24,17 @@ ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : Pa
 }
 
 ParallelModel::ParallelModel(const ParallelArgs& a) : args_(a) {
-  comm_ = comm::world();
+  world_ = comm::world();
+  comm_ = world_.get();
   int threads = a.threads;
-  if (threads <= 0 && comm_->size() > 1)  // ranks on one machine share its cores
-    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / comm_->size());
+  if (threads <= 0 && world_->size() > 1)  // ranks on one machine share its cores
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / world_->size());
   pool_ = std::make_unique<ThreadPool>(threads);
+}
+
+void ParallelModel::split_group(int color) {
+  group_ = world_->split(color, world_->rank());
+  comm_ = group_.get();
 }
 
 void ParallelModel::load(const std::string& dir) {
@@ -37,13 +43,14 @@ void ParallelModel::load(const std::string& dir) {
     MS_CHECK(a.redundant_experts >= 0, "--redundant-experts must be >= 0");
     if (comm_->size() == 1) {
       MS_CHECK(a.redundant_experts == 0 && a.placement_file.empty(),
-               "--redundant-experts and --placement need several ranks (mpirun -np N)");
+               "--redundant-experts and --placement need several ranks in the expert-parallel "
+               "group (mpirun -np N)");
       model_ = std::make_unique<model::Model>(dir, *pool_);
       return;
     }
     const model::ModelConfig cfg = model::ModelConfig::load(dir);
     model::ExpertParallel ep;
-    ep.comm = comm_.get();
+    ep.comm = comm_;
     const auto E = static_cast<int32_t>(cfg.n_routed_experts);
     if (!a.placement_file.empty()) {
       ep.placement = moe::PlacementTable::load(a.placement_file);

@@ -33,20 +33,26 @@ class ParallelModel {
   explicit ParallelModel(const ParallelArgs& a);
   ~ParallelModel();
 
+  // Collective over the world, before load(): the model's expert-parallel group becomes the
+  // ranks with the same color (default: all ranks).
+  void split_group(int color);
   void load(const std::string& model_dir);
 
+  // The model's group (the world unless split_group was called), and all ranks of the launch.
   comm::Communicator& comm() { return *comm_; }
-  bool is_root() const { return comm_->rank() == 0; }
+  comm::Communicator& world() { return *world_; }
+  bool is_root() const { return world_->rank() == 0; }
   model::Model& model() { return *model_; }
   const ThreadPool& pool() const { return *pool_; }
-  // Runs fn on every rank; an error on any rank becomes the same error on all of them.
-  void check_all(const std::function<void()>& fn) { comm::check_all(*comm_, fn); }
+  // Runs fn on every rank of the launch; an error on any rank becomes the same error on all.
+  void check_all(const std::function<void()>& fn) { comm::check_all(*world_, fn); }
   // Writes the per-expert routed token counts of all ranks (rank 0) when asked to.
   void write_expert_load();
 
  private:
   ParallelArgs args_;
-  std::unique_ptr<comm::Communicator> comm_;
+  std::unique_ptr<comm::Communicator> world_, group_;
+  comm::Communicator* comm_ = nullptr;
   std::unique_ptr<ThreadPool> pool_;
   std::optional<model::ExpertParallel> ep_;
   std::unique_ptr<model::Model> model_;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 
 namespace moeserve::server {
 
@@ -181,6 +182,52 @@ std::string Metrics::render(const engine::EngineStats& st, int64_t n_experts,
                "layer=\"" + std::to_string(l) + "\",expert=\"" + std::to_string(e) + "\"",
                static_cast<double>(st.expert_tokens[l * n_experts + e]));
     }
+  }
+  if (!st.rank_lines.empty()) {
+    // Grouped by metric name, each group after its header.
+    std::vector<std::string> lines = st.rank_lines;
+    auto name = [](const std::string& l) { return l.substr(0, l.find_first_of("{ ")); };
+    std::stable_sort(lines.begin(), lines.end(),
+                     [&](const std::string& x, const std::string& y) { return name(x) < name(y); });
+    std::string last;
+    for (const std::string& l : lines) {
+      if (name(l) != last) {
+        last = name(l);
+        header(out, last, "gauge", "Per-rank engine state (rank, role) under mpirun.");
+      }
+      out += l + "\n";
+    }
+  }
+  if (st.disaggregated) {
+    const engine::TransferStats& t = st.transfer;
+    counter(out, "moeserve_kv_transfers_total",
+            "Prompt KV caches moved from a prefill rank to a decode rank.",
+            static_cast<double>(t.transfers));
+    counter(out, "moeserve_kv_transfer_bytes_total", "Bytes of KV cache moved.",
+            static_cast<double>(t.bytes));
+    counter(out, "moeserve_kv_transfer_failures_total",
+            "KV transfers that failed their request (timed out, or no decode blocks in time).",
+            static_cast<double>(t.failures));
+    counter(out, "moeserve_kv_leases_expired_total",
+            "Handed-off prefill blocks freed because no acknowledgement came in time.",
+            static_cast<double>(t.leases_expired));
+    header(out, "moeserve_kv_transfer_seconds", "histogram",
+           "Time to move one request's KV cache (decode side).");
+    const auto& bounds = engine::kv_transfer_buckets();
+    double cum = 0;
+    int64_t count = 0;
+    for (int64_t c : t.latency_buckets) count += c;
+    for (size_t i = 0; i <= bounds.size(); ++i) {
+      cum += i < t.latency_buckets.size() ? static_cast<double>(t.latency_buckets[i]) : 0.0;
+      char le[32];
+      if (i < bounds.size())
+        std::snprintf(le, sizeof le, "%g", bounds[i]);
+      else
+        std::snprintf(le, sizeof le, "+Inf");
+      sample(out, "moeserve_kv_transfer_seconds_bucket", std::string("le=\"") + le + "\"", cum);
+    }
+    sample(out, "moeserve_kv_transfer_seconds_sum", "", t.latency_sum);
+    sample(out, "moeserve_kv_transfer_seconds_count", "", static_cast<double>(count));
   }
   return out;
 }
