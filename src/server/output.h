@@ -4,12 +4,14 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "engine/engine.h"
 #include "server/stop_matcher.h"
+#include "tokenizer/reasoning_parser.h"
 #include "tokenizer/stream_decoder.h"
 #include "tokenizer/tokenizer.h"
 
@@ -28,21 +30,6 @@ struct Delta {
   std::vector<TokenLogprob> logprobs;
   bool empty() const { return reasoning.empty() && content.empty() && logprobs.empty(); }
   void append(Delta&& d);
-};
-
-// Splits "<think>reasoning</think>content" as DeepSeek-R1 writes it. When the prompt already
-// opened the block (the chat template ends with <think>), output starts inside it; otherwise a
-// "<think>" at the very start of the output opens it. Markers are never part of the output.
-class ReasoningSplitter {
- public:
-  enum class Start { Content, MaybeThink, InThink };
-  explicit ReasoningSplitter(Start s) : state_(s) {}
-  void put(std::string_view text, Delta& out);
-  void flush(Delta& out);
-
- private:
-  Start state_;
-  std::string held_;
 };
 
 struct OutputOptions {
@@ -69,11 +56,12 @@ class OutputPipeline {
 
  private:
   void emit_text(const std::string& text, Delta& out);
+  void split(std::string_view text, Delta& out);  // into reasoning and content
 
   OutputOptions opt_;
   tokenizer::StreamDecoder decoder_;
   StopMatcher stop_;
-  ReasoningSplitter splitter_;
+  std::optional<tokenizer::ReasoningParser> reasoning_;  // when opt_.reasoning
   int64_t tokens_ = 0;
   int64_t chars_ = 0;  // characters decoded so far (before stop truncation)
 };

@@ -226,28 +226,39 @@ TEST(StopMatcher, RandomizedAgainstReference) {
   }
 }
 
-Delta split(ReasoningSplitter::Start start, const std::vector<std::string>& pieces) {
-  ReasoningSplitter s(start);
+// The pipeline's reasoning split, fed text through a tokenizer round trip piece by piece.
+Delta split(bool reasoning, bool starts_in_think, const std::vector<std::string>& pieces) {
+  const auto& tok = moeserve::testing::demo_tokenizer();
+  OutputOptions o;
+  o.reasoning = reasoning;
+  o.starts_in_think = starts_in_think;
+  OutputPipeline p(tok, o);
   Delta d;
-  for (const auto& p : pieces) s.put(p, d);
-  s.flush(d);
+  for (const auto& piece : pieces)
+    for (int32_t id : tok.encode(piece, false)) {
+      engine::TokenEvent ev;
+      ev.token = id;
+      p.put(ev, d);
+    }
+  p.finish(d);
   return d;
 }
 
-TEST(ReasoningSplitter, SeparatesThinkBlock) {
-  Delta d = split(ReasoningSplitter::Start::InThink, {"let me ", "think</th", "ink>\n\nAnswer"});
+TEST(OutputPipeline, SeparatesThinkBlock) {
+  Delta d = split(true, true, {"let me ", "think</th", "ink>\n\nAnswer"});
   EXPECT_EQ(d.reasoning, "let me think");
   EXPECT_EQ(d.content, "\n\nAnswer");
-  d = split(ReasoningSplitter::Start::MaybeThink, {"<th", "ink>", "hmm</think>ok"});
+  d = split(true, false, {"<th", "ink>", "hmm</think>ok"});
   EXPECT_EQ(d.reasoning, "hmm");
   EXPECT_EQ(d.content, "ok");
-  d = split(ReasoningSplitter::Start::MaybeThink, {"<tha", "nks>"});
+  d = split(true, false, {"<tha", "nks>"});
   EXPECT_EQ(d.reasoning, "");
   EXPECT_EQ(d.content, "<thanks>");
-  d = split(ReasoningSplitter::Start::InThink, {"cut off mid-thought </thi"});
+  d = split(true, true, {"cut off mid-thought </thi"});
   EXPECT_EQ(d.reasoning, "cut off mid-thought </thi");
-  d = split(ReasoningSplitter::Start::Content, {"<think>x</think>"});
+  d = split(false, false, {"<think>x</think>"});
   EXPECT_EQ(d.content, "<think>x</think>");
+  EXPECT_EQ(d.reasoning, "");
 }
 
 TEST(OutputPipeline, DetokenizesStopsAndCountsTokens) {
