@@ -86,6 +86,8 @@ struct ClusterWorker::Handoff {
   std::string sampler_state;
   std::vector<std::byte> payload;  // two-sided: the blocks' bytes
   Clock::time_point arrived;
+  std::vector<int32_t> mine;  // its blocks here, once allocated
+  double seconds = 0;         // the transfer's time
 };
 
 struct ClusterWorker::Lease {
@@ -113,11 +115,21 @@ ClusterWorker::ClusterWorker(model::Model& m, comm::Communicator& world, comm::C
     window_ = world_.expose(kv_.block_data(0), kv_.block_bytes() * kv_.n_blocks());
   if (const char* d = std::getenv("MOESERVE_FAULT_KV_DELAY_MS"))
     fault_delay_s_ = std::atof(d) / 1e3;
+  if (decode_) xfer_thread_ = std::thread([this] { transfer_loop(); });
   transfer_.latency_buckets.assign(kv_transfer_buckets().size() + 1, 0);
   last_stats_ = Clock::now() - std::chrono::hours(1);
 }
 
-ClusterWorker::~ClusterWorker() = default;
+ClusterWorker::~ClusterWorker() {
+  if (xfer_thread_.joinable()) {  // run() was never called
+    {
+      std::lock_guard<std::mutex> lk(xfer_mu_);
+      xfer_stop_ = true;
+    }
+    xfer_cv_.notify_all();
+    xfer_thread_.join();
+  }
+}
 
 std::shared_ptr<Request> ClusterWorker::make_request(uint64_t id) {
   auto r = std::make_shared<Request>();
@@ -265,13 +277,11 @@ void ClusterWorker::expire_leases() {
     it = since(it->second) > 2 * cfg_.lease_s ? tombstones_.erase(it) : std::next(it);
 }
 
-// Decode side: handoffs in arrival order get blocks and their KV, then join the scheduler.
+// Decode side: handoffs in arrival order get blocks, then go to the transfer thread.
 void ClusterWorker::start_transfers() {
-  const size_t bb = kv_.block_bytes();
+  const bool one_sided = cfg_.transfer == KvTransferMode::OneSided;
   while (!handoffs_.empty()) {
     Handoff& h = handoffs_.front();
-    const int64_t n_generated = static_cast<int64_t>(h.tokens.size()) - h.n_prompt;
-    const bool one_sided = cfg_.transfer == KvTransferMode::OneSided;
     // One-sided: the prefill rank's lease must not run out while we read.
     if (one_sided && since(h.arrived) > cfg_.lease_s / 2) {
       ++transfer_.failures;
@@ -280,61 +290,110 @@ void ClusterWorker::start_transfers() {
            "the decode rank had no free KV blocks for this request within half the transfer "
            "lease (" +
                ms(cfg_.lease_s / 2) + " ms); retry later",
-           h.n_prompt, n_generated});
+           h.n_prompt, static_cast<int64_t>(h.tokens.size()) - h.n_prompt});
       mb_.post(h.src, kToWorker, simple(Msg::Ack, h.id));
       handoffs_.pop_front();
       continue;
     }
-    std::vector<int32_t> mine;
-    if (!kv_.allocate(static_cast<int64_t>(h.blocks.size()), &mine)) return;  // wait for blocks
+    if (!kv_.allocate(static_cast<int64_t>(h.blocks.size()), &h.mine)) return;  // wait
+    std::lock_guard<std::mutex> lk(xfer_mu_);
+    xfer_in_.push_back(std::move(h));
+    handoffs_.pop_front();
+    ++xfer_busy_;
+    xfer_cv_.notify_all();
+  }
+}
+
+// The transfer thread: reads (or copies) each handoff's blocks into its new blocks, timed.
+void ClusterWorker::transfer_loop() {
+  const size_t bb = kv_.block_bytes();
+  for (;;) {
+    Handoff h;
+    {
+      std::unique_lock<std::mutex> lk(xfer_mu_);
+      xfer_cv_.wait(lk, [&] { return xfer_stop_ || !xfer_in_.empty(); });
+      if (xfer_in_.empty()) return;
+      h = std::move(xfer_in_.front());
+      xfer_in_.pop_front();
+    }
     const auto t0 = Clock::now();
-    if (one_sided) {
+    if (cfg_.transfer == KvTransferMode::OneSided) {
       // Runs of consecutive blocks on both sides move as one read.
-      for (size_t i = 0; i < mine.size();) {
+      for (size_t i = 0; i < h.mine.size();) {
         size_t j = i + 1;
-        while (j < mine.size() && h.blocks[j] == h.blocks[j - 1] + 1 && mine[j] == mine[j - 1] + 1)
+        while (j < h.mine.size() && h.blocks[j] == h.blocks[j - 1] + 1 &&
+               h.mine[j] == h.mine[j - 1] + 1)
           ++j;
-        window_->get(h.src, bb * static_cast<size_t>(h.blocks[i]), kv_.block_data(mine[i]),
+        window_->get(h.src, bb * static_cast<size_t>(h.blocks[i]), kv_.block_data(h.mine[i]),
                      bb * (j - i));
         i = j;
       }
       window_->flush(h.src);
     } else {
-      MS_ASSERT(h.payload.size() == bb * mine.size());
-      for (size_t i = 0; i < mine.size(); ++i)
-        std::memcpy(kv_.block_data(mine[i]), h.payload.data() + i * bb, bb);
+      MS_ASSERT(h.payload.size() == bb * h.mine.size());
+      for (size_t i = 0; i < h.mine.size(); ++i)
+        std::memcpy(kv_.block_data(h.mine[i]), h.payload.data() + i * bb, bb);
+      h.payload = {};
     }
     if (fault_delay_s_ > 0)
       std::this_thread::sleep_for(std::chrono::duration<double>(fault_delay_s_));
-    const double dt = since(t0);
-    if (one_sided) mb_.post(h.src, kToWorker, simple(Msg::Ack, h.id));
-    if (dt > cfg_.transfer_timeout_s) {
-      kv_.release(mine);
+    h.seconds = since(t0);
+    std::lock_guard<std::mutex> lk(xfer_mu_);
+    xfer_out_.push_back(std::move(h));
+  }
+}
+
+// Decode side: finished transfers are acknowledged and join the scheduler (or fail).
+bool ClusterWorker::finish_transfers() {
+  std::deque<Handoff> done;
+  {
+    std::lock_guard<std::mutex> lk(xfer_mu_);
+    done.swap(xfer_out_);
+    xfer_busy_ -= static_cast<int64_t>(done.size());
+  }
+  const size_t bb = kv_.block_bytes();
+  for (Handoff& h : done) {
+    if (cfg_.transfer == KvTransferMode::OneSided)
+      mb_.post(h.src, kToWorker, simple(Msg::Ack, h.id));
+    const int64_t n_generated = static_cast<int64_t>(h.tokens.size()) - h.n_prompt;
+    auto t = tombstones_.find(h.id);
+    if (t != tombstones_.end()) {  // cancelled while it moved
+      tombstones_.erase(t);
+      kv_.release(h.mine);
+      make_request(h.id)->on_finish({FinishReason::Cancelled, "", h.n_prompt, n_generated});
+      continue;
+    }
+    if (h.seconds > cfg_.transfer_timeout_s) {
+      kv_.release(h.mine);
       ++transfer_.failures;
-      make_request(h.id)->on_finish({FinishReason::Error,
-                                     "the KV cache transfer from the prefill rank took " + ms(dt) +
-                                         " ms, over the " + ms(cfg_.transfer_timeout_s) +
-                                         " ms limit (--kv-transfer-timeout-ms)",
-                                     h.n_prompt, n_generated});
-      handoffs_.pop_front();
+      make_request(h.id)->on_finish(
+          {FinishReason::Error,
+           "the KV cache transfer from the prefill rank took " + ms(h.seconds) + " ms, over the " +
+               ms(cfg_.transfer_timeout_s) + " ms limit (--kv-transfer-timeout-ms)",
+           h.n_prompt, n_generated});
       continue;
     }
     ++transfer_.transfers;
-    transfer_.bytes += static_cast<int64_t>(bb * mine.size());
-    transfer_.latency_sum += dt;
+    transfer_.bytes += static_cast<int64_t>(bb * h.mine.size());
+    transfer_.latency_sum += h.seconds;
     const auto& bounds = kv_transfer_buckets();
-    const size_t bucket = std::lower_bound(bounds.begin(), bounds.end(), dt) - bounds.begin();
-    ++transfer_.latency_buckets[bucket];
+    ++transfer_.latency_buckets[std::lower_bound(bounds.begin(), bounds.end(), h.seconds) -
+                                bounds.begin()];
     Prefilled p;
     p.id = h.id;
     p.req = std::move(h.req);
     p.tokens = std::move(h.tokens);
     p.n_prompt = h.n_prompt;
-    p.blocks = std::move(mine);
+    p.blocks = std::move(h.mine);
     p.sampler_state = std::move(h.sampler_state);
     sched_->add_prefilled(std::move(p));
-    handoffs_.pop_front();
   }
+  return !done.empty();
+}
+
+int64_t ClusterWorker::in_flight() {
+  std::lock_guard<std::mutex> lk(xfer_mu_);
+  return xfer_busy_;
 }
 
 void ClusterWorker::post_events() {
@@ -348,13 +407,14 @@ void ClusterWorker::post_events() {
 }
 
 void ClusterWorker::post_stats(bool force) {
-  std::vector<int64_t> sig = {sched_->running(),
-                              sched_->waiting() + static_cast<int64_t>(handoffs_.size()),
-                              kv_.n_used(),
-                              sched_->steps(),
-                              transfer_.transfers,
-                              transfer_.failures,
-                              transfer_.leases_expired};
+  std::vector<int64_t> sig = {
+      sched_->running(),
+      sched_->waiting() + static_cast<int64_t>(handoffs_.size()) + in_flight(),
+      kv_.n_used(),
+      sched_->steps(),
+      transfer_.transfers,
+      transfer_.failures,
+      transfer_.leases_expired};
   if (sig == last_sig_ || (!force && since(last_stats_) < 0.02)) return;
   last_sig_ = sig;
   last_stats_ = Clock::now();
@@ -376,11 +436,10 @@ void ClusterWorker::run() {
       input = true;
     }
     if (decode_) {
-      const size_t before = handoffs_.size();
+      input = finish_transfers() || input;
       start_transfers();
-      input = input || handoffs_.size() != before;
     }
-    if (prefill_) expire_leases();
+    expire_leases();
     // The group agrees whether to step (and whether to stop): every rank of an
     // expert-parallel group must run the same number of forwards.
     int64_t flags[2] = {sched_->has_work() && (progressed || input) ? 1 : 0, stop_ ? 1 : 0};
@@ -402,8 +461,21 @@ void ClusterWorker::run() {
     post_stats(false);
   }
   // Stopping: what is left is cancelled, the front end hears it, then a goodbye.
+  if (xfer_thread_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lk(xfer_mu_);
+      xfer_stop_ = true;
+      for (Handoff& h : xfer_in_) handoffs_.push_back(std::move(h));  // not started
+      xfer_in_.clear();
+    }
+    xfer_cv_.notify_all();
+    xfer_thread_.join();
+    for (Handoff& h : xfer_out_) handoffs_.push_back(std::move(h));
+    xfer_out_.clear();
+  }
   sched_->finish_all(FinishReason::Cancelled);
   for (Handoff& h : handoffs_) {
+    kv_.release(h.mine);
     make_request(h.id)->on_finish({FinishReason::Cancelled, "", h.n_prompt, 0});
     if (cfg_.transfer == KvTransferMode::OneSided)
       mb_.post(h.src, kToWorker, simple(Msg::Ack, h.id));

@@ -83,6 +83,9 @@ class ClusterWorker {
   void handle(const comm::Mailbox::Message& m);
   void on_prefilled(Prefilled&& p);
   void start_transfers();
+  void transfer_loop();
+  bool finish_transfers();  // true when one finished
+  int64_t in_flight();
   void expire_leases();
   void post_events();
   void post_stats(bool force);
@@ -102,6 +105,13 @@ class ClusterWorker {
   std::map<uint64_t, int> decode_rank_of_;  // prefill side: request -> its decode rank
   std::map<uint64_t, Lease> leases_;        // prefill side: blocks lent to a decode rank
   std::deque<Handoff> handoffs_;            // decode side: waiting for blocks
+  // Decode side: transfers run on their own thread, so decoding goes on meanwhile.
+  std::thread xfer_thread_;
+  std::mutex xfer_mu_;
+  std::condition_variable xfer_cv_;
+  std::deque<Handoff> xfer_in_, xfer_out_;  // under xfer_mu_
+  int64_t xfer_busy_ = 0;                   // handed to the thread, not yet collected
+  bool xfer_stop_ = false;
   std::map<uint64_t, std::chrono::steady_clock::time_point> tombstones_;  // cancelled early
   TransferStats transfer_;
   bool stop_ = false;
