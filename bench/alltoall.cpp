@@ -1,18 +1,23 @@
 // bench_alltoall: the MoE dispatch and combine against a raw MPI_Alltoallv of the same bytes.
 //   mpirun -np {2,4,8} --oversubscribe --allow-run-as-root bench_alltoall
-//       [--mode both|rank|expert] [--pieces datatypes|staging] [--hidden 2048|7168|both]
+//       [--mode both|rank|expert] [--transport auto|messages] [--pieces datatypes|staging]
+//       [--hidden 2048|7168|both]
 // Per rank: tokens in {1, 16, 128, 4096}, hidden in {2048, 7168}, top-8 of 256 experts, uniform
 // random routing, contiguous placement. Timed per iteration from a barrier to the last rank's
 // end (max over ranks); the best iteration counts (other load only ever adds time: the numbers
 // are meant to be comparable on a shared, oversubscribed machine):
 //   plan, dispatch, combine  each phase (max over ranks of the rank's own time)
-//   total                    plan + dispatch + combine, end to end (no expert compute: the
-//                            dispatched rows are passed to combine as the expert outputs)
+//   total                    plan + dispatch + combine of one rank (max over ranks). No expert
+//                            compute: between dispatch and combine, untimed, the dispatched rows
+//                            are copied to Dispatcher::expert_out as the expert outputs, then a
+//                            barrier (as if the experts took the same time everywhere)
 //   raw                      MPI_Alltoallv with dispatch's byte counts, then with combine's
 //                            (alternating with the above, iteration by iteration)
 //   ratio                    total / raw
-//   a2a                      of total, the time inside the all-to-alls (the rest is local work:
-//                            planning, the per-rank copy to slots, the weighted sum)
+//   a2a                      of total, the time exchanging (Dispatcher::exchange_seconds:
+//                            messages: inside the all-to-alls, the rest is local work (planning,
+//                            the per-rank copy to slots, the weighted sum); shared memory: plan's
+//                            all-to-all, all of dispatch and combine)
 // GB/s: the bytes a rank sends (dispatch, plan included) or receives back (combine; its own
 // pairs are read in place and not counted), averaged over ranks, per second of that phase.
 // Configurations whose buffers on all ranks together would exceed MOESERVE_BENCH_MEM_GB (default
@@ -138,7 +143,7 @@ class Bench {
     return hn * (2 + 4 * kTopK);  // hidden, out; x, back, raw send and receive (~K rows each)
   }
 
-  Row run(moe::DispatchMode mode, int64_t n, int64_t H) {
+  Row run(moe::DispatchMode mode, moe::Transport transport, int64_t n, int64_t H) {
     const int iters = n * H >= 128 * 2048 ? (n * H >= 1024 * 2048 ? 5 : 30) : 100;
     std::vector<int32_t> ex;
     std::vector<float> wt, hidden(n * H, 0.5f), out(n * H);
@@ -147,7 +152,7 @@ class Bench {
     Row row;
     row.mode = mode == moe::DispatchMode::PerRank ? "per-rank" : "per-expert";
     row.tokens = n, row.hidden = H;
-    moe::Dispatcher d(c_, mode);
+    moe::Dispatcher d(c_, mode, transport);
     Counts cnt;
     std::vector<char> sbuf, rbuf;
     std::vector<double> tp, td, tc, tt, tx, tr;
@@ -159,8 +164,12 @@ class Bench {
       const double a = seconds_since(t0);
       const float* x = d.dispatch(p, hidden.data());
       const double b = seconds_since(t0);
-      d.combine(p, x, out.data());
-      const double e = seconds_since(t0);
+      float* y = d.expert_out(p);  // the experts' outputs: here their inputs
+      std::memcpy(y, x, p.n_recv() * H * sizeof(float));
+      c_.barrier();
+      const auto t2 = Clock::now();
+      d.combine(p, y, out.data());
+      const double e = b + seconds_since(t2);
       if (it < 0) {
         cnt = counts_of(p);
         row.rows_per_token = mean_over_ranks(n ? double(p.n_rows_sent()) / n : 0.0);
@@ -200,12 +209,13 @@ class Bench {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string mode = "both", pieces = "datatypes", hidden = "both";
+  std::string mode = "both", pieces = "datatypes", hidden = "both", transport = "auto";
   for (int i = 1; i + 1 < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--mode") mode = argv[i + 1];
     if (a == "--pieces") pieces = argv[i + 1];
     if (a == "--hidden") hidden = argv[i + 1];
+    if (a == "--transport") transport = argv[i + 1];
   }
   comm::MpiOptions opt;
   if (pieces == "staging") opt.pieces = comm::PiecesVia::Staging;
@@ -220,8 +230,8 @@ int main(int argc, char** argv) {
   if (root) {
     std::printf(
         "bench_alltoall: %d ranks, top-%lld of %d experts, uniform routing, f32 rows, "
-        "pieces via %s\n",
-        comm->size(), static_cast<long long>(kTopK), kExperts, pieces.c_str());
+        "transport %s, pieces via %s\n",
+        comm->size(), static_cast<long long>(kTopK), kExperts, transport.c_str(), pieces.c_str());
     std::printf("memcpy (one rank alone): %.2f GB/s; memory budget %.0f GB for all ranks\n\n", copy,
                 budget / 1e9);
     std::printf("%-10s %6s %6s %9s %9s %9s %9s %9s %6s %9s %6s %8s %8s %6s\n", "mode", "tokens",
@@ -231,6 +241,8 @@ int main(int argc, char** argv) {
   std::vector<moe::DispatchMode> modes;
   if (mode != "expert") modes.push_back(moe::DispatchMode::PerRank);
   if (mode != "rank") modes.push_back(moe::DispatchMode::PerExpert);
+  const moe::Transport tr =
+      transport == "messages" ? moe::Transport::Messages : moe::Transport::Auto;
   Bench b(*comm);
   std::vector<std::string> skipped;
   for (int64_t H : {2048, 7168})
@@ -243,7 +255,7 @@ int main(int argc, char** argv) {
         continue;
       }
       for (auto m : modes) {
-        const Row r = b.run(m, n, H);
+        const Row r = b.run(m, tr, n, H);
         if (root)
           std::printf(
               "%-10s %6lld %6lld %9.1f %9.1f %9.1f %9.1f %9.1f %6.2f %9.1f %6.2f %8.2f %8.2f "

@@ -17,6 +17,11 @@ void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
                   "Expert placement file (JSON) to use under mpirun");
   cmd->add_option("--expert-load-out", a.expert_load_out,
                   "Write per-expert routed token counts (JSON) here at the end");
+  cmd->add_option("--ep-transport", a.ep_transport,
+                  "How MoE rows move between ranks: auto (shared memory when all ranks share "
+                  "a node, else MPI all-to-alls) or messages (always MPI all-to-alls)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "messages"}));
 }
 
 ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : ParallelModel(a) {
@@ -51,6 +56,7 @@ void ParallelModel::load(const std::string& dir) {
     const model::ModelConfig cfg = model::ModelConfig::load(dir);
     model::ExpertParallel ep;
     ep.comm = comm_;
+    ep.transport = a.ep_transport == "messages" ? moe::Transport::Messages : moe::Transport::Auto;
     const auto E = static_cast<int32_t>(cfg.n_routed_experts);
     if (!a.placement_file.empty()) {
       ep.placement = moe::PlacementTable::load(a.placement_file);

@@ -21,6 +21,7 @@ struct ParallelArgs {
   std::string placement_file;   // JSON placement table to use
   std::string expert_load_out;  // where to write per-expert routed token counts at the end
   int threads = 0;
+  std::string ep_transport = "auto";  // auto (shared memory on one node) or messages
 };
 
 void add_parallel_flags(CLI::App* cmd, ParallelArgs& a);

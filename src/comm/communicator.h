@@ -65,6 +65,19 @@ class Mailbox {
   virtual size_t pending() = 0;
 };
 
+// Memory every rank of a communicator maps into its own address space (ranks on one node): a
+// rank loads and stores other ranks' segments directly, no message. Between the writes of one
+// rank and the reads of another there must be a sync() (a barrier that also orders memory).
+class SharedMemory {
+ public:
+  virtual ~SharedMemory() = default;  // collective: every rank destroys its handle
+  // Rank `rank`'s segment (at least the bytes it asked for, 64-byte aligned), in this process.
+  virtual std::byte* base(int rank) = 0;
+  // Collective: returns once every rank has entered; what any rank stored before its call is
+  // visible to every rank after theirs.
+  virtual void sync() = 0;
+};
+
 // A gather list (send side) or scatter list (receive side) of an all-to-all: the message for
 // (or from) peer p is the concatenation of pieces [begin[p], begin[p + 1]) in order. Send and
 // receive sides of a pair must agree on the total bytes, not on how they are cut.
@@ -153,6 +166,10 @@ class Communicator {
   // Collective. A mailbox over the same ranks (its own message space: it never matches this
   // communicator's send/recv). Under MPI it needs MPI_THREAD_MULTIPLE.
   virtual std::unique_ptr<Mailbox> mailbox() = 0;
+
+  // Collective. Allocates `bytes` (may differ per rank) of memory all ranks map, or returns
+  // nullptr on every rank when they cannot (ranks on several nodes, no shared-memory support).
+  virtual std::unique_ptr<SharedMemory> share(size_t bytes) = 0;
 
   // Ends the whole job (every rank of every communicator) after printing message with this
   // rank's number to stderr. For states no rank can recover from; prefer check_all.

@@ -1,10 +1,12 @@
 #include "comm/local_comm.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
 
 #include "core/error.h"
 
@@ -67,6 +69,22 @@ class LocalMailbox final : public Mailbox {
  private:
   std::mutex mu_;
   std::map<int, std::deque<Message>> queued_;
+};
+
+class LocalSharedMemory final : public SharedMemory {
+ public:
+  explicit LocalSharedMemory(size_t bytes)
+      : p_(static_cast<std::byte*>(::operator new(std::max<size_t>(bytes, 64), kAlign))) {}
+  ~LocalSharedMemory() override { ::operator delete(p_, kAlign); }
+  std::byte* base(int rank) override {
+    MS_CHECK(rank == 0, "shared memory: rank ", rank, " out of range [0, 1)");
+    return p_;
+  }
+  void sync() override {}
+
+ private:
+  static constexpr std::align_val_t kAlign{64};
+  std::byte* p_;
 };
 
 void check_self(std::span<const size_t> v, const char* what) {
@@ -152,6 +170,14 @@ void LocalCommunicator::recv(void* data, size_t bytes, int source, int tag) {
 
 std::unique_ptr<Window> local_window(void* base, size_t bytes) {
   return std::make_unique<LocalWindow>(base, bytes);
+}
+
+std::unique_ptr<SharedMemory> local_shared_memory(size_t bytes) {
+  return std::make_unique<LocalSharedMemory>(bytes);
+}
+
+std::unique_ptr<SharedMemory> LocalCommunicator::share(size_t bytes) {
+  return local_shared_memory(bytes);
 }
 
 std::unique_ptr<Window> LocalCommunicator::expose(void* base, size_t bytes) {

@@ -38,6 +38,7 @@ class LocalCommunicator final : public Communicator {
 
   std::unique_ptr<Window> expose(void* base, size_t bytes) override;
   std::unique_ptr<Mailbox> mailbox() override;
+  std::unique_ptr<SharedMemory> share(size_t bytes) override;
 
   [[noreturn]] void abort(const std::string& message) override;
 
@@ -48,5 +49,7 @@ class LocalCommunicator final : public Communicator {
 // A window over this process's memory alone (reads are copies); also what the MPI backend uses
 // on a communicator of one rank, where Open MPI may have no one-sided transport.
 std::unique_ptr<Window> local_window(void* base, size_t bytes);
+// Plain memory of this process alone (sync() does nothing).
+std::unique_ptr<SharedMemory> local_shared_memory(size_t bytes);
 
 }  // namespace moeserve::comm

@@ -294,6 +294,55 @@ class MpiMailbox final : public Mailbox {
   std::list<Pending> pending_;  // stable addresses: MPI holds pointers into them
 };
 
+// MPI_Win_allocate_shared over a communicator whose ranks all share a node; one passive-target
+// epoch (lock_all) for the window's life, so loads and stores need no MPI call, and sync() is
+// MPI_Win_sync + MPI_Barrier + MPI_Win_sync (the memory model's "unified" window recipe).
+class MpiSharedMemory final : public SharedMemory {
+ public:
+  MpiSharedMemory(MPI_Comm comm, size_t bytes) : comm_(comm) {
+    int n = 0;
+    MPI_Comm_size(comm, &n);
+    MPI_Info info;
+    MPI_Info_create(&info);
+    MPI_Info_set(info, "alloc_shared_noncontig", "true");  // each segment on its own pages
+    void* mine = nullptr;
+    const size_t rounded = (std::max<size_t>(bytes, 64) + 63) / 64 * 64;
+    const int rc =
+        MPI_Win_allocate_shared(static_cast<MPI_Aint>(rounded), 1, info, comm, &mine, &win_);
+    MPI_Info_free(&info);
+    if (rc != MPI_SUCCESS) mpi_fail(rc, "MPI_Win_allocate_shared");
+    MS_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, win_));
+    bases_.resize(n);
+    for (int r = 0; r < n; ++r) {
+      MPI_Aint size = 0;
+      int unit = 0;
+      void* p = nullptr;
+      MS_MPI(MPI_Win_shared_query(win_, r, &size, &unit, &p));
+      bases_[r] = static_cast<std::byte*>(p);
+    }
+  }
+  ~MpiSharedMemory() override {
+    if (finalized()) return;
+    MPI_Win_unlock_all(win_);
+    MPI_Win_free(&win_);
+  }
+  std::byte* base(int rank) override {
+    MS_CHECK(rank >= 0 && rank < static_cast<int>(bases_.size()), "shared memory: rank ", rank,
+             " out of range [0, ", bases_.size(), ")");
+    return bases_[rank];
+  }
+  void sync() override {
+    MS_MPI(MPI_Win_sync(win_));
+    MS_MPI(MPI_Barrier(comm_));
+    MS_MPI(MPI_Win_sync(win_));
+  }
+
+ private:
+  MPI_Comm comm_;
+  MPI_Win win_ = MPI_WIN_NULL;
+  std::vector<std::byte*> bases_;
+};
+
 // A grow-only byte buffer, never initialized.
 struct Stage {
   std::unique_ptr<std::byte[]> p;
@@ -481,6 +530,20 @@ class MpiCommunicator final : public Communicator {
     return std::make_unique<MpiMailbox>(c);
   }
 
+  std::unique_ptr<SharedMemory> share(size_t bytes) override {
+    if (size_ == 1) return local_shared_memory(bytes);
+    if (one_node_ < 0) {  // once per communicator: do all ranks share a node?
+      MPI_Comm node = MPI_COMM_NULL;
+      MS_MPI(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+      int n = 0;
+      MPI_Comm_size(node, &n);
+      MPI_Comm_free(&node);
+      one_node_ = n == size_ ? 1 : 0;  // the same answer on every rank
+    }
+    if (!one_node_) return nullptr;
+    return std::make_unique<MpiSharedMemory>(comm_, bytes);
+  }
+
   void abort(const std::string& message) override {
     std::fprintf(stderr, "moeserve: rank %d of %d: aborting the job: %s\n", rank_, size_,
                  message.c_str());
@@ -523,6 +586,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm comm_;
   MpiOptions options_;
   int rank_ = 0, size_ = 1;
+  int one_node_ = -1;                   // share(): all ranks on one node (-1: not asked yet)
   Stage send_stage_, recv_stage_;       // Staging: contiguous copies of multi-piece messages
   Segments staged_send_, staged_recv_;  // the lists MPI sees
 };

@@ -52,7 +52,8 @@ Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertParalle
       w_(load_weights(*store_, cfg_, local_experts(ep_))),
       rope_(cfg_),
       pool_(pool),
-      dispatcher_(ep_ ? std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode) : nullptr),
+      dispatcher_(ep_ ? std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode, ep_->transport)
+                      : nullptr),
       expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {}
 
 std::vector<int64_t> Model::expert_token_counts() const {

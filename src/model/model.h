@@ -50,6 +50,7 @@ struct ExpertParallel {
   comm::Communicator* comm = nullptr;
   moe::PlacementTable placement;  // default: contiguous ranges of experts per rank
   moe::DispatchMode mode = moe::DispatchMode::PerRank;
+  moe::Transport transport = moe::Transport::Auto;
 };
 
 class Model {

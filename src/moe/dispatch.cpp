@@ -13,9 +13,11 @@ namespace moeserve::moe {
 namespace {
 
 // The fixed block every rank sends every rank in plan: [S] pair counts and [S] leader-row counts
-// of the receiver's slots, then a header that all ranks compare, so that a bad input or a
-// disagreement ends the layer on every rank at once.
-enum Header : int64_t { kStatus, kFingerprint, kHidden, kTopK, kMode, kHeaderWords };
+// of the receiver's slots, then a header (status to kMode: what all ranks compare, so that a bad
+// input or a disagreement ends the layer on every rank at once; kTokens: the sender's tokens),
+// then [R] the sender's pair count to each rank (the shared-memory transport sizes every rank's
+// segment from them).
+enum Header : int64_t { kStatus, kFingerprint, kHidden, kTopK, kMode, kTokens, kHeaderWords };
 
 // Checks one rank's router output; returns an empty string when it is fine.
 std::string check_input(const Placement& pl, int n_ranks, int64_t n, int64_t K, int64_t H,
@@ -59,9 +61,9 @@ void add_scaled(float* __restrict o, const float* __restrict y, float w, int64_t
 // The send side of a plan: pairs to copies, travel order, rows and masks; adds the per-slot
 // counts to block [R, W].
 void plan_send(DispatchPlan& p, const Placement& pl, const int32_t* experts, const float* weights,
-               int64_t S, std::vector<int64_t>& block) {
+               int64_t S, int64_t W, std::vector<int64_t>& block) {
   const int R = p.n_ranks, me = p.rank;
-  const int64_t n = p.n_tokens, K = p.top_k, W = 2 * S + kHeaderWords;
+  const int64_t n = p.n_tokens, K = p.top_k;
   const bool per_rank = p.mode == DispatchMode::PerRank;
   // Each pair to one copy of its expert. The leader of a (token, rank) is its pair of lowest k
   // there: the one whose row travels (every pair leads in PerExpert).
@@ -87,6 +89,13 @@ void plan_send(DispatchPlan& p, const Placement& pl, const int32_t* experts, con
   for (size_t g = 1; g < count.size(); ++g) count[g] += count[g - 1];
   p.pair_offset.resize(R + 1);
   for (int r = 0; r <= R; ++r) p.pair_offset[r] = count[slot_base[r] * (S + 1)];
+  // Pairs to (rank, slot) are contiguous in travel order.
+  p.seg_slots = S;
+  p.send_cell_start.resize(R * S);
+  for (int r = 0; r < R; ++r) {
+    int64_t o = p.pair_offset[r];
+    for (int64_t j = 0; j < S; ++j) p.send_cell_start[r * S + j] = o, o += block[r * W + j];
+  }
   p.pair_token.resize(P);
   p.pair_pos.resize(P);
   std::vector<int64_t> by_pos(P);  // pair index at each travel position
@@ -124,10 +133,9 @@ void plan_send(DispatchPlan& p, const Placement& pl, const int32_t* experts, con
 
 // The receive side of a plan, from the blocks got [R, W] all ranks sent this one. Cell (s, j)
 // holds rank s's rows for local slot j, its leaders first.
-void plan_receive(DispatchPlan& p, const Placement& pl, const std::vector<int64_t>& got,
-                  int64_t S) {
+void plan_receive(DispatchPlan& p, const Placement& pl, const std::vector<int64_t>& got, int64_t S,
+                  int64_t W) {
   const int R = p.n_ranks, me = p.rank;
-  const int64_t W = 2 * S + kHeaderWords;
   const auto local = pl.experts_on(me);
   const int64_t J = static_cast<int64_t>(local.size());
   p.n_slots = static_cast<int32_t>(J);
@@ -162,28 +170,34 @@ void plan_receive(DispatchPlan& p, const Placement& pl, const std::vector<int64_
 
 }  // namespace
 
-Dispatcher::Dispatcher(comm::Communicator& comm, DispatchMode mode) : comm_(comm), mode_(mode) {}
+Dispatcher::Dispatcher(comm::Communicator& comm, DispatchMode mode, Transport transport)
+    : comm_(comm), mode_(mode), transport_(transport) {}
 
 DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t H,
                               const int32_t* experts, const float* weights) {
   const int R = comm_.size(), me = comm_.rank();
   const bool per_rank = mode_ == DispatchMode::PerRank;
-  const int64_t S = pl.max_slots(), W = 2 * S + kHeaderWords;
+  const int64_t S = pl.max_slots(), W = 2 * S + kHeaderWords + R;
   DispatchPlan p;
+  p.id = ++plans_;
   p.mode = mode_, p.rank = me, p.n_ranks = R;
   p.n_tokens = n, p.top_k = K, p.hidden = H;
   p.mask_words = per_rank ? static_cast<int32_t>(std::max<int64_t>(1, (S + 63) / 64)) : 0;
 
   const std::string bad = check_input(pl, R, n, K, H, experts, weights);
   std::vector<int64_t> block(R * W, 0), got(R * W, 0);  // [R, W] to / from each rank
-  if (bad.empty()) plan_send(p, pl, experts, weights, S, block);
+  if (bad.empty()) plan_send(p, pl, experts, weights, S, W, block);
   for (int r = 0; r < R; ++r) {
     int64_t* h = &block[r * W + 2 * S];
     h[kStatus] = bad.empty() ? 0 : 1;
     h[kFingerprint] = static_cast<int64_t>(pl.fingerprint());
     h[kHidden] = H, h[kTopK] = K, h[kMode] = static_cast<int64_t>(mode_);
+    h[kTokens] = bad.empty() ? n : 0;
+    for (int d = 0; d < R && bad.empty(); ++d)
+      h[kHeaderWords + d] = p.pair_offset[d + 1] - p.pair_offset[d];
   }
   timing_.plan = timed([&] { comm_.all_to_all(block.data(), W * sizeof(int64_t), got.data()); });
+  synced_ = true;  // every rank has entered this plan: done reading the previous exchange
 
   // Every rank sees every rank's header: the same verdict everywhere.
   std::string failed;
@@ -195,17 +209,52 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
   const char* what[kHeaderWords] = {};
   what[kFingerprint] = "placement", what[kHidden] = "hidden size", what[kTopK] = "top_k";
   what[kMode] = "dispatch mode";
-  for (int f = kFingerprint; f < kHeaderWords; ++f)
+  for (int f = kFingerprint; f <= kMode; ++f)
     for (int r = 1; r < R; ++r)
       MS_CHECK(got[r * W + 2 * S + f] == got[2 * S + f], "MoE dispatch: ranks 0 and ", r,
                " disagree on the ", what[f]);
 
-  plan_receive(p, pl, got, S);
+  plan_receive(p, pl, got, S, W);
+  if (transport_ == Transport::Auto) timing_.plan += timed([&] { share_layout(p, got, W, S); });
   return p;
+}
+
+void Dispatcher::share_layout(DispatchPlan& p, const std::vector<int64_t>& got, int64_t W,
+                              int64_t S) {
+  // Every rank computes the same sizes from the blocks (the largest rank's tokens, pairs
+  // received), so all agree on the layout and on when to grow, with no extra message.
+  const int R = p.n_ranks;
+  int64_t max_n = 0, max_recv = 0;
+  for (int s = 0; s < R; ++s) max_n = std::max(max_n, got[s * W + 2 * S + kTokens]);
+  for (int d = 0; d < R; ++d) {
+    int64_t recv = 0;  // pairs rank d receives: what every s sends it
+    for (int s = 0; s < R; ++s) recv += got[s * W + 2 * S + kHeaderWords + d];
+    max_recv = std::max(max_recv, recv);
+  }
+  auto align = [](size_t b) { return (b + 63) / 64 * 64; };
+  const size_t row = p.hidden * sizeof(float);
+  p.off_cells = align((R + 1) * sizeof(int64_t));
+  p.off_tokens = p.off_cells + align(R * S * sizeof(int64_t));
+  p.off_input = p.off_tokens + align(max_n * p.top_k * sizeof(int32_t));
+  p.off_output = p.off_input + align(max_n * row);
+  const size_t need = p.off_output + max_recv * row;
+  if (!shm_asked_ || (shm_ && need > shm_bytes_)) {
+    shm_.reset();  // collective, like share()
+    shm_bytes_ = std::max(need, shm_bytes_ + shm_bytes_ / 2);
+    shm_ = comm_.share(shm_bytes_);
+    shm_asked_ = true;
+  }
+  p.shared = shm_ != nullptr;
 }
 
 const float* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
+  dispatched_ = p.id;
+  if (p.shared) {
+    const float* x = nullptr;
+    timing_.dispatch = timed([&] { x = dispatch_shared(p, hidden); });
+    return x;
+  }
   const int R = p.n_ranks;
   const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
   const int64_t MW = p.mask_words, mrow = MW * sizeof(uint64_t);
@@ -252,11 +301,87 @@ const float* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
 }
 
 float* Dispatcher::expert_out(const DispatchPlan& p) {
+  if (p.shared) {
+    MS_CHECK(p.id == plans_, "MoE dispatch: expert_out for a plan that is not the latest");
+    return reinterpret_cast<float*>(shm_->base(p.rank) + p.off_output);
+  }
   return y_.get(p.n_recv() * p.hidden);
+}
+
+const float* Dispatcher::dispatch_shared(const DispatchPlan& p, const float* hidden) {
+  MS_CHECK(p.id == plans_, "MoE dispatch: dispatch of a plan that is not the latest");
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t H = p.hidden, J = p.n_slots, S = p.seg_slots, row = H * sizeof(float);
+  // Another dispatch since the last collective: others may still read this rank's segment.
+  if (!synced_) shm_->sync();
+  // Publish: where this rank's pairs start per destination, their tokens, its hidden rows, and
+  // (for combine) the first row of each of its cells.
+  std::byte* mine = shm_->base(me);
+  std::memcpy(mine, p.pair_offset.data(), (R + 1) * sizeof(int64_t));
+  auto* cells = reinterpret_cast<int64_t*>(mine + p.off_cells);
+  for (int s = 0; s < R; ++s)
+    for (int64_t j = 0; j < J; ++j) cells[s * S + j] = p.cell_offset[s * J + j];
+  if (p.n_pairs_sent())
+    std::memcpy(mine + p.off_tokens, p.pair_token.data(), p.n_pairs_sent() * sizeof(int32_t));
+  if (p.n_tokens) std::memcpy(mine + p.off_input, hidden, p.n_tokens * row);
+  shm_->sync();
+  synced_ = false;
+  // Gather: cell (s, j) is rank s's pairs for local slot j, in s's travel order, which lists
+  // this rank's slots in ascending order.
+  float* x = x_.get(p.n_recv() * H);
+  for (int s = 0; s < R; ++s) {
+    const std::byte* theirs = shm_->base(s);
+    int64_t pos = reinterpret_cast<const int64_t*>(theirs)[me];
+    const auto* tokens = reinterpret_cast<const int32_t*>(theirs + p.off_tokens);
+    const auto* rows = reinterpret_cast<const float*>(theirs + p.off_input);
+    for (int64_t j = 0; j < J; ++j) {
+      float* dst = x + p.cell_offset[s * J + j] * H;
+      for (int64_t c = 0; c < p.recv_count[s * J + j]; ++c, ++pos, dst += H)
+        std::memcpy(dst, rows + tokens[pos] * H, row);
+    }
+  }
+  return x;
+}
+
+void Dispatcher::combine_shared(const DispatchPlan& p, const float* expert_out, float* out) {
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t H = p.hidden, K = p.top_k, S = p.seg_slots;
+  float* mine = reinterpret_cast<float*>(shm_->base(me) + p.off_output);
+  if (expert_out != mine && p.n_recv())
+    std::memcpy(mine, expert_out, p.n_recv() * H * sizeof(float));
+  shm_->sync();
+  synced_ = false;
+  // Where each travel position's output row lies: on rank d, in the cell (this rank, j).
+  src_.resize(p.n_pairs_sent());
+  for (int d = 0; d < R; ++d) {
+    const std::byte* theirs = shm_->base(d);
+    const auto* cells = reinterpret_cast<const int64_t*>(theirs + p.off_cells);
+    const auto* rows = reinterpret_cast<const float*>(theirs + p.off_output);
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t b = p.send_cell_start[d * S + j];
+      const int64_t e = j + 1 < S ? p.send_cell_start[d * S + j + 1] : p.pair_offset[d + 1];
+      if (b == e) continue;
+      const float* first = rows + cells[me * S + j] * H;
+      for (int64_t q = b; q < e; ++q) src_[q] = first + (q - b) * H;
+    }
+  }
+  // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    float* o = out + t * H;
+    std::fill_n(o, H, 0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      add_scaled(o, src_[p.pair_pos[t * K + k]], p.weight[t * K + k], H);
+  }
 }
 
 void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* out) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
+  if (p.shared) {
+    MS_CHECK(dispatched_ == p.id, "MoE combine: the plan was not the last one dispatched");
+    dispatched_ = 0;
+    timing_.combine = timed([&] { combine_shared(p, expert_out, out); });
+    return;
+  }
   const int R = p.n_ranks, me = p.rank;
   const int64_t H = p.hidden, J = p.n_slots, K = p.top_k, row = H * sizeof(float);
   float* back = back_.get(p.n_pairs_sent() * H);

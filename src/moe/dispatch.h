@@ -40,6 +40,17 @@ enum class DispatchMode : int32_t {
   PerExpert = 1,
 };
 
+// How the rows move between ranks.
+enum class Transport : int32_t {
+  // Through shared memory when every rank maps the others' memory (all ranks on one node):
+  // dispatch copies each row straight from its source rank's hidden rows to its slot, combine
+  // reads the expert outputs where the expert ranks wrote them while it sums. Otherwise, as
+  // Messages. The default.
+  Auto = 0,
+  // MPI all-to-alls (Communicator::all_to_all_segments), on one node or across nodes.
+  Messages = 1,
+};
+
 // The handle of one exchange: made by Dispatcher::plan, read by dispatch and combine.
 //
 // Travel order of the pairs a rank sends to rank d (also the order combine brings the outputs
@@ -77,6 +88,17 @@ struct DispatchPlan {
   std::vector<int64_t> self_row;         // [pairs to this rank] their rows in this rank's cells:
                                          // combine reads them in place
 
+  // Shared-memory transport: where the exchange's data lie in every rank's segment (one layout
+  // for all ranks: pair_offset [R + 1] i64 at 0, then the cell table [R, seg_slots] i64, the
+  // pair tokens [pairs] i32, the hidden rows [tokens, H] f32, the expert outputs [n_recv, H] f32,
+  // each sized for the largest rank).
+  bool shared = false;
+  uint64_t id = 0;  // plans of one Dispatcher are numbered; shared: only the latest one runs
+  int64_t seg_slots = 0;
+  size_t off_cells = 0, off_tokens = 0, off_input = 0, off_output = 0;
+  std::vector<int64_t> send_cell_start;  // [n_ranks, seg_slots] travel position of the first
+                                         // pair to (rank, slot)
+
   int64_t n_recv() const { return slot_offset.empty() ? 0 : slot_offset.back(); }
   int64_t slot_count(int32_t j) const { return slot_offset[j + 1] - slot_offset[j]; }
   int64_t n_pairs_sent() const { return pair_offset.empty() ? 0 : pair_offset.back(); }
@@ -87,7 +109,8 @@ struct DispatchPlan {
 // Not thread-safe; one per communicator.
 class Dispatcher {
  public:
-  explicit Dispatcher(comm::Communicator& comm, DispatchMode mode = DispatchMode::PerRank);
+  explicit Dispatcher(comm::Communicator& comm, DispatchMode mode = DispatchMode::PerRank,
+                      Transport transport = Transport::Auto);
 
   // Collective. experts: [n_tokens, top_k] logical ids, strictly ascending per token (the
   // router's output); weights: [n_tokens, top_k] f32. When any rank's input is invalid, or the
@@ -98,20 +121,29 @@ class Dispatcher {
 
   // Collective. hidden: [n_tokens, hidden] f32. Returns [plan.n_recv(), hidden] f32, grouped
   // by local slot (plan.slot_offset), valid until the next dispatch on this Dispatcher.
+  // The plan must be this Dispatcher's latest (checked with the shared-memory transport).
   const float* dispatch(const DispatchPlan& plan, const float* hidden);
 
-  // A buffer [plan.n_recv(), hidden] f32 for the expert outputs, valid until the next call.
+  // A buffer [plan.n_recv(), hidden] f32 for the expert outputs, valid until the next plan.
+  // With the shared-memory transport it lies in the shared segment, where combine's readers
+  // find it without a copy; write it only between dispatch and combine.
   float* expert_out(const DispatchPlan& plan);
 
-  // Collective. expert_out: [plan.n_recv(), hidden] f32, row i the expert's output for row i of
-  // dispatch's result. out: [n_tokens, hidden] f32, the weighted sum per token.
+  // Collective, once after each dispatch, with the same plan. expert_out: [plan.n_recv(),
+  // hidden] f32, row i the expert's output for row i of dispatch's result (best: the buffer
+  // expert_out() returned; any other is copied there first with shared memory). out:
+  // [n_tokens, hidden] f32, the weighted sum per token.
   void combine(const DispatchPlan& plan, const float* expert_out, float* out);
 
   comm::Communicator& comm() { return comm_; }
   DispatchMode mode() const { return mode_; }
+  // Whether the exchanges go through shared memory (known after the first plan).
+  bool shared() const { return shm_ != nullptr; }
 
-  // Seconds the last plan / dispatch / combine spent inside their all-to-all; the rest of each
-  // call is local work (planning, the PerRank copy to slots, the weighted sum).
+  // Seconds the last plan / dispatch / combine spent exchanging. Messages: inside their
+  // all-to-all; the rest of each call is local work (planning, the PerRank copy to slots, the
+  // weighted sum). Shared memory: plan's all-to-all, all of dispatch (the copies are the
+  // transfer), all of combine (the sum reads the other ranks' rows: transfer and sum at once).
   struct Timing {
     double plan = 0, dispatch = 0, combine = 0;
   };
@@ -128,12 +160,24 @@ class Dispatcher {
     }
   };
 
+  // Shared memory: lays out and (collectively) grows the segments for plan p.
+  void share_layout(DispatchPlan& p, const std::vector<int64_t>& got, int64_t W, int64_t S);
+  const float* dispatch_shared(const DispatchPlan& p, const float* hidden);
+  void combine_shared(const DispatchPlan& p, const float* expert_out, float* out);
+
   comm::Communicator& comm_;
   DispatchMode mode_;
-  Buffer<float> x_;         // [n_recv, H] dispatch result
-  Buffer<uint64_t> masks_;  // [recv rows, mask_words] PerRank
-  Buffer<float> y_;         // [n_recv, H] expert_out()
-  Buffer<float> back_;      // [n_pairs_sent, H] combine: outputs back, in travel order
+  Transport transport_;
+  bool shm_asked_ = false;                   // share() tried (the answer is shm_ or none)
+  std::unique_ptr<comm::SharedMemory> shm_;  // every rank's segment
+  size_t shm_bytes_ = 0;                     // each segment's size
+  uint64_t plans_ = 0, dispatched_ = 0;      // latest plan id; id of the plan dispatched last
+  bool synced_ = true;                       // no shared read since the last collective
+  std::vector<const float*> src_;            // combine: output row of each travel position
+  Buffer<float> x_;                          // [n_recv, H] dispatch result
+  Buffer<uint64_t> masks_;                   // [recv rows, mask_words] PerRank
+  Buffer<float> y_;                          // [n_recv, H] expert_out()
+  Buffer<float> back_;  // [n_pairs_sent, H] combine: outputs back, in travel order
   comm::Segments send_, recv_;
   Timing timing_;
 };

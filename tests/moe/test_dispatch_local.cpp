@@ -97,6 +97,25 @@ TEST_P(DispatchLocal, BitIdenticalToSingleProcessLayer) {
   }
 }
 
+TEST(DispatchLocalMessages, BitIdenticalToSingleProcessLayer) {
+  LocalCommunicator comm;
+  for (DispatchMode mode : {DispatchMode::PerRank, DispatchMode::PerExpert}) {
+    Dispatcher d(comm, mode, moeserve::moe::Transport::Messages);
+    const int32_t E = 10;
+    const FakeExperts fx(E, 48, 16, 3);
+    for (int64_t n : {0, 1, 5, 64}) {
+      Batch b(n, 4, fx.H, E, 100 + n);
+      std::vector<float> want(n * fx.H), got(n * fx.H, std::numeric_limits<float>::quiet_NaN());
+      moeserve::testing::reference_moe(fx, n, b.K, b.ex.data(), b.wt.data(), b.h.data(),
+                                       want.data());
+      moeserve::testing::ep_moe(d, Placement::contiguous(E, 1), fx, n, b.K, b.ex.data(),
+                                b.wt.data(), b.h.data(), got.data());
+      EXPECT_TRUE(same_bits(want, got)) << "n = " << n;
+    }
+    EXPECT_FALSE(d.shared());
+  }
+}
+
 TEST_P(DispatchLocal, InvalidInputThrows) {
   LocalCommunicator comm;
   Dispatcher d(comm, GetParam());

@@ -16,6 +16,7 @@ using moeserve::moe::Dispatcher;
 using moeserve::moe::DispatchMode;
 using moeserve::moe::DispatchPlan;
 using moeserve::moe::Placement;
+using moeserve::moe::Transport;
 using moeserve::mpitest::Checker;
 using moeserve::testing::FakeExperts;
 using moeserve::testing::Rng;
@@ -134,9 +135,40 @@ std::vector<Case> cases() {
   return v;
 }
 
-void test_dispatch(Communicator& c, Checker& ck, DispatchMode mode) {
-  Dispatcher d(c, mode);  // one dispatcher for all cases: buffers grow and shrink between them
+void test_dispatch(Communicator& c, Checker& ck, DispatchMode mode,
+                   Transport transport = Transport::Auto) {
+  // One dispatcher for all cases: buffers (and shared segments) grow between them.
+  Dispatcher d(c, mode, transport);
   for (const Case& cs : cases()) run_case(c, ck, cs, mode, d);
+  // All ranks of a test share a node: Auto goes through shared memory.
+  CHECK(ck, d.shared() == (transport == Transport::Auto));
+}
+
+// Shared memory: a dispatch repeated without a new plan, and expert outputs passed in another
+// buffer than expert_out(), still give the reference's bits.
+void test_shared_reuse(Communicator& c, Checker& ck) {
+  const int n = c.size(), me = c.rank();
+  const Case cs{"reuse", 16, 4, 64, [](int r, int) { return 5 + r; }, Routing::Random, nullptr};
+  const Global g = make_batch(cs, n, 99);
+  const FakeExperts fx(cs.E, cs.H, 8, 5);
+  const Placement pl = contiguous(cs.E, n);
+  std::vector<float> want(g.N * cs.H);
+  moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
+                                   want.data());
+  const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
+  Dispatcher d(c);
+  const DispatchPlan p =
+      d.plan(pl, nt, cs.K, cs.H, g.ex.data() + t0 * cs.K, g.wt.data() + t0 * cs.K);
+  for (int round = 0; round < 2; ++round) {
+    const float* x = d.dispatch(p, g.h.data() + t0 * cs.H);
+    std::vector<float> y(p.n_recv() * cs.H), got(nt * cs.H);
+    for (int32_t j = 0; j < p.n_slots; ++j)
+      fx.run(p.slot_expert[j], x + p.slot_offset[j] * cs.H, p.slot_count(j),
+             y.data() + p.slot_offset[j] * cs.H);
+    d.combine(p, y.data(), got.data());
+    CHECK(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0);
+  }
+  CHECK_THROWS(ck, [&] { d.combine(p, d.expert_out(p), want.data()); }, {"not the last one"});
 }
 
 // A bad input on one rank, or ranks that disagree, end the layer on every rank with an error,
@@ -193,8 +225,8 @@ void test_expert_counts(Communicator& c, Checker& ck) {
 // The same cases with pieces staged through contiguous copies instead of derived datatypes.
 void test_dispatch_staging(Communicator& c, Checker& ck) {
   auto dt = moeserve::comm::mpi_world({moeserve::comm::PiecesVia::Staging});
-  test_dispatch(*dt, ck, DispatchMode::PerRank);
-  test_dispatch(*dt, ck, DispatchMode::PerExpert);
+  test_dispatch(*dt, ck, DispatchMode::PerRank, Transport::Messages);
+  test_dispatch(*dt, ck, DispatchMode::PerExpert, Transport::Messages);
 }
 
 }  // namespace
@@ -204,7 +236,14 @@ int main() {
       {"dispatch PerRank", [](auto& c, auto& ck) { test_dispatch(c, ck, DispatchMode::PerRank); }},
       {"dispatch PerExpert",
        [](auto& c, auto& ck) { test_dispatch(c, ck, DispatchMode::PerExpert); }},
+      {"dispatch via messages PerRank",
+       [](auto& c, auto& ck) { test_dispatch(c, ck, DispatchMode::PerRank, Transport::Messages); }},
+      {"dispatch via messages PerExpert",
+       [](auto& c, auto& ck) {
+         test_dispatch(c, ck, DispatchMode::PerExpert, Transport::Messages);
+       }},
       {"dispatch via staging", test_dispatch_staging},
+      {"shared memory: repeated dispatch, outputs elsewhere", test_shared_reuse},
       {"expert counts", test_expert_counts},
       {"failures", test_failures},
   });
