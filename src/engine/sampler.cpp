@@ -10,10 +10,21 @@
 namespace moeserve::engine {
 
 int32_t argmax(const float* logits, int64_t vocab) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i)
-    if (logits[i] > logits[best]) best = i;
-  return static_cast<int32_t>(best);
+  // The first index of the largest value, NaNs never winning (unless logits[0] is one: then 0),
+  // as a plain `>` scan gives; in two passes that vectorize: the maximum, then its first index.
+  if (vocab <= 0 || std::isnan(logits[0])) return 0;
+  constexpr int kLanes = 16;
+  float lane[kLanes];
+  std::fill(lane, lane + kLanes, logits[0]);
+  int64_t i = 0;
+  for (; i + kLanes <= vocab; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = logits[i + l] > lane[l] ? logits[i + l] : lane[l];
+  float mx = lane[0];
+  for (int l = 1; l < kLanes; ++l) mx = lane[l] > mx ? lane[l] : mx;
+  for (; i < vocab; ++i) mx = logits[i] > mx ? logits[i] : mx;
+  for (int64_t j = 0; j < vocab; ++j)
+    if (logits[j] == mx) return static_cast<int32_t>(j);
+  return 0;
 }
 
 void log_softmax(const float* logits, int64_t vocab, std::vector<double>* out) {
