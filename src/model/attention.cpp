@@ -16,6 +16,11 @@ namespace moeserve::model {
 using kernels::matmul;
 using kernels::matmul_t;
 
+namespace {
+// Up to this many tokens, the absorbed per-head products are shared out by head.
+constexpr int64_t kFewTokens = 16;
+}  // namespace
+
 void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
   const AttentionWeights& a = w_.layers[layer].attn;
   const ModelConfig& c = cfg_;
@@ -58,50 +63,97 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
     }
   }
 
+  // The latent-space part, a chunk of tokens at a time (each token's result is its own), then
+  // o_proj over all of them.
+  float* oh = sized(ws_.o_heads, T * nh * vd);
+  for (int64_t r0 = 0; r0 < T; r0 += kAttnChunk)
+    attention_core(layer, b, kv, r0, std::min(T, r0 + kAttnChunk), max_ctx);
+  matmul(pool_, oh, T, nh * vd, a.o_proj, ws_.attn_out.data(), H);
+}
+
+void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_t r0, int64_t r1,
+                           int64_t max_ctx) {
+  const AttentionWeights& a = w_.layers[layer].attn;
+  const ModelConfig& c = cfg_;
+  const int64_t T = r1 - r0;
+  const int64_t nh = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim;
+  const int64_t qd = c.qk_head_dim(), vd = c.v_head_dim, L = c.kv_lora_rank;
+  const float* q = ws_.q.data() + r0 * nh * qd;  // rows [r0, r1)
+  float* oh = ws_.o_heads.data() + r0 * nh * vd;
+
+  // fn(hd) for every head. With few tokens each head's product is too small to share out on
+  // its own, so the heads are shared among the threads (the products inside run on one thread);
+  // with many, each product is shared out. Either way every head's result is the same.
+  auto per_head = [&](const auto& fn) {
+    if (T <= kFewTokens) {
+      pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
+        for (int64_t hd = h0; hd < h1; ++hd) fn(hd);
+      });
+    } else {
+      for (int64_t hd = 0; hd < nh; ++hd) fn(hd);
+    }
+  };
+
   // Absorb: q_lat[t, hd] = W_UK[hd]^T q_nope[t, hd]   -> [T, nh, L]
   float* q_lat = sized(ws_.q_lat, T * nh * L);
-  for (int64_t hd = 0; hd < nh; ++hd) {
+  per_head([&](int64_t hd) {
     const kernels::Weight wuk = a.kv_b_proj.rows_view(hd * (nope + vd), nope);
     matmul_t(pool_, q + hd * qd, T, nh * qd, wuk, q_lat + hd * L, nh * L);
-  }
+  });
 
-  // Scores, softmax and the latent output, one (token, head) pair at a time.
+  // Scores, softmax and the latent output. A work item is one token and a group of heads; the
+  // heads of a group share each pass over the cached latents (MLA is multi-query in the latent
+  // space), and every (token, head) pair is still computed on its own, in the same order.
   std::vector<int64_t> row_seq(T);
-  for (int64_t si = 0; si < static_cast<int64_t>(b.seqs.size()); ++si)
-    for (int64_t i = 0; i < b.seqs[si].n_tokens; ++i) row_seq[b.seqs[si].row_begin + i] = si;
+  for (int64_t si = 0; si < static_cast<int64_t>(b.seqs.size()); ++si) {
+    const SeqChunk& s = b.seqs[si];
+    for (int64_t i = 0; i < s.n_tokens; ++i)
+      if (s.row_begin + i >= r0 && s.row_begin + i < r1) row_seq[s.row_begin + i - r0] = si;
+  }
   float* o_lat = sized(ws_.o_lat, T * nh * L);
   const float scale = static_cast<float>(c.softmax_scale());
-  pool_.parallel_for(T * nh, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> p(max_ctx);
-    for (int64_t th = begin; th < end; ++th) {
-      const int64_t t = th / nh, hd = th % nh;
+  const int64_t threads = pool_.size();
+  const int64_t groups = std::min(nh, (threads + T - 1) / T);  // head groups per token
+  const int64_t gsize = (nh + groups - 1) / groups;
+  pool_.parallel_for(T * groups, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> p(gsize * max_ctx), mx(gsize), sum(gsize);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / groups, h0 = (item % groups) * gsize, h1 = std::min(nh, h0 + gsize);
       const SeqChunk& s = b.seqs[row_seq[t]];
-      const int64_t ctx = s.n_past + (t - s.row_begin) + 1;
-      const float* ql = q_lat + (t * nh + hd) * L;
-      const float* qpe = q + t * nh * qd + hd * qd + nope;
+      const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
       const int64_t bs = kv.block_size();
-      float mx = -INFINITY;
+      std::fill(mx.begin(), mx.end(), -INFINITY);
       for (int64_t j = 0; j < ctx; ++j) {
         const float* cj = kv.at(s.block_table[j / bs], layer, j % bs);
-        p[j] = (kernels::dot(ql, cj, L) + kernels::dot(qpe, cj + L, rd)) * scale;
-        mx = std::max(mx, p[j]);
+        for (int64_t hd = h0; hd < h1; ++hd) {
+          const float* ql = q_lat + (t * nh + hd) * L;
+          const float* qpe = q + t * nh * qd + hd * qd + nope;
+          float& pj = p[(hd - h0) * max_ctx + j];
+          pj = (kernels::dot(ql, cj, L) + kernels::dot(qpe, cj + L, rd)) * scale;
+          mx[hd - h0] = std::max(mx[hd - h0], pj);
+        }
       }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < ctx; ++j) sum += (p[j] = std::exp(p[j] - mx));
-      float* o = o_lat + (t * nh + hd) * L;
-      std::fill_n(o, L, 0.0f);
-      for (int64_t j = 0; j < ctx; ++j)
-        kernels::axpy(p[j] / sum, kv.at(s.block_table[j / bs], layer, j % bs), o, L);
+      for (int64_t hd = h0; hd < h1; ++hd) {
+        float* ph = p.data() + (hd - h0) * max_ctx;
+        float sm = 0.0f;
+        for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx[hd - h0]));
+        sum[hd - h0] = sm;
+        std::fill_n(o_lat + (t * nh + hd) * L, L, 0.0f);
+      }
+      for (int64_t j = 0; j < ctx; ++j) {
+        const float* cj = kv.at(s.block_table[j / bs], layer, j % bs);
+        for (int64_t hd = h0; hd < h1; ++hd)
+          kernels::axpy(p[(hd - h0) * max_ctx + j] / sum[hd - h0], cj, o_lat + (t * nh + hd) * L,
+                        L);
+      }
     }
   });
 
-  // Out of the latent space: o_heads[t, hd] = W_UV[hd] o_lat[t, hd], then o_proj.
-  float* oh = sized(ws_.o_heads, T * nh * vd);
-  for (int64_t hd = 0; hd < nh; ++hd) {
+  // Out of the latent space: o_heads[t, hd] = W_UV[hd] o_lat[t, hd].
+  per_head([&](int64_t hd) {
     const kernels::Weight wuv = a.kv_b_proj.rows_view(hd * (nope + vd) + nope, vd);
     matmul(pool_, o_lat + hd * L, T, nh * L, wuv, oh + hd * vd, nh * vd);
-  }
-  matmul(pool_, oh, T, nh * vd, a.o_proj, ws_.attn_out.data(), H);
+  });
 }
 
 }  // namespace moeserve::model

@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -71,12 +72,17 @@ void Model::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int6
 
 void Model::dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out) {
   const int64_t H = cfg_.hidden_size, I = m.gate.rows;
-  float* g = sized(ws_.gate, n * I);
-  float* u = sized(ws_.up, n * I);
-  matmul(pool_, x, n, H, m.gate, g, I);
-  matmul(pool_, x, n, H, m.up, u, I);
-  for (int64_t i = 0; i < n * I; ++i) g[i] = silu(g[i]) * u[i];
-  matmul(pool_, g, n, I, m.down, out, H);
+  // Each token's result is the same in any chunk (kernels.h); the GEMM takes its tokens in
+  // panels of this size anyway, so chunks cost no extra weight traffic.
+  for (int64_t c0 = 0; c0 < n; c0 += kFfnChunk) {
+    const int64_t cn = std::min(kFfnChunk, n - c0);
+    float* g = sized(ws_.gate, cn * I);
+    float* u = sized(ws_.up, cn * I);
+    matmul(pool_, x + c0 * H, cn, H, m.gate, g, I);
+    matmul(pool_, x + c0 * H, cn, H, m.up, u, I);
+    for (int64_t i = 0; i < cn * I; ++i) g[i] = silu(g[i]) * u[i];
+    matmul(pool_, g, cn, I, m.down, out + c0 * H, H);
+  }
 }
 
 void Model::moe_ffn(int64_t layer, int64_t n) {
@@ -117,7 +123,10 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
     const auto& t = dispatcher_->exchange_seconds();
     exchange_seconds_ += t.plan + t.dispatch + t.combine;
   } else {
-    float* slot_out = sized(ws_.slot_out, n * K * H);  // [n, K, hidden]
+    // Combine as the experts finish: a token's slots are in ascending expert id (moe::route)
+    // and the experts run in ascending id, so each token's weighted sum is taken in slot
+    // order, from +0.0. The shared experts are added after.
+    std::fill_n(out, n * H, 0.0f);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t b = count[e], cnt = count[e + 1] - b;
       if (!cnt) continue;
@@ -127,16 +136,12 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
       for (int64_t j = 0; j < cnt; ++j) std::copy_n(h + (entry[b + j] / K) * H, H, xin + j * H);
       float* y = sized(ws_.yout, cnt * H);
       dense_ffn(xp, xin, cnt, y);
-      for (int64_t j = 0; j < cnt; ++j) std::copy_n(y + j * H, H, slot_out + entry[b + j] * H);
-    }
-    // Combine: weighted sum over the token's experts in ascending id, then the shared experts.
-    for (int64_t t = 0; t < n; ++t) {
-      float* o = out + t * H;
-      std::fill_n(o, H, 0.0f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float w = wt[t * K + k];
-        const float* y = slot_out + (t * K + k) * H;
-        for (int64_t i = 0; i < H; ++i) o[i] = o[i] + y[i] * w;
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int64_t slot = entry[b + j];
+        const float w = wt[slot];
+        const float* yj = y + j * H;
+        float* o = out + (slot / K) * H;
+        for (int64_t i = 0; i < H; ++i) o[i] = o[i] + yj[i] * w;
       }
     }
   }

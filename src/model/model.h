@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -31,16 +32,36 @@ struct Batch {
   std::vector<int64_t> logit_rows;  // rows whose next-token logits are wanted
 };
 
-// Buffers reused across steps, sized on demand.
+// 64-byte aligned storage, so that the matmuls read activations in place (kernels.h).
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t) { ::operator delete (p, std::align_val_t{64}); }
+  bool operator==(const Aligned64&) const { return true; }
+};
+using Buffer = std::vector<float, Aligned64<float>>;
+
+// Buffers reused across steps, sized on demand. Those whose size grows with the number of
+// tokens times a wide dimension are used a chunk of tokens at a time (kAttnChunk, kFfnChunk),
+// so a long prefill does not set the process's peak memory.
+inline constexpr int64_t kAttnChunk = 64;  // tokens per pass of the absorbed attention
+inline constexpr int64_t kFfnChunk = 128;  // tokens per pass of a dense FFN
+
 struct Workspace {
-  std::vector<float> x, h, attn_out, ffn_out;  // [T, hidden]
-  std::vector<float> q, q_a, kv;               // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
-  std::vector<float> q_lat, o_lat, o_heads;    // [T, nh, kv_lora] x2, [T, nh*v]
-  std::vector<float> gate, up;                 // [T, inter] (dense) / [n, inter] (experts)
-  std::vector<float> router_logits, route_w;   // [T, E], [T, K]
-  std::vector<int32_t> route_e;                // [T, K]
-  std::vector<float> xin, yout, slot_out;      // expert gather / scatter buffers
-  std::vector<float> norm_rows;                // [R, hidden]
+  Buffer x, h, attn_out, ffn_out;  // [T, hidden]
+  Buffer q, q_a, kv;               // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
+  Buffer q_lat, o_lat, o_heads;    // [chunk, nh, kv_lora] x2, [T, nh*v]
+  Buffer gate, up;                 // [chunk, inter] (dense) / [n, inter] (experts)
+  Buffer router_logits, route_w;   // [T, E], [T, K]
+  std::vector<int32_t> route_e;    // [T, K]
+  Buffer xin, yout;                // expert gather / output buffers
+  Buffer norm_rows;                // [R, hidden]
 };
 
 // Expert parallelism: the ranks of `comm` share the routed experts of every MoE layer as
@@ -86,6 +107,9 @@ class Model {
   void moe_ffn(int64_t layer, int64_t n);  // ws_.h -> ws_.ffn_out
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                float* out) const;
+  // The absorbed attention (q_lat, scores, o_lat, o_heads) of rows [r0, r1) of the batch.
+  void attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_t r0, int64_t r1,
+                      int64_t max_ctx);
 
   std::unique_ptr<WeightStore> store_;
   ModelConfig cfg_;

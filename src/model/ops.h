@@ -8,8 +8,8 @@
 namespace moeserve::model {
 
 // v.data() with room for at least n elements (grows, never shrinks).
-template <typename T>
-T* sized(std::vector<T>& v, size_t n) {
+template <typename T, typename A>
+T* sized(std::vector<T, A>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
 }

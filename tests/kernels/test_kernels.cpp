@@ -285,6 +285,29 @@ TEST(Matmul, Fp8NanBytesPoisonOnlyTheirRows) {
   }
 }
 
+// Block scales far from the usual range: large, infinite, zero, subnormal, negative.
+TEST(Matmul, Fp8ExtremeScalesFollowTheContract) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::F8_E4M3, 260, 384, 71);
+  const float special[] = {256.0f, 255.99998f, -300.0f, 1e30f,     INFINITY, -INFINITY,
+                           0.0f,   -0.0f,      1e-40f,  0x1p-149f, 3.0f,     -0.5f};
+  for (size_t i = 0; i < tw.scales.size(); ++i) tw.scales[i] = special[i % std::size(special)];
+  for (int64_t m : {1, 2, 3}) {
+    const auto x = random_floats(m * 384, 72 + m);
+    std::vector<float> want(m * 260);
+    reference::matmul_lanes(x.data(), m, 384, tw.w, want.data(), 260);
+    for (Isa isa : isas()) {
+      const auto y = run_matmul(isa, pool, x, m, 384, tw.w);
+      for (int64_t i = 0; i < m * 260; ++i) {
+        if (std::isnan(want[i]))
+          EXPECT_TRUE(std::isnan(y[i])) << isa_name(isa) << " m=" << m << " at " << i;
+        else
+          EXPECT_EQ(bits(y[i]), bits(want[i])) << isa_name(isa) << " m=" << m << " at " << i;
+      }
+    }
+  }
+}
+
 TEST(MatmulT, EqualsReferenceBitForBit) {
   ThreadPool pool(3);
   uint32_t seed = 300;
