@@ -55,7 +55,7 @@ std::vector<int64_t> generation_config_eos(const fs::path& dir) {
 // The server on top of `svc`, until SIGINT / SIGTERM. `sigs` are blocked in every thread.
 void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer tok,
                 std::optional<server::ChatFormat> chat, const model::ModelConfig& mc,
-                const std::string& layout, sigset_t sigs) {
+                const std::string& layout, int ranks, sigset_t sigs) {
   const fs::path dir(a.model);
   std::vector<int32_t> eos = server::default_eos_ids(tok, mc.eos_token_id);
   for (int64_t id : generation_config_eos(dir))
@@ -69,6 +69,9 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   so.api_key = !a.api_key.empty()
                    ? a.api_key
                    : (std::getenv("MOESERVE_API_KEY") ? std::getenv("MOESERVE_API_KEY") : "");
+  // A connection holds an HTTP thread while its request runs or waits, on any rank.
+  so.http_threads = static_cast<int>(
+      std::min<int64_t>((svc.config().max_num_seqs + svc.config().max_waiting) * ranks + 8, 2048));
   so.served_model_name = a.served_name;
   if (so.served_model_name.empty()) {
     const fs::path p = fs::weakly_canonical(fs::absolute(dir));
@@ -85,14 +88,12 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
                  sig == SIGINT ? "SIGINT" : "SIGTERM");
     srv.stop();
   });
-  const engine::EngineStats st = svc.stats();
   std::printf(
       "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
       "max_num_seqs %lld per rank, %s)\n",
       so.served_model_name.c_str(), srv.url().c_str(),
       static_cast<long long>(svc.config().max_model_len),
       static_cast<long long>(svc.config().max_num_seqs), layout.c_str());
-  (void)st;
   std::fflush(stdout);
   srv.run();
   srv.stop();
@@ -185,7 +186,7 @@ void run_serve(const ServeArgs& a) {
     engine::Engine engine(m, ec);
     const std::string layout =
         std::to_string(engine.stats().kv_blocks_total) + " KV blocks, one process";
-    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, sigs);
+    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, sigs);
   } else {
     std::unique_ptr<comm::Mailbox> mb = world.mailbox();
     std::optional<engine::ClusterWorker> worker;
@@ -201,7 +202,8 @@ void run_serve(const ServeArgs& a) {
                                    : "each prefilling and decoding";
       layout += ", " + a.router + " routing";
       try {
-        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, sigs);
+        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(),
+                   sigs);
       } catch (...) {
         fe.reset();  // stops every rank
         compute.join();
