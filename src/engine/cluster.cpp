@@ -115,6 +115,7 @@ ClusterWorker::ClusterWorker(model::Model& m, comm::Communicator& world, comm::C
     window_ = world_.expose(kv_.block_data(0), kv_.block_bytes() * kv_.n_blocks());
   if (const char* d = std::getenv("MOESERVE_FAULT_KV_DELAY_MS"))
     fault_delay_s_ = std::atof(d) / 1e3;
+  fault_no_ack_ = std::getenv("MOESERVE_FAULT_NO_ACK") != nullptr;
   if (decode_) xfer_thread_ = std::thread([this] { transfer_loop(); });
   transfer_.latency_buckets.assign(kv_transfer_buckets().size() + 1, 0);
   last_stats_ = Clock::now() - std::chrono::hours(1);
@@ -353,7 +354,7 @@ bool ClusterWorker::finish_transfers() {
   }
   const size_t bb = kv_.block_bytes();
   for (Handoff& h : done) {
-    if (cfg_.transfer == KvTransferMode::OneSided)
+    if (cfg_.transfer == KvTransferMode::OneSided && !fault_no_ack_)
       mb_.post(h.src, kToWorker, simple(Msg::Ack, h.id));
     const int64_t n_generated = static_cast<int64_t>(h.tokens.size()) - h.n_prompt;
     auto t = tombstones_.find(h.id);

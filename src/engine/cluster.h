@@ -117,7 +117,10 @@ class ClusterWorker {
   bool stop_ = false;
   std::chrono::steady_clock::time_point last_stats_;
   std::vector<int64_t> last_sig_;
-  double fault_delay_s_ = 0;  // MOESERVE_FAULT_KV_DELAY_MS: test hook, delays each KV read
+  // Test hooks: MOESERVE_FAULT_KV_DELAY_MS delays each KV read; MOESERVE_FAULT_NO_ACK keeps
+  // the decode side from acknowledging transfers (so prefill leases run out).
+  double fault_delay_s_ = 0;
+  bool fault_no_ack_ = false;
 };
 
 // The front end on world rank 0.

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Prompts of several lengths (in tokens of the DeepSeek-V3 tokenizer: about 3 to 120).
@@ -167,10 +168,11 @@ def rank0_pid(mpirun_pid):
     raise RuntimeError("rank 0 not found")
 
 
-def run_all(srv, stream_every=3):
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as ex:
+def run_all(srv, stream_every=3, copies=1):
+    work = list(zip(PROMPTS, MAX_TOKENS)) * copies
+    with concurrent.futures.ThreadPoolExecutor(len(work)) as ex:
         futs = [ex.submit(srv.complete, p, n, i % stream_every == 0)
-                for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+                for i, (p, n) in enumerate(work)]
         return [f.result() for f in futs]
 
 
@@ -229,8 +231,33 @@ def fault_cases(args, model, ref):
     srv = Server(args, model, 2, ["--prefill-ranks", "1", "--decode-ranks", "1",
                                   "--kv-cache-mb", "1", "--max-model-len", "256"])
     try:
-        got = run_all(srv)
-        compare("small pools", got, ref)
+        # 24 requests for pools of 25 blocks (400 tokens) each; meanwhile watch the decode rank.
+        peak = {"waiting": 0.0, "used": 0.0}
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                try:
+                    peak["waiting"] = max(peak["waiting"], srv.metric(
+                        'moeserve_rank_waiting_requests{rank="1",role="decode"}'))
+                    peak["used"] = max(peak["used"], srv.metric(
+                        'moeserve_rank_kv_blocks_used{rank="1",role="decode"}'))
+                except OSError:
+                    pass
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            got = run_all(srv, copies=3)
+        finally:
+            done.set()
+            watcher.join()
+        compare("small pools", got, ref * 3)
+        print(f"    decode rank peak: {peak['waiting']:.0f} waiting, {peak['used']:.0f} of 25 "
+              "blocks used")
+        check(peak["waiting"] > 0 and peak["used"] >= 20,
+              "small pools: the decode rank ran full and made requests wait")
         check(srv.settle() == 0, "small pools: every rank freed its KV blocks")
     finally:
         check(srv.stop() == 0, "small pools: clean shutdown")
@@ -250,6 +277,19 @@ def fault_cases(args, model, ref):
         check(st == 200 and r["text"] == ref[1][1]["text"], "disconnects: the server still serves")
     finally:
         check(srv.stop() == 0, "disconnects: clean shutdown")
+
+    print("== transfers nobody acknowledges: the prefill rank's lease frees the blocks")
+    srv = Server(args, model, 2, ["--prefill-ranks", "1", "--decode-ranks", "1",
+                                  "--kv-transfer-timeout-ms", "400", "--kv-lease-ms", "1000"],
+                 {"MOESERVE_FAULT_NO_ACK": "1"})
+    try:
+        st, r = srv.complete(PROMPTS[1], MAX_TOKENS[1])
+        check(st == 200 and r["text"] == ref[1][1]["text"], "lease: the request itself completes")
+        time.sleep(1.5)
+        check(srv.metric("moeserve_kv_leases_expired_total") == 1, "lease: one lease expired")
+        check(srv.settle() == 0, "lease: blocks freed on both sides")
+    finally:
+        check(srv.stop() == 0, "lease: clean shutdown")
 
     print("== a KV transfer over its time limit fails its request with a clear error")
     srv = Server(args, model, 2, ["--prefill-ranks", "1", "--decode-ranks", "1",
