@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/thread_pool.h"
 #include "kv/kv_pool.h"
 #include "model/config.h"
@@ -32,20 +33,8 @@ struct Batch {
   std::vector<int64_t> logit_rows;  // rows whose next-token logits are wanted
 };
 
-// 64-byte aligned storage, so that the matmuls read activations in place (kernels.h).
-template <class T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <class U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) {
-    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
-  }
-  void deallocate(T* p, size_t) { ::operator delete (p, std::align_val_t{64}); }
-  bool operator==(const Aligned64&) const { return true; }
-};
-using Buffer = std::vector<float, Aligned64<float>>;
+// Activations, 64-byte aligned so that the matmuls read them in place (core/aligned.h).
+using Buffer = AlignedFloats;
 
 // Buffers reused across steps, sized on demand. Those whose size grows with the number of
 // tokens times a wide dimension are used a chunk of tokens at a time (kAttnChunk, kFfnChunk),

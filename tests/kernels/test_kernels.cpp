@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/aligned.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/kernels.h"
 #include "kernels/reference/reference.h"
@@ -70,21 +71,9 @@ struct TestWeight {
   }
 };
 
-// 64-byte aligned storage, so tests reach both the kernels' direct path (aligned rows, K a
-// multiple of 16) and their copy path.
-template <class T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <class U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) {
-    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
-  }
-  void deallocate(T* p, size_t) { ::operator delete (p, std::align_val_t{64}); }
-  bool operator==(const Aligned64&) const { return true; }
-};
-using Floats = std::vector<float, Aligned64<float>>;
+// Aligned rows, so tests reach both the kernels' direct path (aligned rows, K a multiple of
+// 16) and their copy path.
+using Floats = AlignedFloats;
 
 Floats random_floats(size_t n, uint32_t seed) {
   std::mt19937 rng(seed);
