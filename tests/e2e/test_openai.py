@@ -6,6 +6,8 @@ Starts the server on a free port against a random-weight demo model (made with
 chat and completions, streamed and not, stop strings, usage, logprobs, errors and shutdown.
 
     python3 tests/e2e/test_openai.py --moeserve build/moeserve
+    python3 tests/e2e/test_openai.py --moeserve build/moeserve --mpirun-np 2 \
+        --serve-args "--prefill-ranks 1 --decode-ranks 1"
 
 The moeserve binary may also come from $MOESERVE_BINARY. The script needs the `openai` package:
 it runs under the first Python that has it among this one, $MOESERVE_E2E_PYTHON and the venv
@@ -53,11 +55,18 @@ def ensure_openai():
 class Server:
     """`moeserve serve` on 127.0.0.1 and a free port."""
 
-    def __init__(self, binary, model, api_key):
-        self.proc = subprocess.Popen(
-            [binary, "serve", "--model", model, "--port", "0", "--api-key", api_key,
-             "--served-model-name", "demo", "--max-model-len", "512", "--kv-cache-mb", "64"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, binary, model, api_key, np=0, extra=()):
+        cmd = [binary, "serve", "--model", model, "--port", "0", "--api-key", api_key,
+               "--served-model-name", "demo", "--max-model-len", "512", "--kv-cache-mb", "64"]
+        cmd += list(extra)
+        env = dict(os.environ)
+        self.np = np
+        if np:  # under mpirun: rank 0 serves HTTP
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            cmd = ["mpirun", "--oversubscribe", "-np", str(np)] + cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.search(r"at (http://\S+)", line)
         if not m:
@@ -76,10 +85,24 @@ class Server:
                 raise RuntimeError("server not healthy")
             time.sleep(0.1)
 
+    def rank0(self):
+        """The pid of rank 0 (mpirun itself would kill the job on a signal)."""
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"OMPI_COMM_WORLD_RANK=0" in env and b"serve" in cmd and b"mpirun" not in cmd[0]:
+                return int(pid)
+        raise RuntimeError("rank 0 of the mpirun job not found")
+
     def stop(self):
-        """SIGINT; returns (exit status, stderr)."""
+        """SIGINT (to rank 0 under mpirun); returns (exit status, stderr)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            os.kill(self.rank0() if self.np else self.proc.pid, signal.SIGINT)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -96,6 +119,10 @@ def main():
     ap.add_argument("--moeserve", default=os.environ.get("MOESERVE_BINARY"),
                     help="the moeserve binary (default: $MOESERVE_BINARY)")
     ap.add_argument("--model", help="model folder (default: a fresh random demo model)")
+    ap.add_argument("--mpirun-np", type=int, default=0,
+                    help="serve under `mpirun -np N` (default: one process)")
+    ap.add_argument("--serve-args", default="",
+                    help="more `moeserve serve` flags, e.g. '--prefill-ranks 1 --decode-ranks 1'")
     args = ap.parse_args()
     if not args.moeserve or not os.path.exists(args.moeserve):
         print("error: give the moeserve binary with --moeserve or $MOESERVE_BINARY")
@@ -108,7 +135,7 @@ def main():
         subprocess.run([args.moeserve, "init-model", "--preset", "demo", "--out", model],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     key = "e2e-secret"
-    server = Server(args.moeserve, model, key)
+    server = Server(args.moeserve, model, key, args.mpirun_np, args.serve_args.split())
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
     failures = []
 
