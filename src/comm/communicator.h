@@ -202,6 +202,7 @@ std::unique_ptr<Communicator> mpi_world(const MpiOptions& options = {});
 // Collective. Runs fn on every rank; when fn throws on any rank (moeserve::Error or another
 // std::exception), every rank throws moeserve::Error naming the failed ranks and the message of
 // the lowest one, e.g. "rank 2 of 4 failed: missing shard x (also failed: 5)".
+// On a communicator of one rank the error is rethrown with its own message.
 void check_all(Communicator& comm, const std::function<void()>& fn);
 
 }  // namespace moeserve::comm

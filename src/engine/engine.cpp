@@ -13,6 +13,8 @@ Engine::Engine(model::Model& m, const EngineConfig& cfg)
           m.config().kv_cache_dim()),
       sched_(m, cfg, kv_) {
   stats_.kv_blocks_total = kv_.n_blocks();
+  // The queue length submit() checks must be current before any token of the step goes out.
+  sched_.on_scheduled = [this] { publish_stats(); };
   thread_ = std::thread([this] { loop(); });
 }
 

@@ -195,6 +195,7 @@ bool Scheduler::step(bool force_forward) {
     work.push_back({running_.back().get(), n});
     budget -= n;
   }
+  if (on_scheduled) on_scheduled();
   if (work.empty() && !force_forward) return false;
 
   // 2. One forward over all chunks.

@@ -53,6 +53,9 @@ class Scheduler {
   // On a prefill-only scheduler (a prefill rank), sequences stop after their first token and
   // go here instead of decoding on (unless that token already finished them).
   std::function<void(Prefilled&&)> on_prefilled;
+  // Called in step() once the step's batch is chosen (admissions done), before the forward and
+  // before any request callback: running() and waiting() are then the step's.
+  std::function<void()> on_scheduled;
   void set_prefill_only(bool v) { prefill_only_ = v; }
 
   bool has_work() const { return !running_.empty() || !waiting_.empty(); }

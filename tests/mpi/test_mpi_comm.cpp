@@ -218,15 +218,15 @@ void test_check_all(Communicator& c, Checker& ck) {
   moeserve::comm::check_all(c, [&] { ++ran; });
   CHECK(ck, ran == 1);
   const std::string last = std::to_string(n - 1);
-  CHECK_THROWS(ck,
-               [&] {
-                 moeserve::comm::check_all(c, [&] {
-                   if (me == n - 1)
-                     moeserve::fail("shard model-0000", me, ".safetensors is missing");
-                 });
-               },
-               {"rank " + last + " of " + std::to_string(n) + " failed: shard model-0000" + last +
-                ".safetensors is missing"});
+  CHECK_THROWS(
+      ck,
+      [&] {
+        moeserve::comm::check_all(c, [&] {
+          if (me == n - 1) moeserve::fail("shard model-0000", me, ".safetensors is missing");
+        });
+      },
+      {(n > 1 ? "rank " + last + " of " + std::to_string(n) + " failed: " : std::string()) +
+       "shard model-0000" + last + ".safetensors is missing"});
   if (n >= 2) {
     CHECK_THROWS(ck,
                  [&] {
