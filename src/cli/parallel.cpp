@@ -85,7 +85,7 @@ void ParallelModel::write_expert_load() {
       if (!ids.empty()) ec.record(l, ids.data(), static_cast<int64_t>(ids.size()));
     }
   }
-  ec.reduce(*comm_);
+  ec.reduce(*world_);  // every rank of the launch: under serve --prefill-ranks, both groups
   if (is_root()) ec.save(args_.expert_load_out);
 }
 
