@@ -86,17 +86,28 @@ class Server:
             time.sleep(0.1)
 
     def rank0(self):
-        """The pid of rank 0 (mpirun itself would kill the job on a signal)."""
+        """The pid of this job's rank 0 (mpirun itself would kill the job on a signal)."""
         for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     env = f.read().split(b"\0")
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"OMPI_COMM_WORLD_RANK=0" in env and b"serve" in cmd and b"mpirun" not in cmd[0]:
-                return int(pid)
+            if b"OMPI_COMM_WORLD_RANK=0" not in env:
+                continue
+            p = int(pid)
+            for _ in range(8):  # is self.proc (mpirun) among its parents?
+                try:
+                    with open(f"/proc/{p}/stat") as f:
+                        p = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    break
+                if p == self.proc.pid:
+                    return int(pid)
+                if p <= 1:
+                    break
         raise RuntimeError("rank 0 of the mpirun job not found")
 
     def stop(self):

@@ -150,7 +150,23 @@ class Server:
         return rc
 
 
+def descends_from(pid, ancestor):
+    """Whether process `pid` has `ancestor` among its parents."""
+    for _ in range(8):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
 def rank0_pid(mpirun_pid):
+    """Rank 0 of this mpirun job (not of any other job on the machine)."""
     for _ in range(50):
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -158,11 +174,9 @@ def rank0_pid(mpirun_pid):
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     env = f.read().split(b"\0")
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
             except OSError:
                 continue
-            if b"OMPI_COMM_WORLD_RANK=0" in env and b"serve" in cmd and b"mpirun" not in cmd:
+            if b"OMPI_COMM_WORLD_RANK=0" in env and descends_from(int(pid), mpirun_pid):
                 return int(pid)
         time.sleep(0.1)
     raise RuntimeError("rank 0 not found")
