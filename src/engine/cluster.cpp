@@ -240,6 +240,9 @@ void ClusterWorker::handle(const comm::Mailbox::Message& m) {
 }
 
 void ClusterWorker::on_prefilled(Prefilled&& p) {
+  // The first token (already in the events) goes out before the handoff, so the front end
+  // usually sees it before the decode rank's tokens (it reorders them by index anyway).
+  post_events();
   const auto dr = decode_rank_of_.find(p.id);
   MS_ASSERT(dr != decode_rank_of_.end());
   const int dest = dr->second;
@@ -648,7 +651,7 @@ void ClusterFrontEnd::deliver_token(uint64_t id, TokenEvent ev) {
   if (l.finish && l.next >= l.finish->completion_tokens) deliver_finish(id, *l.finish);
 }
 
-void ClusterFrontEnd::deliver_finish(uint64_t id, const FinishEvent& f) {
+void ClusterFrontEnd::deliver_finish(uint64_t id, FinishEvent f) {
   auto it = live_.find(id);
   if (it == live_.end()) return;
   Live& l = *it->second;

@@ -153,7 +153,7 @@ class ClusterFrontEnd final : public Service {
   int pick(int first, int count);
   void on_message(const comm::Mailbox::Message& m);
   void deliver_token(uint64_t id, TokenEvent ev);
-  void deliver_finish(uint64_t id, const FinishEvent& f);
+  void deliver_finish(uint64_t id, FinishEvent f);  // by value: it may come from the Live erased
   void release(Live& l);
 
   model::ModelConfig mc_;

@@ -44,6 +44,34 @@ bool matches(int fd, const httplib::Request& req) {
 
 }  // namespace
 
+bool deepen_listen_backlog(int port) {
+  DIR* d = opendir("/proc/self/fd");
+  if (!d) return false;
+  bool done = false;
+  while (dirent* e = readdir(d)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(d)) continue;
+    struct stat st;
+    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+    int listening = 0;
+    socklen_t n = sizeof(listening);
+    if (getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &n) != 0 ||
+        !listening)
+      continue;
+    sockaddr_storage a;
+    socklen_t len = sizeof(a);
+    std::string host;
+    int p = 0;
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&a), &len) != 0 ||
+        !name_of(a, len, &host, &p) || p != port)
+      continue;
+    done = ::listen(static_cast<int>(fd), SOMAXCONN) == 0 || done;  // Linux: a new backlog
+  }
+  closedir(d);
+  return done;
+}
+
 ConnectionWatch::ConnectionWatch(const httplib::Request& req) {
   if (req.remote_port <= 0 || req.local_port <= 0) return;
   DIR* d = opendir("/proc/self/fd");

@@ -14,6 +14,11 @@ struct Request;
 
 namespace moeserve::server {
 
+// Deepens the accept queue of this process's listening socket on `port` to the system's
+// maximum: cpp-httplib as Debian builds it listens with a backlog of 5, which a burst of clients
+// overflows. Returns false when no such socket was found.
+bool deepen_listen_backlog(int port);
+
 class ConnectionWatch {
  public:
   explicit ConnectionWatch(const httplib::Request& req);

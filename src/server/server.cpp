@@ -1,5 +1,7 @@
 #include "server/server.h"
 
+#include "server/connection.h"
+
 #include <algorithm>
 #include <chrono>
 
@@ -228,6 +230,7 @@ int Server::bind() {
              " (address in use, or not an address of this machine)");
     port_ = o.port;
   }
+  deepen_listen_backlog(port_);
   return port_;
 }
 

@@ -147,3 +147,79 @@ TEST(Wire, RoundTripAndTruncation) {
   engine::wire::Reader rb(b);
   EXPECT_THROW(rb.get_vec<int64_t>(), Error);
 }
+
+// The front end against a scripted rank (this test plays rank 0's worker through the mailbox):
+// tokens that arrive out of order, and a finish that arrives before them, come out in order with
+// the finish last and intact. The byte layout written here is the cluster's message format.
+TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
+  comm::LocalCommunicator world;
+  auto mb = world.mailbox();
+  engine::ClusterConfig cc;
+  cc.engine.max_model_len = 64;
+  const model::ModelConfig mc = model::preset_config("tiny");
+  std::vector<int64_t> index;
+  std::vector<int32_t> tokens;
+  std::promise<engine::FinishEvent> done;
+  auto req = std::make_shared<engine::Request>();
+  req->prompt = {1, 2, 3};
+  req->max_tokens = 3;
+  req->on_token = [&](const engine::TokenEvent& e) {
+    index.push_back(e.index);
+    tokens.push_back(e.token);
+  };
+  req->on_finish = [&](const engine::FinishEvent& f) { done.set_value(f); };
+  static constexpr int kToWorker = 1, kToFrontEnd = 2;
+  static constexpr uint8_t kAssign = 1, kStop = 5, kEvents = 6, kBye = 8, kToken = 0, kFinish = 1;
+  auto next_to_worker = [&] {
+    for (int i = 0; i < 5000; ++i) {
+      if (auto m = mb->poll(kToWorker)) return *m;
+      std::this_thread::sleep_for(1ms);
+    }
+    ADD_FAILURE() << "no message for the worker";
+    return comm::Mailbox::Message{};
+  };
+  auto token = [](engine::wire::Writer& w, uint64_t id, int64_t i, int32_t t) {
+    w.put(kToken).put(id).put(i).put(t).put(-0.5f);
+    w.put_vec(std::vector<int32_t>{}).put_vec(std::vector<float>{});
+  };
+  {
+    engine::ClusterFrontEnd fe(mc, *mb, cc);
+    uint64_t id = 0;
+    ASSERT_EQ(fe.submit(req, &id, nullptr), engine::SubmitResult::Accepted);
+    const auto assign = next_to_worker();
+    engine::wire::Reader rd(assign.data);
+    ASSERT_EQ(rd.get<uint8_t>(), kAssign);
+    ASSERT_EQ(rd.get<uint64_t>(), id);
+    // Tokens 1 and 2 and the finish (from a decode rank) before token 0 (from the prefill rank).
+    engine::wire::Writer later;
+    later.put(kEvents).put<int64_t>(3);
+    token(later, id, 1, 11);
+    token(later, id, 2, 12);
+    later.put(kFinish).put(id).put<uint8_t>(1).put_str("").put<int64_t>(3).put<int64_t>(3);
+    mb->post(0, kToFrontEnd, later.take());
+    engine::wire::Writer first;
+    first.put(kEvents).put<int64_t>(1);
+    token(first, id, 0, 10);
+    std::this_thread::sleep_for(20ms);
+    mb->post(0, kToFrontEnd, first.take());
+    auto f = done.get_future();
+    ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+    const engine::FinishEvent fin = f.get();
+    EXPECT_EQ(fin.reason, engine::FinishReason::Length);
+    EXPECT_EQ(fin.completion_tokens, 3);
+    EXPECT_EQ(fin.prompt_tokens, 3);
+    EXPECT_EQ(index, (std::vector<int64_t>{0, 1, 2}));
+    EXPECT_EQ(tokens, (std::vector<int32_t>{10, 11, 12}));
+    // Shutting down: the front end says stop and waits for every rank's goodbye.
+    std::thread bye([&] {
+      const auto stop = next_to_worker();
+      engine::wire::Reader r(stop.data);
+      EXPECT_EQ(r.get<uint8_t>(), kStop);
+      engine::wire::Writer w;
+      w.put(kBye).put<uint64_t>(0);
+      mb->post(0, kToFrontEnd, w.take());
+    });
+    fe.stop();
+    bye.join();
+  }
+}

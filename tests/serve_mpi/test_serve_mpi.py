@@ -56,8 +56,12 @@ def free_port():
     return p
 
 
+LIVE = []  # servers started, for their output if the test dies
+
+
 class Server:
     def __init__(self, args, model, ranks, extra, env_extra=None):
+        LIVE.append(self)
         self.port = free_port()
         cmd = [args.moeserve, "serve", "--model", model, "--port", str(self.port)] + extra
         if "--max-batch-tokens" not in extra:
@@ -364,4 +368,9 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:
+        if LIVE:
+            print("---- output of the last server ----\n" + LIVE[-1].output()[-4000:])
+        raise
