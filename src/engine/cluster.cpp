@@ -28,17 +28,16 @@ void put_request(wire::Writer& w, const Request& r) {
   w.put(r.sampling.top_k).put(r.sampling.seed).put_vec(r.stop_ids).put(r.top_logprobs);
 }
 
-std::shared_ptr<Request> get_request(wire::Reader& rd) {
-  auto r = std::make_shared<Request>();
-  r->prompt = rd.get_vec<int32_t>();
-  r->max_tokens = rd.get<int64_t>();
-  r->sampling.temperature = rd.get<float>();
-  r->sampling.top_p = rd.get<float>();
-  r->sampling.top_k = rd.get<int64_t>();
-  r->sampling.seed = rd.get<uint64_t>();
-  r->stop_ids = rd.get_vec<int32_t>();
-  r->top_logprobs = rd.get<int>();
-  return r;
+// The fields put_request wrote, into `r` (whose callbacks stay as they are).
+void read_request(wire::Reader& rd, Request& r) {
+  r.prompt = rd.get_vec<int32_t>();
+  r.max_tokens = rd.get<int64_t>();
+  r.sampling.temperature = rd.get<float>();
+  r.sampling.top_p = rd.get<float>();
+  r.sampling.top_k = rd.get<int64_t>();
+  r.sampling.seed = rd.get<uint64_t>();
+  r.stop_ids = rd.get_vec<int32_t>();
+  r.top_logprobs = rd.get<int>();
 }
 
 // Seconds as milliseconds with at most one decimal.
@@ -135,22 +134,16 @@ ClusterWorker::~ClusterWorker() {
 std::shared_ptr<Request> ClusterWorker::make_request(uint64_t id) {
   auto r = std::make_shared<Request>();
   r->on_token = [this, id](const TokenEvent& e) {
-    wire::Writer w;
-    w.put(Ev::Token).put(id).put(e.index).put(e.token).put(e.logprob);
-    std::vector<int32_t> ids;
-    std::vector<float> lps;
-    for (const auto& [t, lp] : e.top) ids.push_back(t), lps.push_back(lp);
-    w.put_vec(ids).put_vec(lps);
-    const auto b = w.take();
-    events_.insert(events_.end(), b.begin(), b.end());
+    events_.put(Ev::Token).put(id).put(e.index).put(e.token).put(e.logprob);
+    events_.put<uint64_t>(e.top.size());
+    for (const auto& alt : e.top) events_.put(alt.first);
+    events_.put<uint64_t>(e.top.size());
+    for (const auto& alt : e.top) events_.put(alt.second);
     ++n_events_;
   };
   r->on_finish = [this, id](const FinishEvent& f) {
-    wire::Writer w;
-    w.put(Ev::Finish).put(id).put(static_cast<uint8_t>(f.reason)).put_str(f.error);
-    w.put(f.prompt_tokens).put(f.completion_tokens);
-    const auto b = w.take();
-    events_.insert(events_.end(), b.begin(), b.end());
+    events_.put(Ev::Finish).put(id).put(static_cast<uint8_t>(f.reason)).put_str(f.error);
+    events_.put(f.prompt_tokens).put(f.completion_tokens);
     ++n_events_;
     decode_rank_of_.erase(id);
   };
@@ -164,13 +157,8 @@ void ClusterWorker::handle(const comm::Mailbox::Message& m) {
     case Msg::Assign: {
       const uint64_t id = rd.get<uint64_t>();
       const int decode_rank = rd.get<int>();
-      std::shared_ptr<Request> in = get_request(rd);
       std::shared_ptr<Request> r = make_request(id);
-      r->prompt = std::move(in->prompt);
-      r->max_tokens = in->max_tokens;
-      r->sampling = in->sampling;
-      r->stop_ids = std::move(in->stop_ids);
-      r->top_logprobs = in->top_logprobs;
+      read_request(rd, *r);
       if (prefill_) decode_rank_of_[id] = decode_rank;
       sched_->add(id, std::move(r));
       break;
@@ -197,13 +185,8 @@ void ClusterWorker::handle(const comm::Mailbox::Message& m) {
       Handoff h;
       h.id = rd.get<uint64_t>();
       h.src = m.source;
-      std::shared_ptr<Request> in = get_request(rd);
       h.req = make_request(h.id);
-      h.req->prompt = std::move(in->prompt);
-      h.req->max_tokens = in->max_tokens;
-      h.req->sampling = in->sampling;
-      h.req->stop_ids = std::move(in->stop_ids);
-      h.req->top_logprobs = in->top_logprobs;
+      read_request(rd, *h.req);
       h.tokens = rd.get_vec<int32_t>();
       h.n_prompt = rd.get<int64_t>();
       h.blocks = rd.get_vec<int32_t>();
@@ -404,9 +387,9 @@ void ClusterWorker::post_events() {
   if (!n_events_) return;
   wire::Writer w;
   w.put(Msg::Events).put(n_events_);
-  w.raw(events_.data(), events_.size());
+  const std::vector<std::byte> body = events_.take();
+  w.raw(body.data(), body.size());
   mb_.post(0, kToFrontEnd, w.take());
-  events_.clear();
   n_events_ = 0;
 }
 

@@ -38,6 +38,7 @@
 #include "comm/communicator.h"
 #include "engine/request.h"
 #include "engine/scheduler.h"
+#include "engine/wire.h"
 #include "kv/kv_pool.h"
 #include "model/model.h"
 
@@ -100,7 +101,7 @@ class ClusterWorker {
   kv::KvPool kv_;
   std::unique_ptr<comm::Window> window_;
   std::unique_ptr<Scheduler> sched_;
-  std::vector<std::byte> events_;  // encoded events of this step
+  wire::Writer events_;  // encoded events of this step
   int64_t n_events_ = 0;
   std::map<uint64_t, int> decode_rank_of_;  // prefill side: request -> its decode rank
   std::map<uint64_t, Lease> leases_;        // prefill side: blocks lent to a decode rank

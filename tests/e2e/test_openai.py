@@ -28,6 +28,9 @@ import time
 import traceback
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mpi_jobs import rank0_pid  # noqa: E402
+
 SKIP = 77
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -85,35 +88,10 @@ class Server:
                 raise RuntimeError("server not healthy")
             time.sleep(0.1)
 
-    def rank0(self):
-        """The pid of this job's rank 0 (mpirun itself would kill the job on a signal)."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"OMPI_COMM_WORLD_RANK=0" not in env:
-                continue
-            p = int(pid)
-            for _ in range(8):  # is self.proc (mpirun) among its parents?
-                try:
-                    with open(f"/proc/{p}/stat") as f:
-                        p = int(f.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    break
-                if p == self.proc.pid:
-                    return int(pid)
-                if p <= 1:
-                    break
-        raise RuntimeError("rank 0 of the mpirun job not found")
-
     def stop(self):
         """SIGINT (to rank 0 under mpirun); returns (exit status, stderr)."""
         if self.proc.poll() is None:
-            os.kill(self.rank0() if self.np else self.proc.pid, signal.SIGINT)
+            os.kill(rank0_pid(self.proc.pid) if self.np else self.proc.pid, signal.SIGINT)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -24,6 +24,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mpi_jobs import free_port, rank0_pid  # noqa: E402
+
 # Prompts of several lengths (in tokens of the DeepSeek-V3 tokenizer: about 3 to 120).
 PROMPTS = [
     "Hello",
@@ -46,14 +49,6 @@ def check(cond, what):
     else:
         print(f"  FAIL: {what}")
         FAILURES.append(what)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 LIVE = []  # servers started, for their output if the test dies
@@ -152,38 +147,6 @@ class Server:
             self.proc.kill()
             rc = "killed after 60 s"
         return rc
-
-
-def descends_from(pid, ancestor):
-    """Whether process `pid` has `ancestor` among its parents."""
-    for _ in range(8):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent
-        except (OSError, ValueError, IndexError):
-            return False
-        if pid == ancestor:
-            return True
-        if pid <= 1:
-            return False
-    return False
-
-
-def rank0_pid(mpirun_pid):
-    """Rank 0 of this mpirun job (not of any other job on the machine)."""
-    for _ in range(50):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"OMPI_COMM_WORLD_RANK=0" in env and descends_from(int(pid), mpirun_pid):
-                return int(pid)
-        time.sleep(0.1)
-    raise RuntimeError("rank 0 not found")
 
 
 def run_all(srv, stream_every=3, copies=1):
