@@ -106,6 +106,8 @@ ClusterWorker::ClusterWorker(model::Model& m, comm::Communicator& world, comm::C
       kv_(kv_blocks_for(m.config(), cfg.engine), cfg.engine.block_size,
           m.config().num_hidden_layers, m.config().kv_cache_dim()) {
   sched_ = std::make_unique<Scheduler>(m, cfg.engine, kv_);
+  // High-water marks, taken once a step's batch is chosen (blocks allocated, admissions done).
+  sched_->on_scheduled = [this] { note_peaks(); };
   if (prefill_) {
     sched_->set_prefill_only(true);
     sched_->on_prefilled = [this](Prefilled&& p) { on_prefilled(std::move(p)); };
@@ -393,7 +395,14 @@ void ClusterWorker::post_events() {
   n_events_ = 0;
 }
 
+void ClusterWorker::note_peaks() {
+  kv_peak_ = std::max(kv_peak_, kv_.n_used());
+  waiting_peak_ = std::max(
+      waiting_peak_, sched_->waiting() + static_cast<int64_t>(handoffs_.size()) + in_flight());
+}
+
 void ClusterWorker::post_stats(bool force) {
+  note_peaks();
   std::vector<int64_t> sig = {
       sched_->running(),
       sched_->waiting() + static_cast<int64_t>(handoffs_.size()) + in_flight(),
@@ -401,12 +410,15 @@ void ClusterWorker::post_stats(bool force) {
       sched_->steps(),
       transfer_.transfers,
       transfer_.failures,
-      transfer_.leases_expired};
+      transfer_.leases_expired,
+      kv_peak_,
+      waiting_peak_};
   if (sig == last_sig_ || (!force && since(last_stats_) < 0.02)) return;
   last_sig_ = sig;
   last_stats_ = Clock::now();
   wire::Writer w;
   w.put(Msg::Stats).put(sig[0]).put(sig[1]).put(kv_.n_blocks()).put(sig[2]);
+  w.put(kv_peak_).put(waiting_peak_);
   w.put(sched_->preemptions()).put(sched_->steps()).put(sched_->prompt_tokens());
   w.put(sched_->generated_tokens()).put_vec(model_.expert_token_counts());
   w.put(transfer_.transfers).put(transfer_.bytes).put(transfer_.failures);
@@ -565,6 +577,9 @@ EngineStats ClusterFrontEnd::stats() const {
     st.rank_lines.push_back("moeserve_rank_kv_blocks_used" + lbl + " " + std::to_string(s.kv_used));
     st.rank_lines.push_back("moeserve_rank_kv_blocks_total" + lbl + " " +
                             std::to_string(s.kv_total));
+    st.rank_lines.push_back("moeserve_rank_kv_blocks_peak" + lbl + " " + std::to_string(s.kv_peak));
+    st.rank_lines.push_back("moeserve_rank_waiting_requests_peak" + lbl + " " +
+                            std::to_string(s.waiting_peak));
   }
   return st;
 }
@@ -683,6 +698,8 @@ void ClusterFrontEnd::on_message(const comm::Mailbox::Message& m) {
     s.waiting = rd.get<int64_t>();
     s.kv_total = rd.get<int64_t>();
     s.kv_used = rd.get<int64_t>();
+    s.kv_peak = rd.get<int64_t>();
+    s.waiting_peak = rd.get<int64_t>();
     s.preemptions = rd.get<int64_t>();
     s.steps = rd.get<int64_t>();
     s.prompt_tokens = rd.get<int64_t>();

@@ -90,6 +90,7 @@ class ClusterWorker {
   void expire_leases();
   void post_events();
   void post_stats(bool force);
+  void note_peaks();
   std::shared_ptr<Request> make_request(uint64_t id);
 
   model::Model& model_;
@@ -115,6 +116,7 @@ class ClusterWorker {
   bool xfer_stop_ = false;
   std::map<uint64_t, std::chrono::steady_clock::time_point> tombstones_;  // cancelled early
   TransferStats transfer_;
+  int64_t kv_peak_ = 0, waiting_peak_ = 0;  // high-water marks, for /metrics
   bool stop_ = false;
   std::chrono::steady_clock::time_point last_stats_;
   std::vector<int64_t> last_sig_;
@@ -144,6 +146,7 @@ class ClusterFrontEnd final : public Service {
   struct Live;
   struct RankState {
     int64_t running = 0, waiting = 0, kv_total = 0, kv_used = 0, preemptions = 0, steps = 0;
+    int64_t kv_peak = 0, waiting_peak = 0;  // high-water marks since start
     int64_t prompt_tokens = 0, generated_tokens = 0;
     std::vector<int64_t> expert_tokens;
     TransferStats transfer;
