@@ -33,10 +33,6 @@ struct BenchArgs {
   bool json = false;
 };
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 // FLOPs of one forward over `n` new tokens after `past` cached ones: 2 per weight element
 // each token uses, plus attention in the absorbed form (scores, latent sum, absorption).
 double forward_flops(const model::ModelConfig& c, size_t active_matrix_elems, int64_t past,

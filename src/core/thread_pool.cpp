@@ -6,6 +6,15 @@
 namespace moeserve {
 
 namespace {
+// How long a worker, or the caller, spins before sleeping: a few tens of microseconds.
+constexpr int kSpin = 4000;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Range of chunk `i` of `parts` over n elements in units of grain.
 void chunk(int64_t n, int64_t grain, int parts, int i, int64_t* b, int64_t* e) {
   const int64_t units = (n + grain - 1) / grain;
@@ -39,6 +48,10 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
+    for (int i = 0; i < kSpin && generation_.load(std::memory_order_acquire) == seen &&
+                    !stop_.load(std::memory_order_relaxed);
+         ++i)
+      cpu_relax();
     const std::function<void(int64_t, int64_t, int)>* job;
     int64_t n, grain;
     {
@@ -53,9 +66,9 @@ void ThreadPool::worker(int index) {
     int64_t b, e;
     chunk(n, grain, n_threads_, index, &b, &e);
     if (b < e) (*job)(b, e, index);
-    {
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lk(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      done_cv_.notify_one();
     }
   }
 }
@@ -88,6 +101,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   int64_t b, e;
   chunk(n, grain, n_threads_, 0, &b, &e);
   if (b < e) fn(b, e, 0);
+  for (int i = 0; i < kSpin && pending_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
   std::unique_lock<std::mutex> lk(mu_);
   done_cv_.wait(lk, [&] { return pending_ == 0; });
   busy_ = false;

@@ -2,6 +2,7 @@
 // sized ranges, so which thread computes an element never changes a result.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -36,10 +37,13 @@ class ThreadPool {
   mutable std::condition_variable start_cv_, done_cv_;
   mutable const std::function<void(int64_t, int64_t, int)>* job_ = nullptr;
   mutable int64_t job_n_ = 0, job_grain_ = 1;
-  mutable uint64_t generation_ = 0;
-  mutable int pending_ = 0;
+  // generation_ and pending_ change under mu_ but are also read without it: workers and the
+  // caller spin on them briefly before sleeping on the condition variables (decode issues a
+  // job every ~100 us, and a futex wake-up costs a good part of that).
+  mutable std::atomic<uint64_t> generation_{0};
+  mutable std::atomic<int> pending_{0};
   mutable bool busy_ = false;
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace moeserve

@@ -1,5 +1,7 @@
 #include "kernels/kernels.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "kernels/cpu/isa.h"
 
@@ -38,6 +40,23 @@ size_t Weight::bytes() const {
     n += static_cast<size_t>((b1 - b0 + 1) * scale_cols) * sizeof(float);
   }
   return n;
+}
+
+bool fp8_plain(const uint8_t* data, size_t n) {
+  size_t nan = 0, subnormal = 0;
+  constexpr size_t kChunk = 1 << 16;  // counts that fit 32 bits, a loop the compiler vectorizes
+  for (size_t i0 = 0; i0 < n; i0 += kChunk) {
+    const size_t i1 = std::min(n, i0 + kChunk);
+    uint32_t cn = 0, cs = 0;
+    for (size_t i = i0; i < i1; ++i) {
+      const uint32_t m = data[i] & 0x7fu;
+      cn += m == 0x7fu;
+      cs += m - 1u < 7u;
+    }
+    nan += cn;
+    subnormal += cs;
+  }
+  return nan == 0 && subnormal <= n / 1024;
 }
 
 bool isa_available(Isa isa) {
@@ -95,6 +114,15 @@ float dot(const float* a, const float* b, int64_t n) {
 
 void axpy(float a, const float* x, float* y, int64_t n) {
   active().axpy(a, x, y, n);
+}
+
+void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out) {
+  active().dots(a, na, lda, b, n, out);
+}
+
+void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
+                   int64_t n, float* y, int64_t ldy) {
+  active().weighted_rows(c, nc, ldc, rows, nrows, n, y, ldy);
 }
 
 }  // namespace moeserve::kernels

@@ -32,6 +32,9 @@ struct Weight {
   const float* scale_inv = nullptr;
   int64_t scale_cols = 0;  // ceil(cols / 128)
   int64_t scale_row0 = 0;
+  // F8_E4M3 only: the data holds no NaN byte (see fp8_plain), so the kernels may take their
+  // fast conversion. The results are the same bits either way.
+  bool fp8_plain = false;
 
   // Rows [r0, r0 + n) of this matrix as a matrix of its own.
   Weight rows_view(int64_t r0, int64_t n) const;
@@ -54,6 +57,11 @@ void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, cons
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
               float* y, int64_t ldy);
 
+// Whether n bytes of e4m3 data may take the kernels' fast conversion: no NaN byte, and at most
+// one subnormal in 1024 (the fast conversion turns those into f32 subnormals, which cost the
+// multiply a microcode assist on some CPUs). Real and random checkpoints have ~1 in 10^4.
+bool fp8_plain(const uint8_t* data, size_t n);
+
 // Row r of W as floats: out[c] = W.at(r, c) for c < W.cols.
 void dequant_row(const Weight& w, int64_t r, float* out);
 
@@ -62,5 +70,16 @@ float dot(const float* a, const float* b, int64_t n);
 
 // y[k] = fma(a, x[k], y[k])
 void axpy(float a, const float* x, float* y, int64_t n);
+
+// out[i] = dot(a + i * lda, b, n) for i < na: several dot products against one vector, worked
+// on together (independent accumulators instead of one chain), each the same bits as dot.
+void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out);
+
+// y[i * ldy + k] = sum_j c[i * ldc + j] * rows[j][k]  for i < nc, k < n: over j = 0, 1, ...
+// in order, one fused multiply-add each, starting from +0.0 -- the same bits as clearing y and
+// calling axpy(c[i * ldc + j], rows[j], y + i * ldy, n) for each j in turn, without y going
+// through memory for every row. `rows` may point anywhere (blocks of a paged cache).
+void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
+                   int64_t n, float* y, int64_t ldy);
 
 }  // namespace moeserve::kernels

@@ -116,36 +116,35 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   const int64_t groups = std::min(nh, (threads + T - 1) / T);  // head groups per token
   const int64_t gsize = (nh + groups - 1) / groups;
   pool_.parallel_for(T * groups, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> p(gsize * max_ctx), mx(gsize), sum(gsize);
+    std::vector<float> p(gsize * max_ctx), mx(gsize), sum(gsize), s1(gsize), s2(gsize);
+    std::vector<const float*> rows(max_ctx);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / groups, h0 = (item % groups) * gsize, h1 = std::min(nh, h0 + gsize);
+      const int64_t g = h1 - h0;
       const SeqChunk& s = b.seqs[row_seq[t]];
       const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
       const int64_t bs = kv.block_size();
+      for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
       std::fill(mx.begin(), mx.end(), -INFINITY);
+      const float* ql = q_lat + (t * nh + h0) * L;
+      const float* qpe = q + t * nh * qd + h0 * qd + nope;
       for (int64_t j = 0; j < ctx; ++j) {
-        const float* cj = kv.at(s.block_table[j / bs], layer, j % bs);
-        for (int64_t hd = h0; hd < h1; ++hd) {
-          const float* ql = q_lat + (t * nh + hd) * L;
-          const float* qpe = q + t * nh * qd + hd * qd + nope;
-          float& pj = p[(hd - h0) * max_ctx + j];
-          pj = (kernels::dot(ql, cj, L) + kernels::dot(qpe, cj + L, rd)) * scale;
-          mx[hd - h0] = std::max(mx[hd - h0], pj);
+        kernels::dots(ql, g, L, rows[j], L, s1.data());
+        kernels::dots(qpe, g, qd, rows[j] + L, rd, s2.data());
+        for (int64_t i = 0; i < g; ++i) {
+          const float pj = (s1[i] + s2[i]) * scale;
+          p[i * max_ctx + j] = pj;
+          mx[i] = std::max(mx[i], pj);
         }
       }
-      for (int64_t hd = h0; hd < h1; ++hd) {
-        float* ph = p.data() + (hd - h0) * max_ctx;
+      for (int64_t i = 0; i < g; ++i) {
+        float* ph = p.data() + i * max_ctx;
         float sm = 0.0f;
-        for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx[hd - h0]));
-        sum[hd - h0] = sm;
-        std::fill_n(o_lat + (t * nh + hd) * L, L, 0.0f);
+        for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx[i]));
+        for (int64_t j = 0; j < ctx; ++j) ph[j] /= sm;
       }
-      for (int64_t j = 0; j < ctx; ++j) {
-        const float* cj = kv.at(s.block_table[j / bs], layer, j % bs);
-        for (int64_t hd = h0; hd < h1; ++hd)
-          kernels::axpy(p[(hd - h0) * max_ctx + j] / sum[hd - h0], cj, o_lat + (t * nh + hd) * L,
-                        L);
-      }
+      kernels::weighted_rows(p.data(), g, max_ctx, rows.data(), ctx, L, o_lat + (t * nh + h0) * L,
+                             L);
     }
   });
 

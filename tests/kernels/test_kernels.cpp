@@ -129,14 +129,20 @@ void check_matmul(const ThreadPool& pool, DType dt, int64_t m, int64_t N, int64_
   reference::matmul(x.data(), m, ldx, tw.w, plain.data(), N);
   reference::matmul_abs(x.data(), m, ldx, tw.w, mag.data(), N);
   const double tol = (K + 16) * std::ldexp(1.0, -23);
-  for (Isa isa : isas()) {
-    const auto y = run_matmul(isa, pool, x, m, ldx, tw.w);
-    const int64_t d = first_diff(y.data(), lanes.data(), m * N);
-    ASSERT_EQ(d, -1) << isa_name(isa) << " " << shape(dt, m, N, K) << " at " << d << ": " << y[d]
-                     << " vs contract " << lanes[d];
-    for (int64_t i = 0; i < m * N; ++i)
-      ASSERT_LE(std::fabs(static_cast<double>(y[i]) - plain[i]), tol * mag[i] + 1e-30)
-          << isa_name(isa) << " " << shape(dt, m, N, K) << " at " << i;
+  // fp8: with and without the fast conversion (TestWeight's data has no NaN byte, and many
+  // subnormals, which the fast conversion must also get right).
+  for (bool fast : {false, true}) {
+    if (fast && dt != DType::F8_E4M3) break;
+    tw.w.fp8_plain = fast;
+    for (Isa isa : isas()) {
+      const auto y = run_matmul(isa, pool, x, m, ldx, tw.w);
+      const int64_t d = first_diff(y.data(), lanes.data(), m * N);
+      ASSERT_EQ(d, -1) << isa_name(isa) << " " << shape(dt, m, N, K) << " fast " << fast << " at "
+                       << d << ": " << y[d] << " vs contract " << lanes[d];
+      for (int64_t i = 0; i < m * N; ++i)
+        ASSERT_LE(std::fabs(static_cast<double>(y[i]) - plain[i]), tol * mag[i] + 1e-30)
+            << isa_name(isa) << " " << shape(dt, m, N, K) << " at " << i;
+    }
   }
 }
 
@@ -285,13 +291,17 @@ TEST(Matmul, Fp8ExtremeScalesFollowTheContract) {
     const auto x = random_floats(m * 384, 72 + m);
     std::vector<float> want(m * 260);
     reference::matmul_lanes(x.data(), m, 384, tw.w, want.data(), 260);
-    for (Isa isa : isas()) {
-      const auto y = run_matmul(isa, pool, x, m, 384, tw.w);
-      for (int64_t i = 0; i < m * 260; ++i) {
-        if (std::isnan(want[i]))
-          EXPECT_TRUE(std::isnan(y[i])) << isa_name(isa) << " m=" << m << " at " << i;
-        else
-          EXPECT_EQ(bits(y[i]), bits(want[i])) << isa_name(isa) << " m=" << m << " at " << i;
+    for (bool fast : {false, true}) {  // scales >= 2^8 or NaN must leave the fast conversion
+      tw.w.fp8_plain = fast;
+      for (Isa isa : isas()) {
+        const auto y = run_matmul(isa, pool, x, m, 384, tw.w);
+        for (int64_t i = 0; i < m * 260; ++i) {
+          if (std::isnan(want[i]))
+            EXPECT_TRUE(std::isnan(y[i])) << isa_name(isa) << " m=" << m << " at " << i;
+          else
+            EXPECT_EQ(bits(y[i]), bits(want[i]))
+                << isa_name(isa) << " m=" << m << " fast " << fast << " at " << i;
+        }
       }
     }
   }
@@ -309,12 +319,16 @@ TEST(MatmulT, EqualsReferenceBitForBit) {
           const auto x = random_floats(m * ldx, seed++);
           std::vector<float> want(m * ldy, kSentinel);
           reference::matmul_t(x.data(), m, ldx, tw.w, want.data(), ldy);
-          for (Isa isa : isas()) {
-            std::vector<float> y(m * ldy, kSentinel);
-            kernel_table(isa).matmul_t(pool, x.data(), m, ldx, tw.w, y.data(), ldy);
-            const int64_t d = first_diff(y.data(), want.data(), m * ldy);
-            ASSERT_EQ(d, -1) << isa_name(isa) << " " << dtype_name(dt) << " rows=" << rows
-                             << " cols=" << cols << " m=" << m << " at " << d;
+          for (bool fast : {false, true}) {
+            if (fast && dt != DType::F8_E4M3) break;
+            tw.w.fp8_plain = fast;
+            for (Isa isa : isas()) {
+              std::vector<float> y(m * ldy, kSentinel);
+              kernel_table(isa).matmul_t(pool, x.data(), m, ldx, tw.w, y.data(), ldy);
+              const int64_t d = first_diff(y.data(), want.data(), m * ldy);
+              ASSERT_EQ(d, -1) << isa_name(isa) << " " << dtype_name(dt) << " rows=" << rows
+                               << " cols=" << cols << " m=" << m << " fast " << fast << " at " << d;
+            }
           }
         }
       }
@@ -421,6 +435,75 @@ TEST(Vector, AxpyIsOneFmaPerElement) {
         ASSERT_EQ(bits(y[k]), bits(std::fma(0.37f, x[k], y0[k]))) << isa_name(isa) << " " << k;
     }
   }
+}
+
+TEST(Vector, DotsEqualDotOneByOne) {
+  for (int64_t n : {0, 1, 15, 16, 17, 64, 100, 512}) {
+    for (int64_t na : {1, 3, 4, 5, 8, 9, 13, 16}) {
+      const int64_t lda = n + 3;
+      const auto a = random_floats(na * lda, 60 + n + na), b = random_floats(n + 1, 61 + n);
+      for (Isa isa : isas()) {
+        std::vector<float> got(na + 1, -1.0f);
+        kernel_table(isa).dots(a.data(), na, lda, b.data(), n, got.data());
+        for (int64_t i = 0; i < na; ++i)
+          ASSERT_EQ(bits(got[i]), bits(reference::dot_lanes(a.data() + i * lda, b.data(), n)))
+              << isa_name(isa) << " n=" << n << " na=" << na << " i=" << i;
+        EXPECT_EQ(got[na], -1.0f) << "wrote past the last output";
+      }
+    }
+  }
+}
+
+TEST(Vector, WeightedRowsEqualAxpyInTurn) {
+  for (int64_t n : {1, 15, 16, 17, 33, 48, 512}) {
+    for (int64_t nc : {1, 2, 4, 7, 8, 12, 16}) {
+      for (int64_t nrows : {0, 1, 5, 40}) {
+        // Rows scattered over one buffer in an odd order, as blocks of a paged cache are.
+        const auto buf = random_floats(nrows * (n + 5) + 1, 70 + n + nrows);
+        std::vector<const float*> rows(nrows);
+        for (int64_t j = 0; j < nrows; ++j) rows[j] = buf.data() + ((j * 7) % nrows) * (n + 5);
+        const int64_t ldc = nrows + 2, ldy = n + 1;
+        const auto c = random_floats(nc * ldc + 1, 71 + nc);
+        std::vector<float> want(nc * ldy, 0.0f);
+        for (int64_t i = 0; i < nc; ++i)
+          for (int64_t j = 0; j < nrows; ++j)
+            for (int64_t k = 0; k < n; ++k)
+              want[i * ldy + k] = std::fma(c[i * ldc + j], rows[j][k], want[i * ldy + k]);
+        for (Isa isa : isas()) {
+          std::vector<float> got(nc * ldy, 9.0f);
+          kernel_table(isa).weighted_rows(c.data(), nc, ldc, rows.data(), nrows, n, got.data(),
+                                          ldy);
+          for (int64_t i = 0; i < nc; ++i) {
+            for (int64_t k = 0; k < n; ++k)
+              ASSERT_EQ(bits(got[i * ldy + k]), bits(want[i * ldy + k]))
+                  << isa_name(isa) << " n=" << n << " nc=" << nc << " rows=" << nrows << " i=" << i
+                  << " k=" << k;
+            EXPECT_EQ(got[i * ldy + n], 9.0f) << "wrote past the row";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Weight, Fp8PlainOnlyWithoutNanAndWithFewSubnormals) {
+  std::vector<uint8_t> b(4096, 0x38);  // 1.0
+  EXPECT_TRUE(fp8_plain(b.data(), b.size()));
+  EXPECT_TRUE(fp8_plain(b.data(), 0));
+  for (uint8_t zero : {0x00, 0x80}) {  // zeros are not subnormal
+    std::fill(b.begin(), b.end(), zero);
+    EXPECT_TRUE(fp8_plain(b.data(), b.size()));
+  }
+  std::fill(b.begin(), b.end(), 0x38);
+  for (uint8_t nan : {0x7f, 0xff}) {
+    b[4095] = nan;
+    EXPECT_FALSE(fp8_plain(b.data(), b.size())) << int(nan);
+    b[4095] = 0x38;
+  }
+  for (int i = 0; i < 4; ++i) b[i * 100] = static_cast<uint8_t>(i % 2 ? 0x87 : 0x01);
+  EXPECT_TRUE(fp8_plain(b.data(), b.size()));  // 4 in 4096: within 1 in 1024
+  b[999] = 0x05;
+  EXPECT_FALSE(fp8_plain(b.data(), b.size()));  // 5 in 4096: too many
 }
 
 TEST(Weight, ViewsAndBytes) {

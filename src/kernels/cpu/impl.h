@@ -144,9 +144,102 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   for (; k < n; ++k) y[k] = std::fma(a, x[k], y[k]);
 }
 
+// G dot products against b at once: G independent accumulator chains, each dot's own order.
+template <class O, int G>
+void dots_g(const float* a, int64_t lda, const float* b, int64_t n, float* out) {
+  using V = typename O::V;
+  V acc[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) acc[i] = O::zero();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const V bv = O::load_reg(b + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) acc[i] = O::fma(O::load(a + i * lda + k), bv, acc[i]);
+  }
+  if (k < n) {
+    alignas(64) float ta[16] = {}, tb[16] = {};
+    std::memcpy(tb, b + k, (n - k) * sizeof(float));
+    const V bv = O::load(tb);
+    for (int i = 0; i < G; ++i) {
+      std::memcpy(ta, a + i * lda + k, (n - k) * sizeof(float));
+      acc[i] = O::fma(O::load(ta), bv, acc[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) out[i] = O::reduce(acc[i]);
+}
+
+template <class O>
+void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= na; i += 8) dots_g<O, 8>(a + i * lda, lda, b, n, out + i);
+  if (na - i >= 4) {
+    dots_g<O, 4>(a + i * lda, lda, b, n, out + i);
+    i += 4;
+  }
+  for (; i < na; ++i) dots_g<O, 1>(a + i * lda, lda, b, n, out + i);
+}
+
+// weighted_rows for G outputs and columns [k, k + 16 * NV): G x NV accumulators live in
+// registers while the rows stream past.
+template <class O, int G, int NV>
+void weighted_rows_g(const float* c, int64_t ldc, const float* const* rows, int64_t nrows,
+                     int64_t k, float* y, int64_t ldy) {
+  using V = typename O::V;
+  V acc[G][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = O::zero();
+  for (int64_t j = 0; j < nrows; ++j) {
+    V x[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) x[v] = O::load_reg(rows[j] + k + 16 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) {
+      const V cv = O::set1(c[i * ldc + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = O::fma(cv, x[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) O::store(y + i * ldy + k + 16 * v, acc[i][v]);
+}
+
+template <class O, int G>
+void weighted_rows_cols(const float* c, int64_t ldc, const float* const* rows, int64_t nrows,
+                        int64_t n, float* y, int64_t ldy) {
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) weighted_rows_g<O, G, 2>(c, ldc, rows, nrows, k, y, ldy);
+  for (; k + 16 <= n; k += 16) weighted_rows_g<O, G, 1>(c, ldc, rows, nrows, k, y, ldy);
+  for (; k < n; ++k)
+    for (int i = 0; i < G; ++i) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < nrows; ++j) s = std::fma(c[i * ldc + j], rows[j][k], s);
+      y[i * ldy + k] = s;
+    }
+}
+
+template <class O>
+void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
+                   int64_t n, float* y, int64_t ldy) {
+  int64_t i = 0;
+  for (; i + 8 <= nc; i += 8)
+    weighted_rows_cols<O, 8>(c + i * ldc, ldc, rows, nrows, n, y + i * ldy, ldy);
+  if (nc - i >= 4) {
+    weighted_rows_cols<O, 4>(c + i * ldc, ldc, rows, nrows, n, y + i * ldy, ldy);
+    i += 4;
+  }
+  for (; i < nc; ++i) weighted_rows_cols<O, 1>(c + i * ldc, ldc, rows, nrows, n, y + i * ldy, ldy);
+}
+
 template <class O>
 const KernelTable& make_table() {
-  static const KernelTable t{&matmul<O>, &matmul_t<O>, &dequant_row<O>, &dot<O>, &axpy<O>};
+  static const KernelTable t{&matmul<O>, &matmul_t<O>, &dequant_row<O>,  &dot<O>,
+                             &axpy<O>,   &dots<O>,     &weighted_rows<O>};
   return t;
 }
 

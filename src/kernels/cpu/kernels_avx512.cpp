@@ -13,6 +13,7 @@ namespace {
 
 struct Avx512 {
   using V = __m512;
+  static constexpr bool kFp8Direct = true;
   static constexpr int kTileM = 4, kTileN = 6;    // 24 accumulators
   static constexpr int kTileTM = 4, kTileTN = 6;  // 24 accumulators
   static constexpr int gemv_rows(int m) {
@@ -31,6 +32,7 @@ struct Avx512 {
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 
   // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
   static float reduce(V v) {
@@ -64,6 +66,16 @@ struct Avx512 {
         _mm512_and_si512(_mm512_slli_epi16(b, 7), _mm512_set1_epi16(static_cast<short>(0xbfff)));
     lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s256);
     hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s256);
+  }
+  // e4m3 byte b -> the f32 with bits (b & 0x80) << 24 | (b & 0x7f) << 20, which is exactly
+  // value * 2^-120 (exponent field e, e4m3 subnormals become f32 subnormals); times
+  // s = scale * 2^120 (exact while scale < 2^8) that is float(fp8) * scale rounded once.
+  // Three operations per 16 weights against five through f16. Not for NaN bytes.
+  static V cvt_fp8_direct(const uint8_t* p, V s) {
+    const __m512i d = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i f = _mm512_and_si512(_mm512_slli_epi32(d, 20),
+                                       _mm512_set1_epi32(static_cast<int>(0x87f00000u)));
+    return _mm512_mul_ps(_mm512_castsi512_ps(f), s);
   }
   // NaN scan: 0x7f / 0xff are NaN in e4m3fn, i.e. b | 0x80 == 0xff; a running unsigned max of
   // b | 0x80 over 128-byte blocks has a 0xff byte iff one of them holds a NaN.

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -22,6 +23,13 @@ void dequant_cols(const Weight& w, int64_t c0, int64_t nc, float* wb, int64_t ld
     const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
     for (int64_t j = 0; j < nc; ++j) {
       const int64_t k = c0 + 16 * j;
+      if constexpr (DT == DType::F8_E4M3 && O::kFp8Direct) {
+        if (w.fp8_plain && k + 16 <= w.cols && std::fabs(sc[k / kFp8Block]) < 0x1p8f) {
+          O::store(wb + r * ldw + 16 * j,
+                   O::cvt_fp8_direct(row + k, O::set1(sc[k / kFp8Block] * 0x1p120f)));
+          continue;
+        }
+      }
       const auto s = fp8_scale<O, DT>(sc, k);  // a 16-chunk never straddles a 128-block
       O::store(wb + r * ldw + 16 * j, k + 16 <= w.cols ? load_w<O, DT>(row, k, s)
                                                        : load_w_tail<O, DT>(row, k, w.cols - k, s));
