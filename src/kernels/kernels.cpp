@@ -99,6 +99,10 @@ void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, cons
   active().matmul(pool, x, m, ldx, w, y, ldy);
 }
 
+void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
+  active().matmul_batch(pool, jobs, n);
+}
+
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
               float* y, int64_t ldy) {
   active().matmul_t(pool, x, m, ldx, w, y, ldy);

@@ -51,6 +51,21 @@ struct Weight {
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
             float* y, int64_t ldy);
 
+// One matmul of a batch: y = x W^T as in matmul.
+struct MatmulJob {
+  const float* x = nullptr;
+  int64_t m = 0, ldx = 0;
+  const Weight* w = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+
+// Every job's matmul, the same bits as calling matmul on each in turn. Jobs of few tokens
+// (decode: one per expert matrix) share a single fan-out over all their rows, instead of one
+// small fan-out each, so the threads stay busy and the weights stream without a break. The
+// jobs' outputs must not overlap their inputs or each other.
+void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
+
 // y[i, c] = sum_r x[i, r] * W[r, c]   (W transposed), summed over r = 0, 1, ... in order, one
 // fused multiply-add each, starting from +0.0.  x: [m, ldx] f32 (first W.rows of each row);
 // y: [m, ldy] f32 (W.cols of each row).

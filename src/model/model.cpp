@@ -85,6 +85,32 @@ void Model::dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out
   }
 }
 
+void Model::ffn_batch(const std::vector<FfnCall>& calls) {
+  const int64_t H = cfg_.hidden_size;
+  int64_t total = 0;
+  for (const FfnCall& c : calls) total += c.n * c.w->gate.rows;
+  float* g = sized(ws_.gate, total);
+  float* u = sized(ws_.up, total);
+  std::vector<kernels::MatmulJob> jobs;
+  std::vector<int64_t> off;
+  int64_t o = 0;
+  for (const FfnCall& c : calls) {
+    const int64_t I = c.w->gate.rows;
+    off.push_back(o);
+    jobs.push_back({c.x, c.n, H, &c.w->gate, g + o, I});
+    jobs.push_back({c.x, c.n, H, &c.w->up, u + o, I});
+    o += c.n * I;
+  }
+  kernels::matmul_batch(pool_, jobs.data(), static_cast<int64_t>(jobs.size()));
+  for (int64_t i = 0; i < total; ++i) g[i] = silu(g[i]) * u[i];
+  jobs.clear();
+  for (size_t k = 0; k < calls.size(); ++k) {
+    const FfnCall& c = calls[k];
+    jobs.push_back({g + off[k], c.n, c.w->gate.rows, &c.w->down, c.out, H});
+  }
+  kernels::matmul_batch(pool_, jobs.data(), static_cast<int64_t>(jobs.size()));
+}
+
 void Model::moe_ffn(int64_t layer, int64_t n) {
   const MoeWeights& m = w_.layers[layer].moe;
   const int64_t H = cfg_.hidden_size, E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
@@ -112,13 +138,18 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
     const moe::DispatchPlan plan = dispatcher_->plan(ep_->placement.at(layer), n, K, H, ex, wt);
     const float* recv = dispatcher_->dispatch(plan, h);
     float* eo = dispatcher_->expert_out(plan);
+    std::vector<FfnCall> calls;
     for (int32_t j = 0; j < plan.n_slots; ++j) {
       const int64_t cnt = plan.slot_count(j), off = plan.slot_offset[j];
       if (!cnt) continue;
       const MlpWeights& xp = m.experts[plan.slot_expert[j]];
       MS_ASSERT(xp.present());
-      dense_ffn(xp, recv + off * H, cnt, eo + off * H);
+      if (n <= kBatchedExpertTokens)
+        calls.push_back({&xp, recv + off * H, cnt, eo + off * H});
+      else
+        dense_ffn(xp, recv + off * H, cnt, eo + off * H);
     }
+    if (!calls.empty()) ffn_batch(calls);
     dispatcher_->combine(plan, eo, out);
     const auto& t = dispatcher_->exchange_seconds();
     exchange_seconds_ += t.plan + t.dispatch + t.combine;
@@ -127,6 +158,33 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
     // and the experts run in ascending id, so each token's weighted sum is taken in slot
     // order, from +0.0. The shared experts are added after.
     std::fill_n(out, n * H, 0.0f);
+    if (n <= kBatchedExpertTokens) {
+      // Few tokens: every expert's FFN (and the shared experts') in one batch, then the same
+      // weighted sums in the same order.
+      float* xin = sized(ws_.xin, n * K * H);
+      float* y = sized(ws_.yout, n * K * H);
+      for (int64_t i = 0; i < n * K; ++i) std::copy_n(h + (entry[i] / K) * H, H, xin + i * H);
+      std::vector<FfnCall> calls;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t b = count[e], cnt = count[e + 1] - b;
+        if (!cnt) continue;
+        MS_ASSERT(m.experts[e].present());
+        calls.push_back({&m.experts[e], xin + b * H, cnt, y + b * H});
+      }
+      float* s = m.shared.present() ? sized(ws_.shared_out, n * H) : nullptr;
+      if (s) calls.push_back({&m.shared, h, n, s});
+      ffn_batch(calls);
+      for (int64_t i = 0; i < n * K; ++i) {
+        const int64_t slot = entry[i];
+        const float w = wt[slot];
+        const float* yj = y + i * H;
+        float* o = out + (slot / K) * H;
+        for (int64_t c = 0; c < H; ++c) o[c] = o[c] + yj[c] * w;
+      }
+      if (s)
+        for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
+      return;
+    }
     for (int64_t e = 0; e < E; ++e) {
       const int64_t b = count[e], cnt = count[e + 1] - b;
       if (!cnt) continue;

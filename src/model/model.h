@@ -41,6 +41,9 @@ using Buffer = AlignedFloats;
 // so a long prefill does not set the process's peak memory.
 inline constexpr int64_t kAttnChunk = 64;  // tokens per pass of the absorbed attention
 inline constexpr int64_t kFfnChunk = 128;  // tokens per pass of a dense FFN
+// Up to this many tokens (decode), a MoE layer runs all its experts' FFNs as one batch of
+// small products (kernels::matmul_batch) rather than expert after expert.
+inline constexpr int64_t kBatchedExpertTokens = 32;
 
 struct Workspace {
   Buffer x, h, attn_out, ffn_out;  // [T, hidden]
@@ -49,7 +52,7 @@ struct Workspace {
   Buffer gate, up;                 // [chunk, inter] (dense) / [n, inter] (experts)
   Buffer router_logits, route_w;   // [T, E], [T, K]
   std::vector<int32_t> route_e;    // [T, K]
-  Buffer xin, yout;                // expert gather / output buffers
+  Buffer xin, yout, shared_out;    // expert gather / output buffers, shared experts' output
   Buffer norm_rows;                // [R, hidden]
 };
 
@@ -93,6 +96,15 @@ class Model {
  private:
   void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out
   void dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out);  // [n, hidden]
+  // dense_ffn for each of several FFNs at once (the same bits), every phase one batch of
+  // products: for decode, where each expert sees a token or a few.
+  struct FfnCall {
+    const MlpWeights* w;
+    const float* x;  // [n, hidden]
+    int64_t n;
+    float* out;  // [n, hidden]
+  };
+  void ffn_batch(const std::vector<FfnCall>& calls);
   void moe_ffn(int64_t layer, int64_t n);  // ws_.h -> ws_.ffn_out
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                float* out) const;

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -302,6 +303,48 @@ TEST(Matmul, Fp8ExtremeScalesFollowTheContract) {
             EXPECT_EQ(bits(y[i]), bits(want[i]))
                 << isa_name(isa) << " m=" << m << " fast " << fast << " at " << i;
         }
+      }
+    }
+  }
+}
+
+TEST(Matmul, BatchEqualsOneByOne) {
+  ThreadPool pool(3);
+  // Mixed dtypes and shapes: K not a multiple of 16, unaligned x, m past the GEMV range (run
+  // by matmul itself), an empty job, one row.
+  struct Spec {
+    DType dt;
+    int64_t m, N, K;
+    bool plain;
+  };
+  const Spec specs[] = {{DType::F8_E4M3, 1, 130, 300, true}, {DType::BF16, 1, 64, 256, false},
+                        {DType::F8_E4M3, 4, 77, 129, false}, {DType::F32, 3, 1, 17, false},
+                        {DType::F16, 2, 40, 64, false},      {DType::BF16, 0, 10, 32, false},
+                        {DType::F8_E4M3, 40, 33, 256, true}, {DType::BF16, 9, 50, 100, false}};
+  for (Isa isa : isas()) {
+    std::vector<std::unique_ptr<TestWeight>> ws;
+    std::vector<Floats> xs;
+    std::vector<std::vector<float>> want, got;
+    std::vector<MatmulJob> jobs;
+    uint32_t seed = 500;
+    for (const Spec& sp : specs) {
+      ws.push_back(std::make_unique<TestWeight>(sp.dt, sp.N, sp.K, seed++));
+      ws.back()->w.fp8_plain = sp.plain;
+      const int64_t ldx = sp.K + 3;  // rows not 64-byte aligned
+      xs.push_back(random_floats(std::max<int64_t>(1, sp.m * ldx), seed++));
+      want.push_back(run_matmul(isa, pool, xs.back(), sp.m, ldx, ws.back()->w));
+      got.emplace_back(sp.m * (sp.N + 2), kSentinel);
+    }
+    for (size_t i = 0; i < std::size(specs); ++i)
+      jobs.push_back(
+          {xs[i].data(), specs[i].m, specs[i].K + 3, &ws[i]->w, got[i].data(), specs[i].N + 2});
+    kernel_table(isa).matmul_batch(pool, jobs.data(), static_cast<int64_t>(jobs.size()));
+    for (size_t i = 0; i < std::size(specs); ++i) {
+      const Spec& sp = specs[i];
+      for (int64_t t = 0; t < sp.m; ++t) {
+        ASSERT_EQ(first_diff(&got[i][t * (sp.N + 2)], &want[i][t * sp.N], sp.N), -1)
+            << isa_name(isa) << " job " << i << " token " << t;
+        EXPECT_EQ(got[i][t * (sp.N + 2) + sp.N], kSentinel) << "wrote padding, job " << i;
       }
     }
   }

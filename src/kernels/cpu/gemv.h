@@ -226,28 +226,33 @@ void gemv_rows(int64_t m, const float* x, int64_t ldx, const Weight& w, int64_t 
   }
 }
 
-// Any m, in groups of up to 8 tokens. Each thread takes a range of rows; with more than 8
-// tokens it goes through its rows in blocks small enough for L2, all token groups per block,
-// so the weights still come from memory once.
+// Rows [b, e) for any m, in groups of up to 8 tokens; with more than 8 tokens the rows go in
+// blocks small enough for L2, all token groups per block, so the weights still come from
+// memory once.
+template <class O, DType DT>
+void gemv_range(const float* x, int64_t m, int64_t ldx, const Weight& w, int64_t b, int64_t e,
+                float* y, int64_t ldy) {
+  constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
+  const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
+  const int64_t block =
+      m <= 8 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
+  for (int64_t r0 = b; r0 < e; r0 += block) {
+    const int64_t r1 = std::min(e, r0 + block);
+    for (int64_t t0 = 0; t0 < m; t0 += 8)
+      gemv_rows<O, DT>(std::min<int64_t>(8, m - t0), x + t0 * ldx, ldx, w, r0, r1, y + t0 * ldy,
+                       ldy);
+  }
+}
+
+// Any m: each thread takes a range of rows.
 template <class O, DType DT>
 void gemv(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
           int64_t ldy) {
-  constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
   const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
   // Thread chunks of at least ~32 KB of weights, so small matrices are not spread thin.
   const int64_t grain = std::max<int64_t>(1, (32 << 10) / row_bytes + 1);
-  const int64_t block =
-      m <= 8 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
   pool.parallel_for(
-      w.rows,
-      [&](int64_t b, int64_t e, int) {
-        for (int64_t r0 = b; r0 < e; r0 += block) {
-          const int64_t r1 = std::min(e, r0 + block);
-          for (int64_t t0 = 0; t0 < m; t0 += 8)
-            gemv_rows<O, DT>(std::min<int64_t>(8, m - t0), x + t0 * ldx, ldx, w, r0, r1,
-                             y + t0 * ldy, ldy);
-        }
-      },
+      w.rows, [&](int64_t b, int64_t e, int) { gemv_range<O, DT>(x, m, ldx, w, b, e, y, ldy); },
       grain);
 }
 

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/cpu/common.h"
@@ -88,6 +89,77 @@ void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, cons
     default:
       fail("matmul: unsupported weight dtype ", dtype_name(w.dtype));
   }
+}
+
+// ---- several small products in one fan-out
+
+template <class O>
+void gemv_range_any(const MatmulJob& j, int64_t b, int64_t e) {
+  switch (j.w->dtype) {
+    case DType::F32:
+      return gemv_range<O, DType::F32>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+    case DType::F16:
+      return gemv_range<O, DType::F16>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+    case DType::BF16:
+      return gemv_range<O, DType::BF16>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+    default:
+      return gemv_range<O, DType::F8_E4M3>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+  }
+}
+
+template <class O>
+void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
+  // Jobs for the GEMV kernels, with x as they read it (aligned, zero-padded to round16(K));
+  // the others go through matmul one by one.
+  std::vector<MatmulJob> small;
+  std::vector<int64_t> first_row{0};  // of each small job in the concatenation of their rows
+  int64_t pad_floats = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const MatmulJob& j = jobs[i];
+    MS_CHECK(j.w->dtype == DType::F32 || j.w->dtype == DType::F16 || j.w->dtype == DType::BF16 ||
+                 j.w->dtype == DType::F8_E4M3,
+             "matmul: unsupported weight dtype ", dtype_name(j.w->dtype));
+    const bool gemv_ok = j.w->dtype == DType::F8_E4M3 ? j.m <= gemv_max_m<DType::F8_E4M3>()
+                                                      : j.m <= gemv_max_m<DType::BF16>();
+    if (j.m <= 0 || j.w->rows <= 0) continue;
+    if (!gemv_ok || j.w->cols == 0) {
+      matmul<O>(pool, j.x, j.m, j.ldx, *j.w, j.y, j.ldy);
+      continue;
+    }
+    const int64_t K = j.w->cols;
+    if (K % 16 || reinterpret_cast<uintptr_t>(j.x) % 64 || j.ldx % 16)
+      pad_floats += j.m * round16(K);
+    small.push_back(j);
+    first_row.push_back(first_row.back() + j.w->rows);
+  }
+  if (small.empty()) return;
+  static thread_local Scratch xscratch;
+  float* xp = pad_floats ? xscratch.get(pad_floats) : nullptr;
+  for (MatmulJob& j : small) {
+    const int64_t K = j.w->cols;
+    if (!(K % 16 || reinterpret_cast<uintptr_t>(j.x) % 64 || j.ldx % 16)) continue;
+    const int64_t Kp = round16(K);
+    for (int64_t i = 0; i < j.m; ++i) {
+      std::memcpy(xp + i * Kp, j.x + i * j.ldx, K * sizeof(float));
+      std::fill(xp + i * Kp + K, xp + (i + 1) * Kp, 0.0f);
+    }
+    j.x = xp;
+    j.ldx = Kp;
+    xp += j.m * Kp;
+  }
+  // One range of the concatenated rows per thread; each row's result is the same whichever
+  // thread computes it, and with whichever neighbours (kernels.h).
+  pool.parallel_for(
+      first_row.back(),
+      [&](int64_t b, int64_t e, int) {
+        auto it = std::upper_bound(first_row.begin(), first_row.end(), b) - 1;
+        for (size_t k = it - first_row.begin(); k < small.size() && first_row[k] < e; ++k) {
+          const int64_t r0 = std::max(b, first_row[k]) - first_row[k];
+          const int64_t r1 = std::min(e, first_row[k + 1]) - first_row[k];
+          gemv_range_any<O>(small[k], r0, r1);
+        }
+      },
+      8);
 }
 
 // ---- vectors
@@ -238,8 +310,8 @@ void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* 
 
 template <class O>
 const KernelTable& make_table() {
-  static const KernelTable t{&matmul<O>, &matmul_t<O>, &dequant_row<O>,  &dot<O>,
-                             &axpy<O>,   &dots<O>,     &weighted_rows<O>};
+  static const KernelTable t{&matmul<O>, &matmul_t<O>, &dequant_row<O>,   &dot<O>,
+                             &axpy<O>,   &dots<O>,     &weighted_rows<O>, &matmul_batch<O>};
   return t;
 }
 

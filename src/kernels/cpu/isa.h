@@ -19,6 +19,7 @@ struct KernelTable {
   void (*dots)(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out);
   void (*weighted_rows)(const float* c, int64_t nc, int64_t ldc, const float* const* rows,
                         int64_t nrows, int64_t n, float* y, int64_t ldy);
+  void (*matmul_batch)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
 };
 
 namespace scalar {
