@@ -1,6 +1,7 @@
 #include "kernels/kernels.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "core/error.h"
 #include "kernels/cpu/isa.h"
@@ -43,18 +44,23 @@ size_t Weight::bytes() const {
 }
 
 bool fp8_plain(const uint8_t* data, size_t n) {
-  size_t nan = 0, subnormal = 0;
-  constexpr size_t kChunk = 1 << 16;  // counts that fit 32 bits, a loop the compiler vectorizes
-  for (size_t i0 = 0; i0 < n; i0 += kChunk) {
-    const size_t i1 = std::min(n, i0 + kChunk);
-    uint32_t cn = 0, cs = 0;
-    for (size_t i = i0; i < i1; ++i) {
-      const uint32_t m = data[i] & 0x7fu;
-      cn += m == 0x7fu;
-      cs += m - 1u < 7u;
-    }
-    nan += cn;
-    subnormal += cs;
+  // Eight bytes at a time: per byte, a flag in bit 7 (added up by one multiply).
+  constexpr uint64_t k01 = 0x0101010101010101ull, k80 = k01 * 0x80, k7f = k01 * 0x7f,
+                     k78 = k01 * 0x78, k07 = k01 * 0x07;
+  auto count = [](uint64_t flags) { return static_cast<size_t>(((flags >> 7) * k01) >> 56); };
+  size_t nan = 0, subnormal = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, data + i, 8);
+    nan += count(((w & k7f) + k01) & k80);               // b & 0x7f == 0x7f
+    const uint64_t exp_zero = ~((w & k78) + k78) & k80;  // exponent bits all 0
+    const uint64_t mant_nz = ((w & k07) + k7f) & k80;    // mantissa bits not all 0
+    subnormal += count(exp_zero & mant_nz);
+  }
+  for (; i < n; ++i) {
+    const uint32_t m = data[i] & 0x7fu;
+    nan += m == 0x7fu;
+    subnormal += m - 1u < 7u;
   }
   return nan == 0 && subnormal <= n / 1024;
 }

@@ -55,7 +55,9 @@ Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertParalle
       pool_(pool),
       dispatcher_(ep_ ? std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode, ep_->transport)
                       : nullptr),
-      expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {}
+      expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {
+  mark_fp8_plain(w_, pool_);
+}
 
 std::vector<int64_t> Model::expert_token_counts() const {
   std::vector<int64_t> out(cfg_.num_hidden_layers * cfg_.n_routed_experts);

@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace moeserve::model {
@@ -28,8 +30,7 @@ class Loader {
                ", expected F32");
       w.scale_inv = static_cast<const float*>(s.data);
       w.scale_cols = bc;
-      w.fp8_plain =
-          kernels::fp8_plain(static_cast<const uint8_t*>(t.data), static_cast<size_t>(rows * cols));
+      w.fp8_plain = false;  // until mark_fp8_plain has looked at the data
     } else {
       MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor ",
                name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32, F8_E4M3");
@@ -124,6 +125,51 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
     w.lm_head = w.embed;
   }
   return w;
+}
+
+void mark_fp8_plain(ModelWeights& w, const ThreadPool& pool) {
+  std::vector<Weight*> fp8;
+  auto add = [&](Weight& m) {
+    if (m.dtype == DType::F8_E4M3 && m.data) fp8.push_back(&m);
+  };
+  auto add_mlp = [&](MlpWeights& m) {
+    add(m.gate);
+    add(m.up);
+    add(m.down);
+  };
+  for (LayerWeights& L : w.layers) {
+    AttentionWeights& a = L.attn;
+    for (Weight* m : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
+      add(*m);
+    add_mlp(L.mlp);
+    add(L.moe.router);
+    for (MlpWeights& e : L.moe.experts) add_mlp(e);
+    add_mlp(L.moe.shared);
+  }
+  add(w.lm_head);
+  // Pieces of at most 1 MB, so the threads share big and small tensors evenly. A tensor is
+  // plain when every piece is (each piece's subnormal budget is its share of the tensor's).
+  constexpr size_t kPiece = size_t{1} << 20;
+  struct Piece {
+    size_t weight, offset, n;
+  };
+  std::vector<Piece> pieces;
+  for (size_t i = 0; i < fp8.size(); ++i) {
+    const size_t n = static_cast<size_t>(fp8[i]->rows * fp8[i]->cols);
+    for (size_t off = 0; off < n; off += kPiece)
+      pieces.push_back({i, off, std::min(kPiece, n - off)});
+  }
+  std::vector<uint8_t> plain(pieces.size());
+  pool.parallel_for(static_cast<int64_t>(pieces.size()), [&](int64_t b, int64_t e, int) {
+    for (int64_t p = b; p < e; ++p) {
+      const Piece& pc = pieces[p];
+      plain[p] =
+          kernels::fp8_plain(static_cast<const uint8_t*>(fp8[pc.weight]->data) + pc.offset, pc.n);
+    }
+  });
+  for (Weight* m : fp8) m->fp8_plain = true;
+  for (size_t p = 0; p < pieces.size(); ++p)
+    if (!plain[p]) fp8[pieces[p].weight]->fp8_plain = false;
 }
 
 size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/thread_pool.h"
 #include "kernels/kernels.h"
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -61,6 +62,10 @@ using ExpertFilter = std::function<bool(int64_t layer, int64_t expert)>;
 // Errors name the tensor. The MTP layer (model.layers.{num_hidden_layers}.*) is ignored.
 ModelWeights load_weights(const WeightStore& store, const ModelConfig& cfg,
                           const ExpertFilter& local = {});
+
+// Sets fp8_plain on every F8_E4M3 matrix whose data allows the kernels' fast conversion
+// (kernels::fp8_plain), reading the weights once with the pool's threads.
+void mark_fp8_plain(ModelWeights& w, const ThreadPool& pool);
 
 // Bytes of weights one token reads at batch 1: attention, dense FFNs, shared experts, top-k
 // routed experts, one embedding row and the LM head.

@@ -549,6 +549,22 @@ TEST(Weight, Fp8PlainOnlyWithoutNanAndWithFewSubnormals) {
   EXPECT_FALSE(fp8_plain(b.data(), b.size()));  // 5 in 4096: too many
 }
 
+TEST(Weight, Fp8PlainClassifiesEveryByteAtEveryPosition) {
+  // 2051 bytes: a budget of 2 subnormals; three copies of one byte value at different offsets
+  // within 8-byte words, and in the tail.
+  for (int v = 0; v < 256; ++v) {
+    const uint32_t m = static_cast<uint32_t>(v) & 0x7f;
+    const bool nan = m == 0x7f, subnormal = m >= 1 && m <= 7;
+    for (size_t shift : {0, 3, 7}) {
+      std::vector<uint8_t> b(2051, 0x38);
+      for (size_t pos : {shift, 1000 + shift, size_t{2049}}) b[pos] = static_cast<uint8_t>(v);
+      EXPECT_EQ(fp8_plain(b.data(), b.size()), !nan && !subnormal) << "byte " << v;
+      b[1000 + shift] = 0x38;  // two copies: within the budget unless NaN
+      EXPECT_EQ(fp8_plain(b.data(), b.size()), !nan) << "byte " << v;
+    }
+  }
+}
+
 TEST(Weight, ViewsAndBytes) {
   TestWeight tw(DType::F8_E4M3, 300, 260, 3);
   EXPECT_EQ(tw.w.bytes(), 300u * 260 + 3 * 3 * 4);
