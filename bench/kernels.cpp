@@ -133,12 +133,6 @@ int main(int argc, char** argv) {
   if (only != "prefill") {
     decode(pool, DType::BF16, 18432, 7168);     // 264 MB
     decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
-    // One routed expert's gate (or up) and down projection of the bench preset: short rows, and
-    // a call per matrix, as decode runs them.
-    for (DType dt : {DType::BF16, DType::F8_E4M3}) {
-      decode(pool, dt, 1024, 2048);
-      decode(pool, dt, 2048, 1024);
-    }
   }
   if (only == "decode") return 0;
   for (DType dt : {DType::BF16, DType::F8_E4M3}) {
