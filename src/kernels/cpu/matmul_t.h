@@ -73,6 +73,91 @@ void trans_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64
     }
 }
 
+// trans_tile for few tokens (decode), reading the weights in place: each 16-column chunk of a
+// row converted once, used by the MT tokens at once, no dequantized copy. The same values and
+// the same order of sums as dequant_cols + trans_tile.
+template <class O, DType DT, int MT, int NT>
+void trans_tile_w(const float* x, int64_t ldx, const Weight& w, int64_t c0, float* y, int64_t ldy,
+                  int64_t ncols) {
+  using V = typename O::V;
+  V acc[MT][NT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const uint8_t* row = w_row(w, r);
+    const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
+    V wv[NT];
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) {
+      const int64_t k = c0 + 16 * j;
+      if (k + 16 > w.cols) {
+        wv[j] = load_w_tail<O, DT>(row, k, w.cols - k, fp8_scale<O, DT>(sc, k));
+        continue;
+      }
+      if constexpr (DT == DType::F8_E4M3 && O::kFp8Direct) {
+        if (w.fp8_plain && std::fabs(sc[k / kFp8Block]) < 0x1p8f) {
+          wv[j] = O::cvt_fp8_direct(row + k, O::set1(sc[k / kFp8Block] * 0x1p120f));
+          continue;
+        }
+      }
+      wv[j] = load_w<O, DT>(row, k, fp8_scale<O, DT>(sc, k));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const V xb = O::set1(x[i * ldx + r]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NT; ++j) acc[i][j] = O::fma(xb, wv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) {
+      float* dst = y + i * ldy + 16 * j;
+      if (16 * j + 16 <= ncols) {
+        O::store(dst, acc[i][j]);
+      } else if (16 * j < ncols) {
+        alignas(64) float tmp[16];
+        O::store(tmp, acc[i][j]);
+        std::memcpy(dst, tmp, (ncols - 16 * j) * sizeof(float));
+      }
+    }
+}
+
+// Columns [c0, c0 + ncols) for m <= kTileTM tokens, in slices of up to kTileTN chunks.
+template <class O, DType DT, int MT>
+void trans_cols_w(const float* x, int64_t ldx, const Weight& w, int64_t c0, int64_t ncols, float* y,
+                  int64_t ldy) {
+  constexpr int64_t kSlice = 16 * O::kTileTN;
+  int64_t c = c0;
+  for (; c + kSlice <= c0 + ncols; c += kSlice)
+    trans_tile_w<O, DT, MT, O::kTileTN>(x, ldx, w, c, y + c, ldy, kSlice);
+  for (; c < c0 + ncols; c += 16)  // the rest a chunk at a time
+    trans_tile_w<O, DT, MT, 1>(x, ldx, w, c, y + c, ldy, std::min<int64_t>(16, c0 + ncols - c));
+}
+
+template <class O, DType DT>
+void trans_cols_w(int64_t m, const float* x, int64_t ldx, const Weight& w, int64_t c0,
+                  int64_t ncols, float* y, int64_t ldy) {
+  static_assert(O::kTileTM <= 4);
+  switch (m) {
+    case 1:
+      return trans_cols_w<O, DT, 1>(x, ldx, w, c0, ncols, y, ldy);
+    case 2:
+      if constexpr (O::kTileTM >= 2) return trans_cols_w<O, DT, 2>(x, ldx, w, c0, ncols, y, ldy);
+      break;
+    case 3:
+      if constexpr (O::kTileTM >= 3) return trans_cols_w<O, DT, 3>(x, ldx, w, c0, ncols, y, ldy);
+      break;
+    default:
+      if constexpr (O::kTileTM >= 4) return trans_cols_w<O, DT, 4>(x, ldx, w, c0, ncols, y, ldy);
+      break;
+  }
+  MS_ASSERT(false);
+}
+
 using TransTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
                              int64_t);
 
@@ -97,6 +182,13 @@ void matmul_t_dtype(const ThreadPool& pool, const float* x, int64_t m, int64_t l
     return t;
   }();
   const int64_t C = w.cols, n_slices = (C + kSlice - 1) / kSlice;
+  if (m <= O::kTileTM) {  // decode: no dequantized copy, each weight converted once anyway
+    pool.parallel_for(n_slices, [&](int64_t b, int64_t e, int) {
+      const int64_t c0 = b * kSlice, c1 = std::min(C, e * kSlice);
+      trans_cols_w<O, DT>(m, x, ldx, w, c0, c1 - c0, y, ldy);
+    });
+    return;
+  }
   const int64_t n_blocks = (m + kTransTokens - 1) / kTransTokens;
   // Items are slice-major, so a thread's consecutive items mostly reuse its dequantized slice.
   pool.parallel_for(n_slices * n_blocks, [&](int64_t b, int64_t e, int) {
