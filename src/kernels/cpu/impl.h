@@ -253,32 +253,18 @@ void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, fl
   for (; i < na; ++i) dots_g<O, 1>(a + i * lda, lda, b, n, out + i);
 }
 
-// weighted_rows for G outputs and columns [k, k + 16 * NV): G x NV accumulators live in
-// registers while the rows stream past.
+// weighted_rows for G outputs and columns [k, k + 16 * NV): matmul_t's tile, its "weight rows"
+// the cached rows; G x NV accumulators live in registers while the rows stream past.
 template <class O, int G, int NV>
 void weighted_rows_g(const float* c, int64_t ldc, const float* const* rows, int64_t nrows,
                      int64_t k, float* y, int64_t ldy) {
-  using V = typename O::V;
-  V acc[G][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i)
+  trans_tile_with<O, G, NV>(
+      c, ldc, nrows,
+      [&](int64_t j, typename O::V* x) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = O::zero();
-  for (int64_t j = 0; j < nrows; ++j) {
-    V x[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = O::load_reg(rows[j] + k + 16 * v);
-#pragma GCC unroll 8
-    for (int i = 0; i < G; ++i) {
-      const V cv = O::set1(c[i * ldc + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = O::fma(cv, x[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) O::store(y + i * ldy + k + 16 * v, acc[i][v]);
+        for (int v = 0; v < NV; ++v) x[v] = O::load_reg(rows[j] + k + 16 * v);
+      },
+      y + k, ldy, 16 * NV);
 }
 
 template <class O, int G>

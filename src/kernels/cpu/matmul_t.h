@@ -37,10 +37,11 @@ void dequant_cols(const Weight& w, int64_t c0, int64_t nc, float* wb, int64_t ld
   }
 }
 
-// y[i, 16j + l] = sum_r x[i, r] * wb[r, 16j + l] for i < MT, j < NT, columns < ncols.
-template <class O, int MT, int NT>
-void trans_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t rows, float* y,
-                int64_t ldy, int64_t ncols) {
+// y[i, 16j + l] = sum_r x[i, r] * W[r, 16j + l] for i < MT, j < NT, columns < ncols, where
+// load_row(r, wv) puts row r's NT chunks in wv.
+template <class O, int MT, int NT, class LoadRow>
+void trans_tile_with(const float* x, int64_t ldx, int64_t rows, LoadRow&& load_row, float* y,
+                     int64_t ldy, int64_t ncols) {
   using V = typename O::V;
   V acc[MT][NT];
 #pragma GCC unroll 8
@@ -49,8 +50,7 @@ void trans_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64
     for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
   for (int64_t r = 0; r < rows; ++r) {
     V wv[NT];
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) wv[j] = O::load(wb + r * ldw + 16 * j);
+    load_row(r, wv);
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
       const V xb = O::set1(x[i * ldx + r]);
@@ -73,22 +73,28 @@ void trans_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64
     }
 }
 
-// trans_tile for few tokens (decode), reading the weights in place: each 16-column chunk of a
-// row converted once, used by the MT tokens at once, no dequantized copy. The same values and
-// the same order of sums as dequant_cols + trans_tile.
+// From dequantized columns wb: [rows, ldw] f32.
+template <class O, int MT, int NT>
+void trans_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t rows, float* y,
+                int64_t ldy, int64_t ncols) {
+  trans_tile_with<O, MT, NT>(
+      x, ldx, rows,
+      [&](int64_t r, typename O::V* wv) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NT; ++j) wv[j] = O::load(wb + r * ldw + 16 * j);
+      },
+      y, ldy, ncols);
+}
+
+// For few tokens (decode), reading the weights in place: each 16-column chunk of a row
+// converted once, used by the MT tokens at once, no dequantized copy. The same values and the
+// same order of sums as dequant_cols + trans_tile.
 template <class O, DType DT, int MT, int NT>
 void trans_tile_w(const float* x, int64_t ldx, const Weight& w, int64_t c0, float* y, int64_t ldy,
                   int64_t ncols) {
-  using V = typename O::V;
-  V acc[MT][NT];
-#pragma GCC unroll 8
-  for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
-  for (int64_t r = 0; r < w.rows; ++r) {
+  auto load_row = [&](int64_t r, typename O::V* wv) {
     const uint8_t* row = w_row(w, r);
     const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
-    V wv[NT];
 #pragma GCC unroll 8
     for (int j = 0; j < NT; ++j) {
       const int64_t k = c0 + 16 * j;
@@ -104,26 +110,8 @@ void trans_tile_w(const float* x, int64_t ldx, const Weight& w, int64_t c0, floa
       }
       wv[j] = load_w<O, DT>(row, k, fp8_scale<O, DT>(sc, k));
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-      const V xb = O::set1(x[i * ldx + r]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NT; ++j) acc[i][j] = O::fma(xb, wv[j], acc[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) {
-      float* dst = y + i * ldy + 16 * j;
-      if (16 * j + 16 <= ncols) {
-        O::store(dst, acc[i][j]);
-      } else if (16 * j < ncols) {
-        alignas(64) float tmp[16];
-        O::store(tmp, acc[i][j]);
-        std::memcpy(dst, tmp, (ncols - 16 * j) * sizeof(float));
-      }
-    }
+  };
+  trans_tile_with<O, MT, NT>(x, ldx, w.rows, load_row, y, ldy, ncols);
 }
 
 // Columns [c0, c0 + ncols) for m <= kTileTM tokens, in slices of up to kTileTN chunks.
