@@ -126,8 +126,9 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   active().axpy(a, x, y, n);
 }
 
-void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out) {
-  active().dots(a, na, lda, b, n, out);
+void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
+          int64_t n, float* out, int64_t ldo) {
+  active().dots(a, na, lda, b, nb, boff, n, out, ldo);
 }
 
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,

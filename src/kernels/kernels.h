@@ -86,9 +86,11 @@ float dot(const float* a, const float* b, int64_t n);
 // y[k] = fma(a, x[k], y[k])
 void axpy(float a, const float* x, float* y, int64_t n);
 
-// out[i] = dot(a + i * lda, b, n) for i < na: several dot products against one vector, worked
-// on together (independent accumulators instead of one chain), each the same bits as dot.
-void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out);
+// out[i * ldo + j] = dot(a + i * lda, b[j] + boff, n) for i < na, j < nb: every dot product of
+// several vectors against several others (attention: heads against cached rows, which may lie
+// anywhere), worked on together with independent accumulators, each the same bits as dot.
+void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
+          int64_t n, float* out, int64_t ldo);
 
 // y[i * ldy + k] = sum_j c[i * ldc + j] * rows[j][k]  for i < nc, k < n: over j = 0, 1, ...
 // in order, one fused multiply-add each, starting from +0.0 -- the same bits as clearing y and

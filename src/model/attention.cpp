@@ -116,7 +116,7 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   const int64_t groups = std::min(nh, (threads + T - 1) / T);  // head groups per token
   const int64_t gsize = (nh + groups - 1) / groups;
   pool_.parallel_for(T * groups, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> p(gsize * max_ctx), mx(gsize), sum(gsize), s1(gsize), s2(gsize);
+    std::vector<float> p(gsize * max_ctx), pe(gsize * max_ctx), mx(gsize);
     std::vector<const float*> rows(max_ctx);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / groups, h0 = (item % groups) * gsize, h1 = std::min(nh, h0 + gsize);
@@ -128,15 +128,15 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
       std::fill(mx.begin(), mx.end(), -INFINITY);
       const float* ql = q_lat + (t * nh + h0) * L;
       const float* qpe = q + t * nh * qd + h0 * qd + nope;
-      for (int64_t j = 0; j < ctx; ++j) {
-        kernels::dots(ql, g, L, rows[j], L, s1.data());
-        kernels::dots(qpe, g, qd, rows[j] + L, rd, s2.data());
-        for (int64_t i = 0; i < g; ++i) {
-          const float pj = (s1[i] + s2[i]) * scale;
+      // Latent and rope parts of every score, each a dot product of its own.
+      kernels::dots(ql, g, L, rows.data(), ctx, 0, L, p.data(), max_ctx);
+      kernels::dots(qpe, g, qd, rows.data(), ctx, L, rd, pe.data(), max_ctx);
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t j = 0; j < ctx; ++j) {
+          const float pj = (p[i * max_ctx + j] + pe[i * max_ctx + j]) * scale;
           p[i * max_ctx + j] = pj;
           mx[i] = std::max(mx[i], pj);
         }
-      }
       for (int64_t i = 0; i < g; ++i) {
         float* ph = p.data() + i * max_ctx;
         float sm = 0.0f;

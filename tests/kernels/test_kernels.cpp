@@ -483,15 +483,25 @@ TEST(Vector, AxpyIsOneFmaPerElement) {
 TEST(Vector, DotsEqualDotOneByOne) {
   for (int64_t n : {0, 1, 15, 16, 17, 64, 100, 512}) {
     for (int64_t na : {1, 3, 4, 5, 8, 9, 13, 16}) {
-      const int64_t lda = n + 3;
-      const auto a = random_floats(na * lda, 60 + n + na), b = random_floats(n + 1, 61 + n);
-      for (Isa isa : isas()) {
-        std::vector<float> got(na + 1, -1.0f);
-        kernel_table(isa).dots(a.data(), na, lda, b.data(), n, got.data());
-        for (int64_t i = 0; i < na; ++i)
-          ASSERT_EQ(bits(got[i]), bits(reference::dot_lanes(a.data() + i * lda, b.data(), n)))
-              << isa_name(isa) << " n=" << n << " na=" << na << " i=" << i;
-        EXPECT_EQ(got[na], -1.0f) << "wrote past the last output";
+      for (int64_t nb : {1, 2, 3, 7}) {
+        const int64_t lda = n + 3, boff = 5, ldo = nb + 2;
+        const auto a = random_floats(na * lda, 60 + n + na);
+        // b's rows scattered over one buffer, read from boff on.
+        const auto buf = random_floats(nb * (n + 9) + 1, 61 + n + nb);
+        std::vector<const float*> b(nb);
+        for (int64_t j = 0; j < nb; ++j) b[j] = buf.data() + ((j * 3) % nb) * (n + 9);
+        for (Isa isa : isas()) {
+          std::vector<float> got(na * ldo, -1.0f);
+          kernel_table(isa).dots(a.data(), na, lda, b.data(), nb, boff, n, got.data(), ldo);
+          for (int64_t i = 0; i < na; ++i) {
+            for (int64_t j = 0; j < nb; ++j)
+              ASSERT_EQ(bits(got[i * ldo + j]),
+                        bits(reference::dot_lanes(a.data() + i * lda, b[j] + boff, n)))
+                  << isa_name(isa) << " n=" << n << " na=" << na << " nb=" << nb << " i=" << i
+                  << " j=" << j;
+            EXPECT_EQ(got[i * ldo + nb], -1.0f) << "wrote past the row's outputs";
+          }
+        }
       }
     }
   }

@@ -216,41 +216,63 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   for (; k < n; ++k) y[k] = std::fma(a, x[k], y[k]);
 }
 
-// G dot products against b at once: G independent accumulator chains, each dot's own order.
-template <class O, int G>
-void dots_g(const float* a, int64_t lda, const float* b, int64_t n, float* out) {
+// G x NB dot products at once (a's rows against b's): independent accumulator chains, each
+// dot's own order. One load of an a chunk serves NB rows of b.
+template <class O, int G, int NB>
+void dots_g(const float* a, int64_t lda, const float* const* b, int64_t boff, int64_t n, float* out,
+            int64_t ldo) {
   using V = typename O::V;
-  V acc[G];
+  V acc[G][NB];
 #pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) acc[i] = O::zero();
+  for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = O::zero();
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
-    const V bv = O::load_reg(b + k);
+    V bv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) bv[j] = O::load_reg(b[j] + boff + k);
 #pragma GCC unroll 8
-    for (int i = 0; i < G; ++i) acc[i] = O::fma(O::load(a + i * lda + k), bv, acc[i]);
+    for (int i = 0; i < G; ++i) {
+      const V av = O::load_reg(a + i * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = O::fma(av, bv[j], acc[i][j]);
+    }
   }
-  if (k < n) {
-    alignas(64) float ta[16] = {}, tb[16] = {};
-    std::memcpy(tb, b + k, (n - k) * sizeof(float));
-    const V bv = O::load(tb);
+  if (k < n) {  // the contract's zero padding
+    alignas(64) float ta[16] = {}, tb[NB][16] = {};
+    for (int j = 0; j < NB; ++j) std::memcpy(tb[j], b[j] + boff + k, (n - k) * sizeof(float));
     for (int i = 0; i < G; ++i) {
       std::memcpy(ta, a + i * lda + k, (n - k) * sizeof(float));
-      acc[i] = O::fma(O::load(ta), bv, acc[i]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = O::fma(O::load(ta), O::load(tb[j]), acc[i][j]);
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) out[i] = O::reduce(acc[i]);
+  for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(acc[i][j]);
+}
+
+template <class O, int G>
+void dots_rows(const float* a, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
+               int64_t n, float* out, int64_t ldo) {
+  int64_t j = 0;
+  for (; j + 2 <= nb; j += 2) dots_g<O, G, 2>(a, lda, b + j, boff, n, out + j, ldo);
+  if (j < nb) dots_g<O, G, 1>(a, lda, b + j, boff, n, out + j, ldo);
 }
 
 template <class O>
-void dots(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out) {
+void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
+          int64_t n, float* out, int64_t ldo) {
+  constexpr int kG = O::kDotHeads;
   int64_t i = 0;
-  for (; i + 8 <= na; i += 8) dots_g<O, 8>(a + i * lda, lda, b, n, out + i);
-  if (na - i >= 4) {
-    dots_g<O, 4>(a + i * lda, lda, b, n, out + i);
+  for (; i + kG <= na; i += kG)
+    dots_rows<O, kG>(a + i * lda, lda, b, nb, boff, n, out + i * ldo, ldo);
+  if (kG > 4 && na - i >= 4) {
+    dots_rows<O, 4>(a + i * lda, lda, b, nb, boff, n, out + i * ldo, ldo);
     i += 4;
   }
-  for (; i < na; ++i) dots_g<O, 1>(a + i * lda, lda, b, n, out + i);
+  for (; i < na; ++i) dots_rows<O, 1>(a + i * lda, lda, b, nb, boff, n, out + i * ldo, ldo);
 }
 
 // weighted_rows for G outputs and columns [k, k + 16 * NV): matmul_t's tile, its "weight rows"

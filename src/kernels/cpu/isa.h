@@ -16,7 +16,8 @@ struct KernelTable {
   void (*dequant_row)(const Weight& w, int64_t r, float* out);
   float (*dot)(const float* a, const float* b, int64_t n);
   void (*axpy)(float a, const float* x, float* y, int64_t n);
-  void (*dots)(const float* a, int64_t na, int64_t lda, const float* b, int64_t n, float* out);
+  void (*dots)(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb,
+               int64_t boff, int64_t n, float* out, int64_t ldo);
   void (*weighted_rows)(const float* c, int64_t nc, int64_t ldc, const float* const* rows,
                         int64_t nrows, int64_t n, float* y, int64_t ldy);
   void (*matmul_batch)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);

@@ -11,6 +11,7 @@ struct Avx2 {
     __m256 lo, hi;  // lanes 0-7, lanes 8-15
   };
   static constexpr bool kFp8Direct = false;       // no cvt_fp8_direct
+  static constexpr int kDotHeads = 4;             // dots: rows of a per pass (x 2 rows of b)
   static constexpr int kTileM = 2, kTileN = 2;    // 8 ymm accumulators
   static constexpr int kTileTM = 2, kTileTN = 2;  // 8 ymm accumulators
   static constexpr int gemv_rows(int m) { return m == 1 ? 4 : m == 2 ? 2 : 1; }

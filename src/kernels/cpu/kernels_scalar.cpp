@@ -28,6 +28,7 @@ struct Scalar {
     float v[16];
   };
   static constexpr bool kFp8Direct = false;  // no cvt_fp8_direct
+  static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
   static constexpr int kTileM = 1, kTileN = 1;
   static constexpr int kTileTM = 1, kTileTN = 1;
   static constexpr int gemv_rows(int m) { return 1; }
