@@ -113,6 +113,58 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   float* o_lat = sized(ws_.o_lat, T * nh * L);
   const float scale = static_cast<float>(c.softmax_scale());
   const int64_t threads = pool_.size();
+  const int64_t bs = kv.block_size();
+  // Out of the latent space: o_heads[t, hd] = W_UV[hd] o_lat[t, hd].
+  auto out_of_latent = [&] {
+    per_head([&](int64_t hd) {
+      const kernels::Weight wuv = a.kv_b_proj.rows_view(hd * (nope + vd) + nope, vd);
+      matmul(pool_, o_lat + hd * L, T, nh * L, wuv, oh + hd * vd, nh * vd);
+    });
+  };
+
+  // Fewer tokens than threads (decode): one token at a time, all heads together, the threads
+  // sharing the cached rows for the scores and the latent columns for the sum, so the cache
+  // is read twice per layer whatever the thread count, not twice per head group. Every score
+  // and every output element is computed exactly as below.
+  if (T < threads) {
+    std::vector<float> p(nh * max_ctx), pe(nh * max_ctx);
+    std::vector<const float*> rows(max_ctx);
+    for (int64_t t = 0; t < T; ++t) {
+      const SeqChunk& s = b.seqs[row_seq[t]];
+      const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
+      for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
+      const float* ql = q_lat + t * nh * L;
+      const float* qpe = q + t * nh * qd + nope;
+      pool_.parallel_for(
+          ctx,
+          [&](int64_t j0, int64_t j1, int) {
+            kernels::dots(ql, nh, L, rows.data() + j0, j1 - j0, 0, L, p.data() + j0, max_ctx);
+            kernels::dots(qpe, nh, qd, rows.data() + j0, j1 - j0, L, rd, pe.data() + j0, max_ctx);
+          },
+          16);
+      pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
+        for (int64_t i = h0; i < h1; ++i) {
+          float* ph = p.data() + i * max_ctx;
+          const float* pp = pe.data() + i * max_ctx;
+          float mx = -INFINITY, sm = 0.0f;
+          for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, ph[j] = (ph[j] + pp[j]) * scale);
+          for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx));
+          for (int64_t j = 0; j < ctx; ++j) ph[j] /= sm;
+        }
+      });
+      pool_.parallel_for(
+          L,
+          [&](int64_t c0, int64_t c1, int) {
+            std::vector<const float*> cols(ctx);
+            for (int64_t j = 0; j < ctx; ++j) cols[j] = rows[j] + c0;
+            kernels::weighted_rows(p.data(), nh, max_ctx, cols.data(), ctx, c1 - c0,
+                                   o_lat + t * nh * L + c0, L);
+          },
+          16);
+    }
+    return out_of_latent();
+  }
+
   const int64_t groups = std::min(nh, (threads + T - 1) / T);  // head groups per token
   const int64_t gsize = (nh + groups - 1) / groups;
   pool_.parallel_for(T * groups, [&](int64_t begin, int64_t end, int) {
@@ -123,7 +175,6 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
       const int64_t g = h1 - h0;
       const SeqChunk& s = b.seqs[row_seq[t]];
       const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
-      const int64_t bs = kv.block_size();
       for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
       std::fill(mx.begin(), mx.end(), -INFINITY);
       const float* ql = q_lat + (t * nh + h0) * L;
@@ -148,11 +199,7 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
     }
   });
 
-  // Out of the latent space: o_heads[t, hd] = W_UV[hd] o_lat[t, hd].
-  per_head([&](int64_t hd) {
-    const kernels::Weight wuv = a.kv_b_proj.rows_view(hd * (nope + vd) + nope, vd);
-    matmul(pool_, o_lat + hd * L, T, nh * L, wuv, oh + hd * vd, nh * vd);
-  });
+  out_of_latent();
 }
 
 }  // namespace moeserve::model
