@@ -114,6 +114,13 @@ TEST(Forward, ResultDoesNotDependOnThreadCount) {
 TEST(Forward, Fp8CheckpointRunsAndTracksBf16) {
   TinyModel bf(false), f8(true);
   EXPECT_TRUE(f8.m->config().fp8);
+  // The loader found the random fp8 weights NaN-free, so the kernels take the fast conversion
+  // (whose bits kernels tests hold to the contract).
+  const model::LayerWeights& L0 = f8.m->weights().layers[0];
+  EXPECT_EQ(L0.attn.kv_a_proj.dtype, DType::F8_E4M3);
+  EXPECT_TRUE(L0.attn.kv_a_proj.fp8_plain);
+  EXPECT_TRUE(L0.attn.o_proj.fp8_plain);
+  EXPECT_FALSE(bf.m->weights().layers[0].attn.o_proj.fp8_plain);
   const auto tok = ids(12, 5, bf.m->config().vocab_size);
   engine::Generator g1(*bf.m), g2(*f8.m);
   const auto l1 = g1.score(tok), l2 = g2.score(tok);
