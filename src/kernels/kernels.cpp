@@ -132,8 +132,8 @@ void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_
 }
 
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
-                   int64_t n, float* y, int64_t ldy) {
-  active().weighted_rows(c, nc, ldc, rows, nrows, n, y, ldy);
+                   int64_t roff, int64_t n, float* y, int64_t ldy) {
+  active().weighted_rows(c, nc, ldc, rows, nrows, roff, n, y, ldy);
 }
 
 }  // namespace moeserve::kernels

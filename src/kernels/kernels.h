@@ -92,11 +92,11 @@ void axpy(float a, const float* x, float* y, int64_t n);
 void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
           int64_t n, float* out, int64_t ldo);
 
-// y[i * ldy + k] = sum_j c[i * ldc + j] * rows[j][k]  for i < nc, k < n: over j = 0, 1, ...
+// y[i * ldy + k] = sum_j c[i * ldc + j] * rows[j][roff + k]  for i < nc, k < n: over j = 0, 1, ...
 // in order, one fused multiply-add each, starting from +0.0 -- the same bits as clearing y and
-// calling axpy(c[i * ldc + j], rows[j], y + i * ldy, n) for each j in turn, without y going
+// calling axpy(c[i * ldc + j], rows[j] + roff, y + i * ldy, n) for each j in turn, without y going
 // through memory for every row. `rows` may point anywhere (blocks of a paged cache).
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
-                   int64_t n, float* y, int64_t ldy);
+                   int64_t roff, int64_t n, float* y, int64_t ldy);
 
 }  // namespace moeserve::kernels

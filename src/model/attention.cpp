@@ -101,9 +101,11 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
     matmul_t(pool_, q + hd * qd, T, nh * qd, wuk, q_lat + hd * L, nh * L);
   });
 
-  // Scores, softmax and the latent output. A work item is one token and a group of heads; the
-  // heads of a group share each pass over the cached latents (MLA is multi-query in the latent
-  // space), and every (token, head) pair is still computed on its own, in the same order.
+  // Scores, softmax and the latent output of one token, all heads (MLA is multi-query in the
+  // latent space: every head reads the same cached rows). Each phase is shared among the
+  // threads: the cached rows for the scores, the heads for the softmax, the latent columns for
+  // the sum. Called from inside a parallel_for, the phases run on the calling thread (the
+  // pool's nesting rule). Either way every score and output element is computed the same.
   std::vector<int64_t> row_seq(T);
   for (int64_t si = 0; si < static_cast<int64_t>(b.seqs.size()); ++si) {
     const SeqChunk& s = b.seqs[si];
@@ -112,94 +114,57 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   }
   float* o_lat = sized(ws_.o_lat, T * nh * L);
   const float scale = static_cast<float>(c.softmax_scale());
-  const int64_t threads = pool_.size();
   const int64_t bs = kv.block_size();
-  // Out of the latent space: o_heads[t, hd] = W_UV[hd] o_lat[t, hd].
-  auto out_of_latent = [&] {
-    per_head([&](int64_t hd) {
-      const kernels::Weight wuv = a.kv_b_proj.rows_view(hd * (nope + vd) + nope, vd);
-      matmul(pool_, o_lat + hd * L, T, nh * L, wuv, oh + hd * vd, nh * vd);
-    });
-  };
-
-  // Fewer tokens than threads (decode): one token at a time, all heads together, the threads
-  // sharing the cached rows for the scores and the latent columns for the sum, so the cache
-  // is read twice per layer whatever the thread count, not twice per head group. Every score
-  // and every output element is computed exactly as below.
-  if (T < threads) {
-    std::vector<float> p(nh * max_ctx), pe(nh * max_ctx);
-    std::vector<const float*> rows(max_ctx);
-    for (int64_t t = 0; t < T; ++t) {
-      const SeqChunk& s = b.seqs[row_seq[t]];
-      const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
-      for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
-      const float* ql = q_lat + t * nh * L;
-      const float* qpe = q + t * nh * qd + nope;
-      pool_.parallel_for(
-          ctx,
-          [&](int64_t j0, int64_t j1, int) {
-            kernels::dots(ql, nh, L, rows.data() + j0, j1 - j0, 0, L, p.data() + j0, max_ctx);
-            kernels::dots(qpe, nh, qd, rows.data() + j0, j1 - j0, L, rd, pe.data() + j0, max_ctx);
-          },
-          16);
-      pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
-        for (int64_t i = h0; i < h1; ++i) {
-          float* ph = p.data() + i * max_ctx;
-          const float* pp = pe.data() + i * max_ctx;
-          float mx = -INFINITY, sm = 0.0f;
-          for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, ph[j] = (ph[j] + pp[j]) * scale);
-          for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx));
-          for (int64_t j = 0; j < ctx; ++j) ph[j] /= sm;
-        }
-      });
-      pool_.parallel_for(
-          L,
-          [&](int64_t c0, int64_t c1, int) {
-            std::vector<const float*> cols(ctx);
-            for (int64_t j = 0; j < ctx; ++j) cols[j] = rows[j] + c0;
-            kernels::weighted_rows(p.data(), nh, max_ctx, cols.data(), ctx, c1 - c0,
-                                   o_lat + t * nh * L + c0, L);
-          },
-          16);
-    }
-    return out_of_latent();
-  }
-
-  const int64_t groups = std::min(nh, (threads + T - 1) / T);  // head groups per token
-  const int64_t gsize = (nh + groups - 1) / groups;
-  pool_.parallel_for(T * groups, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> p(gsize * max_ctx), pe(gsize * max_ctx), mx(gsize);
-    std::vector<const float*> rows(max_ctx);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / groups, h0 = (item % groups) * gsize, h1 = std::min(nh, h0 + gsize);
-      const int64_t g = h1 - h0;
-      const SeqChunk& s = b.seqs[row_seq[t]];
-      const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
-      for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
-      std::fill(mx.begin(), mx.end(), -INFINITY);
-      const float* ql = q_lat + (t * nh + h0) * L;
-      const float* qpe = q + t * nh * qd + h0 * qd + nope;
-      // Latent and rope parts of every score, each a dot product of its own.
-      kernels::dots(ql, g, L, rows.data(), ctx, 0, L, p.data(), max_ctx);
-      kernels::dots(qpe, g, qd, rows.data(), ctx, L, rd, pe.data(), max_ctx);
-      for (int64_t i = 0; i < g; ++i)
-        for (int64_t j = 0; j < ctx; ++j) {
-          const float pj = (p[i * max_ctx + j] + pe[i * max_ctx + j]) * scale;
-          p[i * max_ctx + j] = pj;
-          mx[i] = std::max(mx[i], pj);
-        }
-      for (int64_t i = 0; i < g; ++i) {
-        float* ph = p.data() + i * max_ctx;
-        float sm = 0.0f;
-        for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx[i]));
+  auto token = [&](int64_t t, float* p, float* pe, const float** rows) {
+    const SeqChunk& s = b.seqs[row_seq[t]];
+    const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
+    for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
+    const float* ql = q_lat + t * nh * L;
+    const float* qpe = q + t * nh * qd + nope;
+    pool_.parallel_for(
+        ctx,
+        [&](int64_t j0, int64_t j1, int) {  // latent and rope parts, each a dot product
+          kernels::dots(ql, nh, L, rows + j0, j1 - j0, 0, L, p + j0, max_ctx);
+          kernels::dots(qpe, nh, qd, rows + j0, j1 - j0, L, rd, pe + j0, max_ctx);
+        },
+        16);
+    pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
+      for (int64_t i = h0; i < h1; ++i) {
+        float* ph = p + i * max_ctx;
+        const float* pp = pe + i * max_ctx;
+        float mx = -INFINITY, sm = 0.0f;
+        for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, ph[j] = (ph[j] + pp[j]) * scale);
+        for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx));
         for (int64_t j = 0; j < ctx; ++j) ph[j] /= sm;
       }
-      kernels::weighted_rows(p.data(), g, max_ctx, rows.data(), ctx, L, o_lat + (t * nh + h0) * L,
-                             L);
-    }
-  });
+    });
+    pool_.parallel_for(
+        L,
+        [&](int64_t c0, int64_t c1, int) {
+          kernels::weighted_rows(p, nh, max_ctx, rows, ctx, c0, c1 - c0, o_lat + t * nh * L + c0,
+                                 L);
+        },
+        16);
+  };
+  if (T < pool_.size()) {
+    // Decode: one token at a time, all threads on it, so the cache is read twice per layer
+    // whatever the thread count.
+    float* p = sized(ws_.scores, 2 * nh * max_ctx);
+    ws_.score_rows.resize(max_ctx);
+    for (int64_t t = 0; t < T; ++t) token(t, p, p + nh * max_ctx, ws_.score_rows.data());
+  } else {
+    pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
+      std::vector<float> p(2 * nh * max_ctx);
+      std::vector<const float*> rows(max_ctx);
+      for (int64_t t = t0; t < t1; ++t) token(t, p.data(), p.data() + nh * max_ctx, rows.data());
+    });
+  }
 
-  out_of_latent();
+  // Out of the latent space: o_heads[t, hd] = W_UV[hd] o_lat[t, hd].
+  per_head([&](int64_t hd) {
+    const kernels::Weight wuv = a.kv_b_proj.rows_view(hd * (nope + vd) + nope, vd);
+    matmul(pool_, o_lat + hd * L, T, nh * L, wuv, oh + hd * vd, nh * vd);
+  });
 }
 
 }  // namespace moeserve::model

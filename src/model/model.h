@@ -54,6 +54,8 @@ struct Workspace {
   std::vector<int32_t> route_e;    // [T, K]
   Buffer xin, yout, shared_out;    // expert gather / output buffers, shared experts' output
   Buffer norm_rows;                // [R, hidden]
+  Buffer scores;                   // decode attention: [2, heads, context] (latent, rope parts)
+  std::vector<const float*> score_rows;  // decode attention: the token's cached rows
 };
 
 // Expert parallelism: the ranks of `comm` share the routed experts of every MoE layer as

@@ -524,7 +524,7 @@ TEST(Vector, WeightedRowsEqualAxpyInTurn) {
               want[i * ldy + k] = std::fma(c[i * ldc + j], rows[j][k], want[i * ldy + k]);
         for (Isa isa : isas()) {
           std::vector<float> got(nc * ldy, 9.0f);
-          kernel_table(isa).weighted_rows(c.data(), nc, ldc, rows.data(), nrows, n, got.data(),
+          kernel_table(isa).weighted_rows(c.data(), nc, ldc, rows.data(), nrows, 0, n, got.data(),
                                           ldy);
           for (int64_t i = 0; i < nc; ++i) {
             for (int64_t k = 0; k < n; ++k)

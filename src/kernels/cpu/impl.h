@@ -279,41 +279,42 @@ void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_
 // the cached rows; G x NV accumulators live in registers while the rows stream past.
 template <class O, int G, int NV>
 void weighted_rows_g(const float* c, int64_t ldc, const float* const* rows, int64_t nrows,
-                     int64_t k, float* y, int64_t ldy) {
+                     int64_t roff, int64_t k, float* y, int64_t ldy) {
   trans_tile_with<O, G, NV>(
       c, ldc, nrows,
       [&](int64_t j, typename O::V* x) {
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) x[v] = O::load_reg(rows[j] + k + 16 * v);
+        for (int v = 0; v < NV; ++v) x[v] = O::load_reg(rows[j] + roff + k + 16 * v);
       },
       y + k, ldy, 16 * NV);
 }
 
 template <class O, int G>
 void weighted_rows_cols(const float* c, int64_t ldc, const float* const* rows, int64_t nrows,
-                        int64_t n, float* y, int64_t ldy) {
+                        int64_t roff, int64_t n, float* y, int64_t ldy) {
   int64_t k = 0;
-  for (; k + 32 <= n; k += 32) weighted_rows_g<O, G, 2>(c, ldc, rows, nrows, k, y, ldy);
-  for (; k + 16 <= n; k += 16) weighted_rows_g<O, G, 1>(c, ldc, rows, nrows, k, y, ldy);
+  for (; k + 32 <= n; k += 32) weighted_rows_g<O, G, 2>(c, ldc, rows, nrows, roff, k, y, ldy);
+  for (; k + 16 <= n; k += 16) weighted_rows_g<O, G, 1>(c, ldc, rows, nrows, roff, k, y, ldy);
   for (; k < n; ++k)
     for (int i = 0; i < G; ++i) {
       float s = 0.0f;
-      for (int64_t j = 0; j < nrows; ++j) s = std::fma(c[i * ldc + j], rows[j][k], s);
+      for (int64_t j = 0; j < nrows; ++j) s = std::fma(c[i * ldc + j], rows[j][roff + k], s);
       y[i * ldy + k] = s;
     }
 }
 
 template <class O>
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
-                   int64_t n, float* y, int64_t ldy) {
+                   int64_t roff, int64_t n, float* y, int64_t ldy) {
   int64_t i = 0;
   for (; i + 8 <= nc; i += 8)
-    weighted_rows_cols<O, 8>(c + i * ldc, ldc, rows, nrows, n, y + i * ldy, ldy);
+    weighted_rows_cols<O, 8>(c + i * ldc, ldc, rows, nrows, roff, n, y + i * ldy, ldy);
   if (nc - i >= 4) {
-    weighted_rows_cols<O, 4>(c + i * ldc, ldc, rows, nrows, n, y + i * ldy, ldy);
+    weighted_rows_cols<O, 4>(c + i * ldc, ldc, rows, nrows, roff, n, y + i * ldy, ldy);
     i += 4;
   }
-  for (; i < nc; ++i) weighted_rows_cols<O, 1>(c + i * ldc, ldc, rows, nrows, n, y + i * ldy, ldy);
+  for (; i < nc; ++i)
+    weighted_rows_cols<O, 1>(c + i * ldc, ldc, rows, nrows, roff, n, y + i * ldy, ldy);
 }
 
 template <class O>

@@ -19,7 +19,7 @@ struct KernelTable {
   void (*dots)(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb,
                int64_t boff, int64_t n, float* out, int64_t ldo);
   void (*weighted_rows)(const float* c, int64_t nc, int64_t ldc, const float* const* rows,
-                        int64_t nrows, int64_t n, float* y, int64_t ldy);
+                        int64_t nrows, int64_t roff, int64_t n, float* y, int64_t ldy);
   void (*matmul_batch)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
 };
 
