@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -80,6 +81,28 @@ inline typename O::V load_w_tail(const uint8_t* row, int64_t k, int64_t n, typen
   O::store(f, load_w<O, DT>(raw, 0, s));
   for (int64_t l = n; l < 16; ++l) f[l] = 0.0f;
   return O::load(f);
+}
+
+// Whether an fp8 block scale allows O::cvt_fp8_direct: scale * 2^120 must be exact (|scale| <
+// 2^8, not NaN). Sets *factor to it.
+inline bool fp8_direct_scale(float scale, float* factor) {
+  if (!(std::fabs(scale) < 0x1p8f)) return false;
+  *factor = scale * 0x1p120f;
+  return true;
+}
+
+// Elements [k, k + 16) of a row (k a multiple of 16), zero past cols; sc: the row's fp8 block
+// scales. NaN-free fp8 (w.fp8_plain) goes through the direct conversion where its scale allows,
+// everything else through load_w / load_w_tail: the same values either way.
+template <class O, DType DT>
+inline typename O::V load_chunk(const Weight& w, const uint8_t* row, const float* sc, int64_t k) {
+  if (k + 16 > w.cols) return load_w_tail<O, DT>(row, k, w.cols - k, fp8_scale<O, DT>(sc, k));
+  if constexpr (DT == DType::F8_E4M3 && O::kFp8Direct) {
+    float f;
+    if (w.fp8_plain && fp8_direct_scale(sc[k / kFp8Block], &f))
+      return O::cvt_fp8_direct(row + k, O::set1(f));
+  }
+  return load_w<O, DT>(row, k, fp8_scale<O, DT>(sc, k));
 }
 
 }  // namespace

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <type_traits>
 
 #include "kernels/cpu/common.h"
@@ -105,12 +104,11 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
         if (w.fp8_plain && kend - k0 == kFp8Block) {
           V sd[R];
           bool exact = true;
-          const V p120 = O::set1(0x1p120f);
 #pragma GCC unroll 8
           for (int j = 0; j < R; ++j) {
-            const float* sj = sc[j] + k0 / kFp8Block;
-            exact &= std::fabs(*sj) < 0x1p8f;
-            sd[j] = O::mul(O::set1(*sj), p120);
+            float f = 0.0f;
+            exact &= fp8_direct_scale(sc[j][k0 / kFp8Block], &f);
+            sd[j] = O::set1(f);
           }
           if (exact) {
             for (int64_t k = k0; k < kend; k += 16) {

@@ -33,7 +33,6 @@ struct Avx512 {
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 
   // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
   static float reduce(V v) {

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -21,19 +20,8 @@ void dequant_cols(const Weight& w, int64_t c0, int64_t nc, float* wb, int64_t ld
   for (int64_t r = 0; r < w.rows; ++r) {
     const uint8_t* row = w_row(w, r);
     const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t k = c0 + 16 * j;
-      if constexpr (DT == DType::F8_E4M3 && O::kFp8Direct) {
-        if (w.fp8_plain && k + 16 <= w.cols && std::fabs(sc[k / kFp8Block]) < 0x1p8f) {
-          O::store(wb + r * ldw + 16 * j,
-                   O::cvt_fp8_direct(row + k, O::set1(sc[k / kFp8Block] * 0x1p120f)));
-          continue;
-        }
-      }
-      const auto s = fp8_scale<O, DT>(sc, k);  // a 16-chunk never straddles a 128-block
-      O::store(wb + r * ldw + 16 * j, k + 16 <= w.cols ? load_w<O, DT>(row, k, s)
-                                                       : load_w_tail<O, DT>(row, k, w.cols - k, s));
-    }
+    for (int64_t j = 0; j < nc; ++j)
+      O::store(wb + r * ldw + 16 * j, load_chunk<O, DT>(w, row, sc, c0 + 16 * j));
   }
 }
 
@@ -96,20 +84,7 @@ void trans_tile_w(const float* x, int64_t ldx, const Weight& w, int64_t c0, floa
     const uint8_t* row = w_row(w, r);
     const float* sc = DT == DType::F8_E4M3 ? w_scales(w, r) : nullptr;
 #pragma GCC unroll 8
-    for (int j = 0; j < NT; ++j) {
-      const int64_t k = c0 + 16 * j;
-      if (k + 16 > w.cols) {
-        wv[j] = load_w_tail<O, DT>(row, k, w.cols - k, fp8_scale<O, DT>(sc, k));
-        continue;
-      }
-      if constexpr (DT == DType::F8_E4M3 && O::kFp8Direct) {
-        if (w.fp8_plain && std::fabs(sc[k / kFp8Block]) < 0x1p8f) {
-          wv[j] = O::cvt_fp8_direct(row + k, O::set1(sc[k / kFp8Block] * 0x1p120f));
-          continue;
-        }
-      }
-      wv[j] = load_w<O, DT>(row, k, fp8_scale<O, DT>(sc, k));
-    }
+    for (int j = 0; j < NT; ++j) wv[j] = load_chunk<O, DT>(w, row, sc, c0 + 16 * j);
   };
   trans_tile_with<O, MT, NT>(x, ldx, w.rows, load_row, y, ldy, ncols);
 }
