@@ -30,7 +30,6 @@ class Loader {
                ", expected F32");
       w.scale_inv = static_cast<const float*>(s.data);
       w.scale_cols = bc;
-      w.fp8_plain = false;  // until mark_fp8_plain has looked at the data
     } else {
       MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor ",
                name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32, F8_E4M3");

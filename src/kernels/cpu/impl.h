@@ -50,6 +50,19 @@ void matmul_dtype(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx
     gemm<O, DT>(pool, x, m, ldx, w, y, ldy);
 }
 
+// The kernels read x up to round16(K), and run best on 64-byte aligned rows; other x gets a
+// zero-padded, aligned copy (rows [b, e) of it by copy_x_rows).
+inline bool x_needs_copy(const float* x, int64_t ldx, int64_t K) {
+  return K % 16 || reinterpret_cast<uintptr_t>(x) % 64 || ldx % 16;
+}
+inline void copy_x_rows(const float* x, int64_t ldx, int64_t K, int64_t b, int64_t e, float* xp) {
+  const int64_t Kp = round16(K);
+  for (int64_t i = b; i < e; ++i) {
+    std::memcpy(xp + i * Kp, x + i * ldx, K * sizeof(float));
+    std::fill(xp + i * Kp + K, xp + (i + 1) * Kp, 0.0f);
+  }
+}
+
 template <class O>
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
             float* y, int64_t ldy) {
@@ -59,20 +72,12 @@ void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, cons
     for (int64_t i = 0; i < m; ++i) std::fill(y + i * ldy, y + i * ldy + w.rows, 0.0f);
     return;
   }
-  // The kernels read x up to round16(K), and run best on 64-byte aligned rows: otherwise they
-  // get a zero-padded, aligned copy.
-  if (K % 16 || reinterpret_cast<uintptr_t>(x) % 64 || ldx % 16) {
+  if (x_needs_copy(x, ldx, K)) {
     static thread_local Scratch xscratch;
     const int64_t Kp = round16(K);
     float* xp = xscratch.get(m * Kp);
     pool.parallel_for(
-        m,
-        [&](int64_t b, int64_t e, int) {
-          for (int64_t i = b; i < e; ++i) {
-            std::memcpy(xp + i * Kp, x + i * ldx, K * sizeof(float));
-            std::fill(xp + i * Kp + K, xp + (i + 1) * Kp, 0.0f);
-          }
-        },
+        m, [&](int64_t b, int64_t e, int) { copy_x_rows(x, ldx, K, b, e, xp); },
         std::max<int64_t>(1, (64 << 10) / (Kp * 4)));
     x = xp;
     ldx = Kp;
@@ -127,8 +132,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
       continue;
     }
     const int64_t K = j.w->cols;
-    if (K % 16 || reinterpret_cast<uintptr_t>(j.x) % 64 || j.ldx % 16)
-      pad_floats += j.m * round16(K);
+    if (x_needs_copy(j.x, j.ldx, K)) pad_floats += j.m * round16(K);
     small.push_back(j);
     first_row.push_back(first_row.back() + j.w->rows);
   }
@@ -137,12 +141,9 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   float* xp = pad_floats ? xscratch.get(pad_floats) : nullptr;
   for (MatmulJob& j : small) {
     const int64_t K = j.w->cols;
-    if (!(K % 16 || reinterpret_cast<uintptr_t>(j.x) % 64 || j.ldx % 16)) continue;
+    if (!x_needs_copy(j.x, j.ldx, K)) continue;
     const int64_t Kp = round16(K);
-    for (int64_t i = 0; i < j.m; ++i) {
-      std::memcpy(xp + i * Kp, j.x + i * j.ldx, K * sizeof(float));
-      std::fill(xp + i * Kp + K, xp + (i + 1) * Kp, 0.0f);
-    }
+    copy_x_rows(j.x, j.ldx, K, 0, j.m, xp);
     j.x = xp;
     j.ldx = Kp;
     xp += j.m * Kp;
