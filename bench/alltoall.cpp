@@ -162,10 +162,10 @@ class Bench {
       const auto t0 = Clock::now();
       const moe::DispatchPlan p = d.plan(pl, n, kTopK, H, ex.data(), wt.data());
       const double a = seconds_since(t0);
-      const float* x = d.dispatch(p, hidden.data());
+      const float* const* x = d.dispatch(p, hidden.data());
       const double b = seconds_since(t0);
       float* y = d.expert_out(p);  // the experts' outputs: here their inputs
-      std::memcpy(y, x, p.n_recv() * H * sizeof(float));
+      for (int64_t i = 0; i < p.n_recv(); ++i) std::memcpy(y + i * H, x[i], H * sizeof(float));
       c_.barrier();
       const auto t2 = Clock::now();
       d.combine(p, y, out.data());

@@ -109,6 +109,13 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   active().matmul_batch(pool, jobs, n);
 }
 
+void matmul_rows(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w,
+                 float* y, int64_t ldy) {
+  MatmulJob j;
+  j.xrows = x, j.m = m, j.w = &w, j.y = y, j.ldy = ldy;
+  active().matmul_batch(pool, &j, 1);
+}
+
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
               float* y, int64_t ldy) {
   active().matmul_t(pool, x, m, ldx, w, y, ldy);
@@ -134,6 +141,10 @@ void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
                    int64_t roff, int64_t n, float* y, int64_t ldy) {
   active().weighted_rows(c, nc, ldc, rows, nrows, roff, n, y, ldy);
+}
+
+void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y) {
+  active().weighted_sum(rows, w, n, cols, y);
 }
 
 }  // namespace moeserve::kernels

@@ -51,14 +51,21 @@ struct Weight {
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
             float* y, int64_t ldy);
 
-// One matmul of a batch: y = x W^T as in matmul.
+// One matmul of a batch: y = x W^T as in matmul. Row i of x is x + i * ldx, or xrows[i] when
+// xrows is set (rows that may lie anywhere: tokens gathered for an expert, read in place).
 struct MatmulJob {
   const float* x = nullptr;
   int64_t m = 0, ldx = 0;
   const Weight* w = nullptr;
   float* y = nullptr;
   int64_t ldy = 0;
+  const float* const* xrows = nullptr;
 };
+
+// matmul with row i of x at x[i] (read in place when 64-byte aligned and K % 16 == 0, like
+// matmul's rows; the same bits as matmul on a copy of the rows).
+void matmul_rows(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w,
+                 float* y, int64_t ldy);
 
 // Every job's matmul, the same bits as calling matmul on each in turn. Jobs of few tokens
 // (decode: one per expert matrix) share a single fan-out over all their rows, instead of one
@@ -98,5 +105,10 @@ void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_
 // through memory for every row. `rows` may point anywhere (blocks of a paged cache).
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
                    int64_t roff, int64_t n, float* y, int64_t ldy);
+
+// y[k] = sum_j rows[j][k] * w[j]  for k < cols: over j = 0, 1, ... in order, as acc = acc +
+// rows[j][k] * w[j] (a multiply, then an add: no FMA) from +0.0 -- the same bits as the plain
+// loop compiled with -ffp-contract=off (MoE combine: a token's expert outputs, weighted).
+void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y);
 
 }  // namespace moeserve::kernels

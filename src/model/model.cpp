@@ -72,7 +72,7 @@ void Model::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int6
   for (int64_t r = 0; r < n; ++r) rms_row(x + r * dim, w.data(), dim, eps, out + r * dim);
 }
 
-void Model::dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out) {
+void Model::dense_ffn(const MlpWeights& m, const float* const* x, int64_t n, float* out) {
   const int64_t H = cfg_.hidden_size, I = m.gate.rows;
   // Each token's result is the same in any chunk (kernels.h); the GEMM takes its tokens in
   // panels of this size anyway, so chunks cost no extra weight traffic.
@@ -80,11 +80,18 @@ void Model::dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out
     const int64_t cn = std::min(kFfnChunk, n - c0);
     float* g = sized(ws_.gate, cn * I);
     float* u = sized(ws_.up, cn * I);
-    matmul(pool_, x + c0 * H, cn, H, m.gate, g, I);
-    matmul(pool_, x + c0 * H, cn, H, m.up, u, I);
+    kernels::matmul_rows(pool_, x + c0, cn, m.gate, g, I);
+    kernels::matmul_rows(pool_, x + c0, cn, m.up, u, I);
     for (int64_t i = 0; i < cn * I; ++i) g[i] = silu(g[i]) * u[i];
     matmul(pool_, g, cn, I, m.down, out + c0 * H, H);
   }
+}
+
+const float* const* Model::token_rows(const float* x, int64_t n) {
+  const int64_t H = cfg_.hidden_size;
+  ws_.token_rows.resize(n);
+  for (int64_t t = 0; t < n; ++t) ws_.token_rows[t] = x + t * H;
+  return ws_.token_rows.data();
 }
 
 void Model::ffn_batch(const std::vector<FfnCall>& calls) {
@@ -99,8 +106,8 @@ void Model::ffn_batch(const std::vector<FfnCall>& calls) {
   for (const FfnCall& c : calls) {
     const int64_t I = c.w->gate.rows;
     off.push_back(o);
-    jobs.push_back({c.x, c.n, H, &c.w->gate, g + o, I});
-    jobs.push_back({c.x, c.n, H, &c.w->up, u + o, I});
+    jobs.push_back({nullptr, c.n, 0, &c.w->gate, g + o, I, c.x});
+    jobs.push_back({nullptr, c.n, 0, &c.w->up, u + o, I, c.x});
     o += c.n * I;
   }
   kernels::matmul_batch(pool_, jobs.data(), static_cast<int64_t>(jobs.size()));
@@ -138,7 +145,7 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   if (dispatcher_) {
     // Expert parallel: the tokens travel to the ranks holding their experts and back.
     const moe::DispatchPlan plan = dispatcher_->plan(ep_->placement.at(layer), n, K, H, ex, wt);
-    const float* recv = dispatcher_->dispatch(plan, h);
+    const float* const* recv = dispatcher_->dispatch(plan, h);
     float* eo = dispatcher_->expert_out(plan);
     std::vector<FfnCall> calls;
     for (int32_t j = 0; j < plan.n_slots; ++j) {
@@ -147,9 +154,9 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
       const MlpWeights& xp = m.experts[plan.slot_expert[j]];
       MS_ASSERT(xp.present());
       if (n <= kBatchedExpertTokens)
-        calls.push_back({&xp, recv + off * H, cnt, eo + off * H});
+        calls.push_back({&xp, recv + off, cnt, eo + off * H});
       else
-        dense_ffn(xp, recv + off * H, cnt, eo + off * H);
+        dense_ffn(xp, recv + off, cnt, eo + off * H);
     }
     if (!calls.empty()) ffn_batch(calls);
     dispatcher_->combine(plan, eo, out);
@@ -158,31 +165,30 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   } else {
     // Combine as the experts finish: a token's slots are in ascending expert id (moe::route)
     // and the experts run in ascending id, so each token's weighted sum is taken in slot
-    // order, from +0.0. The shared experts are added after.
+    // order, from +0.0. The shared experts are added after. Each expert reads its tokens' rows
+    // of h in place.
     std::fill_n(out, n * H, 0.0f);
+    std::vector<const float*>& rows = ws_.xrows;
+    rows.resize(n * K);
     if (n <= kBatchedExpertTokens) {
       // Few tokens: every expert's FFN (and the shared experts') in one batch, then the same
       // weighted sums in the same order.
-      float* xin = sized(ws_.xin, n * K * H);
       float* y = sized(ws_.yout, n * K * H);
-      for (int64_t i = 0; i < n * K; ++i) std::copy_n(h + (entry[i] / K) * H, H, xin + i * H);
+      for (int64_t i = 0; i < n * K; ++i) rows[i] = h + (entry[i] / K) * H;
       std::vector<FfnCall> calls;
       for (int64_t e = 0; e < E; ++e) {
         const int64_t b = count[e], cnt = count[e + 1] - b;
         if (!cnt) continue;
         MS_ASSERT(m.experts[e].present());
-        calls.push_back({&m.experts[e], xin + b * H, cnt, y + b * H});
+        calls.push_back({&m.experts[e], rows.data() + b, cnt, y + b * H});
       }
       float* s = m.shared.present() ? sized(ws_.shared_out, n * H) : nullptr;
-      if (s) calls.push_back({&m.shared, h, n, s});
+      if (s) calls.push_back({&m.shared, token_rows(h, n), n, s});
       ffn_batch(calls);
-      for (int64_t i = 0; i < n * K; ++i) {
-        const int64_t slot = entry[i];
-        const float w = wt[slot];
-        const float* yj = y + i * H;
-        float* o = out + (slot / K) * H;
-        for (int64_t c = 0; c < H; ++c) o[c] = o[c] + yj[c] * w;
-      }
+      std::vector<const float*> ys(n * K);  // each slot's output row
+      for (int64_t i = 0; i < n * K; ++i) ys[entry[i]] = y + i * H;
+      for (int64_t t = 0; t < n; ++t)
+        kernels::weighted_sum(ys.data() + t * K, wt + t * K, K, H, out + t * H);
       if (s)
         for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
       return;
@@ -192,10 +198,9 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
       if (!cnt) continue;
       const MlpWeights& xp = m.experts[e];
       MS_ASSERT(xp.present());
-      float* xin = sized(ws_.xin, cnt * H);
-      for (int64_t j = 0; j < cnt; ++j) std::copy_n(h + (entry[b + j] / K) * H, H, xin + j * H);
+      for (int64_t j = 0; j < cnt; ++j) rows[j] = h + (entry[b + j] / K) * H;
       float* y = sized(ws_.yout, cnt * H);
-      dense_ffn(xp, xin, cnt, y);
+      dense_ffn(xp, rows.data(), cnt, y);
       for (int64_t j = 0; j < cnt; ++j) {
         const int64_t slot = entry[b + j];
         const float w = wt[slot];
@@ -207,7 +212,7 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   }
   if (m.shared.present() && n > 0) {
     float* s = sized(ws_.yout, n * H);
-    dense_ffn(m.shared, h, n, s);
+    dense_ffn(m.shared, token_rows(h, n), n, s);
     for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
   }
 }
@@ -240,7 +245,7 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
     if (L.is_moe)
       moe_ffn(l, T);
     else
-      dense_ffn(L.mlp, ws_.h.data(), T, ws_.ffn_out.data());
+      dense_ffn(L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data());
     for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
   }
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());

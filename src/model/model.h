@@ -46,15 +46,17 @@ inline constexpr int64_t kFfnChunk = 128;  // tokens per pass of a dense FFN
 inline constexpr int64_t kBatchedExpertTokens = 32;
 
 struct Workspace {
-  Buffer x, h, attn_out, ffn_out;  // [T, hidden]
-  Buffer q, q_a, kv;               // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
-  Buffer q_lat, o_lat, o_heads;    // [chunk, nh, kv_lora] x2, [T, nh*v]
-  Buffer gate, up;                 // [chunk, inter] (dense) / [n, inter] (experts)
-  Buffer router_logits, route_w;   // [T, E], [T, K]
-  std::vector<int32_t> route_e;    // [T, K]
-  Buffer xin, yout, shared_out;    // expert gather / output buffers, shared experts' output
-  Buffer norm_rows;                // [R, hidden]
-  Buffer scores;                   // decode attention: [2, heads, context] (latent, rope parts)
+  Buffer x, h, attn_out, ffn_out;        // [T, hidden]
+  Buffer q, q_a, kv;                     // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
+  Buffer q_lat, o_lat, o_heads;          // [chunk, nh, kv_lora] x2, [T, nh*v]
+  Buffer gate, up;                       // [chunk, inter] (dense) / [n, inter] (experts)
+  Buffer router_logits, route_w;         // [T, E], [T, K]
+  std::vector<int32_t> route_e;          // [T, K]
+  Buffer yout, shared_out;               // expert outputs, shared experts' output
+  std::vector<const float*> xrows;       // [T * top_k] each expert's tokens' rows in h
+  std::vector<const float*> token_rows;  // [T] the rows of h (token_rows())
+  Buffer norm_rows;                      // [R, hidden]
+  Buffer scores;  // decode attention: [2, heads, context] (latent, rope parts)
   std::vector<const float*> score_rows;  // decode attention: the token's cached rows
 };
 
@@ -97,16 +99,20 @@ class Model {
 
  private:
   void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out
-  void dense_ffn(const MlpWeights& m, const float* x, int64_t n, float* out);  // [n, hidden]
+  // x: n rows of hidden floats, read in place (the expert kernels take rows anywhere); out:
+  // [n, hidden].
+  void dense_ffn(const MlpWeights& m, const float* const* x, int64_t n, float* out);
   // dense_ffn for each of several FFNs at once (the same bits), every phase one batch of
   // products: for decode, where each expert sees a token or a few.
   struct FfnCall {
     const MlpWeights* w;
-    const float* x;  // [n, hidden]
+    const float* const* x;  // n rows of hidden floats
     int64_t n;
     float* out;  // [n, hidden]
   };
   void ffn_batch(const std::vector<FfnCall>& calls);
+  // The n rows of x ([n, hidden]) as row pointers, in the workspace.
+  const float* const* token_rows(const float* x, int64_t n);
   void moe_ffn(int64_t layer, int64_t n);  // ws_.h -> ws_.ffn_out
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                float* out) const;

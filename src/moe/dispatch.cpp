@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "kernels/kernels.h"
 
 namespace moeserve::moe {
 
@@ -47,15 +48,6 @@ double timed(F&& fn) {
   const auto t0 = std::chrono::steady_clock::now();
   fn();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// o[i] = o[i] + y[i] * w: a multiply, then an add (no FMA: -ffp-contract=off), element by
-// element, so vector lanes give the scalar loop's bits. Blocks of 16 let -O2 vectorize.
-void add_scaled(float* __restrict o, const float* __restrict y, float w, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) o[i + j] = o[i + j] + y[i + j] * w;
-  for (; i < n; ++i) o[i] = o[i] + y[i] * w;
 }
 
 // The send side of a plan: pairs to copies, travel order, rows and masks; adds the per-slot
@@ -247,13 +239,13 @@ void Dispatcher::share_layout(DispatchPlan& p, const std::vector<int64_t>& got, 
   p.shared = shm_ != nullptr;
 }
 
-const float* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
+const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
   dispatched_ = p.id;
+  rows_.resize(p.n_recv());
   if (p.shared) {
-    const float* x = nullptr;
-    timing_.dispatch = timed([&] { x = dispatch_shared(p, hidden); });
-    return x;
+    timing_.dispatch = timed([&] { dispatch_shared(p, hidden); });
+    return rows_.data();
   }
   const int R = p.n_ranks;
   const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
@@ -279,12 +271,15 @@ const float* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
     recv_.next_peer();
   }
   timing_.dispatch = timed([&] { comm_.all_to_all_segments(send_, recv_); });
-  if (!MW) return x;
-  // Copies to the other slots, in arrival order (leader slot, token): the order plan gave the
-  // non-leaders of each cell.
+  // Every row where it landed; the other slots of a leader's token (PerRank) point to it, in
+  // arrival order (leader slot, token): the order plan gave the non-leaders of each cell.
   std::vector<int64_t> next(R * J);  // [R, J] next free row of each cell
-  for (int64_t c = 0; c < R * J; ++c) next[c] = p.cell_offset[c] + p.lead_count[c];
-  for (int s = 0; s < R; ++s) {
+  for (int64_t c = 0; c < R * J; ++c) {
+    for (int64_t q = 0; q < p.lead_count[c]; ++q)
+      rows_[p.cell_offset[c] + q] = x + (p.cell_offset[c] + q) * H;
+    next[c] = p.cell_offset[c] + p.lead_count[c];
+  }
+  for (int s = 0; s < R && MW; ++s) {
     int64_t r = p.recv_row_offset[s];
     for (int64_t j0 = 0; j0 < J; ++j0)
       for (int64_t q = 0; q < p.lead_count[s * J + j0]; ++q, ++r) {
@@ -293,11 +288,11 @@ const float* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
           for (uint64_t m = masks[r * MW + w]; m; m &= m - 1) {
             const int64_t j = w * 64 + std::countr_zero(m);
             MS_ASSERT(j < J && j != j0);
-            std::memcpy(x + next[s * J + j]++ * H, src, row);
+            rows_[next[s * J + j]++] = src;
           }
       }
   }
-  return x;
+  return rows_.data();
 }
 
 float* Dispatcher::expert_out(const DispatchPlan& p) {
@@ -308,14 +303,15 @@ float* Dispatcher::expert_out(const DispatchPlan& p) {
   return y_.get(p.n_recv() * p.hidden);
 }
 
-const float* Dispatcher::dispatch_shared(const DispatchPlan& p, const float* hidden) {
+void Dispatcher::dispatch_shared(const DispatchPlan& p, const float* hidden) {
   MS_CHECK(p.id == plans_, "MoE dispatch: dispatch of a plan that is not the latest");
   const int R = p.n_ranks, me = p.rank;
   const int64_t H = p.hidden, J = p.n_slots, S = p.seg_slots, row = H * sizeof(float);
   // Another dispatch since the last collective: others may still read this rank's segment.
   if (!synced_) shm_->sync();
   // Publish: where this rank's pairs start per destination, their tokens, its hidden rows, and
-  // (for combine) the first row of each of its cells.
+  // (for combine) the first row of each of its cells. The hidden rows stay there, read by the
+  // experts of every rank, until the next plan.
   std::byte* mine = shm_->base(me);
   std::memcpy(mine, p.pair_offset.data(), (R + 1) * sizeof(int64_t));
   auto* cells = reinterpret_cast<int64_t*>(mine + p.off_cells);
@@ -326,21 +322,18 @@ const float* Dispatcher::dispatch_shared(const DispatchPlan& p, const float* hid
   if (p.n_tokens) std::memcpy(mine + p.off_input, hidden, p.n_tokens * row);
   shm_->sync();
   synced_ = false;
-  // Gather: cell (s, j) is rank s's pairs for local slot j, in s's travel order, which lists
-  // this rank's slots in ascending order.
-  float* x = x_.get(p.n_recv() * H);
+  // Cell (s, j) is rank s's pairs for local slot j, in s's travel order, which lists this
+  // rank's slots in ascending order: each row is rank s's hidden row of the pair's token.
   for (int s = 0; s < R; ++s) {
     const std::byte* theirs = shm_->base(s);
     int64_t pos = reinterpret_cast<const int64_t*>(theirs)[me];
     const auto* tokens = reinterpret_cast<const int32_t*>(theirs + p.off_tokens);
     const auto* rows = reinterpret_cast<const float*>(theirs + p.off_input);
     for (int64_t j = 0; j < J; ++j) {
-      float* dst = x + p.cell_offset[s * J + j] * H;
-      for (int64_t c = 0; c < p.recv_count[s * J + j]; ++c, ++pos, dst += H)
-        std::memcpy(dst, rows + tokens[pos] * H, row);
+      const float** dst = rows_.data() + p.cell_offset[s * J + j];
+      for (int64_t c = 0; c < p.recv_count[s * J + j]; ++c, ++pos) dst[c] = rows + tokens[pos] * H;
     }
   }
-  return x;
 }
 
 void Dispatcher::combine_shared(const DispatchPlan& p, const float* expert_out, float* out) {
@@ -366,11 +359,10 @@ void Dispatcher::combine_shared(const DispatchPlan& p, const float* expert_out, 
     }
   }
   // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
+  std::vector<const float*> ys(K);
   for (int64_t t = 0; t < p.n_tokens; ++t) {
-    float* o = out + t * H;
-    std::fill_n(o, H, 0.0f);
-    for (int64_t k = 0; k < K; ++k)
-      add_scaled(o, src_[p.pair_pos[t * K + k]], p.weight[t * K + k], H);
+    for (int64_t k = 0; k < K; ++k) ys[k] = src_[p.pair_pos[t * K + k]];
+    kernels::weighted_sum(ys.data(), p.weight.data() + t * K, K, H, out + t * H);
   }
 }
 
@@ -401,16 +393,14 @@ void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* 
   timing_.combine = timed([&] { comm_.all_to_all_segments(send_, recv_); });
   // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
   const int64_t self_begin = p.pair_offset[me], self_end = p.pair_offset[me + 1];
+  std::vector<const float*> ys(K);
   for (int64_t t = 0; t < p.n_tokens; ++t) {
-    float* o = out + t * H;
-    std::fill_n(o, H, 0.0f);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t pos = p.pair_pos[t * K + k];
-      const float* y = pos >= self_begin && pos < self_end
-                           ? expert_out + p.self_row[pos - self_begin] * H
-                           : back + pos * H;
-      add_scaled(o, y, p.weight[t * K + k], H);
+      ys[k] = pos >= self_begin && pos < self_end ? expert_out + p.self_row[pos - self_begin] * H
+                                                  : back + pos * H;
     }
+    kernels::weighted_sum(ys.data(), p.weight.data() + t * K, K, H, out + t * H);
   }
 }
 

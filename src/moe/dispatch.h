@@ -31,7 +31,7 @@ namespace moeserve::moe {
 // How hidden rows travel in dispatch (combine always returns one row per (token, expert)).
 enum class DispatchMode : int32_t {
   // A token goes once to each rank that holds any of its experts, with a bitmask of its other
-  // slots there; the row lands in its first slot and the receiver copies it to the others.
+  // slots there; the row lands in its first slot and the others point to it.
   // Fewer bytes: top-8 of 256 experts on 8 ranks sends ~5.3 rows per token instead of 8. The
   // default.
   PerRank = 0,
@@ -43,9 +43,9 @@ enum class DispatchMode : int32_t {
 // How the rows move between ranks.
 enum class Transport : int32_t {
   // Through shared memory when every rank maps the others' memory (all ranks on one node):
-  // dispatch copies each row straight from its source rank's hidden rows to its slot, combine
-  // reads the expert outputs where the expert ranks wrote them while it sums. Otherwise, as
-  // Messages. The default.
+  // each rank publishes its hidden rows once in its segment and the experts read them there,
+  // combine reads the expert outputs where the expert ranks wrote them while it sums.
+  // Otherwise, as Messages. The default.
   Auto = 0,
   // MPI all-to-alls (Communicator::all_to_all_segments), on one node or across nodes.
   Messages = 1,
@@ -57,8 +57,8 @@ enum class Transport : int32_t {
 // back in): by d's local slot; within a slot, the leaders first (ascending token), then the
 // other pairs by (their leader's slot, token). The leader of a (token, rank) is its pair of
 // lowest k on that rank, and only leaders' rows travel: they land in place, at the start of
-// their cell, and the receiver copies each to the token's other slots there (PerRank). In
-// PerExpert every pair leads.
+// their cell, and the token's other slots there point to that row (PerRank). In PerExpert
+// every pair leads.
 struct DispatchPlan {
   DispatchMode mode = DispatchMode::PerRank;
   int32_t rank = 0, n_ranks = 0;
@@ -119,10 +119,14 @@ class Dispatcher {
   DispatchPlan plan(const Placement& placement, int64_t n_tokens, int64_t top_k, int64_t hidden,
                     const int32_t* experts, const float* weights);
 
-  // Collective. hidden: [n_tokens, hidden] f32. Returns [plan.n_recv(), hidden] f32, grouped
-  // by local slot (plan.slot_offset), valid until the next dispatch on this Dispatcher.
+  // Collective. hidden: [n_tokens, hidden] f32. Returns plan.n_recv() row pointers, grouped
+  // by local slot (plan.slot_offset), each to hidden f32 values, 64-byte aligned when hidden
+  // % 16 == 0 (what the expert kernels read in place, kernels::MatmulJob::xrows). A token with
+  // several experts here is one row, pointed to by each of its slots: nothing is copied per
+  // (token, expert) pair. With shared memory the rows are the source ranks' own, in their
+  // segments: nothing is copied at all. Valid until the next plan on this Dispatcher.
   // The plan must be this Dispatcher's latest (checked with the shared-memory transport).
-  const float* dispatch(const DispatchPlan& plan, const float* hidden);
+  const float* const* dispatch(const DispatchPlan& plan, const float* hidden);
 
   // A buffer [plan.n_recv(), hidden] f32 for the expert outputs, valid until the next plan.
   // With the shared-memory transport it lies in the shared segment, where combine's readers
@@ -141,9 +145,9 @@ class Dispatcher {
   bool shared() const { return shm_ != nullptr; }
 
   // Seconds the last plan / dispatch / combine spent exchanging. Messages: inside their
-  // all-to-all; the rest of each call is local work (planning, the PerRank copy to slots, the
-  // weighted sum). Shared memory: plan's all-to-all, all of dispatch (the copies are the
-  // transfer), all of combine (the sum reads the other ranks' rows: transfer and sum at once).
+  // all-to-all; the rest of each call is local work (planning, the PerRank row pointers, the
+  // weighted sum). Shared memory: plan's all-to-all, all of dispatch (publishing the rows), all
+  // of combine (the sum reads the other ranks' rows: transfer and sum at once).
   struct Timing {
     double plan = 0, dispatch = 0, combine = 0;
   };
@@ -162,7 +166,7 @@ class Dispatcher {
 
   // Shared memory: lays out and (collectively) grows the segments for plan p.
   void share_layout(DispatchPlan& p, const std::vector<int64_t>& got, int64_t W, int64_t S);
-  const float* dispatch_shared(const DispatchPlan& p, const float* hidden);
+  void dispatch_shared(const DispatchPlan& p, const float* hidden);
   void combine_shared(const DispatchPlan& p, const float* expert_out, float* out);
 
   comm::Communicator& comm_;
@@ -174,7 +178,8 @@ class Dispatcher {
   uint64_t plans_ = 0, dispatched_ = 0;      // latest plan id; id of the plan dispatched last
   bool synced_ = true;                       // no shared read since the last collective
   std::vector<const float*> src_;            // combine: output row of each travel position
-  Buffer<float> x_;                          // [n_recv, H] dispatch result
+  Buffer<float> x_;                          // [n_recv, H] messages: the rows received
+  std::vector<const float*> rows_;           // [n_recv] dispatch result
   Buffer<uint64_t> masks_;                   // [recv rows, mask_words] PerRank
   Buffer<float> y_;                          // [n_recv, H] expert_out()
   Buffer<float> back_;  // [n_pairs_sent, H] combine: outputs back, in travel order

@@ -350,6 +350,46 @@ TEST(Matmul, BatchEqualsOneByOne) {
   }
 }
 
+TEST(Matmul, RowPointersEqualContiguousRows) {
+  // Rows gathered from a pool in a scattered order, repeats included (a token feeding two
+  // experts), aligned or not, through the GEMV (one row, a few, more than 8) and the GEMM.
+  ThreadPool pool(3);
+  uint32_t seed = 700;
+  for (DType dt : kDtypes) {
+    for (int64_t K : {256, 100}) {
+      const int64_t Kp = (K + 15) / 16 * 16, N = 37, n_pool = 64;
+      TestWeight tw(dt, N, K, seed++);
+      tw.w.fp8_plain = dt == DType::F8_E4M3;
+      const auto rows_pool = random_floats(n_pool * Kp + 1, seed++);
+      for (int64_t m : {1, 5, 13, 40}) {
+        for (bool misaligned : {false, true}) {
+          std::vector<const float*> rows(m);
+          Floats x(m * Kp);  // the same rows, contiguous
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t r = (i * 29 + 7) % n_pool / (i % 3 == 2 ? 2 : 1);
+            rows[i] = rows_pool.data() + r * Kp + (misaligned && i % 2 ? 1 : 0);
+            std::memcpy(&x[i * Kp], rows[i], K * sizeof(float));
+          }
+          for (Isa isa : isas()) {
+            const auto want = run_matmul(isa, pool, x, m, Kp, tw.w);
+            const int64_t ldy = N + 2;
+            std::vector<float> y(m * ldy, kSentinel);
+            MatmulJob j;
+            j.xrows = rows.data(), j.m = m, j.w = &tw.w, j.y = y.data(), j.ldy = ldy;
+            kernel_table(isa).matmul_batch(pool, &j, 1);
+            for (int64_t i = 0; i < m; ++i) {
+              ASSERT_EQ(first_diff(&y[i * ldy], &want[i * N], N), -1)
+                  << isa_name(isa) << " " << shape(dt, m, N, K) << " misaligned " << misaligned
+                  << " row " << i;
+              EXPECT_EQ(y[i * ldy + N], kSentinel) << "wrote padding";
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(MatmulT, EqualsReferenceBitForBit) {
   ThreadPool pool(3);
   uint32_t seed = 300;
@@ -501,6 +541,36 @@ TEST(Vector, DotsEqualDotOneByOne) {
                   << " j=" << j;
             EXPECT_EQ(got[i * ldo + nb], -1.0f) << "wrote past the row's outputs";
           }
+        }
+      }
+    }
+  }
+}
+
+TEST(Vector, WeightedSumIsMultiplyThenAddInOrder) {
+  for (int64_t cols : {1, 15, 16, 17, 64, 100, 2048}) {
+    for (int64_t n : {0, 1, 3, 8, 9}) {
+      const auto buf = random_floats(n * (cols + 3) + 1, 90 + cols + n);
+      std::vector<const float*> rows(n);
+      for (int64_t j = 0; j < n; ++j) rows[j] = buf.data() + ((j * 5) % n) * (cols + 3) + j % 2;
+      const auto w = random_floats(n + 1, 91 + n);
+      std::vector<float> want(cols, 0.0f);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t k = 0; k < cols; ++k) {
+          const float prod = rows[j][k] * w[j];  // rounded: -ffp-contract=off
+          want[k] = want[k] + prod;
+        }
+      for (Isa isa : isas()) {
+        std::vector<float> got(cols + 1, 9.0f);
+        kernel_table(isa).weighted_sum(rows.data(), w.data(), n, cols, got.data());
+        ASSERT_EQ(first_diff(got.data(), want.data(), cols), -1)
+            << isa_name(isa) << " cols=" << cols << " n=" << n;
+        EXPECT_EQ(got[cols], 9.0f) << "wrote past the row";
+        if (n > 1) {  // and not an FMA, which rounds once: some element tells them apart
+          std::vector<float> fused(cols, 0.0f);
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t k = 0; k < cols; ++k) fused[k] = std::fma(rows[j][k], w[j], fused[k]);
+          if (cols >= 64) EXPECT_NE(first_diff(got.data(), fused.data(), cols), -1) << cols;
         }
       }
     }

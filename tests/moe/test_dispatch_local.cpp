@@ -76,9 +76,9 @@ TEST_P(DispatchLocal, PlanInvariants) {
   EXPECT_EQ(p.n_rows_sent(), per_rank ? 9 : 27);  // PerRank: once per token
 
   // Dispatch: each slot's rows are the hidden rows of its pairs' tokens, in travel order.
-  const float* x = d.dispatch(p, b.h.data());
+  const float* const* x = d.dispatch(p, b.h.data());
   for (int64_t q = 0; q < 27; ++q)
-    EXPECT_EQ(std::memcmp(x + q * b.H, b.h.data() + p.pair_token[q] * b.H, b.H * sizeof(float)), 0)
+    EXPECT_EQ(std::memcmp(x[q], b.h.data() + p.pair_token[q] * b.H, b.H * sizeof(float)), 0)
         << "row " << q;
 }
 

@@ -37,13 +37,13 @@ struct FakeExperts {
     Rng r(seed);
     for (float& v : w) v = r.uniform(-0.5f, 0.5f);
   }
-  // x, y: [n, H] f32
-  void run(int32_t e, const float* x, int64_t n, float* y) const {
+  // x: n rows of H f32 (Dispatcher::dispatch's row pointers); y: [n, H] f32
+  void run(int32_t e, const float* const* x, int64_t n, float* y) const {
     const float* g = w.data() + static_cast<size_t>(e) * 3 * I * H;
     const float *u = g + I * H, *d = u + I * H;
     std::vector<float> a(I);
     for (int64_t t = 0; t < n; ++t) {
-      const float* xr = x + t * H;
+      const float* xr = x[t];
       for (int64_t i = 0; i < I; ++i) {
         float sg = 0.0f, su = 0.0f;
         for (int64_t h = 0; h < H; ++h) {
@@ -82,16 +82,17 @@ inline void random_routing(Rng& r, int64_t n, int64_t K, int32_t E, int32_t* ex,
 inline void reference_moe(const FakeExperts& fx, int64_t n, int64_t K, const int32_t* ex,
                           const float* wt, const float* h, float* out) {
   const int64_t H = fx.H;
-  std::vector<float> slot_out(n * K * H), xin, y;
+  std::vector<float> slot_out(n * K * H), y;
+  std::vector<const float*> xin;
   for (int32_t e = 0; e < fx.n_experts; ++e) {
     std::vector<int64_t> entries;
     for (int64_t i = 0; i < n * K; ++i)
       if (ex[i] == e) entries.push_back(i);
     if (entries.empty()) continue;
     const int64_t cnt = static_cast<int64_t>(entries.size());
-    xin.resize(cnt * H);
+    xin.resize(cnt);
     y.resize(cnt * H);
-    for (int64_t j = 0; j < cnt; ++j) std::copy_n(h + (entries[j] / K) * H, H, xin.data() + j * H);
+    for (int64_t j = 0; j < cnt; ++j) xin[j] = h + (entries[j] / K) * H;
     fx.run(e, xin.data(), cnt, y.data());
     for (int64_t j = 0; j < cnt; ++j)
       std::copy_n(y.data() + j * H, H, slot_out.data() + entries[j] * H);
@@ -112,11 +113,10 @@ inline void reference_moe(const FakeExperts& fx, int64_t n, int64_t K, const int
 inline void ep_moe(moe::Dispatcher& d, const moe::Placement& pl, const FakeExperts& fx, int64_t n,
                    int64_t K, const int32_t* ex, const float* wt, const float* h, float* out) {
   const moe::DispatchPlan p = d.plan(pl, n, K, fx.H, ex, wt);
-  const float* x = d.dispatch(p, h);
+  const float* const* x = d.dispatch(p, h);
   float* y = d.expert_out(p);
   for (int32_t j = 0; j < p.n_slots; ++j)
-    fx.run(p.slot_expert[j], x + p.slot_offset[j] * fx.H, p.slot_count(j),
-           y + p.slot_offset[j] * fx.H);
+    fx.run(p.slot_expert[j], x + p.slot_offset[j], p.slot_count(j), y + p.slot_offset[j] * fx.H);
   d.combine(p, y, out);
 }
 

@@ -160,10 +160,10 @@ void test_shared_reuse(Communicator& c, Checker& ck) {
   const DispatchPlan p =
       d.plan(pl, nt, cs.K, cs.H, g.ex.data() + t0 * cs.K, g.wt.data() + t0 * cs.K);
   for (int round = 0; round < 2; ++round) {
-    const float* x = d.dispatch(p, g.h.data() + t0 * cs.H);
+    const float* const* x = d.dispatch(p, g.h.data() + t0 * cs.H);
     std::vector<float> y(p.n_recv() * cs.H), got(nt * cs.H);
     for (int32_t j = 0; j < p.n_slots; ++j)
-      fx.run(p.slot_expert[j], x + p.slot_offset[j] * cs.H, p.slot_count(j),
+      fx.run(p.slot_expert[j], x + p.slot_offset[j], p.slot_count(j),
              y.data() + p.slot_offset[j] * cs.H);
     d.combine(p, y.data(), got.data());
     CHECK(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0);
@@ -197,9 +197,9 @@ void test_failures(Communicator& c, Checker& ck) {
   }
   std::vector<float> h(16, 1.0f), out(16);
   const DispatchPlan p = d.plan(pl, 1, 2, 16, good, w);
-  const float* x = d.dispatch(p, h.data());
+  const float* const* x = d.dispatch(p, h.data());
   float* y = d.expert_out(p);
-  std::memcpy(y, x, p.n_recv() * 16 * sizeof(float));
+  for (int64_t i = 0; i < p.n_recv(); ++i) std::memcpy(y + i * 16, x[i], 16 * sizeof(float));
   d.combine(p, y, out.data());
   CHECK(ck, out[0] == 1.0f && out[15] == 1.0f);
 }

@@ -47,13 +47,16 @@ void dequant_block(const Weight& w, int64_t n0, int64_t nn, int64_t k0, int64_t 
   }
 }
 
-// MT tokens x NT weight rows over nc chunks of one K block. x: [MT, ldx] (at the block's first
-// column); wb: [NT, ldw]; part: [MT, ldp] 16-lane partial sums, 16 floats per row;
-// y: [MT, ldy]. `first` starts from +0.0, `last` reduces into y.
+// MT tokens x NT weight rows over nc chunks of one K block. x: MT row pointers, read from
+// column xoff (the block's first); wb: [NT, ldw]; part: [MT, ldp] 16-lane partial sums, 16 floats
+// per row; y: [MT, ldy]. `first` starts from +0.0, `last` reduces into y.
 template <class O, int MT, int NT>
-void gemm_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_t nc, float* part,
-               int64_t ldp, bool first, bool last, float* y, int64_t ldy) {
+void gemm_tile(const float* const* x, int64_t xoff, const float* wb, int64_t ldw, int64_t nc,
+               float* part, int64_t ldp, bool first, bool last, float* y, int64_t ldy) {
   using V = typename O::V;
+  const float* xr[MT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) xr[i] = x[i] + xoff;
   V acc[MT][NT];
 #pragma GCC unroll 8
   for (int i = 0; i < MT; ++i)
@@ -62,7 +65,7 @@ void gemm_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_
   for (int64_t c = 0; c < nc; ++c) {
     V xv[MT];
 #pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) xv[i] = O::load(x + i * ldx + 16 * c);
+    for (int i = 0; i < MT; ++i) xv[i] = O::load(xr[i] + 16 * c);
 #pragma GCC unroll 8
     for (int j = 0; j < NT; ++j) {
       const V wv = O::load(wb + j * ldw + 16 * c);
@@ -81,8 +84,8 @@ void gemm_tile(const float* x, int64_t ldx, const float* wb, int64_t ldw, int64_
     }
 }
 
-using GemmTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
-                            bool, bool, float*, int64_t);
+using GemmTileFn = void (*)(const float* const*, int64_t, const float*, int64_t, int64_t, float*,
+                            int64_t, bool, bool, float*, int64_t);
 
 template <class O, int MT, int... NT>
 constexpr void fill_gemm_row(GemmTileFn* row, std::integer_sequence<int, NT...>) {
@@ -94,7 +97,7 @@ constexpr void fill_gemm_tiles(GemmTileFn (*t)[O::kTileN], std::integer_sequence
 }
 
 template <class O, DType DT>
-void gemm(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
+void gemm(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w, float* y,
           int64_t ldy) {
   constexpr int64_t NB = gemm_n<O>();
   static_assert(kGemmM % O::kTileM == 0 && NB % O::kTileN == 0);
@@ -122,7 +125,7 @@ void gemm(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const 
             const int64_t nt = std::min<int64_t>(O::kTileN, nn - j0);
             for (int64_t i0 = 0; i0 < mm; i0 += O::kTileM) {
               const int64_t mt = std::min<int64_t>(O::kTileM, mm - i0);
-              tiles.f[mt - 1][nt - 1](x + (m0 + i0) * ldx + k0, ldx, wb + j0 * kLdw, kLdw, nc,
+              tiles.f[mt - 1][nt - 1](x + m0 + i0, k0, wb + j0 * kLdw, kLdw, nc,
                                       part + (i0 * NB + j0) * 16, NB * 16, first, last,
                                       y + (m0 + i0) * ldy + n0 + j0, ldy);
             }

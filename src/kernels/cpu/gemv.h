@@ -22,16 +22,20 @@ inline typename O::V load_w_checked(const uint8_t* row, int64_t k, typename O::V
 }
 
 // y[i, r + j] for i < M, j < R: columns [ka, kb) of the sums, ka a multiple of 128.
-// x: [M, ldx] f32, readable and zero up to round16(K); y: [M, ldy]. A range that does not
+// x: M row pointers, each row f32, 64-byte aligned, readable and zero up to round16(K);
+// y: [M, ldy]. A range that does not
 // start at 0 continues from the 16-lane partial sums in part ([R, M, 16] f32), one that does
 // not end at K leaves them there; the one that ends at K reduces into y. `pf`: elements ahead
 // to prefetch on each row (0: none). `next`: the R rows after these (contiguous), prefetched
 // bit by bit over the blocks (null: none). Short rows (2 KB of fp8) end before the hardware
 // prefetcher has ramped up, so without it the loads wait on memory.
 template <class O, DType DT, int M, int R>
-void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t ka, int64_t kb,
+void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t ka, int64_t kb,
                float* part, int64_t pf, const uint8_t* next, float* y, int64_t ldy) {
   using V = typename O::V;
+  const float* xr[M];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) xr[i] = x[i];
   constexpr bool fp8 = DT == DType::F8_E4M3;
   constexpr int64_t es = elem_bytes<DT>();
   const int64_t K = w.cols, kfull = K & ~int64_t{15};
@@ -53,7 +57,7 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
   auto chunk = [&](int64_t k, auto checked) {
     V xv[M];
 #pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) xv[i] = O::load_reg(x + i * ldx + k);
+    for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
       V wv;
@@ -70,8 +74,8 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
     V x0[M], x1[M];
 #pragma GCC unroll 8
     for (int i = 0; i < M; ++i) {
-      x0[i] = O::load_reg(x + i * ldx + k);
-      x1[i] = O::load_reg(x + i * ldx + k + 16);
+      x0[i] = O::load_reg(xr[i] + k);
+      x1[i] = O::load_reg(xr[i] + k + 16);
     }
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
@@ -114,7 +118,7 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
             for (int64_t k = k0; k < kend; k += 16) {
               V xv[M];
 #pragma GCC unroll 8
-              for (int i = 0; i < M; ++i) xv[i] = O::load_reg(x + i * ldx + k);
+              for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
 #pragma GCC unroll 8
               for (int j = 0; j < R; ++j) {
                 const V wv = O::cvt_fp8_direct(row[j] + k, sd[j]);
@@ -157,7 +161,7 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
     for (int j = 0; j < R; ++j) {
       const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull, s[j]);
 #pragma GCC unroll 8
-      for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(x + i * ldx + kfull), wv, acc[i][j]);
+      for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(xr[i] + kfull), wv, acc[i][j]);
     }
   }
 #pragma GCC unroll 8
@@ -170,7 +174,7 @@ void gemv_tile(const float* x, int64_t ldx, const Weight& w, int64_t r, int64_t 
 // whose x fits, taken in increasing k for groups of rows (partial sums wait on the stack), so
 // x is read from L1; each row's next block is prefetched meanwhile.
 template <class O, DType DT, int M>
-void gemv_rows(const float* x, int64_t ldx, const Weight& w, int64_t r0, int64_t r1, float* y,
+void gemv_rows(const float* const* x, const Weight& w, int64_t r0, int64_t r1, float* y,
                int64_t ldy) {
   constexpr int R = O::gemv_rows(M);
   constexpr int64_t kGroup = 24;  // rows per group: a multiple of every R
@@ -185,9 +189,9 @@ void gemv_rows(const float* x, int64_t ldx, const Weight& w, int64_t r0, int64_t
     const bool pf_next = DT == DType::F8_E4M3 && K <= 2048;
     int64_t r = r0;
     for (; r + R <= r1; r += R)
-      gemv_tile<O, DT, M, R>(x, ldx, w, r, 0, K, nullptr, 0,
+      gemv_tile<O, DT, M, R>(x, w, r, 0, K, nullptr, 0,
                              pf_next && r + 2 * R <= r1 ? w_row(w, r + R) : nullptr, y, ldy);
-    for (; r < r1; ++r) gemv_tile<O, DT, M, 1>(x, ldx, w, r, 0, K, nullptr, 0, nullptr, y, ldy);
+    for (; r < r1; ++r) gemv_tile<O, DT, M, 1>(x, w, r, 0, K, nullptr, 0, nullptr, y, ldy);
     return;
   }
   alignas(64) float part[kGroup * M * 16];  // [kGroup, M, 16]
@@ -197,33 +201,33 @@ void gemv_rows(const float* x, int64_t ldx, const Weight& w, int64_t r0, int64_t
       const int64_t kb = std::min(K, ka + kblk), pf = kb < K ? kblk : 0;
       int64_t r = g0;
       for (; r + R <= g1; r += R)
-        gemv_tile<O, DT, M, R>(x, ldx, w, r, ka, kb, part + (r - g0) * M * 16, pf, nullptr, y, ldy);
+        gemv_tile<O, DT, M, R>(x, w, r, ka, kb, part + (r - g0) * M * 16, pf, nullptr, y, ldy);
       for (; r < g1; ++r)
-        gemv_tile<O, DT, M, 1>(x, ldx, w, r, ka, kb, part + (r - g0) * M * 16, pf, nullptr, y, ldy);
+        gemv_tile<O, DT, M, 1>(x, w, r, ka, kb, part + (r - g0) * M * 16, pf, nullptr, y, ldy);
     }
   }
 }
 
 template <class O, DType DT>
-void gemv_rows(int64_t m, const float* x, int64_t ldx, const Weight& w, int64_t r0, int64_t r1,
-               float* y, int64_t ldy) {
+void gemv_rows(int64_t m, const float* const* x, const Weight& w, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
   switch (m) {
     case 1:
-      return gemv_rows<O, DT, 1>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 1>(x, w, r0, r1, y, ldy);
     case 2:
-      return gemv_rows<O, DT, 2>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 2>(x, w, r0, r1, y, ldy);
     case 3:
-      return gemv_rows<O, DT, 3>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 3>(x, w, r0, r1, y, ldy);
     case 4:
-      return gemv_rows<O, DT, 4>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 4>(x, w, r0, r1, y, ldy);
     case 5:
-      return gemv_rows<O, DT, 5>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 5>(x, w, r0, r1, y, ldy);
     case 6:
-      return gemv_rows<O, DT, 6>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 6>(x, w, r0, r1, y, ldy);
     case 7:
-      return gemv_rows<O, DT, 7>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 7>(x, w, r0, r1, y, ldy);
     default:
-      return gemv_rows<O, DT, 8>(x, ldx, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 8>(x, w, r0, r1, y, ldy);
   }
 }
 
@@ -231,8 +235,8 @@ void gemv_rows(int64_t m, const float* x, int64_t ldx, const Weight& w, int64_t 
 // blocks small enough for L2, all token groups per block, so the weights still come from
 // memory once.
 template <class O, DType DT>
-void gemv_range(const float* x, int64_t m, int64_t ldx, const Weight& w, int64_t b, int64_t e,
-                float* y, int64_t ldy) {
+void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, int64_t e, float* y,
+                int64_t ldy) {
   constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
   const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
   const int64_t block =
@@ -240,21 +244,19 @@ void gemv_range(const float* x, int64_t m, int64_t ldx, const Weight& w, int64_t
   for (int64_t r0 = b; r0 < e; r0 += block) {
     const int64_t r1 = std::min(e, r0 + block);
     for (int64_t t0 = 0; t0 < m; t0 += 8)
-      gemv_rows<O, DT>(std::min<int64_t>(8, m - t0), x + t0 * ldx, ldx, w, r0, r1, y + t0 * ldy,
-                       ldy);
+      gemv_rows<O, DT>(std::min<int64_t>(8, m - t0), x + t0, w, r0, r1, y + t0 * ldy, ldy);
   }
 }
 
 // Any m: each thread takes a range of rows.
 template <class O, DType DT>
-void gemv(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
+void gemv(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w, float* y,
           int64_t ldy) {
   const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
   // Thread chunks of at least ~32 KB of weights, so small matrices are not spread thin.
   const int64_t grain = std::max<int64_t>(1, (32 << 10) / row_bytes + 1);
   pool.parallel_for(
-      w.rows, [&](int64_t b, int64_t e, int) { gemv_range<O, DT>(x, m, ldx, w, b, e, y, ldy); },
-      grain);
+      w.rows, [&](int64_t b, int64_t e, int) { gemv_range<O, DT>(x, m, w, b, e, y, ldy); }, grain);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //     static constexpr int kTileM, kTileN;  // matmul micro-tile: tokens x weight rows
 //     static constexpr int kTileTM, kTileTN;  // matmul_t micro-tile: tokens x 16-column chunks
 //     static constexpr int gemv_rows(int m);  // GEMV: weight rows streamed together, m <= 8
-//     zero, set1, load, load_reg (not folded into uses), store, fma(a, b, c) = a * b + c, reduce
+//     zero, set1, load, load_reg (not folded into uses), store, fma(a, b, c) = a * b + c,
+//     add_mul(a, b, c) = a + b * c rounded twice (a multiply, then an add), reduce
 //     (the contract's tree), cvt_bf16 / cvt_f16 (16 elements), cvt_fp8(p, s256) (16 elements times
 //     s256 = scale * 256, NaN-exact), NanAcc, nan_init, nan_scan128(acc, p), nan_found(acc)
 //     (whether 128-byte blocks scanned into acc hold an e4m3 NaN), cvt_fp8_nonan and
@@ -42,111 +43,143 @@ constexpr int64_t gemv_max_m() {
 }
 
 template <class O, DType DT>
-void matmul_dtype(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
+void matmul_dtype(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w,
                   float* y, int64_t ldy) {
   if (m <= gemv_max_m<DT>())
-    gemv<O, DT>(pool, x, m, ldx, w, y, ldy);
+    gemv<O, DT>(pool, x, m, w, y, ldy);
   else
-    gemm<O, DT>(pool, x, m, ldx, w, y, ldy);
+    gemm<O, DT>(pool, x, m, w, y, ldy);
 }
 
-// The kernels read x up to round16(K), and run best on 64-byte aligned rows; other x gets a
-// zero-padded, aligned copy (rows [b, e) of it by copy_x_rows).
-inline bool x_needs_copy(const float* x, int64_t ldx, int64_t K) {
-  return K % 16 || reinterpret_cast<uintptr_t>(x) % 64 || ldx % 16;
+inline bool supported_weight(DType dt) {
+  return dt == DType::F32 || dt == DType::F16 || dt == DType::BF16 || dt == DType::F8_E4M3;
 }
-inline void copy_x_rows(const float* x, int64_t ldx, int64_t K, int64_t b, int64_t e, float* xp) {
-  const int64_t Kp = round16(K);
+
+// The kernels read each row of x up to round16(K), and run best on 64-byte aligned rows;
+// other rows get a zero-padded, aligned copy.
+inline bool row_needs_copy(const float* row, int64_t K) {
+  return K % 16 || reinterpret_cast<uintptr_t>(row) % 64;
+}
+inline void copy_x_row(const float* row, int64_t K, float* xp) {
+  std::memcpy(xp, row, K * sizeof(float));
+  std::fill(xp + K, xp + round16(K), 0.0f);
+}
+
+// Row i of a job's x.
+inline const float* x_row(const MatmulJob& j, int64_t i) {
+  return j.xrows ? j.xrows[i] : j.x + i * j.ldx;
+}
+
+// The row pointers the kernels read for job j (into rows [0, j.m)): its own rows where they
+// are aligned, else copies in pad (m * round16(K) floats, or null when none is needed: see
+// x_pad_floats). Rows [b, e) only.
+inline void x_rows(const MatmulJob& j, int64_t b, int64_t e, const float** rows, float* pad) {
+  const int64_t K = j.w->cols, Kp = round16(K);
   for (int64_t i = b; i < e; ++i) {
-    std::memcpy(xp + i * Kp, x + i * ldx, K * sizeof(float));
-    std::fill(xp + i * Kp + K, xp + (i + 1) * Kp, 0.0f);
+    const float* r = x_row(j, i);
+    if (row_needs_copy(r, K)) {
+      copy_x_row(r, K, pad + i * Kp);
+      r = pad + i * Kp;
+    }
+    rows[i] = r;
+  }
+}
+inline int64_t x_pad_floats(const MatmulJob& j) {
+  const int64_t K = j.w->cols;
+  for (int64_t i = 0; i < j.m; ++i)
+    if (row_needs_copy(x_row(j, i), K)) return j.m * round16(K);
+  return 0;
+}
+
+template <class O>
+void matmul_job(const ThreadPool& pool, const MatmulJob& j) {
+  const Weight& w = *j.w;
+  const int64_t K = w.cols, m = j.m;
+  if (m <= 0 || w.rows <= 0) return;
+  MS_CHECK(supported_weight(w.dtype), "matmul: unsupported weight dtype ", dtype_name(w.dtype));
+  if (K == 0) {  // an empty sum: 16 lanes of +0.0
+    for (int64_t i = 0; i < m; ++i) std::fill(j.y + i * j.ldy, j.y + i * j.ldy + w.rows, 0.0f);
+    return;
+  }
+  static thread_local Scratch xscratch;
+  static thread_local std::vector<const float*> rows_tl;
+  rows_tl.resize(m);
+  const float** rows = rows_tl.data();  // (the workers' lambdas must not name a thread_local)
+  const int64_t pad = x_pad_floats(j);
+  float* xp = pad ? xscratch.get(pad) : nullptr;
+  if (pad)
+    pool.parallel_for(
+        m, [&](int64_t b, int64_t e, int) { x_rows(j, b, e, rows, xp); },
+        std::max<int64_t>(1, (64 << 10) / (round16(K) * 4)));
+  else
+    x_rows(j, 0, m, rows, nullptr);
+  const float* const* x = rows;
+  switch (w.dtype) {
+    case DType::F32:
+      return matmul_dtype<O, DType::F32>(pool, x, m, w, j.y, j.ldy);
+    case DType::F16:
+      return matmul_dtype<O, DType::F16>(pool, x, m, w, j.y, j.ldy);
+    case DType::BF16:
+      return matmul_dtype<O, DType::BF16>(pool, x, m, w, j.y, j.ldy);
+    default:
+      return matmul_dtype<O, DType::F8_E4M3>(pool, x, m, w, j.y, j.ldy);
   }
 }
 
 template <class O>
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
             float* y, int64_t ldy) {
-  const int64_t K = w.cols;
-  if (m <= 0 || w.rows <= 0) return;
-  if (K == 0) {  // an empty sum: 16 lanes of +0.0
-    for (int64_t i = 0; i < m; ++i) std::fill(y + i * ldy, y + i * ldy + w.rows, 0.0f);
-    return;
-  }
-  if (x_needs_copy(x, ldx, K)) {
-    static thread_local Scratch xscratch;
-    const int64_t Kp = round16(K);
-    float* xp = xscratch.get(m * Kp);
-    pool.parallel_for(
-        m, [&](int64_t b, int64_t e, int) { copy_x_rows(x, ldx, K, b, e, xp); },
-        std::max<int64_t>(1, (64 << 10) / (Kp * 4)));
-    x = xp;
-    ldx = Kp;
-  }
-  switch (w.dtype) {
-    case DType::F32:
-      return matmul_dtype<O, DType::F32>(pool, x, m, ldx, w, y, ldy);
-    case DType::F16:
-      return matmul_dtype<O, DType::F16>(pool, x, m, ldx, w, y, ldy);
-    case DType::BF16:
-      return matmul_dtype<O, DType::BF16>(pool, x, m, ldx, w, y, ldy);
-    case DType::F8_E4M3:
-      return matmul_dtype<O, DType::F8_E4M3>(pool, x, m, ldx, w, y, ldy);
-    default:
-      fail("matmul: unsupported weight dtype ", dtype_name(w.dtype));
-  }
+  matmul_job<O>(pool, MatmulJob{x, m, ldx, &w, y, ldy});
 }
 
 // ---- several small products in one fan-out
 
 template <class O>
-void gemv_range_any(const MatmulJob& j, int64_t b, int64_t e) {
+void gemv_range_any(const float* const* x, const MatmulJob& j, int64_t b, int64_t e) {
   switch (j.w->dtype) {
     case DType::F32:
-      return gemv_range<O, DType::F32>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+      return gemv_range<O, DType::F32>(x, j.m, *j.w, b, e, j.y, j.ldy);
     case DType::F16:
-      return gemv_range<O, DType::F16>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+      return gemv_range<O, DType::F16>(x, j.m, *j.w, b, e, j.y, j.ldy);
     case DType::BF16:
-      return gemv_range<O, DType::BF16>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+      return gemv_range<O, DType::BF16>(x, j.m, *j.w, b, e, j.y, j.ldy);
     default:
-      return gemv_range<O, DType::F8_E4M3>(j.x, j.m, j.ldx, *j.w, b, e, j.y, j.ldy);
+      return gemv_range<O, DType::F8_E4M3>(x, j.m, *j.w, b, e, j.y, j.ldy);
   }
 }
 
 template <class O>
 void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
-  // Jobs for the GEMV kernels, with x as they read it (aligned, zero-padded to round16(K));
-  // the others go through matmul one by one.
-  std::vector<MatmulJob> small;
+  // Jobs for the GEMV kernels, with the rows of x as they read them (aligned, zero-padded to
+  // round16(K)); the others go through matmul one by one.
+  std::vector<const MatmulJob*> small;
   std::vector<int64_t> first_row{0};  // of each small job in the concatenation of their rows
+  std::vector<int64_t> first_x{0};    // of each small job's x rows in `rows`
   int64_t pad_floats = 0;
   for (int64_t i = 0; i < n; ++i) {
     const MatmulJob& j = jobs[i];
-    MS_CHECK(j.w->dtype == DType::F32 || j.w->dtype == DType::F16 || j.w->dtype == DType::BF16 ||
-                 j.w->dtype == DType::F8_E4M3,
-             "matmul: unsupported weight dtype ", dtype_name(j.w->dtype));
+    MS_CHECK(supported_weight(j.w->dtype), "matmul: unsupported weight dtype ",
+             dtype_name(j.w->dtype));
     const bool gemv_ok = j.w->dtype == DType::F8_E4M3 ? j.m <= gemv_max_m<DType::F8_E4M3>()
                                                       : j.m <= gemv_max_m<DType::BF16>();
     if (j.m <= 0 || j.w->rows <= 0) continue;
     if (!gemv_ok || j.w->cols == 0) {
-      matmul<O>(pool, j.x, j.m, j.ldx, *j.w, j.y, j.ldy);
+      matmul_job<O>(pool, j);
       continue;
     }
-    const int64_t K = j.w->cols;
-    if (x_needs_copy(j.x, j.ldx, K)) pad_floats += j.m * round16(K);
-    small.push_back(j);
+    pad_floats += x_pad_floats(j);
+    small.push_back(&j);
     first_row.push_back(first_row.back() + j.w->rows);
+    first_x.push_back(first_x.back() + j.m);
   }
   if (small.empty()) return;
   static thread_local Scratch xscratch;
   float* xp = pad_floats ? xscratch.get(pad_floats) : nullptr;
-  for (MatmulJob& j : small) {
-    const int64_t K = j.w->cols;
-    if (!x_needs_copy(j.x, j.ldx, K)) continue;
-    const int64_t Kp = round16(K);
-    copy_x_rows(j.x, j.ldx, K, 0, j.m, xp);
-    j.x = xp;
-    j.ldx = Kp;
-    xp += j.m * Kp;
+  std::vector<const float*> rows(first_x.back());
+  for (size_t k = 0; k < small.size(); ++k) {
+    const int64_t pad = x_pad_floats(*small[k]);
+    x_rows(*small[k], 0, small[k]->m, rows.data() + first_x[k], pad ? xp : nullptr);
+    xp += pad;
   }
   // One range of the concatenated rows per thread; each row's result is the same whichever
   // thread computes it, and with whichever neighbours (kernels.h).
@@ -157,7 +190,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
         for (size_t k = it - first_row.begin(); k < small.size() && first_row[k] < e; ++k) {
           const int64_t r0 = std::max(b, first_row[k]) - first_row[k];
           const int64_t r1 = std::min(e, first_row[k + 1]) - first_row[k];
-          gemv_range_any<O>(small[k], r0, r1);
+          gemv_range_any<O>(rows.data() + first_x[k], *small[k], r0, r1);
         }
       },
       8);
@@ -318,10 +351,40 @@ void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* 
     weighted_rows_cols<O, 1>(c + i * ldc, ldc, rows, nrows, roff, n, y + i * ldy, ldy);
 }
 
+// Columns [k, k + 16 * NV) of weighted_sum: NV accumulators stay in registers while the rows
+// stream past.
+template <class O, int NV>
+void weighted_sum_cols(const float* const* rows, const float* w, int64_t n, int64_t k, float* y) {
+  using V = typename O::V;
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = O::zero();
+  for (int64_t j = 0; j < n; ++j) {
+    const V wv = O::set1(w[j]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = O::add_mul(acc[v], O::load(rows[j] + k + 16 * v), wv);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) O::store(y + k + 16 * v, acc[v]);
+}
+
+template <class O>
+void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y) {
+  int64_t k = 0;
+  for (; k + 64 <= cols; k += 64) weighted_sum_cols<O, 4>(rows, w, n, k, y);
+  for (; k + 16 <= cols; k += 16) weighted_sum_cols<O, 1>(rows, w, n, k, y);
+  for (; k < cols; ++k) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < n; ++j) acc = acc + rows[j][k] * w[j];
+    y[k] = acc;
+  }
+}
+
 template <class O>
 const KernelTable& make_table() {
-  static const KernelTable t{&matmul<O>, &matmul_t<O>, &dequant_row<O>,   &dot<O>,
-                             &axpy<O>,   &dots<O>,     &weighted_rows<O>, &matmul_batch<O>};
+  static const KernelTable t{&matmul<O>,        &matmul_t<O>,     &dequant_row<O>,
+                             &dot<O>,           &axpy<O>,         &dots<O>,
+                             &weighted_rows<O>, &matmul_batch<O>, &weighted_sum<O>};
   return t;
 }
 

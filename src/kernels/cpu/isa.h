@@ -21,6 +21,7 @@ struct KernelTable {
   void (*weighted_rows)(const float* c, int64_t nc, int64_t ldc, const float* const* rows,
                         int64_t nrows, int64_t roff, int64_t n, float* y, int64_t ldy);
   void (*matmul_batch)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
+  void (*weighted_sum)(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y);
 };
 
 namespace scalar {

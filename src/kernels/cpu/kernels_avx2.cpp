@@ -27,6 +27,10 @@ struct Avx2 {
   static V fma(V a, V b, V c) {
     return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
   }
+  static V add_mul(V a, V b, V c) {
+    return {_mm256_add_ps(a.lo, _mm256_mul_ps(b.lo, c.lo)),
+            _mm256_add_ps(a.hi, _mm256_mul_ps(b.hi, c.hi))};
+  }
 
   // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
   static float reduce(V v) {

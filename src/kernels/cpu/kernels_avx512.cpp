@@ -33,6 +33,7 @@ struct Avx512 {
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add_mul(V a, V b, V c) { return _mm512_add_ps(a, _mm512_mul_ps(b, c)); }
 
   // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
   static float reduce(V v) {

@@ -46,6 +46,11 @@ struct Scalar {
   }
   static V load_reg(const float* p) { return load(p); }
   static void store(float* p, const V& v) { std::memcpy(p, v.v, sizeof v.v); }
+  static V add_mul(const V& a, const V& b, const V& c) {  // -ffp-contract=off: two roundings
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] + b.v[l] * c.v[l];
+    return r;
+  }
   static V fma(const V& a, const V& b, const V& c) {
     V r;
     for (int l = 0; l < 16; ++l) r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);
