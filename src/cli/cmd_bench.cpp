@@ -1,7 +1,9 @@
 // moeserve bench: prefill and decode speed of a model, each printed next to the bound it is
 // measured against (the machine's memory read bandwidth for decode at batch 1, its peak FMA rate
 // for prefill), both measured here in the same run.
+#include <sched.h>
 #include <sys/resource.h>
+#include <sys/sysinfo.h>
 
 #include <chrono>
 #include <cstdio>
@@ -10,6 +12,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <thread>
 
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -128,20 +131,39 @@ void run_bench(const BenchArgs& a) {
   comm.all_reduce(times, 4, comm::ReduceOp::Max);
   st.prefill_seconds = times[0];
   st.decode_seconds = times[1];
+  // Under mpirun, the largest rank's: the ranks map one checkpoint, whose pages they share
+  // (a sum over ranks would count them once per rank).
   double rss_all = peak_rss_kb() * 1024.0;
-  comm.all_reduce(&rss_all, 1, comm::ReduceOp::Sum);
+  comm.all_reduce(&rss_all, 1, comm::ReduceOp::Max);
   pm.write_expert_load();
   // The machine's bounds, measured after the run (so its buffers do not count in the peak
-  // RSS) by rank 0 with every core while the others wait.
+  // RSS) by rank 0 with every core while the others wait asleep: a rank waiting in an MPI
+  // barrier spins, and took a core from the measurement.
   double bw = 0, peak = 0;
-  if (pm.is_root()) {
-    ThreadPool all(0);
-    std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", all.size(),
-                 isa_name(detected_isa()));
-    bw = kernels::measure_read_bandwidth_gbs(all);
-    peak = kernels::measure_peak_gflops(all);
+  {
+    std::unique_ptr<comm::Mailbox> mb = n_ranks > 1 ? comm.mailbox() : nullptr;
+    constexpr int kMeasured = 1;
+    if (pm.is_root()) {
+      // mpirun binds each rank to its own core(s); the measurement's threads may use them all
+      // (they inherit this thread's mask, restored after).
+      cpu_set_t bound, every;
+      const bool have_mask = sched_getaffinity(0, sizeof bound, &bound) == 0;
+      CPU_ZERO(&every);
+      for (int c = 0; c < std::min<int>(CPU_SETSIZE, get_nprocs_conf()); ++c) CPU_SET(c, &every);
+      if (have_mask) sched_setaffinity(0, sizeof every, &every);
+      ThreadPool all(0);
+      std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", all.size(),
+                   isa_name(detected_isa()));
+      bw = kernels::measure_read_bandwidth_gbs(all);
+      peak = kernels::measure_peak_gflops(all);
+      if (have_mask) sched_setaffinity(0, sizeof bound, &bound);
+      for (int r = 1; r < n_ranks; ++r) mb->post(r, kMeasured, {});
+    } else {
+      while (!mb->poll(kMeasured)) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    if (mb) mb->flush();
+    comm.barrier();
   }
-  comm.barrier();
   if (!pm.is_root()) return;
   const double prefill_tps = n_ranks * a.prompt_len / st.prefill_seconds;
   const double prefill_gflops =
@@ -168,8 +190,8 @@ void run_bench(const BenchArgs& a) {
     std::printf("communication  %.1f%% of prefill time, %.1f%% of decode time in MoE all-to-alls\n",
                 100.0 * times[2] / st.prefill_seconds, 100.0 * times[3] / st.decode_seconds);
   std::printf(
-      "memory         peak RSS %.2f GB; weights %.2f GB + KV cache %.3f GB -> %.1f%% over\n",
-      rss / 1e9, weight_bytes / 1e9, kv_bytes / 1e9,
+      "memory         peak RSS %.2f GB%s; weights %.2f GB + KV cache %.3f GB -> %.1f%% over\n",
+      rss / 1e9, n_ranks > 1 ? " (largest rank)" : "", weight_bytes / 1e9, kv_bytes / 1e9,
       100.0 * (rss / (weight_bytes + kv_bytes) - 1.0));
   if (a.json) {
     nlohmann::json j = {{"model", dir},
