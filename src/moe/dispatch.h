@@ -19,11 +19,13 @@
 // Every rank enters plan, dispatch and combine of every MoE layer, also with zero tokens.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/aligned.h"
 #include "moe/placement.h"
 
 namespace moeserve::moe {
@@ -154,12 +156,17 @@ class Dispatcher {
   const Timing& exchange_seconds() const { return timing_; }
 
  private:
+  // Grows, never shrinks, never initialized; 64-byte aligned, so the expert kernels read the
+  // received rows in place.
   template <class T>
-  struct Buffer {  // grows, never shrinks, never initialized
-    std::unique_ptr<T[]> p;
+  struct Buffer {
+    struct Free {
+      void operator()(T* q) const { Aligned64<T>().deallocate(q, 0); }
+    };
+    std::unique_ptr<T, Free> p;
     size_t n = 0;
     T* get(size_t want) {
-      if (want > n) p.reset(new T[want]), n = want;
+      if (want > n) p.reset(Aligned64<T>().allocate(std::max<size_t>(want, 1))), n = want;
       return p.get();
     }
   };

@@ -82,6 +82,34 @@ TEST_P(DispatchLocal, PlanInvariants) {
         << "row " << q;
 }
 
+TEST_P(DispatchLocal, TokenRowsAreSharedNotCopied) {
+  // Nothing is copied per (token, expert) pair: a token's slots here point to its one row
+  // (with shared memory also in PerExpert: every pair's row is the source's own, in place).
+  const bool per_rank = GetParam() == DispatchMode::PerRank;
+  for (auto transport : {moeserve::moe::Transport::Auto, moeserve::moe::Transport::Messages}) {
+    LocalCommunicator comm;
+    Dispatcher d(comm, GetParam(), transport);
+    const int32_t E = 12;
+    Batch b(9, 3, 16, E, 2);
+    const DispatchPlan p =
+        d.plan(Placement::contiguous(E, 1), b.n, b.K, b.H, b.ex.data(), b.wt.data());
+    const float* const* x = d.dispatch(p, b.h.data());
+    const bool shared_rows = per_rank || d.shared();
+    int64_t same = 0;
+    for (int64_t q = 0; q < 27; ++q) {
+      EXPECT_EQ(std::memcmp(x[q], b.h.data() + p.pair_token[q] * b.H, b.H * sizeof(float)), 0);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(x[q]) % 64, 0u) << "row " << q << " not aligned";
+      for (int64_t r = q + 1; r < 27; ++r)
+        if (p.pair_token[q] == p.pair_token[r]) {
+          EXPECT_EQ(x[q] == x[r], shared_rows) << "rows " << q << ", " << r;
+          ++same;
+        }
+    }
+    EXPECT_EQ(same, 27);  // 9 tokens x 3 pairs of slots each
+    d.combine(p, d.expert_out(p), std::vector<float>(b.n * b.H).data());
+  }
+}
+
 TEST_P(DispatchLocal, BitIdenticalToSingleProcessLayer) {
   LocalCommunicator comm;
   Dispatcher d(comm, GetParam());
