@@ -79,10 +79,7 @@ void run_bench(const BenchArgs& a) {
 
   pm.load(dir);
   model::Model& m = pm.model();
-  if (pm.is_root())
-    m.prefault(true);
-  else
-    m.prefault(false);
+  m.prefault(/*progress=*/pm.is_root(), /*copy=*/!a.par.mmap);
   const model::ModelConfig& c = m.config();
   const size_t weight_bytes = m.store().total_bytes();
   const size_t active_bytes = model::active_weight_bytes(m.weights(), c);

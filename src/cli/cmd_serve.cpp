@@ -180,7 +180,7 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
              " is longer than the model's max_position_embeddings (", max_pos, ")");
   });
-  m.prefault(/*progress=*/false);
+  m.prefault(/*progress=*/false, /*copy=*/!a.par.mmap);
 
   if (world.size() == 1) {
     engine::Engine engine(m, ec);

@@ -22,6 +22,9 @@ void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
                   "a node, else MPI all-to-alls) or messages (always MPI all-to-alls)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "messages"}));
+  cmd->add_flag("--mmap", a.mmap,
+                "Read the weights from the mapped checkpoint (serve, bench); by default they "
+                "are copied into memory first, which reads faster and uses no more memory");
 }
 
 ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : ParallelModel(a) {

@@ -256,7 +256,19 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
   matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size);
 }
 
-void Model::prefault(bool progress) const {
+void Model::prefault(bool progress, bool copy) {
+  if (copy) {
+    if (resident_) return;
+    size_t next_report = 0;
+    resident_ = make_resident(w_, *store_, pool_, [&](size_t done, size_t total) {
+      if (!progress || (done < next_report && done < total)) return;
+      std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB",
+                   static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9);
+      next_report = done + total / 20;
+    });
+    if (progress) std::fprintf(stderr, "\n");
+    return;
+  }
   const size_t total = store_->total_bytes();
   size_t done = 0, next_report = 0;
   volatile uint8_t sink = 0;

@@ -93,9 +93,13 @@ class Model {
   // layers). Safe to call from any thread.
   std::vector<int64_t> expert_token_counts() const;
 
-  // Touches every weight page once (reading the checkpoint from disk), printing progress on
-  // stderr when `progress`.
-  void prefault(bool progress) const;
+  // Brings the weights into memory before serving or measuring, printing progress on stderr
+  // when `progress`. `copy`: copies the matrices out of the mapped checkpoint into memory of
+  // the process's own (make_resident: same bytes, faster reads; the mapping's pages are dropped
+  // as they are copied); otherwise touches every mapped page once. Without either, pages come
+  // from the checkpoint as first read.
+  void prefault(bool progress, bool copy = true);
+  bool resident() const { return resident_ != nullptr; }
 
  private:
   void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out
@@ -121,6 +125,7 @@ class Model {
                       int64_t max_ctx);
 
   std::unique_ptr<WeightStore> store_;
+  std::unique_ptr<ResidentWeights> resident_;  // the matrices' memory after prefault(copy)
   ModelConfig cfg_;
   std::optional<ExpertParallel> ep_;  // with its placement filled in
   ModelWeights w_;

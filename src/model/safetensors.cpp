@@ -172,6 +172,23 @@ const TensorView& WeightStore::get(const std::string& name,
   return v;
 }
 
+void SafeTensorsFile::release(const void* p, size_t n) const {
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  auto b = reinterpret_cast<uintptr_t>(p ? p : map_), e = b + (p ? n : size_);
+  b = (b + page - 1) / page * page;
+  e = e / page * page;
+  if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // advice: no error
+}
+
+void WeightStore::release(const TensorView& t, const void* p, size_t n) const {
+  for (const auto& f : files_)
+    if (f->path() == t.file) return p ? f->release(p, n) : f->release(t.data, t.nbytes);
+}
+
+void WeightStore::release_all() const {
+  for (const auto& f : files_) f->release(nullptr, 0);
+}
+
 size_t WeightStore::total_bytes() const {
   size_t n = 0;
   for (const auto& [name, v] : index_) n += v->nbytes;

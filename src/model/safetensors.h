@@ -37,6 +37,9 @@ class SafeTensorsFile {
   const std::string& path() const { return path_; }
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
   size_t size() const { return size_; }
+  // Drops this process's mapped pages of the file (they come back from the page cache if read
+  // again): whole pages inside [p, p + n), or, with p null, the whole file.
+  void release(const void* p, size_t n) const;
 
  private:
   std::string path_;
@@ -58,6 +61,10 @@ class WeightStore {
   const TensorView& get(const std::string& name, const std::vector<int64_t>& shape) const;
   const std::map<std::string, const TensorView*>& all() const { return index_; }
   size_t total_bytes() const;
+  // SafeTensorsFile::release of [p, p + n) (null: all of t) in the file tensor t lies in, or
+  // of every file.
+  void release(const TensorView& t, const void* p = nullptr, size_t n = 0) const;
+  void release_all() const;
   const std::string& dir() const { return dir_; }
 
  private:

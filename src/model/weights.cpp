@@ -1,6 +1,10 @@
 #include "model/weights.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -126,26 +130,106 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
   return w;
 }
 
-void mark_fp8_plain(ModelWeights& w, const ThreadPool& pool) {
-  std::vector<Weight*> fp8;
-  auto add = [&](Weight& m) {
-    if (m.dtype == DType::F8_E4M3 && m.data) fp8.push_back(&m);
+void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn) {
+  auto mlp = [&](MlpWeights& m) {
+    fn(m.gate);
+    fn(m.up);
+    fn(m.down);
   };
-  auto add_mlp = [&](MlpWeights& m) {
-    add(m.gate);
-    add(m.up);
-    add(m.down);
-  };
+  fn(w.embed);
   for (LayerWeights& L : w.layers) {
     AttentionWeights& a = L.attn;
     for (Weight* m : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
-      add(*m);
-    add_mlp(L.mlp);
-    add(L.moe.router);
-    for (MlpWeights& e : L.moe.experts) add_mlp(e);
-    add_mlp(L.moe.shared);
+      fn(*m);
+    mlp(L.mlp);
+    fn(L.moe.router);
+    for (MlpWeights& e : L.moe.experts) mlp(e);
+    mlp(L.moe.shared);
   }
-  add(w.lm_head);
+  fn(w.lm_head);
+}
+
+ResidentWeights::ResidentWeights(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  bytes_ = std::max(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+  base_ = static_cast<std::byte*>(std::aligned_alloc(kHuge, bytes_));
+  MS_CHECK(base_ != nullptr, "cannot allocate ", bytes_, " bytes of memory for the weights");
+  ::madvise(base_, bytes_, MADV_HUGEPAGE);  // advice: the copy works without it
+}
+
+ResidentWeights::~ResidentWeights() {
+  std::free(base_);
+}
+
+std::unique_ptr<ResidentWeights> make_resident(
+    ModelWeights& w, const WeightStore& store, const ThreadPool& pool,
+    const std::function<void(size_t, size_t)>& progress) {
+  // The checkpoint's tensors by address; a matrix (or a view of some rows) lies in one.
+  struct Span {
+    const std::byte *b, *e;
+    const TensorView* t;
+    bool used = false;
+    size_t off = 0;  // in the resident copy
+  };
+  std::vector<Span> spans;
+  for (const auto& [name, t] : store.all()) {
+    const auto* b = static_cast<const std::byte*>(t->data);
+    spans.push_back({b, b + t->nbytes, t});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.b < y.b; });
+  auto find = [&](const void* p) -> Span& {
+    const auto* q = static_cast<const std::byte*>(p);
+    auto it = std::upper_bound(spans.begin(), spans.end(), q,
+                               [](const std::byte* v, const Span& s) { return v < s.b; });
+    MS_ASSERT(it != spans.begin() && q < std::prev(it)->e);
+    return *std::prev(it);
+  };
+  for_each_matrix(w, [&](Weight& m) {
+    if (!m.data || m.rows == 0 || m.cols == 0) return;
+    find(m.data).used = true;
+    if (m.scale_inv) find(m.scale_inv).used = true;
+  });
+  size_t total = 0;
+  for (Span& s : spans)
+    if (s.used) s.off = total, total += (s.t->nbytes + 63) / 64 * 64;
+  auto r = std::make_unique<ResidentWeights>(total);
+  // Tensor by tensor in file order, 1 MB pieces over the threads; each piece's mapped pages go
+  // as soon as it is copied, so the resident copy grows as the mapping shrinks.
+  constexpr size_t kPiece = size_t{1} << 20;
+  size_t done = 0;
+  for (Span& s : spans) {
+    if (!s.used) continue;
+    const size_t n = s.t->nbytes;
+    std::byte* dst = r->data() + s.off;
+    pool.parallel_for(static_cast<int64_t>((n + kPiece - 1) / kPiece),
+                      [&](int64_t b, int64_t e, int) {
+                        for (int64_t i = b; i < e; ++i) {
+                          const size_t lo = i * kPiece, len = std::min(n, lo + kPiece) - lo;
+                          std::memcpy(dst + lo, s.b + lo, len);
+                          store.release(*s.t, s.b + lo, len);
+                        }
+                      });
+    done += n;
+    if (progress) progress(done, total);
+  }
+  store.release_all();  // the pages shared by neighbouring tensors, and whatever else was read
+  for_each_matrix(w, [&](Weight& m) {
+    if (!m.data || m.rows == 0 || m.cols == 0) return;
+    const Span& s = find(m.data);
+    const Span& sc = m.scale_inv ? find(m.scale_inv) : s;
+    const auto* scale = reinterpret_cast<const std::byte*>(m.scale_inv);
+    m.data = r->data() + s.off + (static_cast<const std::byte*>(m.data) - s.b);
+    if (m.scale_inv)
+      m.scale_inv = reinterpret_cast<const float*>(r->data() + sc.off + (scale - sc.b));
+  });
+  return r;
+}
+
+void mark_fp8_plain(ModelWeights& w, const ThreadPool& pool) {
+  std::vector<Weight*> fp8;
+  for_each_matrix(w, [&](Weight& m) {
+    if (m.dtype == DType::F8_E4M3 && m.data) fp8.push_back(&m);
+  });
   // Pieces of at most 1 MB, so the threads share big and small tensors evenly. A tensor is
   // plain when every piece is (each piece's subnormal budget is its share of the tensor's).
   constexpr size_t kPiece = size_t{1} << 20;

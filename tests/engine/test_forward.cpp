@@ -175,3 +175,33 @@ TEST(Forward, BadTokenIdIsAnError) {
   engine::Generator g(*t.m);
   moeserve::testing::expect_error([&] { g.score({1, 2, 100000}); }, {"100000", "out of range"});
 }
+
+TEST(Forward, ResidentWeightsGiveTheSameLogits) {
+  for (bool fp8 : {false, true}) {
+    TinyModel t(fp8);
+    model::Model& m = *t.m;
+    const auto tok = ids(20, 6, m.config().vocab_size);
+    const auto mapped = full_logits(m, tok);
+    const model::LayerWeights& L0 = m.weights().layers[0];
+    const std::string o = "model.layers.0.self_attn.o_proj.weight";
+    ASSERT_EQ(L0.attn.o_proj.data, m.store().get(o).data);
+    const bool plain = L0.attn.o_proj.fp8_plain;
+    m.prefault(/*progress=*/false, /*copy=*/true);
+    EXPECT_TRUE(m.resident());
+    // The matrices (and fp8 scales) now lie in the model's own memory, with the same bytes.
+    EXPECT_NE(L0.attn.o_proj.data, m.store().get(o).data);
+    EXPECT_EQ(0, std::memcmp(L0.attn.o_proj.data, m.store().get(o).data, m.store().get(o).nbytes));
+    EXPECT_EQ(m.weights().lm_head.rows, m.config().vocab_size);
+    EXPECT_NE(m.weights().lm_head.data, m.store().get("lm_head.weight").data);
+    if (fp8) {
+      const auto& sc = m.store().get(o.substr(0, o.size() - 6) + "weight_scale_inv");
+      EXPECT_NE(static_cast<const void*>(L0.attn.o_proj.scale_inv), sc.data);
+      EXPECT_EQ(0, std::memcmp(L0.attn.o_proj.scale_inv, sc.data, sc.nbytes));
+    }
+    EXPECT_EQ(L0.attn.o_proj.fp8_plain, plain);
+    const auto resident = full_logits(m, tok);
+    EXPECT_EQ(0, std::memcmp(mapped.data(), resident.data(), mapped.size() * 4)) << "fp8 " << fp8;
+    m.prefault(false, true);  // once only
+    EXPECT_EQ(0, std::memcmp(resident.data(), full_logits(m, tok).data(), mapped.size() * 4));
+  }
+}
