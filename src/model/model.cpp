@@ -256,6 +256,10 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
   matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size);
 }
 
+size_t Model::weight_bytes_held() const {
+  return resident_ ? resident_->used() : store_->total_bytes();
+}
+
 void Model::prefault(bool progress, bool copy) {
   if (copy) {
     if (resident_) return;

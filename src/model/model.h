@@ -100,6 +100,8 @@ class Model {
   // from the checkpoint as first read.
   void prefault(bool progress, bool copy = true);
   bool resident() const { return resident_ != nullptr; }
+  // Bytes of the matrices this process holds: its own copy's, or the whole mapped checkpoint.
+  size_t weight_bytes_held() const;
 
  private:
   void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out

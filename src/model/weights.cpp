@@ -149,7 +149,7 @@ void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn) {
   fn(w.lm_head);
 }
 
-ResidentWeights::ResidentWeights(size_t bytes) {
+ResidentWeights::ResidentWeights(size_t bytes) : used_(bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
   bytes_ = std::max(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
   base_ = static_cast<std::byte*>(std::aligned_alloc(kHuge, bytes_));
