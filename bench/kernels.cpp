@@ -1,10 +1,15 @@
 // bench_kernels: the CPU kernels against this machine's roofline.
 //   decode:  matmul at m = 1, 4, 8 streams the weights once: GB/s vs measured read bandwidth.
 //   prefill: matmul at m = 512 is compute bound: GFLOP/s vs measured peak FMA rate.
+//   mapped DIR: (only when asked) the m = 1 GEMV over a checkpoint's LM head read four ways:
+//            from the mapped file (how `--mmap` reads it), from an anonymous copy, and from an
+//            anonymous copy on huge pages (how `serve` and `bench` hold the weights).
 // All figures are best-of-several, denominators re-measured next to each kernel, each timed two
 // ways: wall clock, and CPU time per thread (what the threads would take on an unshared machine;
 // the honest figure when other work shares the cores, as on a shared build machine).
 // Threads: MOESERVE_THREADS (default: all hardware threads). ISA: MOESERVE_ISA caps it.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -18,6 +23,7 @@
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
 #include "kernels/roofline.h"
+#include "model/safetensors.h"
 
 using namespace moeserve;
 using namespace moeserve::kernels;
@@ -115,12 +121,60 @@ void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t 
       100 * flop / mm.cpu / 1e9 / peak_cpu);
 }
 
+// The LM head of a checkpoint (model_dir) read by the m = 1 GEMV from: the mapped file
+// (prefaulted, as `--mmap` reads it), an anonymous copy, an anonymous copy advised as huge
+// pages (as `serve` and `bench` hold it), and the same at the checkpoint's misalignment.
+// Interleaved; 600 MB are written between calls so that each reads from DRAM.
+void mapped(const ThreadPool& pool, const std::string& model_dir) {
+  const model::WeightStore store(model_dir);
+  const model::TensorView& t = store.get("lm_head.weight");
+  if (t.shape.size() != 2 ||
+      (t.dtype != DType::BF16 && t.dtype != DType::F16 && t.dtype != DType::F32)) {
+    std::fprintf(stderr, "mapped: %s's lm_head.weight is not a 2-D bf16/f16/f32 matrix\n",
+                 model_dir.c_str());
+    return;
+  }
+  const int64_t rows = t.shape[0], cols = t.shape[1];
+  const size_t n = t.nbytes, huge = size_t{2} << 20, total = (n + huge - 1) / huge * huge;
+  volatile uint8_t sink = 0;
+  for (size_t off = 0; off < n; off += 4096) sink = sink + static_cast<const uint8_t*>(t.data)[off];
+  auto* anon = static_cast<uint8_t*>(std::aligned_alloc(64, total));
+  auto* hp = static_cast<uint8_t*>(std::aligned_alloc(huge, 2 * total + huge));
+  ::madvise(hp, 2 * total + huge, MADV_HUGEPAGE);
+  // A control: the copy on huge pages at the checkpoint's offset from a 64-byte boundary.
+  const size_t mis = reinterpret_cast<uintptr_t>(t.data) % 64;
+  uint8_t* hp_mis = hp + total + (mis ? mis : 8);
+  std::memcpy(anon, t.data, n);
+  std::memcpy(hp, t.data, n);
+  std::memcpy(hp_mis, t.data, n);
+  std::printf("the checkpoint's lm_head starts %zu bytes past a 64-byte boundary\n", mis);
+  const void* bases[4] = {t.data, anon, hp, hp_mis};
+  const char* names[4] = {"the mapped checkpoint", "an anonymous copy", "a copy on huge pages",
+                          "huge pages, misaligned"};
+  std::vector<float> x(cols, 0.01f), y(rows);
+  std::vector<char> evict(size_t{600} << 20, 1);
+  Best best[4];
+  for (int round = 0; round < 6; ++round)
+    for (int k = 0; k < 4; ++k) {
+      std::memset(evict.data(), round + k, evict.size());
+      const Weight w{t.dtype, bases[k], rows, cols};
+      time_into(pool, best[k], [&] { matmul(pool, x.data(), 1, cols, w, y.data(), rows); });
+    }
+  for (int k = 0; k < 4; ++k)
+    std::printf("mapped  %-7s m=1 N=%lld K=%lld from %-21s | wall %6.1f GB/s | cpu %6.1f GB/s\n",
+                dtype_name(t.dtype), (long long)rows, (long long)cols, names[k],
+                n / best[k].wall / 1e9, n / best[k].cpu / 1e9);
+  std::free(anon);
+  std::free(hp);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string only = argc > 1 ? argv[1] : "";  // "decode" or "prefill": that part only
-  if (!only.empty() && only != "decode" && only != "prefill") {
-    std::fprintf(stderr, "usage: bench_kernels [decode|prefill]\n");
+  const std::string only = argc > 1 ? argv[1] : "";  // "decode", "prefill" or "mapped": that only
+  if ((!only.empty() && only != "decode" && only != "prefill" && only != "mapped") ||
+      (only == "mapped") != (argc == 3)) {
+    std::fprintf(stderr, "usage: bench_kernels [decode | prefill | mapped MODEL_DIR]\n");
     return 2;
   }
   ThreadPool pool;
@@ -130,6 +184,10 @@ int main(int argc, char** argv) {
       "clock)\n",
       measure_read_bandwidth_gbs(pool), measure_memcpy_gbs(pool, size_t{256} << 20),
       measure_peak_gflops(pool), measure_peak_gflops(pool, Clock::kCpu));
+  if (only == "mapped") {
+    mapped(pool, argv[2]);
+    return 0;
+  }
   if (only != "prefill") {
     decode(pool, DType::BF16, 18432, 7168);     // 264 MB
     decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
