@@ -174,7 +174,7 @@ std::unique_ptr<ResidentWeights> make_resident(
   std::vector<Span> spans;
   for (const auto& [name, t] : store.all()) {
     const auto* b = static_cast<const std::byte*>(t->data);
-    spans.push_back({b, b + t->nbytes, t});
+    if (t->nbytes) spans.push_back({b, b + t->nbytes, t});  // (an empty one holds no matrix)
   }
   std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.b < y.b; });
   auto find = [&](const void* p) -> Span& {
