@@ -53,21 +53,26 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t ka, in
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j) s[j] = O::zero();
 
-  // One 16-element chunk of every row into every token's accumulators.
-  auto chunk = [&](int64_t k, auto checked) {
+  // One 16-element chunk of every row into every token's accumulators; load(j) converts row
+  // j's.
+  auto chunk_with = [&](int64_t k, auto&& load) {
     V xv[M];
 #pragma GCC unroll 8
     for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-      V wv;
-      if constexpr (decltype(checked)::value)
-        wv = load_w_checked<O, DT>(row[j], k, s[j]);
-      else
-        wv = load_w<O, DT>(row[j], k, s[j]);
+      const V wv = load(j);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
     }
+  };
+  auto chunk = [&](int64_t k, auto checked) {
+    chunk_with(k, [&](int j) {
+      if constexpr (decltype(checked)::value)
+        return load_w_checked<O, DT>(row[j], k, s[j]);
+      else
+        return load_w<O, DT>(row[j], k, s[j]);
+    });
   };
   // Two chunks (32 fp8 converted at once), for few tokens, where conversion is the cost.
   auto chunk_pair = [&](int64_t k) {
@@ -115,17 +120,8 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t ka, in
             sd[j] = O::set1(f);
           }
           if (exact) {
-            for (int64_t k = k0; k < kend; k += 16) {
-              V xv[M];
-#pragma GCC unroll 8
-              for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
-#pragma GCC unroll 8
-              for (int j = 0; j < R; ++j) {
-                const V wv = O::cvt_fp8_direct(row[j] + k, sd[j]);
-#pragma GCC unroll 8
-                for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
-              }
-            }
+            for (int64_t k = k0; k < kend; k += 16)
+              chunk_with(k, [&](int j) { return O::cvt_fp8_direct(row[j] + k, sd[j]); });
             continue;
           }
         }

@@ -155,6 +155,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   std::vector<const MatmulJob*> small;
   std::vector<int64_t> first_row{0};  // of each small job in the concatenation of their rows
   std::vector<int64_t> first_x{0};    // of each small job's x rows in `rows`
+  std::vector<int64_t> pads;          // floats of each small job's padded copy (x_pad_floats)
   int64_t pad_floats = 0;
   for (int64_t i = 0; i < n; ++i) {
     const MatmulJob& j = jobs[i];
@@ -167,7 +168,8 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
       matmul_job<O>(pool, j);
       continue;
     }
-    pad_floats += x_pad_floats(j);
+    pads.push_back(x_pad_floats(j));
+    pad_floats += pads.back();
     small.push_back(&j);
     first_row.push_back(first_row.back() + j.w->rows);
     first_x.push_back(first_x.back() + j.m);
@@ -177,9 +179,8 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   float* xp = pad_floats ? xscratch.get(pad_floats) : nullptr;
   std::vector<const float*> rows(first_x.back());
   for (size_t k = 0; k < small.size(); ++k) {
-    const int64_t pad = x_pad_floats(*small[k]);
-    x_rows(*small[k], 0, small[k]->m, rows.data() + first_x[k], pad ? xp : nullptr);
-    xp += pad;
+    x_rows(*small[k], 0, small[k]->m, rows.data() + first_x[k], pads[k] ? xp : nullptr);
+    xp += pads[k];
   }
   // One range of the concatenated rows per thread; each row's result is the same whichever
   // thread computes it, and with whichever neighbours (kernels.h).
