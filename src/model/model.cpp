@@ -142,18 +142,23 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   for (int64_t i = 0; i < n * K; ++i) entry[fill[ex[i]]++] = i;
 
   float* out = ws_.ffn_out.data();
+  // Few tokens (decode): every expert FFN of the layer, the shared experts' too, in one batch
+  // (ffn_batch: the same bits as one by one).
+  const bool batched = n <= kBatchedExpertTokens;
+  std::vector<FfnCall> calls;
+  float* shared = m.shared.present() && n > 0 ? sized(ws_.shared_out, n * H) : nullptr;
+  if (shared && batched) calls.push_back({&m.shared, token_rows(h, n), n, shared});
   if (dispatcher_) {
     // Expert parallel: the tokens travel to the ranks holding their experts and back.
     const moe::DispatchPlan plan = dispatcher_->plan(ep_->placement.at(layer), n, K, H, ex, wt);
     const float* const* recv = dispatcher_->dispatch(plan, h);
     float* eo = dispatcher_->expert_out(plan);
-    std::vector<FfnCall> calls;
     for (int32_t j = 0; j < plan.n_slots; ++j) {
       const int64_t cnt = plan.slot_count(j), off = plan.slot_offset[j];
       if (!cnt) continue;
       const MlpWeights& xp = m.experts[plan.slot_expert[j]];
       MS_ASSERT(xp.present());
-      if (n <= kBatchedExpertTokens)
+      if (batched)
         calls.push_back({&xp, recv + off, cnt, eo + off * H});
       else
         dense_ffn(xp, recv + off, cnt, eo + off * H);
@@ -162,37 +167,31 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
     dispatcher_->combine(plan, eo, out);
     const auto& t = dispatcher_->exchange_seconds();
     exchange_seconds_ += t.plan + t.dispatch + t.combine;
+  } else if (batched) {
+    // Each expert reads its tokens' rows of h in place; then each token's weighted sum over
+    // its slots, in slot order (ascending expert id, moe::route) from +0.0.
+    std::vector<const float*>& rows = ws_.xrows;
+    rows.resize(n * K);
+    float* y = sized(ws_.yout, n * K * H);
+    for (int64_t i = 0; i < n * K; ++i) rows[i] = h + (entry[i] / K) * H;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t b = count[e], cnt = count[e + 1] - b;
+      if (!cnt) continue;
+      MS_ASSERT(m.experts[e].present());
+      calls.push_back({&m.experts[e], rows.data() + b, cnt, y + b * H});
+    }
+    ffn_batch(calls);
+    std::vector<const float*> ys(n * K);  // each slot's output row
+    for (int64_t i = 0; i < n * K; ++i) ys[entry[i]] = y + i * H;
+    for (int64_t t = 0; t < n; ++t)
+      kernels::weighted_sum(ys.data() + t * K, wt + t * K, K, H, out + t * H);
   } else {
-    // Combine as the experts finish: a token's slots are in ascending expert id (moe::route)
-    // and the experts run in ascending id, so each token's weighted sum is taken in slot
-    // order, from +0.0. The shared experts are added after. Each expert reads its tokens' rows
-    // of h in place.
+    // Expert after expert, each reading its tokens' rows of h in place, combined as they
+    // finish: the experts run in ascending id, so each token's weighted sum is taken in slot
+    // order, from +0.0.
     std::fill_n(out, n * H, 0.0f);
     std::vector<const float*>& rows = ws_.xrows;
     rows.resize(n * K);
-    if (n <= kBatchedExpertTokens) {
-      // Few tokens: every expert's FFN (and the shared experts') in one batch, then the same
-      // weighted sums in the same order.
-      float* y = sized(ws_.yout, n * K * H);
-      for (int64_t i = 0; i < n * K; ++i) rows[i] = h + (entry[i] / K) * H;
-      std::vector<FfnCall> calls;
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t b = count[e], cnt = count[e + 1] - b;
-        if (!cnt) continue;
-        MS_ASSERT(m.experts[e].present());
-        calls.push_back({&m.experts[e], rows.data() + b, cnt, y + b * H});
-      }
-      float* s = m.shared.present() ? sized(ws_.shared_out, n * H) : nullptr;
-      if (s) calls.push_back({&m.shared, token_rows(h, n), n, s});
-      ffn_batch(calls);
-      std::vector<const float*> ys(n * K);  // each slot's output row
-      for (int64_t i = 0; i < n * K; ++i) ys[entry[i]] = y + i * H;
-      for (int64_t t = 0; t < n; ++t)
-        kernels::weighted_sum(ys.data() + t * K, wt + t * K, K, H, out + t * H);
-      if (s)
-        for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
-      return;
-    }
     for (int64_t e = 0; e < E; ++e) {
       const int64_t b = count[e], cnt = count[e + 1] - b;
       if (!cnt) continue;
@@ -210,10 +209,9 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
       }
     }
   }
-  if (m.shared.present() && n > 0) {
-    float* s = sized(ws_.yout, n * H);
-    dense_ffn(m.shared, token_rows(h, n), n, s);
-    for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + s[i];
+  if (shared) {  // added after the routed experts
+    if (!batched) dense_ffn(m.shared, token_rows(h, n), n, shared);
+    for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + shared[i];
   }
 }
 
@@ -261,32 +259,27 @@ size_t Model::weight_bytes_held() const {
 }
 
 void Model::prefault(bool progress, bool copy) {
+  if (copy && resident_) return;
+  size_t next_report = 0;
+  auto report = [&](size_t done, size_t total) {  // every 5%, and the end
+    if (!progress || (done < next_report && done < total)) return;
+    std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB%s",
+                 static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9,
+                 done >= total ? "\n" : "");
+    next_report = done + total / 20;
+  };
   if (copy) {
-    if (resident_) return;
-    size_t next_report = 0;
-    resident_ = make_resident(w_, *store_, pool_, [&](size_t done, size_t total) {
-      if (!progress || (done < next_report && done < total)) return;
-      std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB",
-                   static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9);
-      next_report = done + total / 20;
-    });
-    if (progress) std::fprintf(stderr, "\n");
+    resident_ = make_resident(w_, *store_, pool_, report);
     return;
   }
   const size_t total = store_->total_bytes();
-  size_t done = 0, next_report = 0;
+  size_t done = 0;
   volatile uint8_t sink = 0;
   for (const auto& [name, t] : store_->all()) {
     const auto* p = static_cast<const uint8_t*>(t->data);
     for (size_t off = 0; off < t->nbytes; off += 4096) sink = sink + p[off];
-    done += t->nbytes;
-    if (progress && done >= next_report) {
-      std::fprintf(stderr, "\rloading weights: %3d%% of %.2f GB",
-                   static_cast<int>(100.0 * done / std::max<size_t>(total, 1)), total / 1e9);
-      next_report = done + total / 20;
-    }
+    report(done += t->nbytes, total);
   }
-  if (progress) std::fprintf(stderr, "\rloading weights: 100%% of %.2f GB\n", total / 1e9);
 }
 
 }  // namespace moeserve::model
