@@ -184,13 +184,13 @@ void run_bench(const BenchArgs& a) {
               100.0 * prefill_gflops / peak);
   std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
               decode_tps, decode_gbs, 100.0 * decode_gbs / bw);
-  if (n_ranks > 1)
+  if (n_ranks > 1) {
     std::printf("communication  %.1f%% of prefill time, %.1f%% of decode time in MoE all-to-alls\n",
                 100.0 * times[2] / st.prefill_seconds, 100.0 * times[3] / st.decode_seconds);
-  if (n_ranks > 1)
     std::printf(
         "               (bytes per token count each token's weights in full; ranks whose tokens "
         "route to the same experts read them once, so this can pass 100%%)\n");
+  }
   std::printf(
       "memory         peak RSS %.2f GB%s; weights %.2f GB%s + KV cache %.3f GB -> %.1f%% over\n",
       rss / 1e9, n_ranks > 1 ? " (largest rank)" : "", held / 1e9, n_ranks > 1 ? " held by it" : "",

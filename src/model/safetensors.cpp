@@ -182,7 +182,7 @@ void SafeTensorsFile::release(const void* p, size_t n) const {
 
 void WeightStore::release(const TensorView& t, const void* p, size_t n) const {
   for (const auto& f : files_)
-    if (f->path() == t.file) return p ? f->release(p, n) : f->release(t.data, t.nbytes);
+    if (f->path() == t.file) return f->release(p, n);
 }
 
 void WeightStore::release_all() const {

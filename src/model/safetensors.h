@@ -61,9 +61,8 @@ class WeightStore {
   const TensorView& get(const std::string& name, const std::vector<int64_t>& shape) const;
   const std::map<std::string, const TensorView*>& all() const { return index_; }
   size_t total_bytes() const;
-  // SafeTensorsFile::release of [p, p + n) (null: all of t) in the file tensor t lies in, or
-  // of every file.
-  void release(const TensorView& t, const void* p = nullptr, size_t n = 0) const;
+  // SafeTensorsFile::release of [p, p + n), inside tensor t, or of every file.
+  void release(const TensorView& t, const void* p, size_t n) const;
   void release_all() const;
   const std::string& dir() const { return dir_; }
 

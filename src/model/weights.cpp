@@ -151,10 +151,10 @@ void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn) {
 
 ResidentWeights::ResidentWeights(size_t bytes) : used_(bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
-  bytes_ = std::max(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
-  base_ = static_cast<std::byte*>(std::aligned_alloc(kHuge, bytes_));
-  MS_CHECK(base_ != nullptr, "cannot allocate ", bytes_, " bytes of memory for the weights");
-  ::madvise(base_, bytes_, MADV_HUGEPAGE);  // advice: the copy works without it
+  const size_t size = std::max(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+  base_ = static_cast<std::byte*>(std::aligned_alloc(kHuge, size));
+  MS_CHECK(base_ != nullptr, "cannot allocate ", size, " bytes of memory for the weights");
+  ::madvise(base_, size, MADV_HUGEPAGE);  // advice: the copy works without it
 }
 
 ResidentWeights::~ResidentWeights() {

@@ -78,12 +78,11 @@ class ResidentWeights {
   ResidentWeights(const ResidentWeights&) = delete;
   ResidentWeights& operator=(const ResidentWeights&) = delete;
   std::byte* data() { return base_; }
-  size_t bytes() const { return bytes_; }
   size_t used() const { return used_; }
 
  private:
   std::byte* base_ = nullptr;
-  size_t bytes_ = 0, used_ = 0;
+  size_t used_ = 0;
 };
 
 // Copies every tensor a matrix of w reads (its data, and fp8 scales) out of the mapped
