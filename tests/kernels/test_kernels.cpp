@@ -163,6 +163,8 @@ TEST(Matmul, EveryDecodeBatchSize) {  // and both sides of the GEMV / GEMM cross
       check_matmul(pool, dt, m, 61, 272, 100 + m);
   for (DType dt : kDtypes)  // x too big for L1: K in blocks, with a ragged end
     for (int64_t m : {4, 8, 20}) check_matmul(pool, dt, m, 53, 2500, 120 + m);
+  for (DType dt : kDtypes)  // 4 tokens' x fits L1, 8 do not: groups of <= 4 over L2 row blocks
+    for (int64_t m : {5, 8, 12, 20}) check_matmul(pool, dt, m, 150, 1500, 140 + m);
 }
 
 TEST(Matmul, SeveralKBlocksAndPanels) {  // K past several gemm K blocks, m past one panel

@@ -227,20 +227,32 @@ void gemv_rows(int64_t m, const float* const* x, const Weight& w, int64_t r0, in
   }
 }
 
-// Rows [b, e) for any m, in groups of up to 8 tokens; with more than 8 tokens the rows go in
-// blocks small enough for L2, all token groups per block, so the weights still come from
-// memory once.
+// Tokens per pass over the rows: up to 8, or 4 where 4 tokens' rows of x fit in L1 and 8
+// would not (1024 < K <= 2048): there, two passes over rows held in L2 beat one pass that cuts
+// K into blocks (gemv_rows), whose jumps from row to row the prefetchers miss. Measured with
+// N = 32768, K = 2048 (bf16 and fp8): 8 tokens 1.3-1.4x, 16 tokens 1.15-1.2x as fast.
+template <DType DT>
+constexpr int64_t kGemvTokens(int64_t K) {
+  return 8 * K * 4 > (32 << 10) && 4 * K * 4 <= (32 << 10) ? 4 : 8;
+}
+
+// Rows [b, e) for any m, in groups of up to kGemvTokens tokens; with more than one group the
+// rows go in blocks small enough for L2, all token groups per block, so the weights still come
+// from memory once.
 template <class O, DType DT>
 void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, int64_t e, float* y,
                 int64_t ldy) {
   constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
   const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
+  const int64_t groups = (m + kGemvTokens<DT>(w.cols) - 1) / kGemvTokens<DT>(w.cols);
   const int64_t block =
-      m <= 8 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
+      groups == 1 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
   for (int64_t r0 = b; r0 < e; r0 += block) {
     const int64_t r1 = std::min(e, r0 + block);
-    for (int64_t t0 = 0; t0 < m; t0 += 8)
-      gemv_rows<O, DT>(std::min<int64_t>(8, m - t0), x + t0, w, r0, r1, y + t0 * ldy, ldy);
+    for (int64_t g = 0; g < groups; ++g) {  // sizes differ by at most one
+      const int64_t t0 = m * g / groups, t1 = m * (g + 1) / groups;
+      gemv_rows<O, DT>(t1 - t0, x + t0, w, r0, r1, y + t0 * ldy, ldy);
+    }
   }
 }
 
