@@ -4,10 +4,12 @@
 #include <condition_variable>
 #include <future>
 #include <mutex>
+#include <random>
 
 #include "../test_util.h"
 #include "engine/engine.h"
 #include "engine/generator.h"
+#include "engine/sampler.h"
 #include "model/init_model.h"
 
 using namespace moeserve;
@@ -173,4 +175,40 @@ TEST(Engine, StopsAtStopTokenAndAtMaxModelLen) {
   EXPECT_EQ(eb.reason, engine::FinishReason::Stop);
   EXPECT_EQ(b.out.back(), ref[1]);
   EXPECT_LE(b.out.size(), 2u);
+}
+
+namespace {
+// The plain scan argmax must agree with: first index of the largest value, NaN never winning.
+int32_t argmax_plain(const float* x, int64_t n) {
+  int32_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (x[i] > x[best]) best = static_cast<int32_t>(i);
+  return best;
+}
+}  // namespace
+
+TEST(Sampler, ArgmaxIsTheFirstLargestLikeAPlainScan) {
+  std::mt19937 rng(5);
+  const float nan = std::nanf("");
+  for (int64_t n : {1, 2, 15, 16, 17, 31, 33, 100, 129280}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      std::vector<float> x(n);
+      // Few distinct values, so the largest is often tied; some NaNs and signed zeros.
+      for (auto& v : x) {
+        const uint32_t r = rng() % 16;
+        v = r == 0 ? nan : r == 1 ? -0.0f : r == 2 ? 0.0f : static_cast<float>(rng() % 5) - 3.0f;
+      }
+      if (trial % 4 == 1) x[n - 1] = 10.0f;      // largest at the very end (a tail element)
+      if (trial % 4 == 2) x[rng() % n] = 10.0f;  // a single largest anywhere
+      if (trial % 4 == 3) x[0] = trial % 8 == 3 ? nan : 10.0f;  // NaN first: answer 0
+      ASSERT_EQ(engine::argmax(x.data(), n), argmax_plain(x.data(), n))
+          << "n=" << n << " trial " << trial;
+    }
+  }
+  std::vector<float> zeros{-0.0f, 0.0f, -0.0f};
+  EXPECT_EQ(engine::argmax(zeros.data(), 3), 0);
+  std::vector<float> all_nan_but_one(40, nan);
+  all_nan_but_one[0] = -1.0f;
+  all_nan_but_one[37] = 2.0f;
+  EXPECT_EQ(engine::argmax(all_nan_but_one.data(), 40), 37);
 }
