@@ -166,6 +166,11 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t ka, in
     for (int j = 0; j < R; ++j) y[i * ldy + r + j] = O::reduce(acc[i][j]);
 }
 
+// Whether m tokens' rows of x (K floats each) fit the share of L1 the GEMV gives them.
+constexpr bool x_fits_l1(int64_t m, int64_t K) {
+  return m * K * 4 <= (32 << 10);
+}
+
 // Rows [r0, r1) for M tokens. When the M rows of x do not fit in L1, K is cut into blocks
 // whose x fits, taken in increasing k for groups of rows (partial sums wait on the stack), so
 // x is read from L1; each row's next block is prefetched meanwhile.
@@ -175,9 +180,8 @@ void gemv_rows(const float* const* x, const Weight& w, int64_t r0, int64_t r1, f
   constexpr int R = O::gemv_rows(M);
   constexpr int64_t kGroup = 24;  // rows per group: a multiple of every R
   const int64_t K = w.cols;
-  const int64_t kblk = M * K * 4 <= (32 << 10)
-                           ? K
-                           : std::max(kFp8Block, (16 << 10) / (M * 4) / kFp8Block * kFp8Block);
+  const int64_t kblk =
+      x_fits_l1(M, K) ? K : std::max(kFp8Block, (16 << 10) / (M * 4) / kFp8Block * kFp8Block);
   if (kblk >= K) {
     // Measured on the bench preset: prefetching the next rows (into L2) makes fp8 decode 1.3x
     // as fast for rows of up to 2 KB (expert and attention matrices); for longer rows, and for
@@ -231,20 +235,20 @@ void gemv_rows(int64_t m, const float* const* x, const Weight& w, int64_t r0, in
 // would not (1024 < K <= 2048): there, two passes over rows held in L2 beat one pass that cuts
 // K into blocks (gemv_rows), whose jumps from row to row the prefetchers miss. Measured with
 // N = 32768, K = 2048 (bf16 and fp8): 8 tokens 1.3-1.4x, 16 tokens 1.15-1.2x as fast.
-template <DType DT>
-constexpr int64_t kGemvTokens(int64_t K) {
-  return 8 * K * 4 > (32 << 10) && 4 * K * 4 <= (32 << 10) ? 4 : 8;
+constexpr int64_t gemv_group_tokens(int64_t K) {
+  return !x_fits_l1(8, K) && x_fits_l1(4, K) ? 4 : 8;
 }
 
-// Rows [b, e) for any m, in groups of up to kGemvTokens tokens; with more than one group the
-// rows go in blocks small enough for L2, all token groups per block, so the weights still come
+// Rows [b, e) for any m, in groups of up to gemv_group_tokens(K) tokens; with more than one group
+// the rows go in blocks small enough for L2, all token groups per block, so the weights still come
 // from memory once.
 template <class O, DType DT>
 void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, int64_t e, float* y,
                 int64_t ldy) {
   constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
   const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
-  const int64_t groups = (m + kGemvTokens<DT>(w.cols) - 1) / kGemvTokens<DT>(w.cols);
+  const int64_t per_group = gemv_group_tokens(w.cols);
+  const int64_t groups = (m + per_group - 1) / per_group;
   const int64_t block =
       groups == 1 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
   for (int64_t r0 = b; r0 < e; r0 += block) {

@@ -37,15 +37,14 @@ namespace {
 // Few tokens (decode) stream the weights through the GEMV kernels, many (prefill) go to the
 // blocked GEMM. The crossover is where GEMM's reuse of converted weights starts to pay: sooner
 // for fp8, whose conversion costs more.
-template <DType DT>
-constexpr int64_t gemv_max_m() {
-  return DT == DType::F8_E4M3 ? 16 : 32;
+constexpr int64_t gemv_max_m(DType dt) {
+  return dt == DType::F8_E4M3 ? 16 : 32;
 }
 
 template <class O, DType DT>
 void matmul_dtype(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w,
                   float* y, int64_t ldy) {
-  if (m <= gemv_max_m<DT>())
+  if (m <= gemv_max_m(DT))
     gemv<O, DT>(pool, x, m, w, y, ldy);
   else
     gemm<O, DT>(pool, x, m, w, y, ldy);
@@ -161,8 +160,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
     const MatmulJob& j = jobs[i];
     MS_CHECK(supported_weight(j.w->dtype), "matmul: unsupported weight dtype ",
              dtype_name(j.w->dtype));
-    const bool gemv_ok = j.w->dtype == DType::F8_E4M3 ? j.m <= gemv_max_m<DType::F8_E4M3>()
-                                                      : j.m <= gemv_max_m<DType::BF16>();
+    const bool gemv_ok = j.m <= gemv_max_m(j.w->dtype);
     if (j.m <= 0 || j.w->rows <= 0) continue;
     if (!gemv_ok || j.w->cols == 0) {
       matmul_job<O>(pool, j);
