@@ -572,7 +572,9 @@ TEST(Vector, WeightedSumIsMultiplyThenAddInOrder) {
           std::vector<float> fused(cols, 0.0f);
           for (int64_t j = 0; j < n; ++j)
             for (int64_t k = 0; k < cols; ++k) fused[k] = std::fma(rows[j][k], w[j], fused[k]);
-          if (cols >= 64) EXPECT_NE(first_diff(got.data(), fused.data(), cols), -1) << cols;
+          if (cols >= 64) {
+            EXPECT_NE(first_diff(got.data(), fused.data(), cols), -1) << cols;
+          }
         }
       }
     }
