@@ -1,6 +1,7 @@
 // bench_kernels: the CPU kernels against this machine's roofline.
 //   decode:  matmul at m = 1, 4, 8 streams the weights once: GB/s vs measured read bandwidth;
-//            also (m = 1, 4) over many small fp8 matrices with short rows, as a model's experts.
+//            also (m = 1, 4) over many small fp8 matrices with short rows, as a model's experts,
+//            and matmul_t over one head's W_UK (decode_t).
 //   prefill: matmul at m = 512 is compute bound: GFLOP/s vs measured peak FMA rate.
 //   mapped DIR: (only when asked) the m = 1 GEMV over a checkpoint's LM head read four ways:
 //            from the mapped file (how `--mmap` reads it), from an anonymous copy, and from an
@@ -128,35 +129,42 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
   }
 }
 
-// Decode on small matrices (a few MB, short rows), as a model's experts: one call per copy, the
-// whole pass over > 1 GB of copies timed at once against a plain read of the same copies (a
-// single call is too short to time, and a best-of over calls would pick cache-warm ones).
-void decode_small(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
-  std::vector<std::unique_ptr<BenchWeight>> copies;
-  size_t total = 0;
-  while (total < (size_t{1} << 30)) {
-    copies.push_back(std::make_unique<BenchWeight>(dt, rows, cols));
-    total += copies.back()->w.bytes();
-  }
+// Decode on small matrices (a few MB, short rows), as a model's experts: views of one > 1 GB
+// matrix, one call each, the whole pass timed at once against a plain read of the same bytes (a
+// single call is too short to time, and a best-of over calls would pick cache-warm ones). With
+// `transposed`, matmul_t instead (y = x W, the MLA absorption through one head's W_UK), the
+// views shared out among the threads and each computed on one, as the model's attention does.
+void decode_small(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols,
+                  bool transposed = false) {
+  const int64_t n = std::max<int64_t>(1, (int64_t{1} << 30) / (rows * cols * dtype_size(dt)));
+  const BenchWeight all(dt, n * rows, cols);
+  std::vector<Weight> views(n);
+  for (int64_t i = 0; i < n; ++i) views[i] = all.w.rows_view(i * rows, rows);
+  const double bytes = all.w.bytes(), raw = all.data.size();
   for (int64_t m : {1, 4}) {
-    std::vector<float> x(m * cols, 0.01f), y(m * rows);
+    const int64_t in = transposed ? rows : cols, out = transposed ? cols : rows;
+    std::vector<float> x(m * in, 0.01f), y(pool.size() * m * out);
     Best read, mm;
     for (int round = 0; round < 4; ++round) {
-      time_into(pool, read, [&] {
-        for (const auto& c : copies) time_stream_read(pool, c->data.data(), c->data.size());
-      });
+      time_into(pool, read, [&] { time_stream_read(pool, all.data.data(), all.data.size()); });
       time_into(pool, mm, [&] {
-        for (const auto& c : copies) matmul(pool, x.data(), m, cols, c->w, y.data(), rows);
+        if (transposed) {
+          pool.parallel_for(n, [&](int64_t b, int64_t e, int t) {
+            for (int64_t i = b; i < e; ++i)
+              matmul_t(pool, x.data(), m, in, views[i], y.data() + t * m * out, out);
+          });
+        } else {
+          for (const Weight& v : views) matmul(pool, x.data(), m, in, v, y.data(), out);
+        }
       });
     }
-    const double raw = copies.size() * copies[0]->data.size();
     std::printf(
-        "decode  %-7s m=%lld N=%lld K=%lld x %zu | wall %6.1f GB/s, read %5.1f, %5.1f%% | cpu "
-        "%6.1f "
+        "%s %-7s m=%lld N=%lld K=%lld x %lld | wall %6.1f GB/s, read %5.1f, %5.1f%% | cpu %6.1f "
         "GB/s, read %5.1f, %5.1f%%\n",
-        dtype_name(dt), (long long)m, (long long)rows, (long long)cols, copies.size(),
-        total / mm.wall / 1e9, raw / read.wall / 1e9, 100 * total / mm.wall / (raw / read.wall),
-        total / mm.cpu / 1e9, raw / read.cpu / 1e9, 100 * total / mm.cpu / (raw / read.cpu));
+        transposed ? "decode_t" : "decode  ", dtype_name(dt), (long long)m, (long long)out,
+        (long long)in, (long long)n, bytes / mm.wall / 1e9, raw / read.wall / 1e9,
+        100 * bytes / mm.wall / (raw / read.wall), bytes / mm.cpu / 1e9, raw / read.cpu / 1e9,
+        100 * bytes / mm.cpu / (raw / read.cpu));
   }
 }
 
@@ -251,7 +259,8 @@ int main(int argc, char** argv) {
     decode(pool, DType::BF16, 18432, 7168);     // 264 MB
     decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
     for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 2048}, {2048, 1024}})
-      decode_small(pool, DType::F8_E4M3, rows, cols);  // the bench preset's expert matrices
+      decode_small(pool, DType::F8_E4M3, rows, cols);    // the bench preset's expert matrices
+    decode_small(pool, DType::F8_E4M3, 128, 512, true);  // W_UK of one head (matmul_t)
   }
   if (only == "decode") return 0;
   for (DType dt : {DType::BF16, DType::F8_E4M3}) {

@@ -398,7 +398,7 @@ TEST(MatmulT, EqualsReferenceBitForBit) {
   for (DType dt : kDtypes) {
     for (int64_t rows : {1, 17, 128, 192}) {
       for (int64_t cols : {1, 15, 16, 100, 260, 512}) {
-        for (int64_t m : {1, 3, 5, 70}) {
+        for (int64_t m : {1, 2, 3, 4, 5, 70}) {
           TestWeight tw(dt, rows, cols, seed++);
           const int64_t ldx = rows + 2, ldy = cols + 1;
           const auto x = random_floats(m * ldx, seed++);
@@ -416,6 +416,53 @@ TEST(MatmulT, EqualsReferenceBitForBit) {
             }
           }
         }
+      }
+    }
+  }
+}
+
+// Row views (the model's per-head W_UK) read the scales of their own rows, on every path:
+// decode (m <= 4, with and without the fast fp8 conversion) and prefill.
+TEST(MatmulT, Fp8RowViewsFindTheirScales) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::F8_E4M3, 300, 260, 23);  // partial blocks at the bottom and the right
+  for (bool fast : {false, true}) {
+    tw.w.fp8_plain = fast;
+    for (auto [r0, n] : {std::pair<int64_t, int64_t>{100, 150}, {128, 128}, {256, 44}}) {
+      const Weight v = tw.w.rows_view(r0, n);
+      for (int64_t m : {1, 2, 4, 40}) {
+        const auto x = random_floats(m * n, 24);
+        std::vector<float> want(m * 260), y(m * 260);
+        reference::matmul_t(x.data(), m, n, v, want.data(), 260);
+        for (Isa isa : isas()) {
+          kernel_table(isa).matmul_t(pool, x.data(), m, n, v, y.data(), 260);
+          ASSERT_EQ(first_diff(y.data(), want.data(), m * 260), -1)
+              << isa_name(isa) << " view " << r0 << "+" << n << " m=" << m << " fast " << fast;
+        }
+      }
+    }
+  }
+}
+
+// Scales the fast conversion cannot take exactly (>= 2^8, NaN, infinite) keep matmul_t's
+// decode path on the general one, for the whole matrix.
+TEST(MatmulT, Fp8ExtremeScalesFollowTheContract) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::F8_E4M3, 260, 384, 73);
+  const float special[] = {3.0f, -0.5f, 1e-3f, 256.0f, 7.0f, 1e30f, INFINITY, 0.0f, -0.0f};
+  for (size_t i = 0; i < tw.scales.size(); ++i) tw.scales[i] = special[i % std::size(special)];
+  tw.w.fp8_plain = true;
+  for (int64_t m : {1, 2, 4}) {
+    const auto x = random_floats(m * 260, 74 + m);
+    std::vector<float> want(m * 384), y(m * 384);
+    reference::matmul_t(x.data(), m, 260, tw.w, want.data(), 384);
+    for (Isa isa : isas()) {
+      kernel_table(isa).matmul_t(pool, x.data(), m, 260, tw.w, y.data(), 384);
+      for (int64_t i = 0; i < m * 384; ++i) {
+        if (std::isnan(want[i]))
+          EXPECT_TRUE(std::isnan(y[i])) << isa_name(isa) << " m=" << m << " at " << i;
+        else
+          ASSERT_EQ(bits(y[i]), bits(want[i])) << isa_name(isa) << " m=" << m << " at " << i;
       }
     }
   }

@@ -121,6 +121,98 @@ void trans_cols_w(int64_t m, const float* x, int64_t ldx, const Weight& w, int64
   MS_ASSERT(false);
 }
 
+constexpr int64_t kTransPfRows = 8;  // rows ahead that trans_tile_fp8 prefetches
+
+// The fast fp8 path of decode (O::cvt_fp8_direct): whether every block scale of w allows it.
+inline bool fp8_direct_ok(const Weight& w) {
+  if (w.dtype != DType::F8_E4M3 || !w.fp8_plain || w.rows <= 0) return false;
+  const int64_t b0 = w.scale_row0 / kFp8Block, b1 = (w.scale_row0 + w.rows - 1) / kFp8Block;
+  float f = 0.0f;
+  for (int64_t i = b0 * w.scale_cols; i < (b1 + 1) * w.scale_cols; ++i)
+    if (!fp8_direct_scale(w.scale_inv[i], &f)) return false;
+  return true;
+}
+
+// As trans_tile_w for NaN-free fp8 whose scales all allow the direct conversion (fp8_direct_ok):
+// NT chunks from column c, all in one 128-column block of scales, or (NT = 16, c a multiple of
+// 128) two. Each row's scale factor is taken once per block, not once per chunk.
+template <class O, int MT, int NT>
+void trans_tile_fp8(const float* x, int64_t ldx, const Weight& w, int64_t c, float* y, int64_t ldy,
+                    int64_t pf_cols) {
+  using V = typename O::V;
+  constexpr int kPerBlock = kFp8Block / 16, NB = (NT + kPerBlock - 1) / kPerBlock;
+  const int64_t b0 = c / kFp8Block;
+  V acc[MT][NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const uint8_t* row = w_row(w, r) + c;
+    const float* sc = w_scales(w, r) + b0;
+    if (pf_cols && r + kTransPfRows < w.rows)
+      for (int64_t b = 0; b < pf_cols; b += 64)
+        __builtin_prefetch(row + kTransPfRows * w.cols - c + b, 0, 2);
+    V f[NB];
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) f[b] = O::set1(sc[b] * 0x1p120f);
+    V xb[MT];
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; ++i) xb[i] = O::set1(x[i * ldx + r]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) {
+      const V wv = O::cvt_fp8_direct(row + 16 * j, f[j / kPerBlock]);
+#pragma GCC unroll 4
+      for (int i = 0; i < MT; ++i) acc[i][j] = O::fma(xb[i], wv, acc[i][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) O::store(y + i * ldy + c + 16 * j, acc[i][j]);
+}
+
+// Columns [128 b, 128 e) of the fast fp8 path for MT tokens: 256 columns a pass for one token,
+// 128 for two, 64 for three or four (16 to 24 accumulators). The first pass also prefetches
+// (into L2) the columns of the later passes, a few rows ahead; else those would come from
+// memory a line per row.
+template <class O, int MT>
+void trans_blocks_fp8(const float* x, int64_t ldx, const Weight& w, int64_t b, int64_t e, float* y,
+                      int64_t ldy) {
+  int64_t pf = (e - b) * kFp8Block;
+  for (; b < e; ++b, pf = 0) {
+    const int64_t c = b * kFp8Block;
+    if constexpr (MT == 1) {
+      if (b + 1 < e) {
+        trans_tile_fp8<O, 1, 16>(x, ldx, w, c, y, ldy, pf);
+        ++b;
+      } else {
+        trans_tile_fp8<O, 1, 8>(x, ldx, w, c, y, ldy, pf);
+      }
+    } else if constexpr (MT == 2) {
+      trans_tile_fp8<O, 2, 8>(x, ldx, w, c, y, ldy, pf);
+    } else {
+      trans_tile_fp8<O, MT, 4>(x, ldx, w, c, y, ldy, pf);
+      trans_tile_fp8<O, MT, 4>(x, ldx, w, c + 64, y, ldy, 0);
+    }
+  }
+}
+
+template <class O>
+void trans_blocks_fp8(int64_t m, const float* x, int64_t ldx, const Weight& w, int64_t b, int64_t e,
+                      float* y, int64_t ldy) {
+  switch (m) {
+    case 1:
+      return trans_blocks_fp8<O, 1>(x, ldx, w, b, e, y, ldy);
+    case 2:
+      return trans_blocks_fp8<O, 2>(x, ldx, w, b, e, y, ldy);
+    case 3:
+      return trans_blocks_fp8<O, 3>(x, ldx, w, b, e, y, ldy);
+    default:
+      return trans_blocks_fp8<O, 4>(x, ldx, w, b, e, y, ldy);
+  }
+}
+
 using TransTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
                              int64_t);
 
@@ -146,6 +238,17 @@ void matmul_t_dtype(const ThreadPool& pool, const float* x, int64_t m, int64_t l
   }();
   const int64_t C = w.cols, n_slices = (C + kSlice - 1) / kSlice;
   if (m <= O::kTileTM) {  // decode: no dequantized copy, each weight converted once anyway
+    if constexpr (DT == DType::F8_E4M3 && O::kFp8Direct) {
+      if (fp8_direct_ok(w)) {
+        // Whole blocks of 128 columns on the fast path, a partial last block as below.
+        const int64_t nb = C / kFp8Block, cf = nb * kFp8Block;
+        pool.parallel_for(nb + (cf < C), [&](int64_t b, int64_t e, int) {
+          trans_blocks_fp8<O>(m, x, ldx, w, b, std::min(e, nb), y, ldy);
+          if (e > nb) trans_cols_w<O, DT>(m, x, ldx, w, cf, C - cf, y, ldy);
+        });
+        return;
+      }
+    }
     pool.parallel_for(n_slices, [&](int64_t b, int64_t e, int) {
       const int64_t c0 = b * kSlice, c1 = std::min(C, e * kSlice);
       trans_cols_w<O, DT>(m, x, ldx, w, c0, c1 - c0, y, ldy);
