@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,26 @@ class Scratch {
   float* data_ = nullptr;
   size_t cap_ = 0;
 };
+
+// fn(b, e) over [0, n) in pieces of `piece`, which the pool's threads take in turn as they come
+// free, instead of one fixed range each: on a shared machine one thread is often slowed, and the
+// others then take over its share. Only for work whose results do not depend on who computes
+// which piece (the GEMV's rows: kernels.h).
+template <class F>
+void parallel_pieces(const ThreadPool& pool, int64_t n, int64_t piece, F&& fn) {
+  piece = std::max<int64_t>(1, piece);
+  const int64_t np = (n + piece - 1) / piece;
+  if (np <= 1 || pool.size() == 1) {
+    if (n > 0) fn(int64_t{0}, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  pool.parallel_for(std::min<int64_t>(pool.size(), np), [&](int64_t, int64_t, int) {
+    for (int64_t p = next.fetch_add(1, std::memory_order_relaxed); p < np;
+         p = next.fetch_add(1, std::memory_order_relaxed))
+      fn(p * piece, std::min(n, (p + 1) * piece));
+  });
+}
 
 constexpr int64_t round16(int64_t n) {
   return (n + 15) & ~int64_t{15};

@@ -262,15 +262,21 @@ void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, in
   }
 }
 
-// Any m: each thread takes a range of rows.
+// Rows per piece of a GEMV's work (parallel_pieces) over `rows` rows of `row_bytes` each: 24
+// streams' worth (a multiple of every tile's rows, ~384 KB), fewer on small matrices so that
+// every thread gets several pieces.
+inline int64_t gemv_piece_rows(int64_t rows, int64_t row_bytes, int threads) {
+  const int64_t few = (rows / (4 * std::max(1, threads)) + 23) / 24 * 24;
+  return std::max<int64_t>(24, std::min(24 * gemv_stream_rows(row_bytes), few));
+}
+
+// Any m: the threads take pieces of the rows as they come free.
 template <class O, DType DT>
 void gemv(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w, float* y,
           int64_t ldy) {
-  const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
-  // Thread chunks of at least ~32 KB of weights, so small matrices are not spread thin.
-  const int64_t grain = std::max<int64_t>(1, (32 << 10) / row_bytes + 1);
-  pool.parallel_for(
-      w.rows, [&](int64_t b, int64_t e, int) { gemv_range<O, DT>(x, m, w, b, e, y, ldy); }, grain);
+  const int64_t piece = gemv_piece_rows(w.rows, w.cols * elem_bytes<DT>(), pool.size());
+  parallel_pieces(pool, w.rows, piece,
+                  [&](int64_t b, int64_t e) { gemv_range<O, DT>(x, m, w, b, e, y, ldy); });
 }
 
 }  // namespace

@@ -180,19 +180,19 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
     x_rows(*small[k], 0, small[k]->m, rows.data() + first_x[k], pads[k] ? xp : nullptr);
     xp += pads[k];
   }
-  // One range of the concatenated rows per thread; each row's result is the same whichever
-  // thread computes it, and with whichever neighbours (kernels.h).
-  pool.parallel_for(
-      first_row.back(),
-      [&](int64_t b, int64_t e, int) {
-        auto it = std::upper_bound(first_row.begin(), first_row.end(), b) - 1;
-        for (size_t k = it - first_row.begin(); k < small.size() && first_row[k] < e; ++k) {
-          const int64_t r0 = std::max(b, first_row[k]) - first_row[k];
-          const int64_t r1 = std::min(e, first_row[k + 1]) - first_row[k];
-          gemv_range_any<O>(rows.data() + first_x[k], *small[k], r0, r1);
-        }
-      },
-      8);
+  // Pieces of the concatenated rows, taken by the threads as they come free; each row's result
+  // is the same whichever thread computes it, and with whichever neighbours (kernels.h).
+  const MatmulJob& j0 = *small.front();
+  const int64_t piece = gemv_piece_rows(
+      first_row.back(), j0.w->cols * static_cast<int64_t>(dtype_size(j0.w->dtype)), pool.size());
+  parallel_pieces(pool, first_row.back(), piece, [&](int64_t b, int64_t e) {
+    auto it = std::upper_bound(first_row.begin(), first_row.end(), b) - 1;
+    for (size_t k = it - first_row.begin(); k < small.size() && first_row[k] < e; ++k) {
+      const int64_t r0 = std::max(b, first_row[k]) - first_row[k];
+      const int64_t r1 = std::min(e, first_row[k + 1]) - first_row[k];
+      gemv_range_any<O>(rows.data() + first_x[k], *small[k], r0, r1);
+    }
+  });
 }
 
 // ---- vectors
