@@ -33,17 +33,20 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
 
   // Projections: q [T, nh * qd], kv [T, L + rd].
   float* q = sized(ws_.q, T * nh * qd);
+  float* kvp = sized(ws_.kv, T * kvd);
   if (c.q_lora_rank) {
+    // q_a and kv_a both read h: one batch (in decode, one fan-out over both matrices' rows).
     const int64_t ql = *c.q_lora_rank;
     float* qa = sized(ws_.q_a, T * ql);
-    matmul(pool_, h, T, H, a.q_a_proj, qa, ql);
+    const kernels::MatmulJob jobs[] = {{h, T, H, &a.q_a_proj, qa, ql},
+                                       {h, T, H, &a.kv_a_proj, kvp, kvd}};
+    kernels::matmul_batch(pool_, jobs, 2);
     for (int64_t t = 0; t < T; ++t) rms_row(qa + t * ql, a.q_a_norm.data(), ql, eps, qa + t * ql);
     matmul(pool_, qa, T, ql, a.q_b_proj, q, nh * qd);
   } else {
     matmul(pool_, h, T, H, a.q_proj, q, nh * qd);
+    matmul(pool_, h, T, H, a.kv_a_proj, kvp, kvd);
   }
-  float* kvp = sized(ws_.kv, T * kvd);
-  matmul(pool_, h, T, H, a.kv_a_proj, kvp, kvd);
 
   // RoPE on q_pe of every head and on k_pe; normalize the latent; write the cache.
   std::vector<float> cs(rd);

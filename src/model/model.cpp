@@ -242,6 +242,8 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
     rmsnorm(x, L.ffn_norm, T, H, ws_.h.data());
     if (L.is_moe)
       moe_ffn(l, T);
+    else if (T <= kBatchedExpertTokens)  // gate and up in one fan-out (the same bits)
+      ffn_batch({{&L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data()}});
     else
       dense_ffn(L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data());
     for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
