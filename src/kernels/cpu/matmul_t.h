@@ -135,7 +135,8 @@ inline bool fp8_direct_ok(const Weight& w) {
 
 // As trans_tile_w for NaN-free fp8 whose scales all allow the direct conversion (fp8_direct_ok):
 // NT chunks from column c, all in one 128-column block of scales, or (NT = 16, c a multiple of
-// 128) two. Each row's scale factor is taken once per block, not once per chunk.
+// 128) two. Each row's scale factor is taken once per block, not once per chunk. At each row r,
+// columns [c, c + pf_cols) of row r + kTransPfRows are prefetched into L2 (pf_cols 0: none).
 template <class O, int MT, int NT>
 void trans_tile_fp8(const float* x, int64_t ldx, const Weight& w, int64_t c, float* y, int64_t ldy,
                     int64_t pf_cols) {
@@ -152,7 +153,7 @@ void trans_tile_fp8(const float* x, int64_t ldx, const Weight& w, int64_t c, flo
     const float* sc = w_scales(w, r) + b0;
     if (pf_cols && r + kTransPfRows < w.rows)
       for (int64_t b = 0; b < pf_cols; b += 64)
-        __builtin_prefetch(row + kTransPfRows * w.cols - c + b, 0, 2);
+        __builtin_prefetch(row + kTransPfRows * w.cols + b, 0, 2);
     V f[NB];
 #pragma GCC unroll 2
     for (int b = 0; b < NB; ++b) f[b] = O::set1(sc[b] * 0x1p120f);
