@@ -80,8 +80,10 @@ void Model::dense_ffn(const MlpWeights& m, const float* const* x, int64_t n, flo
     const int64_t cn = std::min(kFfnChunk, n - c0);
     float* g = sized(ws_.gate, cn * I);
     float* u = sized(ws_.up, cn * I);
-    kernels::matmul_rows(pool_, x + c0, cn, m.gate, g, I);
-    kernels::matmul_rows(pool_, x + c0, cn, m.up, u, I);
+    // Gate and up in one batch: with few tokens, one fan-out over both matrices' rows.
+    const kernels::MatmulJob jobs[] = {{nullptr, cn, 0, &m.gate, g, I, x + c0},
+                                       {nullptr, cn, 0, &m.up, u, I, x + c0}};
+    kernels::matmul_batch(pool_, jobs, 2);
     for (int64_t i = 0; i < cn * I; ++i) g[i] = silu(g[i]) * u[i];
     matmul(pool_, g, cn, I, m.down, out + c0 * H, H);
   }
@@ -242,8 +244,6 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
     rmsnorm(x, L.ffn_norm, T, H, ws_.h.data());
     if (L.is_moe)
       moe_ffn(l, T);
-    else if (T <= kBatchedExpertTokens)  // gate and up in one fan-out (the same bits)
-      ffn_batch({{&L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data()}});
     else
       dense_ffn(L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data());
     for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];

@@ -32,23 +32,23 @@ void trans_tile_with(const float* x, int64_t ldx, int64_t rows, LoadRow&& load_r
                      int64_t ldy, int64_t ncols) {
   using V = typename O::V;
   V acc[MT][NT];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
   for (int64_t r = 0; r < rows; ++r) {
     V wv[NT];
     load_row(r, wv);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MT; ++i) {
       const V xb = O::set1(x[i * ldx + r]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int j = 0; j < NT; ++j) acc[i][j] = O::fma(xb, wv[j], acc[i][j]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       float* dst = y + i * ldy + 16 * j;
       if (16 * j + 16 <= ncols) {
@@ -140,37 +140,21 @@ inline bool fp8_direct_ok(const Weight& w) {
 template <class O, int MT, int NT>
 void trans_tile_fp8(const float* x, int64_t ldx, const Weight& w, int64_t c, float* y, int64_t ldy,
                     int64_t pf_cols) {
-  using V = typename O::V;
   constexpr int kPerBlock = kFp8Block / 16, NB = (NT + kPerBlock - 1) / kPerBlock;
   const int64_t b0 = c / kFp8Block;
-  V acc[MT][NT];
-#pragma GCC unroll 16
-  for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
-  for (int64_t r = 0; r < w.rows; ++r) {
+  auto load_row = [&](int64_t r, typename O::V* wv) {
     const uint8_t* row = w_row(w, r) + c;
     const float* sc = w_scales(w, r) + b0;
     if (pf_cols && r + kTransPfRows < w.rows)
       for (int64_t b = 0; b < pf_cols; b += 64)
         __builtin_prefetch(row + kTransPfRows * w.cols + b, 0, 2);
-    V f[NB];
+    typename O::V f[NB];
 #pragma GCC unroll 2
     for (int b = 0; b < NB; ++b) f[b] = O::set1(sc[b] * 0x1p120f);
-    V xb[MT];
-#pragma GCC unroll 4
-    for (int i = 0; i < MT; ++i) xb[i] = O::set1(x[i * ldx + r]);
 #pragma GCC unroll 16
-    for (int j = 0; j < NT; ++j) {
-      const V wv = O::cvt_fp8_direct(row + 16 * j, f[j / kPerBlock]);
-#pragma GCC unroll 4
-      for (int i = 0; i < MT; ++i) acc[i][j] = O::fma(xb[i], wv, acc[i][j]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < NT; ++j) O::store(y + i * ldy + c + 16 * j, acc[i][j]);
+    for (int j = 0; j < NT; ++j) wv[j] = O::cvt_fp8_direct(row + 16 * j, f[j / kPerBlock]);
+  };
+  trans_tile_with<O, MT, NT>(x, ldx, w.rows, load_row, y + c, ldy, 16 * NT);
 }
 
 // Columns [128 b, 128 e) of the fast fp8 path for MT tokens: 256 columns a pass for one token,
