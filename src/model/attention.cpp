@@ -1,6 +1,6 @@
 // Multi-head latent attention (MLA) over the paged latent cache, with the absorbed weights:
 // per head, q_nope is taken into the latent space through W_UK (the first qk_nope_head_dim rows
-// of the head's kv_b_proj block), scores are q_lat . c + q_pe . k_pe, and the softmax-weighted
+// of the head's kv_b_proj block), scores are [q_lat, q_pe] . [c, k_pe], and the softmax-weighted
 // sum of latents goes out through W_UV (the head's other v_head_dim rows). Per-head K and V are
 // never materialized. Every (token, head) is computed on its own, in a fixed order, so the result
 // does not depend on what else is in the batch.
@@ -97,11 +97,15 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
     }
   };
 
-  // Absorb: q_lat[t, hd] = W_UK[hd]^T q_nope[t, hd]   -> [T, nh, L]
-  float* q_lat = sized(ws_.q_lat, T * nh * L);
+  // Absorb: q_lat[t, hd] = [W_UK[hd]^T q_nope[t, hd], q_pe[t, hd]]   -> [T, nh, L + rd], so
+  // that a head's score against a cached row [c, k_pe] is one dot product.
+  const int64_t kvd = c.kv_cache_dim();
+  float* q_lat = sized(ws_.q_lat, T * nh * kvd);
   per_head([&](int64_t hd) {
     const kernels::Weight wuk = a.kv_b_proj.rows_view(hd * (nope + vd), nope);
-    matmul_t(pool_, q + hd * qd, T, nh * qd, wuk, q_lat + hd * L, nh * L);
+    matmul_t(pool_, q + hd * qd, T, nh * qd, wuk, q_lat + hd * kvd, nh * kvd);
+    for (int64_t t = 0; t < T; ++t)
+      std::copy_n(q + t * nh * qd + hd * qd + nope, rd, q_lat + (t * nh + hd) * kvd + L);
   });
 
   // Scores, softmax and the latent output of one token, all heads (MLA is multi-query in the
@@ -118,25 +122,22 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   float* o_lat = sized(ws_.o_lat, T * nh * L);
   const float scale = static_cast<float>(c.softmax_scale());
   const int64_t bs = kv.block_size();
-  auto token = [&](int64_t t, float* p, float* pe, const float** rows) {
+  auto token = [&](int64_t t, float* p, const float** rows) {
     const SeqChunk& s = b.seqs[row_seq[t]];
     const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
     for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
-    const float* ql = q_lat + t * nh * L;
-    const float* qpe = q + t * nh * qd + nope;
+    const float* ql = q_lat + t * nh * kvd;
     pool_.parallel_for(
         ctx,
-        [&](int64_t j0, int64_t j1, int) {  // latent and rope parts, each a dot product
-          kernels::dots(ql, nh, L, rows + j0, j1 - j0, 0, L, p + j0, max_ctx);
-          kernels::dots(qpe, nh, qd, rows + j0, j1 - j0, L, rd, pe + j0, max_ctx);
+        [&](int64_t j0, int64_t j1, int) {
+          kernels::dots(ql, nh, kvd, rows + j0, j1 - j0, 0, kvd, p + j0, max_ctx);
         },
         16);
     pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
       for (int64_t i = h0; i < h1; ++i) {
         float* ph = p + i * max_ctx;
-        const float* pp = pe + i * max_ctx;
         float mx = -INFINITY, sm = 0.0f;
-        for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, ph[j] = (ph[j] + pp[j]) * scale);
+        for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, ph[j] *= scale);
         for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx));
         for (int64_t j = 0; j < ctx; ++j) ph[j] /= sm;
       }
@@ -152,14 +153,14 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   if (T < pool_.size()) {
     // Decode: one token at a time, all threads on it, so the cache is read twice per layer
     // whatever the thread count.
-    float* p = sized(ws_.scores, 2 * nh * max_ctx);
+    float* p = sized(ws_.scores, nh * max_ctx);
     ws_.score_rows.resize(max_ctx);
-    for (int64_t t = 0; t < T; ++t) token(t, p, p + nh * max_ctx, ws_.score_rows.data());
+    for (int64_t t = 0; t < T; ++t) token(t, p, ws_.score_rows.data());
   } else {
     pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
-      std::vector<float> p(2 * nh * max_ctx);
+      std::vector<float> p(nh * max_ctx);
       std::vector<const float*> rows(max_ctx);
-      for (int64_t t = t0; t < t1; ++t) token(t, p.data(), p.data() + nh * max_ctx, rows.data());
+      for (int64_t t = t0; t < t1; ++t) token(t, p.data(), rows.data());
     });
   }
 

@@ -46,17 +46,17 @@ inline constexpr int64_t kFfnChunk = 128;  // tokens per pass of a dense FFN
 inline constexpr int64_t kBatchedExpertTokens = 32;
 
 struct Workspace {
-  Buffer x, h, attn_out, ffn_out;        // [T, hidden]
-  Buffer q, q_a, kv;                     // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
-  Buffer q_lat, o_lat, o_heads;          // [chunk, nh, kv_lora] x2, [T, nh*v]
-  Buffer gate, up;                       // [chunk, inter] (dense) / [n, inter] (experts)
-  Buffer router_logits, route_w;         // [T, E], [T, K]
-  std::vector<int32_t> route_e;          // [T, K]
-  Buffer yout, shared_out;               // expert outputs, shared experts' output
-  std::vector<const float*> xrows;       // [T * top_k] each expert's tokens' rows in h
+  Buffer x, h, attn_out, ffn_out;   // [T, hidden]
+  Buffer q, q_a, kv;                // [T, nh*qk_head], [T, q_lora], [T, kv_dim]
+  Buffer q_lat, o_lat, o_heads;     // [chunk, nh, kv_lora + rope], [chunk, nh, kv_lora], [T, nh*v]
+  Buffer gate, up;                  // [chunk, inter] (dense) / [n, inter] (experts)
+  Buffer router_logits, route_w;    // [T, E], [T, K]
+  std::vector<int32_t> route_e;     // [T, K]
+  Buffer yout, shared_out;          // expert outputs, shared experts' output
+  std::vector<const float*> xrows;  // [T * top_k] each expert's tokens' rows in h
   std::vector<const float*> token_rows;  // [T] the rows of h (token_rows())
   Buffer norm_rows;                      // [R, hidden]
-  Buffer scores;  // decode attention: [2, heads, context] (latent, rope parts)
+  Buffer scores;                         // decode attention: [heads, context]
   std::vector<const float*> score_rows;  // decode attention: the token's cached rows
 };
 

@@ -572,7 +572,7 @@ TEST(Vector, AxpyIsOneFmaPerElement) {
 TEST(Vector, DotsEqualDotOneByOne) {
   for (int64_t n : {0, 1, 15, 16, 17, 64, 100, 512}) {
     for (int64_t na : {1, 3, 4, 5, 8, 9, 13, 16}) {
-      for (int64_t nb : {1, 2, 3, 7}) {
+      for (int64_t nb : {1, 2, 3, 7, 16}) {
         const int64_t lda = n + 3, boff = 5, ldo = nb + 2;
         const auto a = random_floats(na * lda, 60 + n + na);
         // b's rows scattered over one buffer, read from boff on.

@@ -250,10 +250,11 @@ void axpy(float a, const float* x, float* y, int64_t n) {
 }
 
 // G x NB dot products at once (a's rows against b's): independent accumulator chains, each
-// dot's own order. One load of an a chunk serves NB rows of b.
+// dot's own order. One load of an a chunk serves NB rows of b. With `pf`, it also prefetches the
+// same columns of the NB rows pf[0..NB), one cache line per step.
 template <class O, int G, int NB>
 void dots_g(const float* a, int64_t lda, const float* const* b, int64_t boff, int64_t n, float* out,
-            int64_t ldo) {
+            int64_t ldo, const float* const* pf) {
   using V = typename O::V;
   V acc[G][NB];
 #pragma GCC unroll 8
@@ -265,6 +266,9 @@ void dots_g(const float* a, int64_t lda, const float* const* b, int64_t boff, in
     V bv[NB];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) bv[j] = O::load_reg(b[j] + boff + k);
+    if (pf)
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + boff + k);
 #pragma GCC unroll 8
     for (int i = 0; i < G; ++i) {
       const V av = O::load_reg(a + i * lda + k);
@@ -286,26 +290,35 @@ void dots_g(const float* a, int64_t lda, const float* const* b, int64_t boff, in
     for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(acc[i][j]);
 }
 
-template <class O, int G>
-void dots_rows(const float* a, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
-               int64_t n, float* out, int64_t ldo) {
-  int64_t j = 0;
-  for (; j + 2 <= nb; j += 2) dots_g<O, G, 2>(a, lda, b + j, boff, n, out + j, ldo);
-  if (j < nb) dots_g<O, G, 1>(a, lda, b + j, boff, n, out + j, ldo);
+// All na rows of a against NB rows of b, kG rows of a per pass: the NB rows are read from
+// memory once (by the first pass, which also prefetches `pf`) and from L1 after.
+template <class O, int NB>
+void dots_heads(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t boff,
+                int64_t n, float* out, int64_t ldo, const float* const* pf) {
+  constexpr int kG = O::kDotHeads;
+  int64_t i = 0;
+  for (; i + kG <= na; i += kG, pf = nullptr)
+    dots_g<O, kG, NB>(a + i * lda, lda, b, boff, n, out + i * ldo, ldo, pf);
+  if (kG > 4 && na - i >= 4) {
+    dots_g<O, 4, NB>(a + i * lda, lda, b, boff, n, out + i * ldo, ldo, pf);
+    i += 4;
+    pf = nullptr;
+  }
+  for (; i < na; ++i, pf = nullptr)
+    dots_g<O, 1, NB>(a + i * lda, lda, b, boff, n, out + i * ldo, ldo, pf);
 }
 
+// Rows of b outermost, two at a time: a's rows (the query heads) stay in L1 while b's rows (the
+// cached tokens, read from memory) stream past once, each pair prefetched two pairs ahead.
 template <class O>
 void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
           int64_t n, float* out, int64_t ldo) {
-  constexpr int kG = O::kDotHeads;
-  int64_t i = 0;
-  for (; i + kG <= na; i += kG)
-    dots_rows<O, kG>(a + i * lda, lda, b, nb, boff, n, out + i * ldo, ldo);
-  if (kG > 4 && na - i >= 4) {
-    dots_rows<O, 4>(a + i * lda, lda, b, nb, boff, n, out + i * ldo, ldo);
-    i += 4;
-  }
-  for (; i < na; ++i) dots_rows<O, 1>(a + i * lda, lda, b, nb, boff, n, out + i * ldo, ldo);
+  constexpr int64_t kAhead = 4;
+  int64_t j = 0;
+  for (; j + 2 <= nb; j += 2)
+    dots_heads<O, 2>(a, na, lda, b + j, boff, n, out + j, ldo,
+                     j + kAhead + 2 <= nb ? b + j + kAhead : nullptr);
+  if (j < nb) dots_heads<O, 1>(a, na, lda, b + j, boff, n, out + j, ldo, nullptr);
 }
 
 // weighted_rows for G outputs and columns [k, k + 16 * NV): matmul_t's tile, its "weight rows"
