@@ -6,9 +6,11 @@
 // elements k = l, l+16, l+32, ... in increasing k with fused multiply-add, starting from +0.0;
 // elements past K count as 0 * 0. The 16 lanes are then reduced by the fixed tree
 //   for s in 8, 4, 2, 1: lane[l] = lane[l] + lane[l + s]  (l < s)
-// and lane[0] is the result. A weight element enters as a float: bf16/f16/f32 exactly, fp8 e4m3
-// as float(fp8) * scale_inv of its 128x128 block, rounded once. The scalar, AVX2 and AVX-512
-// implementations all follow this contract and agree bit for bit.
+// and lane[0] is the result. A weight element enters as a float: bf16/f16/f32 exactly. For fp8
+// e4m3 the product is float(fp8) (exact) times x * scale_inv (rounded once), scale_inv that of
+// the weight's 128x128 block: the scale goes to the activation, once per 128 weight rows,
+// rather than to every weight. (matmul_t, below, has its own contract.) The scalar, AVX2 and
+// AVX-512 implementations all follow this contract and agree bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -74,7 +76,8 @@ void matmul_rows(const ThreadPool& pool, const float* const* x, int64_t m, const
 void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
 
 // y[i, c] = sum_r x[i, r] * W[r, c]   (W transposed), summed over r = 0, 1, ... in order, one
-// fused multiply-add each, starting from +0.0.  x: [m, ldx] f32 (first W.rows of each row);
+// fused multiply-add each, starting from +0.0; an fp8 W[r, c] enters as float(fp8) * scale_inv
+// rounded once.  x: [m, ldx] f32 (first W.rows of each row);
 // y: [m, ldy] f32 (W.cols of each row).
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
               float* y, int64_t ldy);

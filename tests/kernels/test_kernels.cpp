@@ -310,6 +310,30 @@ TEST(Matmul, Fp8ExtremeScalesFollowTheContract) {
   }
 }
 
+// fp8 scales go to x once per block row of 128 rows: row views that start and end inside a
+// block row (the model's per-head slices) scale by their own rows' block, on the GEMV (one
+// block row at a time, fast and general conversions) and the GEMM (N blocks cut at block rows).
+TEST(Matmul, Fp8RowViewsScaleByTheirBlockRows) {
+  ThreadPool pool(2);
+  TestWeight tw(DType::F8_E4M3, 300, 260, 25);  // partial blocks at the bottom and the right
+  for (bool fast : {false, true}) {
+    tw.w.fp8_plain = fast;
+    for (auto [r0, n] : {std::pair<int64_t, int64_t>{100, 150}, {128, 128}, {250, 50}}) {
+      const Weight v = tw.w.rows_view(r0, n);
+      for (int64_t m : {1, 3, 9, 40}) {
+        const auto x = random_floats(m * 260, 26 + m);
+        std::vector<float> want(m * n);
+        reference::matmul_lanes(x.data(), m, 260, v, want.data(), n);
+        for (Isa isa : isas()) {
+          const auto y = run_matmul(isa, pool, x, m, 260, v);
+          ASSERT_EQ(first_diff(y.data(), want.data(), m * n), -1)
+              << isa_name(isa) << " view " << r0 << "+" << n << " m=" << m << " fast " << fast;
+        }
+      }
+    }
+  }
+}
+
 TEST(Matmul, BatchEqualsOneByOne) {
   ThreadPool pool(3);
   // Mixed dtypes and shapes: K not a multiple of 16, unaligned x, m past the GEMV range (run

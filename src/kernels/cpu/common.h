@@ -104,6 +104,40 @@ inline typename O::V load_w_tail(const uint8_t* row, int64_t k, int64_t n, typen
   return O::load(f);
 }
 
+// The x side of the fp8 contract (kernels.h) for weight rows of block row `sc` (w_scales):
+// xs[i][k] = x[i][k] * sc[k / 128] for k in [k0, k1), +0.0 on to round16(k1) where k1 = K.
+// x: m row pointers, zero up to round16(K); xs: [m, ldxs], column k0 at xs[i][0]. With
+// `raw_ok`, when every |xs| < 2^8 it stores xs * 2^120 instead (exact), for weights taken by
+// O::cvt_fp8_raw (float(fp8) * 2^-120): the same products. Returns whether it did.
+template <class O>
+bool fp8_scale_x(const float* const* x, int64_t m, int64_t K, int64_t k0, int64_t k1,
+                 const float* sc, bool raw_ok, float* xs, int64_t ldxs) {
+  using V = typename O::V;
+  const int64_t kp = k1 == K ? round16(K) : k1;
+  const V up = O::set1(0x1p120f);
+  bool small = true;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x[i];
+    float* o = xs + i * ldxs - k0;
+    for (int64_t b = k0; b < k1; b += kFp8Block) {
+      const V f = O::set1(sc[b / kFp8Block]);
+      const int64_t e = std::min(k1, b + kFp8Block);
+      for (int64_t k = b; k < e; k += 16) {
+        const V v = O::mul(O::load(xi + k), f);
+        if (raw_ok) {
+          small &= O::below_2p8(v);
+          O::store(o + k, O::mul(v, up));
+        } else {
+          O::store(o + k, v);
+        }
+      }
+    }
+    for (int64_t k = k1; k < kp; ++k) o[k] = 0.0f;  // 0 * 0, not 0 * scale
+  }
+  if (raw_ok && !small) return fp8_scale_x<O>(x, m, K, k0, k1, sc, false, xs, ldxs);
+  return raw_ok;
+}
+
 // Whether an fp8 block scale allows O::cvt_fp8_direct: scale * 2^120 must be exact (|scale| <
 // 2^8, not NaN). Sets *factor to it.
 inline bool fp8_direct_scale(float scale, float* factor) {

@@ -26,9 +26,11 @@ inline typename O::V load_w_checked(const uint8_t* row, int64_t k, typename O::V
 // round16(K); y: [M, ldy]. A range that does not start at 0 continues from the 16-lane partial
 // sums in part ([R, M, 16] f32), one that does not end at K leaves them there; the one that ends
 // at K reduces into y. `pf`: elements ahead to prefetch on each row (0: none).
+// fp8: all R rows in one block row, x already scaled by its scales (fp8_scale_x), the weights
+// taken as float(fp8) exactly, or with `raw` (x also times 2^120) by O::cvt_fp8_raw.
 template <class O, DType DT, int M, int R>
 void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, int64_t ka,
-               int64_t kb, float* part, int64_t pf, float* y, int64_t ldy) {
+               int64_t kb, float* part, int64_t pf, float* y, int64_t ldy, bool raw) {
   using V = typename O::V;
   const float* xr[M];
 #pragma GCC unroll 8
@@ -37,18 +39,14 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, in
   constexpr int64_t es = elem_bytes<DT>();
   const int64_t K = w.cols, kfull = K & ~int64_t{15};
   const uint8_t* row[R];
-  const float* sc[R] = {};
-  for (int j = 0; j < R; ++j) {
-    row[j] = w_row(w, r + j * rs);
-    if constexpr (fp8) sc[j] = w_scales(w, r + j * rs);
-  }
-  V acc[M][R], s[R];
+  for (int j = 0; j < R; ++j) row[j] = w_row(w, r + j * rs);
+  V acc[M][R];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) acc[i][j] = ka == 0 ? O::zero() : O::load(part + (j * M + i) * 16);
-#pragma GCC unroll 8
-  for (int j = 0; j < R; ++j) s[j] = O::zero();
+  // cvt_fp8's scale * 256 for float(fp8), or float(fp8) * 2^-120 with `raw`: exact either way.
+  const V s = fp8 ? O::set1(raw ? 0x1p-112f : 256.0f) : O::zero();
 
   // One 16-element chunk of every row into every token's accumulators; load(j) converts row
   // j's.
@@ -66,9 +64,9 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, in
   auto chunk = [&](int64_t k, auto checked) {
     chunk_with(k, [&](int j) {
       if constexpr (decltype(checked)::value)
-        return load_w_checked<O, DT>(row[j], k, s[j]);
+        return load_w_checked<O, DT>(row[j], k, s);
       else
-        return load_w<O, DT>(row[j], k, s[j]);
+        return load_w<O, DT>(row[j], k, s);
     });
   };
   // Two chunks (32 fp8 converted at once), for few tokens, where conversion is the cost.
@@ -82,7 +80,7 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, in
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
       V w0, w1;
-      O::cvt_fp8x2_nonan(row[j] + k, s[j], w0, w1);
+      O::cvt_fp8x2_nonan(row[j] + k, s, w0, w1);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) acc[i][j] = O::fma(x1[i], w1, O::fma(x0[i], w0, acc[i][j]));
     }
@@ -99,26 +97,13 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, in
     bool checked = !fp8;
     if constexpr (fp8) {
       if constexpr (O::kFp8Direct) {
-        // NaN-free data (checked at load): the cheaper conversion, where scale * 2^120 is
-        // exact; otherwise (|scale| >= 2^8, NaN scale, a partial block) the path below.
-        if (w.fp8_plain && kend - k0 == kFp8Block) {
-          V sd[R];
-          bool exact = true;
-#pragma GCC unroll 8
-          for (int j = 0; j < R; ++j) {
-            float f = 0.0f;
-            exact &= fp8_direct_scale(sc[j][k0 / kFp8Block], &f);
-            sd[j] = O::set1(f);
-          }
-          if (exact) {
-            for (int64_t k = k0; k < kend; k += 16)
-              chunk_with(k, [&](int j) { return O::cvt_fp8_direct(row[j] + k, sd[j]); });
-            continue;
-          }
+        // NaN-free data (checked at load) and x small enough: three operations a weight.
+        if (raw && kend - k0 == kFp8Block) {
+          for (int64_t k = k0; k < kend; k += 16)
+            chunk_with(k, [&](int j) { return O::cvt_fp8_raw(row[j] + k); });
+          continue;
         }
       }
-#pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) s[j] = fp8_scale<O, DT>(sc[j], k0);
       if (kend - k0 == kFp8Block) {
         auto nan = O::nan_init();
 #pragma GCC unroll 8
@@ -143,10 +128,10 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, in
       for (int j = 0; j < R; ++j) O::store(part + (j * M + i) * 16, acc[i][j]);
     return;
   }
-  if (kfull < K) {  // s[] holds the scales of the last block, which the tail is in
+  if (kfull < K) {
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-      const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull, s[j]);
+      const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull, s);
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(xr[i] + kfull), wv, acc[i][j]);
     }
@@ -175,7 +160,7 @@ constexpr int64_t gemv_stream_rows(int64_t row_bytes) {
 // x is read from L1; each row's next block is prefetched meanwhile.
 template <class O, DType DT, int M>
 void gemv_rows(const float* const* x, const Weight& w, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
+               int64_t ldy, bool raw) {
   constexpr int R = O::gemv_rows(M);
   constexpr int64_t kGroup = 24;  // rows per group: a multiple of every R
   const int64_t K = w.cols;
@@ -190,10 +175,10 @@ void gemv_rows(const float* const* x, const Weight& w, int64_t r0, int64_t r1, f
     while (r + R <= r1) {
       const int64_t s = std::min(S, (r1 - r) / R);
       for (int64_t p = 0; p < s; ++p)
-        gemv_tile<O, DT, M, R>(x, w, r + p, s, 0, K, nullptr, 0, y, ldy);
+        gemv_tile<O, DT, M, R>(x, w, r + p, s, 0, K, nullptr, 0, y, ldy, raw);
       r += R * s;
     }
-    for (; r < r1; ++r) gemv_tile<O, DT, M, 1>(x, w, r, 1, 0, K, nullptr, 0, y, ldy);
+    for (; r < r1; ++r) gemv_tile<O, DT, M, 1>(x, w, r, 1, 0, K, nullptr, 0, y, ldy, raw);
     return;
   }
   alignas(64) float part[kGroup * M * 16];  // [kGroup, M, 16]
@@ -203,33 +188,56 @@ void gemv_rows(const float* const* x, const Weight& w, int64_t r0, int64_t r1, f
       const int64_t kb = std::min(K, ka + kblk), pf = kb < K ? kblk : 0;
       int64_t r = g0;
       for (; r + R <= g1; r += R)
-        gemv_tile<O, DT, M, R>(x, w, r, 1, ka, kb, part + (r - g0) * M * 16, pf, y, ldy);
+        gemv_tile<O, DT, M, R>(x, w, r, 1, ka, kb, part + (r - g0) * M * 16, pf, y, ldy, raw);
       for (; r < g1; ++r)
-        gemv_tile<O, DT, M, 1>(x, w, r, 1, ka, kb, part + (r - g0) * M * 16, pf, y, ldy);
+        gemv_tile<O, DT, M, 1>(x, w, r, 1, ka, kb, part + (r - g0) * M * 16, pf, y, ldy, raw);
     }
   }
 }
 
 template <class O, DType DT>
-void gemv_rows(int64_t m, const float* const* x, const Weight& w, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
+void gemv_rows_m(int64_t m, const float* const* x, const Weight& w, int64_t r0, int64_t r1,
+                 float* y, int64_t ldy, bool raw) {
   switch (m) {
     case 1:
-      return gemv_rows<O, DT, 1>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 1>(x, w, r0, r1, y, ldy, raw);
     case 2:
-      return gemv_rows<O, DT, 2>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 2>(x, w, r0, r1, y, ldy, raw);
     case 3:
-      return gemv_rows<O, DT, 3>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 3>(x, w, r0, r1, y, ldy, raw);
     case 4:
-      return gemv_rows<O, DT, 4>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 4>(x, w, r0, r1, y, ldy, raw);
     case 5:
-      return gemv_rows<O, DT, 5>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 5>(x, w, r0, r1, y, ldy, raw);
     case 6:
-      return gemv_rows<O, DT, 6>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 6>(x, w, r0, r1, y, ldy, raw);
     case 7:
-      return gemv_rows<O, DT, 7>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 7>(x, w, r0, r1, y, ldy, raw);
     default:
-      return gemv_rows<O, DT, 8>(x, w, r0, r1, y, ldy);
+      return gemv_rows<O, DT, 8>(x, w, r0, r1, y, ldy, raw);
+  }
+}
+
+// Rows [r0, r1) for m <= 8 tokens. fp8 goes a block row (128 rows of the full matrix) at a
+// time, with x scaled by that block row's scales.
+template <class O, DType DT>
+void gemv_rows(int64_t m, const float* const* x, const Weight& w, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  if constexpr (DT == DType::F8_E4M3) {
+    static thread_local Scratch scratch;
+    const int64_t K = w.cols, Kp = round16(K);
+    float* xs = scratch.get(m * Kp);
+    const float* xr[8];
+    for (int64_t i = 0; i < m; ++i) xr[i] = xs + i * Kp;
+    for (int64_t b = r0; b < r1;) {
+      const int64_t e = std::min(r1, b + kFp8Block - (w.scale_row0 + b) % kFp8Block);
+      const bool raw =
+          fp8_scale_x<O>(x, m, K, 0, K, w_scales(w, b), O::kFp8Direct && w.fp8_plain, xs, Kp);
+      gemv_rows_m<O, DT>(m, xr, w, b, e, y, ldy, raw);
+      b = e;
+    }
+  } else {
+    gemv_rows_m<O, DT>(m, x, w, r0, r1, y, ldy, false);
   }
 }
 

@@ -6,11 +6,14 @@
 //     static constexpr int kTileTM, kTileTN;  // matmul_t micro-tile: tokens x 16-column chunks
 //     static constexpr int gemv_rows(int m);  // GEMV: weight rows streamed together, m <= 8
 //     zero, set1, load, load_reg (not folded into uses), store, fma(a, b, c) = a * b + c,
-//     add_mul(a, b, c) = a + b * c rounded twice (a multiply, then an add), reduce
+//     add_mul(a, b, c) = a + b * c rounded twice (a multiply, then an add), mul, below_2p8(v)
+//     (every |lane| < 2^8), reduce
 //     (the contract's tree), cvt_bf16 / cvt_f16 (16 elements), cvt_fp8(p, s256) (16 elements times
 //     s256 = scale * 256, NaN-exact), NanAcc, nan_init, nan_scan128(acc, p), nan_found(acc)
 //     (whether 128-byte blocks scanned into acc hold an e4m3 NaN), cvt_fp8_nonan and
-//     cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN)
+//     cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN); with
+//     kFp8Direct, for NaN-free bytes: cvt_fp8_raw(p) = float(fp8) * 2^-120 (exact, three
+//     operations) and cvt_fp8_direct(p, s) = cvt_fp8_raw(p) * s
 //   };
 //
 // kernels_<isa>.cpp defines O and includes this file; everything here has internal linkage, so

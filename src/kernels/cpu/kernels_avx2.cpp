@@ -31,6 +31,13 @@ struct Avx2 {
     return {_mm256_add_ps(a.lo, _mm256_mul_ps(b.lo, c.lo)),
             _mm256_add_ps(a.hi, _mm256_mul_ps(b.hi, c.hi))};
   }
+  static V mul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  static bool below_2p8(V v) {  // every |lane| < 2^8 (NaN is not)
+    const __m256 lim = _mm256_set1_ps(256.0f), sign = _mm256_set1_ps(-0.0f);
+    return (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v.lo), lim, _CMP_LT_OQ)) &
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v.hi), lim, _CMP_LT_OQ))) ==
+           0xff;
+  }
 
   // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
   static float reduce(V v) {

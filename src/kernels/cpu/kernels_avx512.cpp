@@ -34,6 +34,10 @@ struct Avx512 {
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add_mul(V a, V b, V c) { return _mm512_add_ps(a, _mm512_mul_ps(b, c)); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static bool below_2p8(V v) {  // every |lane| < 2^8 (NaN is not)
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(256.0f), _CMP_LT_OQ) == 0xffff;
+  }
 
   // lane[l] += lane[l + s] for s = 8, 4, 2, 1; lane 0.
   static float reduce(V v) {
@@ -72,12 +76,13 @@ struct Avx512 {
   // value * 2^-120 (exponent field e, e4m3 subnormals become f32 subnormals); times
   // s = scale * 2^120 (exact while scale < 2^8) that is float(fp8) * scale rounded once.
   // Three operations per 16 weights against five through f16. Not for NaN bytes.
-  static V cvt_fp8_direct(const uint8_t* p, V s) {
+  // cvt_fp8_raw stops before the product: float(fp8) * 2^-120 exactly.
+  static V cvt_fp8_raw(const uint8_t* p) {
     const __m512i d = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512i f = _mm512_and_si512(_mm512_slli_epi32(d, 20),
-                                       _mm512_set1_epi32(static_cast<int>(0x87f00000u)));
-    return _mm512_mul_ps(_mm512_castsi512_ps(f), s);
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(d, 20),
+                                                _mm512_set1_epi32(static_cast<int>(0x87f00000u))));
   }
+  static V cvt_fp8_direct(const uint8_t* p, V s) { return _mm512_mul_ps(cvt_fp8_raw(p), s); }
   // NaN scan: 0x7f / 0xff are NaN in e4m3fn, i.e. b | 0x80 == 0xff; a running unsigned max of
   // b | 0x80 over 128-byte blocks has a 0xff byte iff one of them holds a NaN.
   using NanAcc = __m512i;

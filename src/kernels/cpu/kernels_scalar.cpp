@@ -51,6 +51,16 @@ struct Scalar {
     for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] + b.v[l] * c.v[l];
     return r;
   }
+  static V mul(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] * b.v[l];
+    return r;
+  }
+  static bool below_2p8(const V& v) {  // every |lane| < 2^8 (NaN is not)
+    for (float l : v.v)
+      if (!(std::fabs(l) < 256.0f)) return false;
+    return true;
+  }
   static V fma(const V& a, const V& b, const V& c) {
     V r;
     for (int l = 0; l < 16; ++l) r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);

@@ -7,6 +7,10 @@
 
 namespace moeserve::kernels::reference {
 
+float block_scale(const Weight& w, int64_t r, int64_t c) {
+  return w.scale_inv[((w.scale_row0 + r) / 128) * w.scale_cols + c / 128];
+}
+
 float weight_value(const Weight& w, int64_t r, int64_t c) {
   const int64_t i = r * w.cols + c;
   switch (w.dtype) {
@@ -16,11 +20,8 @@ float weight_value(const Weight& w, int64_t r, int64_t c) {
       return f16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
     case DType::BF16:
       return bf16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
-    case DType::F8_E4M3: {
-      const int64_t block_row = (w.scale_row0 + r) / 128, block_col = c / 128;
-      const float scale = w.scale_inv[block_row * w.scale_cols + block_col];
-      return fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[i]) * scale;
-    }
+    case DType::F8_E4M3:
+      return fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[i]) * block_scale(w, r, c);
     default:
       fail("reference: unsupported dtype ", dtype_name(w.dtype));
   }
@@ -68,10 +69,17 @@ float dot_lanes(const float* a, const float* b, int64_t n) {
 }
 
 void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy) {
-  std::vector<float> row(w.cols);
+  const bool fp8 = w.dtype == DType::F8_E4M3;
+  std::vector<float> row(w.cols), xs(w.cols);
   for (int64_t n = 0; n < w.rows; ++n) {
-    for (int64_t k = 0; k < w.cols; ++k) row[k] = weight_value(w, n, k);
-    for (int64_t i = 0; i < m; ++i) y[i * ldy + n] = dot_lanes(x + i * ldx, row.data(), w.cols);
+    for (int64_t k = 0; k < w.cols; ++k)
+      row[k] = fp8 ? fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[n * w.cols + k])
+                   : weight_value(w, n, k);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t k = 0; k < w.cols; ++k)
+        xs[k] = fp8 ? x[i * ldx + k] * block_scale(w, n, k) : x[i * ldx + k];
+      y[i * ldy + n] = dot_lanes(xs.data(), row.data(), w.cols);
+    }
   }
 }
 

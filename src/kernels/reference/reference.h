@@ -10,6 +10,8 @@ namespace moeserve::kernels::reference {
 
 // Element (r, c) of w as a float: float(fp8) * scale_inv of its 128x128 block for F8_E4M3.
 float weight_value(const Weight& w, int64_t r, int64_t c);
+// F8_E4M3: the scale_inv of element (r, c)'s 128x128 block.
+float block_scale(const Weight& w, int64_t r, int64_t c);
 
 // out: [w.rows, w.cols] f32, every element by weight_value.
 void dequant(const Weight& w, float* out);
@@ -23,7 +25,8 @@ void matmul(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, i
 void matmul_abs(const float* x, int64_t m, int64_t ldx, const Weight& w, double* y, int64_t ldy);
 
 // The 16-lane contract of kernels.h written out: lane k % 16 takes fma(x, w, lane) for k in
-// increasing order, K padded to a multiple of 16 with 0 * 0, then the tree 8, 4, 2, 1.
+// increasing order (fp8: fma(x * scale, float(fp8), lane)), K padded to a multiple of 16 with
+// 0 * 0, then the tree 8, 4, 2, 1.
 // Must equal the fast matmul bit for bit.
 void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
 float dot_lanes(const float* a, const float* b, int64_t n);
