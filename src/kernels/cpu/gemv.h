@@ -261,8 +261,11 @@ void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, in
   const int64_t groups = (m + per_group - 1) / per_group;
   const int64_t block =
       groups == 1 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
-  for (int64_t r0 = b; r0 < e; r0 += block) {
-    const int64_t r1 = std::min(e, r0 + block);
+  for (int64_t r0 = b, r1; r0 < e; r0 = r1) {
+    r1 = std::min(e, r0 + block);
+    // fp8 with several groups: a block row at a time, so that each group scales x once for it.
+    if (DT == DType::F8_E4M3 && groups > 1)
+      r1 = std::min(e, r0 + kFp8Block - (w.scale_row0 + r0) % kFp8Block);
     for (int64_t g = 0; g < groups; ++g) {  // sizes differ by at most one
       const int64_t t0 = m * g / groups, t1 = m * (g + 1) / groups;
       gemv_rows<O, DT>(t1 - t0, x + t0, w, r0, r1, y + t0 * ldy, ldy);
@@ -272,17 +275,19 @@ void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, in
 
 // Rows per piece of a GEMV's work (parallel_pieces) over `rows` rows of `row_bytes` each: 24
 // streams' worth (a multiple of every tile's rows, ~384 KB), fewer on small matrices so that
-// every thread gets several pieces.
-inline int64_t gemv_piece_rows(int64_t rows, int64_t row_bytes, int threads) {
+// every thread gets several pieces; fp8 pieces of 128 rows or more are whole block rows.
+inline int64_t gemv_piece_rows(int64_t rows, int64_t row_bytes, int threads, DType dt) {
   const int64_t few = (rows / (4 * std::max(1, threads)) + 23) / 24 * 24;
-  return std::max<int64_t>(24, std::min(24 * gemv_stream_rows(row_bytes), few));
+  const int64_t piece = std::max<int64_t>(24, std::min(24 * gemv_stream_rows(row_bytes), few));
+  // fp8: whole block rows where pieces are that large (each piece scales x per block row).
+  return dt == DType::F8_E4M3 && piece >= kFp8Block ? piece / kFp8Block * kFp8Block : piece;
 }
 
 // Any m: the threads take pieces of the rows as they come free.
 template <class O, DType DT>
 void gemv(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w, float* y,
           int64_t ldy) {
-  const int64_t piece = gemv_piece_rows(w.rows, w.cols * elem_bytes<DT>(), pool.size());
+  const int64_t piece = gemv_piece_rows(w.rows, w.cols * elem_bytes<DT>(), pool.size(), DT);
   parallel_pieces(pool, w.rows, piece,
                   [&](int64_t b, int64_t e) { gemv_range<O, DT>(x, m, w, b, e, y, ldy); });
 }

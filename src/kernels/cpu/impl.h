@@ -186,8 +186,9 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   // Pieces of the concatenated rows, taken by the threads as they come free; each row's result
   // is the same whichever thread computes it, and with whichever neighbours (kernels.h).
   const MatmulJob& j0 = *small.front();
-  const int64_t piece = gemv_piece_rows(
-      first_row.back(), j0.w->cols * static_cast<int64_t>(dtype_size(j0.w->dtype)), pool.size());
+  const int64_t piece =
+      gemv_piece_rows(first_row.back(), j0.w->cols * static_cast<int64_t>(dtype_size(j0.w->dtype)),
+                      pool.size(), j0.w->dtype);
   parallel_pieces(pool, first_row.back(), piece, [&](int64_t b, int64_t e) {
     auto it = std::upper_bound(first_row.begin(), first_row.end(), b) - 1;
     for (size_t k = it - first_row.begin(); k < small.size() && first_row[k] < e; ++k) {
