@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace moeserve::kv {
@@ -22,10 +23,10 @@ class KvPool {
 
   // [kv_dim] f32 of token slot `slot` (< block_size) of `block` in `layer`.
   float* at(int32_t block, int64_t layer, int64_t slot) {
-    return data_.data() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
+    return data_.get() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
   }
   const float* at(int32_t block, int64_t layer, int64_t slot) const {
-    return data_.data() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
+    return data_.get() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
   }
 
   int64_t block_size() const { return block_size_; }
@@ -41,7 +42,13 @@ class KvPool {
 
  private:
   int64_t n_blocks_, block_size_, n_layers_, kv_dim_;
-  std::vector<float> data_;      // [n_blocks][n_layers][block_size][kv_dim]
+  struct Free {
+    void operator()(float* p) const;
+  };
+  // [n_blocks][n_layers][block_size][kv_dim], zeroed, 2 MB aligned and advised as huge pages:
+  // decode reads a sequence's rows of a layer from blocks n_layers apart, which on 4 KB pages
+  // would cost a TLB miss every few rows.
+  std::unique_ptr<float[], Free> data_;
   std::vector<int32_t> free_;    // stack of free block ids
   std::vector<uint8_t> in_use_;  // [n_blocks], to catch double frees
 };

@@ -317,13 +317,15 @@ void dots_heads(const float* a, int64_t na, int64_t lda, const float* const* b, 
 template <class O>
 void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
           int64_t n, float* out, int64_t ldo) {
-  constexpr int64_t kAhead = 4;
+  constexpr int64_t kAhead = 8;
   int64_t j = 0;
   for (; j + 2 <= nb; j += 2)
     dots_heads<O, 2>(a, na, lda, b + j, boff, n, out + j, ldo,
                      j + kAhead + 2 <= nb ? b + j + kAhead : nullptr);
   if (j < nb) dots_heads<O, 1>(a, na, lda, b + j, boff, n, out + j, ldo, nullptr);
 }
+
+constexpr int64_t kWeightedAhead = 32;
 
 // weighted_rows for G outputs and columns [k, k + 16 * NV): matmul_t's tile, its "weight rows"
 // the cached rows; G x NV accumulators live in registers while the rows stream past.
@@ -333,6 +335,10 @@ void weighted_rows_g(const float* c, int64_t ldc, const float* const* rows, int6
   trans_tile_with<O, G, NV>(
       c, ldc, nrows,
       [&](int64_t j, typename O::V* x) {
+        if (j + kWeightedAhead < nrows)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v)
+            __builtin_prefetch(rows[j + kWeightedAhead] + roff + k + 16 * v);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) x[v] = O::load_reg(rows[j] + roff + k + 16 * v);
       },
