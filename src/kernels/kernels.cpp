@@ -147,4 +147,8 @@ void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t c
   active().weighted_sum(rows, w, n, cols, y);
 }
 
+void softmax(float* x, int64_t n, float scale) {
+  active().softmax(x, n, scale);
+}
+
 }  // namespace moeserve::kernels

@@ -114,4 +114,11 @@ void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* 
 // loop compiled with -ffp-contract=off (MoE combine: a token's expert outputs, weighted).
 void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y);
 
+// In place: x[j] = e[j] / s for j < n, where t[j] = x[j] * scale (rounded), m = max t,
+// e[j] = exp_lanes(t[j] - m) and s is the 16-lane sum of the e[j] (elements past n count as 0;
+// the tree of the dot-product contract), the division a multiply by 1 / s. An attention row's
+// softmax. exp_lanes (reference.h) is the kernels' own exp: a degree-6 polynomial after the
+// reduction t = n ln 2 + r, within 2 ulp of exp, inputs below -87.33 taken as -87.33.
+void softmax(float* x, int64_t n, float scale);
+
 }  // namespace moeserve::kernels

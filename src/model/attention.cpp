@@ -135,11 +135,7 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
         16);
     pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
       for (int64_t i = h0; i < h1; ++i) {
-        float* ph = p + i * max_ctx;
-        float mx = -INFINITY, sm = 0.0f;
-        for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, ph[j] *= scale);
-        for (int64_t j = 0; j < ctx; ++j) sm += (ph[j] = std::exp(ph[j] - mx));
-        for (int64_t j = 0; j < ctx; ++j) ph[j] /= sm;
+        kernels::softmax(p + i * max_ctx, ctx, scale);
       }
     });
     pool_.parallel_for(

@@ -620,6 +620,51 @@ TEST(Vector, DotsEqualDotOneByOne) {
   }
 }
 
+// The kernels' exp: within 2 ulp of exp over the whole range softmax feeds it, 1 at 0, the
+// floor at -87.33 (FLT_MIN), NaN through.
+TEST(Vector, ExpLanesIsWithinTwoUlp) {
+  double worst = 0;
+  for (int i = 0; i <= 200000; ++i) {
+    const float t = -87.3f * static_cast<float>(i) / 200000.0f;
+    const double want = std::exp(static_cast<double>(t));
+    const double got = reference::exp_lanes(t);
+    worst = std::max(worst, std::fabs(got - want) / want);
+  }
+  EXPECT_LE(worst, 2 * 0x1p-24) << "max relative error " << worst;
+  EXPECT_EQ(reference::exp_lanes(0.0f), 1.0f);
+  EXPECT_EQ(reference::exp_lanes(-1000.0f), reference::exp_lanes(-87.33654f));
+  EXPECT_GT(reference::exp_lanes(-1000.0f), 0.0f);
+  EXPECT_TRUE(std::isnan(reference::exp_lanes(NAN)));
+}
+
+// Every ISA's softmax is the written-out contract bit for bit, and close to the exact softmax.
+TEST(Vector, SoftmaxFollowsTheContract) {
+  for (int64_t n : {1, 2, 15, 16, 17, 100, 513, 2048}) {
+    std::mt19937 rng(static_cast<uint32_t>(n));
+    std::uniform_real_distribution<float> u(-30.0f, 30.0f);
+    std::vector<float> x0(n);
+    for (float& v : x0) v = u(rng);
+    if (n > 3) x0[n / 2] = -1e4f;  // far below the rest: exp's floor
+    const float scale = 0.0883883f;
+    std::vector<float> want = x0;
+    reference::softmax(want.data(), n, scale);
+    double m = -1e30, sum = 0, total = 0;
+    for (float v : x0) m = std::max(m, static_cast<double>(v * scale));
+    for (float v : x0) sum += std::exp(static_cast<double>(v * scale) - m);
+    for (int64_t j = 0; j < n; ++j) {
+      const double exact = std::exp(static_cast<double>(x0[j] * scale) - m) / sum;
+      EXPECT_NEAR(want[j], exact, 1e-6 * exact + 1e-37) << "n=" << n << " j=" << j;
+      total += want[j];
+    }
+    EXPECT_NEAR(total, 1.0, 1e-5) << "n=" << n;
+    for (Isa isa : isas()) {
+      std::vector<float> got = x0;
+      kernel_table(isa).softmax(got.data(), n, scale);
+      ASSERT_EQ(first_diff(got.data(), want.data(), n), -1) << isa_name(isa) << " n=" << n;
+    }
+  }
+}
+
 TEST(Vector, WeightedSumIsMultiplyThenAddInOrder) {
   for (int64_t cols : {1, 15, 16, 17, 64, 100, 2048}) {
     for (int64_t n : {0, 1, 3, 8, 9}) {

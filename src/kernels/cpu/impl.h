@@ -7,7 +7,8 @@
 //     static constexpr int gemv_rows(int m);  // GEMV: weight rows streamed together, m <= 8
 //     zero, set1, load, load_reg (not folded into uses), store, fma(a, b, c) = a * b + c,
 //     add_mul(a, b, c) = a + b * c rounded twice (a multiply, then an add), mul, below_2p8(v)
-//     (every |lane| < 2^8), reduce
+//     (every |lane| < 2^8), max(a, b) = a > b ? a : b, pow2(n) = 2^n for integral n in
+//     [-126, 127], reduce
 //     (the contract's tree), cvt_bf16 / cvt_f16 (16 elements), cvt_fp8(p, s256) (16 elements times
 //     s256 = scale * 256, NaN-exact), NanAcc, nan_init, nan_scan128(acc, p), nan_found(acc)
 //     (whether 128-byte blocks scanned into acc hold an e4m3 NaN), cvt_fp8_nonan and
@@ -402,11 +403,85 @@ void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t c
   }
 }
 
+// ---- softmax (kernels.h; reference::exp_lanes and reference::softmax write it out)
+
+constexpr float kExpMin = -87.33654f;  // ~ln(FLT_MIN): 2^n stays a normal float
+constexpr float kExpC[7] = {1.0f,
+                            1.0f,
+                            5.0000001201e-1f,
+                            1.6666665459e-1f,
+                            4.1665795894e-2f,
+                            8.3334519073e-3f,
+                            1.3981999507e-3f};
+constexpr float kExpC7 = 1.9875691500e-4f;
+
+template <class O>
+typename O::V exp_lanes(typename O::V t) {
+  using V = typename O::V;
+  const V magic = O::set1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  t = O::max(O::set1(kExpMin), t);       // a NaN stays NaN
+  const V z = O::add_mul(magic, t, O::set1(1.44269504f));
+  const V n = O::add_mul(z, magic, O::set1(-1.0f));  // round(t / ln 2), exactly
+  V r = O::fma(n, O::set1(-0.693359375f), t);
+  r = O::fma(n, O::set1(2.12194440e-4f), r);
+  V p = O::set1(kExpC7);
+  for (int i = 6; i >= 0; --i) p = O::fma(p, r, O::set1(kExpC[i]));
+  return O::mul(p, O::pow2(n));
+}
+
+template <class O>
+void softmax(float* x, int64_t n, float scale) {
+  using V = typename O::V;
+  if (n <= 0) return;
+  const V sv = O::set1(scale);
+  const int64_t nf = n & ~int64_t{15};
+  alignas(64) float tail[16];
+  auto load_tail = [&](float pad) {
+    for (int64_t l = 0; l < 16; ++l) tail[l] = nf + l < n ? x[nf + l] : pad;
+  };
+  V mv = O::set1(-INFINITY);
+  for (int64_t k = 0; k < nf; k += 16) {
+    const V t = O::mul(O::load(x + k), sv);
+    O::store(x + k, t);
+    mv = O::max(mv, t);
+  }
+  if (nf < n) {
+    load_tail(0.0f);
+    const V t = O::mul(O::load(tail), sv);
+    O::store(tail, t);
+    for (int64_t l = 0; nf + l < n; ++l) x[nf + l] = tail[l];
+    for (int64_t l = n - nf; l < 16; ++l) tail[l] = -INFINITY;
+    mv = O::max(mv, O::load(tail));
+  }
+  alignas(64) float lanes[16];
+  O::store(lanes, mv);
+  float m = lanes[0];
+  for (int l = 1; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
+  const V mm = O::set1(m), neg = O::set1(-1.0f);
+  V acc = O::zero();
+  for (int64_t k = 0; k < nf; k += 16) {
+    const V e = exp_lanes<O>(O::add_mul(O::load(x + k), mm, neg));
+    O::store(x + k, e);
+    acc = O::add_mul(acc, e, O::set1(1.0f));
+  }
+  if (nf < n) {
+    load_tail(0.0f);
+    O::store(tail, exp_lanes<O>(O::add_mul(O::load(tail), mm, neg)));
+    for (int64_t l = n - nf; l < 16; ++l) tail[l] = 0.0f;  // the contract's padding
+    for (int64_t l = 0; nf + l < n; ++l) x[nf + l] = tail[l];
+    acc = O::add_mul(acc, O::load(tail), O::set1(1.0f));
+  }
+  const float inv = 1.0f / O::reduce(acc);
+  const V iv = O::set1(inv);
+  for (int64_t k = 0; k < nf; k += 16) O::store(x + k, O::mul(O::load(x + k), iv));
+  for (int64_t k = nf; k < n; ++k) x[k] = x[k] * inv;
+}
+
 template <class O>
 const KernelTable& make_table() {
-  static const KernelTable t{&matmul<O>,        &matmul_t<O>,     &dequant_row<O>,
-                             &dot<O>,           &axpy<O>,         &dots<O>,
-                             &weighted_rows<O>, &matmul_batch<O>, &weighted_sum<O>};
+  static const KernelTable t{&matmul<O>,       &matmul_t<O>, &dequant_row<O>,   &dot<O>,
+                             &axpy<O>,         &dots<O>,     &weighted_rows<O>, &matmul_batch<O>,
+                             &weighted_sum<O>, &softmax<O>};
   return t;
 }
 

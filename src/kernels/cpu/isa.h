@@ -22,6 +22,7 @@ struct KernelTable {
                         int64_t nrows, int64_t roff, int64_t n, float* y, int64_t ldy);
   void (*matmul_batch)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
   void (*weighted_sum)(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y);
+  void (*softmax)(float* x, int64_t n, float scale);
 };
 
 namespace scalar {

@@ -32,6 +32,12 @@ struct Avx2 {
             _mm256_add_ps(a.hi, _mm256_mul_ps(b.hi, c.hi))};
   }
   static V mul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  static V max(V a, V b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+  static __m256 pow2x8(__m256 n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  static V pow2(V n) { return {pow2x8(n.lo), pow2x8(n.hi)}; }
   static bool below_2p8(V v) {  // every |lane| < 2^8 (NaN is not)
     const __m256 lim = _mm256_set1_ps(256.0f), sign = _mm256_set1_ps(-0.0f);
     return (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v.lo), lim, _CMP_LT_OQ)) &

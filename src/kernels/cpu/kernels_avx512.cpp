@@ -35,6 +35,11 @@ struct Avx512 {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add_mul(V a, V b, V c) { return _mm512_add_ps(a, _mm512_mul_ps(b, c)); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }  // a > b ? a : b
+  static V pow2(V n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
   static bool below_2p8(V v) {  // every |lane| < 2^8 (NaN is not)
     return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(256.0f), _CMP_LT_OQ) == 0xffff;
   }

@@ -56,6 +56,22 @@ struct Scalar {
     for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] * b.v[l];
     return r;
   }
+  static V max(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l];
+    return r;
+  }
+  static V pow2(const V& n) {  // as the vector versions: the exponent field n + 127
+    V r;
+    for (int l = 0; l < 16; ++l) {
+      const uint32_t e =
+          (static_cast<uint32_t>(std::isnan(n.v[l]) ? INT32_MIN : static_cast<int32_t>(n.v[l])) +
+           127u)
+          << 23;
+      std::memcpy(&r.v[l], &e, 4);
+    }
+    return r;
+  }
   static bool below_2p8(const V& v) {  // every |lane| < 2^8 (NaN is not)
     for (float l : v.v)
       if (!(std::fabs(l) < 256.0f)) return false;

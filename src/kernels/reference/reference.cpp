@@ -1,5 +1,6 @@
 #include "kernels/reference/reference.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -92,6 +93,45 @@ void matmul_t(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
       y[i * ldy + c] = acc;
     }
   }
+}
+
+float exp_lanes(float t) {
+  constexpr float kMagic = 12582912.0f;
+  constexpr float kC[8] = {1.0f,
+                           1.0f,
+                           5.0000001201e-1f,
+                           1.6666665459e-1f,
+                           4.1665795894e-2f,
+                           8.3334519073e-3f,
+                           1.3981999507e-3f,
+                           1.9875691500e-4f};
+  t = -87.33654f > t ? -87.33654f : t;
+  const float prod = t * 1.44269504f;
+  const float z = kMagic + prod;
+  const float n = z + kMagic * -1.0f;
+  float r = std::fma(n, -0.693359375f, t);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = kC[7];
+  for (int i = 6; i >= 0; --i) p = std::fma(p, r, kC[i]);
+  return p * std::ldexp(1.0f, static_cast<int>(n));
+}
+
+void softmax(float* x, int64_t n, float scale) {
+  if (n <= 0) return;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = x[j] * scale;
+    m = std::max(m, x[j]);
+  }
+  float lane[16] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = exp_lanes(x[j] - m);
+    lane[j % 16] = lane[j % 16] + x[j];
+  }
+  for (int s = 8; s >= 1; s /= 2)
+    for (int l = 0; l < s; ++l) lane[l] = lane[l] + lane[l + s];
+  const float inv = 1.0f / lane[0];
+  for (int64_t j = 0; j < n; ++j) x[j] = x[j] * inv;
 }
 
 }  // namespace moeserve::kernels::reference

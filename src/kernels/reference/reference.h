@@ -35,4 +35,14 @@ float dot_lanes(const float* a, const float* b, int64_t n);
 // contract of matmul_t, so equal to it bit for bit.  x: [m, ldx]; y: [m, ldy].
 void matmul_t(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
 
+// The kernels' exp (kernels.h, softmax), one float at a time: t' = max(-87.33654, t);
+// n = (1.5 * 2^23 + t' * log2(e)) - 1.5 * 2^23 (each step rounded); r = t' - n * 0.693359375
+// + n * 2.12194440e-4 (two FMAs); p = the degree-7 polynomial of Cephes' expf in r by Horner's
+// rule with FMAs; the result p * 2^n.
+float exp_lanes(float t);
+
+// kernels::softmax written out: t[j] = x[j] * scale, m = max t, e[j] = exp_lanes(t[j] - m),
+// s = 16-lane sum (lane j % 16, in order, then the tree 8, 4, 2, 1), x[j] = e[j] * (1 / s).
+void softmax(float* x, int64_t n, float scale);
+
 }  // namespace moeserve::kernels::reference
