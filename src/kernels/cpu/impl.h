@@ -256,7 +256,7 @@ void axpy(float a, const float* x, float* y, int64_t n) {
 
 // G x NB dot products at once (a's rows against b's): independent accumulator chains, each
 // dot's own order. One load of an a chunk serves NB rows of b. With `pf`, it also prefetches the
-// same columns of the NB rows pf[0..NB), one cache line per step.
+// same columns of the NB rows pf[0..NB) into L2, one cache line per step.
 template <class O, int G, int NB>
 void dots_g(const float* a, int64_t lda, const float* const* b, int64_t boff, int64_t n, float* out,
             int64_t ldo, const float* const* pf) {
@@ -273,7 +273,7 @@ void dots_g(const float* a, int64_t lda, const float* const* b, int64_t boff, in
     for (int j = 0; j < NB; ++j) bv[j] = O::load_reg(b[j] + boff + k);
     if (pf)
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + boff + k);
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + boff + k, 0, 2);
 #pragma GCC unroll 8
     for (int i = 0; i < G; ++i) {
       const V av = O::load_reg(a + i * lda + k);
@@ -314,7 +314,7 @@ void dots_heads(const float* a, int64_t na, int64_t lda, const float* const* b, 
 }
 
 // Rows of b outermost, two at a time: a's rows (the query heads) stay in L1 while b's rows (the
-// cached tokens, read from memory) stream past once, each pair prefetched two pairs ahead.
+// cached tokens, read from memory) stream past once, each pair prefetched into L2 four pairs ahead.
 template <class O>
 void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_t nb, int64_t boff,
           int64_t n, float* out, int64_t ldo) {
