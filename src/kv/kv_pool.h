@@ -8,8 +8,9 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <vector>
+
+#include "core/huge_pages.h"
 
 namespace moeserve::kv {
 
@@ -23,10 +24,10 @@ class KvPool {
 
   // [kv_dim] f32 of token slot `slot` (< block_size) of `block` in `layer`.
   float* at(int32_t block, int64_t layer, int64_t slot) {
-    return data_.get() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
+    return data() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
   }
   const float* at(int32_t block, int64_t layer, int64_t slot) const {
-    return data_.get() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
+    return data() + ((block * n_layers_ + layer) * block_size_ + slot) * kv_dim_;
   }
 
   int64_t block_size() const { return block_size_; }
@@ -42,13 +43,11 @@ class KvPool {
 
  private:
   int64_t n_blocks_, block_size_, n_layers_, kv_dim_;
-  struct Free {
-    void operator()(float* p) const;
-  };
-  // [n_blocks][n_layers][block_size][kv_dim], zeroed, 2 MB aligned and advised as huge pages:
-  // decode reads a sequence's rows of a layer from blocks n_layers apart, which on 4 KB pages
-  // would cost a TLB miss every few rows.
-  std::unique_ptr<float[], Free> data_;
+  float* data() const { return reinterpret_cast<float*>(mem_.data()); }
+
+  // [n_blocks][n_layers][block_size][kv_dim] f32, zeroed, on huge pages: decode reads a
+  // sequence's rows of a layer from blocks n_layers apart.
+  HugeBuffer mem_;
   std::vector<int32_t> free_;    // stack of free block ids
   std::vector<uint8_t> in_use_;  // [n_blocks], to catch double frees
 };

@@ -149,18 +149,6 @@ void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn) {
   fn(w.lm_head);
 }
 
-ResidentWeights::ResidentWeights(size_t bytes) : used_(bytes) {
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t size = std::max(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
-  base_ = static_cast<std::byte*>(std::aligned_alloc(kHuge, size));
-  MS_CHECK(base_ != nullptr, "cannot allocate ", size, " bytes of memory for the weights");
-  ::madvise(base_, size, MADV_HUGEPAGE);  // advice: the copy works without it
-}
-
-ResidentWeights::~ResidentWeights() {
-  std::free(base_);
-}
-
 std::unique_ptr<ResidentWeights> make_resident(
     ModelWeights& w, const WeightStore& store, const ThreadPool& pool,
     const std::function<void(size_t, size_t)>& progress) {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/huge_pages.h"
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
 #include "model/config.h"
@@ -73,15 +74,12 @@ void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn);
 // advised as huge pages.
 class ResidentWeights {
  public:
-  explicit ResidentWeights(size_t bytes);  // `bytes` used, rounded up to 2 MB allocated
-  ~ResidentWeights();
-  ResidentWeights(const ResidentWeights&) = delete;
-  ResidentWeights& operator=(const ResidentWeights&) = delete;
-  std::byte* data() { return base_; }
+  explicit ResidentWeights(size_t bytes) : mem_(bytes, "the weights"), used_(bytes) {}
+  std::byte* data() { return mem_.data(); }
   size_t used() const { return used_; }
 
  private:
-  std::byte* base_ = nullptr;
+  HugeBuffer mem_;  // `used_` bytes used, rounded up to 2 MB allocated
   size_t used_ = 0;
 };
 

@@ -71,6 +71,11 @@ inline const float* w_scales(const Weight& w, int64_t r) {
   return w.scale_inv + ((w.scale_row0 + r) / kFp8Block) * w.scale_cols;
 }
 
+// The end of the block row of scales (128 rows of the full matrix) that row r of a view is in.
+inline int64_t block_row_end(const Weight& w, int64_t r) {
+  return r + kFp8Block - (w.scale_row0 + r) % kFp8Block;
+}
+
 template <class O, DType DT>
 inline typename O::V fp8_scale(const float* scales, int64_t k) {
   if constexpr (DT == DType::F8_E4M3)

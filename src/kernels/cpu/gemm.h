@@ -116,11 +116,9 @@ void gemm(const ThreadPool& pool, const float* const* x, int64_t m, const Weight
   for (int64_t n0 = 0; n0 < N;) {
     starts.push_back(n0);
     n0 = std::min(N, n0 + NB);
-    if (fp8)
-      n0 = std::min(n0, starts.back() + kFp8Block - (w.scale_row0 + starts.back()) % kFp8Block);
+    if constexpr (fp8) n0 = std::min(n0, block_row_end(w, starts.back()));
   }
   starts.push_back(N);
-  auto block_row = [&](int64_t n) { return (w.scale_row0 + n) / kFp8Block; };
   pool.parallel_for(static_cast<int64_t>(starts.size()) - 1, [&](int64_t b, int64_t e, int) {
     static thread_local Scratch wscratch, pscratch, xscratch;
     constexpr int64_t kRunRows = fp8 ? kFp8Block : NB;
@@ -134,7 +132,7 @@ void gemm(const ThreadPool& pool, const float* const* x, int64_t m, const Weight
     for (int64_t r0 = b, r1; r0 < e; r0 = r1) {
       r1 = r0 + 1;
       if constexpr (fp8)
-        while (r1 < e && block_row(starts[r1]) == block_row(starts[r0])) ++r1;
+        while (r1 < e && starts[r1] < block_row_end(w, starts[r0])) ++r1;
       const int64_t g0 = starts[r0], gn = starts[r1] - g0;
       for (int64_t m0 = 0; m0 < m; m0 += kGemmM) {
         const int64_t mm = std::min(kGemmM, m - m0);

@@ -230,7 +230,7 @@ void gemv_rows(int64_t m, const float* const* x, const Weight& w, int64_t r0, in
     const float* xr[8];
     for (int64_t i = 0; i < m; ++i) xr[i] = xs + i * Kp;
     for (int64_t b = r0; b < r1;) {
-      const int64_t e = std::min(r1, b + kFp8Block - (w.scale_row0 + b) % kFp8Block);
+      const int64_t e = std::min(r1, block_row_end(w, b));
       const bool raw =
           fp8_scale_x<O>(x, m, K, 0, K, w_scales(w, b), O::kFp8Direct && w.fp8_plain, xs, Kp);
       gemv_rows_m<O, DT>(m, xr, w, b, e, y, ldy, raw);
@@ -264,8 +264,7 @@ void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, in
   for (int64_t r0 = b, r1; r0 < e; r0 = r1) {
     r1 = std::min(e, r0 + block);
     // fp8 with several groups: a block row at a time, so that each group scales x once for it.
-    if (DT == DType::F8_E4M3 && groups > 1)
-      r1 = std::min(e, r0 + kFp8Block - (w.scale_row0 + r0) % kFp8Block);
+    if (DT == DType::F8_E4M3 && groups > 1) r1 = std::min(e, block_row_end(w, r0));
     for (int64_t g = 0; g < groups; ++g) {  // sizes differ by at most one
       const int64_t t0 = m * g / groups, t1 = m * (g + 1) / groups;
       gemv_rows<O, DT>(t1 - t0, x + t0, w, r0, r1, y + t0 * ldy, ldy);

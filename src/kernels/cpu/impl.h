@@ -406,14 +406,14 @@ void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t c
 // ---- softmax (kernels.h; reference::exp_lanes and reference::softmax write it out)
 
 constexpr float kExpMin = -87.33654f;  // ~ln(FLT_MIN): 2^n stays a normal float
-constexpr float kExpC[7] = {1.0f,
+constexpr float kExpC[8] = {1.0f,
                             1.0f,
                             5.0000001201e-1f,
                             1.6666665459e-1f,
                             4.1665795894e-2f,
                             8.3334519073e-3f,
-                            1.3981999507e-3f};
-constexpr float kExpC7 = 1.9875691500e-4f;
+                            1.3981999507e-3f,
+                            1.9875691500e-4f};
 
 template <class O>
 typename O::V exp_lanes(typename O::V t) {
@@ -424,7 +424,7 @@ typename O::V exp_lanes(typename O::V t) {
   const V n = O::add_mul(z, magic, O::set1(-1.0f));  // round(t / ln 2), exactly
   V r = O::fma(n, O::set1(-0.693359375f), t);
   r = O::fma(n, O::set1(2.12194440e-4f), r);
-  V p = O::set1(kExpC7);
+  V p = O::set1(kExpC[7]);
   for (int i = 6; i >= 0; --i) p = O::fma(p, r, O::set1(kExpC[i]));
   return O::mul(p, O::pow2(n));
 }
@@ -436,8 +436,8 @@ void softmax(float* x, int64_t n, float scale) {
   const V sv = O::set1(scale);
   const int64_t nf = n & ~int64_t{15};
   alignas(64) float tail[16];
-  auto load_tail = [&](float pad) {
-    for (int64_t l = 0; l < 16; ++l) tail[l] = nf + l < n ? x[nf + l] : pad;
+  auto load_tail = [&] {
+    for (int64_t l = 0; l < 16; ++l) tail[l] = nf + l < n ? x[nf + l] : 0.0f;
   };
   V mv = O::set1(-INFINITY);
   for (int64_t k = 0; k < nf; k += 16) {
@@ -446,7 +446,7 @@ void softmax(float* x, int64_t n, float scale) {
     mv = O::max(mv, t);
   }
   if (nf < n) {
-    load_tail(0.0f);
+    load_tail();
     const V t = O::mul(O::load(tail), sv);
     O::store(tail, t);
     for (int64_t l = 0; nf + l < n; ++l) x[nf + l] = tail[l];
@@ -457,19 +457,19 @@ void softmax(float* x, int64_t n, float scale) {
   O::store(lanes, mv);
   float m = lanes[0];
   for (int l = 1; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
-  const V mm = O::set1(m), neg = O::set1(-1.0f);
+  const V mm = O::set1(m), neg = O::set1(-1.0f), one = O::set1(1.0f);
   V acc = O::zero();
   for (int64_t k = 0; k < nf; k += 16) {
     const V e = exp_lanes<O>(O::add_mul(O::load(x + k), mm, neg));
     O::store(x + k, e);
-    acc = O::add_mul(acc, e, O::set1(1.0f));
+    acc = O::add_mul(acc, e, one);
   }
   if (nf < n) {
-    load_tail(0.0f);
+    load_tail();
     O::store(tail, exp_lanes<O>(O::add_mul(O::load(tail), mm, neg)));
     for (int64_t l = n - nf; l < 16; ++l) tail[l] = 0.0f;  // the contract's padding
     for (int64_t l = 0; nf + l < n; ++l) x[nf + l] = tail[l];
-    acc = O::add_mul(acc, O::load(tail), O::set1(1.0f));
+    acc = O::add_mul(acc, O::load(tail), one);
   }
   const float inv = 1.0f / O::reduce(acc);
   const V iv = O::set1(inv);
