@@ -83,25 +83,7 @@ void run_bench(const BenchArgs& a) {
   const model::ModelConfig& c = m.config();
   const size_t weight_bytes = m.store().total_bytes();
   const size_t active_bytes = model::active_weight_bytes(m.weights(), c);
-  // Matrix elements a token multiplies with (the embedding row is a lookup, not a product).
-  size_t active_elems = 0;
-  {
-    auto elems = [](const kernels::Weight& w) { return static_cast<size_t>(w.rows * w.cols); };
-    active_elems += elems(m.weights().lm_head);
-    for (const auto& L : m.weights().layers) {
-      const auto& at = L.attn;
-      for (const auto* w : {&at.q_proj, &at.q_a_proj, &at.q_b_proj, &at.kv_a_proj, &at.o_proj})
-        if (w->data) active_elems += elems(*w);
-      if (!L.is_moe) {
-        active_elems += 3 * elems(L.mlp.gate);
-      } else {
-        active_elems += elems(L.moe.router);
-        if (L.moe.shared.present()) active_elems += 3 * elems(L.moe.shared.gate);
-        active_elems += 3 * static_cast<size_t>(c.moe_intermediate_size * c.hidden_size) *
-                        c.num_experts_per_tok;
-      }
-    }
-  }
+  const size_t active_elems = model::active_matrix_elems(m.weights(), c);
 
   std::mt19937 rng(1);
   std::vector<int32_t> prompt(a.prompt_len);

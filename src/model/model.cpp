@@ -55,15 +55,25 @@ Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertParalle
       pool_(pool),
       dispatcher_(ep_ ? std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode, ep_->transport)
                       : nullptr),
-      expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {
+      expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()),
+      expert_passes_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {
   mark_fp8_plain(w_, pool_);
 }
 
-std::vector<int64_t> Model::expert_token_counts() const {
-  std::vector<int64_t> out(cfg_.num_hidden_layers * cfg_.n_routed_experts);
-  for (size_t i = 0; i < out.size(); ++i)
-    out[i] = expert_counts_[i].load(std::memory_order_relaxed);
+namespace {
+std::vector<int64_t> read_counts(const std::atomic<int64_t>* c, size_t n) {
+  std::vector<int64_t> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = c[i].load(std::memory_order_relaxed);
   return out;
+}
+}  // namespace
+
+std::vector<int64_t> Model::expert_token_counts() const {
+  return read_counts(expert_counts_.get(), cfg_.num_hidden_layers * cfg_.n_routed_experts);
+}
+
+std::vector<int64_t> Model::expert_pass_counts() const {
+  return read_counts(expert_passes_.get(), cfg_.num_hidden_layers * cfg_.n_routed_experts);
 }
 
 void Model::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
@@ -138,6 +148,7 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   for (int64_t i = 0; i < n * K; ++i) ++count[ex[i] + 1];
   for (int64_t e = 0; e < E; ++e) {
     expert_counts_[layer * E + e].fetch_add(count[e + 1], std::memory_order_relaxed);
+    if (count[e + 1] > 0) expert_passes_[layer * E + e].fetch_add(1, std::memory_order_relaxed);
     count[e + 1] += count[e];
   }
   std::vector<int64_t> entry(n * K), fill(count.begin(), count.end() - 1);
@@ -219,6 +230,7 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
 
 void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
+  forwards_.fetch_add(1, std::memory_order_relaxed);
   if (T == 0) {
     // A rank with no tokens still takes part in every MoE exchange of its group.
     if (dispatcher_)

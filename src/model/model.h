@@ -92,6 +92,10 @@ class Model {
   // Tokens routed to each expert since the start: [layers * n_routed_experts] (0 for dense
   // layers). Safe to call from any thread.
   std::vector<int64_t> expert_token_counts() const;
+  // Forward calls in which at least one of this rank's tokens went to each expert, i.e. steps
+  // that read its weights on a single process: [layers * n_routed_experts]. And forward calls.
+  std::vector<int64_t> expert_pass_counts() const;
+  int64_t forward_count() const { return forwards_.load(std::memory_order_relaxed); }
 
   // Brings the weights into memory before serving or measuring, printing progress on stderr
   // when `progress`. `copy`: copies the matrices out of the mapped checkpoint into memory of
@@ -137,6 +141,8 @@ class Model {
   std::unique_ptr<moe::Dispatcher> dispatcher_;
   double exchange_seconds_ = 0;
   std::unique_ptr<std::atomic<int64_t>[]> expert_counts_;  // [layers * n_routed_experts]
+  std::unique_ptr<std::atomic<int64_t>[]> expert_passes_;  // [layers * n_routed_experts]
+  std::atomic<int64_t> forwards_{0};
 };
 
 }  // namespace moeserve::model

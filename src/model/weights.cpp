@@ -243,10 +243,44 @@ void mark_fp8_plain(ModelWeights& w, const ThreadPool& pool) {
     if (!plain[p]) fp8[pieces[p].weight]->fp8_plain = false;
 }
 
+namespace {
+size_t mlp_bytes(const MlpWeights& m) {
+  return m.present() ? m.gate.bytes() + m.up.bytes() + m.down.bytes() : 0;
+}
+size_t elems(const Weight& w) {
+  return static_cast<size_t>(w.rows * w.cols);
+}
+}  // namespace
+
+size_t routed_expert_bytes(const ModelWeights& w) {
+  for (const LayerWeights& L : w.layers)
+    for (const MlpWeights& e : L.moe.experts)
+      if (e.present()) return mlp_bytes(e);
+  return 0;
+}
+
+size_t routed_expert_elems(const ModelConfig& c) {
+  return 3 * static_cast<size_t>(c.moe_intermediate_size * c.hidden_size);
+}
+
+size_t active_matrix_elems(const ModelWeights& w, const ModelConfig& c) {
+  size_t n = elems(w.lm_head);
+  for (const LayerWeights& L : w.layers) {
+    const AttentionWeights& a = L.attn;
+    for (const Weight* m : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.o_proj})
+      if (m->data) n += elems(*m);
+    if (!L.is_moe) {
+      n += 3 * elems(L.mlp.gate);
+    } else {
+      n += elems(L.moe.router);
+      if (L.moe.shared.present()) n += 3 * elems(L.moe.shared.gate);
+      n += routed_expert_elems(c) * c.num_experts_per_tok;
+    }
+  }
+  return n;
+}
+
 size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
-  auto mlp_bytes = [](const MlpWeights& m) {
-    return m.present() ? m.gate.bytes() + m.up.bytes() + m.down.bytes() : 0;
-  };
   size_t n = w.embed.bytes() / static_cast<size_t>(c.vocab_size) + w.lm_head.bytes();
   for (const LayerWeights& L : w.layers) {
     const AttentionWeights& a = L.attn;
@@ -257,13 +291,7 @@ size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
       n += mlp_bytes(L.mlp);
     } else {
       n += L.moe.router.bytes() + mlp_bytes(L.moe.shared);
-      size_t expert = 0;
-      for (const MlpWeights& e : L.moe.experts)
-        if (e.present()) {
-          expert = mlp_bytes(e);
-          break;
-        }
-      n += expert * static_cast<size_t>(c.num_experts_per_tok);
+      n += routed_expert_bytes(w) * static_cast<size_t>(c.num_experts_per_tok);
     }
   }
   return n;

@@ -100,4 +100,14 @@ void mark_fp8_plain(ModelWeights& w, const ThreadPool& pool);
 // routed experts, one embedding row and the LM head.
 size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& cfg);
 
+// Matrix elements one token multiplies with: attention (without kv_b_proj, whose products the
+// absorbed attention counts apart), dense FFNs, routers, shared experts, top-k routed experts
+// and the LM head (the embedding row is a lookup, not a product).
+size_t active_matrix_elems(const ModelWeights& w, const ModelConfig& cfg);
+
+// One routed expert's three matrices (gate, up, down): bytes held, and elements. 0 without
+// MoE layers or when this process holds no routed expert.
+size_t routed_expert_bytes(const ModelWeights& w);
+size_t routed_expert_elems(const ModelConfig& cfg);
+
 }  // namespace moeserve::model

@@ -205,3 +205,52 @@ TEST(Forward, ResidentWeightsGiveTheSameLogits) {
     EXPECT_EQ(0, std::memcmp(resident.data(), full_logits(m, tok).data(), mapped.size() * 4));
   }
 }
+
+// The step counters bench_batching prices steps with: one forward counted per call; per expert,
+// the calls in which any token went to it (a one-token call: exactly its top-k experts).
+TEST(Forward, CountsForwardsAndTheExpertsEachOneRead) {
+  TinyModel t;
+  model::Model& m = *t.m;
+  const auto& c = m.config();
+  const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok;
+  auto delta = [](const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+    std::vector<int64_t> d(a.size());
+    for (size_t i = 0; i < a.size(); ++i) d[i] = b[i] - a[i];
+    return d;
+  };
+  kv::KvPool kv(4, 16, c.num_hidden_layers, c.kv_cache_dim());
+  std::vector<int32_t> blocks;
+  ASSERT_TRUE(kv.allocate(3, &blocks));
+  std::vector<float> logits(c.vocab_size);
+  const std::vector<int32_t> tok = ids(12, 3, c.vocab_size);
+  int64_t past = 0;
+  for (int64_t n : {1, 11}) {
+    const int64_t f0 = m.forward_count();
+    const auto tok0 = m.expert_token_counts(), pass0 = m.expert_pass_counts();
+    model::Batch b;
+    b.tokens.assign(tok.begin() + past, tok.begin() + past + n);
+    b.seqs = {{0, n, past, blocks.data()}};
+    b.logit_rows = {n - 1};
+    m.forward(b, kv, logits.data());
+    past += n;
+    EXPECT_EQ(m.forward_count(), f0 + 1);
+    const auto tokens = delta(tok0, m.expert_token_counts());
+    const auto passes = delta(pass0, m.expert_pass_counts());
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      int64_t layer_tokens = 0, layer_passes = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t i = l * E + e;
+        EXPECT_EQ(passes[i], tokens[i] > 0 ? 1 : 0) << "layer " << l << " expert " << e;
+        layer_tokens += tokens[i];
+        layer_passes += passes[i];
+      }
+      if (layer_tokens == 0) continue;  // a dense layer
+      ++moe_layers;
+      EXPECT_EQ(layer_tokens, n * K) << "layer " << l;
+      if (n == 1) EXPECT_EQ(layer_passes, K) << "layer " << l;
+      EXPECT_GT(layer_passes, n == 1 ? 0 : K - 1);
+    }
+    EXPECT_GT(moe_layers, 0);
+  }
+}
