@@ -93,8 +93,9 @@ class Model {
   // layers). Safe to call from any thread.
   std::vector<int64_t> expert_token_counts() const;
   // Forward calls in which at least one of this rank's tokens went to each expert, i.e. steps
-  // that read its weights on a single process: [layers * n_routed_experts]. And forward calls.
+  // that read its weights on a single process: [layers * n_routed_experts].
   std::vector<int64_t> expert_pass_counts() const;
+  // Forward calls since the start.
   int64_t forward_count() const { return forwards_.load(std::memory_order_relaxed); }
 
   // Brings the weights into memory before serving or measuring, printing progress on stderr

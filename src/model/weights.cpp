@@ -264,6 +264,7 @@ size_t routed_expert_elems(const ModelConfig& c) {
 }
 
 size_t active_matrix_elems(const ModelWeights& w, const ModelConfig& c) {
+  const size_t routed = routed_expert_elems(c) * static_cast<size_t>(c.num_experts_per_tok);
   size_t n = elems(w.lm_head);
   for (const LayerWeights& L : w.layers) {
     const AttentionWeights& a = L.attn;
@@ -274,13 +275,14 @@ size_t active_matrix_elems(const ModelWeights& w, const ModelConfig& c) {
     } else {
       n += elems(L.moe.router);
       if (L.moe.shared.present()) n += 3 * elems(L.moe.shared.gate);
-      n += routed_expert_elems(c) * c.num_experts_per_tok;
+      n += routed;
     }
   }
   return n;
 }
 
 size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
+  const size_t routed = routed_expert_bytes(w) * static_cast<size_t>(c.num_experts_per_tok);
   size_t n = w.embed.bytes() / static_cast<size_t>(c.vocab_size) + w.lm_head.bytes();
   for (const LayerWeights& L : w.layers) {
     const AttentionWeights& a = L.attn;
@@ -291,7 +293,7 @@ size_t active_weight_bytes(const ModelWeights& w, const ModelConfig& c) {
       n += mlp_bytes(L.mlp);
     } else {
       n += L.moe.router.bytes() + mlp_bytes(L.moe.shared);
-      n += routed_expert_bytes(w) * static_cast<size_t>(c.num_experts_per_tok);
+      n += routed;
     }
   }
   return n;

@@ -34,6 +34,7 @@
 #include "kernels/cpu/gemv.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/matmul_t.h"
+#include "kernels/exp_poly.h"
 
 namespace moeserve::kernels {
 namespace {
@@ -405,27 +406,18 @@ void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t c
 
 // ---- softmax (kernels.h; reference::exp_lanes and reference::softmax write it out)
 
-constexpr float kExpMin = -87.33654f;  // ~ln(FLT_MIN): 2^n stays a normal float
-constexpr float kExpC[8] = {1.0f,
-                            1.0f,
-                            5.0000001201e-1f,
-                            1.6666665459e-1f,
-                            4.1665795894e-2f,
-                            8.3334519073e-3f,
-                            1.3981999507e-3f,
-                            1.9875691500e-4f};
-
 template <class O>
 typename O::V exp_lanes(typename O::V t) {
   using V = typename O::V;
-  const V magic = O::set1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  t = O::max(O::set1(kExpMin), t);       // a NaN stays NaN
-  const V z = O::add_mul(magic, t, O::set1(1.44269504f));
+  using namespace exp_poly;
+  const V magic = O::set1(kMagic);
+  t = O::max(O::set1(kMin), t);  // a NaN stays NaN
+  const V z = O::add_mul(magic, t, O::set1(kLog2e));
   const V n = O::add_mul(z, magic, O::set1(-1.0f));  // round(t / ln 2), exactly
-  V r = O::fma(n, O::set1(-0.693359375f), t);
-  r = O::fma(n, O::set1(2.12194440e-4f), r);
-  V p = O::set1(kExpC[7]);
-  for (int i = 6; i >= 0; --i) p = O::fma(p, r, O::set1(kExpC[i]));
+  V r = O::fma(n, O::set1(kLn2Hi), t);
+  r = O::fma(n, O::set1(kLn2Lo), r);
+  V p = O::set1(kC[7]);
+  for (int i = 6; i >= 0; --i) p = O::fma(p, r, O::set1(kC[i]));
   return O::mul(p, O::pow2(n));
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/exp_poly.h"
 
 namespace moeserve::kernels::reference {
 
@@ -96,21 +97,13 @@ void matmul_t(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y,
 }
 
 float exp_lanes(float t) {
-  constexpr float kMagic = 12582912.0f;
-  constexpr float kC[8] = {1.0f,
-                           1.0f,
-                           5.0000001201e-1f,
-                           1.6666665459e-1f,
-                           4.1665795894e-2f,
-                           8.3334519073e-3f,
-                           1.3981999507e-3f,
-                           1.9875691500e-4f};
-  t = -87.33654f > t ? -87.33654f : t;
-  const float prod = t * 1.44269504f;
+  using namespace exp_poly;
+  t = kMin > t ? kMin : t;
+  const float prod = t * kLog2e;
   const float z = kMagic + prod;
   const float n = z + kMagic * -1.0f;
-  float r = std::fma(n, -0.693359375f, t);
-  r = std::fma(n, 2.12194440e-4f, r);
+  float r = std::fma(n, kLn2Hi, t);
+  r = std::fma(n, kLn2Lo, r);
   float p = kC[7];
   for (int i = 6; i >= 0; --i) p = std::fma(p, r, kC[i]);
   return p * std::ldexp(1.0f, static_cast<int>(n));
