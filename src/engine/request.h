@@ -97,6 +97,9 @@ class Service {
   virtual EngineStats stats() const = 0;
   virtual const EngineConfig& config() const = 0;
   virtual const model::ModelConfig& model_config() const = 0;
+  // Empty while the service can serve; otherwise one line saying what is wrong (for example a
+  // rank that stopped answering). /health answers 503 with it.
+  virtual std::string health_problem() const { return {}; }
 };
 
 }  // namespace moeserve::engine
