@@ -1,10 +1,12 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
-#include <fstream>
 
 #include "core/error.h"
+#include "core/json_file.h"
 
 namespace moeserve::model {
 
@@ -30,37 +32,85 @@ double ModelConfig::softmax_scale() const {
 
 namespace {
 
+// Sanity bounds, far above any released model of this architecture (DeepSeek-V3: hidden 7168,
+// vocabulary 129280, 61 layers, 128 heads), that keep every size the loader and the forward
+// pass compute from the configuration well inside int64_t.
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxWidth = int64_t{1} << 20;  // hidden, intermediate and LoRA ranks
+constexpr int64_t kMaxHeadDim = int64_t{1} << 16;
+constexpr int64_t kMaxHeads = int64_t{1} << 14;
+constexpr int64_t kMaxLayers = int64_t{1} << 14;
+constexpr int64_t kMaxExperts = 4096;
+constexpr int64_t kMaxRows = int64_t{1} << 24;  // rows of a matrix made of several heads/experts
+constexpr int64_t kMaxPositions = (int64_t{1} << 31) - 1;
+constexpr size_t kMaxConfigBytes = size_t{16} << 20;
+
+// A value for a message: scalars as JSON, long strings cut, arrays and objects by kind only (a
+// crafted value may be huge or deeply nested).
+std::string brief(const json& v) {
+  if (v.is_array()) return "an array";
+  if (v.is_object()) return "an object";
+  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (s.size() > 64) s = s.substr(0, 60) + "...";
+  return s;
+}
+
 int64_t get_int(const json& j, const char* key, std::optional<int64_t> def = std::nullopt) {
   if (!j.contains(key) || j[key].is_null()) {
     MS_CHECK(def.has_value(), "config.json: required field \"", key, "\" is missing");
     return *def;
   }
-  MS_CHECK(j[key].is_number_integer(), "config.json: \"", key, "\" must be an integer, got ",
-           j[key].dump());
-  return j[key].get<int64_t>();
+  const json& v = j[key];
+  MS_CHECK(v.is_number_integer(), "config.json: \"", key, "\" must be an integer, got ", brief(v));
+  MS_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t{INT64_MAX}, "config.json: \"",
+           key, "\" is too large: ", brief(v));
+  return v.get<int64_t>();
 }
 
 double get_num(const json& j, const char* key, double def) {
   if (!j.contains(key) || j[key].is_null()) return def;
-  MS_CHECK(j[key].is_number(), "config.json: \"", key, "\" must be a number, got ", j[key].dump());
-  return j[key].get<double>();
+  MS_CHECK(j[key].is_number(), "config.json: \"", key, "\" must be a number, got ", brief(j[key]));
+  const double v = j[key].get<double>();
+  MS_CHECK(std::isfinite(v), "config.json: \"", key, "\" must be a finite number, got ",
+           brief(j[key]));
+  return v;
 }
 
 bool get_bool(const json& j, const char* key, bool def) {
   if (!j.contains(key) || j[key].is_null()) return def;
   MS_CHECK(j[key].is_boolean(), "config.json: \"", key, "\" must be true or false, got ",
-           j[key].dump());
+           brief(j[key]));
   return j[key].get<bool>();
 }
 
 std::string get_str(const json& j, const char* key, const std::string& def) {
   if (!j.contains(key) || j[key].is_null()) return def;
-  MS_CHECK(j[key].is_string(), "config.json: \"", key, "\" must be a string, got ", j[key].dump());
+  MS_CHECK(j[key].is_string(), "config.json: \"", key, "\" must be a string, got ", brief(j[key]));
   return j[key].get<std::string>();
 }
 
 void check_positive(int64_t v, const char* key) {
   MS_CHECK(v > 0, "config.json: \"", key, "\" must be positive, got ", v);
+}
+
+// 0 < v <= max.
+void check_size(int64_t v, const char* key, int64_t max) {
+  check_positive(v, key);
+  MS_CHECK(v <= max, "config.json: \"", key, "\" is ", v, ", more than the ", max,
+           " this loader accepts");
+}
+
+// 0 <= v <= max.
+void check_count(int64_t v, const char* key, int64_t max) {
+  MS_CHECK(v >= 0, "config.json: \"", key, "\" must be >= 0, got ", v);
+  MS_CHECK(v <= max, "config.json: \"", key, "\" is ", v, ", more than the ", max,
+           " this loader accepts");
+}
+
+// a * b <= max (a, b >= 0 and each already bounded, so the product does not overflow).
+void check_rows(int64_t a, int64_t b, const char* what) {
+  MS_CHECK(a * b <= kMaxRows, "config.json: ", what, " is ", a * b, ", more than the ", kMaxRows,
+           " this loader accepts");
 }
 
 }  // namespace
@@ -119,9 +169,11 @@ ModelConfig ModelConfig::from_json(const json& j) {
   c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", false);
   c.bos_token_id = get_int(j, "bos_token_id", -1);
   if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
-    MS_CHECK(!j["eos_token_id"].empty() && j["eos_token_id"][0].is_number_integer(),
+    const json& e = j["eos_token_id"];
+    MS_CHECK(!e.empty() && std::all_of(e.begin(), e.end(),
+                                       [](const json& x) { return x.is_number_integer(); }),
              "config.json: eos_token_id list must hold integers");
-    c.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+    c.eos_token_id = get_int(json{{"eos_token_id", e[0]}}, "eos_token_id");
   } else {
     c.eos_token_id = get_int(j, "eos_token_id", -1);
   }
@@ -147,7 +199,20 @@ ModelConfig ModelConfig::from_json(const json& j) {
     rs.mscale_all_dim = get_num(r, "mscale_all_dim", 0.0);
     rs.original_max_position_embeddings =
         get_int(r, "original_max_position_embeddings", c.max_position_embeddings);
-    MS_CHECK(rs.factor > 0, "config.json: rope_scaling.factor must be positive");
+    // YaRN interpolates by `factor` between the rotation counts beta_slow and beta_fast of the
+    // original context length; anything else gives NaN or reversed frequencies.
+    MS_CHECK(rs.factor >= 1, "config.json: rope_scaling.factor must be at least 1, got ",
+             rs.factor);
+    MS_CHECK(rs.beta_fast > 0 && rs.beta_slow > 0 && rs.beta_fast >= rs.beta_slow,
+             "config.json: rope_scaling needs beta_fast >= beta_slow > 0, got beta_fast ",
+             rs.beta_fast, " and beta_slow ", rs.beta_slow);
+    MS_CHECK(rs.mscale >= 0 && rs.mscale_all_dim >= 0,
+             "config.json: rope_scaling.mscale and mscale_all_dim must be >= 0, got ", rs.mscale,
+             " and ", rs.mscale_all_dim);
+    MS_CHECK(rs.original_max_position_embeddings > 0 &&
+                 rs.original_max_position_embeddings <= kMaxPositions,
+             "config.json: rope_scaling.original_max_position_embeddings must be between 1 and ",
+             kMaxPositions, ", got ", rs.original_max_position_embeddings);
     c.rope_scaling = rs;
   }
 
@@ -162,34 +227,67 @@ ModelConfig ModelConfig::from_json(const json& j) {
     if (q.contains("weight_block_size")) {
       const json& b = q["weight_block_size"];
       MS_CHECK(b.is_array() && b.size() == 2 && b[0] == 128 && b[1] == 128,
-               "config.json: weight_block_size ", b.dump(), " is not supported ([128, 128])");
+               "config.json: weight_block_size ",
+               b.is_array() && b.size() <= 4 ? b.dump() : brief(b),
+               " is not supported ([128, 128])");
     }
     c.fp8 = true;
   }
 
-  check_positive(c.vocab_size, "vocab_size");
-  check_positive(c.hidden_size, "hidden_size");
-  check_positive(c.num_hidden_layers, "num_hidden_layers");
-  check_positive(c.num_attention_heads, "num_attention_heads");
-  check_positive(c.kv_lora_rank, "kv_lora_rank");
-  check_positive(c.qk_nope_head_dim, "qk_nope_head_dim");
-  check_positive(c.v_head_dim, "v_head_dim");
+  // What the forward pass implements: SiLU FFNs and attention projections without biases.
+  const std::string act = get_str(j, "hidden_act", "silu");
+  MS_CHECK(act == "silu", "config.json: hidden_act \"", act, "\" is not supported (silu)");
+  MS_CHECK(!get_bool(j, "attention_bias", false),
+           "config.json: attention_bias true is not supported (the attention has no biases)");
+  MS_CHECK(!c.tie_word_embeddings,
+           "config.json: tie_word_embeddings true is not supported (the model needs its own "
+           "lm_head.weight)");
+
+  check_size(c.vocab_size, "vocab_size", kMaxVocab);
+  check_size(c.hidden_size, "hidden_size", kMaxWidth);
+  check_size(c.num_hidden_layers, "num_hidden_layers", kMaxLayers);
+  check_size(c.num_attention_heads, "num_attention_heads", kMaxHeads);
+  check_size(c.kv_lora_rank, "kv_lora_rank", kMaxWidth);
+  check_size(c.qk_nope_head_dim, "qk_nope_head_dim", kMaxHeadDim);
+  check_size(c.v_head_dim, "v_head_dim", kMaxHeadDim);
   MS_CHECK(c.qk_rope_head_dim > 0 && c.qk_rope_head_dim % 2 == 0,
            "config.json: qk_rope_head_dim must be positive and even, got ", c.qk_rope_head_dim);
-  if (c.q_lora_rank) check_positive(*c.q_lora_rank, "q_lora_rank");
+  check_size(c.qk_rope_head_dim, "qk_rope_head_dim", kMaxHeadDim);
+  if (c.q_lora_rank) check_size(*c.q_lora_rank, "q_lora_rank", kMaxWidth);
+  check_rows(c.num_attention_heads, c.qk_head_dim(),
+             "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)");
+  check_rows(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim,
+             "num_attention_heads * (qk_nope_head_dim + v_head_dim)");
+  check_count(c.intermediate_size, "intermediate_size", kMaxWidth);
+  check_count(c.moe_intermediate_size, "moe_intermediate_size", kMaxWidth);
+  check_count(c.n_routed_experts, "n_routed_experts", kMaxExperts);
+  check_count(c.n_shared_experts, "n_shared_experts", kMaxExperts);
+  check_count(c.num_experts_per_tok, "num_experts_per_tok", kMaxExperts);
+  check_rows(c.moe_intermediate_size, c.n_shared_experts,
+             "moe_intermediate_size * n_shared_experts");
   check_positive(c.moe_layer_freq, "moe_layer_freq");
   MS_CHECK(c.first_k_dense_replace >= 0, "config.json: first_k_dense_replace must be >= 0");
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    if (!c.is_moe_layer(l)) {
-      check_positive(c.intermediate_size, "intermediate_size");
-      break;
-    }
+  MS_CHECK(c.rms_norm_eps > 0 && static_cast<float>(c.rms_norm_eps) > 0,
+           "config.json: rms_norm_eps must be positive, got ", c.rms_norm_eps);
+  MS_CHECK(c.rope_theta > 1, "config.json: rope_theta must be greater than 1, got ", c.rope_theta);
+  MS_CHECK(c.routed_scaling_factor > 0, "config.json: routed_scaling_factor must be positive, got ",
+           c.routed_scaling_factor);
+  MS_CHECK(c.max_position_embeddings > 0 && c.max_position_embeddings <= kMaxPositions,
+           "config.json: max_position_embeddings must be between 1 and ", kMaxPositions, ", got ",
+           c.max_position_embeddings);
+  for (const auto& [key, id] :
+       {std::pair{"bos_token_id", c.bos_token_id}, std::pair{"eos_token_id", c.eos_token_id}}) {
+    MS_CHECK(id >= -1 && id < c.vocab_size, "config.json: ", key, " ", id,
+             " is not a token of the vocabulary (0 to ", c.vocab_size - 1, ", or -1 for none)");
   }
+  // A dense layer exists when there are no routed experts, when layer 0 is dense, or when the
+  // frequency skips layer 1 (no loop over the layers: their count comes from the file).
+  const bool has_dense = c.n_routed_experts == 0 || c.first_k_dense_replace > 0 ||
+                         (c.moe_layer_freq > 1 && c.num_hidden_layers > 1);
+  if (has_dense) check_positive(c.intermediate_size, "intermediate_size");
   if (c.n_routed_experts > 0) {
     check_positive(c.moe_intermediate_size, "moe_intermediate_size");
     check_positive(c.num_experts_per_tok, "num_experts_per_tok");
-    MS_CHECK(c.n_routed_experts <= 4096, "config.json: n_routed_experts ", c.n_routed_experts,
-             " is more than 4096");
     MS_CHECK(c.num_experts_per_tok <= c.n_routed_experts, "config.json: num_experts_per_tok (",
              c.num_experts_per_tok, ") exceeds n_routed_experts (", c.n_routed_experts, ")");
     check_positive(c.n_group, "n_group");
@@ -210,14 +308,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
 ModelConfig ModelConfig::load(const std::string& model_dir) {
   const auto path = std::filesystem::path(model_dir) / "config.json";
   MS_CHECK(std::filesystem::exists(path), "no config.json in model folder ", model_dir);
-  std::ifstream in(path);
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    fail(path.string(), " is not valid JSON (", e.what(), ")");
-  }
-  return from_json(j);
+  return from_json(read_json_file(path.string(), kMaxConfigBytes));
 }
 
 json ModelConfig::to_json() const {

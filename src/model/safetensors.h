@@ -1,10 +1,15 @@
 // Reading safetensors checkpoints through mmap: one file, or the shards an
-// model.safetensors.index.json names. Tensors are views into the mapping; nothing is copied.
-// Every header is validated before any tensor is used: dtype known, shape * dtype size equal to
-// the byte range, byte ranges inside the file and not overlapping.
+// model.safetensors.index.json names (which must lie inside the model folder).
+// Every header is validated before any tensor is used, by the format's rules: a header of at
+// most 100 MB starting with '{', dtypes known, shape * dtype size (without overflow) equal to
+// each byte range, and the ranges covering the data section exactly (no overlap, hole or
+// trailing bytes). A tensor not aligned for its dtype (an unpadded header) is copied into
+// aligned memory; every other tensor is a view into the mapping.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -42,10 +47,14 @@ class SafeTensorsFile {
   void release(const void* p, size_t n) const;
 
  private:
+  struct FreeBytes {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
   std::string path_;
   void* map_ = nullptr;
   size_t size_ = 0;
   std::map<std::string, TensorView> tensors_;
+  std::unique_ptr<std::byte, FreeBytes> copies_;  // the unaligned tensors, copied (64-aligned)
 };
 
 // All tensors of a model folder: model.safetensors, or every shard of

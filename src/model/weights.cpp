@@ -25,6 +25,8 @@ class Loader {
     w.rows = rows;
     w.cols = cols;
     if (t.dtype == DType::F8_E4M3) {
+      MS_CHECK(cfg_.fp8, "tensor ", name,
+               " is F8_E4M3 but config.json declares no fp8 quantization_config");
       const int64_t br = (rows + 127) / 128, bc = (cols + 127) / 128;
       const std::string sname = name + "_scale_inv";
       MS_CHECK(store_.has(sname), "tensor ", name, " is F8_E4M3 but its scale ", sname,
@@ -44,17 +46,19 @@ class Loader {
   std::vector<float> vec(const std::string& name, int64_t n) const {
     const TensorView& t = store_.get(name, {n});
     std::vector<float> out(n);
+    const auto* p = static_cast<const std::byte*>(t.data);
     for (int64_t i = 0; i < n; ++i) {
       switch (t.dtype) {
         case DType::F32:
-          out[i] = static_cast<const float*>(t.data)[i];
+          std::memcpy(&out[i], p + 4 * i, 4);
           break;
         case DType::BF16:
-          out[i] = bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+        case DType::F16: {
+          uint16_t h;
+          std::memcpy(&h, p + 2 * i, 2);
+          out[i] = t.dtype == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
           break;
-        case DType::F16:
-          out[i] = f16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-          break;
+        }
         default:
           fail("tensor ", name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32");
       }
@@ -122,10 +126,15 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
     w.layers.push_back(std::move(L));
   }
   w.final_norm = ld.vec("model.norm.weight", H);
-  if (store.has("lm_head.weight") || !c.tie_word_embeddings) {
-    w.lm_head = ld.matrix("lm_head.weight", c.vocab_size, H);
-  } else {
-    w.lm_head = w.embed;
+  // (config.json's tie_word_embeddings is refused, so the head is always its own tensor.)
+  w.lm_head = ld.matrix("lm_head.weight", c.vocab_size, H);
+  if (c.fp8) {
+    bool any = false;
+    for_each_matrix(w, [&](Weight& m) { any = any || (m.data && m.dtype == DType::F8_E4M3); });
+    MS_CHECK(any,
+             "config.json declares fp8 quantization (quantization_config) but no weight "
+             "matrix in ",
+             store.dir(), " is F8_E4M3");
   }
   return w;
 }

@@ -59,7 +59,14 @@ TEST(SafeTensors, TruncatedFileIsAnError) {
 TEST(SafeTensors, ShorterThanHeaderLength) {
   TempDir d;
   write_raw(d / "x.safetensors", "{}", 0, 1000);
-  expect_error([&] { SafeTensorsFile f(d / "x.safetensors"); }, {"truncated", "1000"});
+  // The claimed length (the first 8 bytes of whatever file this is) is not echoed.
+  expect_error([&] { SafeTensorsFile f(d / "x.safetensors"); },
+               {"truncated", "larger than the file", "(10 bytes)"});
+  try {
+    SafeTensorsFile f(d / "x.safetensors");
+  } catch (const moeserve::Error& e) {
+    EXPECT_EQ(std::string(e.what()).find("1000"), std::string::npos) << e.what();
+  }
   std::ofstream(d / "tiny.safetensors") << "abc";
   expect_error([&] { SafeTensorsFile f(d / "tiny.safetensors"); }, {"not a safetensors file"});
 }
