@@ -27,6 +27,9 @@ nlohmann::json read_json_file(const std::string& path, size_t max_bytes) {
     return nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
     fail(path, " is not valid JSON (syntax error at byte ", e.byte, ")");
+  } catch (const nlohmann::json::exception&) {
+    // (e.g. a number beyond a double's range; its message would quote the file.)
+    fail(path, " is not valid JSON (a value out of range)");
   }
 }
 

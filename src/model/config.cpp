@@ -201,14 +201,15 @@ ModelConfig ModelConfig::from_json(const json& j) {
         get_int(r, "original_max_position_embeddings", c.max_position_embeddings);
     // YaRN interpolates by `factor` between the rotation counts beta_slow and beta_fast of the
     // original context length; anything else gives NaN or reversed frequencies.
-    MS_CHECK(rs.factor >= 1, "config.json: rope_scaling.factor must be at least 1, got ",
-             rs.factor);
+    MS_CHECK(rs.factor >= 1 && rs.factor <= 1e6,
+             "config.json: rope_scaling.factor must be between 1 and 1e6, got ", rs.factor);
     MS_CHECK(rs.beta_fast > 0 && rs.beta_slow > 0 && rs.beta_fast >= rs.beta_slow,
              "config.json: rope_scaling needs beta_fast >= beta_slow > 0, got beta_fast ",
              rs.beta_fast, " and beta_slow ", rs.beta_slow);
-    MS_CHECK(rs.mscale >= 0 && rs.mscale_all_dim >= 0,
-             "config.json: rope_scaling.mscale and mscale_all_dim must be >= 0, got ", rs.mscale,
-             " and ", rs.mscale_all_dim);
+    MS_CHECK(
+        rs.mscale >= 0 && rs.mscale_all_dim >= 0 && rs.mscale <= 1000 && rs.mscale_all_dim <= 1000,
+        "config.json: rope_scaling.mscale and mscale_all_dim must be between 0 and 1000, got ",
+        rs.mscale, " and ", rs.mscale_all_dim);
     MS_CHECK(rs.original_max_position_embeddings > 0 &&
                  rs.original_max_position_embeddings <= kMaxPositions,
              "config.json: rope_scaling.original_max_position_embeddings must be between 1 and ",
@@ -267,10 +268,13 @@ ModelConfig ModelConfig::from_json(const json& j) {
              "moe_intermediate_size * n_shared_experts");
   check_positive(c.moe_layer_freq, "moe_layer_freq");
   MS_CHECK(c.first_k_dense_replace >= 0, "config.json: first_k_dense_replace must be >= 0");
-  MS_CHECK(c.rms_norm_eps > 0 && static_cast<float>(c.rms_norm_eps) > 0,
-           "config.json: rms_norm_eps must be positive, got ", c.rms_norm_eps);
-  MS_CHECK(c.rope_theta > 1, "config.json: rope_theta must be greater than 1, got ", c.rope_theta);
-  MS_CHECK(c.routed_scaling_factor > 0, "config.json: routed_scaling_factor must be positive, got ",
+  // (Ranges far wider than any model uses, that keep the float arithmetic finite.)
+  MS_CHECK(static_cast<float>(c.rms_norm_eps) > 0 && c.rms_norm_eps < 1,
+           "config.json: rms_norm_eps must be positive and below 1, got ", c.rms_norm_eps);
+  MS_CHECK(c.rope_theta > 1 && c.rope_theta <= 1e30,
+           "config.json: rope_theta must be greater than 1 (and at most 1e30), got ", c.rope_theta);
+  MS_CHECK(c.routed_scaling_factor > 0 && c.routed_scaling_factor <= 1000,
+           "config.json: routed_scaling_factor must be positive (and at most 1000), got ",
            c.routed_scaling_factor);
   MS_CHECK(c.max_position_embeddings > 0 && c.max_position_embeddings <= kMaxPositions,
            "config.json: max_position_embeddings must be between 1 and ", kMaxPositions, ", got ",
@@ -307,7 +311,8 @@ ModelConfig ModelConfig::from_json(const json& j) {
 
 ModelConfig ModelConfig::load(const std::string& model_dir) {
   const auto path = std::filesystem::path(model_dir) / "config.json";
-  MS_CHECK(std::filesystem::exists(path), "no config.json in model folder ", model_dir);
+  std::error_code ec;
+  MS_CHECK(std::filesystem::exists(path, ec), "no config.json in model folder ", model_dir);
   return from_json(read_json_file(path.string(), kMaxConfigBytes));
 }
 

@@ -103,6 +103,8 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
       header = json::parse(bytes + 8, bytes + 8 + header_len);
     } catch (const json::parse_error& e) {
       fail(path, ": safetensors header is not valid JSON (syntax error at byte ", e.byte + 8, ")");
+    } catch (const json::exception&) {
+      fail(path, ": safetensors header is not valid JSON (a value out of range)");
     }
     MS_CHECK(header.is_object(), path, ": safetensors header is not a JSON object");
     const uint8_t* data = bytes + 8 + header_len;
@@ -247,11 +249,12 @@ std::string confined(const fs::path& dir, const std::string& name, const std::st
 }  // namespace
 
 WeightStore::WeightStore(const std::string& dir) : dir_(dir) {
-  MS_CHECK(fs::is_directory(dir), "model folder ", dir, " does not exist");
+  std::error_code ec;  // (the non-throwing forms: a permission error is an Error like others)
+  MS_CHECK(fs::is_directory(dir, ec), "model folder ", dir, " does not exist");
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
   std::vector<std::string> paths;
   std::vector<std::pair<std::string, std::string>> listed;  // (tensor, shard path) of the index
-  if (fs::exists(index)) {
+  if (fs::exists(index, ec)) {
     json j = read_json_file(index.string(), kMaxIndexBytes);
     MS_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
              index.string(), " has no weight_map object");
@@ -266,13 +269,17 @@ WeightStore::WeightStore(const std::string& dir) : dir_(dir) {
       listed.emplace_back(name, it->second);
     }
     for (const auto& [s, p] : shards) paths.push_back(p);
-  } else if (fs::exists(fs::path(dir) / "model.safetensors")) {
+  } else if (fs::exists(fs::path(dir) / "model.safetensors", ec)) {
     paths.push_back(confined(fs::path(dir), "model.safetensors", "the model folder"));
   } else {
-    for (const auto& e : fs::directory_iterator(dir)) {
-      if (e.path().extension() == ".safetensors")
-        paths.push_back(confined(fs::path(dir), e.path().filename().string(), "the model folder"));
+    fs::directory_iterator it(dir, ec), end;
+    MS_CHECK(!ec, "cannot list model folder ", dir, ": ", ec.message());
+    for (; it != end; it.increment(ec)) {
+      if (it->path().extension() == ".safetensors")
+        paths.push_back(
+            confined(fs::path(dir), it->path().filename().string(), "the model folder"));
     }
+    MS_CHECK(!ec, "cannot list model folder ", dir, ": ", ec.message());
     std::sort(paths.begin(), paths.end());
   }
   MS_CHECK(!paths.empty(), "model folder ", dir, " has no .safetensors files");
