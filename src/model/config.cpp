@@ -48,11 +48,22 @@ constexpr size_t kMaxConfigBytes = size_t{16} << 20;
 // A value for a message: scalars as JSON, long strings cut, arrays and objects by kind only (a
 // crafted value may be huge or deeply nested).
 std::string brief(const json& v) {
+  if (v.is_array() && v.size() <= 8 &&
+      std::none_of(v.begin(), v.end(), [](const json& x) { return x.is_structured(); }))
+    return v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (v.is_array()) return "an array";
   if (v.is_object()) return "an object";
   std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (s.size() > 64) s = s.substr(0, 60) + "...";
   return s;
+}
+
+// A string from the file for a message: cut when long, control bytes shown as '?'.
+std::string cut(const std::string& s) {
+  std::string out = s.size() > 64 ? s.substr(0, 60) + "..." : s;
+  for (char& ch : out)
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+  return out;
 }
 
 int64_t get_int(const json& j, const char* key, std::optional<int64_t> def = std::nullopt) {
@@ -121,7 +132,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
   c.model_type = get_str(j, "model_type", "deepseek_v3");
   MS_CHECK(
       c.model_type == "deepseek_v3" || c.model_type == "deepseek_v2" || c.model_type == "kimi_k2",
-      "config.json: model_type \"", c.model_type,
+      "config.json: model_type \"", cut(c.model_type),
       "\" is not supported (supported: deepseek_v3, deepseek_v2, kimi_k2)");
   c.vocab_size = get_int(j, "vocab_size");
   c.hidden_size = get_int(j, "hidden_size");
@@ -151,7 +162,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
   else if (scoring == "softmax")
     c.scoring_func = ScoringFunc::Softmax;
   else
-    fail("config.json: scoring_func \"", scoring, "\" is not supported (sigmoid, softmax)");
+    fail("config.json: scoring_func \"", cut(scoring), "\" is not supported (sigmoid, softmax)");
   const std::string topk =
       get_str(j, "topk_method", c.model_type == "deepseek_v2" ? "greedy" : "noaux_tc");
   if (topk == "noaux_tc")
@@ -161,7 +172,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
   else if (topk == "group_limited_greedy")
     c.topk_method = TopkMethod::GroupLimitedGreedy;
   else
-    fail("config.json: topk_method \"", topk,
+    fail("config.json: topk_method \"", cut(topk),
          "\" is not supported (noaux_tc, greedy, group_limited_greedy)");
   c.rms_norm_eps = get_num(j, "rms_norm_eps", 1e-6);
   c.rope_theta = get_num(j, "rope_theta", 10000.0);
@@ -189,8 +200,8 @@ ModelConfig ModelConfig::from_json(const json& j) {
     const json& r = j[rope_key];
     MS_CHECK(r.is_object(), "config.json: rope_scaling must be an object or null");
     const std::string type = get_str(r, "type", get_str(r, "rope_type", ""));
-    MS_CHECK(type == "yarn" || type == "deepseek_yarn", "config.json: rope_scaling type \"", type,
-             "\" is not supported (yarn)");
+    MS_CHECK(type == "yarn" || type == "deepseek_yarn", "config.json: rope_scaling type \"",
+             cut(type), "\" is not supported (yarn)");
     RopeScaling rs;
     rs.factor = get_num(r, "factor", 1.0);
     rs.beta_fast = get_num(r, "beta_fast", 32.0);
@@ -221,23 +232,21 @@ ModelConfig ModelConfig::from_json(const json& j) {
     const json& q = j["quantization_config"];
     MS_CHECK(q.is_object(), "config.json: quantization_config must be an object");
     const std::string method = get_str(q, "quant_method", "");
-    MS_CHECK(method == "fp8", "config.json: quantization method \"", method,
+    MS_CHECK(method == "fp8", "config.json: quantization method \"", cut(method),
              "\" is not supported (fp8 with 128x128 blocks)");
     const std::string fmt = get_str(q, "fmt", "e4m3");
-    MS_CHECK(fmt == "e4m3", "config.json: fp8 format \"", fmt, "\" is not supported (e4m3)");
+    MS_CHECK(fmt == "e4m3", "config.json: fp8 format \"", cut(fmt), "\" is not supported (e4m3)");
     if (q.contains("weight_block_size")) {
       const json& b = q["weight_block_size"];
       MS_CHECK(b.is_array() && b.size() == 2 && b[0] == 128 && b[1] == 128,
-               "config.json: weight_block_size ",
-               b.is_array() && b.size() <= 4 ? b.dump() : brief(b),
-               " is not supported ([128, 128])");
+               "config.json: weight_block_size ", brief(b), " is not supported ([128, 128])");
     }
     c.fp8 = true;
   }
 
   // What the forward pass implements: SiLU FFNs and attention projections without biases.
   const std::string act = get_str(j, "hidden_act", "silu");
-  MS_CHECK(act == "silu", "config.json: hidden_act \"", act, "\" is not supported (silu)");
+  MS_CHECK(act == "silu", "config.json: hidden_act \"", cut(act), "\" is not supported (silu)");
   MS_CHECK(!get_bool(j, "attention_bias", false),
            "config.json: attention_bias true is not supported (the attention has no biases)");
   MS_CHECK(!c.tie_word_embeddings,

@@ -117,3 +117,78 @@ TEST(Config, ClearErrors) {
 TEST(Config, UnknownPreset) {
   expect_error([] { preset_config("huge"); }, {"unknown preset", "huge", "tiny"});
 }
+
+TEST(Config, BoundsAndValuesThatGiveNaN) {
+  auto with = [](const char* key, json v) {
+    json j = v3_json();
+    j[key] = v;
+    return j;
+  };
+  auto rope = [](const char* key, json v) {
+    json j = v3_json();
+    j["rope_scaling"][key] = v;
+    return j;
+  };
+  // Products that overflowed, and counts the old checks looped over.
+  expect_error([&] { ModelConfig::from_json(with("num_attention_heads", int64_t{1} << 61)); },
+               {"num_attention_heads", "more than"});
+  expect_error([&] { ModelConfig::from_json(with("num_hidden_layers", int64_t{1} << 62)); },
+               {"num_hidden_layers", "more than"});
+  expect_error([&] { ModelConfig::from_json(with("vocab_size", uint64_t{1} << 63)); },
+               {"vocab_size", "too large"});
+  json heads = v3_json();
+  heads["num_attention_heads"] = 8192;
+  heads["qk_nope_head_dim"] = 8192;
+  expect_error([&] { ModelConfig::from_json(heads); },
+               {"num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)"});
+  // Values that gave NaN or nonsense.
+  expect_error([&] { ModelConfig::from_json(with("rope_theta", -1)); }, {"rope_theta"});
+  expect_error([&] { ModelConfig::from_json(with("rope_theta", 1)); }, {"rope_theta"});
+  expect_error([&] { ModelConfig::from_json(with("rms_norm_eps", -1)); }, {"rms_norm_eps"});
+  expect_error([&] { ModelConfig::from_json(with("max_position_embeddings", -5)); },
+               {"max_position_embeddings"});
+  expect_error([&] { ModelConfig::from_json(with("n_shared_experts", -1)); },
+               {"n_shared_experts", ">= 0"});
+  expect_error([&] { ModelConfig::from_json(with("routed_scaling_factor", 0)); },
+               {"routed_scaling_factor"});
+  expect_error([&] { ModelConfig::from_json(with("eos_token_id", 512)); },
+               {"eos_token_id", "512", "vocabulary"});
+  expect_error(
+      [&] {
+        ModelConfig::from_json(with("eos_token_id", json::array({1, "x"})));
+      },
+      {"eos_token_id"});
+  expect_error([&] { ModelConfig::from_json(with("tie_word_embeddings", true)); },
+               {"tie_word_embeddings", "not supported"});
+  expect_error([&] { ModelConfig::from_json(rope("original_max_position_embeddings", 0)); },
+               {"original_max_position_embeddings"});
+  expect_error([&] { ModelConfig::from_json(rope("factor", 0.25)); }, {"factor"});
+  expect_error([&] { ModelConfig::from_json(rope("beta_slow", 64)); }, {"beta_fast", "beta_slow"});
+  expect_error([&] { ModelConfig::from_json(rope("mscale", -1)); }, {"mscale"});
+  // Every layer MoE: intermediate_size is not needed (and 2^62 layers did not hang this check).
+  json moe_only = v3_json();
+  moe_only["first_k_dense_replace"] = 0;
+  moe_only["intermediate_size"] = 0;
+  EXPECT_NO_THROW(ModelConfig::from_json(moe_only));
+  moe_only["moe_layer_freq"] = 2;
+  expect_error([&] { ModelConfig::from_json(moe_only); }, {"intermediate_size", "positive"});
+}
+
+TEST(Config, ValuesInMessagesAreShort) {
+  // A deeply nested value is named by its kind, not printed (nor walked recursively).
+  std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  std::string text = v3_json().dump();
+  const std::string from = "\"hidden_size\":64";
+  ASSERT_NE(text.find(from), std::string::npos);
+  text.replace(text.find(from), from.size(), "\"hidden_size\":" + deep);
+  const json j = json::parse(text);
+  expect_error([&] { ModelConfig::from_json(j); }, {"hidden_size", "an array"});
+  json s = v3_json();
+  s["scoring_func"] = std::string(5000, 'x');
+  try {
+    ModelConfig::from_json(s);
+    ADD_FAILURE() << "accepted";
+  } catch (const moeserve::Error& e) {
+    EXPECT_LT(std::string(e.what()).size(), 300u) << e.what();
+  }
+}

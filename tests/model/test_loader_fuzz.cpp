@@ -493,6 +493,33 @@ TEST(LoaderRegression, SpecRulesOfTheHeader) {
   }
 }
 
+TEST(LoaderRegression, DeeplyNestedValues) {
+  // Written as text (building them as json values would copy them recursively).
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  auto header_with = [&](const std::string& from, const std::string& to) {
+    Checkpoint k = base();
+    k.extra = [&, from, to](const std::string& dir) {
+      std::string text = base().header.dump();
+      ASSERT_NE(text.find(from), std::string::npos);
+      text.replace(text.find(from), from.size(), to);
+      std::string f(8, '\0');
+      const uint64_t n = text.size();
+      std::memcpy(f.data(), &n, 8);
+      write_file(dir + "/model.safetensors", f + text + base().data);
+    };
+    k.what = "nested " + from;
+    return k;
+  };
+  expect_rejected(header_with("\"__metadata__\":{\"format\":\"pt\"}", "\"__metadata__\":" + deep),
+                  {"__metadata__"});
+  expect_rejected(header_with("\"dtype\":\"BF16\"", "\"dtype\":" + deep), {"malformed"});
+  Checkpoint k = base();
+  k.shard = "model-00001-of-00001.safetensors";
+  k.index_text = "{\"weight_map\": {\"lm_head.weight\": " + deep + "}}";
+  k.what = "nested index entry";
+  expect_rejected(k, {"not a string"});
+}
+
 // ---- Random variants from a fixed seed. ----
 
 namespace {
