@@ -91,13 +91,13 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
   try {
     // The length is not printed: in a file that is not safetensors, it is the file's first bytes.
     MS_CHECK(header_len <= size_ - 8, path,
-             " is truncated or not a safetensors file: the header length in its first 8 bytes is "
-             "larger than the file (",
-             size_, " bytes)");
+             " is truncated or not a safetensors file: its header claims more bytes than the file "
+             "has (",
+             size_, ")");
     MS_CHECK(header_len <= kMaxHeaderBytes, path,
-             " is not a safetensors file: its header is larger than the format's 100 MB");
+             " is not a safetensors file: its header claims more than the format's 100 MB");
     MS_CHECK(header_len >= 2 && bytes[8] == '{', path,
-             " is not a safetensors file: its header does not start with '{'");
+             ": safetensors header is not valid JSON: it does not start with '{'");
     json header;
     try {
       header = json::parse(bytes + 8, bytes + 8 + header_len);

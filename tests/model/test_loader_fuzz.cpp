@@ -466,7 +466,7 @@ TEST(LoaderRegression, SpecRulesOfTheHeader) {
     Checkpoint k = base();
     k.header_len = uint64_t{1} << 40;
     k.what = "header length past the end";
-    expect_rejected(k, {"larger than the file"});
+    expect_rejected(k, {"header claims more bytes than the file has"});
   }
   {
     Checkpoint k = base();
