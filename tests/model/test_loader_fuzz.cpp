@@ -123,12 +123,14 @@ struct Outcome {
   std::vector<float> logits;  // when loaded: the last token's
 };
 
-// Loads the folder as serve does and, when that succeeds, runs one forward pass.
-Outcome try_load(const std::string& dir) {
+// Loads the folder as generate does (or, `resident`, as serve does: the matrices copied out of
+// the mapping) and, when that succeeds, runs one forward pass.
+Outcome try_load(const std::string& dir, bool resident = false) {
   static ThreadPool pool(2);
   Outcome out;
   try {
     model::Model m(dir, pool);
+    if (resident) m.prefault(false, true);
     const model::ModelConfig& c = m.config();
     const std::vector<int32_t> tokens = {1, 5, 9, 2};
     kv::KvPool kv(1, 16, c.num_hidden_layers, c.kv_cache_dim());
@@ -441,9 +443,16 @@ TEST(LoaderRegression, UnpaddedHeaderLoadsTheSameModel) {
     const size_t h = k.header.dump().size() + static_cast<size_t>(pad);
     if ((h + 8) % 8 == 0) continue;
     k.what = "header padded with " + std::to_string(pad) + " spaces";
-    const Outcome o = load(k);
-    ASSERT_TRUE(o.loaded) << k.what << ": " << o.error;
-    EXPECT_EQ(o.logits, want.logits) << k.what;
+    TempDir d;
+    write(k, d / "m");
+    const model::WeightStore store(d / "m");
+    for (const auto& [name, t] : store.all())
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(t->data) % dtype_size(t->dtype), 0u) << name;
+    for (bool resident : {false, true}) {
+      const Outcome o = try_load(d / "m", resident);
+      ASSERT_TRUE(o.loaded) << k.what << ": " << o.error;
+      EXPECT_EQ(o.logits, want.logits) << k.what << (resident ? ", resident" : "");
+    }
   }
 }
 
