@@ -132,3 +132,66 @@ TEST(SafeTensors, EmptyFolder) {
   expect_error([&] { WeightStore s(d.path()); }, {"no .safetensors"});
   expect_error([&] { WeightStore s(d / "nope"); }, {"does not exist"});
 }
+
+TEST(SafeTensors, FormatRules) {
+  TempDir d;
+  auto check = [&](const std::string& header, size_t data, std::initializer_list<std::string> f) {
+    write_raw(d / "x.safetensors", header, data);
+    expect_error([&] { SafeTensorsFile s(d / "x.safetensors"); }, f);
+  };
+  // The element count overflows: [2^62 + 1, 256] of BF16 wrapped to 512 bytes.
+  check(R"({"w":{"dtype":"BF16","shape":[4611686018427387905,256],"data_offsets":[0,512]}})", 512,
+        {"w", "64 bits"});
+  check(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12,
+        {"bytes [0, 4)", "belong to no tensor"});
+  check(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 12,
+        {"last 4 bytes", "belong to no tensor"});
+  check(R"({"__metadata__":["a"],"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4,
+        {"__metadata__", "object of strings"});
+  check(R"(  {"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4, {"start with '{'"});
+  check(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4, {"w", "invalid shape"});
+  check(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,1e400]}})", 4,
+        {"not valid JSON", "out of range"});
+}
+
+TEST(SafeTensors, UnalignedTensorsAreCopiedAligned) {
+  // A header of 59 bytes, not padded: the data section starts at byte 67 of the file.
+  TempDir d;
+  const std::string h = R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}})";
+  ASSERT_NE((8 + h.size()) % 4, 0u);
+  {
+    std::ofstream f(d / "x.safetensors", std::ios::binary);
+    const uint64_t len = h.size();
+    f.write(reinterpret_cast<const char*>(&len), 8);
+    f << h;
+    const float v[3] = {1.5f, -2.0f, 3.25f};
+    f.write(reinterpret_cast<const char*>(v), sizeof v);
+  }
+  SafeTensorsFile f(d / "x.safetensors");
+  const auto& a = f.tensors().at("a");
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(a.data) % 4, 0u);
+  const float* p = static_cast<const float*>(a.data);
+  EXPECT_EQ(p[0], 1.5f);
+  EXPECT_EQ(p[1], -2.0f);
+  EXPECT_EQ(p[2], 3.25f);
+}
+
+TEST(SafeTensors, ShardsStayInsideTheFolder) {
+  TempDir d;
+  std::filesystem::create_directory(d / "m");
+  {
+    SafeTensorsWriter w(d / "outside.safetensors", {{"t", DType::F32, {1}}});
+    float v = 1;
+    w.write_data(&v, 4);
+    w.finish();
+  }
+  for (const std::string& shard :
+       {std::string("../outside.safetensors"), d / "outside.safetensors"}) {
+    nlohmann::json idx = {{"weight_map", {{"t", shard}}}};
+    std::ofstream(d / "m/model.safetensors.index.json") << idx.dump();
+    expect_error([&] { WeightStore s(d / "m"); }, {"shard", "model folder"});
+  }
+  std::filesystem::remove(d / "m/model.safetensors.index.json");
+  std::filesystem::create_symlink(d / "outside.safetensors", d / "m/model.safetensors");
+  expect_error([&] { WeightStore s(d / "m"); }, {"link", "leads out of the model folder"});
+}
