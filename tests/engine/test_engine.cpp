@@ -76,7 +76,11 @@ std::vector<int32_t> alone(model::Model& m, const std::vector<int32_t>& p, int64
 
 // Runs n_req requests at once; each must give what it gives alone (the Generator, never
 // batched or preempted), with the sampling parameters sampling(i) (default: greedy).
-void run_many(model::Model& m, const engine::EngineConfig& cfg, int n_req, int64_t* preemptions,
+struct RunStats {
+  int64_t preemptions = 0, steps = 0, prompt_tokens = 0, generated_tokens = 0;
+};
+
+void run_many(model::Model& m, const engine::EngineConfig& cfg, int n_req, RunStats* stats,
               const std::function<engine::SamplingParams(int)>& sampling = {},
               std::vector<std::vector<int32_t>>* outputs = nullptr) {
   std::vector<std::vector<int32_t>> prompts;
@@ -110,7 +114,12 @@ void run_many(model::Model& m, const engine::EngineConfig& cfg, int n_req, int64
   const engine::EngineStats s = eng.stats();
   EXPECT_EQ(s.kv_blocks_used, 0);
   EXPECT_EQ(s.running, 0);
-  if (preemptions) *preemptions = s.preemptions;
+  if (stats) {
+    stats->preemptions = s.preemptions;
+    stats->steps = s.steps;
+    stats->prompt_tokens = s.prompt_tokens;
+    stats->generated_tokens = s.generated_tokens;
+  }
 }
 
 }  // namespace
@@ -120,7 +129,11 @@ TEST(Engine, ConcurrentRequestsMatchRunningAlone) {
   engine::EngineConfig cfg;
   cfg.max_num_seqs = 16;
   cfg.kv_cache_mb = 16;
-  run_many(*f.m, cfg, 16, nullptr);
+  RunStats st;
+  run_many(*f.m, cfg, 16, &st);
+  // They ran together: one at a time would take a step per generated token at least.
+  EXPECT_EQ(st.generated_tokens, 126);  // sum of 6 + i % 5
+  EXPECT_LT(st.steps, st.generated_tokens / 2) << "the requests were not batched";
 }
 
 TEST(Engine, ChunkedPrefillWithSmallBudget) {
@@ -128,7 +141,11 @@ TEST(Engine, ChunkedPrefillWithSmallBudget) {
   engine::EngineConfig cfg;
   cfg.max_batch_tokens = 7;  // prompts of up to 42 tokens take several steps
   cfg.max_num_seqs = 4;
-  run_many(*f.m, cfg, 10, nullptr);
+  RunStats st;
+  run_many(*f.m, cfg, 10, &st);
+  // At most 7 tokens per step: the prompts alone need this many steps.
+  EXPECT_GT(st.prompt_tokens, 100);
+  EXPECT_GE(st.steps, (st.prompt_tokens + 6) / 7);
 }
 
 TEST(Engine, PreemptsWhenBlocksRunOutAndStillMatches) {
@@ -138,9 +155,9 @@ TEST(Engine, PreemptsWhenBlocksRunOutAndStillMatches) {
   cfg.kv_blocks = 16;  // 64 positions for 8 sequences of up to ~50: must preempt
   cfg.max_model_len = 64;
   cfg.max_num_seqs = 8;
-  int64_t preemptions = 0;
-  run_many(*f.m, cfg, 8, &preemptions);
-  EXPECT_GT(preemptions, 0);
+  RunStats st;
+  run_many(*f.m, cfg, 8, &st);
+  EXPECT_GT(st.preemptions, 0);
 }
 
 // Sampled requests keep their random stream through preemption: a preempted sequence recomputes
@@ -162,10 +179,10 @@ TEST(Engine, SampledRequestsSurvivePreemptionUnchanged) {
     p.seed = 1000 + i;
     return p;
   };
-  int64_t preemptions = 0;
+  RunStats st;
   std::vector<std::vector<int32_t>> outs;
-  run_many(*f.m, cfg, 8, &preemptions, sampling, &outs);
-  EXPECT_GT(preemptions, 0);
+  run_many(*f.m, cfg, 8, &st, sampling, &outs);
+  EXPECT_GT(st.preemptions, 0);
   int differ_from_greedy = 0;
   for (int i = 0; i < static_cast<int>(outs.size()); ++i)
     differ_from_greedy += outs[i] != alone(*f.m, prompt_of(3 + (i * 7) % 40, i), 6 + i % 5);
