@@ -47,6 +47,7 @@ class Reference : public ::testing::TestWithParam<std::string> {
 TEST_P(Reference, LogProbsMatchTransformers) {
   engine::Generator gen(*model_);
   double worst = 0;
+  int64_t over = 0;
   for (const json& c : ref_["cases"]) {
     const std::vector<int32_t> ids = c["ids"];
     const std::vector<double> lp = gen.score(ids);
@@ -55,10 +56,12 @@ TEST_P(Reference, LogProbsMatchTransformers) {
       const double want = c["logprobs"][i].get<double>();
       const double d = std::fabs(lp[i] - want);
       worst = std::max(worst, d);
-      EXPECT_LT(d, kTolerance) << GetParam() << ": token " << i << " of a " << ids.size()
-                               << "-token case: moeserve " << lp[i] << ", transformers " << want;
+      if (!(d < kTolerance) && ++over <= 10)  // the first few, not thousands
+        ADD_FAILURE() << GetParam() << ": token " << i << " of a " << ids.size()
+                      << "-token case: moeserve " << lp[i] << ", transformers " << want;
     }
   }
+  EXPECT_EQ(over, 0) << GetParam() << ": log-probs off by more than " << kTolerance;
   std::printf("[ %s ] max |logprob - transformers| = %.3g (tolerance %.0e)\n", GetParam().c_str(),
               worst, kTolerance);
 }
