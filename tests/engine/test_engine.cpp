@@ -520,6 +520,35 @@ TEST(Sampler, TopKThenTopPOfTheRenormalizedRest) {
                       {"top_p over the whole vocabulary", intended(logits, 0.9, 0, 0.8)}});
 }
 
+// Masked (-inf) and NaN logits are never drawn and leave the others' proportions alone; a +inf
+// logit is certain, as at temperature 0 (it used to make every probability NaN, and the draw
+// fell through to the least likely candidate).
+TEST(Sampler, InfiniteAndNanLogits) {
+  const float inf = INFINITY, nan = std::nanf("");
+  const std::vector<float> masked = {1.2f, -inf, 0.3f, nan, 2.0f, -inf, 0.9f, nan};
+  const std::vector<float> finite = {1.2f, 0.3f, 2.0f, 0.9f};
+  const std::vector<int> where = {0, 2, 4, 6};
+  for (int64_t top_k : {0, 3, 6}) {
+    engine::SamplingParams sp;
+    sp.temperature = 0.8f;
+    sp.top_k = top_k;
+    sp.seed = 21;
+    const auto f = intended(finite, 0.8, top_k > 4 ? 0 : top_k, 1.0);
+    std::vector<double> want(masked.size(), 0.0);
+    for (size_t j = 0; j < where.size(); ++j) want[where[j]] = f[j];
+    check_distribution(sp, masked, 50000, want, {});
+  }
+  const std::vector<float> with_inf = {1.0f, 3.0f, inf, nan, -inf, inf};
+  for (float t : {0.5f, 1.0f, 3.0f}) {
+    engine::SamplingParams sp;
+    sp.temperature = t;
+    sp.top_p = 0.9f;
+    engine::Sampler s(sp);
+    for (int i = 0; i < 100; ++i) ASSERT_EQ(s.sample(with_inf.data(), 6), 2) << "T=" << t;
+  }
+  EXPECT_EQ(engine::argmax(with_inf.data(), 6), 2);
+}
+
 TEST(Sampler, SeedsReproduceDifferAndTheStateCarriesOver) {
   const auto logits = random_logits(64, 1);
   auto run = [&](engine::Sampler& s, int n) {
