@@ -1166,12 +1166,12 @@ def try_build(cfg: dict, seed: int, out_dir: Path, shards, mtp: bool, verbose=Tr
     return ref, problems
 
 
-def build_fixture(name: str, cfg: dict, out_dir: Path, seed: int, shards=None, mtp=False, strict=True, **lengths):
+def build_fixture(name: str, cfg: dict, out_dir: Path, seed: int, shards=None, mtp=False, strict=True, **options):
     torch.set_num_threads(1)
     print(f"[{name}] -> {out_dir}")
     for attempt in range(MAX_SEED_TRIES):
         s = seed + 17 * attempt
-        ref, problems = try_build(cfg, s, out_dir, shards, mtp, **lengths)
+        ref, problems = try_build(cfg, s, out_dir, shards, mtp, **options)
         if not problems or not strict:
             break
     else:
