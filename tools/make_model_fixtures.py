@@ -257,6 +257,38 @@ PRESETS = {
             rope_scaling=None,
         ),
     },
+    # Long context with DeepSeek-V3's published YaRN settings (factor 40 over 4096 positions, qk_rope_head_dim 64):
+    # one 5000-token case and a greedy decode after a 4500-token prompt, past original_max_position_embeddings.
+    # Dense layer 0 and a small MoE layer 1 (4 experts, top-2, one group) keep it fast.
+    "v3_long_yarn": {
+        "seed": 6000,
+        "case_lengths": [5000],
+        "greedy_prompt_lengths": [4500],
+        "position_checks": True,
+        "config": _v3(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            n_shared_experts=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=64,
+            v_head_dim=32,
+            max_position_embeddings=163840,
+            rope_scaling=dict(_YARN_V3, factor=40, original_max_position_embeddings=4096),
+        ),
+    },
 }
 
 CASE_LENGTHS = [1, 10, 40, 100]  # 100 > original_max_position_embeddings (64): yarn matters
@@ -802,6 +834,45 @@ def _v2_rotate_half(xq, xk, freqs_cis):
     return (xq * cos + rot(xq) * sin).type_as(xq), (xk * cos + rot(xk) * sin).type_as(xk)
 
 
+@torch.no_grad()
+def _position_sensitivity(model, cfg, cases_ids, cases) -> dict:
+    """Long-context bugs, measured on the positions past original_max_position_embeddings only: positions that
+    wrap around at it (a table of that many rows), and angles pos * inv_freq rounded in float64 instead of float32
+    (for the record: how much the float32 convention of transformers matters at these positions)."""
+    L0 = cfg["rope_scaling"]["original_max_position_embeddings"]
+    rot = model.model.rotary_emb
+    out = {}
+
+    def score_at(ids, pos):
+        lg = model(input_ids=torch.tensor([list(ids)]), position_ids=torch.tensor([pos]), use_cache=False)
+        lp = torch.log_softmax(lg.logits[0].double(), dim=-1)
+        return [None] + [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+    def diff_past_l0(other):
+        worst = 0.0
+        for a, b in zip(cases, other):
+            for i in range(L0 + 1, len(a)):
+                worst = max(worst, abs(a[i] - b[i]))
+        return worst
+
+    out["rope:positions_wrap_at_original_max"] = diff_past_l0(
+        [score_at(ids, [i % L0 for i in range(len(ids))]) for ids in cases_ids])
+    saved = rot.forward
+
+    def fwd64(x, position_ids):
+        ang = position_ids[:, :, None].double() * rot.inv_freq.double()[None, None, :]
+        emb = torch.cat((ang, ang), dim=-1)
+        return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
+
+    rot.forward = fwd64
+    try:
+        out["record:rope_angles_in_float64"] = diff_past_l0(
+            [score_at(ids, list(range(len(ids)))) for ids in cases_ids])
+    finally:
+        rot.forward = saved
+    return out
+
+
 def max_lp_diff(a_cases, b_cases) -> float:
     worst = 0.0
     for a, b in zip(a_cases, b_cases):
@@ -974,7 +1045,8 @@ def make_ids(gen: torch.Generator, n: int, vocab: int) -> list:
     return [int(x) for x in torch.randint(2, vocab, (n,), generator=gen)]
 
 
-def try_build(cfg: dict, seed: int, out_dir: Path, shards, mtp: bool, verbose=True):
+def try_build(cfg: dict, seed: int, out_dir: Path, shards, mtp: bool, verbose=True, case_lengths=None,
+              greedy_prompt_lengths=None, position_checks=False):
     """Build the checkpoint in out_dir and compute the reference; returns (reference dict, problems list)."""
     tf = _tf()
     torch.manual_seed(seed)
@@ -1009,8 +1081,8 @@ def try_build(cfg: dict, seed: int, out_dir: Path, shards, mtp: bool, verbose=Tr
 
     ids_gen = torch.Generator().manual_seed(seed + 1)
     V = cfg["vocab_size"]
-    cases_ids = [make_ids(ids_gen, n, V) for n in CASE_LENGTHS]
-    prompts = [make_ids(ids_gen, n, V) for n in GREEDY_PROMPT_LENGTHS]
+    cases_ids = [make_ids(ids_gen, n, V) for n in (case_lengths or CASE_LENGTHS)]
+    prompts = [make_ids(ids_gen, n, V) for n in (greedy_prompt_lengths or GREEDY_PROMPT_LENGTHS)]
 
     problems = []
     margins_seen = []
@@ -1039,6 +1111,12 @@ def try_build(cfg: dict, seed: int, out_dir: Path, shards, mtp: bool, verbose=Tr
         sensitivity[name] = d
         if d < MIN_SENSITIVITY:
             problems.append(f"{name} changes logprobs by only {d:.3g}")
+
+    if position_checks:
+        for name, d in _position_sensitivity(ref_model, cfg, cases_ids, cases).items():
+            sensitivity[name] = d
+            if d < MIN_SENSITIVITY and not name.startswith("record:"):
+                problems.append(f"{name} changes logprobs by only {d:.3g}")
 
     official_cases = [official_score(cfg, expect, ids) for ids in cases_ids]
     official_diff = max_lp_diff(cases, official_cases)
@@ -1088,12 +1166,12 @@ def try_build(cfg: dict, seed: int, out_dir: Path, shards, mtp: bool, verbose=Tr
     return ref, problems
 
 
-def build_fixture(name: str, cfg: dict, out_dir: Path, seed: int, shards=None, mtp=False, strict=True):
+def build_fixture(name: str, cfg: dict, out_dir: Path, seed: int, shards=None, mtp=False, strict=True, **options):
     torch.set_num_threads(1)
     print(f"[{name}] -> {out_dir}")
     for attempt in range(MAX_SEED_TRIES):
         s = seed + 17 * attempt
-        ref, problems = try_build(cfg, s, out_dir, shards, mtp)
+        ref, problems = try_build(cfg, s, out_dir, shards, mtp, **options)
         if not problems or not strict:
             break
     else:
@@ -1160,7 +1238,9 @@ def main(argv=None):
         out = Path(a.out) if a.out else Path(a.out_root) / n
         build_fixture(n, copy.deepcopy(p["config"]), out, a.seed if a.seed is not None else p["seed"],
                       shards=a.shards or p.get("shards"), mtp=a.mtp or p.get("mtp", False),
-                      strict=not a.no_strict)
+                      strict=not a.no_strict, case_lengths=p.get("case_lengths"),
+                      greedy_prompt_lengths=p.get("greedy_prompt_lengths"),
+                      position_checks=p.get("position_checks", False))
     return 0
 
 

@@ -51,19 +51,25 @@ void Sampler::set_state(const std::string& s) {
 
 int32_t Sampler::sample(const float* logits, int64_t vocab) {
   if (p_.temperature <= 0.0f) return argmax(logits, vocab);
-  // Candidates sorted by logit (descending, ties to the lower id), cut to top_k.
+  // Candidates sorted by logit (descending, ties to the lower id), cut to top_k. A NaN logit
+  // counts as -inf (never drawn, and the order stays a strict weak one).
+  auto key = [&](int32_t i) { return std::isnan(logits[i]) ? -INFINITY : logits[i]; };
   idx_.resize(vocab);
   std::iota(idx_.begin(), idx_.end(), 0);
   const int64_t k = (p_.top_k > 0 && p_.top_k < vocab) ? p_.top_k : vocab;
   auto cmp = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    const float ka = key(a), kb = key(b);
+    return ka > kb || (ka == kb && a < b);
   };
   std::partial_sort(idx_.begin(), idx_.begin() + k, idx_.end(), cmp);
   idx_.resize(k);
-  const double inv_t = 1.0 / p_.temperature, mx = logits[idx_[0]];
+  const double inv_t = 1.0 / p_.temperature, mx = key(idx_[0]);
+  // An infinite largest logit: +inf takes all the probability (the first such id, as argmax);
+  // -inf means every candidate is masked.
+  if (std::isinf(mx)) return idx_[0];
   prob_.resize(k);
   double sum = 0.0;
-  for (int64_t i = 0; i < k; ++i) sum += (prob_[i] = std::exp((logits[idx_[i]] - mx) * inv_t));
+  for (int64_t i = 0; i < k; ++i) sum += (prob_[i] = std::exp((key(idx_[i]) - mx) * inv_t));
   // Nucleus: the smallest prefix whose probability reaches top_p.
   int64_t n = k;
   if (p_.top_p < 1.0f) {

@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -31,6 +33,39 @@ TEST(ThreadPool, EveryElementOnce) {
     EXPECT_EQ(pool.size(), threads);
     for (int64_t n : {1, 2, 7, 64, 1000})
       for (int64_t grain : {1, 3, 64}) check_cover(pool, n, grain);
+  }
+}
+
+// The ranges run at the same time on distinct threads: each waits until every range has started
+// (a pool that ran them one after another would never get there, and fails at the deadline).
+TEST(ThreadPool, RangesRunAtOnceOnTheirOwnThreads) {
+  for (int threads : {2, 3}) {
+    ThreadPool pool(threads);
+    std::atomic<int> started{0};
+    std::atomic<bool> timed_out{false};
+    std::mutex mu;
+    std::set<std::thread::id> ids;
+    std::set<int> indices;
+    pool.parallel_for(300, [&](int64_t, int64_t, int t) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ids.insert(std::this_thread::get_id());
+        indices.insert(t);
+      }
+      started.fetch_add(1);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (started.load() < threads) {
+        if (std::chrono::steady_clock::now() > deadline) {
+          timed_out = true;
+          break;
+        }
+        std::this_thread::yield();
+      }
+    });
+    EXPECT_FALSE(timed_out) << threads << " threads: the ranges did not run at the same time";
+    EXPECT_EQ(started.load(), threads);
+    EXPECT_EQ(static_cast<int>(ids.size()), threads);
+    EXPECT_EQ(static_cast<int>(indices.size()), threads);
   }
 }
 

@@ -152,10 +152,22 @@ TEST(Forward, GenerateIsDeterministicAndGreedyMatchesScore) {
     const float* row = full.data() + (prompt.size() - 1 + j) * V;
     EXPECT_EQ(out1[j], engine::argmax(row, V));
   }
-  // Sampling with a seed is reproducible and differs from greedy somewhere.
+  // Sampling with a seed is reproducible, differs from greedy, and each token is the sampler's
+  // draw (same seed, same stream) from the full forward's logits of its prefix: the generator
+  // hands the sampler the right row and nothing else.
   o.sampling.temperature = 1.5f;
+  o.sampling.top_p = 0.95f;
   o.sampling.seed = 3;
-  EXPECT_EQ(g.generate(prompt, o), g.generate(prompt, o));
+  const auto s1 = g.generate(prompt, o), s2 = g.generate(prompt, o);
+  EXPECT_EQ(s1, s2);
+  ASSERT_EQ(s1.size(), 8u);
+  EXPECT_NE(s1, out1);
+  std::vector<int32_t> seq = prompt;
+  seq.insert(seq.end(), s1.begin(), s1.end());
+  const auto sfull = full_logits(*t.m, seq);
+  engine::Sampler replay(o.sampling);
+  for (size_t j = 0; j < s1.size(); ++j)
+    EXPECT_EQ(s1[j], replay.sample(sfull.data() + (prompt.size() - 1 + j) * V, V)) << "token " << j;
 }
 
 TEST(Forward, InitModelIsDeterministic) {
@@ -248,7 +260,9 @@ TEST(Forward, CountsForwardsAndTheExpertsEachOneRead) {
       if (layer_tokens == 0) continue;  // a dense layer
       ++moe_layers;
       EXPECT_EQ(layer_tokens, n * K) << "layer " << l;
-      if (n == 1) EXPECT_EQ(layer_passes, K) << "layer " << l;
+      if (n == 1) {
+        EXPECT_EQ(layer_passes, K) << "layer " << l;
+      }
       EXPECT_GT(layer_passes, n == 1 ? 0 : K - 1);
     }
     EXPECT_GT(moe_layers, 0);

@@ -1,8 +1,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <random>
+#include <set>
 #include <vector>
 
+#include "core/error.h"
 #include "kv/kv_pool.h"
 
 namespace moeserve {
@@ -34,6 +37,53 @@ TEST(KvPool, ZeroedAlignedDisjointAndAccounted) {
   EXPECT_EQ(pool.n_used(), 3);
   pool.release(a);
   EXPECT_EQ(pool.n_free(), 5);
+}
+
+// Random allocations and releases against a model of which blocks are taken: a block is never
+// handed out twice, ids stay in range, `out` is appended to, and counts add up.
+TEST(KvPool, NeverHandsOutABlockInUse) {
+  kv::KvPool pool(37, 2, 1, 4);
+  std::mt19937 rng(11);
+  std::vector<std::vector<int32_t>> held;
+  std::set<int32_t> taken;
+  for (int step = 0; step < 3000; ++step) {
+    if (held.empty() || rng() % 3 != 0) {
+      const int64_t n = rng() % 6;
+      std::vector<int32_t> got = {-7};  // allocate appends after what is there
+      const bool ok = pool.allocate(n, &got);
+      ASSERT_EQ(ok, n <= 37 - static_cast<int64_t>(taken.size())) << "step " << step;
+      ASSERT_EQ(got[0], -7);
+      ASSERT_EQ(static_cast<int64_t>(got.size()), ok ? n + 1 : 1);
+      got.erase(got.begin());
+      for (int32_t b : got) {
+        ASSERT_GE(b, 0);
+        ASSERT_LT(b, 37);
+        ASSERT_TRUE(taken.insert(b).second) << "block " << b << " handed out twice";
+      }
+      if (!got.empty()) held.push_back(got);
+    } else {
+      const size_t i = rng() % held.size();
+      pool.release(held[i]);
+      for (int32_t b : held[i]) taken.erase(b);
+      held.erase(held.begin() + static_cast<int64_t>(i));
+    }
+    ASSERT_EQ(pool.n_used(), static_cast<int64_t>(taken.size()));
+    ASSERT_EQ(pool.n_free() + pool.n_used(), 37);
+  }
+  EXPECT_EQ(pool.blocks_for(0), 0);
+  EXPECT_EQ(pool.blocks_for(1), 1);
+  EXPECT_EQ(pool.blocks_for(2), 1);
+  EXPECT_EQ(pool.blocks_for(3), 2);
+}
+
+TEST(KvPool, DoubleReleaseIsCaught) {
+  kv::KvPool pool(4, 1, 1, 1);
+  std::vector<int32_t> a;
+  ASSERT_TRUE(pool.allocate(2, &a));
+  pool.release(a);
+  EXPECT_THROW(pool.release(a), moeserve::Error);
+  EXPECT_THROW(pool.release({9}), moeserve::Error);
+  EXPECT_EQ(pool.n_free(), 4);
 }
 
 }  // namespace

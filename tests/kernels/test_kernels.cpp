@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/dtype_fixture.h"
 #include "core/aligned.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/kernels.h"
@@ -561,6 +562,40 @@ TEST(Dequant, EveryF16Value) {  // NaN payloads included: the ISAs agree on ever
   for (Isa isa : isas()) {
     kernel_table(isa).dequant_row(w, 0, got.data());
     ASSERT_EQ(first_diff(got.data(), want.data(), 65536), -1) << isa_name(isa);
+  }
+}
+
+// Every ISA's conversions against the independent table (ml_dtypes, tests/fixtures/dtypes): the
+// kernel tests above compare the kernels with a reference that uses the same scalar decoders, so
+// this is what would catch a wrong decoder in both.
+TEST(Dequant, EveryCodeMatchesTheIndependentTable) {
+  const auto& fx = moeserve::testing::dtype_fixture();
+  ASSERT_TRUE(fx.is_object()) << "tests/fixtures/dtypes/dtypes.json is missing";
+  std::vector<uint8_t> b8(256);
+  for (int i = 0; i < 256; ++i) b8[i] = static_cast<uint8_t>(i);
+  std::vector<float> one(2, 1.0f);
+  const Weight w8{DType::F8_E4M3, b8.data(), 1, 256, one.data(), 2, 0};
+  std::vector<uint16_t> b16(65536);
+  for (int i = 0; i < 65536; ++i) b16[i] = static_cast<uint16_t>(i);
+  std::vector<float> got(65536);
+  for (Isa isa : isas()) {
+    kernel_table(isa).dequant_row(w8, 0, got.data());
+    for (int c = 0; c < 256; ++c) {
+      const float want =
+          moeserve::testing::f32_from_bits(fx["fp8_e4m3fn_decode"][c].get<uint32_t>());
+      if (std::isnan(want))
+        EXPECT_TRUE(std::isnan(got[c])) << isa_name(isa) << " fp8 code " << c;
+      else
+        EXPECT_EQ(bits(got[c]), bits(want)) << isa_name(isa) << " fp8 code " << c;
+    }
+    for (auto [dt, key] :
+         {std::pair<DType, const char*>{DType::BF16, "bf16_decode"}, {DType::F16, "f16_decode"}}) {
+      const Weight w{dt, b16.data(), 1, 65536};
+      kernel_table(isa).dequant_row(w, 0, got.data());
+      moeserve::testing::Fnv1a h;
+      for (float v : got) h.add(moeserve::testing::canonical_f32(v));
+      EXPECT_EQ(h.hex(), fx["sweeps"][key].get<std::string>()) << isa_name(isa) << " " << key;
+    }
   }
 }
 
