@@ -9,9 +9,9 @@ experts gives the same output too. Fault cases on a 1 prefill + 1 decode launch:
 too small for the load (requests wait), clients that disconnect during prefill and during the
 KV transfer, and a transfer that exceeds its time limit. A rank stopped with SIGSTOP (colocated,
 and a decode rank) fails the open and new requests with an error naming it and turns /health to
-503, until SIGCONT. Every layout ends with SIGTERM or SIGINT to rank 0 while streams are in
-flight and busy loops load the machine: every rank must end within seconds, and every client
-hear why.
+503, until SIGCONT; SIGTERM while it is stopped ends the job within seconds. Every layout ends
+with SIGTERM or SIGINT to rank 0 while streams are in flight and busy loops load the machine:
+every rank must end within seconds, and every client hear why.
 
 Every wait waits for the state it needs, with a deadline.
 
@@ -466,6 +466,28 @@ def busy_loops(n):
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+def stopped_at_shutdown_case(args, model):
+    """SIGTERM to rank 0 while rank 1 is stopped: rank 0 ends the job (it cannot stop rank 1
+    cleanly) within seconds, naming rank 1, and leaves no process behind."""
+    print("== SIGTERM while rank 1 is stopped")
+    srv = Server(args, model, 2, ["--peer-timeout-ms", "2000"])
+    pid = rank_pid(srv.proc.pid, 1)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        rc = srv.stop(timeout=30)
+        took = time.time() - t0
+        out = srv.output()
+        check(rc not in (0, None) and isinstance(rc, int) and took < 10,
+              f"stopped at shutdown: the job ends in {took:.1f} s (exit {rc})")
+        check("rank 1 did not answer the stop" in out, "stopped at shutdown: the reason is given")
+        check(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10),
+              "stopped at shutdown: rank 1 is gone")
+    finally:
+        if srv.proc.poll() is None:
+            srv.kill()
+
+
 def long_stream(srv, prompt, started, out):
     """A streamed request for 3000 tokens: notes its first token in `started`, its whole
     response (until the server ends it) in `out`."""
@@ -575,6 +597,7 @@ def main():
                           placement_flags(model), 1, "rank 1", placement)
         stopped_rank_case(args, model, ref, "stopped rank, disaggregated 1/1", 2, pd, 1,
                           "rank 1 (decode)")
+        stopped_at_shutdown_case(args, model)
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed:")
         for f in FAILURES:
