@@ -334,8 +334,8 @@ void ClusterFrontEnd::check_peers() {
 // Stopping: once every rank said goodbye, each is told how many worker messages it must still
 // take (cluster_protocol.h). A rank that stays silent (or one still busy long after) is not
 // waited for: the caller ends the job.
-bool ClusterFrontEnd::finish_stopping(int byes, Clock::time_point stop_sent_at) {
-  if (byes == n_ranks_) {
+bool ClusterFrontEnd::finish_stopping(Clock::time_point stop_sent_at) {
+  if (std::count(said_bye_.begin(), said_bye_.end(), 1) == n_ranks_) {
     for (int r = 0; r < n_ranks_; ++r) {
       wire::Writer w;
       w.put(Msg::Exit).put<uint64_t>(0).put<int64_t>(posted_to_[r] + 1);
@@ -343,24 +343,25 @@ bool ClusterFrontEnd::finish_stopping(int byes, Clock::time_point stop_sent_at) 
     }
     return true;
   }
-  std::string silent, busy;
-  for (int r = 0; r < n_ranks_; ++r) {
-    if (said_bye_[r]) continue;
-    std::string& list = down_[r] ? silent : busy;
-    list += (list.empty() ? "" : ", ") + std::to_string(r);
-  }
+  std::vector<int> silent, busy;
+  for (int r = 0; r < n_ranks_; ++r)
+    if (!said_bye_[r]) (down_[r] ? silent : busy).push_back(r);
+  auto ranks = [](const std::vector<int>& v) {  // "rank 1", "ranks 1, 3"
+    std::string s = v.size() == 1 ? "rank " : "ranks ";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s;
+  };
   const double limit = std::max(10.0, 3 * cfg_.peer_timeout_s);
   if (silent.empty() && since(stop_sent_at) < limit) return false;
   std::lock_guard<std::mutex> lk(mu_);
   shutdown_problem_ =
-      !silent.empty() ? "rank " + silent + " did not answer the stop (nothing from it for " +
+      !silent.empty() ? ranks(silent) + " did not answer the stop (silent for " +
                             ms(cfg_.peer_timeout_s) + " ms, --peer-timeout-ms)"
-                      : "rank " + busy + " did not stop within " + ms(limit) + " ms of being asked";
+                      : ranks(busy) + " did not stop within " + ms(limit) + " ms of being asked";
   return true;
 }
 
 void ClusterFrontEnd::loop() {
-  int byes = 0;
   bool stop_sent = false;
   Clock::time_point stop_sent_at;
   for (;;) {
@@ -396,8 +397,7 @@ void ClusterFrontEnd::loop() {
     }
     while (auto m = mb_.poll(kToFrontEnd)) on_message(*m);
     check_peers();
-    byes = static_cast<int>(std::count(said_bye_.begin(), said_bye_.end(), 1));
-    if (stop_sent && finish_stopping(byes, stop_sent_at)) break;
+    if (stop_sent && finish_stopping(stop_sent_at)) break;
   }
   // Every rank said goodbye after its last events (or is given up); anything still live never
   // finished.

@@ -53,7 +53,7 @@ class ClusterFrontEnd final : public Service {
     int64_t assigned = 0;  // unfinished requests routed here (prefill side: not yet handed off)
   };
   void loop();
-  bool finish_stopping(int byes, Clock::time_point stop_sent_at);  // true: leave the loop
+  bool finish_stopping(Clock::time_point stop_sent_at);  // true: leave the loop
   void route(uint64_t id, std::shared_ptr<Request> r);
   int pick(int first, int count);
   void on_message(const comm::Mailbox::Message& m);
