@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Expert parallelism through the real binary under mpirun: for the same requests the output is
 # bit-identical for EP = 1, 2, 4 and 8 ranks (oversubscribed), with and without redundant
-# experts and with a placement file; a rank that fails ends the job with one clear message.
+# experts and with placement files (score and generate); a rank that fails ends the job with one
+# clear message.
 # Usage: ep_cli.sh MOESERVE_BINARY SOURCE_DIR
 set -euo pipefail
 bin=$1
@@ -44,7 +45,16 @@ $mpi 3 "$bin" score --model "$tmp/tiny" --ids $ids --placement "$tmp/placement.j
   || fail "placement file run failed"
 "$bin" score --model "$tmp/tiny" --ids $ids > "$tmp/ref.json"
 cmp -s "$tmp/ref.json" "$tmp/ep.json" || fail "score differs with a placement file"
-echo "ok: load recording and placement file"
+# generate, too, with redundant experts: from --redundant-experts, a planned placement and the file.
+gen="generate --model $tmp/tiny --prompt-ids 3,1,4,1,5 --max-tokens 10 --json --ignore-eos --threads 1"
+"$bin" $gen > "$tmp/ref_gen.json" 2>/dev/null
+$mpi 2 "$bin" $gen --redundant-experts 3 > "$tmp/ep_gen.json" 2>/dev/null
+cmp -s "$tmp/ref_gen.json" "$tmp/ep_gen.json" || fail "generate differs with redundant experts"
+$mpi 4 "$bin" $gen --placement "$tmp/planned.json" > "$tmp/ep_gen.json" 2>/dev/null
+cmp -s "$tmp/ref_gen.json" "$tmp/ep_gen.json" || fail "generate differs with a planned placement"
+$mpi 3 "$bin" $gen --placement "$tmp/placement.json" > "$tmp/ep_gen.json" 2>/dev/null
+cmp -s "$tmp/ref_gen.json" "$tmp/ep_gen.json" || fail "generate differs with a placement file"
+echo "ok: load recording and placement file (score and generate)"
 
 # A rank whose model folder lacks the weights: a clear message from rank 0, no hang.
 mkdir -p "$tmp/broken" && cp "$tmp/tiny/config.json" "$tmp/broken/"

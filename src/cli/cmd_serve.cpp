@@ -33,7 +33,7 @@ struct ServeArgs {
   int64_t max_waiting = 256;
   int64_t prefill_ranks = 0, decode_ranks = 0;
   std::string router = "least-loaded", kv_transfer = "one-sided";
-  double kv_transfer_timeout_ms = 10000, kv_lease_ms = 60000;
+  double kv_transfer_timeout_ms = 10000, kv_lease_ms = 60000, peer_timeout_ms = 5000;
   ParallelArgs par;
 };
 
@@ -149,6 +149,7 @@ void run_serve(const ServeArgs& a) {
                                                : engine::KvTransferMode::OneSided;
     cc.transfer_timeout_s = a.kv_transfer_timeout_ms / 1e3;
     cc.lease_s = a.kv_lease_ms / 1e3;
+    cc.peer_timeout_s = a.peer_timeout_ms / 1e3;
     cc.validate(world.size());
     if (root) {
       tok = tokenizer::Tokenizer::load(dir);
@@ -201,16 +202,23 @@ void run_serve(const ServeArgs& a) {
                                          a.kv_transfer + " KV transfer)"
                                    : "each prefilling and decoding";
       layout += ", " + a.router + " routing";
+      // Stops every rank; when one of them cannot be stopped (it stopped answering), ends the
+      // job instead, since the ranks cannot meet again.
+      auto stop_ranks = [&] {
+        fe->stop();
+        const std::string problem = fe->shutdown_problem();
+        if (!problem.empty()) world.abort(problem);
+        fe.reset();
+        compute.join();
+      };
       try {
         serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(),
                    sigs);
       } catch (...) {
-        fe.reset();  // stops every rank
-        compute.join();
+        stop_ranks();
         throw;
       }
-      fe.reset();
-      compute.join();
+      stop_ranks();
     } else {
       worker->run();
     }
@@ -265,6 +273,10 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str();
   s->add_option("--kv-lease-ms", a->kv_lease_ms,
                 "A prefill rank frees handed-off blocks no decode rank acknowledged after this")
+      ->capture_default_str();
+  s->add_option("--peer-timeout-ms", a->peer_timeout_ms,
+                "Under mpirun: a rank silent this long (every rank sends a heartbeat) makes "
+                "/health answer 503 and fails the requests that need it, until it answers again")
       ->capture_default_str();
   s->callback([a] { run_serve(*a); });
 }

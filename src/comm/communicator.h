@@ -59,7 +59,9 @@ class Mailbox {
   virtual void post(int dest, int tag, std::vector<std::byte> data) = 0;
   // The next message with `tag` from any rank, if one has arrived; never blocks.
   virtual std::optional<Message> poll(int tag) = 0;
-  // Waits until every message this rank posted has been taken by its receiver.
+  // Waits until every message this rank posted has been taken by its receiver (one small
+  // enough to be buffered may count as taken once it left). Other threads may post and poll
+  // meanwhile; a message to a rank that no longer polls its tag is waited for forever.
   virtual void flush() = 0;
   // Messages posted here and not yet taken.
   virtual size_t pending() = 0;

@@ -18,6 +18,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -214,7 +216,7 @@ class MpiWindow final : public Window {
 };
 
 // Nonblocking sends kept until complete; receives by matched probe, so two threads polling
-// different tags never take each other's messages.
+// different tags never take each other's messages. No call holds the lock while it waits.
 class MpiMailbox final : public Mailbox {
  public:
   explicit MpiMailbox(MPI_Comm comm) : comm_(comm) {
@@ -245,8 +247,9 @@ class MpiMailbox final : public Mailbox {
 
   std::optional<Message> poll(int tag) override {
     {
-      std::lock_guard<std::mutex> lk(mu_);
-      reap();
+      // Reaping is housekeeping: another thread that holds the lock does it meanwhile.
+      std::unique_lock<std::mutex> lk(mu_, std::try_to_lock);
+      if (lk.owns_lock()) reap();
     }
     int flag = 0;
     MPI_Message msg;
@@ -263,10 +266,17 @@ class MpiMailbox final : public Mailbox {
     return m;
   }
 
+  // Tests the sends without holding the lock in between: a send to this very process is taken
+  // by another thread's poll, which must not wait for us meanwhile.
   void flush() override {
-    std::lock_guard<std::mutex> lk(mu_);
-    for (Pending& p : pending_) MS_MPI(MPI_Wait(&p.req, MPI_STATUS_IGNORE));
-    pending_.clear();
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        reap();
+        if (pending_.empty()) return;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
   }
 
   size_t pending() override {

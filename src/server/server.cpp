@@ -146,6 +146,8 @@ void Server::install_routes() {
   s.Get("/health", guarded(ctx, false, [&ctx](const httplib::Request&, httplib::Response& res) {
           if (ctx.stopping)
             throw ApiError(503, "The server is shutting down.", "", "shutting_down");
+          const std::string problem = ctx.engine.health_problem();
+          if (!problem.empty()) throw ApiError(503, problem, "", "unhealthy");
           res.set_content("{\"status\":\"ok\"}", "application/json");
         }));
   s.Get("/metrics", guarded(ctx, true, [&ctx](const httplib::Request&, httplib::Response& res) {

@@ -169,7 +169,8 @@ TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
   };
   req->on_finish = [&](const engine::FinishEvent& f) { done.set_value(f); };
   static constexpr int kToWorker = 1, kToFrontEnd = 2;
-  static constexpr uint8_t kAssign = 1, kStop = 5, kEvents = 6, kBye = 8, kToken = 0, kFinish = 1;
+  static constexpr uint8_t kAssign = 1, kStop = 5, kEvents = 6, kBye = 8, kExit = 10, kToken = 0,
+                           kFinish = 1;
   auto next_to_worker = [&] {
     for (int i = 0; i < 5000; ++i) {
       if (auto m = mb->poll(kToWorker)) return *m;
@@ -216,10 +217,89 @@ TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
       engine::wire::Reader r(stop.data);
       EXPECT_EQ(r.get<uint8_t>(), kStop);
       engine::wire::Writer w;
-      w.put(kBye).put<uint64_t>(0);
+      w.put(kBye).put<uint64_t>(0).put_vec(std::vector<int64_t>{0});  // posted to no worker
       mb->post(0, kToFrontEnd, w.take());
+      // Then the front end says how many worker messages were posted here in all: the assign,
+      // the stop and this exit.
+      const auto exit = next_to_worker();
+      engine::wire::Reader e(exit.data);
+      EXPECT_EQ(e.get<uint8_t>(), kExit);
+      EXPECT_EQ(e.get<uint64_t>(), 0u);
+      EXPECT_EQ(e.get<int64_t>(), 3);
     });
     fe.stop();
     bye.join();
+    EXPECT_EQ(fe.shutdown_problem(), "");
   }
+}
+
+// A rank that stops answering: the front end (against a scripted rank that sends nothing, then
+// a heartbeat) fails the open request and new ones with an error naming the rank, reports it
+// in health_problem(), and recovers when the rank is heard from again. A shutdown that it does
+// not answer is given up, not waited for.
+TEST(Cluster, FrontEndReportsASilentRank) {
+  comm::LocalCommunicator world;
+  auto mb = world.mailbox();
+  engine::ClusterConfig cc;
+  cc.engine.max_model_len = 64;
+  cc.peer_timeout_s = 0.3;
+  const model::ModelConfig mc = model::preset_config("tiny");
+  static constexpr int kToWorker = 1, kToFrontEnd = 2;
+  static constexpr uint8_t kAssign = 1, kCancel = 2, kAlive = 9;
+  struct Seen {
+    std::promise<engine::FinishEvent> done;
+    std::shared_ptr<engine::Request> req = std::make_shared<engine::Request>();
+    Seen() {
+      req->prompt = {1, 2, 3};
+      req->max_tokens = 3;
+      req->on_finish = [this](const engine::FinishEvent& f) { done.set_value(f); };
+    }
+  };
+  auto wait_until = [](auto&& cond) {
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (!cond() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+    return cond();
+  };
+  std::vector<uint8_t> to_worker;  // kinds of the messages the scripted rank was sent
+  auto drain = [&] {
+    while (auto m = mb->poll(kToWorker)) to_worker.push_back(static_cast<uint8_t>(m->data[0]));
+  };
+  engine::ClusterFrontEnd fe(mc, *mb, cc);
+  EXPECT_EQ(fe.health_problem(), "");
+  Seen open;
+  ASSERT_EQ(fe.submit(open.req, nullptr, nullptr), engine::SubmitResult::Accepted);
+  auto f = open.done.get_future();
+  ASSERT_EQ(f.wait_for(10s), std::future_status::ready) << "the open request never failed";
+  const engine::FinishEvent fin = f.get();
+  EXPECT_EQ(fin.reason, engine::FinishReason::Error);
+  EXPECT_NE(fin.error.find("rank 0 has not answered for 300 ms (--peer-timeout-ms)"),
+            std::string::npos)
+      << fin.error;
+  EXPECT_NE(fe.health_problem().find("rank 0 has not answered"), std::string::npos);
+  drain();
+  EXPECT_EQ(to_worker, (std::vector<uint8_t>{kAssign, kCancel}));  // dropped on the rank too
+  Seen later;
+  ASSERT_EQ(fe.submit(later.req, nullptr, nullptr), engine::SubmitResult::Accepted);
+  auto g = later.done.get_future();
+  ASSERT_EQ(g.wait_for(10s), std::future_status::ready);
+  EXPECT_NE(g.get().error.find("rank 0 has not answered"), std::string::npos);
+  // Heard from again: healthy, and requests are routed again.
+  mb->post(0, kToFrontEnd, engine::wire::Writer().put(kAlive).put<uint64_t>(0).take());
+  EXPECT_TRUE(wait_until([&] { return fe.health_problem().empty(); }));
+  Seen again;
+  ASSERT_EQ(fe.submit(again.req, nullptr, nullptr), engine::SubmitResult::Accepted);
+  EXPECT_TRUE(wait_until([&] {
+    drain();
+    return to_worker.size() == 3;
+  }));
+  EXPECT_EQ(to_worker.back(), kAssign);
+  // The scripted rank never says goodbye: stop gives up once it is silent, and says why.
+  const auto t0 = std::chrono::steady_clock::now();
+  fe.stop();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_NE(fe.shutdown_problem().find("rank 0 did not answer the stop"), std::string::npos)
+      << fe.shutdown_problem();
+  auto h = again.done.get_future();
+  ASSERT_EQ(h.wait_for(1s), std::future_status::ready);
+  EXPECT_EQ(h.get().reason, engine::FinishReason::Error);  // failed when it went silent again
 }

@@ -1,10 +1,12 @@
 // The communicator on N processes (mpirun -np N): collectives, all-to-all with scatter/gather
-// lists, messages, split, one-sided windows, check_all. `--large` adds messages above INT_MAX
-// bytes (about 5 GB of memory at -np 2).
+// lists, messages, split, one-sided windows, check_all, mailboxes. `--large` adds messages above
+// INT_MAX bytes (about 5 GB of memory at -np 2).
+#include <chrono>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.h"
@@ -281,6 +283,57 @@ void test_large(Communicator& c, Checker& ck) {
   }
 }
 
+// Mailboxes: messages of every size reach every rank (itself included) in the order posted, a
+// poller of one tag never sees another's, and flush() on one thread waits for a large message to
+// this very rank while another thread takes it (the flush must not block that poll).
+void test_mailbox(Communicator& c, Checker& ck) {
+  const int n = c.size(), me = c.rank();
+  auto mb = c.mailbox();
+  CHECK(ck, mb->rank() == me && mb->size() == n);
+  const std::vector<size_t> sizes = {0, 5, 70000, size_t(1) << 21};
+  auto body = [](int from, int to, size_t bytes) {
+    std::vector<std::byte> m(bytes);
+    for (size_t i = 0; i < bytes; ++i) m[i] = std::byte{pattern(from, to, i)};
+    return m;
+  };
+  for (int to = 0; to < n; ++to)
+    for (size_t b : sizes) mb->post(to, 3, body(me, to, b));
+  mb->post(me, 4, body(me, me, 9));  // another tag
+  std::vector<size_t> next(n, 0);    // per source: the index of the size expected next
+  size_t got = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (got < sizes.size() * n && std::chrono::steady_clock::now() < deadline) {
+    auto m = mb->poll(3);
+    if (!m) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      continue;
+    }
+    ++got;
+    CHECK(ck, m->tag == 3 && m->source >= 0 && m->source < n);
+    if (m->source < 0 || m->source >= n || next[m->source] >= sizes.size()) continue;
+    CHECK_MSG(
+        ck, m->data == body(m->source, me, sizes[next[m->source]]),
+        "message " + std::to_string(next[m->source]) + " from rank " + std::to_string(m->source));
+    ++next[m->source];
+  }
+  CHECK(ck, got == sizes.size() * n);
+  auto other = mb->poll(4);
+  CHECK(ck, other && other->data == body(me, me, 9));
+  CHECK(ck, !mb->poll(3) && !mb->poll(4));
+
+  // flush() on one thread, the large message to ourselves taken on another.
+  mb->post(me, 5, body(me, me, size_t(4) << 20));
+  std::thread flusher([&] { mb->flush(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::optional<moeserve::comm::Mailbox::Message> big;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!big && std::chrono::steady_clock::now() < until) big = mb->poll(5);
+  CHECK(ck, big && big->data == body(me, me, size_t(4) << 20));
+  flusher.join();
+  CHECK(ck, mb->pending() == 0);
+  c.barrier();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -290,7 +343,7 @@ int main(int argc, char** argv) {
       {"all_gather_v", test_gather_v}, {"all_to_all", test_all_to_all},
       {"segments", test_segments},     {"send_recv", test_send_recv},
       {"split", test_split},           {"window", test_window},
-      {"check_all", test_check_all},
+      {"check_all", test_check_all},   {"mailbox", test_mailbox},
   };
   if (large) tests = {{"large", test_large}};
   return moeserve::mpitest::run_all(tests);

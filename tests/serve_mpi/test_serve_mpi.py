@@ -2,9 +2,18 @@
 """`moeserve serve` under mpirun: data-parallel and prefill/decode-disaggregated layouts.
 
 Every layout must give the same greedy output as one process for every request, sent all at
-once; afterwards no rank may hold a KV block (read from /metrics). Fault cases on a 1 prefill +
-1 decode launch: a decode pool too small for the load (requests wait), clients that disconnect
-during prefill and during the KV transfer, and a transfer that exceeds its time limit.
+once, and the same sampled output for seeded requests at temperature > 0 (in the disaggregated
+layouts the sampler's state crosses the prefill-to-decode handoff); afterwards no rank may hold
+a KV block (read from /metrics). Expert parallelism with a placement file that holds redundant
+experts gives the same output too. Fault cases on a 1 prefill + 1 decode launch: a decode pool
+too small for the load (requests wait), clients that disconnect during prefill and during the
+KV transfer, and a transfer that exceeds its time limit. A rank stopped with SIGSTOP (colocated,
+and a decode rank) fails the open and new requests with an error naming it and turns /health to
+503, until SIGCONT; SIGTERM while it is stopped ends the job within seconds. Every layout ends
+with SIGTERM or SIGINT to rank 0 while streams are in flight and busy loops load the machine:
+every rank must end within seconds, and every client hear why.
+
+Every wait waits for the state it needs, with a deadline.
 
     python3 tests/serve_mpi/test_serve_mpi.py --moeserve build/moeserve [--only NAME]
 
@@ -17,14 +26,16 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpi_jobs import free_port, rank0_pid  # noqa: E402
+from mpi_jobs import _descends_from, free_port, rank0_pid  # noqa: E402
 
 # Prompts of several lengths (in tokens of the DeepSeek-V3 tokenizer: about 3 to 120).
 PROMPTS = [
@@ -38,6 +49,9 @@ PROMPTS = [
     "Expert parallelism spreads the experts of every layer over ranks; " * 5,
 ]
 MAX_TOKENS = [8, 12, 1, 16, 6, 10, 3, 9]
+# Seeded requests at temperature > 0: (prompt index, max_tokens, seed).
+SAMPLED = [(1, 12, 7), (3, 10, 1234), (5, 14, 99)]
+TEMPERATURE = 0.9
 
 FAILURES = []
 
@@ -48,6 +62,37 @@ def check(cond, what):
     else:
         print(f"  FAIL: {what}")
         FAILURES.append(what)
+    return cond
+
+
+def wait_for(cond, timeout, step=0.05):
+    """Polls cond() until it is true or `timeout` seconds passed; returns its last value."""
+    deadline = time.time() + timeout
+    while True:
+        v = cond()
+        if v or time.time() > deadline:
+            return v
+        time.sleep(step)
+
+
+def rank_pid(mpirun_pid, rank, timeout=5.0):
+    """The process of rank `rank` of the job `mpirun_pid` launched."""
+    want = f"OMPI_COMM_WORLD_RANK={rank}".encode()
+    deadline = time.time() + timeout
+    while True:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if want in env and _descends_from(int(pid), mpirun_pid):
+                return int(pid)
+        if time.time() > deadline:
+            raise RuntimeError(f"rank {rank} of mpirun job {mpirun_pid} not found")
+        time.sleep(0.1)
 
 
 LIVE = []  # servers started, for their output if the test dies
@@ -67,7 +112,9 @@ class Server:
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
             cmd = ["mpirun", "--oversubscribe", "-np", str(ranks)] + cmd
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        # A session of its own, so that whatever is left of it can be ended at once.
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         self.ranks = ranks
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -91,21 +138,31 @@ class Server:
         r = c.getresponse()
         return r.status, r.read().decode()
 
-    def complete(self, prompt, max_tokens, stream=False):
-        body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": max_tokens,
-                           "temperature": 0, "stream": stream})
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    def complete(self, prompt, max_tokens, stream=False, temperature=0, seed=None,
+                 timeout=120):
+        req = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens,
+               "temperature": temperature, "stream": stream}
+        if seed is not None:
+            req["seed"] = seed
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        c.request("POST", "/v1/completions", json.dumps(req), {"Content-Type": "application/json"})
         r = c.getresponse()
         data = r.read().decode()
         if stream:
-            text, finish = "", None
+            text, finish, error = "", None, None
             for line in data.splitlines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    ch = json.loads(line[6:])["choices"][0]
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        error = ev["error"]["message"]
+                        continue
+                    ch = ev["choices"][0]
                     text += ch["text"]
                     finish = ch.get("finish_reason") or finish
-            return r.status, {"text": text, "finish": finish}
+            out = {"text": text, "finish": finish}
+            if error is not None:
+                out["error"] = error
+            return r.status, out
         j = json.loads(data)
         if r.status != 200:
             return r.status, j
@@ -123,6 +180,22 @@ class Server:
                 total += float(m.group(2))
         return total
 
+    def wait_metric(self, name, value, timeout=20):
+        """Waits until metric `name` reads `value`; returns what it read last."""
+        last = [None]
+
+        def read():
+            last[0] = self.metric(name)
+            return last[0] == value
+        wait_for(read, timeout, 0.1)
+        return last[0]
+
+    def health(self):
+        try:
+            return self.get("/health")
+        except OSError as e:
+            return 0, str(e)
+
     def settle(self, timeout=20):
         """Waits until no rank runs, waits or holds a block; returns the blocks still used."""
         deadline = time.time() + timeout
@@ -134,18 +207,27 @@ class Server:
                 return used
             time.sleep(0.2)
 
-    def stop(self):
+    def stop(self, sig=signal.SIGTERM, timeout=60):
         """SIGTERM to rank 0 (mpirun itself would kill the job): every rank shuts down."""
         target = self.proc.pid
         if self.ranks:
             target = rank0_pid(self.proc.pid)
-        os.kill(target, 15)
+        os.kill(target, sig)
         try:
-            rc = self.proc.wait(timeout=60)
+            rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = "killed after 60 s"
+            self.kill()
+            rc = f"killed after {timeout} s"
         return rc
+
+    def kill(self):
+        """Ends every process of the job, stopped ones included."""
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except OSError:
+                pass
+        self.proc.wait()
 
 
 def run_all(srv, stream_every=3, copies=1):
@@ -154,6 +236,23 @@ def run_all(srv, stream_every=3, copies=1):
         futs = [ex.submit(srv.complete, p, n, i % stream_every == 0)
                 for i, (p, n) in enumerate(work)]
         return [f.result() for f in futs]
+
+
+def run_sampled(srv):
+    """The seeded requests at temperature > 0, streamed and not."""
+    with concurrent.futures.ThreadPoolExecutor(len(SAMPLED)) as ex:
+        futs = [ex.submit(srv.complete, PROMPTS[i], n, k % 2 == 1, TEMPERATURE, seed)
+                for k, (i, n, seed) in enumerate(SAMPLED)]
+        return [f.result() for f in futs]
+
+
+def compare_sampled(name, got, want):
+    same = all(g[0] == 200 and g[1]["text"] == w[1]["text"] for g, w in zip(got, want))
+    if not same:
+        for i, (g, w) in enumerate(zip(got, want)):
+            print(f"    sampled {i}: got {g!r}\n               want {w!r}")
+    check(same, f"{name}: {len(got)} seeded requests at temperature {TEMPERATURE} match one "
+          "process")
 
 
 def compare(name, got, want):
@@ -166,25 +265,31 @@ def compare(name, got, want):
     check(same, f"{name}: {len(got)} concurrent greedy requests match one process")
 
 
-def layout_case(args, model, ref, name, ranks, extra, expect_transfers):
+def layout_case(args, model, ref, ref_sampled, name, ranks, extra, expect_transfers, sig):
     print(f"== {name}")
     srv = Server(args, model, ranks, extra)
     try:
         got = run_all(srv)
         compare(name, got, ref)
+        if ref_sampled is not None:
+            compare_sampled(name, run_sampled(srv), ref_sampled)
         check(srv.settle() == 0, f"{name}: every rank freed its KV blocks")
         if expect_transfers:
             n = sum(1 for n in MAX_TOKENS if n > 1)
-            check(srv.metric("moeserve_kv_transfers_total") == n,
-                  f"{name}: {n} KV transfers (requests with more than one token)")
+            if ref_sampled is not None:
+                n += sum(1 for _, n, _ in SAMPLED if n > 1)
+            got_n = srv.wait_metric("moeserve_kv_transfers_total", n)
+            check(got_n == n, f"{name}: {n} KV transfers (requests with more than one token), "
+                  f"read {got_n}")
             check(srv.metric("moeserve_kv_transfer_bytes_total") > 0, f"{name}: bytes counted")
             check(srv.metric("moeserve_kv_leases_expired_total") == 0, f"{name}: no lease expired")
         else:
             _, page = srv.get("/metrics")
             check("moeserve_rank_kv_blocks_total" in page, f"{name}: per-rank metrics")
+        stop_with_streams(srv, name, sig)
     finally:
-        rc = srv.stop()
-    check(rc == 0, f"{name}: clean shutdown of every rank (exit {rc})")
+        if srv.proc.poll() is None:
+            srv.kill()
 
 
 def disconnect(srv, prompt, after_first_token):
@@ -215,13 +320,14 @@ def fault_cases(args, model, ref):
         # up however fast it decodes (with 32, a fast decode rank sometimes kept up).
         got = run_all(srv, copies=8)
         compare("small pools", got, ref * 8)
+        check(srv.settle() == 0, "small pools: every rank freed its KV blocks")
+        # Idle and settled: the peaks came with the same statistics.
         peak = {k: srv.metric(f'moeserve_rank_{k}_peak{{rank="1",role="decode"}}')
                 for k in ("waiting_requests", "kv_blocks")}
         print(f"    decode rank peak: {peak['waiting_requests']:.0f} waiting, "
               f"{peak['kv_blocks']:.0f} of 25 blocks used")
         check(peak["waiting_requests"] > 0 and peak["kv_blocks"] >= 20,
               "small pools: the decode rank ran full and made requests wait")
-        check(srv.settle() == 0, "small pools: every rank freed its KV blocks")
     finally:
         check(srv.stop() == 0, "small pools: clean shutdown")
 
@@ -232,10 +338,10 @@ def fault_cases(args, model, ref):
     try:
         disconnect(srv, PROMPTS[7], after_first_token=False)   # long prompt: still prefilling
         disconnect(srv, PROMPTS[1], after_first_token=True)    # first token out: transferring
-        time.sleep(1.5)
+        cancelled = srv.wait_metric(
+            'moeserve_requests_total{endpoint="completions",outcome="cancelled"}', 2)
+        check(cancelled == 2, f"disconnects: both requests counted as cancelled ({cancelled})")
         check(srv.settle() == 0, "disconnects: no rank holds a KV block afterwards")
-        check(srv.metric('moeserve_requests_total{endpoint="completions",outcome="cancelled"}') == 2,
-              "disconnects: both requests counted as cancelled")
         st, r = srv.complete(PROMPTS[1], MAX_TOKENS[1])
         check(st == 200 and r["text"] == ref[1][1]["text"], "disconnects: the server still serves")
     finally:
@@ -248,8 +354,8 @@ def fault_cases(args, model, ref):
     try:
         st, r = srv.complete(PROMPTS[1], MAX_TOKENS[1])
         check(st == 200 and r["text"] == ref[1][1]["text"], "lease: the request itself completes")
-        time.sleep(1.5)
-        check(srv.metric("moeserve_kv_leases_expired_total") == 1, "lease: one lease expired")
+        expired = srv.wait_metric("moeserve_kv_leases_expired_total", 1)
+        check(expired == 1, f"lease: one lease expired ({expired})")
         check(srv.settle() == 0, "lease: blocks freed on both sides")
     finally:
         check(srv.stop() == 0, "lease: clean shutdown")
@@ -261,12 +367,178 @@ def fault_cases(args, model, ref):
     try:
         st, r = srv.complete(PROMPTS[1], 5)
         msg = json.dumps(r)
-        check(st >= 500 and "KV cache transfer" in msg and "100" in msg,
-              f"timeout: error status and message ({st}: {msg[:160]})")
-        check(srv.metric("moeserve_kv_transfer_failures_total") == 1, "timeout: failure counted")
+        # The read takes 300 ms: the deadline fails the request while it still runs.
+        check(st >= 500 and "KV cache transfer from prefill rank 0 did not finish within the "
+              "100 ms limit" in msg, f"timeout: error status and message ({st}: {msg[:200]})")
+        failures = srv.wait_metric("moeserve_kv_transfer_failures_total", 1)
+        check(failures == 1, f"timeout: failure counted ({failures})")
         check(srv.settle() == 0, "timeout: blocks freed on both sides")
     finally:
         check(srv.stop() == 0, "timeout: clean shutdown")
+
+
+def placement_flags(model):
+    """--placement with a file in which each of 2 ranks also holds copies of 4 of the other's
+    experts."""
+    with open(os.path.join(model, "config.json")) as f:
+        n = json.load(f)["n_routed_experts"]
+    half = n // 2
+    ranks = [list(range(half)) + list(range(half, half + 4)),
+             list(range(half, n)) + list(range(0, 4))]
+    path = os.path.join(os.path.dirname(model), "placement.json")
+    with open(path, "w") as f:
+        json.dump({"format": "moeserve-placement", "version": 1, "n_experts": n, "n_ranks": 2,
+                   "default": ranks}, f)
+    return ["--placement", path]
+
+
+def stopped_rank_case(args, model, ref, name, ranks, extra, victim, label, before=None):
+    """SIGSTOP on rank `victim`: open and new requests fail naming it, /health is 503; after
+    SIGCONT it serves again and shuts down cleanly. before(srv), if given, runs first."""
+    print(f"== {name}: rank {victim} stopped with SIGSTOP")
+    timeout_ms = 2000
+    srv = Server(args, model, ranks, extra + ["--peer-timeout-ms", str(timeout_ms)])
+    if before:
+        before(srv)
+    pid = rank_pid(srv.proc.pid, victim)
+    stopped = False
+    try:
+        # Two long requests, one streamed, both running when the rank stops.
+        results, streams, first_token = {}, [], threading.Event()
+
+        def streamed():
+            long_stream(srv, PROMPTS[1], first_token, streams)
+            results["streamed"] = (time.time(), streams[0])
+
+        def plain():
+            r = srv.complete(PROMPTS[3], 3000, timeout=60)
+            results["plain"] = (time.time(), r)
+
+        threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+        for t in threads:
+            t.start()
+        check(first_token.wait(60), f"{name}: the streamed request started")
+        wait_for(lambda: srv.metric("moeserve_num_requests_running") >= 2, 20)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = True
+        t0 = time.time()
+        deadline = timeout_ms / 1000 + 10
+        for t in threads:
+            t.join(deadline + 5)
+        want = f"{label} has not answered for {timeout_ms} ms"
+        if "streamed" in results:
+            when, data = results["streamed"]
+            check(want in data and "data: [DONE]" in data and when - t0 < deadline,
+                  f"{name}: the open stream ends with an error naming {label} within "
+                  f"{when - t0:.1f} s: {data[-300:]!r}")
+        else:
+            check(False, f"{name}: the open stream ended")
+        if "plain" in results:
+            when, (st, r) = results["plain"]
+            msg = json.dumps(r)
+            check(st >= 500 and want in msg and when - t0 < deadline,
+                  f"{name}: the open request fails naming {label} within {when - t0:.1f} s "
+                  f"({st}: {msg[:200]})")
+        else:
+            check(False, f"{name}: the open request ended")
+        st, body = srv.health()
+        check(st == 503 and want in body, f"{name}: /health says {st}: {body[:200]}")
+        t1 = time.time()
+        st, r = srv.complete(PROMPTS[0], 5, timeout=30)
+        check(st >= 500 and want in json.dumps(r) and time.time() - t1 < 10,
+              f"{name}: a new request fails at once naming {label} ({st})")
+        os.kill(pid, signal.SIGCONT)
+        stopped = False
+        check(wait_for(lambda: srv.health()[0] == 200, 30),
+              f"{name}: /health is 200 again after SIGCONT")
+        st, r = srv.complete(PROMPTS[1], MAX_TOKENS[1])
+        check(st == 200 and r["text"] == ref[1][1]["text"], f"{name}: it serves again ({st})")
+        check(srv.settle(30) == 0, f"{name}: the failed requests' KV blocks are freed")
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        rc = srv.stop()
+    check(rc == 0, f"{name}: clean shutdown (exit {rc})")
+
+
+def busy_loops(n):
+    """n processes that spin, to load the machine."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stopped_at_shutdown_case(args, model):
+    """SIGTERM to rank 0 while rank 1 is stopped: rank 0 ends the job (it cannot stop rank 1
+    cleanly) within seconds, naming rank 1, and leaves no process behind."""
+    print("== SIGTERM while rank 1 is stopped")
+    srv = Server(args, model, 2, ["--peer-timeout-ms", "2000"])
+    pid = rank_pid(srv.proc.pid, 1)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        rc = srv.stop(timeout=30)
+        took = time.time() - t0
+        out = srv.output()
+        check(rc not in (0, None) and isinstance(rc, int) and took < 10,
+              f"stopped at shutdown: the job ends in {took:.1f} s (exit {rc})")
+        check("rank 1 did not answer the stop" in out, "stopped at shutdown: the reason is given")
+        check(wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10),
+              "stopped at shutdown: rank 1 is gone")
+    finally:
+        if srv.proc.poll() is None:
+            srv.kill()
+
+
+def long_stream(srv, prompt, started, out):
+    """A streamed request for 3000 tokens: notes its first token in `started`, its whole
+    response (until the server ends it) in `out`."""
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+    body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 3000, "temperature": 0,
+                       "stream": True})
+    s.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"data: {" in data and not started.is_set():
+                started.set()
+            if b"data: [DONE]" in data:
+                break
+    except OSError:
+        pass
+    s.close()
+    out.append(data.decode(errors="replace"))
+
+
+def stop_with_streams(srv, name, sig):
+    """SIGTERM or SIGINT to rank 0 while three streams are in flight, with the machine loaded by
+    two busy loops: every rank ends within seconds, and every client hears why."""
+    streams, events = [], [threading.Event() for _ in range(3)]
+    threads = [threading.Thread(target=long_stream, args=(srv, PROMPTS[i], e, streams))
+               for i, e in zip((1, 3, 5), events)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(e.is_set() for e in events), 60)
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        t0 = time.time()
+        rc = srv.stop(sig, timeout=30)
+        took = time.time() - t0
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
+    for t in threads:
+        t.join(10)
+    told = [d for d in streams if "shutting down" in d and "data: [DONE]" in d]
+    check(rc == 0 and took < 15,
+          f"{name}: {signal.Signals(sig).name} to rank 0 with 3 streams in flight, machine "
+          f"loaded: every rank ended in {took:.1f} s (exit {rc})")
+    check(len(told) == len(threads),
+          f"{name}: {len(told)} of {len(threads)} streams told of the shutdown")
 
 
 def main():
@@ -286,23 +558,46 @@ def main():
     try:
         ref = run_all(srv)
         check(all(r[0] == 200 for r in ref), "reference: all requests succeed")
+        ref_sampled = run_sampled(srv)
+        check(all(r[0] == 200 for r in ref_sampled), "reference: seeded sampled requests succeed")
+        greedy = [srv.complete(PROMPTS[i], n)[1]["text"] for i, n, _ in SAMPLED]
+        check(any(g != r[1]["text"] for g, r in zip(greedy, ref_sampled)),
+              "reference: sampling at temperature > 0 differs from greedy")
+        again = run_sampled(srv)
+        check([r[1]["text"] for r in again] == [r[1]["text"] for r in ref_sampled],
+              "reference: the same seeds give the same samples")
     finally:
         srv.stop()
+    pd = ["--prefill-ranks", "1", "--decode-ranks", "1"]
+    # (name, ranks, flags, KV transfers expected, seeded sampled requests too)
     cases = [
-        ("colocated 2 ranks, least-loaded", 2, [], False),
-        ("colocated 3 ranks, round-robin", 3, ["--router", "round-robin"], False),
-        ("disaggregated 1/1", 2, ["--prefill-ranks", "1", "--decode-ranks", "1"], True),
-        ("disaggregated 1/2", 3, ["--prefill-ranks", "1", "--decode-ranks", "2"], True),
-        ("disaggregated 2/2", 4, ["--prefill-ranks", "2", "--decode-ranks", "2"], True),
-        ("disaggregated 1/1 two-sided", 2,
-         ["--prefill-ranks", "1", "--decode-ranks", "1", "--kv-transfer", "two-sided"], True),
+        ("colocated 2 ranks, least-loaded", 2, [], False, True),
+        ("colocated 3 ranks, round-robin", 3, ["--router", "round-robin"], False, False),
+        ("disaggregated 1/1", 2, pd, True, True),
+        ("disaggregated 1/2", 3, ["--prefill-ranks", "1", "--decode-ranks", "2"], True, False),
+        ("disaggregated 2/2", 4, ["--prefill-ranks", "2", "--decode-ranks", "2"], True, True),
+        ("disaggregated 1/1 two-sided", 2, pd + ["--kv-transfer", "two-sided"], True, True),
     ]
-    for name, ranks, extra, transfers in cases:
-        if args.only and args.only not in name:
-            continue
-        layout_case(args, model, ref, name, ranks, extra, transfers)
-    if not args.only or args.only in "faults":
+
+    def wanted(name):
+        return not args.only or args.only in name
+
+    for k, (name, ranks, extra, transfers, sampled) in enumerate(cases):
+        if wanted(name):
+            sig = signal.SIGTERM if k % 2 == 0 else signal.SIGINT
+            layout_case(args, model, ref, ref_sampled if sampled else None, name, ranks, extra,
+                        transfers, sig)
+    if wanted("faults"):
         fault_cases(args, model, ref)
+    if wanted("stopped rank"):
+        def placement(srv):  # first: expert parallelism with redundant experts
+            compare("placement with redundant experts", run_all(srv), ref)
+
+        stopped_rank_case(args, model, ref, "stopped rank, colocated 2 ranks, placement file", 2,
+                          placement_flags(model), 1, "rank 1", placement)
+        stopped_rank_case(args, model, ref, "stopped rank, disaggregated 1/1", 2, pd, 1,
+                          "rank 1 (decode)")
+        stopped_at_shutdown_case(args, model)
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed:")
         for f in FAILURES:
