@@ -241,11 +241,18 @@ std::string Quantization::describe() const {
 bool Quantization::quantizes(const std::string& module) const {
   if (kind == Kind::None) return false;
   if (kind == Kind::Fp8Block) return true;
+  size_t next_pattern = 0;
   for (const std::string& rule : ignore) {
     if (rule.rfind("re:", 0) == 0) {
       // As compressed-tensors matches its patterns: from the start of the name.
-      const std::regex re(rule.substr(3));
-      if (std::regex_search(module, re, std::regex_constants::match_continuous)) return false;
+      std::regex own;
+      const std::regex* re = &own;
+      if (ignore_patterns && next_pattern < ignore_patterns->size())
+        re = &(*ignore_patterns)[next_pattern];
+      else
+        own = std::regex(rule.substr(3));
+      ++next_pattern;
+      if (std::regex_search(module, *re, std::regex_constants::match_continuous)) return false;
     } else if (module == rule || ends_with(module, "." + rule)) {
       return false;
     }
@@ -295,14 +302,16 @@ Quantization parse_quantization(const json& j) {
   if (c.contains("ignore") && c["ignore"].is_array())
     for (const json& r : c["ignore"])
       if (r.is_string()) q.ignore.push_back(r.get<std::string>());
+  auto patterns = std::make_shared<std::vector<std::regex>>();
   for (const std::string& r : q.ignore) {
     if (r.rfind("re:", 0) != 0) continue;
     try {
-      std::regex test(r.substr(3));
+      patterns->emplace_back(r.substr(3), std::regex::optimize);
     } catch (const std::regex_error&) {
       fail("config.json: ignore pattern \"", printable(r), "\" is not a valid regular expression");
     }
   }
+  q.ignore_patterns = std::move(patterns);
   return q;
 }
 

@@ -7,8 +7,10 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -39,6 +41,8 @@ struct Quantization {
   int64_t group_size = 32, num_bits = 4;       // int4: one scale per group of a row
   std::string scale_dtype = "BF16";            // int4: dtype of weight_scale
   std::vector<std::string> ignore;             // int4: modules left unquantized
+  // The "re:" rules of `ignore`, compiled once (by parse_quantization).
+  std::shared_ptr<const std::vector<std::regex>> ignore_patterns;
   std::string describe() const;
   // Whether the linear module `module` (a tensor name without ".weight") is stored quantized.
   bool quantizes(const std::string& module) const;
