@@ -189,8 +189,13 @@ std::string fmt(const char* f, double v) {
   return buf;
 }
 
+// Bytes in decimal units (GB = 10^9 bytes), two decimals.
 std::string gb(uint64_t bytes) {
-  return fmt("%.2f GB", static_cast<double>(bytes) / 1e9);
+  const double v = static_cast<double>(bytes);
+  if (v >= 1e9) return fmt("%.2f GB", v / 1e9);
+  if (v >= 1e6) return fmt("%.2f MB", v / 1e6);
+  if (v >= 1e3) return fmt("%.2f KB", v / 1e3);
+  return std::to_string(bytes) + " B";
 }
 
 std::string count(uint64_t n) {
@@ -260,7 +265,20 @@ bool Quantization::quantizes(const std::string& module) const {
   return true;
 }
 
+namespace {
+Quantization parse_quantization_fields(const json& j);
+}  // namespace
+
 Quantization parse_quantization(const json& j) {
+  try {
+    return parse_quantization_fields(j);
+  } catch (const json::exception&) {  // a field of the wrong type
+    fail("config.json: quantization_config is malformed (a field has the wrong type)");
+  }
+}
+
+namespace {
+Quantization parse_quantization_fields(const json& j) {
   Quantization q;
   if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return q;
   const json& c = j["quantization_config"];
@@ -314,6 +332,7 @@ Quantization parse_quantization(const json& j) {
   q.ignore_patterns = std::move(patterns);
   return q;
 }
+}  // namespace
 
 std::vector<TensorEntry> tensors_from_config(const ModelConfig& c, const Quantization& q,
                                              int64_t mtp_layers, const std::string& fdt) {
@@ -759,7 +778,8 @@ std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::option
        [&](KvDtype d) { return p.kv[static_cast<int>(d)]; });
   line("activation workspace (estimate)", [&](KvDtype) { return p.workspace; });
   line("total", [&](KvDtype d) { return p.total(d); });
-  s += "(GB = 10^9 bytes; the workspace is an upper bound for --batch-tokens tokens per forward;\n"
+  s += "(GB = 10^9 bytes, MB = 10^6; the workspace is an upper bound for --batch-tokens tokens per "
+       "forward;\n"
        " KV bf16/fp8: 2/1 bytes per cached value)\n";
   return s;
 }

@@ -446,6 +446,11 @@ TEST(Inspect, Errors) {
   cfg["quantization_config"] = {{"quant_method", "gptq"}};
   std::ofstream(d / "config.json") << cfg.dump();
   expect_error([&] { inspect_model(d.path()); }, {"gptq"});
+  cfg["quantization_config"] = {{"quant_method", "compressed-tensors"},
+                                {"format", "pack-quantized"},
+                                {"config_groups", {{"g", {{"weights", {{"num_bits", "four"}}}}}}}};
+  std::ofstream(d / "config.json") << cfg.dump();
+  expect_error([&] { inspect_model(d.path()); }, {"quantization_config is malformed"});
   cfg.erase("quantization_config");
   std::ofstream(d / "config.json") << cfg.dump();
   {
