@@ -356,7 +356,7 @@ std::vector<TensorEntry> tensors_from_config(const ModelConfig& c, const Quantiz
       out.push_back(entry(module + ".weight_packed", "I32", {r, (cols + per - 1) / per}, q));
       out.push_back(entry(module + ".weight_scale", q.scale_dtype,
                           {r, (cols + q.group_size - 1) / q.group_size}, q));
-      out.push_back(entry(module + ".weight_shape", "I32", {2}, q));
+      out.push_back(entry(module + ".weight_shape", "I64", {2}, q));
     }
   };
   auto mlp = [&](const std::string& p, int64_t inter) {

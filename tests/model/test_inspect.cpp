@@ -172,10 +172,10 @@ TEST(Inspect, KimiK2ThinkingInt4FromConfig) {
   const Totals a = totals(fp8), b = totals(int4);
   // The same architecture: the same parameters in every role, stored differently.
   for (int r = 0; r < kRoleCount; ++r) EXPECT_EQ(a.by_role[r].params, b.by_role[r].params) << r;
-  // Routed experts int4: half a byte per weight, a bf16 scale per 32, an I32 [2] shape each.
+  // Routed experts int4: half a byte per weight, a bf16 scale per 32, an I64 [2] shape each.
   const Figure& routed = role(b, Role::RoutedExperts);
   const uint64_t matrices = uint64_t{60} * 384 * 3;
-  EXPECT_EQ(routed.bytes, routed.params / 2 + routed.params / 32 * 2 + matrices * 8);
+  EXPECT_EQ(routed.bytes, routed.params / 2 + routed.params / 32 * 2 + matrices * 16);
   // Everything the ignore list names (attention, shared experts, dense MLP, lm_head) and what is
   // not a Linear (embeddings, routers) stays bf16.
   for (Role r :
@@ -316,7 +316,7 @@ TEST(Inspect, Int4CompressedTensorsHeaders) {
   const TensorEntry& scale = m.at("model.layers.1.mlp.experts.3.down_proj.weight_scale");
   EXPECT_EQ(scale.shape, (std::vector<int64_t>{64, 1}));
   EXPECT_EQ(scale.params, 0u);
-  EXPECT_EQ(m.at("model.layers.1.mlp.experts.3.up_proj.weight_shape").bytes, 8u);
+  EXPECT_EQ(m.at("model.layers.1.mlp.experts.3.up_proj.weight_shape").bytes, 16u);
   EXPECT_EQ(m.at("model.layers.1.self_attn.o_proj.weight").dtype, "BF16");
   EXPECT_EQ(m.at("model.layers.1.mlp.shared_experts.up_proj.weight").dtype, "BF16");
   EXPECT_EQ(m.at("model.layers.0.mlp.up_proj.weight").dtype, "BF16");
