@@ -11,5 +11,6 @@ void register_bench_command(CLI::App& app);   // bench (cmd_bench.cpp)
 void register_text_commands(CLI::App& app);   // tokenize, detokenize, chat-template (cmd_text.cpp)
 void register_serve_command(CLI::App& app);   // serve (cmd_serve.cpp)
 void register_placement_command(CLI::App& app);  // plan-placement (cmd_placement.cpp)
+void register_inspect_command(CLI::App& app);    // inspect (cmd_inspect.cpp)
 
 }  // namespace moeserve::cli

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   moeserve::cli::register_text_commands(app);
   moeserve::cli::register_serve_command(app);
   moeserve::cli::register_placement_command(app);
+  moeserve::cli::register_inspect_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,141 @@
+// Memory planning for a model folder without loading it: the tensors' dtypes, shapes and bytes
+// from config.json, model.safetensors.index.json and the safetensors headers of the shards that
+// are present (never their data), or, for shards not yet downloaded, from shapes computed from
+// config.json and dtypes from its quantization_config. From these: parameters and bytes by role
+// and dtype, the KV cache per token, and what each expert-parallel rank needs.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace moeserve::model {
+
+enum class Role {
+  RoutedExperts,
+  SharedExperts,
+  Attention,
+  DenseMlp,
+  Router,
+  Embedding,
+  LmHead,
+  NormsOther,
+  Mtp,  // model.layers.{num_hidden_layers + i}: multi-token prediction, which moeserve skips
+};
+inline constexpr int kRoleCount = 9;
+const char* role_name(Role r);  // "routed experts", ...
+const char* role_key(Role r);   // "routed_experts", ... (JSON)
+
+// How config.json's quantization_config stores the linear layers' weights.
+struct Quantization {
+  enum class Kind { None, Fp8Block, Int4Group };
+  Kind kind = Kind::None;
+  int64_t block_rows = 128, block_cols = 128;  // fp8: one F32 scale_inv per block
+  int64_t group_size = 32, num_bits = 4;       // int4: one scale per group of a row
+  std::string scale_dtype = "BF16";            // int4: dtype of weight_scale
+  std::vector<std::string> ignore;             // int4: modules left unquantized
+  // The "re:" rules of `ignore`, compiled once (by parse_quantization).
+  std::shared_ptr<const std::vector<std::regex>> ignore_patterns;
+  std::string describe() const;
+  // Whether the linear module `module` (a tensor name without ".weight") is stored quantized.
+  bool quantizes(const std::string& module) const;
+};
+// Reads quantization_config (absent: None): quant_method fp8 with weight_block_size, or
+// compressed-tensors pack-quantized int4 with a group strategy. Others are an error.
+Quantization parse_quantization(const nlohmann::json& config);
+
+struct TensorEntry {
+  std::string name;
+  std::string dtype;  // safetensors spelling
+  std::vector<int64_t> shape;
+  uint64_t bytes = 0;
+  uint64_t params = 0;  // weights the tensor holds (int4 packed: 32 / num_bits per I32; 0 for
+                        // scales and shapes, which describe other tensors)
+  std::string kind;     // by-dtype row: "BF16", "F8_E4M3", "F32 block scales", "int4 (packed I32)"
+  bool from_header = false;
+};
+
+struct Inventory {
+  std::string dir;
+  ModelConfig cfg;
+  Quantization quant;
+  int64_t mtp_layers = 0;     // num_nextn_predict_layers
+  std::string source;         // "headers", "config.json", or "headers + config.json"
+  int64_t shards_listed = 0;  // shards the index names (or files found without an index)
+  int64_t shards_present = 0;
+  int64_t shards_incomplete = 0;  // present, but shorter than their header says
+  int64_t unknown_tensors = 0;    // named by the index, in a missing shard, not derivable
+  std::vector<TensorEntry> tensors;
+};
+
+// The tensors config.json implies, in the checkpoint's names (`float_dtype`: the dtype of
+// unquantized tensors, from torch_dtype).
+std::vector<TensorEntry> tensors_from_config(const ModelConfig& cfg, const Quantization& q,
+                                             int64_t mtp_layers,
+                                             const std::string& float_dtype = "BF16");
+
+// Reads the folder: config.json, the index if present, and the headers of the present shards.
+// Tensors of absent shards (or, with no shard at all, every tensor) come from the config.
+Inventory inspect_model(const std::string& dir);
+
+// The role of a tensor; `layer` and `expert` get its indices (-1 when none).
+Role classify_tensor(const std::string& name, const ModelConfig& cfg, int64_t* layer = nullptr,
+                     int64_t* expert = nullptr);
+
+struct Figure {
+  uint64_t params = 0, bytes = 0;
+  void add(const TensorEntry& t) { params += t.params, bytes += t.bytes; }
+};
+
+struct Totals {
+  std::array<Figure, kRoleCount> by_role;
+  std::vector<std::pair<std::string, Figure>> by_kind;  // by dtype, in first-seen order
+  Figure loaded;      // everything moeserve loads (all but the MTP layer)
+  Figure checkpoint;  // everything in the checkpoint
+};
+Totals totals(const Inventory& inv);
+
+enum class KvDtype { F32, BF16, FP8 };
+inline constexpr KvDtype kKvDtypes[] = {KvDtype::F32, KvDtype::BF16, KvDtype::FP8};
+const char* kv_dtype_name(KvDtype d);
+bool parse_kv_dtype(const std::string& s, KvDtype* out);
+
+// KV cache bytes per token: every layer caches kv_lora_rank + qk_rope_head_dim values.
+uint64_t kv_bytes_per_token(const ModelConfig& cfg, KvDtype d);
+
+struct PlanOptions {
+  int64_t ep = 1;              // expert-parallel ranks
+  int64_t context = 4096;      // tokens per sequence
+  int64_t seqs = 1;            // sequences held at once
+  int64_t batch_tokens = 256;  // tokens per forward (serve --max-batch-tokens)
+  int64_t block_size = 16;     // KV block (serve's), sequences take whole blocks
+};
+
+struct RankPlan {
+  uint64_t replicated = 0;        // all weights but routed experts and the MTP layer
+  uint64_t routed = 0;            // this rank's routed experts
+  int64_t experts_per_layer = 0;  // ceil(n_routed_experts / ep)
+  std::array<uint64_t, 3> kv{};   // KV cache for seqs x context, per KvDtype
+  uint64_t workspace = 0;         // activation workspace estimate (upper bound)
+  uint64_t total(KvDtype d) const {
+    return replicated + routed + kv[static_cast<int>(d)] + workspace;
+  }
+};
+RankPlan plan_rank(const Inventory& inv, const PlanOptions& o);
+
+// The forward's activation buffers (model.h Workspace) for batch_tokens tokens, context
+// positions and seqs logit rows, with ep ranks' MoE exchange buffers: an upper bound.
+uint64_t workspace_bytes(const ModelConfig& cfg, const PlanOptions& o);
+
+// The report: the figures as JSON, or as text tables. `kv`: one cache dtype, or all three.
+nlohmann::json inspect_json(const Inventory& inv, const PlanOptions& o, std::optional<KvDtype> kv);
+std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::optional<KvDtype> kv);
+
+}  // namespace moeserve::model
