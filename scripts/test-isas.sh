@@ -18,7 +18,11 @@ fi
 progs=(test_engine test_moe test_model)
 ninja -C build -j"$(nproc)" "${progs[@]}" >/dev/null
 failed=()
+ninja -C build -j"$(nproc)" moeserve >/dev/null
 for isa in "${isas[@]}"; do
+  # The cap takes effect (moeserve --version names the kernels' instruction set).
+  MOESERVE_ISA=$isa build/moeserve --version | grep -q "(kernels: $isa)" ||
+    { echo "isas: MOESERVE_ISA=$isa is not applied: $(MOESERVE_ISA=$isa build/moeserve --version)" >&2; exit 1; }
   for p in "${progs[@]}"; do
     start=$(date +%s)
     if MOESERVE_ISA=$isa build/"$p" --gtest_brief=1 >"build/isa-$isa-$p.log" 2>&1; then

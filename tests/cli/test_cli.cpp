@@ -123,6 +123,9 @@ TEST(Cli, HelpOnEverySubcommand) {
   const CmdResult v = run("--version");
   EXPECT_EQ(v.status, 0);
   EXPECT_NE(v.out.find("moeserve"), std::string::npos);
+  // MOESERVE_ISA caps the kernels' instruction set (scripts/test-isas.sh relies on it).
+  EXPECT_NE(run_with("MOESERVE_ISA=scalar", "--version").out.find("(kernels: scalar)"),
+            std::string::npos);
 }
 
 // Flag errors (unknown, malformed, missing, out of a set) exit 1 with one line naming the
