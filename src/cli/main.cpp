@@ -29,23 +29,25 @@ int main(int argc, char** argv) {
   // after MPI starts reaches all ranks through a collective check. Either way rank 0 alone
   // tells the user.
   const bool root = moeserve::cli::launch_rank() == 0;
+  // mpirun ends the job when the first rank exits with an error; the other ranks leave a moment
+  // after rank 0 so that its message is out before that.
+  const auto fail = [&](const std::string& msg) {
+    if (root) {
+      std::fprintf(stderr, "error: %s\n", msg.c_str());
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+    return 1;
+  };
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return root ? app.exit(e) : 0;  // --help, --version
-    if (root) {
-      std::fprintf(stderr, "error: %s\n", moeserve::cli::describe_parse_error(e, app).c_str());
-    } else {
-      // mpirun ends the job when the first rank exits with an error; the others leave a moment
-      // after rank 0 so that its message is written before that.
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    }
-    return 1;
+    return fail(moeserve::cli::describe_parse_error(e, app));
   } catch (const moeserve::Error& e) {
-    if (root) std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
+    return fail(e.what());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    std::fprintf(stderr, "error: %s\n", e.what());  // not a collective failure: every rank says
     return 1;
   }
   return 0;
