@@ -7,15 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 progs=("$@")
 [ ${#progs[@]} -gt 0 ] ||
-  progs=(test_core test_kernels test_tokenizer test_model test_moe test_engine test_server test_cli)
+  progs=(test_core test_kernels test_tokenizer test_model test_engine test_server test_cli)
 launcher=()
 if command -v ccache >/dev/null 2>&1; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
 fi
 start=$(date +%s)
-# -g1: line numbers in the reports at little compile time.
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOESERVE_SANITIZE=ON \
-  -DCMAKE_CXX_FLAGS=-g1 "${launcher[@]}" >/dev/null
+# Build type "Sanitize": -O1 compiles the SIMD kernels about 3x faster than -O2 under the
+# sanitizers; -g1 puts line numbers in the reports at little cost.
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Sanitize -DMOESERVE_SANITIZE=ON \
+  -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1" -DCMAKE_C_FLAGS_SANITIZE="-O1 -g1" "${launcher[@]}" \
+  >/dev/null
 ninja -C build-asan -j"$(nproc)" "${progs[@]}"
 built=$(date +%s)
 
