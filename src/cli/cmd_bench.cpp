@@ -205,9 +205,13 @@ void register_bench_command(CLI::App& app) {
   for (const auto& n : model::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
   CLI::App* b =
       app.add_subcommand("bench", "Prefill and decode speed against the machine's bounds");
-  b->add_option("--model", a->model, "Hugging Face model folder")->check(CLI::ExistingDirectory);
-  b->add_option("--preset", a->preset, "Random-weight preset to create and run: " + presets);
-  b->add_option("--dtype", a->dtype, "bf16 or fp8 (with --preset)")
+  b->add_option("--model", a->model)->check(CLI::ExistingDirectory);
+  b->add_option(
+      "--preset", a->preset,
+      "Built-in random-weight configuration to create (once, in --cache-dir) and run: " + presets);
+  b->add_option("--dtype", a->dtype,
+                "Weight dtype of the --preset model: bf16, or fp8 (e4m3, "
+                "128x128 block scales)")
       ->capture_default_str()
       ->check(CLI::IsMember({"bf16", "fp8"}));
   b->add_option("--cache-dir", a->cache_dir, "Where preset models are written")

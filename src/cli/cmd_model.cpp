@@ -32,6 +32,7 @@ struct GenerateArgs {
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
   ParallelArgs par;
+  const CLI::Option* seed_opt = nullptr;  // given on the command line, or a random seed is used
 };
 
 void warn_if_random(const std::string& dir) {
@@ -75,12 +76,20 @@ void run_generate(const GenerateArgs& a) {
     return;
   }
   warn_if_random(a.model);
+  // Without --seed every run samples differently; the seed is printed so a run can be repeated.
+  const uint64_t seed = a.seed_opt->count() > 0 ? a.seed : random_seed();
+  const bool sampled = a.temperature > 0.0f;
   engine::GenerateOptions opt;
   opt.max_tokens = a.max_tokens;
-  opt.sampling = {a.temperature, a.top_p, a.top_k, a.seed};
-  if (!a.ignore_eos && m.config().eos_token_id >= 0)
-    opt.stop_ids.push_back(static_cast<int32_t>(m.config().eos_token_id));
-  if (text && tok->eos_id() >= 0 && !a.ignore_eos) opt.stop_ids.push_back(tok->eos_id());
+  opt.sampling = {a.temperature, a.top_p, a.top_k, seed};
+  if (!a.ignore_eos) {
+    // The end of sequence of config.json, the tokenizer and generation_config.json.
+    if (m.config().eos_token_id >= 0)
+      opt.stop_ids.push_back(static_cast<int32_t>(m.config().eos_token_id));
+    if (text && tok->eos_id() >= 0) opt.stop_ids.push_back(tok->eos_id());
+    for (const int32_t id : generation_config_eos_ids(a.model, m.config().vocab_size))
+      opt.stop_ids.push_back(id);
+  }
   engine::GenerateStats st;
   std::optional<tokenizer::StreamDecoder> dec;
   if (text) dec.emplace(*tok, /*skip_special=*/true);
@@ -99,14 +108,19 @@ void run_generate(const GenerateArgs& a) {
   pm.write_expert_load();
   if (dec && !a.json) std::fputs(dec->finish().c_str(), stdout);
   if (a.json) {
-    std::printf("%s\n", json{{"prompt_ids", prompt}, {"output_ids", out}}.dump().c_str());
+    json j{{"prompt_ids", prompt}, {"output_ids", out}};
+    if (sampled) j["seed"] = seed;  // greedy output does not depend on it
+    std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("\n");
     std::fprintf(stderr,
-                 "prompt %lld tokens in %.3f s, %lld tokens generated in %.3f s (%.2f tokens/s)\n",
+                 "prompt %lld tokens in %.3f s, %lld tokens generated in %.3f s (%.2f tokens/s)",
                  static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
                  static_cast<long long>(st.output_tokens), st.decode_seconds,
                  st.output_tokens > 1 ? (st.output_tokens - 1) / st.decode_seconds : 0.0);
+    if (sampled)
+      std::fprintf(stderr, "; sampled with --seed %llu", static_cast<unsigned long long>(seed));
+    std::fprintf(stderr, "\n");
   }
 }
 
@@ -182,22 +196,29 @@ void run_init(const InitArgs& a) {
 void register_model_commands(CLI::App& app) {
   auto g = std::make_shared<GenerateArgs>();
   CLI::App* gen = app.add_subcommand("generate", "Generate tokens after a prompt");
-  gen->add_option("--model", g->model, "Hugging Face model folder")
-      ->required()
-      ->check(CLI::ExistingDirectory);
+  gen->add_option("--model", g->model)->required()->check(CLI::ExistingDirectory);
   gen->add_option("--prompt-ids", g->prompt_ids, "Prompt as token ids: 1,2,3");
   gen->add_option("--prompt", g->prompt, "Prompt as text (needs the model's tokenizer)");
   gen->add_flag("--chat", g->chat, "Send --prompt as a user message through the chat template");
   gen->add_option("--chat-template", g->chat_template,
-                  "Jinja chat template file to use instead of the model's");
+                  "Jinja chat template file (default: the model's, from tokenizer_config.json)");
   gen->add_option("--max-tokens", g->max_tokens, "Tokens to generate")->capture_default_str();
-  gen->add_option("--temperature", g->temperature, "0 = greedy")->capture_default_str();
-  gen->add_option("--top-p", g->top_p, "Nucleus sampling mass")->capture_default_str();
-  gen->add_option("--top-k", g->top_k, "Sample among the k most likely (0 = all)")
+  gen->add_option("--temperature", g->temperature, "Sampling temperature (0 = greedy)")
       ->capture_default_str();
-  gen->add_option("--seed", g->seed, "Sampling seed")->capture_default_str();
-  gen->add_flag("--json", g->json, "Print {\"prompt_ids\": [...], \"output_ids\": [...]}");
-  gen->add_flag("--ignore-eos", g->ignore_eos, "Do not stop at the end-of-sequence token");
+  gen->add_option("--top-p", g->top_p,
+                  "Nucleus sampling: the smallest set of tokens with this mass")
+      ->capture_default_str();
+  gen->add_option("--top-k", g->top_k, "Sample among the k most likely tokens (0 = all)")
+      ->capture_default_str();
+  g->seed_opt = gen->add_option("--seed", g->seed,
+                                "Sampling seed (default: a random one, printed on stderr or in "
+                                "--json so that the run can be repeated)");
+  gen->add_flag("--json", g->json,
+                "Print {\"prompt_ids\": [...], \"output_ids\": [...]} (and \"seed\" when "
+                "sampling) instead of the text");
+  gen->add_flag("--ignore-eos", g->ignore_eos,
+                "Do not stop at the end-of-sequence tokens (config.json, tokenizer, "
+                "generation_config.json)");
   add_parallel_flags(gen, g->par);
   gen->callback([g] { run_generate(*g); });
 
@@ -205,9 +226,7 @@ void register_model_commands(CLI::App& app) {
   auto par = std::make_shared<ParallelArgs>();
   CLI::App* sc =
       app.add_subcommand("score", "Print log P(ids[i] | ids[<i]) for every token as JSON");
-  sc->add_option("--model", s->first, "Hugging Face model folder")
-      ->required()
-      ->check(CLI::ExistingDirectory);
+  sc->add_option("--model", s->first)->required()->check(CLI::ExistingDirectory);
   sc->add_option("--ids", s->second, "Token ids: 1,2,3")->required();
   add_parallel_flags(sc, *par);
   sc->callback([s, par] { run_score(s->first, s->second, *par); });
@@ -219,11 +238,14 @@ void register_model_commands(CLI::App& app) {
       app.add_subcommand("init-model", "Write a deterministic random-weight checkpoint");
   init->add_option("--config", i->config, "config.json to build the model from");
   init->add_option("--preset", i->preset, "Built-in configuration: " + presets);
-  init->add_option("--out", i->out, "Folder to write")->required();
-  init->add_option("--seed", i->seed, "Seed of the weights")->capture_default_str();
-  init->add_option("--dtype", i->dtype, "bf16 or fp8 (e4m3, 128x128 block scales)")
-      ->capture_default_str();
-  init->add_option("--tokenizer", i->tokenizer, "Copy tokenizer files from this folder");
+  init->add_option("--out", i->out, "Model folder to write")->required()->type_name("DIR");
+  init->add_option("--seed", i->seed, "Seed of the random weights")->capture_default_str();
+  init->add_option("--dtype", i->dtype, "Weight dtype: bf16, or fp8 (e4m3, 128x128 block scales)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"bf16", "fp8"}));
+  init->add_option("--tokenizer", i->tokenizer,
+                   "Copy tokenizer files from this folder (default: the bundled DeepSeek-V3 "
+                   "tokenizer when the vocabulary is its size)");
   init->add_flag("--force", i->force, "Overwrite an existing model");
   init->callback([i] { run_init(*i); });
 }

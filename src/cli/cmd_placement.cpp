@@ -30,12 +30,15 @@ void register_placement_command(CLI::App& app) {
   CLI::App* c = app.add_subcommand(
       "plan-placement",
       "Balance routed experts over ranks from a recorded load (--expert-load-out)");
-  c->add_option("--load", a->load, "Per-expert token counts (JSON, from --expert-load-out)")
+  c->add_option("--load", a->load, "Per-expert routed token counts (JSON, from --expert-load-out)")
       ->required();
   c->add_option("--ranks", a->ranks, "Expert-parallel ranks")->required();
-  c->add_option("--redundant-experts", a->redundant, "Extra replicas of the hottest experts")
+  c->add_option("--redundant-experts", a->redundant,
+                "Extra replicas of routed experts, given to the most loaded ones")
       ->capture_default_str();
-  c->add_option("--out", a->out, "Placement file to write (for --placement)")->required();
+  c->add_option("--out", a->out, "Placement file to write (for --placement)")
+      ->required()
+      ->type_name("FILE");
   c->callback([a] { run_plan(*a); });
 }
 

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "core/error.h"
 
@@ -60,6 +61,104 @@ std::string bundled_tokenizer_dir() {
   for (const auto& c : candidates)
     if (fs::exists(c / "tokenizer.json")) return fs::canonical(c).string();
   return "";
+}
+
+std::vector<int32_t> generation_config_eos_ids(const std::string& dir, int64_t vocab_size) {
+  std::vector<int32_t> ids;
+  std::ifstream in(fs::path(dir) / "generation_config.json");
+  if (!in) return ids;
+  const auto j = nlohmann::json::parse(in, nullptr, false);
+  if (!j.is_object() || !j.contains("eos_token_id")) return ids;
+  const auto& e = j["eos_token_id"];
+  const auto add = [&](const nlohmann::json& v) {
+    if (!v.is_number_integer()) return;
+    const int64_t id = v.get<int64_t>();
+    if (id >= 0 && id < vocab_size && std::find(ids.begin(), ids.end(), id) == ids.end())
+      ids.push_back(static_cast<int32_t>(id));
+  };
+  if (e.is_array()) {
+    for (const auto& v : e) add(v);
+  } else {
+    add(e);
+  }
+  return ids;
+}
+
+uint64_t random_seed() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+int launch_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"})
+    if (const char* v = std::getenv(var)) return std::atoi(v);
+  return 0;
+}
+
+namespace {
+
+constexpr const char* kModelHelp =
+    "Model folder as Hugging Face publishes it (config.json, *.safetensors, tokenizer files)";
+
+// Labels of options that name a file or a folder, the same in every subcommand.
+const std::pair<const char*, const char*> kPathLabels[] = {
+    {"--chat-template", "FILE"}, {"--placement", "FILE"}, {"--expert-load-out", "FILE"},
+    {"--messages", "FILE"},      {"--tools", "FILE"},     {"--file", "FILE"},
+    {"--config", "FILE"},        {"--load", "FILE"},      {"--cache-dir", "DIR"},
+    {"--tokenizer", "DIR"}};
+
+// Options that mean the same in every subcommand that has them, described the same way.
+const std::pair<const char*, const char*> kSharedHelp[] = {
+    {"--chat-template",
+     "Jinja chat template file (default: the model's, from tokenizer_config.json)"}};
+
+// The model folder as the first positional argument: its value goes to --model, as if given
+// there (validators included), so the subcommand reads one variable either way.
+void add_model_positional(CLI::App* sub, CLI::Option* model) {
+  const bool required = model->get_required();
+  model->description(std::string(kModelHelp) + (required
+                                                    ? "; required, here or as the first argument"
+                                                    : "; may also be given as the first argument"));
+  model->option_text("DIR");
+  sub->add_option_function<std::string>(
+         "MODEL",
+         [model](const std::string& dir) {
+           if (model->count() > 0)
+             throw CLI::ValidationError("MODEL",
+                                        "the model folder is given twice (as MODEL and --model)");
+           model->add_result(dir);
+           model->run_callback();
+         },
+         "The model folder (the same as --model DIR)")
+      ->option_text("DIR");
+}
+
+}  // namespace
+
+void finish_subcommands(CLI::App& app) {
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    if (CLI::Option* model = sub->get_option_no_throw("--model")) add_model_positional(sub, model);
+    for (CLI::Option* opt : sub->get_options()) {
+      if (opt->get_type_size() == 0 || opt->get_positional()) continue;  // flags, MODEL
+      for (const auto& [name, label] : kPathLabels)
+        if (opt->check_name(name)) opt->type_name(label);
+      for (const auto& [name, help] : kSharedHelp)
+        if (opt->check_name(name)) opt->description(help);
+      if (opt->get_default_str().empty() &&
+          opt->get_description().find("default") == std::string::npos)
+        opt->capture_default_str();
+    }
+  }
+}
+
+std::string describe_parse_error(const CLI::ParseError& e, const CLI::App& app) {
+  std::string sub;
+  for (const CLI::App* s : app.get_subcommands()) sub = s->get_name();
+  std::string msg = e.what();
+  if (dynamic_cast<const CLI::RequiredError*>(&e) && msg.find("--model") != std::string::npos)
+    msg = "the model folder is missing: give it first (moeserve " + sub +
+          " DIR ...) or as --model DIR";
+  return msg + " (see `moeserve " + (sub.empty() ? "" : sub + " ") + "--help`)";
 }
 
 }  // namespace moeserve::cli

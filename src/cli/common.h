@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
+
 namespace moeserve::cli {
 
 // "1,2,3" (spaces allowed) -> ids; a malformed list is an error naming the bad item.
@@ -15,5 +17,26 @@ bool has_random_weights(const std::string& dir);
 
 // The folder holding the DeepSeek-V3 tokenizer files shipped with moeserve, or "" if not found.
 std::string bundled_tokenizer_dir();
+
+// eos_token_id of `dir`/generation_config.json (a number or a list), ids outside [0, vocab_size)
+// left out; empty when the file is absent or names none.
+std::vector<int32_t> generation_config_eos_ids(const std::string& dir, int64_t vocab_size);
+
+// A seed drawn from the system's entropy source, for sampling when the user gives none.
+uint64_t random_seed();
+
+// This process's rank in an MPI launch (mpirun sets it in the environment; MPI need not be
+// initialized yet), or 0 outside one.
+int launch_rank();
+
+// Run once after every subcommand is registered. For each subcommand with --model: the model
+// folder may also be given as the first positional argument (`moeserve serve models/demo`), and
+// --model reads the same in every --help. Options shared by several subcommands get one label
+// and description, and numeric options show their default unless the description gives it.
+void finish_subcommands(CLI::App& app);
+
+// What main prints for a flag error: one line naming the problem (with the model folder's two
+// spellings when it is missing), and how to see the options.
+std::string describe_parse_error(const CLI::ParseError& e, const CLI::App& app);
 
 }  // namespace moeserve::cli

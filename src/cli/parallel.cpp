@@ -9,22 +9,24 @@
 namespace moeserve::cli {
 
 void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
-  cmd->add_option("--threads", a.threads, "Worker threads per rank (0 = cores / ranks)");
+  cmd->add_option("--threads", a.threads, "Worker threads per rank (0 = cores / ranks)")
+      ->capture_default_str();
   cmd->add_option("--redundant-experts", a.redundant_experts,
-                  "Extra replicas of routed experts spread over the ranks (under mpirun)")
+                  "Extra replicas of routed experts, spread over the ranks (under mpirun)")
       ->capture_default_str();
   cmd->add_option("--placement", a.placement_file,
-                  "Expert placement file (JSON) to use under mpirun");
-  cmd->add_option("--expert-load-out", a.expert_load_out,
-                  "Write per-expert routed token counts (JSON) here at the end");
+                  "Expert placement (JSON, from plan-placement) to use under mpirun");
+  cmd->add_option(
+      "--expert-load-out", a.expert_load_out,
+      "Write per-expert routed token counts (JSON, for plan-placement) here at the end");
   cmd->add_option("--ep-transport", a.ep_transport,
                   "How MoE rows move between ranks: auto (shared memory when all ranks share "
                   "a node, else MPI all-to-alls) or messages (always MPI all-to-alls)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "messages"}));
   cmd->add_flag("--mmap", a.mmap,
-                "Read the weights from the mapped checkpoint (serve, bench); by default they "
-                "are copied into memory first, which reads faster and uses no more memory");
+                "Keep reading the weights from the mapped checkpoint; by default serve and bench "
+                "copy them into memory first, which reads faster and uses no more memory");
 }
 
 ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : ParallelModel(a) {
