@@ -7,10 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 progs=("$@")
 [ ${#progs[@]} -gt 0 ] ||
-  progs=(test_core test_kernels test_tokenizer test_model test_engine test_server test_cli)
+  progs=(test_core test_kernels test_tokenizer test_model test_moe test_engine test_server test_cli)
 launcher=()
 if command -v ccache >/dev/null 2>&1; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
+  # Paths relative to the checkout, so another clone of it reuses the cache.
+  export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
 fi
 start=$(date +%s)
 # Build type "Sanitize": -O1 compiles the SIMD kernels about 3x faster than -O2 under the

@@ -13,16 +13,13 @@ namespace moeserve::cli {
 
 namespace {
 struct InspectArgs {
-  std::string model, model_pos, kv_dtype;
+  std::string model, kv_dtype;
   model::PlanOptions plan;
   bool json = false;
 };
 
 void run_inspect(const InspectArgs& a) {
-  MS_CHECK(a.model.empty() || a.model_pos.empty() || a.model == a.model_pos,
-           "give the model folder once (--model or as an argument)");
-  const std::string dir = a.model.empty() ? a.model_pos : a.model;
-  MS_CHECK(!dir.empty(), "inspect needs a model folder (--model DIR)");
+  const std::string& dir = a.model;
   std::optional<model::KvDtype> kv;
   if (!a.kv_dtype.empty()) {
     model::KvDtype d;
@@ -45,8 +42,7 @@ void register_inspect_command(CLI::App& app) {
       "inspect",
       "Parameters, bytes and per-rank memory of a model folder, from config.json and the "
       "safetensors headers (the shards need not be downloaded)");
-  c->add_option("--model", a->model, "Model folder");
-  c->add_option("model_dir", a->model_pos, "Model folder (instead of --model)");
+  c->add_option("--model", a->model, "Model folder")->required();
   c->add_option("--ep", a->plan.ep, "Expert-parallel ranks")->capture_default_str();
   c->add_option("--context", a->plan.context, "Tokens per sequence")->capture_default_str();
   c->add_option("--seqs", a->plan.seqs, "Sequences held at once")->capture_default_str();
