@@ -27,7 +27,8 @@ namespace fs = std::filesystem;
 namespace {
 
 struct ServeArgs {
-  std::string model, host = "127.0.0.1", api_key, served_name, chat_template;
+  std::string model, host = "127.0.0.1", api_key, api_key_file, served_name, chat_template;
+  bool disable_log_requests = false, disable_log_stats = false;
   int port = 8000;
   int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
   int64_t max_waiting = 256;
@@ -52,10 +53,36 @@ std::vector<int64_t> generation_config_eos(const fs::path& dir) {
   return ids;
 }
 
+// The API key: --api-key, else --api-key-file's first line, else $MOESERVE_API_KEY; "" for none.
+// A key must be printable ASCII without spaces: clients send it in a header as it is.
+std::string api_key(const ServeArgs& a) {
+  MS_CHECK(a.api_key.empty() || a.api_key_file.empty(),
+           "give the API key with --api-key or --api-key-file, not both");
+  std::string key = a.api_key, from = "--api-key";
+  if (!a.api_key_file.empty()) {
+    std::ifstream in(a.api_key_file);
+    MS_CHECK(in, "--api-key-file ", a.api_key_file, " cannot be read");
+    std::getline(in, key);
+    if (!key.empty() && key.back() == '\r') key.pop_back();
+    MS_CHECK(!key.empty(), "--api-key-file ", a.api_key_file,
+             " is empty: its first line is the key");
+    from = "--api-key-file";
+  } else if (key.empty() && std::getenv("MOESERVE_API_KEY")) {
+    key = std::getenv("MOESERVE_API_KEY");
+    from = "MOESERVE_API_KEY";
+  }
+  for (char c : key)
+    MS_CHECK(c > 0x20 && c < 0x7f, "the API key of ", from,
+             " holds a space or a control character; use printable ASCII without spaces");
+  return key;
+}
+
 // The server on top of `svc`, until SIGINT / SIGTERM. `sigs` are blocked in every thread.
+// `listener`: the port, opened before the model was loaded.
 void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer tok,
                 std::optional<server::ChatFormat> chat, const model::ModelConfig& mc,
-                const std::string& layout, int ranks, sigset_t sigs) {
+                const std::string& layout, int ranks, sigset_t sigs,
+                server::http::Listener listener, std::string key) {
   const fs::path dir(a.model);
   std::vector<int32_t> eos = server::default_eos_ids(tok, mc.eos_token_id);
   for (int64_t id : generation_config_eos(dir))
@@ -66,9 +93,9 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   server::ServerOptions so;
   so.host = a.host;
   so.port = a.port;
-  so.api_key = !a.api_key.empty()
-                   ? a.api_key
-                   : (std::getenv("MOESERVE_API_KEY") ? std::getenv("MOESERVE_API_KEY") : "");
+  so.api_key = std::move(key);
+  so.log_requests = !a.disable_log_requests;
+  so.stats_interval_s = a.disable_log_stats ? 0 : 10;
   // A connection holds an HTTP thread while its request runs or waits, on any rank.
   so.http_threads = static_cast<int>(
       std::min<int64_t>((svc.config().max_num_seqs + svc.config().max_waiting) * ranks + 8, 2048));
@@ -79,7 +106,7 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
         p.filename().empty() ? p.parent_path().filename().string() : p.filename().string();
   }
   server::Server srv(svc, std::move(tok), std::move(chat), std::move(eos), so);
-  srv.bind();
+  srv.bind(std::move(listener));
 
   std::thread sig_thread([&] {
     int sig = 0;
@@ -119,6 +146,8 @@ void run_serve(const ServeArgs& a) {
   engine::ClusterConfig cc;
   std::optional<tokenizer::Tokenizer> tok;
   std::optional<server::ChatFormat> chat;
+  server::http::Listener listener;
+  std::string key;
   pm.check_all([&] {
     MS_CHECK(fs::is_regular_file(dir / "tokenizer.json"), a.model,
              " has no tokenizer.json: `moeserve serve` needs the model's tokenizer files "
@@ -151,8 +180,11 @@ void run_serve(const ServeArgs& a) {
     cc.lease_s = a.kv_lease_ms / 1e3;
     cc.validate(world.size());
     if (root) {
+      key = api_key(a);
       tok = tokenizer::Tokenizer::load(dir);
       chat = server::ChatFormat::load(a.model, a.chat_template, *tok);
+      // The port now, not after minutes of loading: a busy one fails at once.
+      listener = server::http::Listener::open(a.host, a.port);
     }
   });
   if (root && !chat)
@@ -180,13 +212,14 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
              " is longer than the model's max_position_embeddings (", max_pos, ")");
   });
-  m.prefault(/*progress=*/false, /*copy=*/!a.par.mmap);
+  m.prefault(/*progress=*/root, /*copy=*/!a.par.mmap);
 
   if (world.size() == 1) {
     engine::Engine engine(m, ec);
     const std::string layout =
         std::to_string(engine.stats().kv_blocks_total) + " KV blocks, one process";
-    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, sigs);
+    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, sigs,
+               std::move(listener), std::move(key));
   } else {
     std::unique_ptr<comm::Mailbox> mb = world.mailbox();
     std::optional<engine::ClusterWorker> worker;
@@ -202,8 +235,8 @@ void run_serve(const ServeArgs& a) {
                                    : "each prefilling and decoding";
       layout += ", " + a.router + " routing";
       try {
-        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(),
-                   sigs);
+        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(), sigs,
+                   std::move(listener), std::move(key));
       } catch (...) {
         fe.reset();  // stops every rank
         compute.join();
@@ -233,7 +266,11 @@ void register_serve_command(CLI::App& app) {
   s->add_option("--host", a->host, "Address to listen on")->capture_default_str();
   s->add_option("--port", a->port, "Port to listen on (0: any free port)")->capture_default_str();
   s->add_option("--api-key", a->api_key,
-                "Require 'Authorization: Bearer KEY' (default: $MOESERVE_API_KEY, else none)");
+                "Require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file or "
+                "$MOESERVE_API_KEY)");
+  s->add_option("--api-key-file", a->api_key_file,
+                "Read the API key from the first line of FILE (default: $MOESERVE_API_KEY, else "
+                "no key)");
   s->add_option("--served-model-name", a->served_name,
                 "Model name in the API (default: the folder's name)");
   s->add_option("--max-num-seqs", a->max_num_seqs, "Sequences running at once")
@@ -247,6 +284,10 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str();
   s->add_option("--chat-template", a->chat_template,
                 "Jinja chat template file (default: the model's tokenizer_config.json)");
+  s->add_flag("--disable-log-requests", a->disable_log_requests,
+              "No log line per request on stderr");
+  s->add_flag("--disable-log-stats", a->disable_log_stats,
+              "No throughput line every 10 s on stderr while requests run");
   add_parallel_flags(s, a->par);
   s->add_option("--prefill-ranks", a->prefill_ranks,
                 "Under mpirun: ranks [0, P) prefill (an expert-parallel group of their own)");
