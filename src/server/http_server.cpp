@@ -20,6 +20,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 
@@ -182,7 +183,11 @@ struct Connection {
   std::atomic<bool> kill{false};  // stop(): the socket is being shut down under the worker
 
   void reset_request() {
+    std::string remote = std::move(req.remote_addr);
+    const int remote_port = req.remote_port;
     req = Request{};
+    req.remote_addr = std::move(remote);
+    req.remote_port = remote_port;
     line_seen = false;
     header_bytes = header_count = 0;
     chunked = false;
@@ -412,6 +417,7 @@ struct Server::Impl {
   std::atomic<int> nconns{0};
   bool stop_begun = false, forced = false;
   Clock::time_point stop_deadline;
+  std::optional<Clock::time_point> accept_paused_until;
 
   // Workers.
   std::mutex qmu;
@@ -756,7 +762,13 @@ struct Server::Impl {
                                SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
-        return;  // EAGAIN, or out of descriptors: the rest wait in the backlog
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          // Out of descriptors: the rest wait in the backlog. The listener stays readable, so
+          // it is left out of the loop for a moment instead of spinning on it.
+          ::epoll_ctl(ep, EPOLL_CTL_DEL, listener.fd(), nullptr);
+          accept_paused_until = Clock::now() + std::chrono::milliseconds(100);
+        }
+        return;
       }
       char host[INET6_ADDRSTRLEN] = "?";
       int port = 0;
@@ -1006,6 +1018,15 @@ void Server::run() {
       }
     }
     s.take_returned();
+    if (s.accept_paused_until && Clock::now() >= *s.accept_paused_until) {
+      s.accept_paused_until.reset();
+      if (s.listener.fd() >= 0) {
+        epoll_event e{};
+        e.events = EPOLLIN;
+        e.data.fd = s.listener.fd();
+        ::epoll_ctl(s.ep, EPOLL_CTL_ADD, s.listener.fd(), &e);
+      }
+    }
     if (s.stopping && !s.stop_begun) s.begin_stop();
     s.check_deadlines();
     if (s.stop_begun) {

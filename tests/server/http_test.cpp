@@ -516,6 +516,47 @@ TEST(HttpMemory, LargeRequestsHandTheirMemoryBack) {
 #endif
 }
 
+// One log line per request (client address and port included on kept-alive connections too),
+// and the periodic throughput line while requests ran.
+TEST(HttpLog, RequestLinesAndStatsLine) {
+  server::ServerOptions so;
+  so.log_requests = true;
+  so.stats_interval_s = 0.2;
+  TestServer s(test_engine_config(), so);
+  ::testing::internal::CaptureStderr();
+  {
+    auto c = client(s.port());
+    c.set_keep_alive(true);
+    for (int i = 0; i < 3; ++i)
+      EXPECT_EQ(
+          c.Post("/v1/completions", completion_body("Hello", 3).dump(), "application/json")->status,
+          200);
+  }
+  EXPECT_EQ(get(s.port(), "/nothing").status, 404);
+  std::this_thread::sleep_for(1s);  // five stats intervals
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  int generation_lines = 0;
+  for (size_t p = err.find("moeserve: 127.0.0.1:"); p != std::string::npos;
+       p = err.find("moeserve: 127.0.0.1:", p + 1)) {
+    const std::string line = err.substr(p, err.find('\n', p) - p);
+    if (line.find("\"POST /v1/completions\" 200") != std::string::npos) {
+      ++generation_lines;
+      EXPECT_NE(line.find("prompt 2 + completion 3 tokens"), std::string::npos) << line;
+    }
+  }
+  EXPECT_EQ(generation_lines, 3) << err;
+  EXPECT_NE(err.find("\"GET /nothing\" 404"), std::string::npos) << err;
+  // The stats lines account for every request, however the intervals fell.
+  int finished = 0;
+  for (size_t p = err.find(" requests finished, prompt "); p != std::string::npos;
+       p = err.find(" requests finished, prompt ", p + 1)) {
+    const size_t start = err.rfind("moeserve: ", p) + 10;
+    finished += std::atoi(err.c_str() + start);
+  }
+  EXPECT_EQ(finished, 3) << err;
+  EXPECT_NE(err.find("tokens/s"), std::string::npos) << err;
+}
+
 // `moeserve serve` as a process: a busy port fails before the model loads; a request is logged;
 // SIGTERM with a slow client connected ends the process within seconds and the client gets 503.
 TEST(HttpProcess, ServeLogsRequestsAndStopsOnSigterm) {
