@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -77,11 +78,53 @@ std::string api_key(const ServeArgs& a) {
   return key;
 }
 
-// The server on top of `svc`, until SIGINT / SIGTERM. `sigs` are blocked in every thread.
-// `listener`: the port, opened before the model was loaded.
+// SIGINT / SIGTERM, waited for on a thread of its own from the start (`sigs` are blocked in
+// every thread). Before the server runs, a signal ends the process at once: loading a large
+// model takes minutes. While it runs, a signal stops the server.
+class SignalWatch {
+ public:
+  explicit SignalWatch(sigset_t sigs) : sigs_(sigs), thread_([this] { wait(); }) {}
+  ~SignalWatch() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      done_ = true;
+    }
+    pthread_kill(thread_.native_handle(), SIGTERM);  // wakes sigwait if no signal came
+    thread_.join();
+  }
+  // The server a signal stops from now on; nullptr before it is destroyed.
+  void attach(server::Server* srv) {
+    std::lock_guard<std::mutex> lk(mu_);  // waits for a stop() in progress
+    srv_ = srv;
+  }
+
+ private:
+  void wait() {
+    int sig = 0;
+    sigwait(&sigs_, &sig);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (done_) return;
+    const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    if (!srv_) {
+      std::fprintf(stderr, "moeserve: %s received before serving; exiting\n", name);
+      std::_Exit(128 + sig);
+    }
+    std::fprintf(stderr, "moeserve: %s received, shutting down\n", name);
+    srv_->stop();  // a few seconds at most
+  }
+
+  sigset_t sigs_;
+  std::mutex mu_;
+  server::Server* srv_ = nullptr;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+// The server on top of `svc`, until SIGINT / SIGTERM (`signals`). `listener`: the port, opened
+// before the model was loaded.
 void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer tok,
                 std::optional<server::ChatFormat> chat, const model::ModelConfig& mc,
-                const std::string& layout, int ranks, sigset_t sigs,
+                const std::string& layout, int ranks, SignalWatch& signals,
                 server::http::Listener listener, std::string key) {
   const fs::path dir(a.model);
   std::vector<int32_t> eos = server::default_eos_ids(tok, mc.eos_token_id);
@@ -107,14 +150,7 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   }
   server::Server srv(svc, std::move(tok), std::move(chat), std::move(eos), so);
   srv.bind(std::move(listener));
-
-  std::thread sig_thread([&] {
-    int sig = 0;
-    sigwait(&sigs, &sig);
-    std::fprintf(stderr, "moeserve: %s received, shutting down\n",
-                 sig == SIGINT ? "SIGINT" : "SIGTERM");
-    srv.stop();
-  });
+  signals.attach(&srv);
   std::printf(
       "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
       "max_num_seqs %lld per rank, %s)\n",
@@ -122,10 +158,14 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
       static_cast<long long>(svc.config().max_model_len),
       static_cast<long long>(svc.config().max_num_seqs), layout.c_str());
   std::fflush(stdout);
-  srv.run();
+  try {
+    srv.run();
+  } catch (...) {
+    signals.attach(nullptr);
+    throw;
+  }
   srv.stop();
-  pthread_kill(sig_thread.native_handle(), SIGTERM);  // wakes sigwait if no signal came
-  sig_thread.join();
+  signals.attach(nullptr);
 }
 
 void run_serve(const ServeArgs& a) {
@@ -142,6 +182,8 @@ void run_serve(const ServeArgs& a) {
   ParallelModel pm(a.par);
   comm::Communicator& world = pm.world();
   const bool root = pm.is_root();
+  std::optional<SignalWatch> signals;  // rank 0's; mpirun ends the others
+  if (root) signals.emplace(sigs);
   const fs::path dir(a.model);
   engine::ClusterConfig cc;
   std::optional<tokenizer::Tokenizer> tok;
@@ -181,10 +223,10 @@ void run_serve(const ServeArgs& a) {
     cc.validate(world.size());
     if (root) {
       key = api_key(a);
+      // The port first, not after minutes of loading: a busy one fails at once.
+      listener = server::http::Listener::open(a.host, a.port);
       tok = tokenizer::Tokenizer::load(dir);
       chat = server::ChatFormat::load(a.model, a.chat_template, *tok);
-      // The port now, not after minutes of loading: a busy one fails at once.
-      listener = server::http::Listener::open(a.host, a.port);
     }
   });
   if (root && !chat)
@@ -218,7 +260,7 @@ void run_serve(const ServeArgs& a) {
     engine::Engine engine(m, ec);
     const std::string layout =
         std::to_string(engine.stats().kv_blocks_total) + " KV blocks, one process";
-    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, sigs,
+    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, *signals,
                std::move(listener), std::move(key));
   } else {
     std::unique_ptr<comm::Mailbox> mb = world.mailbox();
@@ -235,8 +277,8 @@ void run_serve(const ServeArgs& a) {
                                    : "each prefilling and decoding";
       layout += ", " + a.router + " routing";
       try {
-        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(), sigs,
-                   std::move(listener), std::move(key));
+        serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(),
+                   *signals, std::move(listener), std::move(key));
       } catch (...) {
         fe.reset();  // stops every rank
         compute.join();

@@ -563,6 +563,8 @@ TEST(HttpProcess, ServeLogsRequestsAndStopsOnSigterm) {
   ASSERT_TRUE(std::filesystem::exists(MOESERVE_BINARY)) << "build the moeserve target first";
   TempDir tmp;
   auto spawn = [&](const std::vector<std::string>& args, const std::string& tag) {
+    std::fflush(stdout);  // else the child writes what is buffered a second time
+    std::fflush(stderr);
     const pid_t pid = fork();
     if (pid == 0) {
       freopen((tmp / (tag + ".out")).c_str(), "w", stdout);
@@ -639,6 +641,17 @@ TEST(HttpProcess, ServeLogsRequestsAndStopsOnSigterm) {
   EXPECT_NE(err.find("\"POST /v1/completions\" 200"), std::string::npos) << err;
   EXPECT_NE(err.find("prompt "), std::string::npos) << err;
   EXPECT_NE(err.find("loading weights"), std::string::npos) << err;
+
+  // A signal while the model loads ends the process at once.
+  std::vector<std::string> c = common;
+  c.insert(c.end(), {"--port", "0"});
+  const pid_t early = spawn(c, "c");
+  std::this_thread::sleep_for(50ms);
+  const auto t_early = Clock::now();
+  kill(early, SIGTERM);
+  const int early_status = wait_exit(early, 10s);
+  EXPECT_TRUE(early_status == 128 + SIGTERM || early_status == 128) << early_status;
+  EXPECT_LT(Clock::now() - t_early, 5s);
 
   const auto t0 = Clock::now();
   kill(pid, SIGTERM);
