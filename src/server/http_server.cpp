@@ -976,12 +976,17 @@ void Server::run() {
   {
     std::lock_guard<std::mutex> lk(s.run_mu);
     if (s.stopping || s.running || s.run_done) return;
+    s.ep = ::epoll_create1(EPOLL_CLOEXEC);
+    s.wake = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s.ep < 0 || s.wake < 0) {
+      const int err = errno;
+      if (s.ep >= 0) ::close(s.ep);
+      if (s.wake >= 0) ::close(s.wake);
+      s.ep = s.wake = -1;
+      ::moeserve::fail("cannot create the HTTP server's event loop: ", std::strerror(err));
+    }
     s.running = true;
   }
-  s.ep = ::epoll_create1(EPOLL_CLOEXEC);
-  s.wake = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  MS_CHECK(s.ep >= 0 && s.wake >= 0,
-           "cannot create the server's event loop: ", std::strerror(errno));
   for (int fd : {s.listener.fd(), s.wake}) {
     epoll_event e{};
     e.events = EPOLLIN;
@@ -1042,11 +1047,11 @@ void Server::run() {
   s.qcv.notify_all();
   for (auto& t : s.threads) t.join();
   s.threads.clear();
-  ::close(s.ep);
-  ::close(s.wake);
-  s.ep = s.wake = -1;
   {
-    std::lock_guard<std::mutex> lk(s.run_mu);
+    std::lock_guard<std::mutex> lk(s.run_mu);  // stop() writes to `wake` under it
+    ::close(s.ep);
+    ::close(s.wake);
+    s.ep = s.wake = -1;
     s.running = false;
     s.run_done = true;
   }
