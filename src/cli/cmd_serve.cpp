@@ -30,6 +30,7 @@ namespace {
 struct ServeArgs {
   std::string model, host = "127.0.0.1", api_key, api_key_file, served_name, chat_template;
   bool disable_log_requests = false, disable_log_stats = false;
+  int max_connections = 0, max_connections_per_client = 0;
   int port = 8000;
   int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
   int64_t max_waiting = 256;
@@ -139,6 +140,8 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   so.api_key = std::move(key);
   so.log_requests = !a.disable_log_requests;
   so.stats_interval_s = a.disable_log_stats ? 0 : 10;
+  so.http.max_connections = a.max_connections;
+  so.http.max_connections_per_client = a.max_connections_per_client;
   // A connection holds an HTTP thread while its request runs or waits, on any rank.
   so.http_threads = static_cast<int>(
       std::min<int64_t>((svc.config().max_num_seqs + svc.config().max_waiting) * ranks + 8, 2048));
@@ -203,6 +206,8 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(a.kv_cache_mb >= 1, "--kv-cache-mb must be >= 1");
     MS_CHECK(a.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
     MS_CHECK(a.max_waiting >= 1, "--max-waiting must be >= 1");
+    MS_CHECK(a.max_connections >= 0 && a.max_connections_per_client >= 0,
+             "--max-connections and --max-connections-per-client must be >= 0");
     MS_CHECK(a.router == "least-loaded" || a.router == "round-robin",
              "--router must be "
              "least-loaded or round-robin, not '",
@@ -326,6 +331,14 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str();
   s->add_option("--chat-template", a->chat_template,
                 "Jinja chat template file (default: the model's tokenizer_config.json)");
+  s->add_option("--max-connections", a->max_connections,
+                "Open HTTP connections at most; more are answered 503 (0: 1024, or twice the "
+                "HTTP workers if more, within the open-file limit)")
+      ->capture_default_str();
+  s->add_option("--max-connections-per-client", a->max_connections_per_client,
+                "Open HTTP connections from one client address at most (0: a quarter of "
+                "--max-connections; raise it behind a proxy)")
+      ->capture_default_str();
   s->add_flag("--disable-log-requests", a->disable_log_requests,
               "No log line per request on stderr");
   s->add_flag("--disable-log-stats", a->disable_log_stats,

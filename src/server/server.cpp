@@ -104,12 +104,14 @@ std::string percent_decode(std::string_view s) {
   return out;
 }
 
-int default_max_connections() {
+// 1024, or twice the workers when there are more, but never more than the process may open.
+int default_max_connections(int workers) {
   rlimit r{};
-  int64_t files = 4096;
+  int64_t files = 1 << 20;
   if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY)
     files = static_cast<int64_t>(r.rlim_cur);
-  return static_cast<int>(std::clamp<int64_t>(files - 64, 16, 1024));
+  return static_cast<int>(
+      std::clamp<int64_t>(files - 64, 16, std::max<int64_t>(1024, 2 * int64_t{workers})));
 }
 
 }  // namespace
@@ -143,7 +145,7 @@ Server::Server(engine::Service& engine, tokenizer::Tokenizer tok, std::optional<
   http::Options ho = ctx_->opt.http;
   ho.workers = threads;
   ho.max_body_bytes = ctx_->opt.max_body_bytes;
-  if (ho.max_connections <= 0) ho.max_connections = default_max_connections();
+  if (ho.max_connections <= 0) ho.max_connections = default_max_connections(threads);
   if (ho.max_connections_per_client <= 0)
     ho.max_connections_per_client = std::max(1, ho.max_connections / 4);
   http::Callbacks cb;

@@ -37,8 +37,9 @@ struct ServerOptions {
   int http_threads = 0;              // 0: engine's max_num_seqs + max_waiting + 8
   ProtocolLimits limits;
   // The HTTP side's limits and deadlines (max_body_bytes and http_threads above override its
-  // max_body_bytes and workers). max_connections 0: 1024, or less when the process may open fewer
-  // files; max_connections_per_client 0: a quarter of max_connections.
+  // max_body_bytes and workers). max_connections 0: 1024 or twice the workers, whichever is
+  // more, and less when the process may open fewer files; max_connections_per_client 0: a
+  // quarter of max_connections.
   http::Options http;
   bool log_requests = false;    // one line per request on stderr
   double stats_interval_s = 0;  // > 0: a throughput line on stderr this often, while busy
