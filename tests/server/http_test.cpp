@@ -605,7 +605,11 @@ TEST(HttpProcess, ServeLogsRequestsAndStopsOnSigterm) {
                                            "--threads",
                                            "1"};
   std::vector<std::string> a = common;
-  a.insert(a.end(), {"--port", "0"});
+  {
+    std::ofstream key(tmp / "key");
+    key << "sekret\n";
+  }
+  a.insert(a.end(), {"--port", "0", "--api-key-file", tmp / "key"});
   const pid_t pid = spawn(a, "a");
   int port = 0;
   const auto until = Clock::now() + 60s;
@@ -629,7 +633,11 @@ TEST(HttpProcess, ServeLogsRequestsAndStopsOnSigterm) {
   std::printf("busy port reported after %.2f s\n",
               std::chrono::duration<double>(Clock::now() - t_busy).count());
 
-  EXPECT_EQ(post(port, "/v1/completions", completion_body("Hello", 2)).status, 200);
+  EXPECT_EQ(post(port, "/v1/completions", completion_body("Hello", 2)).status, 401);
+  EXPECT_EQ(post(port, "/v1/completions", completion_body("Hello", 2),
+                 {{"Authorization", "Bearer sekret"}})
+                .status,
+            200);
   RawConn slow(port);
   ASSERT_TRUE(slow.send("POST /v1/completions HTTP/1.1\r\nHost: x\r\n"));
   // The request line is logged once the response is out.
@@ -642,9 +650,20 @@ TEST(HttpProcess, ServeLogsRequestsAndStopsOnSigterm) {
   EXPECT_NE(err.find("prompt "), std::string::npos) << err;
   EXPECT_NE(err.find("loading weights"), std::string::npos) << err;
 
-  // A signal while the model loads ends the process at once.
   std::vector<std::string> c = common;
   c.insert(c.end(), {"--port", "0"});
+  // A key file that cannot be read, or a key with a space: one line, at once.
+  std::vector<std::string> d = common;
+  d.insert(d.end(), {"--port", "0", "--api-key-file", tmp / "missing"});
+  EXPECT_EQ(wait_exit(spawn(d, "d"), 30s), 1);
+  EXPECT_NE(slurp("d.err").find("--api-key-file"), std::string::npos) << slurp("d.err");
+  setenv("MOESERVE_API_KEY", "two words", 1);
+  EXPECT_EQ(wait_exit(spawn(c, "e"), 30s), 1);
+  unsetenv("MOESERVE_API_KEY");
+  EXPECT_NE(slurp("e.err").find("MOESERVE_API_KEY holds a space"), std::string::npos)
+      << slurp("e.err");
+
+  // A signal while the model loads ends the process at once.
   const pid_t early = spawn(c, "c");
   std::this_thread::sleep_for(50ms);
   const auto t_early = Clock::now();
