@@ -944,6 +944,12 @@ struct Server::Impl {
 };
 
 Server::Server(Options opt, Callbacks cb) : impl_(std::make_unique<Impl>()) {
+  // Request bodies and what is parsed from them are megabytes, freed on worker threads. glibc
+  // keeps the top of a thread's arena when it is freed (up to twice its mmap threshold, which
+  // grows to the largest block freed), and malloc_trim does not reach it; blocks of 1 MiB and
+  // more mapped on their own go back to the system when freed, in any thread.
+  static const bool once = [] { return mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1; }();
+  (void)once;
   impl_->opt = std::move(opt);
   impl_->cb = std::move(cb);
   MS_CHECK(impl_->cb.handle, "http::Server needs a handler");
