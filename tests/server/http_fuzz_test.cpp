@@ -120,6 +120,7 @@ class Gen {
                               "/v1/models",
                               "/v1/models/demo",
                               "/v1/models/%64emo",
+                              "/v1/models/%ff%00%",
                               "/v1/models/",
                               "/v1/completions",
                               "/v1/completions",
