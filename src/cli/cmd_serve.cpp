@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -27,7 +28,9 @@ namespace fs = std::filesystem;
 namespace {
 
 struct ServeArgs {
-  std::string model, host = "127.0.0.1", api_key, served_name, chat_template;
+  std::string model, host = "127.0.0.1", api_key, api_key_file, served_name, chat_template;
+  bool disable_log_requests = false, disable_log_stats = false;
+  int max_connections = 0, max_connections_per_client = 0;
   int port = 8000;
   int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
   int64_t max_waiting = 256;
@@ -52,10 +55,78 @@ std::vector<int64_t> generation_config_eos(const fs::path& dir) {
   return ids;
 }
 
-// The server on top of `svc`, until SIGINT / SIGTERM. `sigs` are blocked in every thread.
+// The API key: --api-key, else --api-key-file's first line, else $MOESERVE_API_KEY; "" for none.
+// A key must be printable ASCII without spaces: clients send it in a header as it is.
+std::string api_key(const ServeArgs& a) {
+  MS_CHECK(a.api_key.empty() || a.api_key_file.empty(),
+           "give the API key with --api-key or --api-key-file, not both");
+  std::string key = a.api_key, from = "--api-key";
+  if (!a.api_key_file.empty()) {
+    std::ifstream in(a.api_key_file);
+    MS_CHECK(in, "--api-key-file ", a.api_key_file, " cannot be read");
+    std::getline(in, key);
+    if (!key.empty() && key.back() == '\r') key.pop_back();
+    MS_CHECK(!key.empty(), "--api-key-file ", a.api_key_file,
+             " is empty: its first line is the key");
+    from = "--api-key-file";
+  } else if (key.empty() && std::getenv("MOESERVE_API_KEY")) {
+    key = std::getenv("MOESERVE_API_KEY");
+    from = "MOESERVE_API_KEY";
+  }
+  for (char c : key)
+    MS_CHECK(c > 0x20 && c < 0x7f, "the API key of ", from,
+             " holds a space or a control character; use printable ASCII without spaces");
+  return key;
+}
+
+// SIGINT / SIGTERM, waited for on a thread of its own from the start (`sigs` are blocked in
+// every thread). Before the server runs, a signal ends the process at once: loading a large
+// model takes minutes. While it runs, a signal stops the server.
+class SignalWatch {
+ public:
+  explicit SignalWatch(sigset_t sigs) : sigs_(sigs), thread_([this] { wait(); }) {}
+  ~SignalWatch() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      done_ = true;
+    }
+    pthread_kill(thread_.native_handle(), SIGTERM);  // wakes sigwait if no signal came
+    thread_.join();
+  }
+  // The server a signal stops from now on; nullptr before it is destroyed.
+  void attach(server::Server* srv) {
+    std::lock_guard<std::mutex> lk(mu_);  // waits for a stop() in progress
+    srv_ = srv;
+  }
+
+ private:
+  void wait() {
+    int sig = 0;
+    sigwait(&sigs_, &sig);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (done_) return;
+    const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    if (!srv_) {
+      std::fprintf(stderr, "moeserve: %s received before serving; exiting\n", name);
+      std::_Exit(128 + sig);
+    }
+    std::fprintf(stderr, "moeserve: %s received, shutting down\n", name);
+    srv_->stop();  // a few seconds at most
+  }
+
+  sigset_t sigs_;
+  std::mutex mu_;
+  server::Server* srv_ = nullptr;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+// The server on top of `svc`, until SIGINT / SIGTERM (`signals`). `listener`: the port, opened
+// before the model was loaded.
 void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer tok,
                 std::optional<server::ChatFormat> chat, const model::ModelConfig& mc,
-                const std::string& layout, int ranks, sigset_t sigs) {
+                const std::string& layout, int ranks, SignalWatch& signals,
+                server::http::Listener listener, std::string key) {
   const fs::path dir(a.model);
   std::vector<int32_t> eos = server::default_eos_ids(tok, mc.eos_token_id);
   for (int64_t id : generation_config_eos(dir))
@@ -66,9 +137,11 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   server::ServerOptions so;
   so.host = a.host;
   so.port = a.port;
-  so.api_key = !a.api_key.empty()
-                   ? a.api_key
-                   : (std::getenv("MOESERVE_API_KEY") ? std::getenv("MOESERVE_API_KEY") : "");
+  so.api_key = std::move(key);
+  so.log_requests = !a.disable_log_requests;
+  so.stats_interval_s = a.disable_log_stats ? 0 : 10;
+  so.http.max_connections = a.max_connections;
+  so.http.max_connections_per_client = a.max_connections_per_client;
   // A connection holds an HTTP thread while its request runs or waits, on any rank.
   so.http_threads = static_cast<int>(
       std::min<int64_t>((svc.config().max_num_seqs + svc.config().max_waiting) * ranks + 8, 2048));
@@ -79,15 +152,8 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
         p.filename().empty() ? p.parent_path().filename().string() : p.filename().string();
   }
   server::Server srv(svc, std::move(tok), std::move(chat), std::move(eos), so);
-  srv.bind();
-
-  std::thread sig_thread([&] {
-    int sig = 0;
-    sigwait(&sigs, &sig);
-    std::fprintf(stderr, "moeserve: %s received, shutting down\n",
-                 sig == SIGINT ? "SIGINT" : "SIGTERM");
-    srv.stop();
-  });
+  srv.bind(std::move(listener));
+  signals.attach(&srv);
   std::printf(
       "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
       "max_num_seqs %lld per rank, %s)\n",
@@ -95,10 +161,14 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
       static_cast<long long>(svc.config().max_model_len),
       static_cast<long long>(svc.config().max_num_seqs), layout.c_str());
   std::fflush(stdout);
-  srv.run();
+  try {
+    srv.run();
+  } catch (...) {
+    signals.attach(nullptr);
+    throw;
+  }
   srv.stop();
-  pthread_kill(sig_thread.native_handle(), SIGTERM);  // wakes sigwait if no signal came
-  sig_thread.join();
+  signals.attach(nullptr);
 }
 
 void run_serve(const ServeArgs& a) {
@@ -115,10 +185,14 @@ void run_serve(const ServeArgs& a) {
   ParallelModel pm(a.par);
   comm::Communicator& world = pm.world();
   const bool root = pm.is_root();
+  std::optional<SignalWatch> signals;  // rank 0's; mpirun ends the others
+  if (root) signals.emplace(sigs);
   const fs::path dir(a.model);
   engine::ClusterConfig cc;
   std::optional<tokenizer::Tokenizer> tok;
   std::optional<server::ChatFormat> chat;
+  server::http::Listener listener;
+  std::string key;
   pm.check_all([&] {
     MS_CHECK(fs::is_regular_file(dir / "tokenizer.json"), a.model,
              " has no tokenizer.json: `moeserve serve` needs the model's tokenizer files "
@@ -132,6 +206,8 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(a.kv_cache_mb >= 1, "--kv-cache-mb must be >= 1");
     MS_CHECK(a.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
     MS_CHECK(a.max_waiting >= 1, "--max-waiting must be >= 1");
+    MS_CHECK(a.max_connections >= 0 && a.max_connections_per_client >= 0,
+             "--max-connections and --max-connections-per-client must be >= 0");
     MS_CHECK(a.router == "least-loaded" || a.router == "round-robin",
              "--router must be "
              "least-loaded or round-robin, not '",
@@ -152,6 +228,9 @@ void run_serve(const ServeArgs& a) {
     cc.peer_timeout_s = a.peer_timeout_ms / 1e3;
     cc.validate(world.size());
     if (root) {
+      key = api_key(a);
+      // The port first, not after minutes of loading: a busy one fails at once.
+      listener = server::http::Listener::open(a.host, a.port);
       tok = tokenizer::Tokenizer::load(dir);
       chat = server::ChatFormat::load(a.model, a.chat_template, *tok);
     }
@@ -181,13 +260,14 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
              " is longer than the model's max_position_embeddings (", max_pos, ")");
   });
-  m.prefault(/*progress=*/false, /*copy=*/!a.par.mmap);
+  m.prefault(/*progress=*/root, /*copy=*/!a.par.mmap);
 
   if (world.size() == 1) {
     engine::Engine engine(m, ec);
     const std::string layout =
         std::to_string(engine.stats().kv_blocks_total) + " KV blocks, one process";
-    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, sigs);
+    serve_http(engine, a, std::move(*tok), std::move(chat), m.config(), layout, 1, *signals,
+               std::move(listener), std::move(key));
   } else {
     std::unique_ptr<comm::Mailbox> mb = world.mailbox();
     std::optional<engine::ClusterWorker> worker;
@@ -213,7 +293,7 @@ void run_serve(const ServeArgs& a) {
       };
       try {
         serve_http(*fe, a, std::move(*tok), std::move(chat), m.config(), layout, world.size(),
-                   sigs);
+                   *signals, std::move(listener), std::move(key));
       } catch (...) {
         stop_ranks();
         throw;
@@ -241,7 +321,11 @@ void register_serve_command(CLI::App& app) {
   s->add_option("--host", a->host, "Address to listen on")->capture_default_str();
   s->add_option("--port", a->port, "Port to listen on (0: any free port)")->capture_default_str();
   s->add_option("--api-key", a->api_key,
-                "Require 'Authorization: Bearer KEY' (default: $MOESERVE_API_KEY, else none)");
+                "Require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file or "
+                "$MOESERVE_API_KEY)");
+  s->add_option("--api-key-file", a->api_key_file,
+                "Read the API key from the first line of FILE (default: $MOESERVE_API_KEY, else "
+                "no key)");
   s->add_option("--served-model-name", a->served_name,
                 "Model name in the API (default: the folder's name)");
   s->add_option("--max-num-seqs", a->max_num_seqs, "Sequences running at once")
@@ -255,6 +339,18 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str();
   s->add_option("--chat-template", a->chat_template,
                 "Jinja chat template file (default: the model's tokenizer_config.json)");
+  s->add_option("--max-connections", a->max_connections,
+                "Open HTTP connections at most; more are answered 503 (0: 1024, or twice the "
+                "HTTP workers if more, within the open-file limit)")
+      ->capture_default_str();
+  s->add_option("--max-connections-per-client", a->max_connections_per_client,
+                "Open HTTP connections from one client address at most (0: a quarter of "
+                "--max-connections; raise it behind a proxy)")
+      ->capture_default_str();
+  s->add_flag("--disable-log-requests", a->disable_log_requests,
+              "No log line per request on stderr");
+  s->add_flag("--disable-log-stats", a->disable_log_stats,
+              "No throughput line every 10 s on stderr while requests run");
   add_parallel_flags(s, a->par);
   s->add_option("--prefill-ranks", a->prefill_ranks,
                 "Under mpirun: ranks [0, P) prefill (an expert-parallel group of their own)");

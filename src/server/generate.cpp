@@ -2,12 +2,10 @@
 
 #include <random>
 
-#include "server/http.h"
-
 #include "core/error.h"
 #include "server/api_error.h"
 #include "server/chat_format.h"
-#include "server/connection.h"
+#include "server/http_server.h"
 #include "server/server.h"
 
 namespace moeserve::server {
@@ -106,47 +104,54 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
   return p;
 }
 
-void handle_generate(ServerContext& ctx, Endpoint endpoint, const httplib::Request& req,
-                     httplib::Response& res) {
+std::string usage_note(const Generation& gen) {
+  const Usage u = gen.usage();
+  return "prompt " + std::to_string(u.prompt_tokens) + " + completion " +
+         std::to_string(u.completion_tokens) + " tokens";
+}
+
+void handle_generate(ServerContext& ctx, Endpoint endpoint, http::Exchange& ex) {
   const auto arrival = Clock::now();
   if (ctx.stopping) throw ApiError(503, "The server is shutting down.", "", "shutting_down");
   GenRequest g;
   Prepared p;
   try {
-    g = parse_request(endpoint, req.body, ctx.opt.limits);
+    g = parse_request(endpoint, ex.request().body, ctx.opt.limits);
     p = prepare(ctx, g);
   } catch (const ApiError&) {
     ctx.metrics.record_request(endpoint == Endpoint::Chat ? "chat" : "completions",
                                Outcome::Invalid);
     throw;
   }
-  auto gen = std::make_shared<Generation>(ctx, g, std::move(p), arrival);
-  gen->submit();
+  Generation gen(ctx, g, std::move(p), arrival);
+  gen.submit();
   if (g.stream) {
-    stream_response(ctx, std::move(gen), res);
+    stream_response(ctx, gen, ex);
+    ex.note(usage_note(gen));
     return;
   }
 
   // Not streamed: wait for the whole output, watching the client and the server meanwhile.
-  ConnectionWatch watch(req);
   Delta all;
-  while (!gen->done()) {
+  while (!gen.done()) {
     if (ctx.stopping) {
-      gen->abort();
+      gen.abort();
       throw ApiError(503, "The server is shutting down.", "", "shutting_down");
     }
     Delta d;
-    gen->step(d, kPoll);
+    gen.step(d, kPoll);
     all.append(std::move(d));
-    if (!gen->done() && watch.peer_closed()) {
-      gen->abort();  // nobody is left to answer
-      res.status = 499;
+    if (!gen.done() && ex.client_gone()) {
+      gen.abort();  // nobody is left to answer
+      ex.abandon();
+      ex.note("client gone, " + usage_note(gen));
       return;
     }
   }
-  if (gen->failed()) throw ApiError(500, gen->error(), "", "generation_failed");
-  res.set_content(to_wire(gen->builder().full(all, gen->finish_reason(), gen->usage())),
-                  "application/json");
+  ex.note(usage_note(gen));
+  if (gen.failed()) throw ApiError(500, gen.error(), "", "generation_failed");
+  ex.respond(200, "application/json",
+             to_wire(gen.builder().full(all, gen.finish_reason(), gen.usage())));
 }
 
 }  // namespace moeserve::server

@@ -100,8 +100,9 @@ bool Generation::step(Delta& out, std::chrono::milliseconds timeout) {
 
 void Generation::abort() {
   if (done_) return;
-  session_->cancel();
+  // Counted before the engine frees the blocks: whoever sees them free sees the count too.
   complete(Outcome::Cancelled);
+  session_->cancel();
 }
 
 void Generation::complete(Outcome outcome) {

@@ -1,11 +1,10 @@
 #include "server/server.h"
 
-#include "server/connection.h"
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
-
-#include "server/http.h"
+#include <cstdio>
 
 #include "core/error.h"
 #include "server/api_error.h"
@@ -18,51 +17,37 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-// Compares without an early exit, so response time says nothing about the key.
-bool same_secret(std::string_view a, std::string_view b) {
-  unsigned char diff = a.size() != b.size();
-  for (size_t i = 0; i < a.size(); ++i) diff |= a[i] ^ (i < b.size() ? b[i] : 0);
+// Compares without an early exit: the time taken depends on the length of what was sent, never
+// on how much of the key it matches.
+bool same_secret(std::string_view given, std::string_view key) {
+  unsigned char diff = given.size() != key.size();
+  for (size_t i = 0; i < given.size(); ++i)
+    diff |= static_cast<unsigned char>(given[i] ^ (key.empty() ? 0 : key[i % key.size()]));
   return diff == 0;
 }
 
-void check_auth(const ServerContext& ctx, const httplib::Request& req) {
+void check_auth(const ServerContext& ctx, const http::Request& req) {
   if (ctx.opt.api_key.empty()) return;
-  const std::string h = req.get_header_value("Authorization");
-  if (h.empty())
+  const http::Header* h = req.find("Authorization");
+  if (!h || h->raw.empty())
     throw ApiError(401,
                    "You didn't provide an API key. Provide it in an Authorization header using "
                    "Bearer auth (Authorization: Bearer YOUR_KEY).",
                    "", "invalid_api_key", "invalid_request_error");
+  // Exactly "Bearer " and the key: trailing whitespace is part of what was sent.
   constexpr std::string_view kBearer = "Bearer ";
+  const std::string_view raw = h->raw;
   const std::string_view given =
-      h.size() > kBearer.size() && std::string_view(h).substr(0, kBearer.size()) == kBearer
-          ? std::string_view(h).substr(kBearer.size())
+      raw.size() > kBearer.size() && raw.substr(0, kBearer.size()) == kBearer
+          ? raw.substr(kBearer.size())
           : std::string_view();
   if (!same_secret(given, ctx.opt.api_key))
     throw ApiError(401, "Incorrect API key provided.", "", "invalid_api_key",
                    "invalid_request_error");
 }
 
-void send_error(httplib::Response& res, const ApiError& e) {
-  res.status = e.status;
-  res.set_content(error_body(e), "application/json");
-}
-
-// Wraps a route: authentication, then the handler; every error becomes OpenAI's error object.
-httplib::Server::Handler guarded(
-    ServerContext& ctx, bool needs_auth,
-    std::function<void(const httplib::Request&, httplib::Response&)> h) {
-  return [&ctx, needs_auth, h = std::move(h)](const httplib::Request& req, httplib::Response& res) {
-    try {
-      if (needs_auth) check_auth(ctx, req);
-      h(req, res);
-    } catch (const ApiError& e) {
-      send_error(res, e);
-    } catch (const std::exception& e) {
-      send_error(res,
-                 ApiError(500, std::string("Internal error: ") + e.what(), "", "internal_error"));
-    }
-  };
+void send_error(http::Exchange& ex, const ApiError& e) {
+  if (!ex.responded()) ex.respond(e.status, "application/json", error_body(e));
 }
 
 json model_card(const ServerContext& ctx) {
@@ -75,25 +60,58 @@ json model_card(const ServerContext& ctx) {
           {"max_model_len", ctx.engine.config().max_model_len}};
 }
 
-const char* default_message(int status) {
+std::string error_code(int status) {
   switch (status) {
     case 400:
-      return "The request could not be parsed.";
-    case 404:
-      return "Not found.";
-    case 405:
-      return "Method not allowed.";
+      return "bad_request";
+    case 408:
+      return "request_timeout";
+    case 411:
+      return "length_required";
     case 413:
-      return "The request body is too large.";
+      return "request_too_large";
     case 414:
-      return "The request URI is too long.";
-    case 500:
-      return "Internal server error.";
+      return "uri_too_long";
+    case 415:
+      return "unsupported_media_type";
+    case 417:
+      return "expectation_failed";
+    case 431:
+      return "headers_too_large";
+    case 501:
+      return "not_implemented";
     case 503:
-      return "The server is not available.";
+      return "service_unavailable";
+    case 505:
+      return "http_version_not_supported";
     default:
-      return "The request failed.";
+      return "";
   }
+}
+
+// The percent-decoded form of a URL path segment ("%2F" -> "/"); malformed escapes stay as sent.
+std::string percent_decode(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '%' && i + 2 < s.size() && std::isxdigit(static_cast<unsigned char>(s[i + 1])) &&
+        std::isxdigit(static_cast<unsigned char>(s[i + 2]))) {
+      out += static_cast<char>(std::stoi(std::string(s.substr(i + 1, 2)), nullptr, 16));
+      i += 2;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+// 1024, or twice the workers when there are more, but never more than the process may open.
+int default_max_connections(int workers) {
+  rlimit r{};
+  int64_t files = 1 << 20;
+  if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY)
+    files = static_cast<int64_t>(r.rlim_cur);
+  return static_cast<int>(
+      std::clamp<int64_t>(files - 64, 16, std::max<int64_t>(1024, 2 * int64_t{workers})));
 }
 
 }  // namespace
@@ -117,152 +135,177 @@ std::vector<int32_t> default_eos_ids(const tokenizer::Tokenizer& tok, int64_t mo
 Server::Server(engine::Service& engine, tokenizer::Tokenizer tok, std::optional<ChatFormat> chat,
                std::vector<int32_t> eos_ids, ServerOptions opt)
     : ctx_(std::make_unique<ServerContext>(engine, std::move(tok), std::move(chat), std::move(opt),
-                                           std::move(eos_ids))),
-      http_(std::make_unique<httplib::Server>()) {
+                                           std::move(eos_ids))) {
   MS_CHECK(!ctx_->opt.served_model_name.empty(), "the served model name must not be empty");
   int threads = ctx_->opt.http_threads;
   if (threads <= 0) {
     const auto& ec = engine.config();
     threads = static_cast<int>(std::min<int64_t>(ec.max_num_seqs + ec.max_waiting + 8, 2048));
   }
-  http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-  http_->set_payload_max_length(ctx_->opt.max_body_bytes);
-  http_->set_keep_alive_max_count(1000);
-  http_->set_keep_alive_timeout(2);
-  http_->set_read_timeout(30);
-  http_->set_write_timeout(30);
-  http_->set_tcp_nodelay(true);
-  install_routes();
+  http::Options ho = ctx_->opt.http;
+  ho.workers = threads;
+  ho.max_body_bytes = ctx_->opt.max_body_bytes;
+  if (ho.max_connections <= 0) ho.max_connections = default_max_connections(threads);
+  if (ho.max_connections_per_client <= 0)
+    ho.max_connections_per_client = std::max(1, ho.max_connections / 4);
+  http::Callbacks cb;
+  cb.lane = [](const http::Request& r) {
+    return r.path == "/health" || r.path == "/metrics" ? http::Lane::Control : http::Lane::Work;
+  };
+  cb.handle = [this](http::Exchange& ex) { handle(ex); };
+  cb.error_body = [](int status, const std::string& message) {
+    return error_body(message, ApiError::default_type(status), "", error_code(status));
+  };
+  cb.done = [this](const http::Request& r, int status, double seconds, const std::string& note) {
+    request_done(r, status, seconds, note);
+  };
+  http_ = std::make_unique<http::Server>(std::move(ho), std::move(cb));
 }
 
 Server::~Server() {
   stop();
 }
 
-void Server::install_routes() {
+void Server::handle(http::Exchange& ex) {
   ServerContext& ctx = *ctx_;
-  httplib::Server& s = *http_;
-
-  s.Get("/health", guarded(ctx, false, [&ctx](const httplib::Request&, httplib::Response& res) {
-          if (ctx.stopping)
-            throw ApiError(503, "The server is shutting down.", "", "shutting_down");
-          const std::string problem = ctx.engine.health_problem();
-          if (!problem.empty()) throw ApiError(503, problem, "", "unhealthy");
-          res.set_content("{\"status\":\"ok\"}", "application/json");
-        }));
-  s.Get("/metrics", guarded(ctx, true, [&ctx](const httplib::Request&, httplib::Response& res) {
-          const auto& mc = ctx.engine.model_config();
-          std::vector<bool> moe(mc.num_hidden_layers);
-          for (int64_t l = 0; l < mc.num_hidden_layers; ++l) moe[l] = mc.is_moe_layer(l);
-          res.set_content(ctx.metrics.render(ctx.engine.stats(), mc.n_routed_experts, moe),
-                          "text/plain; version=0.0.4; charset=utf-8");
-        }));
-  s.Get("/v1/models", guarded(ctx, true, [&ctx](const httplib::Request&, httplib::Response& res) {
-          json j = {{"object", "list"}, {"data", json::array({model_card(ctx)})}};
-          res.set_content(to_wire(j), "application/json");
-        }));
-  s.Get(R"(/v1/models/(.+))",
-        guarded(ctx, true, [&ctx](const httplib::Request& req, httplib::Response& res) {
-          if (req.matches[1] != ctx.opt.served_model_name)
-            throw ApiError(404, "The model '" + std::string(req.matches[1]) + "' does not exist.",
-                           "model", "model_not_found");
-          res.set_content(to_wire(model_card(ctx)), "application/json");
-        }));
-  s.Post("/v1/chat/completions",
-         guarded(ctx, true, [&ctx](const httplib::Request& req, httplib::Response& res) {
-           handle_generate(ctx, Endpoint::Chat, req, res);
-         }));
-  s.Post("/v1/completions",
-         guarded(ctx, true, [&ctx](const httplib::Request& req, httplib::Response& res) {
-           handle_generate(ctx, Endpoint::Completions, req, res);
-         }));
-  // A known path with the wrong method is 405, not 404.
-  auto not_allowed = [](const httplib::Request& req, httplib::Response& res) {
-    send_error(res, ApiError(405, "Method " + req.method + " is not allowed for " + req.path + ".",
-                             "", "method_not_allowed"));
+  const http::Request& req = ex.request();
+  const std::string& path = req.path;
+  const std::string& m = req.method;
+  const bool get = m == "GET" || m == "HEAD";
+  auto not_allowed = [&] {
+    throw ApiError(405, "Method " + m + " is not allowed for " + path + ".", "",
+                   "method_not_allowed");
   };
-  for (const char* p : {"/v1/chat/completions", "/v1/completions"}) s.Get(p, not_allowed);
-  for (const char* p : {"/health", "/metrics", "/v1/models"}) s.Post(p, not_allowed);
-
-  // httplib 0.11 enforces the body size limit only on bodies with a Content-Length; a chunked
-  // body would be read whole, however large. Refuse those before reading them.
-  s.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
-    if (req.get_header_value("Transfer-Encoding").find("chunked") == std::string::npos)
-      return httplib::Server::HandlerResponse::Unhandled;
-    send_error(res, ApiError(411, "Chunked request bodies are not accepted; send Content-Length.",
-                             "", "length_required"));
-    return httplib::Server::HandlerResponse::Handled;
-  });
-
-  // Responses httplib makes itself (unknown route, body too large, malformed HTTP) get the same
-  // error object as ours. Responses that already have a body are left alone.
-  s.set_error_handler([&ctx](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty() || res.content_provider_) return;
-    std::string msg = default_message(res.status);
-    std::string code;
-    if (res.status == 404) {
-      msg = "Invalid URL (" + req.method + " " + req.path + ").";
-      code = "not_found";
-    } else if (res.status == 413) {
-      msg = "The request body is larger than the limit of " +
-            std::to_string(ctx.opt.max_body_bytes) + " bytes.";
-      code = "request_too_large";
+  try {
+    if (path == "/health") {  // never needs the key
+      if (!get) not_allowed();
+      if (ctx.stopping) throw ApiError(503, "The server is shutting down.", "", "shutting_down");
+      if (std::string problem = ctx.engine.health_problem(); !problem.empty())
+        throw ApiError(503, problem, "", "unhealthy");
+      ex.respond(200, "application/json", "{\"status\":\"ok\"}");
+      return;
     }
-    res.set_content(error_body(msg, ApiError::default_type(res.status), "", code),
-                    "application/json");
-  });
-  s.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
-    res.status = 500;
-    res.set_content(error_body("Internal server error.", "server_error", "", "internal_error"),
-                    "application/json");
-  });
-  s.set_logger([&ctx](const httplib::Request&, const httplib::Response& res) {
-    ctx.metrics.record_http_status(res.status);
-  });
+    check_auth(ctx, req);  // before routing: without the key, every path is 401
+    if (path == "/metrics") {
+      if (!get) not_allowed();
+      const auto& mc = ctx.engine.model_config();
+      std::vector<bool> moe(mc.num_hidden_layers);
+      for (int64_t l = 0; l < mc.num_hidden_layers; ++l) moe[l] = mc.is_moe_layer(l);
+      ex.respond(200, "text/plain; version=0.0.4; charset=utf-8",
+                 ctx.metrics.render(ctx.engine.stats(), mc.n_routed_experts, moe));
+      return;
+    }
+    if (path == "/v1/models") {
+      if (!get) not_allowed();
+      json j = {{"object", "list"}, {"data", json::array({model_card(ctx)})}};
+      ex.respond(200, "application/json", to_wire(j));
+      return;
+    }
+    constexpr std::string_view kModels = "/v1/models/";
+    if (path.size() > kModels.size() && path.compare(0, kModels.size(), kModels) == 0) {
+      if (!get) not_allowed();
+      const std::string name = percent_decode(std::string_view(path).substr(kModels.size()));
+      if (name != ctx.opt.served_model_name)
+        throw ApiError(404, "The model '" + name + "' does not exist.", "model", "model_not_found");
+      ex.respond(200, "application/json", to_wire(model_card(ctx)));
+      return;
+    }
+    if (path == "/v1/chat/completions" || path == "/v1/completions") {
+      if (m != "POST") not_allowed();
+      handle_generate(ctx, path == "/v1/chat/completions" ? Endpoint::Chat : Endpoint::Completions,
+                      ex);
+      return;
+    }
+    throw ApiError(404, "Invalid URL (" + m + " " + path + ").", "", "not_found");
+  } catch (const ApiError& e) {
+    send_error(ex, e);
+  } catch (const std::exception& e) {
+    send_error(ex, ApiError(500, std::string("Internal error: ") + e.what(), "", "internal_error"));
+  }
+}
+
+void Server::request_done(const http::Request& req, int status, double seconds,
+                          const std::string& note) {
+  ctx_->metrics.record_http_status(status);
+  if (req.path == "/v1/chat/completions" || req.path == "/v1/completions") ++finished_requests_;
+  if (!ctx_->opt.log_requests) return;
+  // One line, like an access log: client, request line, status, time, and what the handler noted.
+  std::string target = req.target.size() > 200 ? req.target.substr(0, 200) + "..." : req.target;
+  for (char& c : target)
+    if (static_cast<unsigned char>(c) < 0x20 || c == '"' || c == 0x7f) c = '?';
+  std::fprintf(stderr, "moeserve: %s:%d \"%s %s\" %d %.3f s%s%s\n", req.remote_addr.c_str(),
+               req.remote_port, req.method.empty() ? "-" : req.method.c_str(),
+               target.empty() ? "-" : target.c_str(), status, seconds, note.empty() ? "" : ", ",
+               note.c_str());
+}
+
+void Server::stats_loop() {
+  const auto interval = std::chrono::duration<double>(ctx_->opt.stats_interval_s);
+  engine::EngineStats last = ctx_->engine.stats();
+  int64_t last_requests = finished_requests_;
+  auto last_time = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lk(stats_mu_);
+  while (!ctx_->stopping) {
+    stats_cv_.wait_for(lk, interval);
+    if (ctx_->stopping) break;
+    const engine::EngineStats st = ctx_->engine.stats();
+    const int64_t requests = finished_requests_;
+    const auto now = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(now - last_time).count();
+    const int64_t prompt = st.prompt_tokens - last.prompt_tokens,
+                  gen = st.generated_tokens - last.generated_tokens;
+    // Quiet while idle: a line when something ran or waits.
+    if (prompt > 0 || gen > 0 || requests != last_requests || st.running > 0 || st.waiting > 0)
+      std::fprintf(stderr,
+                   "moeserve: %lld requests finished, prompt %.1f tokens/s, generation %.1f "
+                   "tokens/s (last %.0f s); running %lld, waiting %lld, KV cache %.1f%% used, "
+                   "%lld preemptions\n",
+                   static_cast<long long>(requests - last_requests), prompt / dt, gen / dt, dt,
+                   static_cast<long long>(st.running), static_cast<long long>(st.waiting),
+                   st.kv_blocks_total > 0 ? 100.0 * st.kv_blocks_used / st.kv_blocks_total : 0.0,
+                   static_cast<long long>(st.preemptions));
+    last = st;
+    last_requests = requests;
+    last_time = now;
+  }
 }
 
 int Server::bind() {
   const auto& o = ctx_->opt;
-  if (o.port == 0) {
-    port_ = http_->bind_to_any_port(o.host);
-    MS_CHECK(port_ > 0, "cannot listen on ", o.host, " (any port)");
-  } else {
-    MS_CHECK(o.port > 0 && o.port < 65536, "--port must be in 1..65535, got ", o.port);
-    MS_CHECK(http_->bind_to_port(o.host, o.port), "cannot listen on ", o.host, ":", o.port,
-             " (address in use, or not an address of this machine)");
-    port_ = o.port;
-  }
-  deepen_listen_backlog(port_);
+  MS_CHECK(o.port >= 0 && o.port < 65536, "--port must be in 0..65535, got ", o.port);
+  return bind(http::Listener::open(o.host, o.port));
+}
+
+int Server::bind(http::Listener l) {
+  port_ = l.port();
+  http_->listen(std::move(l));
   return port_;
 }
 
 void Server::run() {
   MS_CHECK(port_ > 0, "Server::run before bind");
-  in_run_ = true;  // before reading `stopping` (see stop())
-  if (!ctx_->stopping) http_->listen_after_bind();
-  in_run_ = false;
+  if (ctx_->opt.stats_interval_s > 0 && !stats_thread_.joinable() && !ctx_->stopping)
+    stats_thread_ = std::thread([this] { stats_loop(); });
+  http_->run();
 }
 
 void Server::start() {
-  bind();
-  thread_ = std::thread([this] {
-    run();
-    run_returned_ = true;
-  });
-  while (!http_->is_running() && !run_returned_)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (port_ <= 0) bind();
+  // The socket listens already: connections wait in its backlog until the loop runs.
+  thread_ = std::thread([this] { run(); });
 }
 
 void Server::stop() {
   if (!stopped_.exchange(true)) {
     ctx_->stopping = true;  // in-flight handlers cancel their generation and return
-    // httplib's stop() only acts on a running listener (and must run once): wait until run()
-    // either listens or has returned.
-    while (in_run_ && !http_->is_running())
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    if (in_run_) http_->stop();
+    { std::lock_guard<std::mutex> lk(stats_mu_); }
+    stats_cv_.notify_all();
+    http_->stop();
   }
+  std::lock_guard<std::mutex> lk(join_mu_);  // stop() may run on two threads at once
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  if (stats_thread_.joinable() && stats_thread_.get_id() != std::this_thread::get_id())
+    stats_thread_.join();
 }
 
 std::string Server::url() const {

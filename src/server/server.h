@@ -1,16 +1,18 @@
-// moeserve's OpenAI-compatible HTTP server (cpp-httplib): /v1/chat/completions,
-// /v1/completions, /v1/models, /health and /metrics in front of one engine::Service (one process,
-// or a cluster of ranks under mpirun).
+// moeserve's OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models,
+// /health and /metrics in front of one engine::Service (one process, or a cluster of ranks under
+// mpirun), on the HTTP/1.1 server of http_server.h.
 //
-// Threads: httplib runs each connection on a worker of its pool; a generation request holds its
-// worker while it waits for tokens (see session.h), so the pool is sized for every request the
-// engine can hold (running + waiting) plus spare ones for /health and /metrics.
+// Threads: the HTTP event thread reads requests; a generation request holds a worker while it
+// waits for tokens (see session.h), so the pool is sized for every request the engine can hold
+// (running + waiting) plus spare ones. /health and /metrics run on workers of their own.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -22,9 +24,7 @@
 #include "server/protocol.h"
 #include "tokenizer/tokenizer.h"
 
-namespace httplib {
-class Server;
-}
+#include "server/http_server.h"
 
 namespace moeserve::server {
 
@@ -36,6 +36,13 @@ struct ServerOptions {
   size_t max_body_bytes = 4u << 20;  // larger bodies get 413
   int http_threads = 0;              // 0: engine's max_num_seqs + max_waiting + 8
   ProtocolLimits limits;
+  // The HTTP side's limits and deadlines (max_body_bytes and http_threads above override its
+  // max_body_bytes and workers). max_connections 0: 1024 or twice the workers, whichever is
+  // more, and less when the process may open fewer files; max_connections_per_client 0: a
+  // quarter of max_connections.
+  http::Options http;
+  bool log_requests = false;    // one line per request on stderr
+  double stats_interval_s = 0;  // > 0: a throughput line on stderr this often, while busy
 };
 
 // What request handlers share. Immutable after construction except the metrics and `stopping`.
@@ -70,27 +77,37 @@ class Server {
 
   // Binds the listening socket; throws moeserve::Error when it cannot. Returns the port.
   int bind();
+  // Uses a socket opened before (http::Listener::open, e.g. before loading the model).
+  int bind(http::Listener l);
   // Serves until stop() (blocking). bind() first.
   void run();
   // bind() and run() on a background thread; returns once it accepts connections.
   void start();
-  // Stops accepting, ends in-flight requests (cancelling their generation) and waits for the
-  // workers. Safe from any thread (not from a signal handler), idempotent.
+  // Stops accepting, ends in-flight requests (cancelling their generation; waiting non-streamed
+  // ones get 503, streams an error event), answers 503 to requests still being read, and waits
+  // for the workers: a few seconds at most (ServerOptions::http.stop_timeout, then sockets are
+  // shut). Safe from any thread (not from a signal handler), idempotent.
   void stop();
+
+  int connections() const { return http_->connections(); }  // open HTTP connections
 
   int port() const { return port_; }
   std::string url() const;
   ServerContext& context() { return *ctx_; }
 
  private:
-  void install_routes();
+  void handle(http::Exchange& ex);
+  void request_done(const http::Request& req, int status, double seconds, const std::string& note);
+  void stats_loop();
 
   std::unique_ptr<ServerContext> ctx_;
-  std::unique_ptr<httplib::Server> http_;
-  std::thread thread_;
+  std::unique_ptr<http::Server> http_;
+  std::thread thread_, stats_thread_;
   int port_ = -1;
   std::atomic<bool> stopped_{false};
-  std::atomic<bool> in_run_{false}, run_returned_{false};
+  std::mutex stats_mu_, join_mu_;
+  std::condition_variable stats_cv_;
+  std::atomic<int64_t> finished_requests_{0};
 };
 
 // The eos token of the tokenizer and of the model, and the end-of-turn tokens of well-known

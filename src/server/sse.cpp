@@ -1,10 +1,9 @@
 // Server-sent events for stream: true. Each chunk is one event, "data: {json}\n\n"; the stream
 // ends with "data: [DONE]\n\n". An error after the stream has started (the status line is
 // already sent) is an event carrying OpenAI's error object, then [DONE].
-#include "server/http.h"
-
 #include "server/api_error.h"
 #include "server/generate.h"
+#include "server/http_server.h"
 #include "server/server.h"
 
 namespace moeserve::server {
@@ -17,12 +16,22 @@ std::string event(const nlohmann::ordered_json& j) {
   return "data: " + to_wire(j) + "\n\n";
 }
 
-// Runs the whole stream inside one call of httplib's content provider. Returns false when the
-// client went away (httplib then drops the connection; the releaser cancels the generation).
-bool run_stream(ServerContext& ctx, Generation& gen, httplib::DataSink& sink) {
-  auto send = [&](const std::string& s) { return sink.write(s.data(), s.size()); };
+}  // namespace
+
+// The whole stream on the request's worker. A client that goes away (a write fails, or the
+// connection was reset) cancels the generation.
+void stream_response(ServerContext& ctx, Generation& gen, http::Exchange& ex) {
+  auto send = [&](const std::string& s) { return ex.write(s); };
+  auto client_gone = [&] {
+    gen.abort();
+    ex.abandon();
+  };
+  if (!ex.begin_stream(200, "text/event-stream",
+                       {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}},
+                       /*probe=*/": \n\n"))
+    return client_gone();
   const ResponseBuilder& b = gen.builder();
-  if (b.endpoint() == Endpoint::Chat && !send(event(b.role_chunk()))) return false;
+  if (b.endpoint() == Endpoint::Chat && !send(event(b.role_chunk()))) return client_gone();
   bool shutting_down = false;
   while (!gen.done()) {
     if (ctx.stopping) {
@@ -32,9 +41,8 @@ bool run_stream(ServerContext& ctx, Generation& gen, httplib::DataSink& sink) {
     }
     Delta d;
     gen.step(d, kPoll);
-    if (!d.empty() && !send(event(b.chunk(d, nullptr)))) return false;
-    // A closed connection shows as readable-at-EOF long before a write to it fails.
-    if (!gen.done() && !sink.is_writable()) return false;
+    if (!d.empty() && !send(event(b.chunk(d, nullptr)))) return client_gone();
+    if (!gen.done() && ex.client_gone()) return client_gone();
   }
   if (shutting_down || gen.failed()) {
     const bool server_side = shutting_down || ctx.stopping;
@@ -46,21 +54,7 @@ bool run_stream(ServerContext& ctx, Generation& gen, httplib::DataSink& sink) {
     if (gen.include_usage()) send(event(b.usage_chunk(gen.usage())));
   }
   send("data: [DONE]\n\n");
-  sink.done();
-  return true;
-}
-
-}  // namespace
-
-void stream_response(ServerContext& ctx, std::shared_ptr<Generation> gen, httplib::Response& res) {
-  res.set_header("Cache-Control", "no-cache");
-  res.set_header("X-Accel-Buffering", "no");
-  res.set_chunked_content_provider(
-      "text/event-stream",
-      [&ctx, gen](size_t, httplib::DataSink& sink) { return run_stream(ctx, *gen, sink); },
-      // Called when the response is destroyed, however it ended: cancels an unfinished
-      // generation (client gone, write failure) so its KV blocks are freed.
-      [gen](bool) { gen->abort(); });
+  ex.end_stream();
 }
 
 }  // namespace moeserve::server

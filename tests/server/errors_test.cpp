@@ -95,12 +95,16 @@ TEST_F(Errors, UnknownRouteAndMethod) {
 TEST_F(Errors, BodyTooLarge) {
   const std::string huge = "{\"prompt\":\"" + std::string(5u << 20, 'a') + "\"}";
   expect_error(post(port(), "/v1/completions", huge), 413, "", "request_too_large");
-  // A chunked body has no announced length to check: refused before it is read.
+  // A chunked body is decoded under the same limit, then judged on its content.
   RawConn c(port());
   c.send(
       "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
       "2\r\n{}\r\n0\r\n\r\n");
-  EXPECT_EQ(c.read_until("\r\n").rfind("HTTP/1.1 411", 0), 0u);
+  EXPECT_EQ(c.read_until("\r\n").rfind("HTTP/1.1 400", 0), 0u);
+  // A body with no length at all is refused at once.
+  RawConn n(port());
+  n.send("POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n{}");
+  EXPECT_EQ(n.read_until("\r\n").rfind("HTTP/1.1 411", 0), 0u);
   // A body just under the limit is read and judged on its content.
   const std::string big =
       "{\"prompt\":\"" + std::string(3u << 20, 'a') + "\",\"max_tokens\":\"x\"}";
@@ -124,8 +128,8 @@ TEST_F(Errors, ClientDisconnectCancelsStream) {
   json body = completion_body("Tell me everything you know", 200);
   body["ignore_eos"] = true;
   drop_mid_stream(port(), "/v1/completions", body);
+  EXPECT_TRUE(wait_metric(port(), cancelled, before + 1, std::chrono::seconds(5)));
   EXPECT_TRUE(wait_idle(port(), std::chrono::seconds(5)));
-  EXPECT_EQ(metric(port(), cancelled), before + 1);
   EXPECT_LT(metric(port(), "moeserve_kv_blocks_used"), 1);
 }
 
@@ -142,9 +146,9 @@ TEST_F(Errors, ClientDisconnectCancelsNonStreamed) {
            std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     ASSERT_GT(metric(port(), "moeserve_kv_blocks_used"), 0);
-  }  // closed here, long before 200 tokens
+  }  // closed here (a FIN), long before 200 tokens
+  EXPECT_TRUE(wait_metric(port(), cancelled, before + 1, std::chrono::seconds(5)));
   EXPECT_TRUE(wait_idle(port(), std::chrono::seconds(5)));
-  EXPECT_EQ(metric(port(), cancelled), before + 1);
 }
 
 TEST(Auth, ApiKeyRequiredExceptForHealth) {
@@ -182,8 +186,8 @@ TEST(QueueFull, Answers429WhenTheEngineQueueIsFull) {
   ASSERT_NE(waiting.read_until("\r\n\r\n").find("200 OK"), std::string::npos);  // queued
   const Reply r = post(port, "/v1/completions", completion_body("one more", 2));
   expect_error(r, 429, "", "queue_full");
-  EXPECT_EQ(metric(port, "moeserve_requests_total{endpoint=\"completions\",outcome=\"rejected\"}"),
-            1);
+  EXPECT_TRUE(wait_metric(
+      port, "moeserve_requests_total{endpoint=\"completions\",outcome=\"rejected\"}", 1));
   running.close();
   waiting.close();
   EXPECT_TRUE(wait_idle(port, std::chrono::seconds(5)));

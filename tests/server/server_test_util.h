@@ -9,11 +9,12 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#include "server/http.h"
+#include "httplib_client.h"
 
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -67,11 +68,15 @@ inline engine::EngineConfig test_engine_config() {
 class TestServer {
  public:
   // chat_template: the source of a template to use instead of the model's.
-  explicit TestServer(engine::EngineConfig ec = test_engine_config(), server::ServerOptions so = {},
-                      const std::string& chat_template = "") {
+  // wrap: a Service around the engine to serve instead of the engine itself.
+  explicit TestServer(
+      engine::EngineConfig ec = test_engine_config(), server::ServerOptions so = {},
+      const std::string& chat_template = "",
+      std::function<std::unique_ptr<engine::Service>(engine::Engine&)> wrap = nullptr) {
     pool_ = std::make_unique<ThreadPool>(2);
     model_ = std::make_unique<model::Model>(demo_model_dir(), *pool_);
     engine_ = std::make_unique<engine::Engine>(*model_, ec);
+    if (wrap) wrapper_ = wrap(*engine_);
     const auto& tok = demo_tokenizer();
     auto chat = chat_template.empty() ? server::ChatFormat::load(demo_model_dir(), "", tok)
                                       : server::ChatFormat::from_source(chat_template, tok);
@@ -79,12 +84,13 @@ class TestServer {
     so.port = 0;
     if (so.served_model_name.empty()) so.served_model_name = "demo";
     server_ = std::make_unique<server::Server>(
-        *engine_, tok, std::move(chat), server::default_eos_ids(tok, model_->config().eos_token_id),
-        so);
+        wrapper_ ? *wrapper_ : static_cast<engine::Service&>(*engine_), tok, std::move(chat),
+        server::default_eos_ids(tok, model_->config().eos_token_id), so);
     server_->start();
   }
   ~TestServer() {
     server_.reset();  // stops
+    wrapper_.reset();
     engine_.reset();
   }
   int port() const { return server_->port(); }
@@ -95,6 +101,7 @@ class TestServer {
   std::unique_ptr<ThreadPool> pool_;
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<engine::Service> wrapper_;
   std::unique_ptr<server::Server> server_;
 };
 
@@ -185,18 +192,66 @@ inline bool wait_idle(int port, std::chrono::milliseconds timeout = std::chrono:
   }
 }
 
+// Waits until `series` reads `value` on /metrics; false after `timeout`.
+inline bool wait_metric(int port, const std::string& series, double value,
+                        std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (metric(port, series) != value) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
 // A plain TCP connection, for what an HTTP client library will not do: malformed requests,
-// and clients that vanish in the middle of a response.
+// and clients that vanish in the middle of a response. `from`: the local address to connect
+// from (any of 127.0.0.0/8), so that tests can play several clients.
 class RawConn {
  public:
-  explicit RawConn(int port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+  explicit RawConn(int port, const char* from = nullptr) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (from) {
+      sockaddr_in l{};
+      l.sin_family = AF_INET;
+      ::inet_pton(AF_INET, from, &l.sin_addr);
+      if (::bind(fd_, reinterpret_cast<sockaddr*>(&l), sizeof(l)) != 0) close();
+    }
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(static_cast<uint16_t>(port));
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) close();
+    if (fd_ >= 0 && ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) close();
   }
+  // Sends FIN: no more requests, the responses are still read.
+  void shutdown_write() {
+    if (fd_ >= 0) ::shutdown(fd_, SHUT_WR);
+  }
+  // Closes with a reset (RST) instead of a FIN.
+  void reset() {
+    if (fd_ < 0) return;
+    linger l{1, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    close();
+  }
+  // True when the server has closed the connection (EOF or reset) within `timeout`; what
+  // arrived before is kept for read_until / received.
+  bool closed_by_peer(std::chrono::milliseconds timeout) {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (fd_ >= 0) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          until - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return false;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) return false;
+      char tmp[4096];
+      const ssize_t n = ::recv(fd_, tmp, sizeof(tmp), 0);
+      if (n <= 0) return true;
+      buf_.append(tmp, static_cast<size_t>(n));
+    }
+    return true;
+  }
+  const std::string& received() const { return buf_; }
+  int fd() const { return fd_; }
   ~RawConn() { close(); }
   bool ok() const { return fd_ >= 0; }
   bool send(const std::string& data) {
