@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.request
@@ -70,11 +71,18 @@ class Server:
             cmd = ["mpirun", "--oversubscribe", "-np", str(np)] + cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
+        # stderr carries a line per request: read it as it comes, so the pipe never fills.
+        self.err = []
+        self.err_reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr),
+                                           daemon=True)
+        self.err_reader.start()
         line = self.proc.stdout.readline()
         m = re.search(r"at (http://\S+)", line)
         if not m:
             self.proc.kill()
-            raise RuntimeError("server did not start: " + line + self.proc.stderr.read())
+            self.proc.wait()
+            self.err_reader.join(10)
+            raise RuntimeError("server did not start: " + line + "".join(self.err))
         self.url = m.group(1)
         deadline = time.time() + 60
         while True:
@@ -97,7 +105,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        return self.proc.returncode, self.proc.stderr.read()
+        self.err_reader.join(10)
+        return self.proc.returncode, "".join(self.err)
 
 
 def main():
