@@ -1,17 +1,7 @@
 """Helpers for tests that start `moeserve serve`, alone or under mpirun (standard library only)."""
 
 import os
-import socket
 import time
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _descends_from(pid, ancestor):

@@ -35,7 +35,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpi_jobs import _descends_from, free_port, rank0_pid  # noqa: E402
+from mpi_jobs import _descends_from, rank0_pid  # noqa: E402
 
 # Prompts of several lengths (in tokens of the DeepSeek-V3 tokenizer: about 3 to 120).
 PROMPTS = [
@@ -101,8 +101,9 @@ LIVE = []  # servers started, for their output if the test dies
 class Server:
     def __init__(self, args, model, ranks, extra, env_extra=None):
         LIVE.append(self)
-        self.port = free_port()
-        cmd = [args.moeserve, "serve", "--model", model, "--port", str(self.port)] + extra
+        # Port 0: the server takes a free port itself and prints its URL once it serves.
+        self.port = None
+        cmd = [args.moeserve, "serve", "--model", model, "--port", "0"] + extra
         if "--max-batch-tokens" not in extra:
             cmd += ["--max-batch-tokens", "32"]  # prompts take several steps
         env = dict(os.environ)
@@ -120,8 +121,12 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("server exited early:\n" + self.output())
+            if self.port is None:
+                m = re.search(r"serving '[^']*' at http://127\.0\.0\.1:(\d+)", self.output())
+                if m:
+                    self.port = int(m.group(1))
             try:
-                if self.get("/health")[0] == 200:
+                if self.port is not None and self.get("/health")[0] == 200:
                     return
             except OSError:
                 pass
