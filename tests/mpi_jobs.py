@@ -19,9 +19,9 @@ def _descends_from(pid, ancestor):
     return False
 
 
-def rank0_pid(mpirun_pid, timeout=5.0):
-    """Rank 0 of the job `mpirun_pid` launched (not of any other job on the machine). Signals go
-    there: mpirun itself kills the whole job on SIGINT / SIGTERM."""
+def rank_pid(mpirun_pid, rank, timeout=5.0):
+    """The process of rank `rank` of the job `mpirun_pid` launched."""
+    want = f"OMPI_COMM_WORLD_RANK={rank}".encode()
     deadline = time.time() + timeout
     while True:
         for pid in os.listdir("/proc"):
@@ -32,8 +32,14 @@ def rank0_pid(mpirun_pid, timeout=5.0):
                     env = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"OMPI_COMM_WORLD_RANK=0" in env and _descends_from(int(pid), mpirun_pid):
+            if want in env and _descends_from(int(pid), mpirun_pid):
                 return int(pid)
         if time.time() > deadline:
-            raise RuntimeError(f"rank 0 of mpirun job {mpirun_pid} not found")
+            raise RuntimeError(f"rank {rank} of mpirun job {mpirun_pid} not found")
         time.sleep(0.1)
+
+
+def rank0_pid(mpirun_pid, timeout=5.0):
+    """Rank 0 of the job `mpirun_pid` launched (not of any other job on the machine). Signals go
+    there: mpirun itself kills the whole job on SIGINT / SIGTERM."""
+    return rank_pid(mpirun_pid, 0, timeout)

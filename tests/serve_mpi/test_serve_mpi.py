@@ -35,7 +35,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpi_jobs import _descends_from, rank0_pid  # noqa: E402
+from mpi_jobs import rank0_pid, rank_pid  # noqa: E402
 
 # Prompts of several lengths (in tokens of the DeepSeek-V3 tokenizer: about 3 to 120).
 PROMPTS = [
@@ -73,26 +73,6 @@ def wait_for(cond, timeout, step=0.05):
         if v or time.time() > deadline:
             return v
         time.sleep(step)
-
-
-def rank_pid(mpirun_pid, rank, timeout=5.0):
-    """The process of rank `rank` of the job `mpirun_pid` launched."""
-    want = f"OMPI_COMM_WORLD_RANK={rank}".encode()
-    deadline = time.time() + timeout
-    while True:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if want in env and _descends_from(int(pid), mpirun_pid):
-                return int(pid)
-        if time.time() > deadline:
-            raise RuntimeError(f"rank {rank} of mpirun job {mpirun_pid} not found")
-        time.sleep(0.1)
 
 
 LIVE = []  # servers started, for their output if the test dies
