@@ -10,18 +10,10 @@ using namespace moeserve::testing;
 
 namespace {
 
-class Endpoints : public ::testing::Test {
+class Endpoints : public SharedServerTest<Endpoints> {
  protected:
   static void SetUpTestSuite() { server_ = new TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void TearDown() override { EXPECT_TRUE(wait_idle(port())) << "KV blocks were not all freed"; }
-  static int port() { return server_->port(); }
-  static TestServer* server_;
 };
-TestServer* Endpoints::server_ = nullptr;
 
 // The chunks of a streamed response (without [DONE]), checking the SSE framing on the way.
 std::vector<json> stream_chunks(const Reply& r) {

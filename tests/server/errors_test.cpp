@@ -27,18 +27,10 @@ void expect_error(const Reply& r, int status, const std::string& param = "",
   }
 }
 
-class Errors : public ::testing::Test {
+class Errors : public SharedServerTest<Errors> {
  protected:
   static void SetUpTestSuite() { server_ = new TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void TearDown() override { EXPECT_TRUE(wait_idle(port())) << "KV blocks were not all freed"; }
-  static int port() { return server_->port(); }
-  static TestServer* server_;
 };
-TestServer* Errors::server_ = nullptr;
 
 TEST_F(Errors, BadRequests) {
   const std::string chat = "/v1/chat/completions", comp = "/v1/completions";

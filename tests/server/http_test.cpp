@@ -88,21 +88,13 @@ server::ServerOptions quick_deadlines() {
   return so;
 }
 
-class Http : public ::testing::Test {
+class Http : public SharedServerTest<Http> {
  protected:
   static void SetUpTestSuite() {
     engine::EngineConfig ec = test_engine_config();
     server_ = new TestServer(ec, quick_deadlines());
   }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void TearDown() override { EXPECT_TRUE(wait_idle(port())) << "KV blocks were not all freed"; }
-  static int port() { return server_->port(); }
-  static TestServer* server_;
 };
-TestServer* Http::server_ = nullptr;
 
 TEST_F(Http, CompressedBodiesAreRefused) {
   const std::string body = completion_body("Hello", 2).dump();

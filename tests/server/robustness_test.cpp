@@ -13,7 +13,7 @@ using namespace moeserve::testing;
 
 namespace {
 
-class Robustness : public ::testing::Test {
+class Robustness : public SharedServerTest<Robustness> {
  protected:
   // Short sequences: a fuzzed request that happens to be valid generates little.
   static void SetUpTestSuite() {
@@ -21,15 +21,7 @@ class Robustness : public ::testing::Test {
     ec.max_model_len = 48;
     server_ = new TestServer(ec);
   }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void TearDown() override { EXPECT_TRUE(wait_idle(port())) << "KV blocks were not all freed"; }
-  static int port() { return server_->port(); }
-  static TestServer* server_;
 };
-TestServer* Robustness::server_ = nullptr;
 
 // A JSON value of a random kind, some of them extreme.
 json random_value(std::mt19937& rng, int depth = 0) {

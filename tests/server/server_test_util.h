@@ -192,6 +192,20 @@ inline bool wait_idle(int port, std::chrono::milliseconds timeout = std::chrono:
   }
 }
 
+// One server shared by the tests of a suite. The suite's SetUpTestSuite starts it (sets
+// server_); every test must leave no request and no KV block behind.
+template <class Suite>
+class SharedServerTest : public ::testing::Test {
+ protected:
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  void TearDown() override { EXPECT_TRUE(wait_idle(port())) << "KV blocks were not all freed"; }
+  static int port() { return server_->port(); }
+  static inline TestServer* server_ = nullptr;
+};
+
 // Waits until `series` reads `value` on /metrics; false after `timeout`.
 inline bool wait_metric(int port, const std::string& series, double value,
                         std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
