@@ -40,21 +40,6 @@ struct ServeArgs {
   ParallelArgs par;
 };
 
-// eos_token_id of generation_config.json (a number or a list), when the folder has one.
-std::vector<int64_t> generation_config_eos(const fs::path& dir) {
-  std::vector<int64_t> ids;
-  std::ifstream in(dir / "generation_config.json");
-  if (!in) return ids;
-  const auto j = nlohmann::json::parse(in, nullptr, false);
-  if (!j.is_object() || !j.contains("eos_token_id")) return ids;
-  const auto& e = j["eos_token_id"];
-  if (e.is_number_integer()) ids.push_back(e.get<int64_t>());
-  if (e.is_array())
-    for (const auto& v : e)
-      if (v.is_number_integer()) ids.push_back(v.get<int64_t>());
-  return ids;
-}
-
 // The API key: --api-key, else --api-key-file's first line, else $MOESERVE_API_KEY; "" for none.
 // A key must be printable ASCII without spaces: clients send it in a header as it is.
 std::string api_key(const ServeArgs& a) {
@@ -129,10 +114,8 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
                 server::http::Listener listener, std::string key) {
   const fs::path dir(a.model);
   std::vector<int32_t> eos = server::default_eos_ids(tok, mc.eos_token_id);
-  for (int64_t id : generation_config_eos(dir))
-    if (id >= 0 && id < mc.vocab_size &&
-        std::find(eos.begin(), eos.end(), static_cast<int32_t>(id)) == eos.end())
-      eos.push_back(static_cast<int32_t>(id));
+  for (int32_t id : generation_config_eos_ids(a.model, mc.vocab_size))
+    if (std::find(eos.begin(), eos.end(), id) == eos.end()) eos.push_back(id);
 
   server::ServerOptions so;
   so.host = a.host;
