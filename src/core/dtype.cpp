@@ -19,7 +19,11 @@ size_t dtype_size(DType t) {
     case DType::I32:
       return 4;
     case DType::U8:
+    case DType::I8:
+    case DType::Q8:
       return 1;
+    case DType::Q4:
+      return 0;
   }
   return 0;
 }
@@ -40,6 +44,12 @@ const char* dtype_name(DType t) {
       return "I32";
     case DType::U8:
       return "U8";
+    case DType::I8:
+      return "I8";
+    case DType::Q8:
+      return "Q8";
+    case DType::Q4:
+      return "Q4";
   }
   return "?";
 }
@@ -50,7 +60,7 @@ bool parse_dtype(const std::string& s, DType* out) {
     DType t;
   } table[] = {
       {"F32", DType::F32}, {"F16", DType::F16}, {"BF16", DType::BF16}, {"F8_E4M3", DType::F8_E4M3},
-      {"I64", DType::I64}, {"I32", DType::I32}, {"U8", DType::U8}};
+      {"I64", DType::I64}, {"I32", DType::I32}, {"U8", DType::U8},  {"I8", DType::I8}};
   for (const auto& e : table) {
     if (s == e.name) {
       *out = e.t;

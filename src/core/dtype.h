@@ -7,9 +7,17 @@
 
 namespace moeserve {
 
-enum class DType : uint8_t { F32, F16, BF16, F8_E4M3, I64, I32, U8 };
+// Q8 and Q4 are not file dtypes but the kernels' names for integer weights as compressed-tensors'
+// pack-quantized format stores them (kernels::Weight): offset binary, packed densely in int32
+// words. parse_dtype never yields them.
+enum class DType : uint8_t { F32, F16, BF16, F8_E4M3, I64, I32, U8, I8, Q8, Q4 };
 
+// Bytes per element; 0 for Q4 (half a byte: use row_bytes).
 size_t dtype_size(DType t);
+// Bytes of `cols` elements of a row (Q4: cols / 2, cols even).
+inline int64_t row_bytes(DType t, int64_t cols) {
+  return t == DType::Q4 ? cols / 2 : cols * static_cast<int64_t>(dtype_size(t));
+}
 const char* dtype_name(DType t);  // safetensors spelling: "F32", "BF16", "F8_E4M3", ...
 bool parse_dtype(const std::string& s, DType* out);
 

@@ -11,9 +11,12 @@ namespace moeserve::kernels {
 Weight Weight::rows_view(int64_t r0, int64_t n) const {
   MS_ASSERT(r0 >= 0 && n >= 0 && r0 + n <= rows);
   Weight v = *this;
-  v.data = static_cast<const uint8_t*>(data) + r0 * cols * static_cast<int64_t>(dtype_size(dtype));
+  v.data = static_cast<const uint8_t*>(data) + r0 * row_bytes(dtype, cols);
   v.rows = n;
   v.scale_row0 = scale_row0 + r0;
+  if (group_scale)
+    v.group_scale = static_cast<const uint8_t*>(group_scale) +
+                    r0 * group_cols * static_cast<int64_t>(dtype_size(group_scale_dtype));
   return v;
 }
 
@@ -29,13 +32,33 @@ float Weight::at(int64_t r, int64_t c) const {
     case DType::F8_E4M3:
       return fp8e4m3_to_f32(static_cast<const uint8_t*>(data)[i]) *
              scale_inv[((scale_row0 + r) / kFp8Block) * scale_cols + c / kFp8Block];
+    case DType::Q8:
+    case DType::Q4: {
+      const auto* row = static_cast<const uint8_t*>(data) + r * row_bytes(dtype, cols);
+      const int q = dtype == DType::Q8 ? int{row[c]} - 128 : int{(row[c / 2] >> (c % 2 * 4)) & 15} - 8;
+      const int64_t g = r * group_cols + c / group_size;
+      float s = 0;
+      switch (group_scale_dtype) {
+        case DType::BF16:
+          s = bf16_to_f32(static_cast<const uint16_t*>(group_scale)[g]);
+          break;
+        case DType::F16:
+          s = f16_to_f32(static_cast<const uint16_t*>(group_scale)[g]);
+          break;
+        default:
+          s = static_cast<const float*>(group_scale)[g];
+      }
+      return static_cast<float>(q) * s;
+    }
     default:
       fail("Weight::at: unsupported dtype ", dtype_name(dtype));
   }
 }
 
 size_t Weight::bytes() const {
-  size_t n = static_cast<size_t>(rows * cols) * dtype_size(dtype);
+  size_t n = static_cast<size_t>(rows * row_bytes(dtype, cols));
+  if (group_scale)
+    n += static_cast<size_t>(rows * group_cols) * dtype_size(group_scale_dtype);
   if (dtype == DType::F8_E4M3 && rows > 0) {
     const int64_t b0 = scale_row0 / kFp8Block, b1 = (scale_row0 + rows - 1) / kFp8Block;
     n += static_cast<size_t>((b1 - b0 + 1) * scale_cols) * sizeof(float);

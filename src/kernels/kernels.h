@@ -9,8 +9,13 @@
 // and lane[0] is the result. A weight element enters as a float: bf16/f16/f32 exactly. For fp8
 // e4m3 the product is float(fp8) (exact) times x * scale_inv (rounded once), scale_inv that of
 // the weight's 128x128 block: the scale goes to the activation, once per 128 weight rows,
-// rather than to every weight. (matmul_t, below, has its own contract.) The scalar, AVX2 and
-// AVX-512 implementations all follow this contract and agree bit for bit.
+// rather than to every weight. Integer weights (Q8, Q4: see Weight) enter as float(q) * scale,
+// the product rounded once (exact for bf16 and f16 scales, as published). Q4 takes its products
+// in the order it stores them: within each chunk of 32 elements [32c, 32c + 32), lane j takes
+// element 32c + 2j, then 32c + 2j + 1 (the plain order would give it 32c + j, then 32c + 16 +
+// j) -- the 16-lane sum of x and W both permuted within each chunk. (matmul_t, below, has its
+// own contract.) The scalar, AVX2 and AVX-512 implementations all follow this contract and
+// agree bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +30,8 @@ inline constexpr int kFp8Block = 128;
 
 // A weight matrix as a checkpoint stores it: row-major [rows, cols] (torch Linear: [out, in]).
 struct Weight {
-  DType dtype = DType::F32;    // F32, F16, BF16 or F8_E4M3
-  const void* data = nullptr;  // [rows, cols] of dtype; row r at data + r * cols * dtype_size
+  DType dtype = DType::F32;    // F32, F16, BF16, F8_E4M3, Q8 or Q4
+  const void* data = nullptr;  // [rows, cols] of dtype; row r at data + row_bytes(dtype, cols) * r
   int64_t rows = 0, cols = 0;
   // F8_E4M3 only: [ceil(total_rows/128), scale_cols] float32, block (r/128, c/128) scales
   // element (r, c). `scale_row0` is the row of the full matrix that row 0 of this view is, so
@@ -37,6 +42,16 @@ struct Weight {
   // F8_E4M3 only: the data holds no NaN byte (see fp8_plain), so the kernels may take their
   // fast conversion. The results are the same bits either way.
   bool fp8_plain = false;
+  // Q8 and Q4 (compressed-tensors pack-quantized, symmetric): element (r, c) is the integer q
+  // times group_scale[r, c / group_size]. The integers are stored as q + 2^(bits-1) (0..255 or
+  // 0..15), packed densely into little-endian int32 words: Q8 one byte each, in order; Q4 two
+  // per byte, element 2b in the low nibble of byte b of its row and 2b + 1 in the high one.
+  // Q4 needs cols % 32 == 0; group_size is a multiple of 32 (Q4) or 16 (Q8). A view of some
+  // rows points group_scale at its first row's scales.
+  const void* group_scale = nullptr;        // [rows, group_cols] of group_scale_dtype
+  DType group_scale_dtype = DType::BF16;    // BF16, F16 or F32
+  int64_t group_size = 0;
+  int64_t group_cols = 0;                   // ceil(cols / group_size)
 
   // Rows [r0, r0 + n) of this matrix as a matrix of its own.
   Weight rows_view(int64_t r0, int64_t n) const;

@@ -64,8 +64,7 @@ constexpr int64_t elem_bytes() {
 
 // Row r of a weight view: its bytes and (fp8) its row of block scales.
 inline const uint8_t* w_row(const Weight& w, int64_t r) {
-  return static_cast<const uint8_t*>(w.data) +
-         r * w.cols * static_cast<int64_t>(dtype_size(w.dtype));
+  return static_cast<const uint8_t*>(w.data) + r * row_bytes(w.dtype, w.cols);
 }
 inline const float* w_scales(const Weight& w, int64_t r) {
   return w.scale_inv + ((w.scale_row0 + r) / kFp8Block) * w.scale_cols;
