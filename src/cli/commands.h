@@ -10,7 +10,8 @@ void register_model_commands(CLI::App& app);  // generate, score, init-model (cm
 void register_bench_command(CLI::App& app);   // bench (cmd_bench.cpp)
 void register_text_commands(CLI::App& app);   // tokenize, detokenize, chat-template (cmd_text.cpp)
 void register_serve_command(CLI::App& app);   // serve (cmd_serve.cpp)
-void register_placement_command(CLI::App& app);  // plan-placement (cmd_placement.cpp)
-void register_inspect_command(CLI::App& app);    // inspect (cmd_inspect.cpp)
+void register_placement_command(CLI::App& app);   // plan-placement (cmd_placement.cpp)
+void register_inspect_command(CLI::App& app);     // inspect (cmd_inspect.cpp)
+void register_perplexity_command(CLI::App& app);  // perplexity (cmd_perplexity.cpp)
 
 }  // namespace moeserve::cli
