@@ -98,7 +98,7 @@ void expect_clean_failure(const CmdResult& r, std::initializer_list<std::string>
 
 TEST(Cli, HelpOnEverySubcommand) {
   for (const char* sub : {"", "generate", "score", "init-model", "bench", "tokenize", "detokenize",
-                          "chat-template", "serve", "plan-placement"}) {
+                          "chat-template", "serve", "plan-placement", "perplexity"}) {
     const CmdResult r = run(std::string(sub) + " --help");
     EXPECT_EQ(r.status, 0) << sub;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << sub;
