@@ -29,10 +29,10 @@ struct Result {
   std::string out, err;
 };
 
-Result run_ppl(const std::string& args) {
+// A shell command line, its stdout and stderr apart.
+Result run_shell(const std::string& command) {
   TempDir d;
-  const std::string cmd =
-      std::string(MOESERVE_BINARY) + " " + args + " >" + (d / "out") + " 2>" + (d / "err");
+  const std::string cmd = command + " >" + (d / "out") + " 2>" + (d / "err");
   const int rc = std::system(cmd.c_str());
   Result r;
   r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + WTERMSIG(rc);
@@ -40,6 +40,10 @@ Result run_ppl(const std::string& args) {
   r.out.assign(std::istreambuf_iterator<char>(o), {});
   r.err.assign(std::istreambuf_iterator<char>(e), {});
   return r;
+}
+
+Result run_ppl(const std::string& args) {
+  return run_shell(std::string(MOESERVE_BINARY) + " " + args);
 }
 
 json run_json(const std::string& args) {
@@ -357,4 +361,38 @@ TEST(Perplexity, MismatchedInputsAreErrors) {
                "fewer than one chunk of --ctx 64");
   expect_error(m + flags + " --save-logits x --kl-base y", "at most one of");
   expect_error(m + flags + " --tokens-file " + (d / "ids.json"), "exactly one of --file");
+}
+
+// Under mpirun the ranks share the routed experts and follow rank 0's forwards: the same
+// figures, bit for bit, as one process (the numerical contract), against a base saved by one
+// process; an input error ends every rank with one message.
+TEST(Perplexity, ExpertParallelGivesTheSameFigures) {
+  TempDir d;
+  ASSERT_EQ(run_ppl("init-model --preset tiny --out " + (d / "m") + " --seed 9").status, 0);
+  const std::string args = "perplexity " + (d / "m") + " --file " + kText +
+                           " --byte-tokens --ctx 48 --chunks 3 --json --threads 1";
+  const json one =
+      run_json((d / "m") + " --file " + kText +
+               " --byte-tokens --ctx 48 --chunks 3 --threads 1 --save-logits " + (d / "base"));
+  const std::string mpi =
+      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -np ";
+  for (const std::string np : {"2", "3"}) {
+    const Result r = run_shell(mpi + np + " " + MOESERVE_BINARY + " " + args + " --kl-base " +
+                               (d / "base") + " --redundant-experts 1");
+    ASSERT_EQ(r.status, 0) << r.err;
+    const json j = json::parse(r.out);
+    EXPECT_EQ(j["ppl"].get<double>(), one["ppl"].get<double>()) << np;
+    EXPECT_EQ(j["kl_mean"].get<double>(), 0.0) << np;
+    EXPECT_EQ(j["same_top1"].get<double>(), 1.0) << np;
+  }
+  const Result bad =
+      run_shell(mpi + "2 " + MOESERVE_BINARY + " perplexity " + (d / "m") + " --file " + kText +
+                " --byte-tokens --ctx 32 --kl-base " + (d / "base"));
+  EXPECT_NE(bad.status, 0);
+  size_t errors = 0;
+  for (size_t at = bad.err.find("error: "); at != std::string::npos;
+       at = bad.err.find("error: ", at + 1))
+    ++errors;
+  EXPECT_EQ(errors, 1u) << bad.err;
+  EXPECT_NE(bad.err.find("was saved with --ctx 48"), std::string::npos) << bad.err;
 }
