@@ -339,7 +339,7 @@ void run_perplexity(const PplArgs& a) {
   std::vector<double> row;
   std::vector<uint8_t> in_set(V);
   std::vector<int32_t> order(V);
-  Mean nll, nll_base, dnll, kl, same, dp;
+  Mean nll, nll_base, dnll, kl, same, dp, topk_mass;
   std::vector<double> kls;
   const double t_start = now();
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -411,6 +411,7 @@ void run_perplexity(const PplArgs& a) {
             }
           }
           kl.add(d);
+          topk_mass.add(1.0 - std::exp(static_cast<double>(br.rest_lp)));
           kls.push_back(d);
           nll_base.add(-br.target_lp);
           dnll.add(-lp + br.target_lp);
@@ -452,6 +453,7 @@ void run_perplexity(const PplArgs& a) {
     const double rms_dp = std::sqrt(dp.sum2 / static_cast<double>(dp.n));
     j["base"] = base->header.value("model", "");
     j["base_top_k"] = base->top_k;
+    j["base_top_k_mass"] = topk_mass.mean();  // 1 with whole rows
     j["ppl_base"] = pb;
     j["ppl_base_stderr"] = pb * nll_base.stderr_();
     j["ln_ppl_ratio"] = dnll.mean();
@@ -480,18 +482,19 @@ void run_perplexity(const PplArgs& a) {
   if (!base) return;
   std::printf("base perplexity:     %.4f ± %.4f (%s)\n", j["ppl_base"].get<double>(),
               j["ppl_base_stderr"].get<double>(), j["base"].get<std::string>().c_str());
-  std::printf("ln(PPL / PPL base):  %.6f ± %.6f\n", dnll.mean(), dnll.stderr_());
-  std::printf("mean KL divergence:  %.6f ± %.6f\n", kl.mean(), kl.stderr_());
-  std::printf("KL median:           %.6f\n", j["kl_median"].get<double>());
-  std::printf("KL 99%%:              %.6f\n", j["kl_p99"].get<double>());
-  std::printf("KL max:              %.6f\n", j["kl_max"].get<double>());
+  std::printf("ln(PPL / PPL base):  %.6g ± %.3g\n", dnll.mean(), dnll.stderr_());
+  std::printf("mean KL divergence:  %.6g ± %.3g\n", kl.mean(), kl.stderr_());
+  std::printf("KL median:           %.6g\n", j["kl_median"].get<double>());
+  std::printf("KL 99%%:              %.6g\n", j["kl_p99"].get<double>());
+  std::printf("KL max:              %.6g\n", j["kl_max"].get<double>());
   std::printf("same top token:      %.3f ± %.3f %%\n", 100 * same.mean(), 100 * same.stderr_());
-  std::printf("RMS Δp:              %.4f %%\n", 100 * j["rms_dp"].get<double>());
+  std::printf("RMS Δp:              %.6g %%\n", 100 * j["rms_dp"].get<double>());
   if (base->top_k > 0)
     std::printf(
-        "(KL over the base's top %lld tokens plus the rest of the vocabulary as one "
-        "outcome: never above the whole-vocabulary KL)\n",
-        static_cast<long long>(base->top_k));
+        "(KL over the base's top %lld tokens, on average %.2f%% of its probability, plus "
+        "the rest of the vocabulary as one outcome: never above the whole-vocabulary "
+        "KL; --save-top-k 0 saves whole rows)\n",
+        static_cast<long long>(base->top_k), 100 * topk_mass.mean());
 }
 
 }  // namespace
