@@ -53,8 +53,8 @@ struct PplArgs {
   bool byte_tokens = false, json = false;
   int64_t ctx = 512, chunks = 0, top_k = 64;
   ParallelArgs par;
-  const CLI::Option* chunks_opt = nullptr;
   const CLI::Option* ctx_opt = nullptr;
+  const CLI::Option* top_k_opt = nullptr;
 };
 
 double now() {
@@ -163,8 +163,9 @@ struct Mean {
 struct BaseFile {
   json header;
   std::ifstream in;
-  int64_t top_k = 0, vocab = 0;
-  size_t data_offset = 0;
+  int64_t top_k = 0, vocab = 0, ctx = 0, n_chunks = 0;
+  std::vector<int32_t> tokens;  // the ids run, n_chunks * ctx
+  std::string model;            // the folder it was saved from
 
   BaseRow read_row() {
     BaseRow r;
@@ -179,6 +180,9 @@ struct BaseFile {
     r.lps.resize(n);
     in.read(reinterpret_cast<char*>(r.lps.data()), n * 4);
     MS_CHECK(in.good(), "--kl-base: read error");
+    bool ok = r.argmax >= 0 && r.argmax < vocab;
+    for (const int32_t id : r.ids) ok = ok && id >= 0 && id < vocab;
+    MS_CHECK(ok, "--kl-base: the file is damaged (a token id out of range)");
     return r;
   }
 };
@@ -197,14 +201,30 @@ BaseFile open_base(const std::string& path) {
   b.in.read(h.data(), static_cast<std::streamsize>(hlen));
   b.header = json::parse(h, nullptr, false);
   MS_CHECK(b.in.good() && b.header.is_object(), path, ": the header is damaged");
-  MS_CHECK(b.header.value("version", 0) == kFormatVersion, path, " has format version ",
-           b.header.value("version", 0), "; this moeserve reads version ", kFormatVersion);
-  b.top_k = b.header.at("top_k").get<int64_t>();
-  b.vocab = b.header.at("vocab_size").get<int64_t>();
-  b.data_offset = 16 + hlen;
-  const int64_t rows =
-      b.header.at("n_chunks").get<int64_t>() * b.header.at("scored_per_chunk").get<int64_t>();
-  const auto want = b.data_offset + rows * record_bytes(b.top_k, b.vocab);
+  const json& hd = b.header;
+  try {
+    const int version = hd.at("version").get<int>();
+    MS_CHECK(version == kFormatVersion, path, " has format version ", version,
+             "; this moeserve reads version ", kFormatVersion);
+    b.top_k = hd.at("top_k").get<int64_t>();
+    b.vocab = hd.at("vocab_size").get<int64_t>();
+    b.ctx = hd.at("ctx").get<int64_t>();
+    b.n_chunks = hd.at("n_chunks").get<int64_t>();
+    b.tokens = hd.at("tokens").get<std::vector<int32_t>>();
+    b.model = hd.at("model").get<std::string>();
+    const int64_t scored = hd.at("scored_per_chunk").get<int64_t>();
+    MS_CHECK(b.vocab > 0 && b.top_k >= 0 && b.top_k < b.vocab && b.ctx >= 4 && b.n_chunks >= 1 &&
+                 scored == b.ctx - 1 - b.ctx / 2 &&
+                 static_cast<int64_t>(b.tokens.size()) == b.n_chunks * b.ctx,
+             "inconsistent");
+  } catch (const Error& e) {
+    if (std::string(e.what()) != "inconsistent") throw;
+    fail(path, ": the header is damaged");
+  } catch (const json::exception&) {
+    fail(path, ": the header is damaged");
+  }
+  const size_t rows = static_cast<size_t>(b.n_chunks * (b.ctx - 1 - b.ctx / 2));
+  const size_t want = 16 + hlen + rows * record_bytes(b.top_k, b.vocab);
   MS_CHECK(fs::file_size(path) == want, path, " is truncated or damaged: ", fs::file_size(path),
            " bytes, its header says ", want);
   return b;
@@ -238,12 +258,13 @@ void run_perplexity(const PplArgs& a) {
     MS_CHECK(a.save_logits.empty() || a.kl_base.empty(),
              "give at most one of --save-logits and --kl-base");
     MS_CHECK(a.top_k >= 0, "--save-top-k must be >= 0");
+    MS_CHECK(a.top_k_opt->count() == 0 || !a.save_logits.empty(),
+             "--save-top-k goes with --save-logits");
     MS_CHECK(a.chunks >= 0, "--chunks must be >= 0");
     cfg = model::ModelConfig::load(a.model);
     if (!a.kl_base.empty()) {
       base = open_base(a.kl_base);
-      const json& h = base->header;
-      const int64_t bctx = h.at("ctx").get<int64_t>();
+      const int64_t bctx = base->ctx;
       if (a.ctx_opt->count() == 0) ctx = bctx;
       MS_CHECK(ctx == bctx, "--kl-base ", a.kl_base, " was saved with --ctx ", bctx,
                "; this run uses --ctx ", ctx, " (they must be the same)");
@@ -264,9 +285,9 @@ void run_perplexity(const PplArgs& a) {
              " tokens, fewer than one chunk of --ctx ", ctx);
     n_chunks = avail;
     if (base) {
-      const int64_t bn = base->header.at("n_chunks").get<int64_t>();
+      const int64_t bn = base->n_chunks;
       n_chunks = std::min(n_chunks, bn);
-      if (a.chunks_opt->count() > 0) {
+      if (a.chunks > 0) {
         MS_CHECK(a.chunks <= bn, "--kl-base ", a.kl_base, " holds ", bn,
                  " chunks; --chunks asks for ", a.chunks);
         n_chunks = std::min(n_chunks, a.chunks);
@@ -282,7 +303,7 @@ void run_perplexity(const PplArgs& a) {
     if (tok.bos >= 0)
       for (int64_t c = 0; c < n_chunks; ++c) tok.ids[c * ctx] = tok.bos;
     if (base) {
-      const std::vector<int32_t> bids = base->header.at("tokens");
+      const std::vector<int32_t>& bids = base->tokens;
       for (size_t i = 0; i < tok.ids.size(); ++i)
         MS_CHECK(i < bids.size() && bids[i] == tok.ids[i], "the input differs from the one ",
                  a.kl_base, " was saved with, at token ", i % ctx, " of chunk ", i / ctx,
@@ -455,7 +476,7 @@ void run_perplexity(const PplArgs& a) {
   if (base) {
     const double pb = std::exp(nll_base.mean());
     const double rms_dp = std::sqrt(dp.sum2 / static_cast<double>(dp.n));
-    j["base"] = base->header.value("model", "");
+    j["base"] = base->model;
     j["base_top_k"] = base->top_k;
     j["base_top_k_mass"] = topk_mass.mean();  // 1 with whole rows
     j["ppl_base"] = pb;
@@ -519,16 +540,16 @@ void register_perplexity_command(CLI::App& app) {
   a->ctx_opt = p->add_option("--ctx", a->ctx,
                              "Tokens per chunk; the last ctx - 1 - ctx/2 of each are scored "
                              "(default: 512, or the --kl-base file's)");
-  a->chunks_opt =
-      p->add_option("--chunks", a->chunks,
-                    "Chunks to score (default: all the input holds, or the --kl-base file's)");
+  p->add_option("--chunks", a->chunks,
+                "Chunks to score (default: all the input holds, or the --kl-base file's)");
   p->add_option("--save-logits", a->save_logits,
                 "Save what --kl-base needs of this model's distributions to this file")
       ->type_name("FILE");
-  p->add_option("--save-top-k", a->top_k,
-                "With --save-logits: keep each position's k most likely tokens and the rest as "
-                "one (0: whole rows, 4 bytes per vocabulary entry per token)")
-      ->capture_default_str();
+  a->top_k_opt =
+      p->add_option("--save-top-k", a->top_k,
+                    "With --save-logits: keep each position's k most likely tokens and the rest as "
+                    "one (0: whole rows, 4 bytes per vocabulary entry per token)")
+          ->capture_default_str();
   p->add_option("--kl-base", a->kl_base,
                 "Compare with the logits a base model saved here: KL divergence, top-1 "
                 "agreement, both perplexities")

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -140,7 +141,8 @@ TEST(Perplexity, AgainstItselfKlIsZero) {
                             " --save-logits " + base + " --save-top-k " + k);
     ASSERT_TRUE(fs::exists(base));
     EXPECT_FALSE(fs::exists(base + ".partial"));
-    const json j = run_json(d / "m" + " --file " + kText + " --byte-tokens --kl-base " + base);
+    const json j =
+        run_json(d / "m" + " --file " + kText + " --byte-tokens --chunks 0 --kl-base " + base);
     EXPECT_EQ(j["ctx"], 64);  // from the base file
     EXPECT_EQ(j["chunks"], 3);
     EXPECT_EQ(j["scored_tokens"], 3 * 31);
@@ -364,6 +366,38 @@ TEST(Perplexity, MismatchedInputsAreErrors) {
   expect_error(m + " --file " + (d / "short.txt") + " --byte-tokens --ctx 64",
                "fewer than one chunk of --ctx 64");
   expect_error(m + flags + " --save-logits x --kl-base y", "at most one of");
+  expect_error(m + flags + " --save-top-k 4", "--save-top-k goes with --save-logits");
+  // A header that does not add up, and a record whose token id is out of range.
+  {
+    std::string bytes(16, '\0');
+    std::memcpy(bytes.data(), "MSLOGITS", 8);
+    const std::string h = R"({"version": 1, "top_k": 4, "vocab_size": 512, "ctx": 64,)"
+                          R"( "n_chunks": 2, "scored_per_chunk": 31, "tokens": [1, 2],)"
+                          R"( "model": "m"})";
+    const uint64_t n = h.size();
+    std::memcpy(bytes.data() + 8, &n, 8);
+    write_file(d / "bad_header", bytes + h);
+    expect_error(m + flags + " --kl-base " + (d / "bad_header"), "the header is damaged");
+  }
+  ASSERT_EQ(run_ppl("perplexity " + m + flags + " --ctx 64 --chunks 2 --save-top-k 4 " +
+                    "--save-logits " + (d / "base4"))
+                .status,
+            0);
+  {
+    std::fstream f(d / "base4", std::ios::in | std::ios::out | std::ios::binary);
+    uint64_t hlen = 0;
+    f.seekg(8);
+    f.read(reinterpret_cast<char*>(&hlen), 8);
+    const int32_t bad = 9999;
+    f.seekp(static_cast<std::streamoff>(16 + hlen + 16));  // the first record's first id
+    f.write(reinterpret_cast<const char*>(&bad), 4);
+  }
+  // Found while reading, after the model has loaded: the last line says it.
+  const Result r = run_ppl("perplexity " + m + flags + " --kl-base " + (d / "base4"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("\nerror: --kl-base: the file is damaged (a token id out of range)\n"),
+            std::string::npos)
+      << r.err;
   expect_error(m + flags + " --tokens-file " + (d / "ids.json"), "exactly one of --file");
 }
 
