@@ -93,7 +93,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
 // y[i, c] = sum_r x[i, r] * W[r, c]   (W transposed), summed over r = 0, 1, ... in order, one
 // fused multiply-add each, starting from +0.0; an fp8 W[r, c] enters as float(fp8) * scale_inv
 // rounded once.  x: [m, ldx] f32 (first W.rows of each row);
-// y: [m, ldy] f32 (W.cols of each row).
+// y: [m, ldy] f32 (W.cols of each row). Not for Q8 / Q4 weights (an error).
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
               float* y, int64_t ldy);
 
@@ -102,7 +102,7 @@ void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, co
 // multiply a microcode assist on some CPUs). Real and random checkpoints have ~1 in 10^4.
 bool fp8_plain(const uint8_t* data, size_t n);
 
-// Row r of W as floats: out[c] = W.at(r, c) for c < W.cols.
+// Row r of W as floats: out[c] = W.at(r, c) for c < W.cols (Q4 too: plain element order).
 void dequant_row(const Weight& w, int64_t r, float* out);
 
 // sum_k a[k] * b[k] by the 16-lane contract.
