@@ -48,10 +48,10 @@ struct Weight {
   // per byte, element 2b in the low nibble of byte b of its row and 2b + 1 in the high one.
   // Q4 needs cols % 32 == 0; group_size is a multiple of 32 (Q4) or 16 (Q8). A view of some
   // rows points group_scale at its first row's scales.
-  const void* group_scale = nullptr;        // [rows, group_cols] of group_scale_dtype
-  DType group_scale_dtype = DType::BF16;    // BF16, F16 or F32
+  const void* group_scale = nullptr;      // [rows, group_cols] of group_scale_dtype
+  DType group_scale_dtype = DType::BF16;  // BF16, F16 or F32
   int64_t group_size = 0;
-  int64_t group_cols = 0;                   // ceil(cols / group_size)
+  int64_t group_cols = 0;  // ceil(cols / group_size)
 
   // Rows [r0, r0 + n) of this matrix as a matrix of its own.
   Weight rows_view(int64_t r0, int64_t n) const;
