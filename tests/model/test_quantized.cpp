@@ -13,6 +13,7 @@
 #include "kernels/kernels.h"
 #include "model/config.h"
 #include "model/init_model.h"
+#include "model/inspect.h"
 #include "model/model.h"
 #include "model/quantize.h"
 #include "model/safetensors.h"
@@ -389,4 +390,65 @@ TEST(Quantize, Errors) {
   o.out = o.model;
   expect_error([&] { run(o); }, {"must not be the model folder"});
   EXPECT_FALSE(fs::exists(d / "new"));
+}
+
+// inspect reads what quantize wrote from the headers, and derives the same tensors from its
+// config.json alone (a folder whose shards are not downloaded yet).
+TEST(Quantize, InspectDerivesWhatItWrites) {
+  TempDir d;
+  model::QuantizeOptions o;
+  o.model = fixture("v3_tiny");
+  o.out = d / "q";
+  ThreadPool pool(2);
+  model::quantize_checkpoint(o, pool);
+  fs::create_directories(d / "config-only");
+  fs::copy_file(d / "q/config.json", d / "config-only/config.json");
+  const model::Inventory headers = model::inspect_model(d / "q");
+  const model::Inventory derived = model::inspect_model(d / "config-only");
+  EXPECT_EQ(headers.source, "headers");
+  EXPECT_EQ(derived.source, "config.json");
+  ASSERT_EQ(headers.tensors.size(), derived.tensors.size());
+  std::map<std::string, const model::TensorEntry*> by_name;
+  for (const auto& t : derived.tensors) by_name[t.name] = &t;
+  for (const auto& t : headers.tensors) {
+    ASSERT_TRUE(by_name.count(t.name)) << t.name;
+    EXPECT_EQ(by_name[t.name]->dtype, t.dtype) << t.name;
+    EXPECT_EQ(by_name[t.name]->shape, t.shape) << t.name;
+  }
+}
+
+TEST(Quantize, CommandLine) {
+  const std::string bin = MOESERVE_BINARY;
+  if (!fs::exists(bin)) GTEST_SKIP() << "the moeserve binary is not built";
+  TempDir d;
+  auto run = [&](const std::string& args, std::string* out, std::string* err) {
+    const std::string cmd = bin + " " + args + " >" + (d / "out") + " 2>" + (d / "err");
+    const int rc = std::system(cmd.c_str());
+    std::ifstream o(d / "out"), e(d / "err");
+    out->assign(std::istreambuf_iterator<char>(o), {});
+    err->assign(std::istreambuf_iterator<char>(e), {});
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+  };
+  std::string out, err;
+  const std::string model = fixture("v3_tiny");
+  ASSERT_EQ(run("quantize " + model + " --out " + (d / "q") + " --experts int8 --shard-size 0.0005",
+                &out, &err),
+            0)
+      << err;
+  EXPECT_NE(out.find("quantized 192 expert matrices to int8 group 32"), std::string::npos) << out;
+  EXPECT_NE(err.find("wrote model-00001-of-"), std::string::npos) << err;
+  EXPECT_TRUE(fs::exists(d / "q/model.safetensors.index.json"));
+  EXPECT_EQ(run("quantize " + model + " --out " + (d / "q") + " --experts int8", &out, &err), 1);
+  EXPECT_NE(err.find("not empty"), std::string::npos) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_EQ(run("quantize " + model + " --out " + (d / "r") + " --experts int3", &out, &err), 1);
+  EXPECT_NE(err.find("--experts"), std::string::npos) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_EQ(run("quantize " + model + " --out " + (d / "r") + " --experts int4 --group-size 20",
+                &out, &err),
+            1);
+  EXPECT_NE(err.find("--group-size 20"), std::string::npos) << err;
+  EXPECT_EQ(run("quantize " + model + " --experts int4", &out, &err), 1);
+  EXPECT_NE(err.find("--out"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(d / "r"));
 }
