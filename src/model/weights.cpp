@@ -169,6 +169,9 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
     a.kv_b_proj = ld.matrix(ap + ".kv_b_proj.weight", nh * (c.qk_nope_head_dim + c.v_head_dim),
                             c.kv_lora_rank);
     a.o_proj = ld.matrix(ap + ".o_proj.weight", H, nh * c.v_head_dim);
+    MS_CHECK(a.kv_b_proj.dtype != DType::Q4 && a.kv_b_proj.dtype != DType::Q8, "tensor ", ap,
+             ".kv_b_proj.weight_packed: a quantized kv_b_proj is not supported (the absorbed "
+             "attention reads it transposed; keep it unquantized, as published checkpoints do)");
     L.is_moe = c.is_moe_layer(l);
     const std::string mp = p + ".mlp";
     if (!L.is_moe) {

@@ -660,6 +660,21 @@ TEST(QuantizedLoader, StorageMustMatchTheIgnoreList) {
   expect_rejected(k, {"experts", ".weight", "missing"});
 }
 
+TEST(QuantizedLoader, QuantizedKvBProjIsRefused) {
+  Checkpoint k = base_int4();
+  const std::string m = "model.layers.0.self_attn.kv_b_proj";  // [256, 32]
+  k.header.erase(m + ".weight");
+  k.header[m + ".weight_packed"] = {{"dtype", "I32"}, {"shape", {256, 4}}};
+  k.header[m + ".weight_scale"] = {{"dtype", "BF16"}, {"shape", {256, 1}}};
+  k.header[m + ".weight_shape"] = {{"dtype", "I64"}, {"shape", {2}}};
+  repack(k, {{m + ".weight_packed", std::string(256 * 4 * 4, '\x77')},
+             {m + ".weight_scale", std::string(256 * 2, '\0')},
+             {m + ".weight_shape", i64_pair(256, 32)}});
+  k.config["quantization_config"]["ignore"][1] = "re:.*self_attn\\.(?!kv_b_proj).*";
+  k.what = "kv_b_proj int4";
+  expect_rejected(k, {m + ".weight_packed", "kv_b_proj is not supported"});
+}
+
 TEST(QuantizedLoader, BitsMustMatchThePacking) {
   Checkpoint k = base_int4();
   k.config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8;

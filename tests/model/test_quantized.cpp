@@ -11,6 +11,7 @@
 #include "../test_util.h"
 #include "core/dtype.h"
 #include "kernels/kernels.h"
+#include "kv/kv_pool.h"
 #include "model/config.h"
 #include "model/init_model.h"
 #include "model/inspect.h"
@@ -57,6 +58,24 @@ struct Loaded {
     w = model::load_weights(*store, cfg);
   }
 };
+
+// The last token's logits of one forward pass over a few tokens.
+std::vector<float> forward_logits(const std::string& dir) {
+  ThreadPool pool(2);
+  model::Model m(dir, pool);
+  const model::ModelConfig& c = m.config();
+  kv::KvPool kv(1, 16, c.num_hidden_layers, c.kv_cache_dim());
+  std::vector<int32_t> blocks;
+  EXPECT_TRUE(kv.allocate(1, &blocks));
+  model::Batch b;
+  b.tokens = {1, 5, 9, 2, 7, 3};
+  b.seqs = {{0, 6, 0, blocks.data()}};
+  b.logit_rows = {5};
+  std::vector<float> logits(c.vocab_size);
+  m.forward(b, kv, logits.data());
+  for (float v : logits) EXPECT_TRUE(std::isfinite(v));
+  return logits;
+}
 
 class QuantizedFixture : public ::testing::TestWithParam<int> {
  protected:
@@ -451,4 +470,51 @@ TEST(Quantize, CommandLine) {
   EXPECT_EQ(run("quantize " + model + " --experts int4", &out, &err), 1);
   EXPECT_NE(err.find("--out"), std::string::npos) << err;
   EXPECT_FALSE(fs::exists(d / "r"));
+}
+
+// The "channel" strategy: one scale per row (weight_scale [rows, 1]). The int4 fixture with only
+// the first group's scale of each row kept.
+TEST(QuantizedConfig, ChannelStrategyLoads) {
+  TempDir d;
+  const std::string src = fixture("v3_tiny_int4");
+  json cfg = read_json(src + "/config.json");
+  json& w = cfg["quantization_config"]["config_groups"]["group_0"]["weights"];
+  w["strategy"] = "channel";
+  w["group_size"] = nullptr;
+  std::ofstream(d / "config.json") << cfg.dump();
+  {
+    const model::WeightStore in(src);
+    std::vector<model::SafeTensorsWriter::Entry> entries;
+    for (const auto& [name, t] : in.all()) {
+      std::vector<int64_t> shape = t->shape;
+      if (name.size() > 13 && name.compare(name.size() - 13, 13, ".weight_scale") == 0)
+        shape[1] = 1;
+      entries.push_back({name, t->dtype, shape});
+    }
+    model::SafeTensorsWriter out(d / "model.safetensors", entries);
+    for (const auto& [name, t] : in.all()) {
+      if (name.size() > 13 && name.compare(name.size() - 13, 13, ".weight_scale") == 0) {
+        const auto* s = static_cast<const uint16_t*>(t->data);
+        for (int64_t r = 0; r < t->shape[0]; ++r) out.write_data(s + r * t->shape[1], 2);
+      } else {
+        out.write_data(t->data, t->nbytes);
+      }
+    }
+    out.finish();
+  }
+  const Loaded orig(src), chan(d.path());
+  EXPECT_EQ(chan.cfg.quant.group_size, 0);
+  const std::string name = "model.layers.2.mlp.experts.5.gate_proj";
+  const model::Weight& a = expert_matrix(orig.w, name);
+  const model::Weight& b = expert_matrix(chan.w, name);
+  ASSERT_EQ(b.group_size, 64);
+  ASSERT_EQ(b.group_cols, 1);
+  const auto* sa = static_cast<const uint16_t*>(a.group_scale);
+  for (int64_t r = 0; r < a.rows; ++r)
+    for (int64_t c = 0; c < a.cols; ++c) {
+      const float q = a.at(r, c) / bf16_to_f32(sa[r * a.group_cols + c / 32]);
+      ASSERT_EQ(b.at(r, c), q * bf16_to_f32(sa[r * a.group_cols])) << r << ", " << c;
+    }
+  const std::vector<float> lc = forward_logits(d.path()), l4 = forward_logits(src);
+  EXPECT_NE(lc, l4);
 }
