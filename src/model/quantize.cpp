@@ -151,8 +151,11 @@ void pack_row(const int8_t* q, int64_t cols, int bits, uint32_t* out) {
   }
 }
 
-QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool& pool,
-                                   const std::function<void(const std::string&)>& progress) {
+namespace {
+// quantize_checkpoint; `*writing` is set once the output folder is ours to fill.
+QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
+                             const std::function<void(const std::string&)>& progress,
+                             bool* writing) {
   MS_CHECK(opt.bits == 4 || opt.bits == 8, "--experts must be int4 or int8");
   const int64_t align = opt.bits == 4 ? 32 : 16;
   MS_CHECK(opt.group_size > 0 && opt.group_size % align == 0, "--group-size ", opt.group_size,
@@ -203,6 +206,10 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool&
       const int64_t cols = t->shape[1];
       MS_CHECK(cols % opt.group_size == 0 && cols % align == 0, "tensor ", n, " has ", cols,
                " columns, not a multiple of --group-size ", opt.group_size);
+      MS_CHECK(t->dtype == DType::BF16 || t->dtype == DType::F16 || t->dtype == DType::F32 ||
+                   t->dtype == DType::F8_E4M3,
+               "tensor ", n, " has dtype ", dtype_name(t->dtype),
+               ", supported: BF16, F16, F32, F8_E4M3");
       it.action = Action::Quantize;
       it.module = n.substr(0, n.size() - std::string(".weight").size());
     } else if (t->dtype == DType::F8_E4M3) {
@@ -273,6 +280,7 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool&
     return std::string(buf);
   };
 
+  *writing = true;
   fs::create_directories(opt.out, ec);
   MS_CHECK(!ec, "cannot create ", opt.out, ": ", ec.message());
   json weight_map = json::object();
@@ -295,7 +303,12 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool&
         entries.push_back({t.name, it->action == Action::ToBf16 ? DType::BF16 : t.dtype, t.shape});
       }
     }
-    for (const auto& e : entries) weight_map[e.name] = file;
+    for (const auto& e : entries) {
+      weight_map[e.name] = file;
+      uint64_t n = dtype_size(e.dtype);
+      for (int64_t x : e.shape) n *= static_cast<uint64_t>(x);
+      total += n;  // the index's total_size: tensor bytes, without the headers
+    }
     SafeTensorsWriter w((fs::path(opt.out) / file).string(), entries);
     for (const Item* it : shards[si]) {
       const TensorView& t = *it->t;
@@ -346,13 +359,12 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool&
       }
     }
     w.finish();
-    total += static_cast<uint64_t>(fs::file_size(fs::path(opt.out) / file, ec));
+    res.bytes_out += static_cast<uint64_t>(fs::file_size(fs::path(opt.out) / file, ec));
     if (progress)
       progress("quantize: wrote " + file + " (" + std::to_string(si + 1) + " of " +
                std::to_string(ns) + ")");
   }
   res.shards = ns;
-  res.bytes_out = total;
 
   json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
   std::ofstream(fs::path(opt.out) / "model.safetensors.index.json") << index.dump(2) << "\n";
@@ -375,6 +387,23 @@ QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool&
     progress("quantize: done in " + std::string(buf));
   }
   return res;
+}
+
+}  // namespace
+
+QuantizeResult quantize_checkpoint(const QuantizeOptions& opt, const ThreadPool& pool,
+                                   const std::function<void(const std::string&)>& progress) {
+  bool writing = false;
+  try {
+    return quantize_into(opt, pool, progress, &writing);
+  } catch (...) {
+    // The folder was missing or empty before: what it holds now is a partial output.
+    if (writing) {
+      std::error_code ec;
+      for (const auto& e : fs::directory_iterator(opt.out, ec)) fs::remove_all(e.path(), ec);
+    }
+    throw;
+  }
 }
 
 }  // namespace moeserve::model

@@ -408,6 +408,24 @@ TEST(Quantize, Errors) {
   o.model = fixture("v3_tiny");
   o.out = o.model;
   expect_error([&] { run(o); }, {"must not be the model folder"});
+  {  // an expert of an integer dtype: refused before anything is written
+    const model::WeightStore in(fixture("v3_tiny"));
+    std::vector<model::SafeTensorsWriter::Entry> entries;
+    for (const auto& [name, t] : in.all()) {
+      if (name == "model.layers.1.mlp.experts.3.up_proj.weight")  // the same bytes as I8
+        entries.push_back({name, DType::I8, {t->shape[0], 2 * t->shape[1]}});
+      else
+        entries.push_back({name, t->dtype, t->shape});
+    }
+    fs::create_directories(d / "i16");
+    fs::copy_file(fixture("v3_tiny") + "/config.json", d / "i16/config.json");
+    model::SafeTensorsWriter out(d / "i16/model.safetensors", entries);
+    for (const auto& [name, t] : in.all()) out.write_data(t->data, t->nbytes);
+    out.finish();
+  }
+  o.model = d / "i16";
+  o.out = d / "new";
+  expect_error([&] { run(o); }, {"experts.3.up_proj.weight", "I8"});
   EXPECT_FALSE(fs::exists(d / "new"));
 }
 
