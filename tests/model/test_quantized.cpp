@@ -536,3 +536,25 @@ TEST(QuantizedConfig, ChannelStrategyLoads) {
   const std::vector<float> lc = forward_logits(d.path()), l4 = forward_logits(src);
   EXPECT_NE(lc, l4);
 }
+
+// Expert parallelism: a rank loads, and copies into its own memory, only its experts' packed
+// weights and scales.
+TEST(QuantizedFixtureEp, ARankHoldsOnlyItsExperts) {
+  const std::string dir = fixture("v3_tiny_int4");
+  const model::ModelConfig cfg = model::ModelConfig::load(dir);
+  const model::WeightStore store(dir);
+  ThreadPool pool(2);
+  model::ModelWeights all = model::load_weights(store, cfg);
+  model::ModelWeights half =
+      model::load_weights(store, cfg, [](int64_t, int64_t e) { return e % 2 == 0; });
+  EXPECT_FALSE(half.layers[1].moe.experts[1].present());
+  ASSERT_TRUE(half.layers[1].moe.experts[2].present());
+  EXPECT_EQ(half.layers[1].moe.experts[2].up.dtype, DType::Q4);
+  const size_t full_bytes = model::make_resident(all, store, pool)->used();
+  const size_t half_bytes = model::make_resident(half, store, pool)->used();
+  // 3 MoE layers x 8 experts not held, each 3 matrices of 32 x 64: 1 KB packed + 128 B scales.
+  const size_t expert = 3 * (32 * 64 / 2 + 32 * 2 * 2);
+  EXPECT_EQ(model::routed_expert_bytes(half), expert);
+  EXPECT_GE(full_bytes - half_bytes, 3 * 8 * expert);
+  EXPECT_LE(full_bytes - half_bytes, 3 * 8 * (expert + 6 * 64));  // + each tensor's padding
+}
