@@ -51,13 +51,18 @@ void register_quantize_command(CLI::App& app) {
       "is published in. Other fp8 matrices become bf16 (one checkpoint cannot declare both); "
       "everything else is copied as it was, tokenizer files included");
   c->add_option("--model", a->model, "Input model folder (bf16 or fp8)")->required();
-  c->add_option("--out", a->out, "Output folder (must not exist, or be empty)")->required();
-  c->add_option("--experts", a->experts, "Routed experts' format: int4 or int8")->required();
+  c->add_option("--out", a->out, "Output folder (must not exist, or be empty)")
+      ->required()
+      ->type_name("DIR");
+  c->add_option("--experts", a->experts, "Routed experts' format: int4 or int8")
+      ->required()
+      ->type_name("int4|int8");
   c->add_option("--group-size", a->group_size,
                 "Weights per scale along a row (a multiple of 32 for int4, 16 for int8)")
       ->capture_default_str();
   c->add_option("--shard-size", a->shard_gb, "Output shard size in GB (about)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->type_name("GB");
   c->callback([a] { run_quantize(*a); });
 }
 

@@ -467,6 +467,9 @@ TEST(Quantize, CommandLine) {
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
   };
   std::string out, err;
+  ASSERT_EQ(run("quantize --help", &out, &err), 0) << err;
+  for (const char* s : {"[MODEL]", "--out", "--experts", "--group-size INT=32", "--shard-size"})
+    EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
   const std::string model = fixture("v3_tiny");
   ASSERT_EQ(run("quantize " + model + " --out " + (d / "q") + " --experts int8 --shard-size 0.0005",
                 &out, &err),
