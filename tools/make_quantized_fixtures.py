@@ -59,13 +59,13 @@ def is_routed_expert(name: str) -> bool:
             and parts[4] == "experts" and parts[6] in ("gate_proj", "up_proj", "down_proj"))
 
 
-def scheme(bits: int):
+def scheme(bits: int, group: int = GROUP_SIZE):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: PLC0415
 
     return QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
-                                 group_size=GROUP_SIZE, observer="minmax"),
+                                 group_size=group, observer="minmax"),
         format="pack-quantized",
     )
 
@@ -78,14 +78,14 @@ def quantization_config(bits: int) -> dict:
     return qc.model_dump(mode="json")
 
 
-def compress_linear(w: torch.Tensor, bits: int) -> dict:
+def compress_linear(w: torch.Tensor, bits: int, group: int = GROUP_SIZE) -> dict:
     """compressed-tensors' quantization of one bf16 weight [out, in]: {weight_packed, weight_scale, weight_shape}."""
     from compressed_tensors.compressors import compress_module  # noqa: PLC0415
     from compressed_tensors.quantization.utils import calculate_qparams  # noqa: PLC0415
 
-    s = scheme(bits)
+    s = scheme(bits, group)
     rows, cols = w.shape
-    g = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    g = w.reshape(rows, cols // group, group)
     scale, _ = calculate_qparams(g.amin(dim=-1), g.amax(dim=-1), s.weights)
     lin = torch.nn.Linear(cols, rows, bias=False, dtype=w.dtype)
     lin.weight.data.copy_(w)
@@ -126,7 +126,8 @@ def exact_dequantized(t: dict, bits: int) -> dict:
         if name.endswith(".weight_packed"):
             m = name[: -len(".weight_packed")]
             q = unpack(t, m, bits).float()
-            s = t[m + ".weight_scale"].float().repeat_interleave(GROUP_SIZE, dim=1)
+            s = t[m + ".weight_scale"].float()
+            s = s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
             out[m + ".weight"] = q * s
     return out
 
@@ -274,6 +275,7 @@ def check_output(d: Path, against: Path | None):
 
     QuantizationConfig.model_validate(qc)
     bits = qc["config_groups"]["group_0"]["weights"]["num_bits"]
+    group = qc["config_groups"]["group_0"]["weights"]["group_size"]
     deq = dequantize_checkpoint(d)
     stored = read_dir(d)
     n = sum(1 for k in stored if k.endswith(".weight_packed"))
@@ -294,7 +296,7 @@ def check_output(d: Path, against: Path | None):
             continue
         if t.dtype != torch.bfloat16:
             t = t.to(torch.bfloat16)
-        want = compress_linear(t, bits)
+        want = compress_linear(t, bits, group)
         for k, v in want.items():
             got = stored[f"{m}.{k}"]
             if k == "weight_shape":
