@@ -13,5 +13,6 @@ void register_serve_command(CLI::App& app);   // serve (cmd_serve.cpp)
 void register_placement_command(CLI::App& app);   // plan-placement (cmd_placement.cpp)
 void register_inspect_command(CLI::App& app);     // inspect (cmd_inspect.cpp)
 void register_perplexity_command(CLI::App& app);  // perplexity (cmd_perplexity.cpp)
+void register_quantize_command(CLI::App& app);    // quantize (cmd_quantize.cpp)
 
 }  // namespace moeserve::cli

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   moeserve::cli::register_placement_command(app);
   moeserve::cli::register_inspect_command(app);
   moeserve::cli::register_perplexity_command(app);
+  moeserve::cli::register_quantize_command(app);
   moeserve::cli::finish_subcommands(app);
   // Every rank of an mpirun launch parses the same flags and fails the same way; a failure
   // after MPI starts reaches all ranks through a collective check. Either way rank 0 alone

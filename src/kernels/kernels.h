@@ -48,10 +48,10 @@ struct Weight {
   // per byte, element 2b in the low nibble of byte b of its row and 2b + 1 in the high one.
   // Q4 needs cols % 32 == 0; group_size is a multiple of 32 (Q4) or 16 (Q8). A view of some
   // rows points group_scale at its first row's scales.
-  const void* group_scale = nullptr;        // [rows, group_cols] of group_scale_dtype
-  DType group_scale_dtype = DType::BF16;    // BF16, F16 or F32
+  const void* group_scale = nullptr;      // [rows, group_cols] of group_scale_dtype
+  DType group_scale_dtype = DType::BF16;  // BF16, F16 or F32
   int64_t group_size = 0;
-  int64_t group_cols = 0;                   // ceil(cols / group_size)
+  int64_t group_cols = 0;  // ceil(cols / group_size)
 
   // Rows [r0, r0 + n) of this matrix as a matrix of its own.
   Weight rows_view(int64_t r0, int64_t n) const;
@@ -93,7 +93,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
 // y[i, c] = sum_r x[i, r] * W[r, c]   (W transposed), summed over r = 0, 1, ... in order, one
 // fused multiply-add each, starting from +0.0; an fp8 W[r, c] enters as float(fp8) * scale_inv
 // rounded once.  x: [m, ldx] f32 (first W.rows of each row);
-// y: [m, ldy] f32 (W.cols of each row).
+// y: [m, ldy] f32 (W.cols of each row). Not for Q8 / Q4 weights (an error).
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
               float* y, int64_t ldy);
 
@@ -102,7 +102,7 @@ void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, co
 // multiply a microcode assist on some CPUs). Real and random checkpoints have ~1 in 10^4.
 bool fp8_plain(const uint8_t* data, size_t n);
 
-// Row r of W as floats: out[c] = W.at(r, c) for c < W.cols.
+// Row r of W as floats: out[c] = W.at(r, c) for c < W.cols (Q4 too: plain element order).
 void dequant_row(const Weight& w, int64_t r, float* out);
 
 // sum_k a[k] * b[k] by the 16-lane contract.

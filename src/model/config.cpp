@@ -232,16 +232,26 @@ ModelConfig ModelConfig::from_json(const json& j) {
     const json& q = j["quantization_config"];
     MS_CHECK(q.is_object(), "config.json: quantization_config must be an object");
     const std::string method = get_str(q, "quant_method", "");
-    MS_CHECK(method == "fp8", "config.json: quantization method \"", cut(method),
-             "\" is not supported (fp8 with 128x128 blocks)");
-    const std::string fmt = get_str(q, "fmt", "e4m3");
-    MS_CHECK(fmt == "e4m3", "config.json: fp8 format \"", cut(fmt), "\" is not supported (e4m3)");
-    if (q.contains("weight_block_size")) {
-      const json& b = q["weight_block_size"];
-      MS_CHECK(b.is_array() && b.size() == 2 && b[0] == 128 && b[1] == 128,
-               "config.json: weight_block_size ", brief(b), " is not supported ([128, 128])");
+    if (method == "compressed-tensors") {
+      c.quant = parse_quantization(j);
+      // What the Q4 / Q8 kernels take (kernels::Weight).
+      const int64_t align = c.quant.num_bits == 4 ? 32 : 16;
+      MS_CHECK(c.quant.group_size % align == 0, "config.json: compressed-tensors int",
+               c.quant.num_bits, " needs a group_size that is a multiple of ", align, ", got ",
+               c.quant.group_size);
+    } else {
+      MS_CHECK(method == "fp8", "config.json: quantization method \"", cut(method),
+               "\" is not supported (fp8 with 128x128 blocks, compressed-tensors pack-quantized)");
+      const std::string fmt = get_str(q, "fmt", "e4m3");
+      MS_CHECK(fmt == "e4m3", "config.json: fp8 format \"", cut(fmt), "\" is not supported (e4m3)");
+      if (q.contains("weight_block_size")) {
+        const json& b = q["weight_block_size"];
+        MS_CHECK(b.is_array() && b.size() == 2 && b[0] == 128 && b[1] == 128,
+                 "config.json: weight_block_size ", brief(b), " is not supported ([128, 128])");
+      }
+      c.fp8 = true;
+      c.quant.kind = Quantization::Kind::Fp8Block;
     }
-    c.fp8 = true;
   }
 
   // What the forward pass implements: SiLU FFNs and attention projections without biases.
@@ -375,7 +385,9 @@ json ModelConfig::to_json() const {
   } else {
     j["rope_scaling"] = nullptr;
   }
-  if (fp8) {
+  if (quant.kind == Quantization::Kind::PackQuantized) {
+    j["quantization_config"] = quant.config;
+  } else if (fp8) {
     j["quantization_config"] = {{"activation_scheme", "dynamic"},
                                 {"fmt", "e4m3"},
                                 {"quant_method", "fp8"},

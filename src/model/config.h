@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "model/quantization.h"
+
 namespace moeserve::model {
 
 enum class ScoringFunc { Sigmoid, Softmax };
@@ -45,6 +47,9 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   int64_t bos_token_id = -1, eos_token_id = -1;
   bool fp8 = false;  // quantization_config: fp8 with 128x128 weight blocks
+  // quantization_config as read: fp8 (Fp8Block, with fp8 set), or compressed-tensors
+  // pack-quantized int4 / int8 of the Linear modules it does not ignore.
+  Quantization quant;
 
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   int64_t kv_cache_dim() const { return kv_lora_rank + qk_rope_head_dim; }  // per token per layer

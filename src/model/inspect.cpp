@@ -5,7 +5,6 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
-#include <regex>
 #include <set>
 
 #include "core/checked.h"
@@ -228,112 +227,6 @@ const char* role_key(Role r) {
   return keys[static_cast<int>(r)];
 }
 
-std::string Quantization::describe() const {
-  switch (kind) {
-    case Kind::None:
-      return "none";
-    case Kind::Fp8Block:
-      return "fp8 e4m3, " + std::to_string(block_rows) + "x" + std::to_string(block_cols) +
-             " blocks with F32 scales";
-    case Kind::Int4Group:
-      return "compressed-tensors int" + std::to_string(num_bits) + " (pack-quantized), group " +
-             std::to_string(group_size) + " with " + scale_dtype + " scales, " +
-             std::to_string(ignore.size()) + " ignore rules";
-  }
-  return "?";
-}
-
-bool Quantization::quantizes(const std::string& module) const {
-  if (kind == Kind::None) return false;
-  if (kind == Kind::Fp8Block) return true;
-  size_t next_pattern = 0;
-  for (const std::string& rule : ignore) {
-    if (rule.rfind("re:", 0) == 0) {
-      // As compressed-tensors matches its patterns: from the start of the name.
-      std::regex own;
-      const std::regex* re = &own;
-      if (ignore_patterns && next_pattern < ignore_patterns->size())
-        re = &(*ignore_patterns)[next_pattern];
-      else
-        own = std::regex(rule.substr(3));
-      ++next_pattern;
-      if (std::regex_search(module, *re, std::regex_constants::match_continuous)) return false;
-    } else if (module == rule || ends_with(module, "." + rule)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-namespace {
-Quantization parse_quantization_fields(const json& j);
-}  // namespace
-
-Quantization parse_quantization(const json& j) {
-  try {
-    return parse_quantization_fields(j);
-  } catch (const json::exception&) {  // a field of the wrong type
-    fail("config.json: quantization_config is malformed (a field has the wrong type)");
-  }
-}
-
-namespace {
-Quantization parse_quantization_fields(const json& j) {
-  Quantization q;
-  if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return q;
-  const json& c = j["quantization_config"];
-  MS_CHECK(c.is_object(), "config.json: quantization_config must be an object");
-  const std::string method = c.value("quant_method", "");
-  if (method == "fp8") {
-    q.kind = Quantization::Kind::Fp8Block;
-    if (c.contains("weight_block_size")) {
-      const json& b = c["weight_block_size"];
-      MS_CHECK(b.is_array() && b.size() == 2 && b[0].is_number_integer() &&
-                   b[1].is_number_integer() && b[0].get<int64_t>() > 0 && b[1].get<int64_t>() > 0,
-               "config.json: weight_block_size must be two positive integers");
-      q.block_rows = b[0].get<int64_t>();
-      q.block_cols = b[1].get<int64_t>();
-    }
-    return q;
-  }
-  MS_CHECK(method == "compressed-tensors", "config.json: quantization method \"", printable(method),
-           "\" is not known (fp8, compressed-tensors)");
-  const std::string format = c.value("format", "");
-  MS_CHECK(format == "pack-quantized", "config.json: compressed-tensors format \"",
-           printable(format), "\" is not known (pack-quantized)");
-  MS_CHECK(c.contains("config_groups") && c["config_groups"].is_object() &&
-               c["config_groups"].size() == 1,
-           "config.json: compressed-tensors needs one entry in config_groups");
-  const json& g = c["config_groups"].begin().value();
-  MS_CHECK(g.is_object() && g.contains("weights") && g["weights"].is_object(),
-           "config.json: compressed-tensors config group has no weights scheme");
-  const json& w = g["weights"];
-  MS_CHECK(w.value("type", "int") == "int" && w.value("strategy", "group") == "group",
-           "config.json: compressed-tensors weights must be int with the group strategy");
-  q.kind = Quantization::Kind::Int4Group;
-  q.num_bits = w.value("num_bits", int64_t{4});
-  q.group_size = w.value("group_size", int64_t{32});
-  MS_CHECK(q.num_bits == 4 || q.num_bits == 8, "config.json: num_bits ", q.num_bits,
-           " is not known (4, 8)");
-  MS_CHECK(q.group_size > 0, "config.json: group_size must be positive");
-  MS_CHECK(w.value("symmetric", true), "config.json: asymmetric int weights are not known");
-  if (c.contains("ignore") && c["ignore"].is_array())
-    for (const json& r : c["ignore"])
-      if (r.is_string()) q.ignore.push_back(r.get<std::string>());
-  auto patterns = std::make_shared<std::vector<std::regex>>();
-  for (const std::string& r : q.ignore) {
-    if (r.rfind("re:", 0) != 0) continue;
-    try {
-      patterns->emplace_back(r.substr(3), std::regex::optimize);
-    } catch (const std::regex_error&) {
-      fail("config.json: ignore pattern \"", printable(r), "\" is not a valid regular expression");
-    }
-  }
-  q.ignore_patterns = std::move(patterns);
-  return q;
-}
-}  // namespace
-
 std::vector<TensorEntry> tensors_from_config(const ModelConfig& c, const Quantization& q,
                                              int64_t mtp_layers, const std::string& fdt) {
   std::vector<TensorEntry> out;
@@ -352,10 +245,8 @@ std::vector<TensorEntry> tensors_from_config(const ModelConfig& c, const Quantiz
           module + ".weight_scale_inv", "F32",
           {(r + q.block_rows - 1) / q.block_rows, (cols + q.block_cols - 1) / q.block_cols}, q));
     } else {
-      const int64_t per = 32 / q.num_bits;
-      out.push_back(entry(module + ".weight_packed", "I32", {r, (cols + per - 1) / per}, q));
-      out.push_back(entry(module + ".weight_scale", q.scale_dtype,
-                          {r, (cols + q.group_size - 1) / q.group_size}, q));
+      out.push_back(entry(module + ".weight_packed", "I32", {r, q.packed_cols(cols)}, q));
+      out.push_back(entry(module + ".weight_scale", q.scale_dtype, {r, q.scale_cols(cols)}, q));
       out.push_back(entry(module + ".weight_shape", "I64", {2}, q));
     }
   };
@@ -721,9 +612,6 @@ std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::option
   if (inv.shards_incomplete)
     s += "note: " + std::to_string(inv.shards_incomplete) +
          " shard(s) are shorter than their headers say (still downloading?)\n";
-  if (inv.quant.kind == Quantization::Kind::Int4Group)
-    s += "note: moeserve cannot load int" + std::to_string(inv.quant.num_bits) +
-         " weights yet; these figures plan for them\n";
   if (inv.unknown_tensors)
     s += "note: " + std::to_string(inv.unknown_tensors) +
          " tensor(s) in missing shards are not derivable from config.json and not counted\n";

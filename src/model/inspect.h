@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/quantization.h"
 
 namespace moeserve::model {
 
@@ -32,24 +33,6 @@ enum class Role {
 inline constexpr int kRoleCount = 9;
 const char* role_name(Role r);  // "routed experts", ...
 const char* role_key(Role r);   // "routed_experts", ... (JSON)
-
-// How config.json's quantization_config stores the linear layers' weights.
-struct Quantization {
-  enum class Kind { None, Fp8Block, Int4Group };
-  Kind kind = Kind::None;
-  int64_t block_rows = 128, block_cols = 128;  // fp8: one F32 scale_inv per block
-  int64_t group_size = 32, num_bits = 4;       // int4: one scale per group of a row
-  std::string scale_dtype = "BF16";            // int4: dtype of weight_scale
-  std::vector<std::string> ignore;             // int4: modules left unquantized
-  // The "re:" rules of `ignore`, compiled once (by parse_quantization).
-  std::shared_ptr<const std::vector<std::regex>> ignore_patterns;
-  std::string describe() const;
-  // Whether the linear module `module` (a tensor name without ".weight") is stored quantized.
-  bool quantizes(const std::string& module) const;
-};
-// Reads quantization_config (absent: None): quant_method fp8 with weight_block_size, or
-// compressed-tensors pack-quantized int4 with a group strategy. Others are an error.
-Quantization parse_quantization(const nlohmann::json& config);
 
 struct TensorEntry {
   std::string name;

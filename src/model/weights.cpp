@@ -16,8 +16,20 @@ class Loader {
  public:
   Loader(const WeightStore& s, const ModelConfig& c) : store_(s), cfg_(c) {}
 
-  // A matrix [rows, cols]: bf16, f16, f32, or fp8 with `<name>_scale_inv`.
-  Weight matrix(const std::string& name, int64_t rows, int64_t cols) const {
+  // A matrix [rows, cols] stored as `<name>`: bf16, f16, f32, or fp8 with `<name>_scale_inv`;
+  // or, for a Linear module that a pack-quantized quantization_config quantizes, as the
+  // module's weight_packed, weight_scale and weight_shape (`linear`: whether the module is a
+  // Linear layer, which the embedding and the router are not).
+  Weight matrix(const std::string& name, int64_t rows, int64_t cols, bool linear = true) const {
+    if (cfg_.quant.kind == Quantization::Kind::PackQuantized && linear) {
+      const std::string module = name.substr(0, name.size() - std::string(".weight").size());
+      const bool packed = store_.has(module + ".weight_packed");
+      if (cfg_.quant.quantizes(module)) return quantized(module, rows, cols);
+      MS_CHECK(!packed, "tensor ", module,
+               ".weight_packed is quantized, but config.json's quantization_config ignores "
+               "module ",
+               module, " (its ignore list names it)");
+    }
     const TensorView& t = store_.get(name, {rows, cols});
     Weight w;
     w.dtype = t.dtype;
@@ -40,6 +52,57 @@ class Loader {
       MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor ",
                name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32, F8_E4M3");
     }
+    return w;
+  }
+
+  // A pack-quantized Linear module: `<module>.weight_packed` I32 [rows, ceil(cols * bits / 32)]
+  // read in place as Q4 / Q8, `<module>.weight_scale` [rows, groups] in its stored dtype, and
+  // `<module>.weight_shape` [2] = {rows, cols}.
+  Weight quantized(const std::string& module, int64_t rows, int64_t cols) const {
+    const Quantization& q = cfg_.quant;
+    const std::string pname = module + ".weight_packed", sname = module + ".weight_scale",
+                      shname = module + ".weight_shape";
+    MS_CHECK(store_.has(pname), "tensor ", pname, " is missing: config.json's quantization_config",
+             " quantizes module ", module, " (its ignore list does not name it)",
+             store_.has(module + ".weight") ? ", but the checkpoint stores it unquantized" : "");
+    MS_CHECK(!store_.has(module + ".weight_zero_point"), "tensor ", module,
+             ".weight_zero_point: asymmetric int weights (zero points) are not supported");
+    const TensorView& shape = store_.get(shname);
+    MS_CHECK(shape.shape == std::vector<int64_t>{2} &&
+                 (shape.dtype == DType::I64 || shape.dtype == DType::I32),
+             "tensor ", shname, " must be I64 or I32 [2], got ", dtype_name(shape.dtype), " ",
+             shape.shape_str());
+    int64_t stored[2];
+    for (int i = 0; i < 2; ++i) {
+      if (shape.dtype == DType::I64) {
+        std::memcpy(&stored[i], static_cast<const std::byte*>(shape.data) + 8 * i, 8);
+      } else {
+        int32_t v;
+        std::memcpy(&v, static_cast<const std::byte*>(shape.data) + 4 * i, 4);
+        stored[i] = v;
+      }
+    }
+    MS_CHECK(stored[0] == rows && stored[1] == cols, "tensor ", shname, " is [", stored[0], ", ",
+             stored[1], "], expected [", rows, ", ", cols, "]");
+    const int64_t align = q.num_bits == 4 ? 32 : 16;
+    MS_CHECK(cols % align == 0, "tensor ", pname, ": int", q.num_bits, " needs columns (", cols,
+             ") that are a multiple of ", align);
+    const TensorView& p = store_.get(pname, {rows, q.packed_cols(cols)});
+    MS_CHECK(p.dtype == DType::I32, "tensor ", pname, " has dtype ", dtype_name(p.dtype),
+             ", expected I32");
+    const int64_t groups = q.scale_cols(cols);
+    const TensorView& s = store_.get(sname, {rows, groups});
+    MS_CHECK(s.dtype == DType::BF16 || s.dtype == DType::F16 || s.dtype == DType::F32, "tensor ",
+             sname, " has dtype ", dtype_name(s.dtype), ", supported: BF16, F16, F32");
+    Weight w;
+    w.dtype = q.num_bits == 4 ? DType::Q4 : DType::Q8;
+    w.data = p.data;
+    w.rows = rows;
+    w.cols = cols;
+    w.group_scale = s.data;
+    w.group_scale_dtype = s.dtype;
+    w.group_size = q.group_size > 0 ? q.group_size : cols;
+    w.group_cols = groups;
     return w;
   }
 
@@ -85,7 +148,7 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
   Loader ld(store, c);
   const int64_t H = c.hidden_size, nh = c.num_attention_heads;
   ModelWeights w;
-  w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H);
+  w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H, false);
   MS_CHECK(w.embed.dtype != DType::F8_E4M3, "model.embed_tokens.weight must not be F8_E4M3");
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l);
@@ -106,13 +169,16 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
     a.kv_b_proj = ld.matrix(ap + ".kv_b_proj.weight", nh * (c.qk_nope_head_dim + c.v_head_dim),
                             c.kv_lora_rank);
     a.o_proj = ld.matrix(ap + ".o_proj.weight", H, nh * c.v_head_dim);
+    MS_CHECK(a.kv_b_proj.dtype != DType::Q4 && a.kv_b_proj.dtype != DType::Q8, "tensor ", ap,
+             ".kv_b_proj.weight_packed: a quantized kv_b_proj is not supported (the absorbed "
+             "attention reads it transposed; keep it unquantized, as published checkpoints do)");
     L.is_moe = c.is_moe_layer(l);
     const std::string mp = p + ".mlp";
     if (!L.is_moe) {
       L.mlp = ld.mlp(mp, c.intermediate_size);
     } else {
       MoeWeights& m = L.moe;
-      m.router = ld.matrix(mp + ".gate.weight", c.n_routed_experts, H);
+      m.router = ld.matrix(mp + ".gate.weight", c.n_routed_experts, H, false);
       if (c.topk_method == TopkMethod::NoauxTc)
         m.router_bias = ld.vec(mp + ".gate.e_score_correction_bias", c.n_routed_experts);
       m.experts.resize(c.n_routed_experts);
@@ -185,6 +251,7 @@ std::unique_ptr<ResidentWeights> make_resident(
     if (!m.data || m.rows == 0 || m.cols == 0) return;
     find(m.data).used = true;
     if (m.scale_inv) find(m.scale_inv).used = true;
+    if (m.group_scale) find(m.group_scale).used = true;
   });
   size_t total = 0;
   for (Span& s : spans)
@@ -218,6 +285,10 @@ std::unique_ptr<ResidentWeights> make_resident(
     m.data = r->data() + s.off + (static_cast<const std::byte*>(m.data) - s.b);
     if (m.scale_inv)
       m.scale_inv = reinterpret_cast<const float*>(r->data() + sc.off + (scale - sc.b));
+    if (m.group_scale) {
+      const Span& g = find(m.group_scale);
+      m.group_scale = r->data() + g.off + (static_cast<const std::byte*>(m.group_scale) - g.b);
+    }
   });
   return r;
 }

@@ -1,6 +1,13 @@
 // The weights of a DeepSeek-V3-architecture model as views into the mapped checkpoint, in the
-// dtype they are stored in (bf16, f16, f32, or fp8 e4m3 with 128x128 block scales). Only the
-// 1-D vectors (norm weights, router bias) are copied, to f32.
+// dtype they are stored in (bf16, f16, f32, fp8 e4m3 with 128x128 block scales, or
+// compressed-tensors pack-quantized int4 / int8 with group scales, read in place as Q4 / Q8).
+// Only the 1-D vectors (norm weights, router bias) are copied, to f32.
+//
+// pack-quantized checkpoints: every Linear module that config.json's quantization_config does
+// not ignore must be stored quantized (weight_packed, weight_scale, weight_shape), and every
+// module it ignores unquantized (weight) -- as compressed-tensors itself reads them; either
+// mismatch is an error naming the tensor. The embedding and the router (mlp.gate) are not Linear
+// layers and are always read unquantized.
 #pragma once
 
 #include <cstddef>
@@ -83,11 +90,11 @@ class ResidentWeights {
   size_t used_ = 0;
 };
 
-// Copies every tensor a matrix of w reads (its data, and fp8 scales) out of the mapped
-// checkpoint into ResidentWeights and points the matrices there, dropping the mapped pages as
-// they are copied (so the peak stays at the weights' size). The weights then read ~1.4x
-// faster than from the mapped page cache on the machines measured (docs/benchmarks.md). Same
-// bytes, same results. progress(done, total) after each tensor, in bytes.
+// Copies every tensor a matrix of w reads (its data, fp8 scales and int group scales) out of the
+// mapped checkpoint into ResidentWeights and points the matrices there, dropping the mapped pages
+// as they are copied (so the peak stays at the weights' size). The weights then read ~1.4x faster
+// than from the mapped page cache on the machines measured (docs/benchmarks.md). Same bytes, same
+// results. progress(done, total) after each tensor, in bytes.
 std::unique_ptr<ResidentWeights> make_resident(
     ModelWeights& w, const WeightStore& store, const ThreadPool& pool,
     const std::function<void(size_t, size_t)>& progress = {});

@@ -11,6 +11,7 @@
 
 #include "../core/dtype_fixture.h"
 #include "core/aligned.h"
+#include "core/error.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/kernels.h"
 #include "kernels/reference/reference.h"
@@ -813,6 +814,380 @@ TEST(Weight, ViewsAndBytes) {
   TestWeight tb(DType::BF16, 10, 7, 4);
   EXPECT_EQ(tb.w.bytes(), 140u);
   EXPECT_EQ(tb.w.rows_view(2, 3).bytes(), 42u);
+}
+
+// ---- integer weights (Q8, Q4)
+
+// A Q8 / Q4 weight with its own storage: every stored byte random (every q value occurs), group
+// scales of either sign between 2^-9 and 2^-3, rounded to the scale dtype.
+struct IntWeight {
+  std::vector<uint8_t> data, scales;
+  Weight w;
+
+  IntWeight(DType dt, int64_t rows, int64_t cols, int64_t group, DType sdt, uint32_t seed) {
+    std::mt19937 rng(seed);
+    w.dtype = dt;
+    w.rows = rows;
+    w.cols = cols;
+    w.group_size = group;
+    w.group_cols = (cols + group - 1) / group;
+    w.group_scale_dtype = sdt;
+    data.resize(rows * row_bytes(dt, cols) + 1);
+    for (uint8_t& b : data) b = static_cast<uint8_t>(rng());
+    scales.resize(rows * w.group_cols * dtype_size(sdt));
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (int64_t i = 0; i < rows * w.group_cols; ++i) {
+      const float v = u(rng);
+      set_scale(i, std::ldexp(v < 0 ? -1.5f - v : 1.5f - v, -static_cast<int>(3 + rng() % 6)));
+    }
+    w.data = data.data();
+    w.group_scale = scales.data();
+  }
+  // Stores scale i (row-major [rows, group_cols]) as the scale dtype.
+  void set_scale(int64_t i, float v) {
+    switch (w.group_scale_dtype) {
+      case DType::BF16: {
+        const uint16_t h = f32_to_bf16(v);
+        std::memcpy(&scales[i * 2], &h, 2);
+        break;
+      }
+      case DType::F16: {
+        const uint16_t h = f32_to_f16(v);
+        std::memcpy(&scales[i * 2], &h, 2);
+        break;
+      }
+      default:
+        std::memcpy(&scales[i * 4], &v, 4);
+    }
+  }
+  void set_scale_bits(int64_t i, uint32_t b) {
+    std::memcpy(&scales[i * dtype_size(w.group_scale_dtype)], &b, dtype_size(w.group_scale_dtype));
+  }
+};
+
+const DType kIntDtypes[] = {DType::Q8, DType::Q4};
+const DType kScaleDtypes[] = {DType::BF16, DType::F16, DType::F32};
+
+std::string int_shape(DType dt, DType sdt, int64_t group, int64_t m, int64_t n, int64_t k) {
+  return shape(dt, m, n, k) + " scales " + dtype_name(sdt) + " group " + std::to_string(group);
+}
+
+// Holds equal bits, or NaN where the contract gives NaN (which NaN an operation returns is not
+// part of the contract).
+::testing::AssertionResult same_or_nan(const float* got, const float* want, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = std::isnan(want[i]) ? std::isnan(got[i]) : bits(got[i]) == bits(want[i]);
+    if (!ok)
+      return ::testing::AssertionFailure()
+             << "at " << i << ": " << got[i] << " vs contract " << want[i];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// One ISA's kernels on integer weights; skipped where the CPU lacks the ISA.
+class IntMatmul : public ::testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (!isa_available(GetParam()))
+      GTEST_SKIP() << isa_name(GetParam()) << " is not available on this CPU";
+  }
+  const KernelTable& table() const { return kernel_table(GetParam()); }
+  const char* name() const { return isa_name(GetParam()); }
+
+  // matmul == the contract bit for bit, within the error bound of the plain float sum, and
+  // dequant_row == the reference for a few rows.
+  void check(const ThreadPool& pool, DType dt, DType sdt, int64_t group, int64_t m, int64_t N,
+             int64_t K, uint32_t seed) {
+    IntWeight iw(dt, N, K, group, sdt, seed);
+    const int64_t ldx = seed % 2 ? K + 5 : (K + 15) / 16 * 16 + 16;  // odd: misaligned rows
+    const auto x = random_floats(m * ldx, seed + 1);
+    std::vector<float> lanes(m * N), plain(m * N);
+    std::vector<double> mag(m * N);
+    reference::matmul_lanes(x.data(), m, ldx, iw.w, lanes.data(), N);
+    reference::matmul(x.data(), m, ldx, iw.w, plain.data(), N);
+    reference::matmul_abs(x.data(), m, ldx, iw.w, mag.data(), N);
+    const double tol = (K + 16) * std::ldexp(1.0, -23);
+    const auto y = run_matmul(GetParam(), pool, x, m, ldx, iw.w);
+    const int64_t d = first_diff(y.data(), lanes.data(), m * N);
+    ASSERT_EQ(d, -1) << name() << " " << int_shape(dt, sdt, group, m, N, K) << " at " << d << ": "
+                     << y[d] << " vs contract " << lanes[d];
+    for (int64_t i = 0; i < m * N; ++i)
+      ASSERT_LE(std::fabs(static_cast<double>(y[i]) - plain[i]), tol * mag[i] + 1e-30)
+          << name() << " " << int_shape(dt, sdt, group, m, N, K) << " at " << i;
+    std::vector<float> row(K);
+    for (int64_t r = 0; r < N; r += 5) {
+      table().dequant_row(iw.w, r, row.data());
+      for (int64_t c = 0; c < K; ++c)
+        ASSERT_EQ(bits(row[c]), bits(reference::weight_value(iw.w, r, c)))
+            << name() << " dequant_row " << int_shape(dt, sdt, group, 1, N, K) << " (" << r << ", "
+            << c << ")";
+    }
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Isas, IntMatmul, ::testing::Values(Isa::Scalar, Isa::Avx2, Isa::Avx512),
+                         [](const auto& info) { return std::string(isa_name(info.param)); });
+
+// Every scale dtype and group size (32, 64, 128 -- ragged at the end -- and the whole row), odd
+// row counts, every decode batch size, the GEMV / GEMM crossover and the GEMM.
+TEST_P(IntMatmul, FollowsTheContract) {
+  ThreadPool pool(2);
+  uint32_t seed = 1000;
+  for (DType dt : kIntDtypes)
+    for (DType sdt : kScaleDtypes)
+      for (int64_t K : {256, 320})
+        for (int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}, K})
+          for (int64_t N : {7, 61})
+            for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 40})
+              check(pool, dt, sdt, group, m, N, K, seed++);
+}
+
+// Q8 rows of any length: a last chunk of fewer than 16 (padded with 0 * 0), in a group of its
+// own or in a whole-row group that is no multiple of 16.
+TEST_P(IntMatmul, Q8RaggedRows) {
+  ThreadPool pool(2);
+  uint32_t seed = 1500;
+  for (int64_t K : {17, 300})
+    for (int64_t group : {int64_t{16}, int64_t{32}, K})
+      for (int64_t m : {1, 3, 8, 20}) check(pool, DType::Q8, DType::BF16, group, m, 13, K, seed++);
+}
+
+// x too big for L1 (K cut into blocks, partial sums between them), and a GEMM over several K
+// blocks and panels.
+TEST_P(IntMatmul, LongRowsAndLargeBatches) {
+  ThreadPool pool(2);
+  uint32_t seed = 1600;
+  for (DType dt : kIntDtypes)
+    for (int64_t group : {32, 128}) {
+      for (int64_t m : {4, 8, 12}) check(pool, dt, DType::BF16, group, m, 29, 2560, seed++);
+      check(pool, dt, DType::F16, group, 150, 53, 2176, seed++);
+    }
+}
+
+// Views of some rows find their rows' scales, on the GEMV and the GEMM.
+TEST_P(IntMatmul, RowViews) {
+  ThreadPool pool(2);
+  for (DType dt : kIntDtypes) {
+    IntWeight iw(dt, 300, 256, 64, DType::BF16, 1700);
+    for (int64_t m : {1, 5, 40}) {
+      const auto x = random_floats(m * 256, 1701 + m);
+      const auto full = run_matmul(GetParam(), pool, x, m, 256, iw.w);
+      for (auto [r0, n] : {std::pair<int64_t, int64_t>{100, 150}, {1, 298}, {299, 1}}) {
+        const Weight v = iw.w.rows_view(r0, n);
+        std::vector<float> want(m * n);
+        reference::matmul_lanes(x.data(), m, 256, v, want.data(), n);
+        const auto part = run_matmul(GetParam(), pool, x, m, 256, v);
+        ASSERT_EQ(first_diff(part.data(), want.data(), m * n), -1)
+            << name() << " " << dtype_name(dt) << " view " << r0 << "+" << n << " m=" << m;
+        for (int64_t i = 0; i < m; ++i)
+          ASSERT_EQ(first_diff(&part[i * n], &full[i * 300 + r0], n), -1)
+              << name() << " " << dtype_name(dt) << " view " << r0 << "+" << n << " m=" << m;
+        std::vector<float> row(256);
+        table().dequant_row(v, n - 1, row.data());
+        for (int64_t c = 0; c < 256; ++c)
+          ASSERT_EQ(bits(row[c]), bits(reference::weight_value(iw.w, r0 + n - 1, c)));
+      }
+    }
+  }
+}
+
+// A token's outputs do not depend on the batch: m = 1 against every row of larger batches (the
+// GEMV's token groups and the GEMM), and a job of matmul_batch against the same matmul alone
+// (mixed with other jobs, integer and not, rows given as pointers).
+TEST_P(IntMatmul, BatchInvariant) {
+  ThreadPool pool(3);
+  for (DType dt : kIntDtypes) {
+    IntWeight iw(dt, 77, 512, 32, DType::BF16, 1800);
+    const int64_t K = 512, N = 77;
+    const auto x = random_floats(70 * K, 1801);
+    const auto ones = [&] {
+      std::vector<float> v(70 * N);
+      for (int64_t i = 0; i < 70; ++i) {
+        Floats xi(x.begin() + i * K, x.begin() + (i + 1) * K);
+        const auto y = run_matmul(GetParam(), pool, xi, 1, K, iw.w);
+        std::copy(y.begin(), y.end(), v.begin() + i * N);
+      }
+      return v;
+    }();
+    for (int64_t m : {2, 3, 5, 8, 9, 16, 17, 33, 70}) {
+      const auto y = run_matmul(GetParam(), pool, x, m, K, iw.w);
+      ASSERT_EQ(first_diff(y.data(), ones.data(), m * N), -1)
+          << name() << " " << dtype_name(dt) << " m=" << m;
+    }
+  }
+  // matmul_batch: each job the same bits as alone.
+  struct Spec {
+    DType dt;
+    int64_t m, N, K, group;
+  };
+  const Spec specs[] = {{DType::Q4, 1, 130, 256, 32},  {DType::Q8, 3, 61, 300, 300},
+                        {DType::BF16, 2, 40, 64, 0},   {DType::Q4, 40, 33, 128, 128},
+                        {DType::Q4, 8, 25, 2048, 128}, {DType::Q8, 1, 9, 64, 32}};
+  std::vector<std::unique_ptr<IntWeight>> iws;
+  std::vector<std::unique_ptr<TestWeight>> tws;
+  std::vector<Floats> xs;
+  std::vector<std::vector<const float*>> xrows;
+  std::vector<std::vector<float>> want, got;
+  std::vector<MatmulJob> jobs;
+  uint32_t seed = 1900;
+  for (const Spec& sp : specs) {
+    const Weight* w;
+    if (sp.dt == DType::BF16) {
+      tws.push_back(std::make_unique<TestWeight>(sp.dt, sp.N, sp.K, seed++));
+      w = &tws.back()->w;
+    } else {
+      iws.push_back(std::make_unique<IntWeight>(sp.dt, sp.N, sp.K, sp.group, DType::BF16, seed++));
+      w = &iws.back()->w;
+    }
+    const int64_t ldx = sp.K + 3;
+    xs.push_back(random_floats(sp.m * ldx, seed++));
+    want.push_back(run_matmul(GetParam(), pool, xs.back(), sp.m, ldx, *w));
+    got.emplace_back(sp.m * (sp.N + 2), kSentinel);
+    MatmulJob j{xs.back().data(), sp.m, ldx, w, got.back().data(), sp.N + 2};
+    if (jobs.size() % 2) {  // every other job reads its rows through pointers, in reverse
+      xrows.emplace_back(sp.m);
+      for (int64_t i = 0; i < sp.m; ++i) xrows.back()[i] = xs.back().data() + i * ldx;
+      j.xrows = xrows.back().data();
+    }
+    jobs.push_back(j);
+  }
+  table().matmul_batch(pool, jobs.data(), static_cast<int64_t>(jobs.size()));
+  for (size_t i = 0; i < std::size(specs); ++i) {
+    const Spec& sp = specs[i];
+    for (int64_t t = 0; t < sp.m; ++t) {
+      ASSERT_EQ(first_diff(&got[i][t * (sp.N + 2)], &want[i][t * sp.N], sp.N), -1)
+          << name() << " job " << i << " token " << t;
+      EXPECT_EQ(got[i][t * (sp.N + 2) + sp.N], kSentinel) << "wrote padding, job " << i;
+    }
+  }
+}
+
+// Every stored value (0..255, 0..15) under every kind of scale: ordinary, zero, subnormal,
+// the largest finite, infinite, NaN (0 * inf is NaN, as float(q) * scale gives).
+TEST_P(IntMatmul, EveryValueAndExtremeScales) {
+  ThreadPool pool(2);
+  struct S {
+    DType sdt;
+    std::vector<uint32_t> bits;
+  };
+  const S specials[] = {{DType::BF16,
+                         {0x3c00, 0x0000, 0x8000, 0x0001, 0x8075, 0x0080, 0x7f7f, 0xff7f, 0x7f80,
+                          0xff80, 0x7fc0, 0xbe80}},
+                        {DType::F16,
+                         {0x2c00, 0x0000, 0x8000, 0x0001, 0x83ff, 0x0400, 0x7bff, 0xfbff, 0x7c00,
+                          0xfc00, 0x7e00, 0xb400}},
+                        {DType::F32,
+                         {0x3c000000, 0x00000000, 0x80000000, 0x00000001, 0x807fffff, 0x00800000,
+                          0x7f7fffff, 0xff7fffff, 0x7f800000, 0xff800000, 0x7fc00000, 0xbe800000}}};
+  for (DType dt : kIntDtypes) {
+    const int64_t K = dt == DType::Q8 ? 256 : 32;  // one row holds every stored value
+    for (const S& sp : specials) {
+      const int64_t N = static_cast<int64_t>(sp.bits.size()) * 2 + 1;
+      IntWeight iw(dt, N, K, K, sp.sdt, 2000);
+      for (int64_t r = 0; r < N; ++r) {
+        uint8_t* row = iw.data.data() + r * row_bytes(dt, K);
+        for (int64_t b = 0; b < row_bytes(dt, K); ++b)  // Q4: nibbles 0..15, then 15..0
+          row[b] = dt == DType::Q8 ? static_cast<uint8_t>(b + 37 * r)
+                                   : static_cast<uint8_t>((2 * b % 16) | (15 - 2 * b % 16) << 4);
+        if (r < 2 * static_cast<int64_t>(sp.bits.size())) iw.set_scale_bits(r, sp.bits[r / 2]);
+      }
+      std::vector<float> row(K);
+      for (int64_t r = 0; r < N; ++r) {
+        table().dequant_row(iw.w, r, row.data());
+        for (int64_t c = 0; c < K; ++c) {
+          const float want = static_cast<float>(reference::int_value(iw.w, r, c)) *
+                             reference::group_scale(iw.w, r, c);
+          ASSERT_TRUE(same_or_nan(&row[c], &want, 1))
+              << name() << " " << int_shape(dt, sp.sdt, K, 1, N, K) << " (" << r << ", " << c
+              << ")";
+        }
+      }
+      for (int64_t m : {1, 3, 20}) {
+        const auto x = random_floats(m * K, 2001 + m);
+        std::vector<float> want(m * N);
+        reference::matmul_lanes(x.data(), m, K, iw.w, want.data(), N);
+        const auto y = run_matmul(GetParam(), pool, x, m, K, iw.w);
+        EXPECT_TRUE(same_or_nan(y.data(), want.data(), m * N))
+            << name() << " " << int_shape(dt, sp.sdt, K, m, N, K);
+      }
+    }
+  }
+}
+
+// The reference reads the packing as compressed-tensors writes it: int32 words, little-endian,
+// lowest bits first, q + 8 (Q4) or q + 128 (Q8); Weight::at and dequant_row agree.
+TEST(IntWeights, ReferenceUnpacksInt32Words) {
+  std::mt19937 rng(7);
+  for (DType dt : kIntDtypes) {
+    const int bits_per = dt == DType::Q4 ? 4 : 8, per = 32 / bits_per, off = 1 << (bits_per - 1);
+    const int64_t rows = 3, cols = 64;
+    std::vector<int> q(rows * cols);
+    for (int& v : q) v = static_cast<int>(rng() % (2 * off)) - off;
+    std::vector<int32_t> words(rows * cols / per, 0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        words[(r * cols + c) / per] |= static_cast<int32_t>(
+            static_cast<uint32_t>(q[r * cols + c] + off) << (bits_per * (c % per)));
+    std::vector<uint16_t> scales(rows * 2);
+    for (size_t i = 0; i < scales.size(); ++i) scales[i] = f32_to_bf16(0.25f * (1 + i));
+    Weight w;
+    w.dtype = dt, w.data = words.data(), w.rows = rows, w.cols = cols;
+    w.group_scale = scales.data(), w.group_scale_dtype = DType::BF16, w.group_size = 32;
+    w.group_cols = 2;
+    std::vector<float> row(cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      dequant_row(w, r, row.data());
+      for (int64_t c = 0; c < cols; ++c) {
+        EXPECT_EQ(reference::int_value(w, r, c), q[r * cols + c]) << dtype_name(dt);
+        const float want = static_cast<float>(q[r * cols + c]) * 0.25f * (1 + r * 2 + c / 32);
+        EXPECT_EQ(reference::weight_value(w, r, c), want);
+        EXPECT_EQ(w.at(r, c), want);
+        EXPECT_EQ(row[c], want);
+      }
+    }
+    EXPECT_EQ(w.bytes(), static_cast<size_t>(rows * cols * bits_per / 8 + rows * 2 * 2));
+    EXPECT_EQ(w.rows_view(1, 2).bytes(), static_cast<size_t>(2 * cols * bits_per / 8 + 2 * 2 * 2));
+  }
+}
+
+// What the kernels do not take is one clear error: matmul_t of integer weights, Q4 rows that
+// are no multiple of 32, groups that split a chunk, missing scales.
+TEST(IntWeights, UnsupportedShapesAreErrors) {
+  ThreadPool pool(1);
+  IntWeight iw(DType::Q4, 4, 64, 32, DType::BF16, 3);
+  Floats x(64, 1.0f);
+  std::vector<float> y(64);
+  EXPECT_THROW(matmul_t(pool, x.data(), 1, 4, iw.w, y.data(), 64), Error);
+  auto fails = [&](Weight w) {
+    try {
+      matmul(pool, x.data(), 1, 64, w, y.data(), 4);
+    } catch (const Error& e) {
+      return std::string(e.what()).find('\n') == std::string::npos;  // one line
+    }
+    return false;
+  };
+  EXPECT_TRUE(fails([&] {
+    Weight w = iw.w;
+    w.group_size = 48, w.group_cols = 2;
+    return w;
+  }()));
+  EXPECT_TRUE(fails([&] {
+    Weight w = iw.w;
+    w.cols = 48;  // Q4: not a multiple of 32
+    w.group_size = 48, w.group_cols = 1;
+    return w;
+  }()));
+  EXPECT_TRUE(fails([&] {
+    Weight w = iw.w;
+    w.group_scale = nullptr;
+    return w;
+  }()));
+  EXPECT_TRUE(fails([&] {
+    Weight w = iw.w;
+    w.group_cols = 1;  // 64 columns in groups of 32 need 2
+    return w;
+  }()));
+  EXPECT_FALSE(fails(iw.w));
 }
 
 }  // namespace

@@ -165,7 +165,7 @@ TEST(Inspect, KimiK2AndV2LiteFromConfigMatchPublishedSizes) {
 TEST(Inspect, KimiK2ThinkingInt4FromConfig) {
   const Inventory fp8 = inspect_model(configs("kimi-k2-instruct"));
   const Inventory int4 = inspect_model(configs("kimi-k2-thinking"));
-  ASSERT_EQ(int4.quant.kind, Quantization::Kind::Int4Group);
+  ASSERT_EQ(int4.quant.kind, Quantization::Kind::PackQuantized);
   EXPECT_EQ(int4.quant.group_size, 32);
   EXPECT_EQ(int4.quant.num_bits, 4);
   EXPECT_EQ(int4.quant.ignore.size(), 4u);
@@ -400,7 +400,8 @@ TEST(Inspect, ReportTextAndJson) {
   const std::string fp8only = inspect_text(inv, o, KvDtype::FP8);
   EXPECT_EQ(fp8only.find("f32 KV"), std::string::npos);
   const std::string k2t = inspect_text(inspect_model(configs("kimi-k2-thinking")), o, {});
-  EXPECT_NE(k2t.find("cannot load int4"), std::string::npos);
+  EXPECT_NE(k2t.find("compressed-tensors int4 (pack-quantized), group 32"), std::string::npos)
+      << k2t;
 }
 
 TEST(Inspect, CommandLine) {

@@ -117,6 +117,23 @@ const Checkpoint& base(bool fp8 = false) {
   return fp8 ? f8 : bf16;
 }
 
+// The compressed-tensors int4 fixture (routed experts pack-quantized, group 32), as parts.
+const Checkpoint& base_int4() {
+  static const Checkpoint k = [] {
+    const std::string dir = moeserve::testing::source_dir() + "/tests/fixtures/models/v3_tiny_int4";
+    Checkpoint c;
+    c.config = json::parse(read_file(dir + "/config.json"));
+    const std::string file = read_file(dir + "/model.safetensors");
+    uint64_t len = 0;
+    std::memcpy(&len, file.data(), 8);
+    c.header = json::parse(file.substr(8, len));
+    c.data = file.substr(8 + len);
+    c.what = "int4 base";
+    return c;
+  }();
+  return k;
+}
+
 struct Outcome {
   bool loaded = false;
   std::string error;          // when rejected
@@ -529,6 +546,150 @@ TEST(LoaderRegression, DeeplyNestedValues) {
   expect_rejected(k, {"not a string"});
 }
 
+// ---- compressed-tensors pack-quantized checkpoints (issue 17). ----
+
+namespace {
+const std::string kExpert = "model.layers.1.mlp.experts.0.gate_proj";  // [32, 64], int4
+
+std::string i64_pair(int64_t a, int64_t b) {
+  std::string s(16, '\0');
+  std::memcpy(s.data(), &a, 8);
+  std::memcpy(s.data() + 8, &b, 8);
+  return s;
+}
+}  // namespace
+
+TEST(QuantizedLoader, BaseLoads) {
+  const Outcome o = load(base_int4());
+  ASSERT_TRUE(o.loaded) << o.error;
+  expect_sound(o, "int4 base", true);
+  // And as serve loads it: the matrices and their group scales copied out of the mapping.
+  TempDir d;
+  write(base_int4(), d / "m");
+  const Outcome r = try_load(d / "m", true);
+  ASSERT_TRUE(r.loaded) << r.error;
+  EXPECT_EQ(r.logits, o.logits);
+}
+
+TEST(QuantizedLoader, WeightShapeMustMatch) {
+  Checkpoint k = base_int4();
+  repack(k, {{kExpert + ".weight_shape", i64_pair(32, 96)}});
+  k.what = "weight_shape [32, 96]";
+  expect_rejected(k, {kExpert + ".weight_shape", "[32, 96]", "expected [32, 64]"});
+  k = base_int4();
+  k.header[kExpert + ".weight_shape"]["shape"] = {3};
+  repack(k, {{kExpert + ".weight_shape", i64_pair(32, 64) + std::string(8, '\0')}});
+  k.what = "weight_shape of 3";
+  expect_rejected(k, {kExpert + ".weight_shape", "[2]"});
+}
+
+TEST(QuantizedLoader, WeightShapeMayBeI32) {
+  Checkpoint k = base_int4();
+  k.header[kExpert + ".weight_shape"]["dtype"] = "I32";
+  std::string b(8, '\0');
+  const int32_t v[2] = {32, 64};
+  std::memcpy(b.data(), v, 8);
+  repack(k, {{kExpert + ".weight_shape", b}});
+  k.what = "weight_shape I32";
+  const Outcome o = load(k);
+  ASSERT_TRUE(o.loaded) << o.error;
+  EXPECT_EQ(o.logits, load(base_int4()).logits);
+}
+
+TEST(QuantizedLoader, PackedAndScaleShapesAndDtypes) {
+  Checkpoint k = base_int4();
+  k.header[kExpert + ".weight_packed"]["shape"] = {32, 4};
+  repack(k, {{kExpert + ".weight_packed", std::string(32 * 4 * 4, '\x11')}});
+  k.what = "weight_packed [32, 4]";
+  expect_rejected(k, {kExpert + ".weight_packed", "[32, 4]", "[32, 8]"});
+  k = base_int4();
+  k.header[kExpert + ".weight_packed"]["dtype"] = "F32";
+  k.what = "weight_packed F32";
+  expect_rejected(k, {kExpert + ".weight_packed", "F32", "expected I32"});
+  k = base_int4();
+  k.header[kExpert + ".weight_scale"]["shape"] = {32, 1};
+  repack(k, {{kExpert + ".weight_scale", std::string(64, '\0')}});
+  k.what = "weight_scale [32, 1]";
+  expect_rejected(k, {kExpert + ".weight_scale", "[32, 1]", "[32, 2]"});
+  k = base_int4();
+  k.header[kExpert + ".weight_scale"]["dtype"] = "I16";
+  k.what = "weight_scale I16";
+  expect_rejected(k, {kExpert + ".weight_scale"});
+  k = base_int4();
+  k.header[kExpert + ".weight_scale"]["dtype"] = "I32";
+  repack(k, {{kExpert + ".weight_scale", std::string(32 * 2 * 4, '\0')}});
+  k.what = "weight_scale I32";
+  expect_rejected(k, {kExpert + ".weight_scale", "I32", "BF16, F16, F32"});
+}
+
+TEST(QuantizedLoader, AsymmetricIsRefused) {
+  Checkpoint k = base_int4();
+  k.header[kExpert + ".weight_zero_point"] = {{"dtype", "I32"}, {"shape", {1, 2}}};
+  repack(k, {{kExpert + ".weight_zero_point", std::string(8, '\0')}});
+  k.what = "weight_zero_point";
+  expect_rejected(k, {kExpert + ".weight_zero_point", "asymmetric"});
+  k = base_int4();
+  k.config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = false;
+  k.what = "symmetric false";
+  expect_rejected(k, {"asymmetric"});
+}
+
+TEST(QuantizedLoader, StorageMustMatchTheIgnoreList) {
+  // A quantized module the ignore list names.
+  Checkpoint k = base_int4();
+  k.config["quantization_config"]["ignore"].push_back("re:.*experts\\.0\\.gate_proj$");
+  k.what = "expert 0 ignored";
+  expect_rejected(k, {kExpert + ".weight_packed", "ignores module"});
+  // A module the config quantizes, stored unquantized.
+  k = base_int4();
+  for (const char* p : {".weight_packed", ".weight_scale", ".weight_shape"})
+    k.header.erase(kExpert + p);
+  k.header[kExpert + ".weight"] = {{"dtype", "BF16"}, {"shape", {32, 64}}};
+  repack(k, {{kExpert + ".weight", std::string(32 * 64 * 2, '\0')}});
+  k.what = "expert stored bf16";
+  expect_rejected(k, {kExpert + ".weight_packed", "is missing", "stores it unquantized"});
+  // An attention matrix the ignore list no longer names.
+  k = base_int4();
+  k.config["quantization_config"]["ignore"].erase(1);  // "re:.*self_attn.*"
+  k.what = "attention not ignored";
+  expect_rejected(k, {"self_attn", "weight_packed", "is missing"});
+  // No quantization_config: the experts' .weight is looked for.
+  k = base_int4();
+  k.config.erase("quantization_config");
+  k.what = "no quantization_config";
+  expect_rejected(k, {"experts", ".weight", "missing"});
+}
+
+TEST(QuantizedLoader, QuantizedKvBProjIsRefused) {
+  Checkpoint k = base_int4();
+  const std::string m = "model.layers.0.self_attn.kv_b_proj";  // [256, 32]
+  k.header.erase(m + ".weight");
+  k.header[m + ".weight_packed"] = {{"dtype", "I32"}, {"shape", {256, 4}}};
+  k.header[m + ".weight_scale"] = {{"dtype", "BF16"}, {"shape", {256, 1}}};
+  k.header[m + ".weight_shape"] = {{"dtype", "I64"}, {"shape", {2}}};
+  repack(k, {{m + ".weight_packed", std::string(256 * 4 * 4, '\x77')},
+             {m + ".weight_scale", std::string(256 * 2, '\0')},
+             {m + ".weight_shape", i64_pair(256, 32)}});
+  k.config["quantization_config"]["ignore"][1] = "re:.*self_attn\\.(?!kv_b_proj).*";
+  k.what = "kv_b_proj int4";
+  expect_rejected(k, {m + ".weight_packed", "kv_b_proj is not supported"});
+}
+
+TEST(QuantizedLoader, BitsMustMatchThePacking) {
+  Checkpoint k = base_int4();
+  k.config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8;
+  k.what = "num_bits 8 on int4 data";
+  expect_rejected(k, {"weight_packed", "has shape"});
+  k = base_int4();
+  k.config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 2;
+  k.what = "num_bits 2";
+  expect_rejected(k, {"num_bits 2"});
+  k = base_int4();
+  k.config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64;
+  k.what = "group_size 64";
+  expect_rejected(k, {"weight_scale", "has shape"});
+}
+
 // ---- Random variants from a fixed seed. ----
 
 namespace {
@@ -839,17 +1000,20 @@ TEST(LoaderFuzz, RandomVariants) {
   std::mt19937_64 rng(seed);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(25);
   TempDir d;
-  std::vector<float> base_logits[2];
-  for (bool fp8 : {false, true}) {
-    const Outcome o = load(base(fp8));
+  // Bases: 0 bf16, 1 fp8, 2 compressed-tensors int4.
+  auto base_of = [](int b) -> const Checkpoint& { return b == 2 ? base_int4() : base(b == 1); };
+  std::vector<float> base_logits[3];
+  for (int b : {0, 1, 2}) {
+    const Outcome o = load(base_of(b));
     ASSERT_TRUE(o.loaded) << o.error;
-    base_logits[fp8] = o.logits;
+    base_logits[b] = o.logits;
   }
   int loaded = 0, rejected = 0, ran = 0, same = 0;
   for (int i = 0; i < cases && std::chrono::steady_clock::now() < deadline; ++i, ++ran) {
-    Checkpoint k = base(rng() % 4 == 0);
+    const uint64_t pick = rng() % 8;
+    const int b = pick < 2 ? 1 : pick < 4 ? 2 : 0;
+    Checkpoint k = base_of(b);
     k.what += " #" + std::to_string(i);
-    const bool fp8 = k.what.find("fp8") == 0;
     Effect effect = kSame;
     const int n = 1 + static_cast<int>(rng() % 3);
     for (int j = 0; j < n; ++j) effect = std::max(effect, mutate(k, rng));
@@ -864,7 +1028,7 @@ TEST(LoaderFuzz, RandomVariants) {
     }
     expect_sound(o, k.what, effect != kAny);
     if (o.loaded && effect == kSame) {
-      EXPECT_EQ(o.logits, base_logits[fp8]) << k.what << ": loaded another model";
+      EXPECT_EQ(o.logits, base_logits[b]) << k.what << ": loaded another model";
       ++same;
     }
     (o.loaded ? loaded : rejected) += 1;

@@ -58,8 +58,17 @@ constexpr int64_t round16(int64_t n) {
 }
 
 template <DType DT>
+constexpr bool is_int() {  // Q8 or Q4
+  return DT == DType::Q8 || DT == DType::Q4;
+}
+
+// Bytes per element (Q4: 0, half a byte; see row_bytes).
+template <DType DT>
 constexpr int64_t elem_bytes() {
-  return DT == DType::F32 ? 4 : DT == DType::F8_E4M3 ? 1 : 2;
+  return DT == DType::F32                          ? 4
+         : DT == DType::Q4                         ? 0
+         : DT == DType::F8_E4M3 || DT == DType::Q8 ? 1
+                                                   : 2;
 }
 
 // Row r of a weight view: its bytes and (fp8) its row of block scales.
@@ -75,6 +84,29 @@ inline int64_t block_row_end(const Weight& w, int64_t r) {
   return r + kFp8Block - (w.scale_row0 + r) % kFp8Block;
 }
 
+// Q8, Q4: the scale of group g of row r, as a float (exact: bf16 and f16 widen exactly).
+template <class O>
+inline float group_scale(const Weight& w, int64_t r, int64_t g) {
+  const int64_t i = r * w.group_cols + g;
+  switch (w.group_scale_dtype) {
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(w.group_scale)[i]);
+    case DType::F16:
+      return O::f16(static_cast<const uint16_t*>(w.group_scale)[i]);
+    default:
+      return static_cast<const float*>(w.group_scale)[i];
+  }
+}
+
+// What load_w takes as `s` for a Q8 / Q4 group of scale `scale` (O::q8_prep / O::q4_prep).
+template <class O, DType DT>
+inline typename O::V int_prep(float scale) {
+  if constexpr (DT == DType::Q4)
+    return O::q4_prep(scale);
+  else
+    return O::q8_prep(scale);
+}
+
 template <class O, DType DT>
 inline typename O::V fp8_scale(const float* scales, int64_t k) {
   if constexpr (DT == DType::F8_E4M3)
@@ -83,10 +115,17 @@ inline typename O::V fp8_scale(const float* scales, int64_t k) {
     return O::zero();
 }
 
-// Elements [k, k + 16) of a row as floats; `s` = block scale * 256 (fp8 only).
+// Elements [k, k + 16) of a row as floats; `s` = block scale * 256 (fp8), or int_prep of the
+// group's scale (Q8, Q4). Q4 takes its elements in stored order (kernels.h): [k, k + 16) are
+// the positions, k a multiple of 16, position 32c + j (j < 16) element 32c + 2j and 32c + 16 + j
+// element 32c + 2j + 1.
 template <class O, DType DT>
 inline typename O::V load_w(const uint8_t* row, int64_t k, typename O::V s) {
-  if constexpr (DT == DType::F32)
+  if constexpr (DT == DType::Q4)
+    return O::cvt_q4(row + k / 32 * 16, static_cast<int>(k / 16 % 2), s);
+  else if constexpr (DT == DType::Q8)
+    return O::cvt_q8(row + k, s);
+  else if constexpr (DT == DType::F32)
     return O::load(reinterpret_cast<const float*>(row) + k);
   else if constexpr (DT == DType::BF16)
     return O::cvt_bf16(reinterpret_cast<const uint16_t*>(row) + k);

@@ -37,6 +37,31 @@ void dequant_block(const Weight& w, int64_t n0, int64_t nn, int64_t k0, int64_t 
                    int64_t ldw) {
   using V = typename O::V;
   const int64_t K = w.cols;
+  if constexpr (is_int<DT>()) {
+    // Q8 / Q4: each chunk with its group's scale; Q4 in stored order, 32 elements at a time.
+    const int64_t gs = w.group_size;
+    for (int64_t r = 0; r < nn; ++r) {
+      const uint8_t* row = w_row(w, n0 + r);
+      float* o = wb + r * ldw - k0;
+      int64_t g = -1;
+      V t = O::zero();
+      for (int64_t k = k0; k < k0 + 16 * nc;) {
+        if (k / gs != g) t = int_prep<O, DT>(group_scale<O>(w, n0 + r, g = k / gs));
+        if constexpr (DT == DType::Q4) {
+          V lo, hi;
+          O::cvt_q4x2(row + k / 2, t, lo, hi);
+          O::store(o + k, lo);
+          O::store(o + k + 16, hi);
+          k += 32;
+        } else {
+          O::store(o + k,
+                   k + 16 <= K ? O::cvt_q8(row + k, t) : load_w_tail<O, DT>(row, k, K - k, t));
+          k += 16;
+        }
+      }
+    }
+    return;
+  }
   const V s = DT == DType::F8_E4M3 ? O::set1(256.0f) : O::zero();  // cvt_fp8's scale 1
   for (int64_t r = 0; r < nn; ++r) {
     const uint8_t* row = w_row(w, n0 + r);

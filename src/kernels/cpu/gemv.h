@@ -21,6 +21,109 @@ inline typename O::V load_w_checked(const uint8_t* row, int64_t k, typename O::V
     return load_w<O, DT>(row, k, s);
 }
 
+// gemv_tile for Q8 and Q4 (same arguments, no `raw`). Per group of each row, the scale is
+// prepared once (int_prep: for Q4 on AVX-512 the group's table of 16 values); then each 16
+// bytes of a row give 16 weights (Q8) or 32 (Q4: low nibbles the even elements of a chunk of
+// 32, high nibbles the odd ones, against x permuted the same way: see x_rows), one FMA per
+// 16 weights per token.
+template <class O, DType DT, int M, int R>
+void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs, int64_t ka,
+                   int64_t kb, float* part, int64_t pf, float* y, int64_t ldy) {
+  using V = typename O::V;
+  constexpr bool q4 = DT == DType::Q4;
+  constexpr int64_t step = q4 ? 32 : 16;  // elements per 16 bytes
+  const float* xr[M];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) xr[i] = x[i];
+  const int64_t K = w.cols, kfull = K & ~int64_t{15}, gs = w.group_size;
+  const uint8_t* row[R];
+  int64_t rr[R];
+  for (int j = 0; j < R; ++j) {
+    rr[j] = r + j * rs;
+    row[j] = w_row(w, rr[j]);
+  }
+  V acc[M][R];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) acc[i][j] = ka == 0 ? O::zero() : O::load(part + (j * M + i) * 16);
+  for (int64_t k0 = ka; k0 < kb; k0 += kFp8Block) {
+    const int64_t kend = std::min(kfull, k0 + kFp8Block);
+    if (pf) {
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j)
+        for (int64_t b = 0; b < row_bytes(DT, kFp8Block); b += 64)
+          __builtin_prefetch(row[j] + row_bytes(DT, k0 + pf) + b);
+    }
+    for (int64_t k = k0; k < kend;) {
+      const int64_t g = k / gs, ge = std::min(kend, (g + 1) * gs);
+      V t[R];
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) t[j] = int_prep<O, DT>(group_scale<O>(w, rr[j], g));
+      for (; k < ge; k += step) {
+        if constexpr (q4) {
+          if constexpr (M <= 4) {
+            V x0[M], x1[M];
+#pragma GCC unroll 8
+            for (int i = 0; i < M; ++i) {
+              x0[i] = O::load_reg(xr[i] + k);
+              x1[i] = O::load_reg(xr[i] + k + 16);
+            }
+#pragma GCC unroll 8
+            for (int j = 0; j < R; ++j) {
+              V w0, w1;
+              O::cvt_q4x2(row[j] + k / 2, t[j], w0, w1);
+#pragma GCC unroll 8
+              for (int i = 0; i < M; ++i)
+                acc[i][j] = O::fma(x1[i], w1, O::fma(x0[i], w0, acc[i][j]));
+            }
+          } else {
+#pragma GCC unroll 8
+            for (int j = 0; j < R; ++j) {
+              V w0, w1;
+              O::cvt_q4x2(row[j] + k / 2, t[j], w0, w1);
+#pragma GCC unroll 8
+              for (int i = 0; i < M; ++i)
+                acc[i][j] =
+                    O::fma(O::load(xr[i] + k + 16), w1, O::fma(O::load(xr[i] + k), w0, acc[i][j]));
+            }
+          }
+        } else {
+          V xv[M];
+#pragma GCC unroll 8
+          for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
+#pragma GCC unroll 8
+          for (int j = 0; j < R; ++j) {
+            const V wv = O::cvt_q8(row[j] + k, t[j]);
+#pragma GCC unroll 8
+            for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
+          }
+        }
+      }
+    }
+  }
+  if (kb < K) {
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) O::store(part + (j * M + i) * 16, acc[i][j]);
+    return;
+  }
+  if (kfull < K) {  // Q8 only (Q4 has K % 32 == 0)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull,
+                                      int_prep<O, DT>(group_scale<O>(w, rr[j], kfull / gs)));
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(xr[i] + kfull), wv, acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) y[i * ldy + r + j * rs] = O::reduce(acc[i][j]);
+}
+
 // y[i, r + j * rs] for i < M, j < R (rows rs apart): columns [ka, kb) of the sums, ka a
 // multiple of 128. x: M row pointers, each row f32, 64-byte aligned, readable and zero up to
 // round16(K); y: [M, ldy]. A range that does not start at 0 continues from the 16-lane partial
@@ -29,8 +132,8 @@ inline typename O::V load_w_checked(const uint8_t* row, int64_t k, typename O::V
 // fp8: all R rows in one block row, x already scaled by its scales (fp8_scale_x), the weights
 // taken as float(fp8) exactly, or with `raw` (x also times 2^120) by O::cvt_fp8_raw.
 template <class O, DType DT, int M, int R>
-void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, int64_t ka,
-               int64_t kb, float* part, int64_t pf, float* y, int64_t ldy, bool raw) {
+void gemv_tile_float(const float* const* x, const Weight& w, int64_t r, int64_t rs, int64_t ka,
+                     int64_t kb, float* part, int64_t pf, float* y, int64_t ldy, bool raw) {
   using V = typename O::V;
   const float* xr[M];
 #pragma GCC unroll 8
@@ -142,6 +245,16 @@ void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, in
     for (int j = 0; j < R; ++j) y[i * ldy + r + j * rs] = O::reduce(acc[i][j]);
 }
 
+// gemv_tile_float or gemv_tile_int, by DT.
+template <class O, DType DT, int M, int R>
+void gemv_tile(const float* const* x, const Weight& w, int64_t r, int64_t rs, int64_t ka,
+               int64_t kb, float* part, int64_t pf, float* y, int64_t ldy, bool raw) {
+  if constexpr (is_int<DT>())
+    gemv_tile_int<O, DT, M, R>(x, w, r, rs, ka, kb, part, pf, y, ldy);
+  else
+    gemv_tile_float<O, DT, M, R>(x, w, r, rs, ka, kb, part, pf, y, ldy, raw);
+}
+
 // Whether m tokens' rows of x (K floats each) fit the share of L1 the GEMV gives them.
 constexpr bool x_fits_l1(int64_t m, int64_t K) {
   return m * K * 4 <= (32 << 10);
@@ -170,7 +283,7 @@ void gemv_rows(const float* const* x, const Weight& w, int64_t r0, int64_t r1, f
     // A tile's R rows come from R runs of s consecutive rows (~16 KB each) and the next tile
     // takes each run's next row, so the hardware prefetcher sees R long sequential streams
     // rather than R short rows that end before it has ramped up.
-    const int64_t S = gemv_stream_rows(K * elem_bytes<DT>());
+    const int64_t S = gemv_stream_rows(row_bytes(DT, K));
     int64_t r = r0;
     while (r + R <= r1) {
       const int64_t s = std::min(S, (r1 - r) / R);
@@ -256,11 +369,11 @@ template <class O, DType DT>
 void gemv_range(const float* const* x, int64_t m, const Weight& w, int64_t b, int64_t e, float* y,
                 int64_t ldy) {
   constexpr int64_t kUnit = 24;  // a multiple of every gemv_rows(m)
-  const int64_t row_bytes = std::max<int64_t>(1, w.cols * elem_bytes<DT>());
+  const int64_t rb = std::max<int64_t>(1, row_bytes(DT, w.cols));
   const int64_t per_group = gemv_group_tokens(w.cols);
   const int64_t groups = (m + per_group - 1) / per_group;
   const int64_t block =
-      groups == 1 ? w.rows : std::max<int64_t>(1, (256 << 10) / row_bytes / kUnit) * kUnit;
+      groups == 1 ? w.rows : std::max<int64_t>(1, (256 << 10) / rb / kUnit) * kUnit;
   for (int64_t r0 = b, r1; r0 < e; r0 = r1) {
     r1 = std::min(e, r0 + block);
     // fp8 with several groups: a block row at a time, so that each group scales x once for it.
@@ -286,7 +399,7 @@ inline int64_t gemv_piece_rows(int64_t rows, int64_t row_bytes, int threads, DTy
 template <class O, DType DT>
 void gemv(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w, float* y,
           int64_t ldy) {
-  const int64_t piece = gemv_piece_rows(w.rows, w.cols * elem_bytes<DT>(), pool.size(), DT);
+  const int64_t piece = gemv_piece_rows(w.rows, row_bytes(DT, w.cols), pool.size(), DT);
   parallel_pieces(pool, w.rows, piece,
                   [&](int64_t b, int64_t e) { gemv_range<O, DT>(x, m, w, b, e, y, ldy); });
 }

@@ -43,7 +43,7 @@ namespace {
 // blocked GEMM. The crossover is where GEMM's reuse of converted weights starts to pay: sooner
 // for fp8, whose conversion costs more.
 constexpr int64_t gemv_max_m(DType dt) {
-  return dt == DType::F8_E4M3 ? 16 : 32;
+  return dt == DType::F8_E4M3 || dt == DType::Q8 || dt == DType::Q4 ? 16 : 32;
 }
 
 template <class O, DType DT>
@@ -55,16 +55,43 @@ void matmul_dtype(const ThreadPool& pool, const float* const* x, int64_t m, cons
     gemm<O, DT>(pool, x, m, w, y, ldy);
 }
 
-inline bool supported_weight(DType dt) {
-  return dt == DType::F32 || dt == DType::F16 || dt == DType::BF16 || dt == DType::F8_E4M3;
+// Fails with one line unless the kernels take w: its dtype, and for Q8 / Q4 the shape of its
+// groups (kernels.h, Weight).
+inline void check_weight(const char* what, const Weight& w) {
+  const DType dt = w.dtype;
+  MS_CHECK(dt == DType::F32 || dt == DType::F16 || dt == DType::BF16 || dt == DType::F8_E4M3 ||
+               dt == DType::Q8 || dt == DType::Q4,
+           what, ": unsupported weight dtype ", dtype_name(dt));
+  if (dt != DType::Q8 && dt != DType::Q4) return;
+  const int64_t unit = dt == DType::Q4 ? 32 : 16, gs = w.group_size;
+  MS_CHECK(w.group_scale != nullptr, what, ": ", dtype_name(dt), " weight without group scales");
+  MS_CHECK(w.group_scale_dtype == DType::BF16 || w.group_scale_dtype == DType::F16 ||
+               w.group_scale_dtype == DType::F32,
+           what, ": unsupported group scale dtype ", dtype_name(w.group_scale_dtype));
+  MS_CHECK(dt != DType::Q4 || w.cols % 32 == 0, what, ": Q4 weight with ", w.cols,
+           " columns, not a multiple of 32");
+  MS_CHECK(gs > 0 && (gs % unit == 0 || gs >= w.cols), what, ": ", dtype_name(dt), " group size ",
+           gs, " is not a multiple of ", unit);
+  MS_CHECK(w.group_cols == (w.cols + gs - 1) / gs, what, ": ", dtype_name(dt), " weight with ",
+           w.group_cols, " group columns for ", w.cols, " columns in groups of ", gs);
 }
 
 // The kernels read each row of x up to round16(K), and run best on 64-byte aligned rows;
-// other rows get a zero-padded, aligned copy.
-inline bool row_needs_copy(const float* row, int64_t K) {
-  return K % 16 || reinterpret_cast<uintptr_t>(row) % 64;
+// other rows get a zero-padded, aligned copy. Q4 weights (`perm`) always take a copy, permuted
+// within each chunk of 32 as their elements are stored (kernels.h): position 32c + j (j < 16)
+// holds element 32c + 2j and 32c + 16 + j element 32c + 2j + 1.
+inline bool row_needs_copy(const float* row, int64_t K, bool perm) {
+  return perm || K % 16 || reinterpret_cast<uintptr_t>(row) % 64;
 }
-inline void copy_x_row(const float* row, int64_t K, float* xp) {
+inline void copy_x_row(const float* row, int64_t K, float* xp, bool perm) {
+  if (perm) {  // K % 32 == 0
+    for (int64_t c = 0; c < K; c += 32)
+      for (int64_t j = 0; j < 16; ++j) {
+        xp[c + j] = row[c + 2 * j];
+        xp[c + 16 + j] = row[c + 2 * j + 1];
+      }
+    return;
+  }
   std::memcpy(xp, row, K * sizeof(float));
   std::fill(xp + K, xp + round16(K), 0.0f);
 }
@@ -79,10 +106,11 @@ inline const float* x_row(const MatmulJob& j, int64_t i) {
 // x_pad_floats). Rows [b, e) only.
 inline void x_rows(const MatmulJob& j, int64_t b, int64_t e, const float** rows, float* pad) {
   const int64_t K = j.w->cols, Kp = round16(K);
+  const bool perm = j.w->dtype == DType::Q4;
   for (int64_t i = b; i < e; ++i) {
     const float* r = x_row(j, i);
-    if (row_needs_copy(r, K)) {
-      copy_x_row(r, K, pad + i * Kp);
+    if (row_needs_copy(r, K, perm)) {
+      copy_x_row(r, K, pad + i * Kp, perm);
       r = pad + i * Kp;
     }
     rows[i] = r;
@@ -90,8 +118,9 @@ inline void x_rows(const MatmulJob& j, int64_t b, int64_t e, const float** rows,
 }
 inline int64_t x_pad_floats(const MatmulJob& j) {
   const int64_t K = j.w->cols;
+  const bool perm = j.w->dtype == DType::Q4;
   for (int64_t i = 0; i < j.m; ++i)
-    if (row_needs_copy(x_row(j, i), K)) return j.m * round16(K);
+    if (row_needs_copy(x_row(j, i), K, perm)) return j.m * round16(K);
   return 0;
 }
 
@@ -100,7 +129,7 @@ void matmul_job(const ThreadPool& pool, const MatmulJob& j) {
   const Weight& w = *j.w;
   const int64_t K = w.cols, m = j.m;
   if (m <= 0 || w.rows <= 0) return;
-  MS_CHECK(supported_weight(w.dtype), "matmul: unsupported weight dtype ", dtype_name(w.dtype));
+  check_weight("matmul", w);
   if (K == 0) {  // an empty sum: 16 lanes of +0.0
     for (int64_t i = 0; i < m; ++i) std::fill(j.y + i * j.ldy, j.y + i * j.ldy + w.rows, 0.0f);
     return;
@@ -125,6 +154,10 @@ void matmul_job(const ThreadPool& pool, const MatmulJob& j) {
       return matmul_dtype<O, DType::F16>(pool, x, m, w, j.y, j.ldy);
     case DType::BF16:
       return matmul_dtype<O, DType::BF16>(pool, x, m, w, j.y, j.ldy);
+    case DType::Q8:
+      return matmul_dtype<O, DType::Q8>(pool, x, m, w, j.y, j.ldy);
+    case DType::Q4:
+      return matmul_dtype<O, DType::Q4>(pool, x, m, w, j.y, j.ldy);
     default:
       return matmul_dtype<O, DType::F8_E4M3>(pool, x, m, w, j.y, j.ldy);
   }
@@ -147,6 +180,10 @@ void gemv_range_any(const float* const* x, const MatmulJob& j, int64_t b, int64_
       return gemv_range<O, DType::F16>(x, j.m, *j.w, b, e, j.y, j.ldy);
     case DType::BF16:
       return gemv_range<O, DType::BF16>(x, j.m, *j.w, b, e, j.y, j.ldy);
+    case DType::Q8:
+      return gemv_range<O, DType::Q8>(x, j.m, *j.w, b, e, j.y, j.ldy);
+    case DType::Q4:
+      return gemv_range<O, DType::Q4>(x, j.m, *j.w, b, e, j.y, j.ldy);
     default:
       return gemv_range<O, DType::F8_E4M3>(x, j.m, *j.w, b, e, j.y, j.ldy);
   }
@@ -163,8 +200,7 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   int64_t pad_floats = 0;
   for (int64_t i = 0; i < n; ++i) {
     const MatmulJob& j = jobs[i];
-    MS_CHECK(supported_weight(j.w->dtype), "matmul: unsupported weight dtype ",
-             dtype_name(j.w->dtype));
+    check_weight("matmul", *j.w);
     const bool gemv_ok = j.m <= gemv_max_m(j.w->dtype);
     if (j.m <= 0 || j.w->rows <= 0) continue;
     if (!gemv_ok || j.w->cols == 0) {
@@ -188,9 +224,8 @@ void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   // Pieces of the concatenated rows, taken by the threads as they come free; each row's result
   // is the same whichever thread computes it, and with whichever neighbours (kernels.h).
   const MatmulJob& j0 = *small.front();
-  const int64_t piece =
-      gemv_piece_rows(first_row.back(), j0.w->cols * static_cast<int64_t>(dtype_size(j0.w->dtype)),
-                      pool.size(), j0.w->dtype);
+  const int64_t piece = gemv_piece_rows(first_row.back(), row_bytes(j0.w->dtype, j0.w->cols),
+                                        pool.size(), j0.w->dtype);
   parallel_pieces(pool, first_row.back(), piece, [&](int64_t b, int64_t e) {
     auto it = std::upper_bound(first_row.begin(), first_row.end(), b) - 1;
     for (size_t k = it - first_row.begin(); k < small.size() && first_row[k] < e; ++k) {
@@ -217,9 +252,45 @@ void dequant_row_dtype(const Weight& w, int64_t r, float* out) {
   }
 }
 
+// Q8, Q4: in plain element order (Q4 unpacks each 16 bytes' nibbles to their elements).
+template <class O, DType DT>
+void dequant_row_int(const Weight& w, int64_t r, float* out) {
+  const uint8_t* row = w_row(w, r);
+  const int64_t K = w.cols, gs = w.group_size;
+  if constexpr (DT == DType::Q4) {
+    alignas(64) float lo[16], hi[16];
+    for (int64_t k = 0; k < K; k += 32) {
+      typename O::V a, b;
+      O::cvt_q4x2(row + k / 2, O::q4_prep(group_scale<O>(w, r, k / gs)), a, b);
+      O::store(lo, a);
+      O::store(hi, b);
+      for (int j = 0; j < 16; ++j) {
+        out[k + 2 * j] = lo[j];
+        out[k + 2 * j + 1] = hi[j];
+      }
+    }
+  } else {
+    const int64_t kfull = K & ~int64_t{15};
+    for (int64_t k = 0; k < kfull; k += 16)
+      O::store(out + k, O::cvt_q8(row + k, O::q8_prep(group_scale<O>(w, r, k / gs))));
+    if (kfull < K) {
+      alignas(64) float tmp[16];
+      O::store(tmp, load_w_tail<O, DT>(row, kfull, K - kfull,
+                                       O::q8_prep(group_scale<O>(w, r, kfull / gs))));
+      std::memcpy(out + kfull, tmp, (K - kfull) * sizeof(float));
+    }
+  }
+}
+
 template <class O>
 void dequant_row(const Weight& w, int64_t r, float* out) {
   switch (w.dtype) {
+    case DType::Q8:
+      check_weight("dequant_row", w);
+      return dequant_row_int<O, DType::Q8>(w, r, out);
+    case DType::Q4:
+      check_weight("dequant_row", w);
+      return dequant_row_int<O, DType::Q4>(w, r, out);
     case DType::F32:
       return dequant_row_dtype<O, DType::F32>(w, r, out);
     case DType::F16:

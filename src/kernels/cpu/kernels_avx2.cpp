@@ -91,6 +91,32 @@ struct Avx2 {
   static bool nan_found(NanAcc acc) {
     return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(-1))) != 0;
   }
+  // Integer weights (kernels.h, Weight): float(u - offset) * scale, u the stored value.
+  static float f16(uint16_t h) { return _cvtsh_ss(h); }
+  static V q4_prep(float scale) { return set1(scale); }
+  static V q8_prep(float scale) { return set1(scale); }
+  // 16 values (bytes, or nibbles already isolated in bytes) minus `off`, times s.
+  static V int16x(__m128i b, __m256i off, V s) {
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), off));
+    const __m256 hi =
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), off));
+    return {_mm256_mul_ps(lo, s.lo), _mm256_mul_ps(hi, s.hi)};
+  }
+  // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights.
+  static void cvt_q4x2(const uint8_t* p, V s, V& lo, V& hi) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+    const __m256i off = _mm256_set1_epi32(8);
+    lo = int16x(_mm_and_si128(b, m), off, s);
+    hi = int16x(_mm_and_si128(_mm_srli_epi16(b, 4), m), off, s);
+  }
+  static V cvt_q4(const uint8_t* p, int half, V s) {
+    V lo, hi;
+    cvt_q4x2(p, s, lo, hi);
+    return half ? hi : lo;
+  }
+  static V cvt_q8(const uint8_t* p, V s) {
+    return int16x(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), _mm256_set1_epi32(128), s);
+  }
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -100,6 +100,30 @@ struct Avx512 {
   static bool nan_found(NanAcc acc) {
     return _mm512_cmpeq_epi8_mask(acc, _mm512_set1_epi8(-1)) != 0;
   }
+  // Integer weights (kernels.h, Weight). A Q4 group's 16 possible values (u - 8) * scale, one
+  // per nibble u, are computed once per group; vpermps then looks each weight up by its nibble
+  // (it reads only the low 4 bits of each index, so the bytes need no mask).
+  static float f16(uint16_t h) { return _cvtsh_ss(h); }
+  static V q4_prep(float scale) {
+    const V u8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm512_mul_ps(_mm512_set1_ps(scale), u8);
+  }
+  // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights.
+  static void cvt_q4x2(const uint8_t* p, V table, V& lo, V& hi) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_permutexvar_ps(d, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+  }
+  static V cvt_q4(const uint8_t* p, int half, V table) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_permutexvar_ps(half ? _mm512_srli_epi32(d, 4) : d, table);
+  }
+  static V q8_prep(float scale) { return _mm512_set1_ps(scale); }
+  // 16 bytes u: float(u - 128) * scale.
+  static V cvt_q8(const uint8_t* p, V scale) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, _mm512_set1_epi32(128))), scale);
+  }
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

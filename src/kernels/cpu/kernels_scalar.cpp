@@ -118,6 +118,25 @@ struct Scalar {
     lo = cvt_fp8(p, s256);
     hi = cvt_fp8(p + 16, s256);
   }
+  // Integer weights (kernels.h, Weight): float(q) * scale, q = u - 2^(bits-1).
+  static float f16(uint16_t h) { return half_to_f32(h); }
+  static V q4_prep(float scale) { return set1(scale); }
+  static V q8_prep(float scale) { return set1(scale); }
+  static V cvt_q4(const uint8_t* p, int half, const V& s) {
+    V r;
+    for (int l = 0; l < 16; ++l)
+      r.v[l] = static_cast<float>(((p[l] >> (4 * half)) & 15) - 8) * s.v[l];
+    return r;
+  }
+  static void cvt_q4x2(const uint8_t* p, const V& s, V& lo, V& hi) {
+    lo = cvt_q4(p, 0, s);
+    hi = cvt_q4(p, 1, s);
+  }
+  static V cvt_q8(const uint8_t* p, const V& s) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = static_cast<float>(p[l] - 128) * s.v[l];
+    return r;
+  }
   using NanAcc = bool;  // whether an e4m3 NaN (0x7f / 0xff) was seen
   static NanAcc nan_init() { return false; }
   static NanAcc nan_scan128(NanAcc acc, const uint8_t* p) {

@@ -13,9 +13,43 @@ float block_scale(const Weight& w, int64_t r, int64_t c) {
   return w.scale_inv[((w.scale_row0 + r) / 128) * w.scale_cols + c / 128];
 }
 
+float group_scale(const Weight& w, int64_t r, int64_t c) {
+  const int64_t i = r * w.group_cols + c / w.group_size;
+  switch (w.group_scale_dtype) {
+    case DType::BF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(w.group_scale)[i]);
+    case DType::F16:
+      return f16_to_f32(static_cast<const uint16_t*>(w.group_scale)[i]);
+    case DType::F32:
+      return static_cast<const float*>(w.group_scale)[i];
+    default:
+      fail("reference: unsupported group scale dtype ", dtype_name(w.group_scale_dtype));
+  }
+}
+
+int int_value(const Weight& w, int64_t r, int64_t c) {
+  // compressed-tensors' packing: element c of a row in bits [bits * (c % per), + bits) of the
+  // row's little-endian int32 word c / per (per = 32 / bits), stored as q + 2^(bits - 1). Rows
+  // are row_bytes apart; the byte of the word that holds those bits is read alone (the last
+  // word of a Q8 row of cols % 4 != 0 columns may be cut short).
+  const int bits = w.dtype == DType::Q4 ? 4 : 8, per = 32 / bits, bit = bits * (c % per);
+  const auto* p =
+      static_cast<const uint8_t*>(w.data) + r * row_bytes(w.dtype, w.cols) + c / per * 4 + bit / 8;
+  const uint32_t u = (uint32_t{*p} >> (bit % 8)) & ((1u << bits) - 1);
+  return static_cast<int>(u) - (1 << (bits - 1));
+}
+
+int64_t stored_position(const Weight& w, int64_t c) {
+  if (w.dtype != DType::Q4) return c;
+  return c / 32 * 32 + (c % 2) * 16 + c % 32 / 2;
+}
+
 float weight_value(const Weight& w, int64_t r, int64_t c) {
   const int64_t i = r * w.cols + c;
   switch (w.dtype) {
+    case DType::Q8:
+    case DType::Q4:
+      return static_cast<float>(int_value(w, r, c)) * group_scale(w, r, c);
     case DType::F32:
       return static_cast<const float*>(w.data)[i];
     case DType::F16:
@@ -74,12 +108,14 @@ void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float
   const bool fp8 = w.dtype == DType::F8_E4M3;
   std::vector<float> row(w.cols), xs(w.cols);
   for (int64_t n = 0; n < w.rows; ++n) {
+    // Element k goes to position stored_position(k): Q4's order, the plain one otherwise.
     for (int64_t k = 0; k < w.cols; ++k)
-      row[k] = fp8 ? fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[n * w.cols + k])
-                   : weight_value(w, n, k);
+      row[stored_position(w, k)] =
+          fp8 ? fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[n * w.cols + k])
+              : weight_value(w, n, k);
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t k = 0; k < w.cols; ++k)
-        xs[k] = fp8 ? x[i * ldx + k] * block_scale(w, n, k) : x[i * ldx + k];
+        xs[stored_position(w, k)] = fp8 ? x[i * ldx + k] * block_scale(w, n, k) : x[i * ldx + k];
       y[i * ldy + n] = dot_lanes(xs.data(), row.data(), w.cols);
     }
   }

@@ -8,10 +8,20 @@
 
 namespace moeserve::kernels::reference {
 
-// Element (r, c) of w as a float: float(fp8) * scale_inv of its 128x128 block for F8_E4M3.
+// Element (r, c) of w as a float: float(fp8) * scale_inv of its 128x128 block for F8_E4M3,
+// float(q) * its group's scale for Q8 / Q4.
 float weight_value(const Weight& w, int64_t r, int64_t c);
 // F8_E4M3: the scale_inv of element (r, c)'s 128x128 block.
 float block_scale(const Weight& w, int64_t r, int64_t c);
+
+// Q8, Q4: the integer q of element (r, c), unpacked as compressed-tensors packs it (int32
+// words, little-endian, 32 / bits elements each, lowest bits first, stored as q + 2^(bits-1));
+// the scale of its group.
+int int_value(const Weight& w, int64_t r, int64_t c);
+float group_scale(const Weight& w, int64_t r, int64_t c);
+// The position of element c in the order the lanes take it: Q4's stored order (kernels.h:
+// within each chunk of 32, the even elements, then the odd ones), c itself otherwise.
+int64_t stored_position(const Weight& w, int64_t c);
 
 // out: [w.rows, w.cols] f32, every element by weight_value.
 void dequant(const Weight& w, float* out);
@@ -26,7 +36,7 @@ void matmul_abs(const float* x, int64_t m, int64_t ldx, const Weight& w, double*
 
 // The 16-lane contract of kernels.h written out: lane k % 16 takes fma(x, w, lane) for k in
 // increasing order (fp8: fma(x * scale, float(fp8), lane)), K padded to a multiple of 16 with
-// 0 * 0, then the tree 8, 4, 2, 1.
+// 0 * 0, then the tree 8, 4, 2, 1. Q4: x and W both in stored order (stored_position).
 // Must equal the fast matmul bit for bit.
 void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
 float dot_lanes(const float* a, const float* b, int64_t n);
