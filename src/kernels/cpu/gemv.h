@@ -37,16 +37,20 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
   for (int i = 0; i < M; ++i) xr[i] = x[i];
   const int64_t K = w.cols, kfull = K & ~int64_t{15}, gs = w.group_size;
   const uint8_t* row[R];
-  int64_t rr[R];
+  const uint8_t* srow[R];  // each row's group scales
+  bool first[R];           // row 0 of the view: its first scale has none before it
   for (int j = 0; j < R; ++j) {
-    rr[j] = r + j * rs;
-    row[j] = w_row(w, rr[j]);
+    const int64_t rj = r + j * rs;
+    row[j] = w_row(w, rj);
+    srow[j] = w_group_scales(w, rj);
+    first[j] = rj == 0;
   }
   V acc[M][R];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) acc[i][j] = ka == 0 ? O::zero() : O::load(part + (j * M + i) * 16);
+  int64_t g = ka / gs, gend = (g + 1) * gs;  // the group of column k, and its end
   for (int64_t k0 = ka; k0 < kb; k0 += kFp8Block) {
     const int64_t kend = std::min(kfull, k0 + kFp8Block);
     if (pf) {
@@ -56,10 +60,14 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
           __builtin_prefetch(row[j] + row_bytes(DT, k0 + pf) + b);
     }
     for (int64_t k = k0; k < kend;) {
-      const int64_t g = k / gs, ge = std::min(kend, (g + 1) * gs);
+      if (k >= gend) {  // groups are whole chunks: k reaches each group's start
+        ++g;
+        gend += gs;
+      }
+      const int64_t ge = std::min(kend, gend);
       V t[R];
 #pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) t[j] = int_prep<O, DT>(group_scale<O>(w, rr[j], g));
+      for (int j = 0; j < R; ++j) t[j] = int_prep_at<O, DT>(w, srow[j], g, first[j] && g == 0);
       for (; k < ge; k += step) {
         if constexpr (q4) {
           if constexpr (M <= 4) {
@@ -113,7 +121,7 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
       const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull,
-                                      int_prep<O, DT>(group_scale<O>(w, rr[j], kfull / gs)));
+                                      int_prep_at<O, DT>(w, srow[j], kfull / gs, true));
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(xr[i] + kfull), wv, acc[i][j]);
     }

@@ -94,6 +94,7 @@ struct Avx2 {
   // Integer weights (kernels.h, Weight): float(u - offset) * scale, u the stored value.
   static float f16(uint16_t h) { return _cvtsh_ss(h); }
   static V q4_prep(float scale) { return set1(scale); }
+  static constexpr bool kQ4Bf16 = false;  // no q4_prep_bf16
   static V q8_prep(float scale) { return set1(scale); }
   // 16 values (bytes, or nibbles already isolated in bytes) minus `off`, times s.
   static V int16x(__m128i b, __m256i off, V s) {

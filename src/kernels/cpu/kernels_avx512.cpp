@@ -104,9 +104,18 @@ struct Avx512 {
   // per nibble u, are computed once per group; vpermps then looks each weight up by its nibble
   // (it reads only the low 4 bits of each index, so the bytes need no mask).
   static float f16(uint16_t h) { return _cvtsh_ss(h); }
-  static V q4_prep(float scale) {
-    const V u8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm512_mul_ps(_mm512_set1_ps(scale), u8);
+  static V q4_u8() {
+    return _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+  static V q4_prep(float scale) { return _mm512_mul_ps(_mm512_set1_ps(scale), q4_u8()); }
+  // q4_prep of the bf16 scale at p, with one logic op that takes its operand broadcast from
+  // memory: the 4 bytes from p - 1 (the scale in their high half), the low half cleared.
+  static constexpr bool kQ4Bf16 = true;
+  static V q4_prep_bf16(const uint16_t* p) {
+    int32_t d;
+    std::memcpy(&d, p - 1, 4);
+    const __m512i s = _mm512_and_si512(_mm512_set1_epi32(d), _mm512_set1_epi32(-65536));
+    return _mm512_mul_ps(_mm512_castsi512_ps(s), q4_u8());
   }
   // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights.
   static void cvt_q4x2(const uint8_t* p, V table, V& lo, V& hi) {

@@ -121,6 +121,7 @@ struct Scalar {
   // Integer weights (kernels.h, Weight): float(q) * scale, q = u - 2^(bits-1).
   static float f16(uint16_t h) { return half_to_f32(h); }
   static V q4_prep(float scale) { return set1(scale); }
+  static constexpr bool kQ4Bf16 = false;  // no q4_prep_bf16
   static V q8_prep(float scale) { return set1(scale); }
   static V cvt_q4(const uint8_t* p, int half, const V& s) {
     V r;
