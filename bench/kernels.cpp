@@ -122,8 +122,8 @@ void time_into(const ThreadPool& pool, Best& best, F&& fn) {
 }
 
 // Decode: weights cycled through copies totalling > 1 GB, so every call streams from DRAM (no
-// help from a large L3). The denominator is a plain streaming read of the same weight bytes,
-// timed alternately with the kernel.
+// help from a large L3). The denominator is a plain streaming read of copies of the same
+// weight bytes, timed alternately with the kernel.
 void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_t group = 0) {
   std::vector<std::unique_ptr<BenchWeight>> copies;
   size_t total = 0;
@@ -137,9 +137,14 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_
     matmul(pool, x.data(), m, cols, copies[0]->w, y.data(), rows);  // warm-up
     Best read, mm;
     for (int round = 0; round < 4; ++round) {
-      for (const auto& c : copies) {
-        time_into(pool, read, [&] { time_stream_read(pool, c->data.data(), c->data.size()); });
-        time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, c->w, y.data(), rows); });
+      // The kernel reads the copy half the ring away from the one just read, so that a matrix
+      // smaller than the last-level cache is not found there.
+      const size_t n = copies.size();
+      for (size_t i = 0; i < n; ++i) {
+        const BenchWeight& r = *copies[i];
+        const BenchWeight& c = *copies[(i + n / 2) % n];
+        time_into(pool, read, [&] { time_stream_read(pool, r.data.data(), r.data.size()); });
+        time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, c.w, y.data(), rows); });
       }
     }
     const double raw = copies[0]->data.size();
