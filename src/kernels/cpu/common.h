@@ -114,14 +114,21 @@ inline const uint8_t* w_group_scales(const Weight& w, int64_t r) {
 }
 
 // int_prep of group g of a row whose scales are at srow. `first`: the scale is the view's
-// first, with nothing readable before it (O::q4_prep_bf16 reads the two bytes before).
+// first, with nothing readable before it (O::q4_prep_bf16 / q8_prep_bf16 read the two bytes
+// before).
 template <class O, DType DT>
 inline typename O::V int_prep_at(const Weight& w, const uint8_t* srow, int64_t g, bool first) {
   switch (w.group_scale_dtype) {
     case DType::BF16: {
       const auto* p = reinterpret_cast<const uint16_t*>(srow) + g;
-      if constexpr (DT == DType::Q4 && O::kQ4Bf16)
-        if (!first) return O::q4_prep_bf16(p);
+      if constexpr (O::kPrepBf16) {
+        if (!first) {
+          if constexpr (DT == DType::Q4)
+            return O::q4_prep_bf16(p);
+          else
+            return O::q8_prep_bf16(p);
+        }
+      }
       return int_prep<O, DT>(bf16_to_f32(*p));
     }
     case DType::F16:

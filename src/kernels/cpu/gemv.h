@@ -68,8 +68,8 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
       V t[R];
 #pragma GCC unroll 8
       for (int j = 0; j < R; ++j) t[j] = int_prep_at<O, DT>(w, srow[j], g, first[j] && g == 0);
-      for (; k < ge; k += step) {
-        if constexpr (q4) {
+      if constexpr (q4) {
+        for (; k < ge; k += step) {
           if constexpr (M <= 4) {
             V x0[M], x1[M];
 #pragma GCC unroll 8
@@ -96,16 +96,40 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
                     O::fma(O::load(xr[i] + k + 16), w1, O::fma(O::load(xr[i] + k), w0, acc[i][j]));
             }
           }
-        } else {
-          V xv[M];
+        }
+      } else {
+        // Q8: few tokens by O::cvt_q8_fma (c = -128 * scale) where every row's scale allows it.
+        [[maybe_unused]] V c[R];
+        auto chunks = [&](auto by_fma) {
+          for (; k < ge; k += step) {
+            V xv[M];
 #pragma GCC unroll 8
-          for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
+            for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
+#pragma GCC unroll 8
+            for (int j = 0; j < R; ++j) {
+              V wv;
+              if constexpr (decltype(by_fma)::value)
+                wv = O::cvt_q8_fma(row[j] + k, t[j], c[j]);
+              else
+                wv = O::cvt_q8(row[j] + k, t[j]);
+#pragma GCC unroll 8
+              for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
+            }
+          }
+        };
+        if constexpr (O::kQ8Fma && M <= 2) {  // more tokens: the FMAs are the cost anyway
+          bool ok = true;
 #pragma GCC unroll 8
           for (int j = 0; j < R; ++j) {
-            const V wv = O::cvt_q8(row[j] + k, t[j]);
-#pragma GCC unroll 8
-            for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
+            ok &= O::q8_fma_ok(t[j]);
+            c[j] = O::mul(t[j], O::set1(-128.0f));
           }
+          if (ok)
+            chunks(std::true_type{});
+          else
+            chunks(std::false_type{});
+        } else {
+          chunks(std::false_type{});
         }
       }
     }
