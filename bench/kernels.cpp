@@ -1,8 +1,12 @@
 // bench_kernels: the CPU kernels against this machine's roofline.
-//   decode:  matmul at m = 1, 4, 8 streams the weights once: GB/s vs measured read bandwidth;
-//            also (m = 1, 4) over many small fp8 matrices with short rows, as a model's experts,
-//            and matmul_t over one head's W_UK (decode_t).
-//   prefill: matmul at m = 512 is compute bound: GFLOP/s vs measured peak FMA rate.
+//   decode:  matmul at m = 1, 4, 8 streams the weights once: GB/s vs measured read bandwidth
+//            (bf16, fp8, Q4); also (m = 1, 4) over many small matrices with short rows, as a
+//            model's experts (fp8, Q8, Q4), and matmul_t over one head's W_UK (decode_t).
+//   prefill: matmul at m = 512 is compute bound: GFLOP/s vs measured peak FMA rate (bf16, fp8,
+//            Q8, Q4).
+//   int:     every format (bf16, fp8, Q8 and Q4 with groups of 32 and 128, bf16 scales) on the
+//            same shapes: decode of 7168 x 2048 and 2048 x 7168, of the experts' 1024 x 2048
+//            and 2048 x 1024, and prefill of 2048 x 7168; calls/s compares their speed.
 //   mapped DIR: (only when asked) the m = 1 GEMV over a checkpoint's LM head read four ways:
 //            from the mapped file (how `--mmap` reads it), from an anonymous copy, and from an
 //            anonymous copy on huge pages (how `serve` and `bench` hold the weights).
@@ -59,12 +63,15 @@ class HugeBytes {
   size_t n_ = 0;
 };
 
+// Q8 / Q4: groups of `group` columns with bf16 scales (as published: compressed-tensors
+// pack-quantized), every stored value equally likely.
 struct BenchWeight {
   HugeBytes data;
   std::vector<float> scales;
+  std::vector<uint16_t> group_scales;
   Weight w;
-  BenchWeight(DType dt, int64_t rows, int64_t cols) {
-    data.resize(rows * cols * dtype_size(dt));
+  BenchWeight(DType dt, int64_t rows, int64_t cols, int64_t group = 0) {
+    data.resize(rows * row_bytes(dt, cols));
     uint64_t s = 0x9e3779b97f4a7c15ull;
     for (size_t i = 0; i < data.size(); i += 8) {
       s = s * 6364136223846793005ull + 1442695040888963407ull;
@@ -81,8 +88,24 @@ struct BenchWeight {
       w.scale_inv = scales.data();
       w.fp8_plain = fp8_plain(data.data(), data.size());
     }
+    if (dt == DType::Q8 || dt == DType::Q4) {
+      w.group_size = group;
+      w.group_cols = (cols + group - 1) / group;
+      group_scales.resize(rows * w.group_cols);
+      for (size_t i = 0; i < group_scales.size(); ++i)
+        group_scales[i] = f32_to_bf16(1e-3f * (1.0f + static_cast<float>(i % 7) / 8));
+      w.group_scale = group_scales.data();
+      w.group_scale_dtype = DType::BF16;
+    }
   }
 };
+
+// "BF16", "F8_E4M3", "Q4/g32", ...
+std::string weight_name(DType dt, int64_t group) {
+  std::string s = dtype_name(dt);
+  if (dt == DType::Q8 || dt == DType::Q4) s += "/g" + std::to_string(group);
+  return s;
+}
 
 // Best (lowest) wall and CPU-clock seconds of fn over `iters` calls. The machine may be shared:
 // the best run is the least disturbed, and the CPU clock (see Clock::kCpu) leaves out the time
@@ -99,13 +122,13 @@ void time_into(const ThreadPool& pool, Best& best, F&& fn) {
 }
 
 // Decode: weights cycled through copies totalling > 1 GB, so every call streams from DRAM (no
-// help from a large L3). The denominator is a plain streaming read of the same weight bytes,
-// timed alternately with the kernel.
-void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
+// help from a large L3). The denominator is a plain streaming read of copies of the same
+// weight bytes, timed alternately with the kernel.
+void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_t group = 0) {
   std::vector<std::unique_ptr<BenchWeight>> copies;
   size_t total = 0;
   while (total < (size_t{1} << 30)) {
-    copies.push_back(std::make_unique<BenchWeight>(dt, rows, cols));
+    copies.push_back(std::make_unique<BenchWeight>(dt, rows, cols, group));
     total += copies.back()->w.bytes();
   }
   const double bytes = copies[0]->w.bytes();
@@ -114,18 +137,24 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
     matmul(pool, x.data(), m, cols, copies[0]->w, y.data(), rows);  // warm-up
     Best read, mm;
     for (int round = 0; round < 4; ++round) {
-      for (const auto& c : copies) {
-        time_into(pool, read, [&] { time_stream_read(pool, c->data.data(), c->data.size()); });
-        time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, c->w, y.data(), rows); });
+      // The kernel reads the copy half the ring away from the one just read, so that a matrix
+      // smaller than the last-level cache is not found there.
+      const size_t n = copies.size();
+      for (size_t i = 0; i < n; ++i) {
+        const BenchWeight& r = *copies[i];
+        const BenchWeight& c = *copies[(i + n / 2) % n];
+        time_into(pool, read, [&] { time_stream_read(pool, r.data.data(), r.data.size()); });
+        time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, c.w, y.data(), rows); });
       }
     }
     const double raw = copies[0]->data.size();
     std::printf(
         "decode  %-7s m=%lld N=%lld K=%lld %5.1f MB | wall %6.1f GB/s, read %5.1f, %5.1f%% | cpu "
-        "%6.1f GB/s, read %5.1f, %5.1f%%\n",
-        dtype_name(dt), (long long)m, (long long)rows, (long long)cols, bytes / 1e6,
+        "%6.1f GB/s, read %5.1f, %5.1f%% | %7.0f calls/s\n",
+        weight_name(dt, group).c_str(), (long long)m, (long long)rows, (long long)cols, bytes / 1e6,
         bytes / mm.wall / 1e9, raw / read.wall / 1e9, 100 * bytes / mm.wall / (raw / read.wall),
-        bytes / mm.cpu / 1e9, raw / read.cpu / 1e9, 100 * bytes / mm.cpu / (raw / read.cpu));
+        bytes / mm.cpu / 1e9, raw / read.cpu / 1e9, 100 * bytes / mm.cpu / (raw / read.cpu),
+        1 / mm.wall);
   }
 }
 
@@ -135,9 +164,9 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols) {
 // `transposed`, matmul_t instead (y = x W, the MLA absorption through one head's W_UK), the
 // views shared out among the threads and each computed on one, as the model's attention does.
 void decode_small(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols,
-                  bool transposed = false) {
-  const int64_t n = std::max<int64_t>(1, (int64_t{1} << 30) / (rows * cols * dtype_size(dt)));
-  const BenchWeight all(dt, n * rows, cols);
+                  bool transposed = false, int64_t group = 0) {
+  const int64_t n = std::max<int64_t>(1, (int64_t{1} << 30) / (rows * row_bytes(dt, cols)));
+  const BenchWeight all(dt, n * rows, cols, group);
   std::vector<Weight> views(n);
   for (int64_t i = 0; i < n; ++i) views[i] = all.w.rows_view(i * rows, rows);
   const double bytes = all.w.bytes(), raw = all.data.size();
@@ -160,16 +189,17 @@ void decode_small(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols,
     }
     std::printf(
         "%s %-7s m=%lld N=%lld K=%lld x %lld | wall %6.1f GB/s, read %5.1f, %5.1f%% | cpu %6.1f "
-        "GB/s, read %5.1f, %5.1f%%\n",
-        transposed ? "decode_t" : "decode  ", dtype_name(dt), (long long)m, (long long)out,
-        (long long)in, (long long)n, bytes / mm.wall / 1e9, raw / read.wall / 1e9,
+        "GB/s, read %5.1f, %5.1f%% | %7.0f matrices/s\n",
+        transposed ? "decode_t" : "decode  ", weight_name(dt, group).c_str(), (long long)m,
+        (long long)out, (long long)in, (long long)n, bytes / mm.wall / 1e9, raw / read.wall / 1e9,
         100 * bytes / mm.wall / (raw / read.wall), bytes / mm.cpu / 1e9, raw / read.cpu / 1e9,
-        100 * bytes / mm.cpu / (raw / read.cpu));
+        100 * bytes / mm.cpu / (raw / read.cpu), n / mm.wall);
   }
 }
 
-void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t cols) {
-  BenchWeight bwt(dt, rows, cols);
+void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t cols,
+             int64_t group = 0) {
+  BenchWeight bwt(dt, rows, cols, group);
   std::vector<float> x(m * cols, 0.01f), y(m * rows);
   matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows);  // warm-up
   double peak_wall = 0, peak_cpu = 0;
@@ -183,9 +213,9 @@ void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t 
   std::printf(
       "prefill %-7s m=%lld N=%lld K=%lld | wall %6.1f GFLOP/s, peak %5.1f, %5.1f%% | cpu %6.1f "
       "GFLOP/s, peak %5.1f, %5.1f%%\n",
-      dtype_name(dt), (long long)m, (long long)rows, (long long)cols, flop / mm.wall / 1e9,
-      peak_wall, 100 * flop / mm.wall / 1e9 / peak_wall, flop / mm.cpu / 1e9, peak_cpu,
-      100 * flop / mm.cpu / 1e9 / peak_cpu);
+      weight_name(dt, group).c_str(), (long long)m, (long long)rows, (long long)cols,
+      flop / mm.wall / 1e9, peak_wall, 100 * flop / mm.wall / 1e9 / peak_wall, flop / mm.cpu / 1e9,
+      peak_cpu, 100 * flop / mm.cpu / 1e9 / peak_cpu);
 }
 
 // The LM head of a checkpoint (model_dir) read by the m = 1 GEMV from: the mapped file
@@ -237,11 +267,22 @@ void mapped(const ThreadPool& pool, const std::string& model_dir) {
 
 }  // namespace
 
+// The weight formats compared: bf16, fp8, Q8 and Q4 (groups of 32 and 128, bf16 scales).
+struct Format {
+  DType dt;
+  int64_t group;
+};
+constexpr Format kFormats[] = {
+    {DType::BF16, 0}, {DType::F8_E4M3, 0}, {DType::Q8, 128}, {DType::Q4, 32}, {DType::Q4, 128}};
+
 int main(int argc, char** argv) {
-  const std::string only = argc > 1 ? argv[1] : "";  // "decode", "prefill" or "mapped": that only
-  if ((!only.empty() && only != "decode" && only != "prefill" && only != "mapped") ||
+  // "decode", "prefill", "int" (decode and prefill of the model's expert and wide shapes, every
+  // format) or "mapped": that only
+  const std::string only = argc > 1 ? argv[1] : "";
+  if ((!only.empty() && only != "decode" && only != "prefill" && only != "int" &&
+       only != "mapped") ||
       (only == "mapped") != (argc == 3)) {
-    std::fprintf(stderr, "usage: bench_kernels [decode | prefill | mapped MODEL_DIR]\n");
+    std::fprintf(stderr, "usage: bench_kernels [decode | prefill | int | mapped MODEL_DIR]\n");
     return 2;
   }
   ThreadPool pool;
@@ -255,17 +296,27 @@ int main(int argc, char** argv) {
     mapped(pool, argv[2]);
     return 0;
   }
+  if (only == "int") {
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{7168, 2048}, {2048, 7168}})
+      for (const Format& f : kFormats) decode(pool, f.dt, rows, cols, f.group);
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 2048}, {2048, 1024}})
+      for (const Format& f : kFormats) decode_small(pool, f.dt, rows, cols, false, f.group);
+    for (const Format& f : kFormats) prefill(pool, f.dt, 512, 2048, 7168, f.group);
+    return 0;
+  }
   if (only != "prefill") {
     decode(pool, DType::BF16, 18432, 7168);     // 264 MB
     decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
+    decode(pool, DType::Q4, 36864, 7168, 32);   // 132 MB + scales
     for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1024, 2048}, {2048, 1024}})
-      decode_small(pool, DType::F8_E4M3, rows, cols);    // the bench preset's expert matrices
+      for (const Format& f : kFormats)  // the bench preset's expert matrices
+        if (f.dt != DType::BF16) decode_small(pool, f.dt, rows, cols, false, f.group);
     decode_small(pool, DType::F8_E4M3, 128, 512, true);  // W_UK of one head (matmul_t)
   }
   if (only == "decode") return 0;
-  for (DType dt : {DType::BF16, DType::F8_E4M3}) {
-    prefill(pool, dt, 512, 7168, 2048);
-    prefill(pool, dt, 512, 2048, 7168);
+  for (const Format& f : kFormats) {
+    prefill(pool, f.dt, 512, 7168, 2048, f.group);
+    prefill(pool, f.dt, 512, 2048, 7168, f.group);
   }
   return 0;
 }

@@ -107,6 +107,37 @@ inline typename O::V int_prep(float scale) {
     return O::q8_prep(scale);
 }
 
+// Row r's group scales.
+inline const uint8_t* w_group_scales(const Weight& w, int64_t r) {
+  return static_cast<const uint8_t*>(w.group_scale) +
+         r * w.group_cols * static_cast<int64_t>(dtype_size(w.group_scale_dtype));
+}
+
+// int_prep of group g of a row whose scales are at srow. `first`: the scale is the view's
+// first, with nothing readable before it (O::q4_prep_bf16 / q8_prep_bf16 read the two bytes
+// before).
+template <class O, DType DT>
+inline typename O::V int_prep_at(const Weight& w, const uint8_t* srow, int64_t g, bool first) {
+  switch (w.group_scale_dtype) {
+    case DType::BF16: {
+      const auto* p = reinterpret_cast<const uint16_t*>(srow) + g;
+      if constexpr (O::kPrepBf16) {
+        if (!first) {
+          if constexpr (DT == DType::Q4)
+            return O::q4_prep_bf16(p);
+          else
+            return O::q8_prep_bf16(p);
+        }
+      }
+      return int_prep<O, DT>(bf16_to_f32(*p));
+    }
+    case DType::F16:
+      return int_prep<O, DT>(O::f16(reinterpret_cast<const uint16_t*>(srow)[g]));
+    default:
+      return int_prep<O, DT>(reinterpret_cast<const float*>(srow)[g]);
+  }
+}
+
 template <class O, DType DT>
 inline typename O::V fp8_scale(const float* scales, int64_t k) {
   if constexpr (DT == DType::F8_E4M3)

@@ -37,16 +37,20 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
   for (int i = 0; i < M; ++i) xr[i] = x[i];
   const int64_t K = w.cols, kfull = K & ~int64_t{15}, gs = w.group_size;
   const uint8_t* row[R];
-  int64_t rr[R];
+  const uint8_t* srow[R];  // each row's group scales
+  bool first[R];           // row 0 of the view: its first scale has none before it
   for (int j = 0; j < R; ++j) {
-    rr[j] = r + j * rs;
-    row[j] = w_row(w, rr[j]);
+    const int64_t rj = r + j * rs;
+    row[j] = w_row(w, rj);
+    srow[j] = w_group_scales(w, rj);
+    first[j] = rj == 0;
   }
   V acc[M][R];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) acc[i][j] = ka == 0 ? O::zero() : O::load(part + (j * M + i) * 16);
+  int64_t g = ka / gs, gend = (g + 1) * gs;  // the group of column k, and its end
   for (int64_t k0 = ka; k0 < kb; k0 += kFp8Block) {
     const int64_t kend = std::min(kfull, k0 + kFp8Block);
     if (pf) {
@@ -56,12 +60,16 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
           __builtin_prefetch(row[j] + row_bytes(DT, k0 + pf) + b);
     }
     for (int64_t k = k0; k < kend;) {
-      const int64_t g = k / gs, ge = std::min(kend, (g + 1) * gs);
+      if (k >= gend) {  // groups are whole chunks: k reaches each group's start
+        ++g;
+        gend += gs;
+      }
+      const int64_t ge = std::min(kend, gend);
       V t[R];
 #pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) t[j] = int_prep<O, DT>(group_scale<O>(w, rr[j], g));
-      for (; k < ge; k += step) {
-        if constexpr (q4) {
+      for (int j = 0; j < R; ++j) t[j] = int_prep_at<O, DT>(w, srow[j], g, first[j] && g == 0);
+      if constexpr (q4) {
+        for (; k < ge; k += step) {
           if constexpr (M <= 4) {
             V x0[M], x1[M];
 #pragma GCC unroll 8
@@ -88,16 +96,40 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
                     O::fma(O::load(xr[i] + k + 16), w1, O::fma(O::load(xr[i] + k), w0, acc[i][j]));
             }
           }
-        } else {
-          V xv[M];
+        }
+      } else {
+        // Q8: few tokens by O::cvt_q8_fma (c = -128 * scale) where every row's scale allows it.
+        [[maybe_unused]] V c[R];
+        auto chunks = [&](auto by_fma) {
+          for (; k < ge; k += step) {
+            V xv[M];
 #pragma GCC unroll 8
-          for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
+            for (int i = 0; i < M; ++i) xv[i] = O::load_reg(xr[i] + k);
+#pragma GCC unroll 8
+            for (int j = 0; j < R; ++j) {
+              V wv;
+              if constexpr (decltype(by_fma)::value)
+                wv = O::cvt_q8_fma(row[j] + k, t[j], c[j]);
+              else
+                wv = O::cvt_q8(row[j] + k, t[j]);
+#pragma GCC unroll 8
+              for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
+            }
+          }
+        };
+        if constexpr (O::kQ8Fma && M <= 2) {  // more tokens: the FMAs are the cost anyway
+          bool ok = true;
 #pragma GCC unroll 8
           for (int j = 0; j < R; ++j) {
-            const V wv = O::cvt_q8(row[j] + k, t[j]);
-#pragma GCC unroll 8
-            for (int i = 0; i < M; ++i) acc[i][j] = O::fma(xv[i], wv, acc[i][j]);
+            ok &= O::q8_fma_ok(t[j]);
+            c[j] = O::mul(t[j], O::set1(-128.0f));
           }
+          if (ok)
+            chunks(std::true_type{});
+          else
+            chunks(std::false_type{});
+        } else {
+          chunks(std::false_type{});
         }
       }
     }
@@ -113,7 +145,7 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
       const V wv = load_w_tail<O, DT>(row[j], kfull, K - kfull,
-                                      int_prep<O, DT>(group_scale<O>(w, rr[j], kfull / gs)));
+                                      int_prep_at<O, DT>(w, srow[j], kfull / gs, true));
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) acc[i][j] = O::fma(O::load(xr[i] + kfull), wv, acc[i][j]);
     }

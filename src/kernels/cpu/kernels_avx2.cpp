@@ -94,7 +94,9 @@ struct Avx2 {
   // Integer weights (kernels.h, Weight): float(u - offset) * scale, u the stored value.
   static float f16(uint16_t h) { return _cvtsh_ss(h); }
   static V q4_prep(float scale) { return set1(scale); }
+  static constexpr bool kPrepBf16 = false;  // no q4_prep_bf16 / q8_prep_bf16
   static V q8_prep(float scale) { return set1(scale); }
+  static constexpr bool kQ8Fma = false;  // no cvt_q8_fma
   // 16 values (bytes, or nibbles already isolated in bytes) minus `off`, times s.
   static V int16x(__m128i b, __m256i off, V s) {
     const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), off));

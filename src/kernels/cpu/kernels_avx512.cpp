@@ -104,10 +104,20 @@ struct Avx512 {
   // per nibble u, are computed once per group; vpermps then looks each weight up by its nibble
   // (it reads only the low 4 bits of each index, so the bytes need no mask).
   static float f16(uint16_t h) { return _cvtsh_ss(h); }
-  static V q4_prep(float scale) {
-    const V u8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm512_mul_ps(_mm512_set1_ps(scale), u8);
+  static V q4_u8() {
+    return _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   }
+  static V q4_prep(float scale) { return _mm512_mul_ps(_mm512_set1_ps(scale), q4_u8()); }
+  // q8_prep / q4_prep of the bf16 scale at p, with one logic op that takes its operand
+  // broadcast from memory: the 4 bytes from p - 1 (the scale in their high half), the low half
+  // cleared.
+  static constexpr bool kPrepBf16 = true;
+  static V q8_prep_bf16(const uint16_t* p) {
+    int32_t d;
+    std::memcpy(&d, p - 1, 4);
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_set1_epi32(d), _mm512_set1_epi32(-65536)));
+  }
+  static V q4_prep_bf16(const uint16_t* p) { return _mm512_mul_ps(q8_prep_bf16(p), q4_u8()); }
   // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights.
   static void cvt_q4x2(const uint8_t* p, V table, V& lo, V& hi) {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -119,6 +129,18 @@ struct Avx512 {
     return _mm512_permutexvar_ps(half ? _mm512_srli_epi32(d, 4) : d, table);
   }
   static V q8_prep(float scale) { return _mm512_set1_ps(scale); }
+  // cvt_q8 with one FMA, c = -128 * scale: float(u) * scale is exact inside the FMA and c is
+  // exact while |scale| < 2^120, so the sum is (u - 128) * scale rounded once, the same value
+  // (a zero weight may come out +0 where cvt_q8 gives -0, which no dot product sees: its
+  // accumulator starts at +0 and never becomes -0). q8_fma_ok: whether the scale allows it.
+  static constexpr bool kQ8Fma = true;
+  static bool q8_fma_ok(V scale) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(scale), _mm512_set1_ps(0x1p120f), _CMP_LT_OQ) == 0xffff;
+  }
+  static V cvt_q8_fma(const uint8_t* p, V scale, V c) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, c);
+  }
   // 16 bytes u: float(u - 128) * scale.
   static V cvt_q8(const uint8_t* p, V scale) {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

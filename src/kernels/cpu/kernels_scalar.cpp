@@ -121,7 +121,9 @@ struct Scalar {
   // Integer weights (kernels.h, Weight): float(q) * scale, q = u - 2^(bits-1).
   static float f16(uint16_t h) { return half_to_f32(h); }
   static V q4_prep(float scale) { return set1(scale); }
+  static constexpr bool kPrepBf16 = false;  // no q4_prep_bf16 / q8_prep_bf16
   static V q8_prep(float scale) { return set1(scale); }
+  static constexpr bool kQ8Fma = false;  // no cvt_q8_fma
   static V cvt_q4(const uint8_t* p, int half, const V& s) {
     V r;
     for (int l = 0; l < 16; ++l)
