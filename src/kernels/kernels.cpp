@@ -35,7 +35,8 @@ float Weight::at(int64_t r, int64_t c) const {
     case DType::Q8:
     case DType::Q4: {
       const auto* row = static_cast<const uint8_t*>(data) + r * row_bytes(dtype, cols);
-      const int q = dtype == DType::Q8 ? int{row[c]} - 128 : int{(row[c / 2] >> (c % 2 * 4)) & 15} - 8;
+      const int q =
+          dtype == DType::Q8 ? int{row[c]} - 128 : int{(row[c / 2] >> (c % 2 * 4)) & 15} - 8;
       const int64_t g = r * group_cols + c / group_size;
       float s = 0;
       switch (group_scale_dtype) {
@@ -57,8 +58,7 @@ float Weight::at(int64_t r, int64_t c) const {
 
 size_t Weight::bytes() const {
   size_t n = static_cast<size_t>(rows * row_bytes(dtype, cols));
-  if (group_scale)
-    n += static_cast<size_t>(rows * group_cols) * dtype_size(group_scale_dtype);
+  if (group_scale) n += static_cast<size_t>(rows * group_cols) * dtype_size(group_scale_dtype);
   if (dtype == DType::F8_E4M3 && rows > 0) {
     const int64_t b0 = scale_row0 / kFp8Block, b1 = (scale_row0 + rows - 1) / kFp8Block;
     n += static_cast<size_t>((b1 - b0 + 1) * scale_cols) * sizeof(float);
@@ -172,6 +172,16 @@ void weighted_sum(const float* const* rows, const float* w, int64_t n, int64_t c
 
 void softmax(float* x, int64_t n, float scale) {
   active().softmax(x, n, scale);
+}
+
+void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                 float* out, int64_t ldo) {
+  active().dots_cached(a, na, lda, b, nb, out, ldo);
+}
+
+void weighted_cached(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows, int64_t nrows,
+                     int64_t roff, int64_t n, float* y, int64_t ldy) {
+  active().weighted_cached(c, nc, ldc, rows, nrows, roff, n, y, ldy);
 }
 
 }  // namespace moeserve::kernels

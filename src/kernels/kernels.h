@@ -48,10 +48,10 @@ struct Weight {
   // per byte, element 2b in the low nibble of byte b of its row and 2b + 1 in the high one.
   // Q4 needs cols % 32 == 0; group_size is a multiple of 32 (Q4) or 16 (Q8). A view of some
   // rows points group_scale at its first row's scales.
-  const void* group_scale = nullptr;        // [rows, group_cols] of group_scale_dtype
-  DType group_scale_dtype = DType::BF16;    // BF16, F16 or F32
+  const void* group_scale = nullptr;      // [rows, group_cols] of group_scale_dtype
+  DType group_scale_dtype = DType::BF16;  // BF16, F16 or F32
   int64_t group_size = 0;
-  int64_t group_cols = 0;                   // ceil(cols / group_size)
+  int64_t group_cols = 0;  // ceil(cols / group_size)
 
   // Rows [r0, r0 + n) of this matrix as a matrix of its own.
   Weight rows_view(int64_t r0, int64_t n) const;
@@ -123,6 +123,36 @@ void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_
 // through memory for every row. `rows` may point anywhere (blocks of a paged cache).
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
                    int64_t roff, int64_t n, float* y, int64_t ldy);
+
+// Rows of a latent KV cache (kv/kv_pool.h) as the attention kernels read them in place: row j
+// starts at rows[j]; `width` values per row, stored as `dtype` says:
+//   F32:     width floats;
+//   BF16:    width bf16 values; one enters as a float, exactly;
+//   F8_E4M3: width e4m3 bytes, then ceil(width / 128) f32 scales (unaligned), scale b for the
+//            values [128b, 128b + 128). A value enters as float(e4m3), exactly (no NaN byte);
+//            its scale enters once per row and block, as below.
+struct CachedRows {
+  DType dtype = DType::F32;
+  const uint8_t* const* rows = nullptr;
+  int64_t width = 0;
+};
+
+// out[i * ldo + j] = the score of a's row i against cached row j over the row's whole width,
+// for i < na, j < nb (a: [na, lda] f32, its first `width` values).
+//   F32, BF16: dot(a + i * lda, row j as floats, width): the 16-lane contract.
+//   F8_E4M3: per 128-value block b, 16 lane sums p_b[l] of fma(a[k], float(e4m3[k]), .) over
+//   the block's k = l mod 16 in increasing k from +0.0 (past width: 0 * 0), then per lane
+//   t[l] = fma(scale_b, p_b[l], t[l]) for b = 0, 1, ... from +0.0, then the contract's tree.
+// Every ISA gives these bits, whatever else is in the call.
+void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                 float* out, int64_t ldo);
+
+// y[i * ldy + k] = sum_j w_ij * v_j[roff + k]  for i < nc, k < n (v_j: cached row j's values as
+// floats): over j = 0, 1, ... in order, one fused multiply-add each, from +0.0 -- w_ij =
+// c[i * ldc + j] (F32, BF16: weighted_rows' bits on the rows as floats), or for F8_E4M3
+// c[i * ldc + j] * scale rounded once, the scale of row j's block of column roff + k.
+void weighted_cached(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows, int64_t nrows,
+                     int64_t roff, int64_t n, float* y, int64_t ldy);
 
 // y[k] = sum_j rows[j][k] * w[j]  for k < cols: over j = 0, 1, ... in order, as acc = acc +
 // rows[j][k] * w[j] (a multiply, then an add: no FMA) from +0.0 -- the same bits as the plain

@@ -563,27 +563,8 @@ Totals totals(const Inventory& inv) {
   return t;
 }
 
-const char* kv_dtype_name(KvDtype d) {
-  switch (d) {
-    case KvDtype::F32:
-      return "f32";
-    case KvDtype::BF16:
-      return "bf16";
-    case KvDtype::FP8:
-      return "fp8";
-  }
-  return "?";
-}
-
-bool parse_kv_dtype(const std::string& s, KvDtype* out) {
-  for (KvDtype d : kKvDtypes)
-    if (s == kv_dtype_name(d)) return *out = d, true;
-  return false;
-}
-
 uint64_t kv_bytes_per_token(const ModelConfig& c, KvDtype d) {
-  const uint64_t size = d == KvDtype::F32 ? 4 : d == KvDtype::BF16 ? 2 : 1;
-  return static_cast<uint64_t>(c.num_hidden_layers * c.kv_cache_dim()) * size;
+  return static_cast<uint64_t>(c.num_hidden_layers * kv::kv_row_bytes(d, c.kv_cache_dim()));
 }
 
 uint64_t workspace_bytes(const ModelConfig& c, const PlanOptions& o) {
