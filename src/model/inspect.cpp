@@ -761,7 +761,7 @@ std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::option
   line("total", [&](KvDtype d) { return p.total(d); });
   s += "(GB = 10^9 bytes, MB = 10^6; the workspace is an upper bound for --batch-tokens tokens per "
        "forward;\n"
-       " KV bf16/fp8: 2/1 bytes per cached value)\n";
+       " KV bf16: 2 bytes per cached value; fp8: 1, and an f32 scale per 128 values)\n";
   return s;
 }
 

@@ -181,12 +181,14 @@ void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, i
 
 constexpr int64_t kKvWeightedAhead = 32;
 
-// weighted_cached for G outputs and columns [k, k + 16 * NV) of the rows (within one fp8 scale
-// block); y points at column k's output. G x NV accumulators stay in registers while the rows
-// stream past.
-template <class O, DType DT, int G, int NV>
-void kv_weighted_g(const float* c, int64_t ldc, const uint8_t* const* rows, int64_t nrows,
-                   int64_t width, int64_t k, float* y, int64_t ldy) {
+// weighted_cached for G outputs and columns [k, k + 16 * NV) of the rows; y points at column
+// k's output. Row j's weight for output i is w[i * wi + j * wj]. G x NV accumulators stay in
+// registers while the rows stream past.
+// Raw (fp8 with O::kFp8Direct): values taken as O::cvt_fp8_raw gives them, float(e4m3) *
+// 2^-120, against weights stored times 2^120: the same products.
+template <class O, DType DT, int G, int NV, bool Raw = false>
+void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const* rows,
+                   int64_t nrows, int64_t k, float* y, int64_t ldy) {
   using V = typename O::V;
   constexpr int64_t es = kv_elem_bytes<DT>();
   V acc[G][NV];
@@ -194,7 +196,6 @@ void kv_weighted_g(const float* c, int64_t ldc, const uint8_t* const* rows, int6
   for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = O::zero();
-  const int64_t sb = k / kKvScaleBlock;
   for (int64_t j = 0; j < nrows; ++j) {
     if (j + kKvWeightedAhead < nrows)
 #pragma GCC unroll 4
@@ -203,12 +204,15 @@ void kv_weighted_g(const float* c, int64_t ldc, const uint8_t* const* rows, int6
           __builtin_prefetch(rows[j + kKvWeightedAhead] + (k + 16 * v) * es);
     V x[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = kv_load<O, DT>(rows[j], k + 16 * v);
-    float s = 1.0f;
-    if constexpr (DT == DType::F8_E4M3) s = kv_scale(rows[j], width, sb);
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (Raw)
+        x[v] = O::cvt_fp8_raw(rows[j] + k + 16 * v);
+      else
+        x[v] = kv_load<O, DT>(rows[j], k + 16 * v);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < G; ++i) {
-      const V cb = O::set1(DT == DType::F8_E4M3 ? c[i * ldc + j] * s : c[i * ldc + j]);
+      const V cb = O::set1(w[i * wi + j * wj]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = O::fma(cb, x[v], acc[i][v]);
     }
@@ -219,22 +223,39 @@ void kv_weighted_g(const float* c, int64_t ldc, const uint8_t* const* rows, int6
     for (int v = 0; v < NV; ++v) O::store(y + i * ldy + 16 * v, acc[i][v]);
 }
 
-// Columns [k0, k1) of the rows (within one fp8 scale block) for G outputs; y at column k0.
-template <class O, DType DT, int G>
-void kv_weighted_cols(const float* c, int64_t ldc, const uint8_t* const* rows, int64_t nrows,
-                      int64_t width, int64_t k0, int64_t k1, float* y, int64_t ldy) {
+// All nc outputs over columns [k0, k1), weights as in kv_weighted_g; y at column k0. A column
+// tile at a time, every group of outputs in turn, so that a tile of the rows comes from memory
+// once and from cache for the other groups. Raw: weights times 2^120, values scaled to match.
+template <class O, DType DT, bool Raw, int NV>
+void kv_weighted_tile(const float* w, int64_t wi, int64_t wj, int64_t nc,
+                      const uint8_t* const* rows, int64_t nrows, int64_t k, float* y, int64_t ldy) {
+  constexpr int kG = O::kDotHeads;
+  int64_t i = 0;
+  for (; i + kG <= nc; i += kG)
+    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy);
+  if (kG > 4 && nc - i >= 4) {
+    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy);
+    i += 4;
+  }
+  for (; i < nc; ++i)
+    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy);
+}
+
+template <class O, DType DT, bool Raw = false>
+void kv_weighted_cols(const float* w, int64_t wi, int64_t wj, int64_t nc,
+                      const uint8_t* const* rows, int64_t nrows, int64_t k0, int64_t k1, float* y,
+                      int64_t ldy) {
   int64_t k = k0;
   for (; k + 32 <= k1; k += 32)
-    kv_weighted_g<O, DT, G, 2>(c, ldc, rows, nrows, width, k, y + (k - k0), ldy);
+    kv_weighted_tile<O, DT, Raw, 2>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy);
   for (; k + 16 <= k1; k += 16)
-    kv_weighted_g<O, DT, G, 1>(c, ldc, rows, nrows, width, k, y + (k - k0), ldy);
+    kv_weighted_tile<O, DT, Raw, 1>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy);
   for (; k < k1; ++k)
-    for (int i = 0; i < G; ++i) {
+    for (int64_t i = 0; i < nc; ++i) {
       float s = 0.0f;
       for (int64_t j = 0; j < nrows; ++j) {
-        float w = c[i * ldc + j];
-        if constexpr (DT == DType::F8_E4M3) w = w * kv_scale(rows[j], width, k / kKvScaleBlock);
-        s = std::fma(w, kv_elem<DT>(rows[j], k), s);
+        const float v = kv_elem<DT>(rows[j], k);
+        s = std::fma(w[i * wi + j * wj], Raw ? v * 0x1p-120f : v, s);
       }
       y[i * ldy + (k - k0)] = s;
     }
@@ -243,16 +264,47 @@ void kv_weighted_cols(const float* c, int64_t ldc, const uint8_t* const* rows, i
 template <class O, DType DT>
 void kv_weighted(const float* c, int64_t nc, int64_t ldc, const uint8_t* const* rows, int64_t nrows,
                  int64_t width, int64_t k0, int64_t k1, float* y, int64_t ldy) {
-  constexpr int kG = O::kDotHeads;
-  int64_t i = 0;
-  for (; i + kG <= nc; i += kG)
-    kv_weighted_cols<O, DT, kG>(c + i * ldc, ldc, rows, nrows, width, k0, k1, y + i * ldy, ldy);
-  if (kG > 4 && nc - i >= 4) {
-    kv_weighted_cols<O, DT, 4>(c + i * ldc, ldc, rows, nrows, width, k0, k1, y + i * ldy, ldy);
-    i += 4;
+  if constexpr (DT == DType::F8_E4M3) {
+    // Columns within one scale block: the weights times the rows' scales of that block,
+    // rounded once, are made first ([nc][nrows], per thread), and the tiles read them as the
+    // other dtypes read c. Where every one is below 2^8 (and none NaN), they are stored times
+    // 2^120 (exact) and the rows take the three-operation conversion (O::cvt_fp8_raw; an e4m3
+    // subnormal becomes an f32 subnormal, exactly).
+    using V = typename O::V;
+    static thread_local Scratch scaled;
+    const int64_t np = round16(nrows);
+    float* sc = scaled.get(static_cast<size_t>(np * (nc + 1)));
+    float* ws = sc + np;
+    const int64_t b = k0 / kKvScaleBlock;
+    for (int64_t j = 0; j < nrows; ++j) sc[j] = kv_scale(rows[j], width, b);
+    constexpr bool kRaw = O::kFp8Direct;
+    auto make = [&](bool raw) {
+      const V up = O::set1(raw ? 0x1p120f : 1.0f);
+      bool small = true;
+      for (int64_t i = 0; i < nc; ++i) {
+        const float* ci = c + i * ldc;
+        float* wsi = ws + i * np;
+        int64_t j = 0;
+        for (; j + 16 <= nrows; j += 16) {
+          const V w = O::mul(O::load(ci + j), O::load(sc + j));
+          small &= O::below_2p8(w);
+          O::store(wsi + j, O::mul(w, up));
+        }
+        for (; j < nrows; ++j) {
+          const float w = ci[j] * sc[j];
+          small &= std::fabs(w) < 0x1p8f;
+          wsi[j] = raw ? w * 0x1p120f : w;
+        }
+      }
+      return small;
+    };
+    if (kRaw && make(true))
+      return kv_weighted_cols<O, DT, kRaw>(ws, np, 1, nc, rows, nrows, k0, k1, y, ldy);
+    make(false);
+    kv_weighted_cols<O, DT>(ws, np, 1, nc, rows, nrows, k0, k1, y, ldy);
+  } else {
+    kv_weighted_cols<O, DT>(c, ldc, 1, nc, rows, nrows, k0, k1, y, ldy);
   }
-  for (; i < nc; ++i)
-    kv_weighted_cols<O, DT, 1>(c + i * ldc, ldc, rows, nrows, width, k0, k1, y + i * ldy, ldy);
 }
 
 template <class O>
