@@ -55,7 +55,8 @@ int main(int argc, char** argv) {
   for (auto [dt, kd] :
        {std::pair{kv::KvDtype::F32, DType::F32}, std::pair{kv::KvDtype::BF16, DType::BF16},
         std::pair{kv::KvDtype::FP8, DType::F8_E4M3}})
-    cases.push_back({dt, kd, std::make_unique<kv::KvPool>(ctx / bs + 1, bs, 1, kvd, dt), {}, {}});
+    cases.push_back(
+        {dt, kd, std::make_unique<kv::KvPool>(ctx / bs + 1, bs, 1, kvd, dt), {}, {}, {}, {}});
   std::vector<float> x(kvd);
   // Blocks in a scattered order, as a long-running server's pool hands them out.
   std::vector<int32_t> order(ctx / bs + 1);

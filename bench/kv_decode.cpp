@@ -7,8 +7,10 @@
 // Reports each dtype's median tokens/s over the rounds, its ratio to f32, the cache bytes a
 // decode step reads (the context's rows, every layer) and the logits' largest difference from
 // the f32 cache's on the first decoded token.
+// With --random-cache 1 the prompt's rows are random normal values instead of a prefill's (the
+// same work per decode step, minutes sooner; the logits then mean nothing).
 //   bench_kv_decode --model DIR [--prompt-len 8192] [--decode-tokens 16] [--rounds 5]
-//                   [--threads N] [--dtypes f32,bf16,fp8]
+//                   [--threads N] [--dtypes f32,bf16,fp8] [--random-cache 0|1]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -44,7 +46,7 @@ struct Cache {
 
 int main(int argc, char** argv) {
   std::string dir, dtypes = "f32,bf16,fp8";
-  int64_t prompt_len = 8192, decode_tokens = 16, rounds = 5, threads = 0;
+  int64_t prompt_len = 8192, decode_tokens = 16, rounds = 5, threads = 0, random_cache = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--model")
@@ -59,6 +61,8 @@ int main(int argc, char** argv) {
       threads = std::atoll(v.c_str());
     else if (a == "--dtypes")
       dtypes = v;
+    else if (a == "--random-cache")
+      random_cache = std::atoll(v.c_str());
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -97,7 +101,14 @@ int main(int argc, char** argv) {
     f32.allocate(f32.n_blocks(), &fblocks);
     std::vector<float> logits(c.vocab_size);
     const auto t0 = Clock::now();
-    for (int64_t past = 0; past < prompt_len; past += 512) {
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> rnd(c.kv_cache_dim());
+    for (int64_t p = 0; random_cache && p < prompt_len; ++p)
+      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        for (float& v : rnd) v = nd(rng);
+        f32.store(rnd.data(), fblocks[p / bs], l, p % bs);
+      }
+    for (int64_t past = 0; !random_cache && past < prompt_len; past += 512) {
       const int64_t n = std::min<int64_t>(512, prompt_len - past);
       model::Batch b;
       b.tokens.assign(tokens.begin() + past, tokens.begin() + past + n);
@@ -105,7 +116,8 @@ int main(int argc, char** argv) {
       b.logit_rows = {n - 1};
       m.forward(b, f32, logits.data());
     }
-    std::fprintf(stderr, "prefilled %lld tokens in %.1f s\n", static_cast<long long>(prompt_len),
+    std::fprintf(stderr, "%s %lld tokens in %.1f s\n",
+                 random_cache ? "random rows for" : "prefilled", static_cast<long long>(prompt_len),
                  seconds_since(t0));
     std::vector<float> row(c.kv_cache_dim());
     for (Cache& k : caches)
@@ -138,9 +150,11 @@ int main(int argc, char** argv) {
       std::sort(k.tps.begin(), k.tps.end());
       if (k.dtype == kv::KvDtype::F32) f32_tps = k.tps[k.tps.size() / 2], ref = &k.first_logits;
     }
-    std::printf("model %s, %d threads, %lld cached tokens, %lld decoded per round, %lld rounds\n",
-                dir.c_str(), pool.size(), static_cast<long long>(prompt_len),
-                static_cast<long long>(decode_tokens), static_cast<long long>(rounds));
+    std::printf(
+        "model %s, %d threads, %lld cached tokens (%s), %lld decoded per round, %lld rounds\n",
+        dir.c_str(), pool.size(), static_cast<long long>(prompt_len),
+        random_cache ? "random rows" : "prefilled", static_cast<long long>(decode_tokens),
+        static_cast<long long>(rounds));
     std::printf("%-5s %12s %10s %10s %8s %16s %18s\n", "cache", "bytes/token", "min tok/s",
                 "median", "max", "median vs f32", "max |dlogit| f32");
     for (const Cache& k : caches) {

@@ -178,6 +178,25 @@ TEST(CachedRows, WeightedEveryIsaEqualsTheReference) {
           }
 }
 
+// Long contexts: fp8 takes the rows a chunk at a time (2048 for 16 outputs), the sums carried
+// across chunks; the bits stay the reference's.
+TEST(CachedRows, WeightedOverManyRowsEqualsTheReference) {
+  for (DType dt : kCacheDtypes) {
+    const int64_t width = 200, nc = 16, nrows = 4200, roff = 64, n = 136;
+    const StoredRows rows(dt, width, nrows, 17);
+    const auto c = random_floats(nc * nrows, 18);
+    std::vector<float> want(nc * n), got(nc * n);
+    reference::weighted_cached(c.data(), nc, nrows, rows.rows, nrows, roff, n, want.data(), n);
+    for (Isa isa : isas()) {
+      kernel_table(isa).weighted_cached(c.data(), nc, nrows, rows.rows, nrows, roff, n, got.data(),
+                                        n);
+      for (int64_t k = 0; k < nc * n; ++k)
+        ASSERT_EQ(bits(got[k]), bits(want[k]))
+            << isa_name(isa) << " " << dtype_name(dt) << " " << k;
+    }
+  }
+}
+
 // f32 and bf16 rows: weighted_rows' bits on the rows as floats; fp8: the weight times the
 // block's scale, rounded once, then one fma per row.
 TEST(CachedRows, WeightedFollowsTheContract) {

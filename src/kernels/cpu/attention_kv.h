@@ -183,19 +183,20 @@ constexpr int64_t kKvWeightedAhead = 32;
 
 // weighted_cached for G outputs and columns [k, k + 16 * NV) of the rows; y points at column
 // k's output. Row j's weight for output i is w[i * wi + j * wj]. G x NV accumulators stay in
-// registers while the rows stream past.
-// Raw (fp8 with O::kFp8Direct): values taken as O::cvt_fp8_raw gives them, float(e4m3) *
-// 2^-120, against weights stored times 2^120: the same products.
-template <class O, DType DT, int G, int NV, bool Raw = false>
+// registers while the rows stream past, starting from +0.0, or with `acc_in` from y (where an
+// earlier call over the preceding rows left them: the same chain of FMAs). Raw (fp8 with
+// O::kFp8Direct): values as O::cvt_fp8_raw gives them, float(e4m3) * 2^-120, against weights
+// stored times 2^120: the same products.
+template <class O, DType DT, int G, int NV, bool Raw>
 void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const* rows,
-                   int64_t nrows, int64_t k, float* y, int64_t ldy) {
+                   int64_t nrows, int64_t k, float* y, int64_t ldy, bool acc_in) {
   using V = typename O::V;
   constexpr int64_t es = kv_elem_bytes<DT>();
   V acc[G][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = O::zero();
+    for (int v = 0; v < NV; ++v) acc[i][v] = acc_in ? O::load(y + i * ldy + 16 * v) : O::zero();
   for (int64_t j = 0; j < nrows; ++j) {
     if (j + kKvWeightedAhead < nrows)
 #pragma GCC unroll 4
@@ -223,36 +224,37 @@ void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const*
     for (int v = 0; v < NV; ++v) O::store(y + i * ldy + 16 * v, acc[i][v]);
 }
 
-// All nc outputs over columns [k0, k1), weights as in kv_weighted_g; y at column k0. A column
-// tile at a time, every group of outputs in turn, so that a tile of the rows comes from memory
-// once and from cache for the other groups. Raw: weights times 2^120, values scaled to match.
+// All nc outputs over columns [k, k + 16 * NV): every group of outputs in turn, so that this
+// tile of the rows comes from memory once and from cache for the other groups.
 template <class O, DType DT, bool Raw, int NV>
 void kv_weighted_tile(const float* w, int64_t wi, int64_t wj, int64_t nc,
-                      const uint8_t* const* rows, int64_t nrows, int64_t k, float* y, int64_t ldy) {
+                      const uint8_t* const* rows, int64_t nrows, int64_t k, float* y, int64_t ldy,
+                      bool acc_in) {
   constexpr int kG = O::kDotHeads;
   int64_t i = 0;
   for (; i + kG <= nc; i += kG)
-    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy);
+    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy, acc_in);
   if (kG > 4 && nc - i >= 4) {
-    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy);
+    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy, acc_in);
     i += 4;
   }
   for (; i < nc; ++i)
-    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy);
+    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy, acc_in);
 }
 
+// All nc outputs over columns [k0, k1), a column tile at a time; y at column k0.
 template <class O, DType DT, bool Raw = false>
 void kv_weighted_cols(const float* w, int64_t wi, int64_t wj, int64_t nc,
                       const uint8_t* const* rows, int64_t nrows, int64_t k0, int64_t k1, float* y,
-                      int64_t ldy) {
+                      int64_t ldy, bool acc_in) {
   int64_t k = k0;
   for (; k + 32 <= k1; k += 32)
-    kv_weighted_tile<O, DT, Raw, 2>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy);
+    kv_weighted_tile<O, DT, Raw, 2>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy, acc_in);
   for (; k + 16 <= k1; k += 16)
-    kv_weighted_tile<O, DT, Raw, 1>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy);
+    kv_weighted_tile<O, DT, Raw, 1>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy, acc_in);
   for (; k < k1; ++k)
     for (int64_t i = 0; i < nc; ++i) {
-      float s = 0.0f;
+      float s = acc_in ? y[i * ldy + (k - k0)] : 0.0f;
       for (int64_t j = 0; j < nrows; ++j) {
         const float v = kv_elem<DT>(rows[j], k);
         s = std::fma(w[i * wi + j * wj], Raw ? v * 0x1p-120f : v, s);
@@ -265,45 +267,52 @@ template <class O, DType DT>
 void kv_weighted(const float* c, int64_t nc, int64_t ldc, const uint8_t* const* rows, int64_t nrows,
                  int64_t width, int64_t k0, int64_t k1, float* y, int64_t ldy) {
   if constexpr (DT == DType::F8_E4M3) {
-    // Columns within one scale block: the weights times the rows' scales of that block,
-    // rounded once, are made first ([nc][nrows], per thread), and the tiles read them as the
-    // other dtypes read c. Where every one is below 2^8 (and none NaN), they are stored times
-    // 2^120 (exact) and the rows take the three-operation conversion (O::cvt_fp8_raw; an e4m3
-    // subnormal becomes an f32 subnormal, exactly).
+    // Columns within one scale block. A chunk of rows at a time (the accumulators carried from
+    // one chunk to the next through y), the weights times the rows' scales of that block,
+    // rounded once, are made first ([nc][chunk], per thread; at most 128 KB), and the tiles
+    // read them as the other dtypes read c. Where every one is below 2^8 (and none NaN), they
+    // are stored times 2^120 (exact) and the rows take the three-operation conversion
+    // (O::cvt_fp8_raw; an e4m3 subnormal becomes an f32 subnormal, exactly).
     using V = typename O::V;
     static thread_local Scratch scaled;
-    const int64_t np = round16(nrows);
-    float* sc = scaled.get(static_cast<size_t>(np * (nc + 1)));
-    float* ws = sc + np;
+    const int64_t chunk = std::max<int64_t>(16, (32768 / std::max<int64_t>(nc, 1)) & ~int64_t{15});
+    float* sc = scaled.get(static_cast<size_t>(chunk * (nc + 1)));
+    float* ws = sc + chunk;
     const int64_t b = k0 / kKvScaleBlock;
-    for (int64_t j = 0; j < nrows; ++j) sc[j] = kv_scale(rows[j], width, b);
     constexpr bool kRaw = O::kFp8Direct;
-    auto make = [&](bool raw) {
-      const V up = O::set1(raw ? 0x1p120f : 1.0f);
-      bool small = true;
-      for (int64_t i = 0; i < nc; ++i) {
-        const float* ci = c + i * ldc;
-        float* wsi = ws + i * np;
-        int64_t j = 0;
-        for (; j + 16 <= nrows; j += 16) {
-          const V w = O::mul(O::load(ci + j), O::load(sc + j));
-          small &= O::below_2p8(w);
-          O::store(wsi + j, O::mul(w, up));
+    for (int64_t r0 = 0; r0 < nrows; r0 += chunk) {
+      const int64_t n = std::min(chunk, nrows - r0);
+      for (int64_t j = 0; j < n; ++j) sc[j] = kv_scale(rows[r0 + j], width, b);
+      auto make = [&](bool raw) {
+        const V up = O::set1(raw ? 0x1p120f : 1.0f);
+        bool small = true;
+        for (int64_t i = 0; i < nc; ++i) {
+          const float* ci = c + i * ldc + r0;
+          float* wsi = ws + i * chunk;
+          int64_t j = 0;
+          for (; j + 16 <= n; j += 16) {
+            const V w = O::mul(O::load(ci + j), O::load(sc + j));
+            small &= O::below_2p8(w);
+            O::store(wsi + j, O::mul(w, up));
+          }
+          for (; j < n; ++j) {
+            const float w = ci[j] * sc[j];
+            small &= std::fabs(w) < 0x1p8f;
+            wsi[j] = raw ? w * 0x1p120f : w;
+          }
         }
-        for (; j < nrows; ++j) {
-          const float w = ci[j] * sc[j];
-          small &= std::fabs(w) < 0x1p8f;
-          wsi[j] = raw ? w * 0x1p120f : w;
-        }
+        return small;
+      };
+      if (kRaw && make(true)) {
+        kv_weighted_cols<O, DT, kRaw>(ws, chunk, 1, nc, rows + r0, n, k0, k1, y, ldy, r0 > 0);
+      } else {
+        make(false);
+        kv_weighted_cols<O, DT>(ws, chunk, 1, nc, rows + r0, n, k0, k1, y, ldy, r0 > 0);
       }
-      return small;
-    };
-    if (kRaw && make(true))
-      return kv_weighted_cols<O, DT, kRaw>(ws, np, 1, nc, rows, nrows, k0, k1, y, ldy);
-    make(false);
-    kv_weighted_cols<O, DT>(ws, np, 1, nc, rows, nrows, k0, k1, y, ldy);
+    }
+    if (nrows == 0) kv_weighted_cols<O, DT>(c, ldc, 1, nc, rows, 0, k0, k1, y, ldy, false);
   } else {
-    kv_weighted_cols<O, DT>(c, ldc, 1, nc, rows, nrows, k0, k1, y, ldy);
+    kv_weighted_cols<O, DT>(c, ldc, 1, nc, rows, nrows, k0, k1, y, ldy, false);
   }
 }
 
