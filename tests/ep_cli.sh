@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Expert parallelism through the real binary under mpirun: for the same requests the output is
 # bit-identical for EP = 1, 2, 4 and 8 ranks (oversubscribed), with and without redundant
-# experts and with placement files (score and generate); a rank that fails ends the job with one
-# clear message.
+# experts and with placement files (score and generate), for every KV cache dtype; a rank that
+# fails ends the job with one clear message.
 # Usage: ep_cli.sh MOESERVE_BINARY SOURCE_DIR
 set -euo pipefail
 bin=$1
@@ -28,6 +28,23 @@ for model in "$tmp/tiny" "$src/tests/fixtures/models/v3_tiny" "$src/tests/fixtur
     cmp -s "$tmp/ref_gen.json" "$tmp/ep_gen.json" || fail "generate differs at EP=$n on $model"
   done
   echo "ok: $(basename "$model") bit-identical at EP 1/2/4/8"
+done
+
+# Every KV cache dtype (the runs above use the default, bf16): bit-identical across EP sizes,
+# and each dtype's output its own (the flag is not ignored).
+"$bin" score --model "$tmp/tiny" --ids $ids --kv-cache-dtype bf16 > "$tmp/ref_bf16.json"
+for kvd in f32 fp8; do
+  "$bin" score --model "$tmp/tiny" --ids $ids --kv-cache-dtype $kvd > "$tmp/ref.json"
+  ! cmp -s "$tmp/ref.json" "$tmp/ref_bf16.json" || fail "--kv-cache-dtype $kvd scores as bf16 does"
+  gen="generate --model $tmp/tiny --prompt-ids 3,1,4,1,5 --max-tokens 10 --json --ignore-eos --kv-cache-dtype $kvd"
+  "$bin" $gen > "$tmp/ref_gen.json" 2>/dev/null
+  for n in 2 4; do
+    $mpi $n "$bin" score --model "$tmp/tiny" --ids $ids --kv-cache-dtype $kvd --threads 1 > "$tmp/ep.json"
+    cmp -s "$tmp/ref.json" "$tmp/ep.json" || fail "score differs at EP=$n with the $kvd cache"
+    $mpi $n "$bin" $gen --threads 1 > "$tmp/ep_gen.json" 2>/dev/null
+    cmp -s "$tmp/ref_gen.json" "$tmp/ep_gen.json" || fail "generate differs at EP=$n with the $kvd cache"
+  done
+  echo "ok: $kvd cache bit-identical at EP 1/2/4"
 done
 
 # Per-expert load recorded, and a placement file (experts in reverse order over 3 ranks).

@@ -31,6 +31,7 @@ namespace {
 
 struct BenchArgs {
   std::string model, preset, dtype = "bf16", cache_dir = "models";
+  std::string kv_cache_dtype = kv::kv_dtype_name(kv::kDefaultKvDtype);
   int64_t prompt_len = 512, decode_tokens = 32;
   ParallelArgs par;
   bool json = false;
@@ -88,7 +89,10 @@ void run_bench(const BenchArgs& a) {
   std::mt19937 rng(1);
   std::vector<int32_t> prompt(a.prompt_len);
   for (auto& t : prompt) t = static_cast<int32_t>(rng() % c.vocab_size);
-  engine::Generator gen(m);
+  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
+  MS_CHECK(kv::parse_kv_dtype(a.kv_cache_dtype, &kv_dtype),
+           "--kv-cache-dtype must be bf16, fp8 or f32");
+  engine::Generator gen(m, 16, kv_dtype);
   engine::GenerateOptions opt;
   opt.max_tokens = a.decode_tokens;
   opt.prefill_chunk = a.prompt_len;
@@ -151,8 +155,8 @@ void run_bench(const BenchArgs& a) {
   const double decode_tps = n_ranks * (st.output_tokens - 1) / st.decode_seconds;
   const double decode_gbs = active_bytes * decode_tps / 1e9;
   const int64_t kv_tokens = a.prompt_len + a.decode_tokens;
-  const double kv_bytes =
-      static_cast<double>(kv_tokens) * c.num_hidden_layers * c.kv_cache_dim() * 4;
+  const double kv_bytes = static_cast<double>(kv_tokens) * c.num_hidden_layers *
+                          kv::kv_row_bytes(kv_dtype, c.kv_cache_dim());
   const double rss = rss_all;
 
   std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n",
@@ -166,6 +170,11 @@ void run_bench(const BenchArgs& a) {
               100.0 * prefill_gflops / peak);
   std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
               decode_tps, decode_gbs, 100.0 * decode_gbs / bw);
+  std::printf(
+      "KV cache       %s rows, %lld bytes per token, %lld tokens cached at the end\n",
+      kv::kv_dtype_name(kv_dtype),
+      static_cast<long long>(c.num_hidden_layers * kv::kv_row_bytes(kv_dtype, c.kv_cache_dim())),
+      static_cast<long long>(kv_tokens));
   if (n_ranks > 1) {
     std::printf("communication  %.1f%% of prefill time, %.1f%% of decode time in MoE all-to-alls\n",
                 100.0 * times[2] / st.prefill_seconds, 100.0 * times[3] / st.decode_seconds);
@@ -192,7 +201,8 @@ void run_bench(const BenchArgs& a) {
                         {"peak_rss_bytes", rss},
                         {"weight_bytes", weight_bytes},
                         {"weight_bytes_held", held},
-                        {"kv_bytes", kv_bytes}};
+                        {"kv_bytes", kv_bytes},
+                        {"kv_cache_dtype", kv::kv_dtype_name(kv_dtype)}};
     std::printf("%s\n", j.dump().c_str());
   }
 }
@@ -218,6 +228,10 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   b->add_option("--prompt-len", a->prompt_len, "Prompt tokens to prefill")->capture_default_str();
   b->add_option("--decode-tokens", a->decode_tokens, "Tokens to decode")->capture_default_str();
+  b->add_option("--kv-cache-dtype", a->kv_cache_dtype,
+                "How the latent KV cache stores its rows: bf16, fp8 or f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
   add_parallel_flags(b, a->par);
   b->add_flag("--json", a->json, "Also print the figures as one JSON line");
   b->callback([a] { run_bench(*a); });

@@ -85,11 +85,15 @@ EngineStats ClusterFrontEnd::stats() const {
   st.disaggregated = cfg_.disaggregated();
   st.waiting = static_cast<int64_t>(queue_.size());
   st.transfer.latency_buckets.assign(kv_transfer_buckets().size() + 1, 0);
+  st.kv_dtype = cfg_.engine.kv_dtype;
+  st.kv_bytes_per_token =
+      mc_.num_hidden_layers * kv::kv_row_bytes(cfg_.engine.kv_dtype, mc_.kv_cache_dim());
   for (int r = 0; r < n_ranks_; ++r) {
     const RankState& s = ranks_[r];
     st.running += s.running;
     st.waiting += s.waiting;
     st.kv_blocks_total += s.kv_total;
+    st.kv_tokens_total += s.kv_total * cfg_.engine.block_size;
     st.kv_blocks_used += s.kv_used;
     st.preemptions += s.preemptions;
     st.steps += s.steps;

@@ -21,7 +21,7 @@ ClusterWorker::ClusterWorker(model::Model& m, comm::Communicator& world, comm::C
       prefill_(cfg.disaggregated() && cfg.group_of(world.rank()) == 0),
       decode_(cfg.disaggregated() && cfg.group_of(world.rank()) == 1),
       kv_(kv_blocks_for(m.config(), cfg.engine), cfg.engine.block_size,
-          m.config().num_hidden_layers, m.config().kv_cache_dim()),
+          m.config().num_hidden_layers, m.config().kv_cache_dim(), cfg.engine.kv_dtype),
       sent_to_(mailbox.size(), 0) {
   sched_ = std::make_unique<Scheduler>(m, cfg.engine, kv_);
   // High-water marks, taken once a step's batch is chosen (blocks allocated, admissions done).

@@ -10,9 +10,12 @@ Engine::Engine(model::Model& m, const EngineConfig& cfg)
     : model_(m),
       cfg_(cfg),
       kv_(kv_blocks_for(m.config(), cfg), cfg.block_size, m.config().num_hidden_layers,
-          m.config().kv_cache_dim()),
+          m.config().kv_cache_dim(), cfg.kv_dtype),
       sched_(m, cfg, kv_) {
   stats_.kv_blocks_total = kv_.n_blocks();
+  stats_.kv_tokens_total = kv_.capacity_tokens();
+  stats_.kv_dtype = kv_.dtype();
+  stats_.kv_bytes_per_token = kv_.n_layers() * kv_.row_bytes();
   // The queue length submit() checks must be current before any token of the step goes out.
   sched_.on_scheduled = [this] { publish_stats(); };
   thread_ = std::thread([this] { loop(); });

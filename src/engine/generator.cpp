@@ -30,7 +30,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   MS_CHECK(opt.max_tokens >= 0, "max tokens must be >= 0");
   const int64_t total = static_cast<int64_t>(prompt.size()) + opt.max_tokens;
   kv::KvPool pool((total + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers,
-                  c.kv_cache_dim());
+                  c.kv_cache_dim(), kv_dtype_);
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
   std::vector<float> logits(c.vocab_size);
@@ -92,7 +92,7 @@ void Generator::forward(const model::Batch& b, kv::KvPool& kv, float* logits) {
 void Generator::drain() {
   if (!m_.expert_parallel()) return;
   const model::ModelConfig& c = m_.config();
-  kv::KvPool kv(1, 1, c.num_hidden_layers, c.kv_cache_dim());
+  kv::KvPool kv(1, 1, c.num_hidden_layers, c.kv_cache_dim(), kv_dtype_);
   const model::Batch empty;
   while (any_active(false)) m_.forward(empty, kv, nullptr);
 }
@@ -102,7 +102,7 @@ std::vector<double> Generator::score(const std::vector<int32_t>& ids, int64_t ch
   check_prompt(ids, c);
   const int64_t N = static_cast<int64_t>(ids.size());
   kv::KvPool pool((N + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers,
-                  c.kv_cache_dim());
+                  c.kv_cache_dim(), kv_dtype_);
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
   std::vector<double> lp(N, NAN), row;

@@ -30,7 +30,9 @@ struct GenerateStats {
 // drain(), running empty forwards until every rank is done.
 class Generator {
  public:
-  explicit Generator(model::Model& m, int64_t block_size = 16) : m_(m), block_size_(block_size) {}
+  explicit Generator(model::Model& m, int64_t block_size = 16,
+                     kv::KvDtype kv_dtype = kv::kDefaultKvDtype)
+      : m_(m), block_size_(block_size), kv_dtype_(kv_dtype) {}
 
   // Generates up to max_tokens after `prompt`, calling on_token(id) as each is produced.
   std::vector<int32_t> generate(const std::vector<int32_t>& prompt, const GenerateOptions& opt,
@@ -50,6 +52,7 @@ class Generator {
 
   model::Model& m_;
   int64_t block_size_;
+  kv::KvDtype kv_dtype_;  // of the cache each call builds
 };
 
 }  // namespace moeserve::engine

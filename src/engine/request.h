@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/sampler.h"
+#include "kv/kv_pool.h"
 #include "model/config.h"
 
 namespace moeserve::engine {
@@ -48,9 +49,10 @@ struct EngineConfig {
   int64_t max_model_len = 4096;  // prompt + output tokens of one sequence
   int64_t kv_blocks = 0;         // 0: derive from kv_cache_mb
   int64_t kv_cache_mb = 256;
-  int64_t block_size = 16;         // token positions per KV block
-  int64_t max_batch_tokens = 256;  // tokens per step (chunked prefill budget)
-  int64_t max_waiting = 256;       // queued requests before submit() refuses
+  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;  // how the cache stores its rows
+  int64_t block_size = 16;                     // token positions per KV block
+  int64_t max_batch_tokens = 256;              // tokens per step (chunked prefill budget)
+  int64_t max_waiting = 256;                   // queued requests before submit() refuses
 };
 
 // Upper bounds (seconds) of the KV transfer latency histogram buckets; +Inf is implied.
@@ -71,6 +73,10 @@ struct TransferStats {
 struct EngineStats {
   int64_t running = 0, waiting = 0;
   int64_t kv_blocks_total = 0, kv_blocks_used = 0;
+  // The cache's capacity in token positions (all ranks' pools), its row dtype and its bytes per
+  // token (all layers, one rank's pool).
+  int64_t kv_tokens_total = 0, kv_bytes_per_token = 0;
+  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
   int64_t preemptions = 0, steps = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;  // totals since start
   std::vector<int64_t> expert_tokens;  // [layers * n_routed_experts] routed token counts

@@ -49,7 +49,8 @@ std::string validate_request(const Request& r, const model::ModelConfig& c,
 
 int64_t kv_blocks_for(const model::ModelConfig& c, const EngineConfig& e) {
   if (e.kv_blocks > 0) return e.kv_blocks;
-  const double block_bytes = 4.0 * e.block_size * c.num_hidden_layers * c.kv_cache_dim();
+  const double block_bytes = static_cast<double>(e.block_size) * c.num_hidden_layers *
+                             kv::kv_row_bytes(e.kv_dtype, c.kv_cache_dim());
   return std::max<int64_t>(1, static_cast<int64_t>(e.kv_cache_mb * 1048576.0 / block_bytes));
 }
 

@@ -174,4 +174,14 @@ void softmax(float* x, int64_t n, float scale) {
   active().softmax(x, n, scale);
 }
 
+void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                 float* out, int64_t ldo) {
+  active().dots_cached(a, na, lda, b, nb, out, ldo);
+}
+
+void weighted_cached(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows, int64_t nrows,
+                     int64_t roff, int64_t n, float* y, int64_t ldy) {
+  active().weighted_cached(c, nc, ldc, rows, nrows, roff, n, y, ldy);
+}
+
 }  // namespace moeserve::kernels

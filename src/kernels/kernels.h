@@ -124,6 +124,36 @@ void dots(const float* a, int64_t na, int64_t lda, const float* const* b, int64_
 void weighted_rows(const float* c, int64_t nc, int64_t ldc, const float* const* rows, int64_t nrows,
                    int64_t roff, int64_t n, float* y, int64_t ldy);
 
+// Rows of a latent KV cache (kv/kv_pool.h) as the attention kernels read them in place: row j
+// starts at rows[j]; `width` values per row, stored as `dtype` says:
+//   F32:     width floats;
+//   BF16:    width bf16 values; one enters as a float, exactly;
+//   F8_E4M3: width e4m3 bytes, then ceil(width / 128) f32 scales (unaligned), scale b for the
+//            values [128b, 128b + 128). A value enters as float(e4m3), exactly (no NaN byte);
+//            its scale enters once per row and block, as below.
+struct CachedRows {
+  DType dtype = DType::F32;
+  const uint8_t* const* rows = nullptr;
+  int64_t width = 0;
+};
+
+// out[i * ldo + j] = the score of a's row i against cached row j over the row's whole width,
+// for i < na, j < nb (a: [na, lda] f32, its first `width` values).
+//   F32, BF16: dot(a + i * lda, row j as floats, width): the 16-lane contract.
+//   F8_E4M3: per 128-value block b, 16 lane sums p_b[l] of fma(a[k], float(e4m3[k]), .) over
+//   the block's k = l mod 16 in increasing k from +0.0 (past width: 0 * 0), then per lane
+//   t[l] = fma(scale_b, p_b[l], t[l]) for b = 0, 1, ... from +0.0, then the contract's tree.
+// Every ISA gives these bits, whatever else is in the call.
+void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                 float* out, int64_t ldo);
+
+// y[i * ldy + k] = sum_j w_ij * v_j[roff + k]  for i < nc, k < n (v_j: cached row j's values as
+// floats): over j = 0, 1, ... in order, one fused multiply-add each, from +0.0 -- w_ij =
+// c[i * ldc + j] (F32, BF16: weighted_rows' bits on the rows as floats), or for F8_E4M3
+// c[i * ldc + j] * scale rounded once, the scale of row j's block of column roff + k.
+void weighted_cached(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows, int64_t nrows,
+                     int64_t roff, int64_t n, float* y, int64_t ldy);
+
 // y[k] = sum_j rows[j][k] * w[j]  for k < cols: over j = 0, 1, ... in order, as acc = acc +
 // rows[j][k] * w[j] (a multiply, then an add: no FMA) from +0.0 -- the same bits as the plain
 // loop compiled with -ffp-contract=off (MoE combine: a token's expert outputs, weighted).

@@ -62,7 +62,7 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
       rms_row(kt, a.kv_a_norm.data(), L, eps, kt);
       Rope::apply(cs.data(), kt + L, rd);
       const int64_t bs = kv.block_size();
-      std::copy_n(kt, kvd, kv.at(s.block_table[pos / bs], layer, pos % bs));
+      kv.store(kt, s.block_table[pos / bs], layer, pos % bs);
     }
   }
 
@@ -122,7 +122,10 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   float* o_lat = sized(ws_.o_lat, T * nh * L);
   const float scale = static_cast<float>(c.softmax_scale());
   const int64_t bs = kv.block_size();
-  auto token = [&](int64_t t, float* p, const float** rows) {
+  const DType cache_dtype = kv.dtype() == kv::KvDtype::F32    ? DType::F32
+                            : kv.dtype() == kv::KvDtype::BF16 ? DType::BF16
+                                                              : DType::F8_E4M3;
+  auto token = [&](int64_t t, float* p, const uint8_t** rows) {
     const SeqChunk& s = b.seqs[row_seq[t]];
     const int64_t ctx = s.n_past + (r0 + t - s.row_begin) + 1;
     for (int64_t j = 0; j < ctx; ++j) rows[j] = kv.at(s.block_table[j / bs], layer, j % bs);
@@ -130,7 +133,8 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
     pool_.parallel_for(
         ctx,
         [&](int64_t j0, int64_t j1, int) {
-          kernels::dots(ql, nh, kvd, rows + j0, j1 - j0, 0, kvd, p + j0, max_ctx);
+          const kernels::CachedRows cr{cache_dtype, rows + j0, kvd};
+          kernels::dots_cached(ql, nh, kvd, cr, j1 - j0, p + j0, max_ctx);
         },
         16);
     pool_.parallel_for(nh, [&](int64_t h0, int64_t h1, int) {
@@ -141,8 +145,9 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
     pool_.parallel_for(
         L,
         [&](int64_t c0, int64_t c1, int) {
-          kernels::weighted_rows(p, nh, max_ctx, rows, ctx, c0, c1 - c0, o_lat + t * nh * L + c0,
-                                 L);
+          const kernels::CachedRows cr{cache_dtype, rows, kvd};
+          kernels::weighted_cached(p, nh, max_ctx, cr, ctx, c0, c1 - c0, o_lat + t * nh * L + c0,
+                                   L);
         },
         16);
   };
@@ -155,7 +160,7 @@ void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_
   } else {
     pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
       std::vector<float> p(nh * max_ctx);
-      std::vector<const float*> rows(max_ctx);
+      std::vector<const uint8_t*> rows(max_ctx);
       for (int64_t t = t0; t < t1; ++t) token(t, p.data(), rows.data());
     });
   }

@@ -454,27 +454,8 @@ Totals totals(const Inventory& inv) {
   return t;
 }
 
-const char* kv_dtype_name(KvDtype d) {
-  switch (d) {
-    case KvDtype::F32:
-      return "f32";
-    case KvDtype::BF16:
-      return "bf16";
-    case KvDtype::FP8:
-      return "fp8";
-  }
-  return "?";
-}
-
-bool parse_kv_dtype(const std::string& s, KvDtype* out) {
-  for (KvDtype d : kKvDtypes)
-    if (s == kv_dtype_name(d)) return *out = d, true;
-  return false;
-}
-
 uint64_t kv_bytes_per_token(const ModelConfig& c, KvDtype d) {
-  const uint64_t size = d == KvDtype::F32 ? 4 : d == KvDtype::BF16 ? 2 : 1;
-  return static_cast<uint64_t>(c.num_hidden_layers * c.kv_cache_dim()) * size;
+  return static_cast<uint64_t>(c.num_hidden_layers * kv::kv_row_bytes(d, c.kv_cache_dim()));
 }
 
 uint64_t workspace_bytes(const ModelConfig& c, const PlanOptions& o) {
@@ -668,7 +649,7 @@ std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::option
   line("total", [&](KvDtype d) { return p.total(d); });
   s += "(GB = 10^9 bytes, MB = 10^6; the workspace is an upper bound for --batch-tokens tokens per "
        "forward;\n"
-       " KV bf16/fp8: 2/1 bytes per cached value)\n";
+       " KV bf16: 2 bytes per cached value; fp8: 1, and an f32 scale per 128 values)\n";
   return s;
 }
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "kv/kv_pool.h"
 #include "model/config.h"
 #include "model/quantization.h"
 
@@ -85,12 +86,13 @@ struct Totals {
 };
 Totals totals(const Inventory& inv);
 
-enum class KvDtype { F32, BF16, FP8 };
-inline constexpr KvDtype kKvDtypes[] = {KvDtype::F32, KvDtype::BF16, KvDtype::FP8};
-const char* kv_dtype_name(KvDtype d);
-bool parse_kv_dtype(const std::string& s, KvDtype* out);
+using kv::kKvDtypes;
+using kv::kv_dtype_name;
+using kv::KvDtype;  // the pool's row dtypes (kv/kv_pool.h)
+using kv::parse_kv_dtype;
 
-// KV cache bytes per token: every layer caches kv_lora_rank + qk_rope_head_dim values.
+// KV cache bytes per token: every layer caches kv_lora_rank + qk_rope_head_dim values, in the
+// pool's row format (kv::kv_row_bytes: fp8 adds an f32 scale per 128 values).
 uint64_t kv_bytes_per_token(const ModelConfig& cfg, KvDtype d);
 
 struct PlanOptions {

@@ -54,10 +54,10 @@ struct Workspace {
   std::vector<int32_t> route_e;     // [T, K]
   Buffer yout, shared_out;          // expert outputs, shared experts' output
   std::vector<const float*> xrows;  // [T * top_k] each expert's tokens' rows in h
-  std::vector<const float*> token_rows;  // [T] the rows of h (token_rows())
-  Buffer norm_rows;                      // [R, hidden]
-  Buffer scores;                         // decode attention: [heads, context]
-  std::vector<const float*> score_rows;  // decode attention: the token's cached rows
+  std::vector<const float*> token_rows;    // [T] the rows of h (token_rows())
+  Buffer norm_rows;                        // [R, hidden]
+  Buffer scores;                           // decode attention: [heads, context]
+  std::vector<const uint8_t*> score_rows;  // decode attention: the token's cached rows
 };
 
 // Expert parallelism: the ranks of `comm` share the routed experts of every MoE layer as

@@ -158,6 +158,13 @@ std::string Metrics::render(const engine::EngineStats& st, int64_t n_experts,
         static_cast<double>(st.waiting));
   gauge(out, "moeserve_kv_blocks_total", "KV cache blocks in the pool.",
         static_cast<double>(st.kv_blocks_total));
+  gauge(out, "moeserve_kv_capacity_tokens", "Token positions the KV cache holds.",
+        static_cast<double>(st.kv_tokens_total));
+  gauge(out, "moeserve_kv_bytes_per_token", "KV cache bytes per token position (all layers).",
+        static_cast<double>(st.kv_bytes_per_token));
+  header(out, "moeserve_kv_cache_dtype", "gauge", "How the KV cache stores its rows (the label).");
+  sample(out, "moeserve_kv_cache_dtype",
+         std::string("dtype=\"") + kv::kv_dtype_name(st.kv_dtype) + "\"", 1);
   gauge(out, "moeserve_kv_blocks_used", "KV cache blocks held by sequences.",
         static_cast<double>(st.kv_blocks_used));
   gauge(out, "moeserve_kv_blocks_free", "KV cache blocks free.",

@@ -42,7 +42,8 @@ std::vector<int32_t> prompt_of(int n, int salt) {
 
 }  // namespace
 
-TEST(Cluster, OneRankMatchesRunningAlone) {
+static void one_rank_matches_running_alone(kv::KvDtype dt) {
+  SCOPED_TRACE(kv::kv_dtype_name(dt));
   moeserve::testing::TempDir dir;
   model::write_random_model(model::preset_config("tiny"), dir.path(), {});
   ThreadPool pool(2);
@@ -54,9 +55,10 @@ TEST(Cluster, OneRankMatchesRunningAlone) {
   cc.engine.kv_blocks = 64;
   cc.engine.max_model_len = 128;
   cc.engine.max_batch_tokens = 16;
+  cc.engine.kv_dtype = dt;
   std::vector<std::vector<int32_t>> expected;
   for (int i = 0; i < 8; ++i) {  // before the worker runs: one forward at a time per model
-    engine::Generator g(m);
+    engine::Generator g(m, 16, dt);
     engine::GenerateOptions o;
     o.max_tokens = 3 + i;
     expected.push_back(g.generate(prompt_of(2 + i * 5, i), o));
@@ -100,11 +102,19 @@ TEST(Cluster, OneRankMatchesRunningAlone) {
       std::this_thread::sleep_for(10ms);
     }
     EXPECT_EQ(st.kv_blocks_total, 64);
+    EXPECT_EQ(st.kv_tokens_total, 64 * cc.engine.block_size);
+    EXPECT_EQ(st.kv_dtype, dt);
+    EXPECT_EQ(st.kv_bytes_per_token,
+              m.config().num_hidden_layers * kv::kv_row_bytes(dt, m.config().kv_cache_dim()));
     EXPECT_EQ(st.kv_blocks_used, 0);
     EXPECT_EQ(st.running, 0);
     EXPECT_EQ(st.rank_lines.size(), 6u);
   }  // the front end stops the worker
   compute.join();
+}
+
+TEST(Cluster, OneRankMatchesRunningAlone) {
+  for (kv::KvDtype dt : kv::kKvDtypes) one_rank_matches_running_alone(dt);
 }
 
 TEST(Cluster, LayoutErrors) {

@@ -66,8 +66,9 @@ std::vector<int32_t> prompt_of(int n, int salt) {
 }
 
 std::vector<int32_t> alone(model::Model& m, const std::vector<int32_t>& p, int64_t n,
-                           const engine::SamplingParams& sp = {}) {
-  engine::Generator g(m);
+                           const engine::SamplingParams& sp = {},
+                           kv::KvDtype kv_dtype = kv::kDefaultKvDtype) {
+  engine::Generator g(m, 16, kv_dtype);
   engine::GenerateOptions o;
   o.max_tokens = n;
   o.sampling = sp;
@@ -88,7 +89,7 @@ void run_many(model::Model& m, const engine::EngineConfig& cfg, int n_req, RunSt
   auto params = [&](int i) { return sampling ? sampling(i) : engine::SamplingParams{}; };
   for (int i = 0; i < n_req; ++i) {
     prompts.push_back(prompt_of(3 + (i * 7) % 40, i));
-    expected.push_back(alone(m, prompts.back(), 6 + i % 5, params(i)));
+    expected.push_back(alone(m, prompts.back(), 6 + i % 5, params(i), cfg.kv_dtype));
   }
   engine::Engine eng(m, cfg);
   std::vector<std::unique_ptr<Pending>> reqs;
@@ -126,14 +127,44 @@ void run_many(model::Model& m, const engine::EngineConfig& cfg, int n_req, RunSt
 
 TEST(Engine, ConcurrentRequestsMatchRunningAlone) {
   Fixture f;
-  engine::EngineConfig cfg;
-  cfg.max_num_seqs = 16;
-  cfg.kv_cache_mb = 16;
-  RunStats st;
-  run_many(*f.m, cfg, 16, &st);
-  // They ran together: one at a time would take a step per generated token at least.
-  EXPECT_EQ(st.generated_tokens, 126);  // sum of 6 + i % 5
-  EXPECT_LT(st.steps, st.generated_tokens / 2) << "the requests were not batched";
+  for (kv::KvDtype dt : kv::kKvDtypes) {
+    SCOPED_TRACE(kv::kv_dtype_name(dt));
+    engine::EngineConfig cfg;
+    cfg.max_num_seqs = 16;
+    cfg.kv_cache_mb = 16;
+    cfg.kv_dtype = dt;
+    RunStats st;
+    run_many(*f.m, cfg, 16, &st);
+    // They ran together: one at a time would take a step per generated token at least.
+    EXPECT_EQ(st.generated_tokens, 126);  // sum of 6 + i % 5
+    EXPECT_LT(st.steps, st.generated_tokens / 2) << "the requests were not batched";
+  }
+}
+
+// --kv-cache-mb buys twice the tokens in bf16 as in f32, and about four times in fp8; the
+// stats give the capacity in tokens and the dtype.
+TEST(Engine, CacheCapacityFollowsTheDtype) {
+  Fixture f;
+  const model::ModelConfig& c = f.m->config();
+  int64_t tokens[3] = {};
+  for (kv::KvDtype dt : kv::kKvDtypes) {
+    engine::EngineConfig cfg;
+    cfg.kv_cache_mb = 2;
+    cfg.max_model_len = 256;
+    cfg.kv_dtype = dt;
+    const int64_t blocks = engine::kv_blocks_for(c, cfg);
+    const int64_t row = kv::kv_row_bytes(dt, c.kv_cache_dim());
+    EXPECT_EQ(blocks, (2 << 20) / (cfg.block_size * c.num_hidden_layers * row));
+    engine::Engine eng(*f.m, cfg);
+    const engine::EngineStats st = eng.stats();
+    EXPECT_EQ(st.kv_blocks_total, blocks);
+    EXPECT_EQ(st.kv_tokens_total, blocks * cfg.block_size);
+    EXPECT_EQ(st.kv_dtype, dt);
+    EXPECT_EQ(st.kv_bytes_per_token, c.num_hidden_layers * row);
+    tokens[static_cast<int>(dt)] = st.kv_tokens_total;
+  }
+  EXPECT_NEAR(static_cast<double>(tokens[1]) / tokens[0], 2.0, 0.01);
+  EXPECT_GT(static_cast<double>(tokens[2]) / tokens[0], 3.5);
 }
 
 TEST(Engine, ChunkedPrefillWithSmallBudget) {
@@ -150,14 +181,18 @@ TEST(Engine, ChunkedPrefillWithSmallBudget) {
 
 TEST(Engine, PreemptsWhenBlocksRunOutAndStillMatches) {
   Fixture f;
-  engine::EngineConfig cfg;
-  cfg.block_size = 4;
-  cfg.kv_blocks = 16;  // 64 positions for 8 sequences of up to ~50: must preempt
-  cfg.max_model_len = 64;
-  cfg.max_num_seqs = 8;
-  RunStats st;
-  run_many(*f.m, cfg, 8, &st);
-  EXPECT_GT(st.preemptions, 0);
+  for (kv::KvDtype dt : kv::kKvDtypes) {
+    SCOPED_TRACE(kv::kv_dtype_name(dt));
+    engine::EngineConfig cfg;
+    cfg.block_size = 4;
+    cfg.kv_blocks = 16;  // 64 positions for 8 sequences of up to ~50: must preempt
+    cfg.max_model_len = 64;
+    cfg.max_num_seqs = 8;
+    cfg.kv_dtype = dt;
+    RunStats st;
+    run_many(*f.m, cfg, 8, &st);
+    EXPECT_GT(st.preemptions, 0);
+  }
 }
 
 // Sampled requests keep their random stream through preemption: a preempted sequence recomputes

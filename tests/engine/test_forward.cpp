@@ -17,11 +17,15 @@ struct TinyModel {
   TempDir dir;
   ThreadPool pool{2};
   std::unique_ptr<model::Model> m;
-  explicit TinyModel(bool fp8 = false, const std::string& preset = "tiny") {
+  // kv_lora_rank: when set, overrides the preset's (the cache rows' width).
+  explicit TinyModel(bool fp8 = false, const std::string& preset = "tiny",
+                     int64_t kv_lora_rank = 0) {
     model::InitOptions o;
     o.seed = 7;
     o.fp8 = fp8;
-    model::write_random_model(model::preset_config(preset), dir.path(), o);
+    model::ModelConfig c = model::preset_config(preset);
+    if (kv_lora_rank) c.kv_lora_rank = kv_lora_rank;
+    model::write_random_model(c, dir.path(), o);
     m = std::make_unique<model::Model>(dir.path(), pool);
   }
 };
@@ -32,11 +36,17 @@ std::vector<int32_t> ids(int n, int salt, int vocab) {
   return v;
 }
 
+// Every cache dtype. The tests of batch, layout and thread-count invariance run for each, on a
+// model whose cache rows (160 + 16 values) span two fp8 scale blocks.
+constexpr kv::KvDtype kCacheDtypes[] = {kv::KvDtype::F32, kv::KvDtype::BF16, kv::KvDtype::FP8};
+constexpr int64_t kWideLatent = 160;
+
 // Logits of every position of `tokens` computed in one forward.
-std::vector<float> full_logits(model::Model& m, const std::vector<int32_t>& tokens) {
+std::vector<float> full_logits(model::Model& m, const std::vector<int32_t>& tokens,
+                               kv::KvDtype dtype = kv::KvDtype::F32) {
   const auto& c = m.config();
   const int64_t n = static_cast<int64_t>(tokens.size());
-  kv::KvPool kv((n + 15) / 16, 16, c.num_hidden_layers, c.kv_cache_dim());
+  kv::KvPool kv((n + 15) / 16, 16, c.num_hidden_layers, c.kv_cache_dim(), dtype);
   std::vector<int32_t> blocks;
   kv.allocate(kv.n_blocks(), &blocks);
   model::Batch b;
@@ -51,64 +61,91 @@ std::vector<float> full_logits(model::Model& m, const std::vector<int32_t>& toke
 }  // namespace
 
 TEST(Forward, IncrementalDecodeEqualsFullRecomputeBitForBit) {
-  TinyModel t;
+  TinyModel t(false, "tiny", kWideLatent);
   model::Model& m = *t.m;
   const auto& c = m.config();
-  const std::vector<int32_t> tok = ids(40, 1, c.vocab_size);
-  const std::vector<float> full = full_logits(m, tok);
-  // Prefill 13 tokens, then one token at a time, then a chunk of 5, then singles.
-  kv::KvPool kv(4, 16, c.num_hidden_layers, c.kv_cache_dim());
-  std::vector<int32_t> blocks;
-  ASSERT_TRUE(kv.allocate(3, &blocks));
-  std::vector<float> logits(5 * c.vocab_size);
-  int64_t past = 0;
-  for (int64_t n : {13, 1, 1, 5, 1, 1, 1, 17}) {
-    model::Batch b;
-    b.tokens.assign(tok.begin() + past, tok.begin() + past + n);
-    b.seqs = {{0, n, past, blocks.data()}};
-    b.logit_rows = {n - 1};
-    m.forward(b, kv, logits.data());
-    const int64_t row = past + n - 1;
-    ASSERT_EQ(0, std::memcmp(logits.data(), full.data() + row * c.vocab_size, c.vocab_size * 4))
-        << "logits of position " << row << " differ";
-    past += n;
+  for (kv::KvDtype dt : kCacheDtypes) {
+    const std::vector<int32_t> tok = ids(40, 1, c.vocab_size);
+    const std::vector<float> full = full_logits(m, tok, dt);
+    // Prefill 13 tokens, then one token at a time, then a chunk of 5, then singles.
+    kv::KvPool kv(4, 16, c.num_hidden_layers, c.kv_cache_dim(), dt);
+    std::vector<int32_t> blocks;
+    ASSERT_TRUE(kv.allocate(3, &blocks));
+    std::vector<float> logits(5 * c.vocab_size);
+    int64_t past = 0;
+    for (int64_t n : {13, 1, 1, 5, 1, 1, 1, 17}) {
+      model::Batch b;
+      b.tokens.assign(tok.begin() + past, tok.begin() + past + n);
+      b.seqs = {{0, n, past, blocks.data()}};
+      b.logit_rows = {n - 1};
+      m.forward(b, kv, logits.data());
+      const int64_t row = past + n - 1;
+      ASSERT_EQ(0, std::memcmp(logits.data(), full.data() + row * c.vocab_size, c.vocab_size * 4))
+          << "logits of position " << row << " differ, " << kv::kv_dtype_name(dt) << " cache";
+      past += n;
+    }
+    EXPECT_EQ(past, 40);
   }
-  EXPECT_EQ(past, 40);
 }
 
 TEST(Forward, LogitsDoNotDependOnTheBatch) {
-  TinyModel t;
+  TinyModel t(false, "tiny", kWideLatent);
   model::Model& m = *t.m;
   const auto& c = m.config();
-  const std::vector<int32_t> a = ids(9, 2, c.vocab_size), b2 = ids(23, 3, c.vocab_size);
-  const std::vector<float> fa = full_logits(m, a), fb = full_logits(m, b2);
-  // Both sequences in one batch, b2 first, with a different block size and block order.
-  kv::KvPool kv(16, 4, c.num_hidden_layers, c.kv_cache_dim());
-  std::vector<int32_t> ba, bb;
-  ASSERT_TRUE(kv.allocate(6, &bb));
-  ASSERT_TRUE(kv.allocate(3, &ba));
-  model::Batch b;
-  b.tokens = b2;
-  b.tokens.insert(b.tokens.end(), a.begin(), a.end());
-  b.seqs = {{0, 23, 0, bb.data()}, {23, 9, 0, ba.data()}};
-  b.logit_rows = {22, 23 + 8, 5};
-  std::vector<float> out(3 * c.vocab_size);
-  m.forward(b, kv, out.data());
-  EXPECT_EQ(0, std::memcmp(out.data(), fb.data() + 22 * c.vocab_size, c.vocab_size * 4));
-  EXPECT_EQ(0,
-            std::memcmp(out.data() + c.vocab_size, fa.data() + 8 * c.vocab_size, c.vocab_size * 4));
-  EXPECT_EQ(0, std::memcmp(out.data() + 2 * c.vocab_size, fb.data() + 5 * c.vocab_size,
-                           c.vocab_size * 4));
+  for (kv::KvDtype dt : kCacheDtypes) {
+    SCOPED_TRACE(kv::kv_dtype_name(dt));
+    const std::vector<int32_t> a = ids(9, 2, c.vocab_size), b2 = ids(23, 3, c.vocab_size);
+    const std::vector<float> fa = full_logits(m, a, dt), fb = full_logits(m, b2, dt);
+    // Both sequences in one batch, b2 first, with a different block size and block order.
+    kv::KvPool kv(16, 4, c.num_hidden_layers, c.kv_cache_dim(), dt);
+    std::vector<int32_t> ba, bb;
+    ASSERT_TRUE(kv.allocate(6, &bb));
+    ASSERT_TRUE(kv.allocate(3, &ba));
+    model::Batch b;
+    b.tokens = b2;
+    b.tokens.insert(b.tokens.end(), a.begin(), a.end());
+    b.seqs = {{0, 23, 0, bb.data()}, {23, 9, 0, ba.data()}};
+    b.logit_rows = {22, 23 + 8, 5};
+    std::vector<float> out(3 * c.vocab_size);
+    m.forward(b, kv, out.data());
+    EXPECT_EQ(0, std::memcmp(out.data(), fb.data() + 22 * c.vocab_size, c.vocab_size * 4));
+    EXPECT_EQ(
+        0, std::memcmp(out.data() + c.vocab_size, fa.data() + 8 * c.vocab_size, c.vocab_size * 4));
+    EXPECT_EQ(0, std::memcmp(out.data() + 2 * c.vocab_size, fb.data() + 5 * c.vocab_size,
+                             c.vocab_size * 4));
+  }
 }
 
 TEST(Forward, ResultDoesNotDependOnThreadCount) {
-  TinyModel t;
-  const auto tok = ids(20, 4, t.m->config().vocab_size);
-  const auto two = full_logits(*t.m, tok);
+  TinyModel t(false, "tiny", kWideLatent);
   ThreadPool one(1);
   model::Model m1(t.dir.path(), one);
-  const auto single = full_logits(m1, tok);
-  EXPECT_EQ(0, std::memcmp(two.data(), single.data(), two.size() * 4));
+  const auto tok = ids(20, 4, t.m->config().vocab_size);
+  for (kv::KvDtype dt : kCacheDtypes) {
+    const auto two = full_logits(*t.m, tok, dt);
+    const auto single = full_logits(m1, tok, dt);
+    EXPECT_EQ(0, std::memcmp(two.data(), single.data(), two.size() * 4)) << kv::kv_dtype_name(dt);
+  }
+}
+
+// The rounded caches change the logits (they are not silently f32), a little: bf16 less than
+// fp8, both far less than the logits' own spread.
+TEST(Forward, RoundedCachesTrackF32) {
+  TinyModel t(false, "tiny", kWideLatent);
+  const auto tok = ids(48, 8, t.m->config().vocab_size);
+  const auto f32 = full_logits(*t.m, tok, kv::KvDtype::F32);
+  double spread = 0, diff[3] = {};
+  for (float v : f32) spread = std::max(spread, std::fabs(static_cast<double>(v)));
+  for (int d = 1; d < 3; ++d) {
+    const auto q = full_logits(*t.m, tok, kCacheDtypes[d]);
+    for (size_t i = 0; i < q.size(); ++i)
+      diff[d] = std::max(diff[d], std::fabs(static_cast<double>(q[i]) - f32[i]));
+    EXPECT_GT(diff[d], 0.0) << kv::kv_dtype_name(kCacheDtypes[d]);
+    EXPECT_LT(diff[d], 0.2 * spread) << kv::kv_dtype_name(kCacheDtypes[d]);
+  }
+  EXPECT_LT(diff[1], diff[2]);
+  std::printf("[ max |logit - f32 cache's| ] bf16 %.3g, fp8 %.3g (logits up to %.3g)\n", diff[1],
+              diff[2], spread);
 }
 
 TEST(Forward, Fp8CheckpointRunsAndTracksBf16) {

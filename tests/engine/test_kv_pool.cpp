@@ -1,10 +1,14 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <set>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "kv/kv_pool.h"
 
@@ -17,18 +21,23 @@ TEST(KvPool, ZeroedAlignedDisjointAndAccounted) {
   kv::KvPool pool(5, 4, 3, 10);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(pool.block_data(0)) % (uintptr_t{2} << 20), 0u);
   EXPECT_EQ(pool.block_bytes(), 3u * 4 * 10 * 4);
+  EXPECT_EQ(pool.dtype(), kv::KvDtype::F32);
+  EXPECT_EQ(pool.capacity_tokens(), 20);
+  auto f = [&](int32_t b, int64_t l, int64_t s) {
+    return reinterpret_cast<float*>(pool.at(b, l, s));
+  };
   for (int32_t b = 0; b < 5; ++b)
     for (int64_t l = 0; l < 3; ++l)
       for (int64_t s = 0; s < 4; ++s)
         for (int64_t i = 0; i < 10; ++i) {
-          ASSERT_EQ(pool.at(b, l, s)[i], 0.0f);
-          pool.at(b, l, s)[i] = static_cast<float>(((b * 3 + l) * 4 + s) * 10 + i);
+          ASSERT_EQ(f(b, l, s)[i], 0.0f);
+          f(b, l, s)[i] = static_cast<float>(((b * 3 + l) * 4 + s) * 10 + i);
         }
   for (int32_t b = 0; b < 5; ++b)
     for (int64_t l = 0; l < 3; ++l)
       for (int64_t s = 0; s < 4; ++s)
         for (int64_t i = 0; i < 10; ++i)
-          ASSERT_EQ(pool.at(b, l, s)[i], static_cast<float>(((b * 3 + l) * 4 + s) * 10 + i));
+          ASSERT_EQ(f(b, l, s)[i], static_cast<float>(((b * 3 + l) * 4 + s) * 10 + i));
 
   std::vector<int32_t> a, c;
   EXPECT_TRUE(pool.allocate(3, &a));
@@ -37,6 +46,75 @@ TEST(KvPool, ZeroedAlignedDisjointAndAccounted) {
   EXPECT_EQ(pool.n_used(), 3);
   pool.release(a);
   EXPECT_EQ(pool.n_free(), 5);
+}
+
+// Each dtype's rows: their size (bf16 half of f32, fp8 a byte a value plus an f32 scale per 128
+// values), contiguous within a block, and a block is layers x slots x rows.
+TEST(KvPool, RowsTakeTheirDtypesBytes) {
+  EXPECT_EQ(kv::kv_row_bytes(kv::KvDtype::F32, 576), 2304);
+  EXPECT_EQ(kv::kv_row_bytes(kv::KvDtype::BF16, 576), 1152);
+  EXPECT_EQ(kv::kv_row_bytes(kv::KvDtype::FP8, 576), 576 + 5 * 4);
+  EXPECT_EQ(kv::kv_row_bytes(kv::KvDtype::FP8, 128), 132);
+  EXPECT_EQ(kv::kv_row_bytes(kv::KvDtype::FP8, 48), 52);
+  for (kv::KvDtype d : kv::kKvDtypes) {
+    kv::KvPool pool(3, 4, 2, 176, d);
+    EXPECT_EQ(pool.row_bytes(), kv::kv_row_bytes(d, 176));
+    EXPECT_EQ(pool.block_bytes(), static_cast<size_t>(2 * 4 * pool.row_bytes()));
+    EXPECT_EQ(pool.at(1, 1, 3) + pool.row_bytes(), pool.block_data(2));
+    kv::KvDtype back;
+    ASSERT_TRUE(kv::parse_kv_dtype(kv::kv_dtype_name(d), &back));
+    EXPECT_EQ(back, d);
+  }
+  kv::KvDtype x;
+  EXPECT_FALSE(kv::parse_kv_dtype("fp16", &x));
+}
+
+// bf16 rows round to nearest even; fp8 rows hold e4m3 of x / scale with scale = amax / 448 per
+// 128 values, so the block's largest value comes back exactly and the others within e4m3's
+// half-ulp (2^-4 relative), small ones within half the smallest step.
+TEST(KvPool, RowsEncodeAsDocumented) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  const int64_t dim = 200;
+  std::vector<float> x(dim), y(dim);
+  for (float& v : x) v = n(rng);
+  x[150] = 0;
+  for (int64_t k = 128; k < dim; ++k) x[k] *= 1e-3f;  // the second block far smaller
+  std::vector<uint8_t> row(kv::kv_row_bytes(kv::KvDtype::BF16, dim));
+  kv::encode_row(kv::KvDtype::BF16, x.data(), dim, row.data());
+  kv::decode_row(kv::KvDtype::BF16, row.data(), dim, y.data());
+  for (int64_t k = 0; k < dim; ++k) EXPECT_EQ(y[k], bf16_to_f32(f32_to_bf16(x[k])));
+  EXPECT_EQ(f32_to_bf16(1.0f + 0x1p-8f), f32_to_bf16(1.0f));  // a tie goes to even
+  kv::encode_row(kv::KvDtype::FP8, x.data(), dim, row.data());
+  kv::decode_row(kv::KvDtype::FP8, row.data(), dim, y.data());
+  for (int64_t b = 0; b < 2; ++b) {
+    const int64_t k0 = b * 128, k1 = std::min<int64_t>(dim, k0 + 128);
+    float amax = 0;
+    int64_t at = k0;
+    for (int64_t k = k0; k < k1; ++k)
+      if (std::fabs(x[k]) > amax) amax = std::fabs(x[k]), at = k;
+    float scale;
+    std::memcpy(&scale, row.data() + dim + 4 * b, 4);
+    EXPECT_EQ(scale, amax / 448.0f);
+    EXPECT_NEAR(y[at], x[at], 1e-6f * amax);
+    for (int64_t k = k0; k < k1; ++k) {
+      EXPECT_NE(row[k] & 0x7f, 0x7f) << "a NaN byte";
+      EXPECT_EQ(y[k], fp8e4m3_to_f32(row[k]) * scale);
+      EXPECT_LE(std::fabs(y[k] - x[k]), std::max(std::fabs(x[k]) / 16, scale * 0x1p-10f)) << k;
+    }
+  }
+  EXPECT_EQ(y[150], 0.0f);
+  // All zeros: scale 1, zeros back; a NaN or infinity: the block decodes to NaN.
+  std::fill(x.begin(), x.end(), 0.0f);
+  x[5] = NAN;
+  x[140] = INFINITY;
+  kv::encode_row(kv::KvDtype::FP8, x.data(), dim, row.data());
+  kv::decode_row(kv::KvDtype::FP8, row.data(), dim, y.data());
+  EXPECT_TRUE(std::isnan(y[0]) && std::isnan(y[5]) && std::isnan(y[199]));
+  x[5] = x[140] = 0;
+  kv::encode_row(kv::KvDtype::FP8, x.data(), dim, row.data());
+  kv::decode_row(kv::KvDtype::FP8, row.data(), dim, y.data());
+  for (float v : y) EXPECT_EQ(v, 0.0f);
 }
 
 // Random allocations and releases against a model of which blocks are taken: a block is never

@@ -1,6 +1,7 @@
 // moeserve against Hugging Face transformers: tiny checkpoints made by
 // tools/make_model_fixtures.py, with the reference's per-token log-probs and greedy
 // continuations in reference.json. No Python is needed here.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -16,8 +17,22 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The tolerance on log-probabilities (nats); the figure reached is printed by each test.
-constexpr double kTolerance = 1e-3;
+// The tolerances on log-probabilities (nats) for each cache dtype; the figures reached are
+// printed by each test. With the f32 cache moeserve computes what transformers does (in f32):
+// every token within 1e-3. bf16 and fp8 round the cached latents (the queries stay f32). On
+// these random-weight fixtures that moves the logits, and where a router's choice of experts is
+// close it flips it, so a few tokens move by whole nats: the bound is on the median and the
+// 90th percentile of the error, set from measurement (worst over the fixtures: bf16 median
+// 0.012, p90 0.17; fp8 median 0.24, p90 1.2) with a margin. Greedy continuations are compared
+// with the f32 cache only: the fixtures' top-2 margins are mostly smaller than what the rounded
+// caches move.
+struct CacheCase {
+  kv::KvDtype dtype;
+  double max_err, median_err, p90_err;  // max_err: of every token
+};
+constexpr CacheCase kCaches[] = {{kv::KvDtype::F32, 1e-3, 1e-3, 1e-3},
+                                 {kv::KvDtype::BF16, INFINITY, 0.03, 0.4},
+                                 {kv::KvDtype::FP8, INFINITY, 0.5, 2.0}};
 
 std::vector<std::string> fixture_names() {
   std::vector<std::string> names;
@@ -45,29 +60,40 @@ class Reference : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(Reference, LogProbsMatchTransformers) {
-  engine::Generator gen(*model_);
-  double worst = 0;
-  int64_t over = 0;
-  for (const json& c : ref_["cases"]) {
-    const std::vector<int32_t> ids = c["ids"];
-    const std::vector<double> lp = gen.score(ids);
-    ASSERT_EQ(lp.size(), ids.size());
-    for (size_t i = 1; i < ids.size(); ++i) {
-      const double want = c["logprobs"][i].get<double>();
-      const double d = std::fabs(lp[i] - want);
-      worst = std::max(worst, d);
-      if (!(d < kTolerance) && ++over <= 10)  // the first few, not thousands
-        ADD_FAILURE() << GetParam() << ": token " << i << " of a " << ids.size()
-                      << "-token case: moeserve " << lp[i] << ", transformers " << want;
+  for (const CacheCase& cc : kCaches) {
+    const char* dt = kv::kv_dtype_name(cc.dtype);
+    engine::Generator gen(*model_, 16, cc.dtype);
+    std::vector<double> err;
+    int64_t over = 0;
+    for (const json& c : ref_["cases"]) {
+      const std::vector<int32_t> ids = c["ids"];
+      const std::vector<double> lp = gen.score(ids);
+      ASSERT_EQ(lp.size(), ids.size());
+      for (size_t i = 1; i < ids.size(); ++i) {
+        const double want = c["logprobs"][i].get<double>();
+        const double d = std::fabs(lp[i] - want);
+        err.push_back(std::isnan(d) ? INFINITY : d);
+        if (!(d < cc.max_err) && ++over <= 10)  // the first few, not thousands
+          ADD_FAILURE() << GetParam() << ", " << dt << " cache: token " << i << " of a "
+                        << ids.size() << "-token case: moeserve " << lp[i] << ", transformers "
+                        << want;
+      }
     }
+    ASSERT_FALSE(err.empty());
+    std::sort(err.begin(), err.end());
+    const double median = err[(err.size() - 1) / 2], p90 = err[(err.size() - 1) * 9 / 10];
+    EXPECT_EQ(over, 0) << GetParam() << ", " << dt << ": log-probs off by more than " << cc.max_err;
+    EXPECT_LE(median, cc.median_err) << GetParam() << ", " << dt << " cache";
+    EXPECT_LE(p90, cc.p90_err) << GetParam() << ", " << dt << " cache";
+    std::printf(
+        "[ %s, %s cache ] |logprob - transformers|: median %.3g, p90 %.3g, max %.3g "
+        "(tolerances %.0e, %.0e, %.0e)\n",
+        GetParam().c_str(), dt, median, p90, err.back(), cc.median_err, cc.p90_err, cc.max_err);
   }
-  EXPECT_EQ(over, 0) << GetParam() << ": log-probs off by more than " << kTolerance;
-  std::printf("[ %s ] max |logprob - transformers| = %.3g (tolerance %.0e)\n", GetParam().c_str(),
-              worst, kTolerance);
 }
 
 TEST_P(Reference, GreedyMatchesWhereTheMarginIsClear) {
-  engine::Generator gen(*model_);
+  engine::Generator gen(*model_, 16, kv::KvDtype::F32);
   int compared = 0;
   for (const json& g : ref_["greedy"]) {
     const std::vector<int32_t> prompt = g["prompt"], want = g["output"];
@@ -79,7 +105,7 @@ TEST_P(Reference, GreedyMatchesWhereTheMarginIsClear) {
     // Compare up to the first step whose top-2 margin is within the tolerance: from there a
     // different (equally valid) choice may lead the continuations apart.
     for (size_t j = 0; j < want.size(); ++j) {
-      if (margins[j] <= kTolerance) break;
+      if (margins[j] <= kCaches[0].max_err) break;
       EXPECT_EQ(got[j], want[j]) << GetParam() << ": greedy step " << j;
       ++compared;
     }

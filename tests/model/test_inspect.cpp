@@ -325,13 +325,26 @@ TEST(Inspect, Int4CompressedTensorsHeaders) {
   EXPECT_EQ(role(t, Role::RoutedExperts).params, uint64_t{2} * 16 * 3 * 32 * 64);
 }
 
+// The figures inspect plans with are the bytes a pool of each dtype really takes per token.
+TEST(Inspect, KvBytesPerTokenAreThePools) {
+  for (const char* name : {"deepseek-v3", "deepseek-v2-lite"}) {
+    const Inventory inv = inspect_model(configs(name));
+    for (KvDtype d : kKvDtypes) {
+      moeserve::kv::KvPool pool(1, 16, inv.cfg.num_hidden_layers, inv.cfg.kv_cache_dim(), d);
+      EXPECT_EQ(kv_bytes_per_token(inv.cfg, d) * 16, pool.block_bytes())
+          << name << " " << kv_dtype_name(d);
+    }
+  }
+}
+
 TEST(Inspect, PerRankPlan) {
   const Inventory inv = inspect_model(configs("deepseek-v3"));
   const Totals t = totals(inv);
   const uint64_t routed = role(t, Role::RoutedExperts).bytes;
   EXPECT_EQ(kv_bytes_per_token(inv.cfg, KvDtype::F32), 61u * (512 + 64) * 4);
   EXPECT_EQ(kv_bytes_per_token(inv.cfg, KvDtype::BF16), 61u * (512 + 64) * 2);
-  EXPECT_EQ(kv_bytes_per_token(inv.cfg, KvDtype::FP8), 61u * (512 + 64));
+  // fp8: a byte per value and an f32 scale per 128 values (four for the latent, one for rope).
+  EXPECT_EQ(kv_bytes_per_token(inv.cfg, KvDtype::FP8), 61u * (512 + 64 + 5 * 4));
   PlanOptions o;
   RankPlan p = plan_rank(inv, o);
   EXPECT_EQ(p.experts_per_layer, 256);
@@ -339,7 +352,7 @@ TEST(Inspect, PerRankPlan) {
   EXPECT_EQ(p.replicated + p.routed, t.loaded.bytes);  // the MTP layer is not loaded
   EXPECT_EQ(p.kv[0], 4096u * 61 * 576 * 4);
   EXPECT_EQ(p.kv[1], p.kv[0] / 2);
-  EXPECT_EQ(p.kv[2], p.kv[0] / 4);
+  EXPECT_EQ(p.kv[2], 4096u * 61 * 596);
   EXPECT_EQ(p.total(KvDtype::F32), p.replicated + p.routed + p.kv[0] + p.workspace);
   o.ep = 8;
   p = plan_rank(inv, o);
@@ -388,7 +401,7 @@ TEST(Inspect, ReportTextAndJson) {
   uint64_t sum = 0;
   for (const auto& [k, v] : j["by_role"].items()) sum += v["bytes"].get<uint64_t>();
   EXPECT_EQ(sum, j["total_checkpoint"]["bytes"].get<uint64_t>());
-  EXPECT_EQ(j["kv_bytes_per_token"]["fp8"], 61 * 576);
+  EXPECT_EQ(j["kv_bytes_per_token"]["fp8"], 61 * 596);
   const json one = inspect_json(inv, o, KvDtype::FP8);
   EXPECT_EQ(one["per_rank"]["total_bytes"].size(), 1u);
   EXPECT_TRUE(one["per_rank"]["total_bytes"].contains("fp8"));

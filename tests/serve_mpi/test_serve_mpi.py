@@ -250,9 +250,12 @@ def compare(name, got, want):
     check(same, f"{name}: {len(got)} concurrent greedy requests match one process")
 
 
-def layout_case(args, model, ref, ref_sampled, name, ranks, extra, expect_transfers, sig):
+def layout_case(args, model, ref, ref_sampled, name, ranks, extra, expect_transfers, sig,
+                kv_dtype="bf16"):
+    """Returns the KV bytes the layout transferred (0 without transfers)."""
     print(f"== {name}")
     srv = Server(args, model, ranks, extra)
+    moved = 0
     try:
         got = run_all(srv)
         compare(name, got, ref)
@@ -266,15 +269,23 @@ def layout_case(args, model, ref, ref_sampled, name, ranks, extra, expect_transf
             got_n = srv.wait_metric("moeserve_kv_transfers_total", n)
             check(got_n == n, f"{name}: {n} KV transfers (requests with more than one token), "
                   f"read {got_n}")
-            check(srv.metric("moeserve_kv_transfer_bytes_total") > 0, f"{name}: bytes counted")
+            moved = srv.metric("moeserve_kv_transfer_bytes_total")
+            check(moved > 0, f"{name}: bytes counted")
             check(srv.metric("moeserve_kv_leases_expired_total") == 0, f"{name}: no lease expired")
         else:
             _, page = srv.get("/metrics")
             check("moeserve_rank_kv_blocks_total" in page, f"{name}: per-rank metrics")
+        _, page = srv.get("/metrics")
+        check(f'moeserve_kv_cache_dtype{{dtype="{kv_dtype}"}} 1' in page,
+              f"{name}: /metrics names the {kv_dtype} cache")
+        check(srv.metric("moeserve_kv_capacity_tokens") > 0, f"{name}: KV capacity in tokens")
+        check(re.search(r"KV cache \d+ tokens per rank in " + kv_dtype, srv.output()) is not None,
+              f"{name}: the start-up line gives the KV capacity and dtype")
         stop_with_streams(srv, name, sig)
     finally:
         if srv.proc.poll() is None:
             srv.kill()
+    return moved
 
 
 def disconnect(srv, prompt, after_first_token):
@@ -567,11 +578,35 @@ def main():
     def wanted(name):
         return not args.only or args.only in name
 
+    moved = {}
     for k, (name, ranks, extra, transfers, sampled) in enumerate(cases):
         if wanted(name):
             sig = signal.SIGTERM if k % 2 == 0 else signal.SIGINT
             layout_case(args, model, ref, ref_sampled if sampled else None, name, ranks, extra,
                         transfers, sig)
+    # The other cache dtypes (the cases above run the default, bf16): each layout gives what
+    # one process gives with that dtype, and the prefill-to-decode transfer moves the stored
+    # bytes: the same requests' blocks, at each dtype's size.
+    for kvd in ("f32", "fp8"):
+        if not wanted(f"{kvd} cache"):
+            continue
+        flags = ["--kv-cache-dtype", kvd]
+        print(f"== reference: one process, {kvd} cache")
+        srv = Server(args, model, 0, flags)
+        try:
+            ref_d = run_all(srv)
+            check(all(r[0] == 200 for r in ref_d), f"reference, {kvd} cache: all succeed")
+        finally:
+            srv.stop()
+        layout_case(args, model, ref_d, None, f"colocated 2 ranks, {kvd} cache", 2, flags, False,
+                    signal.SIGTERM, kvd)
+        moved[kvd] = layout_case(args, model, ref_d, None, f"disaggregated 1/1, {kvd} cache", 2,
+                                 pd + flags, True, signal.SIGTERM, kvd)
+    if len(moved) == 2 and not args.model:
+        # The demo model caches 128 + 32 values per layer and token: f32 rows of 640 bytes, fp8
+        # rows of 160 bytes and two scales.
+        check(moved["f32"] / 640 == moved["fp8"] / 168,
+              f"KV transfers move each dtype's stored bytes: {moved}")
     if wanted("faults"):
         fault_cases(args, model, ref)
     if wanted("stopped rank"):

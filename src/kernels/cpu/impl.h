@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/attention_kv.h"
 #include "kernels/cpu/common.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemv.h"
@@ -542,9 +543,10 @@ void softmax(float* x, int64_t n, float scale) {
 
 template <class O>
 const KernelTable& make_table() {
-  static const KernelTable t{&matmul<O>,       &matmul_t<O>, &dequant_row<O>,   &dot<O>,
-                             &axpy<O>,         &dots<O>,     &weighted_rows<O>, &matmul_batch<O>,
-                             &weighted_sum<O>, &softmax<O>};
+  static const KernelTable t{&matmul<O>,        &matmul_t<O>,     &dequant_row<O>,
+                             &dot<O>,           &axpy<O>,         &dots<O>,
+                             &weighted_rows<O>, &matmul_batch<O>, &weighted_sum<O>,
+                             &softmax<O>,       &dots_cached<O>,  &weighted_cached<O>};
   return t;
 }
 

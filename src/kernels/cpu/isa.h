@@ -23,6 +23,10 @@ struct KernelTable {
   void (*matmul_batch)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
   void (*weighted_sum)(const float* const* rows, const float* w, int64_t n, int64_t cols, float* y);
   void (*softmax)(float* x, int64_t n, float scale);
+  void (*dots_cached)(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                      float* out, int64_t ldo);
+  void (*weighted_cached)(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows,
+                          int64_t nrows, int64_t roff, int64_t n, float* y, int64_t ldy);
 };
 
 namespace scalar {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/error.h"
@@ -161,6 +162,76 @@ void softmax(float* x, int64_t n, float scale) {
     for (int l = 0; l < s; ++l) lane[l] = lane[l] + lane[l + s];
   const float inv = 1.0f / lane[0];
   for (int64_t j = 0; j < n; ++j) x[j] = x[j] * inv;
+}
+
+float cached_value(const CachedRows& r, int64_t j, int64_t k) {
+  const uint8_t* row = r.rows[j];
+  switch (r.dtype) {
+    case DType::F32: {
+      float f;
+      std::memcpy(&f, row + 4 * k, 4);
+      return f;
+    }
+    case DType::BF16: {
+      uint16_t h;
+      std::memcpy(&h, row + 2 * k, 2);
+      return bf16_to_f32(h);
+    }
+    case DType::F8_E4M3:
+      return fp8e4m3_to_f32(row[k]);
+    default:
+      fail("cached_value: unsupported dtype");
+  }
+}
+
+float cached_scale(const CachedRows& r, int64_t j, int64_t k) {
+  if (r.dtype != DType::F8_E4M3) return 1.0f;
+  float s;
+  std::memcpy(&s, r.rows[j] + r.width + 4 * (k / 128), 4);
+  return s;
+}
+
+void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                 float* out, int64_t ldo) {
+  const int64_t w = b.width;
+  for (int64_t i = 0; i < na; ++i)
+    for (int64_t j = 0; j < nb; ++j) {
+      float total[16] = {};
+      // One block of lane sums over the whole row, unless fp8 (blocks of 128).
+      const int64_t block = b.dtype == DType::F8_E4M3 ? 128 : (w + 15) / 16 * 16;
+      for (int64_t b0 = 0; b0 < w; b0 += block) {
+        float lane[16] = {};
+        const int64_t b1 = std::min(b0 + block, (w + 15) / 16 * 16);
+        for (int64_t k = b0; k < b1; ++k) {
+          const float ak = k < w ? a[i * lda + k] : 0.0f;
+          const float bk = k < w ? cached_value(b, j, k) : 0.0f;
+          lane[k % 16] = std::fma(ak, bk, lane[k % 16]);
+        }
+        if (b.dtype == DType::F8_E4M3) {
+          const float s = cached_scale(b, j, b0);
+          for (int l = 0; l < 16; ++l) total[l] = std::fma(s, lane[l], total[l]);
+        } else {
+          std::copy(lane, lane + 16, total);
+        }
+      }
+      for (int s = 8; s >= 1; s /= 2)
+        for (int l = 0; l < s; ++l) total[l] = total[l] + total[l + s];
+      out[i * ldo + j] = total[0];
+    }
+}
+
+void weighted_cached(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows, int64_t nrows,
+                     int64_t roff, int64_t n, float* y, int64_t ldy) {
+  for (int64_t i = 0; i < nc; ++i)
+    for (int64_t k = roff; k < roff + n; ++k) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < nrows; ++j) {
+        const float w = rows.dtype == DType::F8_E4M3 ? c[i * ldc + j] * cached_scale(rows, j, k)
+                                                     : c[i * ldc + j];
+        acc = std::fma(w, cached_value(rows, j, k), acc);
+      }
+      y[i * ldy + (k - roff)] = acc;
+    }
 }
 
 }  // namespace moeserve::kernels::reference

@@ -55,4 +55,13 @@ float exp_lanes(float t);
 // s = 16-lane sum (lane j % 16, in order, then the tree 8, 4, 2, 1), x[j] = e[j] * (1 / s).
 void softmax(float* x, int64_t n, float scale);
 
+// kernels::dots_cached and kernels::weighted_cached written out value by value (a stored value
+// through core/dtype.h's conversions): must equal them bit for bit.
+float cached_value(const CachedRows& r, int64_t j, int64_t k);  // float(stored), no scale
+float cached_scale(const CachedRows& r, int64_t j, int64_t k);  // fp8: k's block scale, else 1
+void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, int64_t nb,
+                 float* out, int64_t ldo);
+void weighted_cached(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows, int64_t nrows,
+                     int64_t roff, int64_t n, float* y, int64_t ldy);
+
 }  // namespace moeserve::kernels::reference
