@@ -58,9 +58,9 @@ bool parse_dtype(const std::string& s, DType* out) {
   static const struct {
     const char* name;
     DType t;
-  } table[] = {
-      {"F32", DType::F32}, {"F16", DType::F16}, {"BF16", DType::BF16}, {"F8_E4M3", DType::F8_E4M3},
-      {"I64", DType::I64}, {"I32", DType::I32}, {"U8", DType::U8},  {"I8", DType::I8}};
+  } table[] = {{"F32", DType::F32},         {"F16", DType::F16}, {"BF16", DType::BF16},
+               {"F8_E4M3", DType::F8_E4M3}, {"I64", DType::I64}, {"I32", DType::I32},
+               {"U8", DType::U8},           {"I8", DType::I8}};
   for (const auto& e : table) {
     if (s == e.name) {
       *out = e.t;
