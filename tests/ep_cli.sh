@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Expert parallelism through the real binary under mpirun: for the same requests the output is
 # bit-identical for EP = 1, 2, 4 and 8 ranks (oversubscribed), with and without redundant
-# experts and with placement files (score and generate), for every KV cache dtype; a rank that
-# fails ends the job with one clear message.
+# experts and with placement files (score and generate), for bf16, fp8 and int4 weights and
+# for every KV cache dtype; a rank that fails ends the job with one clear message.
 # Usage: ep_cli.sh MOESERVE_BINARY SOURCE_DIR
 set -euo pipefail
 bin=$1
@@ -15,7 +15,8 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 
 "$bin" init-model --preset tiny --out "$tmp/tiny" --seed 11 2>/dev/null
 ids=5,17,200,2,2,2,41,7,99,123,64,1,0,255
-for model in "$tmp/tiny" "$src/tests/fixtures/models/v3_tiny" "$src/tests/fixtures/models/v3_fp8_tiny"; do
+for model in "$tmp/tiny" "$src/tests/fixtures/models/v3_tiny" "$src/tests/fixtures/models/v3_fp8_tiny" \
+  "$src/tests/fixtures/models/v3_tiny_int4"; do
   "$bin" score --model "$model" --ids $ids > "$tmp/ref.json"
   "$bin" generate --model "$model" --prompt-ids 3,1,4,1,5 --max-tokens 10 --json --ignore-eos > "$tmp/ref_gen.json" 2>/dev/null
   for n in 2 4 8; do
