@@ -58,6 +58,16 @@ long peak_rss_kb() {
   return 0;
 }
 
+// The weights' format for the report: fp8, bf16, or int4/int8 experts with the rest as stored.
+std::string weights_label(const model::ModelConfig& c) {
+  using K = model::Quantization::Kind;
+  if (c.quant.kind == K::PackQuantized)
+    return "int" + std::to_string(c.quant.num_bits) + " group " +
+           (c.quant.group_size > 0 ? std::to_string(c.quant.group_size) : std::string("row")) +
+           " where quantized, the rest bf16";
+  return c.fp8 ? "fp8" : "bf16";
+}
+
 void run_bench(const BenchArgs& a) {
   MS_CHECK(a.model.empty() != a.preset.empty(), "give exactly one of --model and --preset");
   MS_CHECK(a.prompt_len >= 1 && a.decode_tokens >= 2, "--prompt-len >= 1 and --decode-tokens >= 2");
@@ -160,7 +170,7 @@ void run_bench(const BenchArgs& a) {
   const double rss = rss_all;
 
   std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n",
-              dir.c_str(), c.fp8 ? "fp8" : "bf16", weight_bytes / 1e9, active_bytes / 1e6);
+              dir.c_str(), weights_label(c).c_str(), weight_bytes / 1e9, active_bytes / 1e6);
   std::printf("machine        %s; read bandwidth %.1f GB/s; peak FMA %.1f GFLOP/s (all cores)\n",
               isa_name(detected_isa()), bw, peak);
   std::printf("parallel       %d rank(s) x %d thread(s); expert parallel %s\n", n_ranks,
