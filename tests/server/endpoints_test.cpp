@@ -296,6 +296,12 @@ TEST_F(Endpoints, MetricsCountRequestsTokensAndExperts) {
   EXPECT_EQ(
       metric_in(m.body, "moeserve_kv_blocks_used") + metric_in(m.body, "moeserve_kv_blocks_free"),
       metric_in(m.body, "moeserve_kv_blocks_total"));
+  // The capacity in tokens and the cache dtype (the default, bf16: the demo model's 4 layers
+  // of 128 + 32 values, 2 bytes each).
+  EXPECT_EQ(metric_in(m.body, "moeserve_kv_capacity_tokens"),
+            metric_in(m.body, "moeserve_kv_blocks_total") * 16);
+  EXPECT_EQ(metric_in(m.body, "moeserve_kv_bytes_per_token"), 4 * 160 * 2);
+  EXPECT_EQ(metric_in(m.body, "moeserve_kv_cache_dtype{dtype=\"bf16\"}"), 1);
 }
 
 // A DeepSeek-R1-style template: the generation prompt opens <think>, so the output starts as
