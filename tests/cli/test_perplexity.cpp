@@ -92,7 +92,7 @@ TEST(Perplexity, MatchesTheTransformersReference) {
     for (size_t i = 1; i < 100; ++i) lp[i] = c["logprobs"][i].get<double>();
     for (const int64_t ctx : {100, 99, 60}) {
       const json j = run_json(kFixtures + fixture + " --tokens-file " + (d / "ids.json") +
-                              " --ctx " + std::to_string(ctx) + " --chunks 1");
+                              " --ctx " + std::to_string(ctx) + " --chunks 1 --kv-cache-dtype f32");
       const double want = mean_nll(lp, ctx);
       EXPECT_EQ(j["chunks"], 1);
       EXPECT_EQ(j["scored_tokens"], ctx - 1 - ctx / 2) << fixture << " ctx " << ctx;
@@ -175,7 +175,8 @@ struct Expected {
 std::vector<std::vector<double>> chunk_logprobs(model::Model& m, const std::vector<int32_t>& ids,
                                                 int64_t ctx) {
   const model::ModelConfig& c = m.config();
-  kv::KvPool pool((ctx + 15) / 16, 16, c.num_hidden_layers, c.kv_cache_dim());
+  // An f32 cache, as the runs compared with are given.
+  kv::KvPool pool((ctx + 15) / 16, 16, c.num_hidden_layers, c.kv_cache_dim(), kv::KvDtype::F32);
   std::vector<int32_t> blocks;
   EXPECT_TRUE(pool.allocate(pool.n_blocks(), &blocks));
   model::Batch b;
@@ -260,7 +261,8 @@ TEST(Perplexity, KlAgainstAnotherModelMatchesItsForwards) {
   std::vector<int32_t> ids(text.begin(), text.end());
   for (auto& v : ids) v &= 0xff;
   const int64_t ctx = 64, chunks = 4, k = 16;
-  const std::string flags = " --file " + kText + " --byte-tokens --ctx 64 --chunks 4";
+  const std::string flags =
+      " --file " + kText + " --byte-tokens --ctx 64 --chunks 4 --kv-cache-dtype f32";
   run_json(d / "bf16" + flags + " --save-logits " + (d / "full") + " --save-top-k 0");
   run_json(d / "bf16" + flags + " --save-logits " + (d / "top16") + " --save-top-k 16");
   const json full = run_json(d / "fp8" + flags + " --kl-base " + (d / "full"));
