@@ -722,7 +722,8 @@ TEST(Quantize, CommandLine) {
   };
   std::string out, err;
   ASSERT_EQ(run("quantize --help", &out, &err), 0) << err;
-  for (const char* s : {"[MODEL]", "--out", "--experts", "--group-size INT=32", "--shard-size"})
+  for (const char* s : {"[MODEL]", "--out", "--experts", "--group-size INT=32", "--shard-size",
+                        "--dense-dtype fp8|bf16"})
     EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
   const std::string model = fixture("v3_tiny");
   ASSERT_EQ(run("quantize " + model + " --out " + (d / "q") + " --experts int8 --shard-size 0.0005",
@@ -744,6 +745,22 @@ TEST(Quantize, CommandLine) {
   EXPECT_NE(err.find("--group-size 20"), std::string::npos) << err;
   EXPECT_EQ(run("quantize " + model + " --experts int4", &out, &err), 1);
   EXPECT_NE(err.find("--out"), std::string::npos) << err;
+  EXPECT_EQ(run("quantize " + model + " --out " + (d / "r") + " --experts int4 --dense-dtype f16",
+                &out, &err),
+            1);
+  EXPECT_NE(err.find("--dense-dtype \"f16\""), std::string::npos) << err;
+  // An fp8 input: its other fp8 matrices kept fp8 by default, or made bf16.
+  write_fp8_model(d / "fp8");
+  ASSERT_EQ(run("quantize " + (d / "fp8") + " --out " + (d / "m") + " --experts int4", &out, &err),
+            0)
+      << err;
+  EXPECT_NE(out.find("kept 24 fp8 matrices fp8, converted 0"), std::string::npos) << out;
+  ASSERT_EQ(
+      run("quantize " + (d / "fp8") + " --out " + (d / "b") + " --experts int4 --dense-dtype bf16",
+          &out, &err),
+      0)
+      << err;
+  EXPECT_NE(out.find("kept 0 fp8 matrices fp8, converted 24"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(d / "r"));
 }
 
