@@ -266,6 +266,13 @@ def build(base: str, bits: int):
     print(f"[{out.name}] {size / 1e6:.2f} MB, " + ", ".join(f"{k} {v}" for k, v in checks.items()))
 
 
+def block_dequantized(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 float(fp8) * scale, one scale per 128x128 block (DeepSeek's weight_scale_inv, compressed-tensors'
+    block weight_scale)."""
+    s = scale.float().repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+    return w.float() * s
+
+
 def check_output(d: Path, against: Path | None):
     """A checkpoint `moeserve quantize` wrote: the package's dequantizer reads it; with `against`, every quantized
     matrix equals the package's own quantization of the input's weights."""
@@ -281,6 +288,20 @@ def check_output(d: Path, against: Path | None):
     n = sum(1 for k in stored if k.endswith(".weight_packed"))
     print(f"{d}: compressed-tensors {__import__('compressed_tensors').__version__} dequantized {n} matrices "
           f"(int{bits}), {len(deq)} tensors in all")
+    # fp8 matrices kept as they were (format mixed-precision, a float-quantized group): the package reads
+    # them as weight * weight_scale per 128x128 block.
+    n8 = bad8 = 0
+    for k, v in stored.items():
+        if v.dtype == torch.float8_e4m3fn:
+            n8 += 1
+            want = block_dequantized(v, stored[k + "_scale"]).to(torch.bfloat16)
+            if not torch.equal(deq[k].to(torch.bfloat16), want):
+                bad8 += 1
+                print(f"  {k}: the package reads other values than weight * weight_scale")
+    if n8:
+        print(f"{d}: {n8} fp8 matrices (float-quantized), the package reads {n8 - bad8} as weight * weight_scale")
+    if bad8:
+        raise SystemExit(1)
     tf_model, failure = try_transformers_load(d)
     print(f"{d}: transformers {mmf._tf().__version__}: " + ("loaded" if tf_model is not None else failure))
     if against is None:
@@ -289,11 +310,20 @@ def check_output(d: Path, against: Path | None):
     bad = 0
     for name, t in src.items():
         m = name[: -len(".weight")]
+        if name.endswith(".weight_scale_inv") and not is_routed_expert(name[: -len(".weight_scale_inv")]):
+            if name[: -len("_inv")] not in stored:
+                continue  # its matrix became bf16 (--dense-dtype bf16)
+            if not torch.equal(stored[name[: -len("_inv")]], t):  # renamed weight_scale, same numbers
+                print(f"  {name[: -len('_inv')]} differs from the input's {name}")
+                bad += 1
+            continue
         if not (name.endswith(".weight") and is_routed_expert(m)):
             if name in stored and not torch.equal(stored[name], t):
                 print(f"  {name} differs from the input")
                 bad += 1
             continue
+        if t.dtype == torch.float8_e4m3fn:
+            t = block_dequantized(t, src[name + "_scale_inv"])
         if t.dtype != torch.bfloat16:
             t = t.to(torch.bfloat16)
         want = compress_linear(t, bits, group)

@@ -234,6 +234,8 @@ ModelConfig ModelConfig::from_json(const json& j) {
     const std::string method = get_str(q, "quant_method", "");
     if (method == "compressed-tensors") {
       c.quant = parse_quantization(j);
+      // An fp8 (float-quantized) group: those matrices take the fp8 path as quant_method fp8's.
+      c.fp8 = c.quant.has(Storage::Fp8);
       // What the Q4 / Q8 kernels take (kernels::Weight).
       const int64_t align = c.quant.num_bits == 4 ? 32 : 16;
       MS_CHECK(c.quant.group_size % align == 0, "config.json: compressed-tensors int",

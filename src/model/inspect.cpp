@@ -53,7 +53,9 @@ uint64_t numel(const std::vector<int64_t>& shape) {
 // The by-dtype row and parameter count of a tensor, from its name and dtype.
 void describe(TensorEntry& t, const Quantization& q) {
   const uint64_t n = numel(t.shape);
-  if (ends_with(t.name, "_scale_inv")) {
+  if (ends_with(t.name, "_scale_inv") ||
+      (ends_with(t.name, ".weight_scale") && q.kind == Quantization::Kind::PackQuantized &&
+       q.storage(t.name.substr(0, t.name.size() - 13)) == Storage::Fp8)) {
     t.kind = t.dtype + " block scales";
     t.params = 0;
   } else if (ends_with(t.name, ".weight_scale") || ends_with(t.name, ".weight_zero_point")) {
@@ -238,12 +240,15 @@ std::vector<TensorEntry> tensors_from_config(const ModelConfig& c, const Quantiz
     out.push_back(entry(name, fdt, {r, cols}, q));
   };
   auto linear = [&](const std::string& module, int64_t r, int64_t cols) {
-    if (!q.quantizes(module)) return plain(module + ".weight", r, cols);
-    if (q.kind == Quantization::Kind::Fp8Block) {
+    const Storage st = q.storage(module);
+    if (st == Storage::Plain) return plain(module + ".weight", r, cols);
+    if (st == Storage::Fp8) {
+      // quant_method fp8 names the scales weight_scale_inv, compressed-tensors weight_scale.
       out.push_back(entry(module + ".weight", "F8_E4M3", {r, cols}, q));
       out.push_back(entry(
-          module + ".weight_scale_inv", "F32",
-          {(r + q.block_rows - 1) / q.block_rows, (cols + q.block_cols - 1) / q.block_cols}, q));
+          module + (q.kind == Quantization::Kind::Fp8Block ? ".weight_scale_inv" : ".weight_scale"),
+          "F32", {(r + q.block_rows - 1) / q.block_rows, (cols + q.block_cols - 1) / q.block_cols},
+          q));
     } else {
       out.push_back(entry(module + ".weight_packed", "I32", {r, q.packed_cols(cols)}, q));
       out.push_back(entry(module + ".weight_scale", q.scale_dtype, {r, q.scale_cols(cols)}, q));
@@ -356,7 +361,7 @@ Inventory inspect_model(const std::string& dir) {
   json arch = j;
   arch.erase("quantization_config");
   inv.cfg = ModelConfig::from_json(arch);
-  inv.cfg.fp8 = inv.quant.kind == Quantization::Kind::Fp8Block;
+  inv.cfg.fp8 = inv.quant.has(Storage::Fp8);
   if (j.contains("num_nextn_predict_layers") && j["num_nextn_predict_layers"].is_number_integer())
     inv.mtp_layers = std::clamp<int64_t>(j["num_nextn_predict_layers"].get<int64_t>(), 0, 16);
   const std::string fdt = torch_dtype_name(j);

@@ -40,13 +40,14 @@ std::string gb(uint64_t b) {
 }
 
 // How one input tensor goes to the output.
-enum class Action { Copy, Quantize, ToBf16, Drop };
+enum class Action { Copy, Quantize, ToBf16, KeepFp8, Drop };
 
 struct Item {
   const TensorView* t = nullptr;
   Action action = Action::Copy;
   const TensorView* scale_inv = nullptr;  // fp8 input: its block scales
   std::string module;                     // Quantize: the name without ".weight"
+  std::string out_name;                   // the output tensor's name, when not the input's
   uint64_t out_bytes = 0;
 };
 
@@ -107,6 +108,16 @@ std::vector<std::string> quantize_ignore_list() {
           "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
           "re:.*eh_proj.*",
           "re:.*shared_head.*"};
+}
+
+std::vector<std::string> fp8_target_list() {
+  return {"re:.*self_attn\\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$",
+          "re:.*mlp\\.(gate_proj|up_proj|down_proj)$",
+          "re:.*mlp\\.shared_experts\\.(gate_proj|up_proj|down_proj)$", "re:.*eh_proj$"};
+}
+
+std::string expert_target() {
+  return "re:.*mlp\\.experts\\.\\d+\\.(gate_proj|up_proj|down_proj)$";
 }
 
 bool is_routed_expert_weight(const std::string& name) {
@@ -189,6 +200,25 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
   std::sort(order.begin(), order.end(), [](const TensorView* a, const TensorView* b) {
     return a->file != b->file ? a->file < b->file : a->data < b->data;
   });
+  // fp8 input: which fp8 matrices stay fp8 (compressed-tensors float-quantized): the Linear
+  // modules outside the routed experts that one of fp8_target_list() names.
+  std::vector<std::regex> fp8_res;
+  for (const std::string& t : fp8_target_list()) fp8_res.emplace_back(t.substr(3));
+  std::vector<bool> fp8_target_used(fp8_res.size(), false);
+  auto fp8_target = [&](const std::string& module) -> int {
+    for (size_t i = 0; i < fp8_res.size(); ++i)
+      if (std::regex_search(module, fp8_res[i], std::regex_constants::match_continuous))
+        return static_cast<int>(i);
+    return -1;
+  };
+  auto keeps_fp8 = [&](const std::string& name) {
+    if (!opt.keep_fp8 || !ends_with(name, ".weight") || is_routed_expert_weight(name) ||
+        !store.has(name))
+      return false;
+    const TensorView& t = store.get(name);
+    return t.dtype == DType::F8_E4M3 && t.shape.size() == 2 &&
+           fp8_target(name.substr(0, name.size() - 7)) >= 0;
+  };
   std::vector<Item> items;
   QuantizeResult res;
   for (const TensorView* t : order) {
@@ -198,8 +228,13 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
     res.bytes_in += t->nbytes;
     if (ends_with(n, "_scale_inv")) {
       const std::string base = n.substr(0, n.size() - std::string("_scale_inv").size());
-      // (dropped when its matrix is fp8: the matrix becomes bf16 or int)
-      if (store.has(base) && store.get(base).dtype == DType::F8_E4M3) it.action = Action::Drop;
+      // (dropped when its matrix is fp8 and becomes bf16 or int; renamed weight_scale when it
+      // stays fp8, as compressed-tensors names block scales)
+      if (keeps_fp8(base)) {
+        it.out_name = n.substr(0, n.size() - 4);
+      } else if (store.has(base) && store.get(base).dtype == DType::F8_E4M3) {
+        it.action = Action::Drop;
+      }
     } else if (is_routed_expert_weight(n)) {
       MS_CHECK(t->shape.size() == 2, "tensor ", n, " has shape ", t->shape_str(),
                ", expected a matrix");
@@ -215,7 +250,12 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
     } else if (t->dtype == DType::F8_E4M3) {
       MS_CHECK(t->shape.size() == 2, "tensor ", n, " is F8_E4M3 with shape ", t->shape_str(),
                ", expected a matrix");
-      it.action = Action::ToBf16;
+      if (keeps_fp8(n)) {
+        it.action = Action::KeepFp8;
+        fp8_target_used[fp8_target(n.substr(0, n.size() - 7))] = true;
+      } else {
+        it.action = Action::ToBf16;
+      }
     }
     if (t->dtype == DType::F8_E4M3) {
       const std::string sname = n + "_scale_inv";
@@ -224,7 +264,7 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
       const std::vector<int64_t> want = {(t->shape[0] + 127) / 128, (t->shape[1] + 127) / 128};
       MS_CHECK(s.dtype == DType::F32 && s.shape == want, "tensor ", sname, " must be F32 [",
                want[0], ", ", want[1], "], got ", dtype_name(s.dtype), " ", s.shape_str());
-      it.scale_inv = &s;
+      if (it.action != Action::KeepFp8) it.scale_inv = &s;
     }
     if (it.action == Action::Quantize) {
       const int64_t rows = t->shape[0], cols = t->shape[1];
@@ -232,7 +272,7 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
                                            rows * (cols / opt.group_size) * 2 + 16);
     } else if (it.action == Action::ToBf16) {
       it.out_bytes = static_cast<uint64_t>(t->numel()) * 2;
-    } else if (it.action == Action::Copy) {
+    } else if (it.action == Action::Copy || it.action == Action::KeepFp8) {
       it.out_bytes = t->nbytes;
     }
     items.push_back(it);
@@ -246,19 +286,44 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
 
   // The quantization_config, and the check that it tells every reader what was done: a Linear
   // module is quantized exactly when the config quantizes it.
-  json qc = pack_quantized_config(opt.bits, opt.group_size, quantize_ignore_list());
+  res.kept_fp8 = std::count_if(items.begin(), items.end(),
+                               [](const Item& i) { return i.action == Action::KeepFp8; });
+  auto is_linear_weight = [](const Item& it) {
+    const std::string& n = it.t->name;
+    return it.action != Action::Drop && it.t->shape.size() == 2 && ends_with(n, ".weight") &&
+           !ends_with(n, "embed_tokens.weight") && !ends_with(n, "mlp.gate.weight");
+  };
+  json qc;
+  if (res.kept_fp8 == 0) {
+    qc = pack_quantized_config(opt.bits, opt.group_size, quantize_ignore_list());
+  } else {
+    // "mixed-precision": the experts int, the kept fp8 matrices fp8, and every other Linear
+    // module named in `ignore` (readers such as vLLM want each Linear module targeted or
+    // ignored).
+    std::vector<std::string> fp8_targets, ignore;
+    for (size_t i = 0; i < fp8_res.size(); ++i)
+      if (fp8_target_used[i]) fp8_targets.push_back(fp8_target_list()[i]);
+    for (const Item& it : items)
+      if (is_linear_weight(it) && it.action != Action::Quantize && it.action != Action::KeepFp8)
+        ignore.push_back(it.t->name.substr(0, it.t->name.size() - 7));
+    std::sort(ignore.begin(), ignore.end());
+    qc = mixed_config(opt.bits, opt.group_size, {expert_target()}, fp8_targets, ignore);
+  }
   json cfg_out = config;
   cfg_out["quantization_config"] = qc;
   const Quantization q = parse_quantization(cfg_out);
   for (const Item& it : items) {
     const std::string& n = it.t->name;
-    if (it.action == Action::Drop || it.t->shape.size() != 2 || !ends_with(n, ".weight") ||
-        ends_with(n, "embed_tokens.weight") || ends_with(n, "mlp.gate.weight"))
-      continue;
+    if (!is_linear_weight(it)) continue;
     const std::string module = n.substr(0, n.size() - std::string(".weight").size());
-    MS_CHECK(q.quantizes(module) == (it.action == Action::Quantize), "tensor ", n,
-             ": the quantization_config would ", q.quantizes(module) ? "" : "not ",
-             "quantize it, but quantize ", it.action == Action::Quantize ? "does" : "does not",
+    const Storage want = it.action == Action::Quantize  ? Storage::Int
+                         : it.action == Action::KeepFp8 ? Storage::Fp8
+                                                        : Storage::Plain;
+    auto word = [](Storage s) {
+      return s == Storage::Int ? "int" : s == Storage::Fp8 ? "fp8" : "unquantized";
+    };
+    MS_CHECK(q.storage(module) == want, "tensor ", n, ": the quantization_config would read it as ",
+             word(q.storage(module)), ", but quantize writes it ", word(want),
              " (a tensor name quantize does not know)");
   }
 
@@ -300,7 +365,8 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
             {it->module + ".weight_scale", DType::BF16, {rows, cols / opt.group_size}});
         entries.push_back({it->module + ".weight_shape", DType::I64, {2}});
       } else {
-        entries.push_back({t.name, it->action == Action::ToBf16 ? DType::BF16 : t.dtype, t.shape});
+        entries.push_back({it->out_name.empty() ? t.name : it->out_name,
+                           it->action == Action::ToBf16 ? DType::BF16 : t.dtype, t.shape});
       }
     }
     for (const auto& e : entries) {
@@ -312,9 +378,9 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
     SafeTensorsWriter w((fs::path(opt.out) / file).string(), entries);
     for (const Item* it : shards[si]) {
       const TensorView& t = *it->t;
-      if (it->action == Action::Copy) {
+      if (it->action == Action::Copy || it->action == Action::KeepFp8) {
         w.write_data(t.data, t.nbytes);
-        ++res.copied;
+        if (it->action == Action::Copy) ++res.copied;
       } else if (it->action == Action::ToBf16) {
         const int64_t rows = t.shape[0], cols = t.shape[1];
         const int64_t chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(cols, 1));

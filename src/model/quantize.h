@@ -10,10 +10,14 @@
 // so the output holds the same integers and scales as the package's own quantization of the same
 // weights. Weights that are not bf16 are first rounded to bf16 (fp8: float(fp8) * scale_inv).
 //
-// Everything else is written as it was, except fp8: a checkpoint cannot declare both fp8 and
-// compressed-tensors quantization, so the other fp8 matrices (attention, shared experts, dense
-// layers) become bf16 (float(fp8) * scale_inv, rounded) and their scale_inv tensors go. The
-// output is a standard compressed-tensors checkpoint with the layout of Kimi-K2-Thinking.
+// Everything else is written as it was. A bf16 input gives a compressed-tensors pack-quantized
+// checkpoint with the layout of Kimi-K2-Thinking. An fp8 input (DeepSeek-V3/R1 as published)
+// keeps its other fp8 matrices (attention, shared experts, dense layers) fp8 byte for byte,
+// declared as compressed-tensors float-quantized 128x128 blocks in a second config group
+// (format "mixed-precision"), their weight_scale_inv tensors renamed weight_scale (the same
+// numbers: weight = float(fp8) * scale); Linear modules left unquantized (lm_head, ...) are
+// named in `ignore`. With keep_fp8 false they become bf16 instead (float(fp8) * scale_inv,
+// rounded) and their scales go: one pack-quantized config group, as for a bf16 input.
 //
 // The output is written shard by shard (model-0000i-of-0000n.safetensors and
 // model.safetensors.index.json), one tensor in memory at a time, reading the input's mapped
@@ -35,11 +39,13 @@ struct QuantizeOptions {
   int bits = 4;       // 4 or 8
   int64_t group_size = 32;
   uint64_t shard_bytes = uint64_t{5} << 30;  // a new shard starts past this many bytes
+  bool keep_fp8 = true;  // fp8 input: non-expert fp8 matrices stay fp8 (else become bf16)
 };
 
 struct QuantizeResult {
   int64_t quantized = 0;  // matrices quantized
   int64_t converted = 0;  // fp8 matrices written as bf16
+  int64_t kept_fp8 = 0;   // fp8 matrices written as they were (float-quantized)
   int64_t copied = 0;     // tensors copied as they were
   int64_t shards = 0;
   uint64_t bytes_in = 0, bytes_out = 0;
@@ -49,6 +55,12 @@ struct QuantizeResult {
 // The ignore list quantize writes: every Linear module of the architecture but the routed
 // experts (attention, shared experts, dense MLPs, lm_head, the MTP layer's projections).
 std::vector<std::string> quantize_ignore_list();
+
+// fp8 input: the targets of the fp8 config group (those that name a kept matrix are written):
+// attention projections, dense MLPs, shared experts, the MTP layer's eh_proj; and the int
+// group's target, the routed experts.
+std::vector<std::string> fp8_target_list();
+std::string expert_target();
 
 // Whether `name` is a routed expert's matrix:
 // model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight.

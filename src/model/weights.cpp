@@ -17,41 +17,73 @@ class Loader {
   Loader(const WeightStore& s, const ModelConfig& c) : store_(s), cfg_(c) {}
 
   // A matrix [rows, cols] stored as `<name>`: bf16, f16, f32, or fp8 with `<name>_scale_inv`;
-  // or, for a Linear module that a pack-quantized quantization_config quantizes, as the
-  // module's weight_packed, weight_scale and weight_shape (`linear`: whether the module is a
-  // Linear layer, which the embedding and the router are not).
+  // or, for a Linear module that a compressed-tensors quantization_config quantizes, as its
+  // scheme stores it: pack-quantized, the module's weight_packed, weight_scale and
+  // weight_shape; float-quantized, fp8 `<name>` with its block scales in `<module>.weight_scale`
+  // (`linear`: whether the module is a Linear layer, which the embedding and the router are not).
   Weight matrix(const std::string& name, int64_t rows, int64_t cols, bool linear = true) const {
     if (cfg_.quant.kind == Quantization::Kind::PackQuantized && linear) {
       const std::string module = name.substr(0, name.size() - std::string(".weight").size());
       const bool packed = store_.has(module + ".weight_packed");
-      if (cfg_.quant.quantizes(module)) return quantized(module, rows, cols);
-      MS_CHECK(!packed, "tensor ", module,
-               ".weight_packed is quantized, but config.json's quantization_config ignores "
-               "module ",
-               module, " (its ignore list names it)");
+      switch (cfg_.quant.storage(module)) {
+        case Storage::Int:
+          return quantized(module, rows, cols);
+        case Storage::Fp8:
+          MS_CHECK(!packed, "tensor ", module,
+                   ".weight_packed is int-quantized, but config.json's quantization_config "
+                   "stores module ",
+                   module, " as fp8 (float-quantized)");
+          return fp8(name, rows, cols, module + ".weight_scale", true);
+        case Storage::Plain:
+          MS_CHECK(!packed, "tensor ", module,
+                   ".weight_packed is quantized, but config.json's quantization_config ignores "
+                   "module ",
+                   module, " (its ignore list names it, or no config group targets it)");
+          MS_CHECK(store_.get(name).dtype != DType::F8_E4M3, "tensor ", name,
+                   " is F8_E4M3, but config.json's quantization_config has no fp8 config group "
+                   "that targets module ",
+                   module);
+          break;
+      }
     }
     const TensorView& t = store_.get(name, {rows, cols});
+    if (t.dtype == DType::F8_E4M3) {
+      MS_CHECK(cfg_.fp8, "tensor ", name,
+               " is F8_E4M3 but config.json declares no fp8 quantization_config");
+      return fp8(name, rows, cols, name + "_scale_inv", false);
+    }
+    MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor ",
+             name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32, F8_E4M3");
     Weight w;
     w.dtype = t.dtype;
     w.data = t.data;
     w.rows = rows;
     w.cols = cols;
-    if (t.dtype == DType::F8_E4M3) {
-      MS_CHECK(cfg_.fp8, "tensor ", name,
-               " is F8_E4M3 but config.json declares no fp8 quantization_config");
-      const int64_t br = (rows + 127) / 128, bc = (cols + 127) / 128;
-      const std::string sname = name + "_scale_inv";
-      MS_CHECK(store_.has(sname), "tensor ", name, " is F8_E4M3 but its scale ", sname,
-               " is missing");
-      const TensorView& s = store_.get(sname, {br, bc});
-      MS_CHECK(s.dtype == DType::F32, "tensor ", sname, " has dtype ", dtype_name(s.dtype),
-               ", expected F32");
-      w.scale_inv = static_cast<const float*>(s.data);
-      w.scale_cols = bc;
-    } else {
-      MS_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16 || t.dtype == DType::F32, "tensor ",
-               name, " has dtype ", dtype_name(t.dtype), ", supported: BF16, F16, F32, F8_E4M3");
-    }
+    return w;
+  }
+
+  // An fp8 e4m3 matrix `name` [rows, cols] with F32 scales `sname` [ceil(rows / 128),
+  // ceil(cols / 128)], one per 128x128 block: weight = float(fp8) * scale (DeepSeek's
+  // weight_scale_inv and compressed-tensors' block weight_scale hold the same numbers).
+  Weight fp8(const std::string& name, int64_t rows, int64_t cols, const std::string& sname,
+             bool declared) const {
+    const TensorView& t = store_.get(name, {rows, cols});
+    MS_CHECK(t.dtype == DType::F8_E4M3, "tensor ", name, " has dtype ", dtype_name(t.dtype),
+             declared ? ", but config.json's quantization_config stores it as fp8 (F8_E4M3)"
+                      : ", expected F8_E4M3");
+    const int64_t br = (rows + 127) / 128, bc = (cols + 127) / 128;
+    MS_CHECK(store_.has(sname), "tensor ", name, " is F8_E4M3 but its scale ", sname,
+             " is missing");
+    const TensorView& s = store_.get(sname, {br, bc});
+    MS_CHECK(s.dtype == DType::F32, "tensor ", sname, " has dtype ", dtype_name(s.dtype),
+             ", expected F32");
+    Weight w;
+    w.dtype = t.dtype;
+    w.data = t.data;
+    w.rows = rows;
+    w.cols = cols;
+    w.scale_inv = static_cast<const float*>(s.data);
+    w.scale_cols = bc;
     return w;
   }
 

@@ -19,8 +19,10 @@
 #include <typeinfo>
 
 #include "../test_util.h"
+#include "core/thread_pool.h"
 #include "model/init_model.h"
 #include "model/model.h"
+#include "model/quantize.h"
 
 using namespace moeserve;
 using moeserve::testing::TempDir;
@@ -129,6 +131,33 @@ const Checkpoint& base_int4() {
     c.header = json::parse(file.substr(8, len));
     c.data = file.substr(8 + len);
     c.what = "int4 base";
+    return c;
+  }();
+  return k;
+}
+
+// The fp8 base through `quantize --experts int8 --group-size 16`: compressed-tensors
+// mixed-precision, the routed experts int8 and the other fp8 matrices fp8 (float-quantized, with
+// weight_scale), as parts.
+const Checkpoint& base_mixed() {
+  static const Checkpoint k = [] {
+    TempDir d;
+    write(base(true), d / "fp8");
+    model::QuantizeOptions o;
+    o.model = d / "fp8";
+    o.out = d / "q";
+    o.bits = 8;
+    o.group_size = 16;
+    ThreadPool pool(1);
+    model::quantize_checkpoint(o, pool);
+    Checkpoint c;
+    c.config = json::parse(read_file(d / "q/config.json"));
+    const std::string file = read_file(d / "q/model-00001-of-00001.safetensors");
+    uint64_t len = 0;
+    std::memcpy(&len, file.data(), 8);
+    c.header = json::parse(file.substr(8, len));
+    c.data = file.substr(8 + len);
+    c.what = "mixed base";
     return c;
   }();
   return k;
@@ -660,6 +689,34 @@ TEST(QuantizedLoader, StorageMustMatchTheIgnoreList) {
   expect_rejected(k, {"experts", ".weight", "missing"});
 }
 
+// A mixed-precision checkpoint: its fp8 matrices read as the fp8 base's (the same bytes and
+// scales), and damage to the fp8 group's tensors or config is one clear error.
+TEST(QuantizedLoader, MixedFp8Group) {
+  const Outcome o = load(base_mixed());
+  ASSERT_TRUE(o.loaded) << o.error;
+  expect_sound(o, "mixed base", true);
+  const std::string m = "model.layers.0.self_attn.o_proj";
+  Checkpoint k = base_mixed();
+  k.header[m + ".weight_scale_inv"] = k.header[m + ".weight_scale"];
+  k.header.erase(m + ".weight_scale");
+  k.what = "weight_scale named weight_scale_inv";
+  expect_rejected(k, {m + ".weight_scale", "missing"});
+  k = base_mixed();
+  k.header[m + ".weight_scale"]["shape"] = {2, 1};
+  repack(k, {{m + ".weight_scale", std::string(8, '\0')}});
+  k.what = "weight_scale [2, 1]";
+  expect_rejected(k, {m + ".weight_scale", "[2, 1]"});
+  k = base_mixed();
+  k.header[m + ".weight"]["dtype"] = "I8";
+  k.what = "fp8 weight as I8";
+  expect_rejected(k, {m + ".weight", "I8", "as fp8"});
+  k = base_mixed();
+  k.config["quantization_config"]["config_groups"]["group_1"]["weights"]["block_structure"] = {128,
+                                                                                               64};
+  k.what = "block_structure [128, 64]";
+  expect_rejected(k, {"block_structure", "[128,64]"});
+}
+
 TEST(QuantizedLoader, QuantizedKvBProjIsRefused) {
   Checkpoint k = base_int4();
   const std::string m = "model.layers.0.self_attn.kv_b_proj";  // [256, 32]
@@ -1000,18 +1057,20 @@ TEST(LoaderFuzz, RandomVariants) {
   std::mt19937_64 rng(seed);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(25);
   TempDir d;
-  // Bases: 0 bf16, 1 fp8, 2 compressed-tensors int4.
-  auto base_of = [](int b) -> const Checkpoint& { return b == 2 ? base_int4() : base(b == 1); };
-  std::vector<float> base_logits[3];
-  for (int b : {0, 1, 2}) {
+  // Bases: 0 bf16, 1 fp8, 2 compressed-tensors int4, 3 compressed-tensors int8 + fp8.
+  auto base_of = [](int b) -> const Checkpoint& {
+    return b == 3 ? base_mixed() : b == 2 ? base_int4() : base(b == 1);
+  };
+  std::vector<float> base_logits[4];
+  for (int b : {0, 1, 2, 3}) {
     const Outcome o = load(base_of(b));
     ASSERT_TRUE(o.loaded) << o.error;
     base_logits[b] = o.logits;
   }
   int loaded = 0, rejected = 0, ran = 0, same = 0;
   for (int i = 0; i < cases && std::chrono::steady_clock::now() < deadline; ++i, ++ran) {
-    const uint64_t pick = rng() % 8;
-    const int b = pick < 2 ? 1 : pick < 4 ? 2 : 0;
+    const uint64_t pick = rng() % 10;
+    const int b = pick < 2 ? 1 : pick < 4 ? 2 : pick < 6 ? 3 : 0;
     Checkpoint k = base_of(b);
     k.what += " #" + std::to_string(i);
     Effect effect = kSame;

@@ -3,6 +3,7 @@
 // tools/make_quantized_fixtures.py with the package), and `quantize` against the package's
 // quantization of the same weights. (Their log-probs against transformers: test_engine's
 // Reference suite, which runs every fixture with a reference.json.)
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -205,7 +206,13 @@ TEST(QuantizedConfig, Errors) {
       {[](json& q) { q["format"] = "marlin-24"; }, {"marlin-24"}},
       {[](json& q) { q["quantization_status"] = "frozen"; }, {"frozen"}},
       {[](json& q) { q["config_groups"]["group_1"] = q["config_groups"]["group_0"]; },
-       {"one entry in config_groups"}},
+       {"more than one pack-quantized"}},
+      {[](json& q) { q["config_groups"] = json::object(); }, {"at least one entry"}},
+      {[](json& q) { q["config_groups"]["group_0"]["targets"] = json::array(); }, {"no targets"}},
+      {[](json& q) { q["config_groups"]["group_0"]["targets"] = {"re:(x"}; },
+       {"target pattern", "regular expression"}},
+      {[](json& q) { q["config_groups"]["group_0"]["format"] = "nvfp4-pack-quantized"; },
+       {"group_0", "nvfp4-pack-quantized"}},
       {[](json& q) { q["ignore"] = {"re:(unclosed"}; }, {"regular expression"}},
       {[](json& q) { q["config_groups"]["group_0"]["weights"]["num_bits"] = "four"; },
        {"malformed"}},
@@ -217,7 +224,8 @@ TEST(QuantizedConfig, Errors) {
       ADD_FAILURE() << "accepted " << k["quantization_config"].dump();
     } catch (const Error& e) {
       const std::string msg = e.what();
-      for (const auto& f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << msg;
+      for (const auto& f : fragments)
+        EXPECT_NE(msg.find(f), std::string::npos) << f << " / " << msg;
     }
   }
   // int8 takes groups of 16.
@@ -226,6 +234,73 @@ TEST(QuantizedConfig, Errors) {
     q["config_groups"]["group_0"]["weights"]["group_size"] = 16;
   });
   EXPECT_EQ(model::ModelConfig::from_json(k8).quant.group_size, 16);
+  // A float-quantized (fp8) group: 128x128 blocks of e4m3, weights static, activations
+  // unquantized or dynamic.
+  auto fp8 = [&](const std::function<void(json&)>& edit) {
+    return with([&](json& q) {
+      q["format"] = "mixed-precision";
+      json g = model::mixed_config(4, 32, {"re:.*experts.*"}, {"Linear"},
+                                   {"lm_head"})["config_groups"]["group_1"];
+      edit(g);
+      q["config_groups"]["group_0"]["targets"] = {"re:.*experts.*"};
+      q["config_groups"]["group_1"] = g;
+    });
+  };
+  const model::ModelConfig ok = model::ModelConfig::from_json(fp8([](json&) {}));
+  EXPECT_TRUE(ok.fp8);
+  const std::vector<std::pair<std::function<void(json&)>, std::vector<std::string>>> fp8_cases = {
+      {[](json& g) {
+         g["weights"]["block_structure"] = {64, 64};
+       },
+       {"block_structure", "[64,64]"}},
+      {[](json& g) {
+         g["weights"]["strategy"] = "channel";
+         g["weights"]["block_structure"] = nullptr;
+       },
+       {"fp8 strategy", "channel"}},
+      {[](json& g) { g["weights"]["num_bits"] = 4; }, {"8-bit floats"}},
+      {[](json& g) { g["input_activations"]["dynamic"] = false; }, {"static input_activations"}},
+      {[](json& g) { g["weights"]["dynamic"] = true; }, {"dynamic weight"}},
+      {[](json& g) { g["targets"] = {"re:.*experts.*"}; }, {"more than one config group"}},
+  };
+  for (const auto& [edit, fragments] : fp8_cases) {
+    const json k = fp8(edit);
+    try {
+      model::ModelConfig::from_json(k);
+      ADD_FAILURE() << "accepted " << k["quantization_config"].dump();
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      for (const auto& f : fragments)
+        EXPECT_NE(msg.find(f), std::string::npos) << f << " / " << msg;
+    }
+  }
+}
+
+// Which config group takes a module when several targets match it, as compressed-tensors
+// decides: exact names first, then "re:" patterns in string order, then the class "Linear";
+// the ignore list before all of them; a module no target names stays unquantized.
+TEST(QuantizedConfig, TargetsChooseTheScheme) {
+  json j = read_json(fixture("v3_tiny_int4") + "/config.json");
+  j["quantization_config"] =
+      model::mixed_config(4, 32, {"re:.*mlp\\.experts\\..*", "model.layers.1.self_attn.o_proj"},
+                          {"Linear", "re:.*self_attn\\.o_proj$"}, {"lm_head", "re:.*kv_b_proj"});
+  const model::Quantization q = model::ModelConfig::from_json(j).quant;
+  using model::Storage;
+  EXPECT_EQ(q.storage("model.layers.1.mlp.experts.3.up_proj"), Storage::Int);  // pattern > class
+  EXPECT_EQ(q.storage("model.layers.1.self_attn.o_proj"), Storage::Int);       // exact > pattern
+  EXPECT_EQ(q.storage("model.layers.2.self_attn.o_proj"), Storage::Fp8);
+  EXPECT_EQ(q.storage("model.layers.2.self_attn.q_a_proj"), Storage::Fp8);     // class Linear
+  EXPECT_EQ(q.storage("model.layers.2.self_attn.kv_b_proj"), Storage::Plain);  // ignored
+  EXPECT_EQ(q.storage("lm_head"), Storage::Plain);
+  EXPECT_TRUE(q.has(Storage::Int));
+  EXPECT_TRUE(q.has(Storage::Fp8));
+  // Two patterns that both match: the one first in string order wins.
+  j["quantization_config"] =
+      model::mixed_config(4, 32, {"re:model\\.layers\\.1\\..*"}, {"re:.*experts.*"}, {});
+  const model::Quantization r = model::ModelConfig::from_json(j).quant;
+  EXPECT_EQ(r.storage("model.layers.1.mlp.experts.0.up_proj"), Storage::Fp8);  // ".*" < "m"
+  EXPECT_EQ(r.storage("model.layers.1.self_attn.o_proj"), Storage::Int);
+  EXPECT_EQ(r.storage("model.layers.2.self_attn.o_proj"), Storage::Plain);  // no target
 }
 
 namespace {
@@ -329,10 +404,124 @@ TEST(Quantize, RowsAsTheFormulas) {
   EXPECT_EQ(w8, 0xff807f00u);
 }
 
-// An fp8 checkpoint: the experts are dequantized (float(fp8) * scale_inv, rounded to bf16) and
-// quantized; the other fp8 matrices become bf16 the same way and their scales go; the output is
-// one compressed-tensors checkpoint that loads.
-TEST(Quantize, Fp8Input) {
+namespace {
+
+// A random fp8 checkpoint whose matrices have partial 128x128 blocks (160 = 128 + 32).
+void write_fp8_model(const std::string& dir) {
+  model::ModelConfig c = model::preset_config("tiny");
+  c.hidden_size = 160;
+  c.moe_intermediate_size = 96;
+  c.intermediate_size = 192;
+  model::InitOptions io;
+  io.seed = 5;
+  io.fp8 = true;
+  model::write_random_model(c, dir, io);
+  std::ofstream(fs::path(dir) / "tokenizer_config.json") << "{}";
+}
+
+// Log-softmax of logits.
+std::vector<double> log_probs(const std::vector<float>& l) {
+  double m = *std::max_element(l.begin(), l.end()), z = 0;
+  for (float v : l) z += std::exp(v - m);
+  std::vector<double> out;
+  for (float v : l) out.push_back(v - m - std::log(z));
+  return out;
+}
+
+}  // namespace
+
+// An fp8 checkpoint, by default: the experts are dequantized (float(fp8) * scale_inv, rounded to
+// bf16) and quantized; every other fp8 matrix stays fp8 byte for byte, its scale_inv renamed
+// weight_scale, in one compressed-tensors "mixed-precision" checkpoint that loads, reads the
+// same fp8 weights and gives log-probs close to the fp8 original's.
+TEST(Quantize, Fp8InputStaysFp8) {
+  TempDir d;
+  write_fp8_model(d / "fp8");
+  ThreadPool pool(2);
+  model::QuantizeOptions o;
+  o.model = d / "fp8";
+  o.out = d / "q";
+  const model::QuantizeResult r = model::quantize_checkpoint(o, pool);
+  o.out = d / "bf16";
+  o.keep_fp8 = false;
+  const model::QuantizeResult rb = model::quantize_checkpoint(o, pool);
+  EXPECT_EQ(r.converted, 0);
+  EXPECT_GT(r.kept_fp8, 0);
+  EXPECT_EQ(rb.converted, r.kept_fp8);
+  EXPECT_EQ(r.quantized, rb.quantized);
+  EXPECT_EQ(r.files_copied, std::vector<std::string>{"tokenizer_config.json"});
+
+  const Tensors in(d / "fp8"), mixed(d / "q"), viabf16(d / "bf16");
+  int64_t fp8_seen = 0, expert_seen = 0;
+  for (const auto& [name, v] : in.t) {
+    const auto& [dt, shape, bytes] = v;
+    if (name.size() > 10 && name.compare(name.size() - 10, 10, "_scale_inv") == 0) {
+      EXPECT_EQ(mixed.t.count(name), 0u) << name;
+      continue;
+    }
+    if (model::is_routed_expert_weight(name)) {
+      // The experts: what quantizing the dequantized input gives (the bf16 route's).
+      const std::string m = name.substr(0, name.size() - 7);
+      for (const char* k : {".weight_packed", ".weight_scale", ".weight_shape"}) {
+        ASSERT_TRUE(mixed.t.count(m + k)) << m + k;
+        EXPECT_EQ(mixed.t.at(m + k), viabf16.t.at(m + k)) << m + k;
+      }
+      ++expert_seen;
+      continue;
+    }
+    ASSERT_TRUE(mixed.t.count(name)) << name;
+    EXPECT_EQ(mixed.t.at(name), v) << name;  // dtype, shape and bytes
+    if (dt == DType::F8_E4M3) {
+      const std::string scale = name + "_scale";  // X.weight_scale_inv -> X.weight_scale
+      ASSERT_TRUE(mixed.t.count(scale)) << scale;
+      EXPECT_EQ(mixed.t.at(scale), in.t.at(name + "_scale_inv")) << scale;
+      ++fp8_seen;
+    }
+  }
+  EXPECT_EQ(fp8_seen, r.kept_fp8);
+  EXPECT_EQ(expert_seen, r.quantized);
+
+  // The config: experts int4, the fp8 matrices fp8, lm_head ignored; written back as read.
+  const json qc = read_json(d / "q/config.json")["quantization_config"];
+  EXPECT_EQ(qc["format"], "mixed-precision");
+  EXPECT_EQ(qc["ignore"], json::array({"lm_head"}));
+  EXPECT_EQ(qc["config_groups"]["group_1"]["format"], "float-quantized");
+  const Loaded a(d / "fp8"), b(d / "q");
+  EXPECT_TRUE(b.cfg.fp8);
+  EXPECT_EQ(b.cfg.to_json()["quantization_config"], qc);
+  EXPECT_EQ(model::ModelConfig::from_json(b.cfg.to_json()).to_json(), b.cfg.to_json());
+  // Loaded: the same fp8 matrices and scales as the input's, read in place.
+  const std::vector<std::pair<const model::Weight*, const model::Weight*>> same = {
+      {&a.w.layers[1].attn.kv_b_proj, &b.w.layers[1].attn.kv_b_proj},
+      {&a.w.layers[1].attn.q_a_proj, &b.w.layers[1].attn.q_a_proj},
+      {&a.w.layers[1].moe.shared.down, &b.w.layers[1].moe.shared.down},
+      {&a.w.layers[0].mlp.up, &b.w.layers[0].mlp.up}};
+  for (const auto& [x, y] : same) {
+    ASSERT_EQ(x->dtype, DType::F8_E4M3);
+    ASSERT_EQ(y->dtype, DType::F8_E4M3);
+    ASSERT_EQ(y->scale_cols, x->scale_cols);
+    for (int64_t i = 0; i < x->rows; ++i)
+      for (int64_t j = 0; j < x->cols; ++j) ASSERT_EQ(y->at(i, j), x->at(i, j));
+  }
+  EXPECT_EQ(b.w.layers[1].attn.kv_b_proj.scale_inv,
+            b.store->get("model.layers.1.self_attn.kv_b_proj.weight_scale").data);
+  EXPECT_EQ(b.w.layers[1].moe.experts[2].down.dtype, DType::Q4);
+  EXPECT_EQ(b.w.lm_head.dtype, DType::BF16);
+
+  // Forward: the mixed checkpoint's log-probs are close to the fp8 original's (int4 experts
+  // are the only difference) and differ from the all-bf16 route's (fp8 matrices computed as fp8).
+  const std::vector<double> lf = log_probs(forward_logits(d / "fp8")),
+                            lm = log_probs(forward_logits(d / "q")),
+                            lb = log_probs(forward_logits(d / "bf16"));
+  double dmax = 0;
+  for (size_t i = 0; i < lf.size(); ++i) dmax = std::max(dmax, std::fabs(lf[i] - lm[i]));
+  EXPECT_LT(dmax, 0.05);  // (0.03 here; the log-probs spread over 2)
+  EXPECT_NE(lm, lb);
+}
+
+// With keep_fp8 off (--dense-dtype bf16): the experts are dequantized and quantized; the other
+// fp8 matrices become bf16 the same way and their scales go: one pack-quantized config group.
+TEST(Quantize, Fp8InputToBf16) {
   TempDir d;
   model::ModelConfig c = model::preset_config("tiny");
   c.hidden_size = 64;
@@ -342,20 +531,20 @@ TEST(Quantize, Fp8Input) {
   io.seed = 5;
   io.fp8 = true;
   model::write_random_model(c, d / "fp8", io);
-  std::ofstream(d / "fp8/tokenizer_config.json") << "{}";
   model::QuantizeOptions o;
   o.model = d / "fp8";
   o.out = d / "q";
   o.bits = 4;
+  o.keep_fp8 = false;
   ThreadPool pool(2);
   const model::QuantizeResult r = model::quantize_checkpoint(o, pool);
   EXPECT_GT(r.converted, 0);
-  EXPECT_EQ(r.files_copied, std::vector<std::string>{"tokenizer_config.json"});
-  EXPECT_TRUE(fs::exists(d / "q/tokenizer_config.json"));
+  EXPECT_EQ(r.kept_fp8, 0);
 
   const Loaded in(d / "fp8");
   const Loaded out(d / "q");
   EXPECT_FALSE(out.cfg.fp8);
+  EXPECT_EQ(out.cfg.quant.schemes.size(), 1u);
   for (const auto& [name, v] : out.store->all()) EXPECT_NE(v->dtype, DType::F8_E4M3) << name;
   // A converted matrix: bf16(float(fp8) * scale_inv).
   const model::Weight& a = in.w.layers[1].attn.kv_b_proj;
@@ -378,6 +567,47 @@ TEST(Quantize, Fp8Input) {
     for (int64_t j = 0; j < e.cols; ++j)
       ASSERT_EQ(q.at(i, j), static_cast<float>(qi[j]) * bf16_to_f32(sc[j / 32]));
   }
+}
+
+// The loader refuses a mixed checkpoint whose config and tensors disagree, naming the module.
+TEST(QuantizedConfig, MixedLoaderErrors) {
+  TempDir d;
+  write_fp8_model(d / "fp8");
+  ThreadPool pool(2);
+  model::QuantizeOptions o;
+  o.model = d / "fp8";
+  o.out = d / "q";
+  model::quantize_checkpoint(o, pool);
+  const json cfg = read_json(d / "q/config.json");
+  auto load_with = [&](const std::function<void(json&)>& edit) {
+    json k = cfg;
+    edit(k["quantization_config"]);
+    std::ofstream(d / "q/config.json") << k.dump();
+    Loaded l(d / "q");
+  };
+  // An fp8 matrix that no fp8 group targets.
+  expect_error([&] { load_with([](json& q) { q["ignore"].push_back("re:.*o_proj"); }); },
+               {"self_attn.o_proj.weight is F8_E4M3", "no fp8 config group"});
+  // The experts declared fp8: no weight tensor.
+  expect_error(
+      [&] {
+        load_with([](json& q) {
+          q["config_groups"]["group_1"]["targets"].push_back(
+              q["config_groups"]["group_0"]["targets"][0]);
+          q["config_groups"]["group_0"]["targets"] = {"model.layers.0.mlp.nothing"};
+        });
+      },
+      {"weight_packed is int-quantized", "as fp8"});
+  // lm_head (bf16) declared fp8.
+  expect_error(
+      [&] {
+        load_with([](json& q) {
+          q["ignore"] = json::array();
+          q["config_groups"]["group_1"]["targets"].push_back("lm_head");
+        });
+      },
+      {"lm_head.weight has dtype BF16", "as fp8"});
+  load_with([](json&) {});  // as written: loads
 }
 
 TEST(Quantize, Errors) {
@@ -438,6 +668,30 @@ TEST(Quantize, InspectDerivesWhatItWrites) {
   o.out = d / "q";
   ThreadPool pool(2);
   model::quantize_checkpoint(o, pool);
+  // The same for an fp8 input's mixed output.
+  write_fp8_model(d / "fp8");
+  o.model = d / "fp8";
+  o.out = d / "mixed";
+  model::quantize_checkpoint(o, pool);
+  fs::create_directories(d / "config-only-mixed");
+  fs::copy_file(d / "mixed/config.json", d / "config-only-mixed/config.json");
+  {
+    const model::Inventory headers = model::inspect_model(d / "mixed");
+    const model::Inventory derived = model::inspect_model(d / "config-only-mixed");
+    EXPECT_NE(headers.quant.describe().find("fp8 e4m3 (float-quantized)"), std::string::npos);
+    std::map<std::string, const model::TensorEntry*> by_name;
+    for (const auto& t : derived.tensors) by_name[t.name] = &t;
+    size_t fp8 = 0;
+    for (const auto& t : headers.tensors) {
+      ASSERT_TRUE(by_name.count(t.name)) << t.name;
+      EXPECT_EQ(by_name[t.name]->dtype, t.dtype) << t.name;
+      EXPECT_EQ(by_name[t.name]->shape, t.shape) << t.name;
+      EXPECT_EQ(by_name[t.name]->kind, t.kind) << t.name;
+      fp8 += t.dtype == "F8_E4M3";
+    }
+    EXPECT_GT(fp8, 0u);
+    EXPECT_EQ(headers.tensors.size(), derived.tensors.size());
+  }
   fs::create_directories(d / "config-only");
   fs::copy_file(d / "q/config.json", d / "config-only/config.json");
   const model::Inventory headers = model::inspect_model(d / "q");
@@ -468,7 +722,8 @@ TEST(Quantize, CommandLine) {
   };
   std::string out, err;
   ASSERT_EQ(run("quantize --help", &out, &err), 0) << err;
-  for (const char* s : {"[MODEL]", "--out", "--experts", "--group-size INT=32", "--shard-size"})
+  for (const char* s : {"[MODEL]", "--out", "--experts", "--group-size INT=32", "--shard-size",
+                        "--dense-dtype fp8|bf16"})
     EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
   const std::string model = fixture("v3_tiny");
   ASSERT_EQ(run("quantize " + model + " --out " + (d / "q") + " --experts int8 --shard-size 0.0005",
@@ -490,6 +745,22 @@ TEST(Quantize, CommandLine) {
   EXPECT_NE(err.find("--group-size 20"), std::string::npos) << err;
   EXPECT_EQ(run("quantize " + model + " --experts int4", &out, &err), 1);
   EXPECT_NE(err.find("--out"), std::string::npos) << err;
+  EXPECT_EQ(run("quantize " + model + " --out " + (d / "r") + " --experts int4 --dense-dtype f16",
+                &out, &err),
+            1);
+  EXPECT_NE(err.find("--dense-dtype \"f16\""), std::string::npos) << err;
+  // An fp8 input: its other fp8 matrices kept fp8 by default, or made bf16.
+  write_fp8_model(d / "fp8");
+  ASSERT_EQ(run("quantize " + (d / "fp8") + " --out " + (d / "m") + " --experts int4", &out, &err),
+            0)
+      << err;
+  EXPECT_NE(out.find("kept 24 fp8 matrices fp8, converted 0"), std::string::npos) << out;
+  ASSERT_EQ(
+      run("quantize " + (d / "fp8") + " --out " + (d / "b") + " --experts int4 --dense-dtype bf16",
+          &out, &err),
+      0)
+      << err;
+  EXPECT_NE(out.find("kept 0 fp8 matrices fp8, converted 24"), std::string::npos) << out;
   EXPECT_FALSE(fs::exists(d / "r"));
 }
 
