@@ -64,7 +64,7 @@ std::string weights_label(const model::ModelConfig& c) {
   if (c.quant.kind == K::PackQuantized)
     return "int" + std::to_string(c.quant.num_bits) + " group " +
            (c.quant.group_size > 0 ? std::to_string(c.quant.group_size) : std::string("row")) +
-           " where quantized, the rest bf16";
+           " where quantized, the rest " + (c.fp8 ? "fp8" : "bf16");
   return c.fp8 ? "fp8" : "bf16";
 }
 

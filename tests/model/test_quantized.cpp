@@ -340,9 +340,11 @@ TEST_P(QuantizedFixture, QuantizeMatchesThePackage) {
   EXPECT_TRUE(fs::exists(out + "/model-00001-of-" +
                          std::string(5 - std::to_string(r.shards).size(), '0') +
                          std::to_string(r.shards) + ".safetensors"));
-  for (const auto& f : fs::directory_iterator(out))
-    if (f.path().extension() == ".safetensors")
+  for (const auto& f : fs::directory_iterator(out)) {
+    if (f.path().extension() == ".safetensors") {
       EXPECT_LT(fs::file_size(f.path()), 300'000u + 100'000u) << f.path();
+    }
+  }
 
   const Tensors got(out), want(dir());
   ASSERT_EQ(got.t.size(), want.t.size());
