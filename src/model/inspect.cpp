@@ -32,18 +32,6 @@ uint64_t elem_size(const std::string& d) {
   return it == sizes.end() ? 0 : it->second;
 }
 
-std::string printable(const std::string& s) {
-  std::string out = s.size() > 200 ? s.substr(0, 200) + "..." : s;
-  for (char& ch : out)
-    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
-  return out;
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 uint64_t numel(const std::vector<int64_t>& shape) {
   uint64_t n = 1;
   for (int64_t d : shape) n *= static_cast<uint64_t>(d);
@@ -53,18 +41,18 @@ uint64_t numel(const std::vector<int64_t>& shape) {
 // The by-dtype row and parameter count of a tensor, from its name and dtype.
 void describe(TensorEntry& t, const Quantization& q) {
   const uint64_t n = numel(t.shape);
-  if (ends_with(t.name, "_scale_inv") ||
-      (ends_with(t.name, ".weight_scale") && q.kind == Quantization::Kind::PackQuantized &&
+  if (t.name.ends_with("_scale_inv") ||
+      (t.name.ends_with(".weight_scale") && q.kind == Quantization::Kind::PackQuantized &&
        q.storage(t.name.substr(0, t.name.size() - 13)) == Storage::Fp8)) {
     t.kind = t.dtype + " block scales";
     t.params = 0;
-  } else if (ends_with(t.name, ".weight_scale") || ends_with(t.name, ".weight_zero_point")) {
+  } else if (t.name.ends_with(".weight_scale") || t.name.ends_with(".weight_zero_point")) {
     t.kind = t.dtype + " group scales";
     t.params = 0;
-  } else if (ends_with(t.name, ".weight_shape")) {
+  } else if (t.name.ends_with(".weight_shape")) {
     t.kind = t.dtype + " shapes";
     t.params = 0;
-  } else if (ends_with(t.name, ".weight_packed")) {
+  } else if (t.name.ends_with(".weight_packed")) {
     const uint64_t bits = elem_size(t.dtype) * 8;
     const uint64_t per = bits && q.num_bits > 0 ? bits / static_cast<uint64_t>(q.num_bits) : 1;
     t.kind = "int" + std::to_string(q.num_bits) + " (packed " + t.dtype + ")";

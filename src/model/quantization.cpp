@@ -6,8 +6,6 @@ namespace moeserve::model {
 
 using nlohmann::json;
 
-namespace {
-
 std::string printable(const std::string& s) {
   std::string out = s.size() > 200 ? s.substr(0, 200) + "..." : s;
   for (char& ch : out)
@@ -15,10 +13,7 @@ std::string printable(const std::string& s) {
   return out;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+namespace {
 
 // Keys the pack-quantized weights scheme may hold with other than their neutral value.
 Quantization parse_fields(const json& j) {
@@ -215,7 +210,7 @@ Storage Quantization::storage(const std::string& module) const {
       ++next_pattern;
       if (std::regex_search(module, *re, std::regex_constants::match_continuous))
         return Storage::Plain;
-    } else if (module == rule || ends_with(module, "." + rule)) {
+    } else if (module == rule || module.ends_with("." + rule)) {
       return Storage::Plain;
     }
   }

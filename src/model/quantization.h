@@ -30,6 +30,10 @@ struct QuantScheme {
   std::vector<std::string> targets;
 };
 
+// s for an error message quoting config.json: at most 200 characters (then "..."), control
+// characters shown as '?'.
+std::string printable(const std::string& s);
+
 struct Quantization {
   // PackQuantized: compressed-tensors, with an int (pack-quantized) group, an fp8
   // (float-quantized) group or both.

@@ -28,11 +28,6 @@ namespace {
 constexpr size_t kMaxConfigBytes = size_t{16} << 20;
 constexpr int64_t kChunkElems = int64_t{1} << 20;  // rows converted at a time, about
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 std::string gb(uint64_t b) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f GB", static_cast<double>(b) / 1e9);
@@ -91,7 +86,7 @@ std::vector<std::string> copyable_files(const std::string& dir) {
   for (const auto& e : fs::directory_iterator(dir)) {
     if (!e.is_regular_file()) continue;
     const std::string n = e.path().filename().string();
-    if (ends_with(n, ".safetensors") || n == "model.safetensors.index.json" || n == "config.json")
+    if (n.ends_with(".safetensors") || n == "model.safetensors.index.json" || n == "config.json")
       continue;
     out.push_back(n);
   }
@@ -212,7 +207,7 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
     return -1;
   };
   auto keeps_fp8 = [&](const std::string& name) {
-    if (!opt.keep_fp8 || !ends_with(name, ".weight") || is_routed_expert_weight(name) ||
+    if (!opt.keep_fp8 || !name.ends_with(".weight") || is_routed_expert_weight(name) ||
         !store.has(name))
       return false;
     const TensorView& t = store.get(name);
@@ -226,7 +221,7 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
     it.t = t;
     const std::string& n = t->name;
     res.bytes_in += t->nbytes;
-    if (ends_with(n, "_scale_inv")) {
+    if (n.ends_with("_scale_inv")) {
       const std::string base = n.substr(0, n.size() - std::string("_scale_inv").size());
       // (dropped when its matrix is fp8 and becomes bf16 or int; renamed weight_scale when it
       // stays fp8, as compressed-tensors names block scales)
@@ -290,8 +285,8 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
                                [](const Item& i) { return i.action == Action::KeepFp8; });
   auto is_linear_weight = [](const Item& it) {
     const std::string& n = it.t->name;
-    return it.action != Action::Drop && it.t->shape.size() == 2 && ends_with(n, ".weight") &&
-           !ends_with(n, "embed_tokens.weight") && !ends_with(n, "mlp.gate.weight");
+    return it.action != Action::Drop && it.t->shape.size() == 2 && n.ends_with(".weight") &&
+           !n.ends_with("embed_tokens.weight") && !n.ends_with("mlp.gate.weight");
   };
   json qc;
   if (res.kept_fp8 == 0) {
