@@ -90,14 +90,19 @@ struct Scalar {
     return v.v[0];
   }
 
+  // (The 16-bit values may lie at any byte address, as the vector loads allow.)
   static V cvt_bf16(const uint16_t* p) {
+    uint16_t h[16];
+    std::memcpy(h, p, sizeof h);
     V r;
-    for (int l = 0; l < 16; ++l) r.v[l] = bf16_to_f32(p[l]);
+    for (int l = 0; l < 16; ++l) r.v[l] = bf16_to_f32(h[l]);
     return r;
   }
   static V cvt_f16(const uint16_t* p) {
+    uint16_t h[16];
+    std::memcpy(h, p, sizeof h);
     V r;
-    for (int l = 0; l < 16; ++l) r.v[l] = half_to_f32(p[l]);
+    for (int l = 0; l < 16; ++l) r.v[l] = half_to_f32(h[l]);
     return r;
   }
   // float(e4m3) * scale rounded once, computed as the vector versions do: the e4m3 bits
