@@ -31,7 +31,7 @@ namespace {
 
 struct BenchArgs {
   std::string model, preset, dtype = "bf16", cache_dir = "models";
-  std::string kv_cache_dtype = kv::kv_dtype_name(kv::kDefaultKvDtype);
+  std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   int64_t prompt_len = 512, decode_tokens = 32;
   ParallelArgs par;
   bool json = false;
@@ -99,9 +99,7 @@ void run_bench(const BenchArgs& a) {
   std::mt19937 rng(1);
   std::vector<int32_t> prompt(a.prompt_len);
   for (auto& t : prompt) t = static_cast<int32_t>(rng() % c.vocab_size);
-  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
-  MS_CHECK(kv::parse_kv_dtype(a.kv_cache_dtype, &kv_dtype),
-           "--kv-cache-dtype must be bf16, fp8 or f32");
+  const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
   engine::Generator gen(m, 16, kv_dtype);
   engine::GenerateOptions opt;
   opt.max_tokens = a.decode_tokens;
@@ -238,10 +236,7 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   b->add_option("--prompt-len", a->prompt_len, "Prompt tokens to prefill")->capture_default_str();
   b->add_option("--decode-tokens", a->decode_tokens, "Tokens to decode")->capture_default_str();
-  b->add_option("--kv-cache-dtype", a->kv_cache_dtype,
-                "How the latent KV cache stores its rows: bf16, fp8 or f32")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
+  add_kv_cache_dtype_option(b, &a->kv_cache_dtype);
   add_parallel_flags(b, a->par);
   b->add_flag("--json", a->json, "Also print the figures as one JSON line");
   b->callback([a] { run_bench(*a); });

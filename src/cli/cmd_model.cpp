@@ -31,16 +31,10 @@ struct GenerateArgs {
   int64_t top_k = 0;
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
-  std::string kv_cache_dtype = kv::kv_dtype_name(kv::kDefaultKvDtype);
+  std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   ParallelArgs par;
   const CLI::Option* seed_opt = nullptr;  // given on the command line, or a random seed is used
 };
-
-void add_kv_dtype_flag(CLI::App* c, std::string* v) {
-  c->add_option("--kv-cache-dtype", *v, "How the latent KV cache stores its rows: bf16, fp8 or f32")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
-}
 
 void warn_if_random(const std::string& dir) {
   if (has_random_weights(dir))
@@ -76,9 +70,7 @@ void run_generate(const GenerateArgs& a) {
   }
   ParallelModel pm(a.model, a.par);
   model::Model& m = pm.model();
-  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
-  MS_CHECK(kv::parse_kv_dtype(a.kv_cache_dtype, &kv_dtype),
-           "--kv-cache-dtype must be bf16, fp8 or f32");
+  const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
   engine::Generator gen(m, 16, kv_dtype);
   if (!pm.is_root()) {  // the other ranks hold experts and follow rank 0's steps
     gen.drain();
@@ -137,9 +129,7 @@ void run_generate(const GenerateArgs& a) {
 void run_score(const std::string& dir, const std::string& ids_s, const std::string& kv_cache_dtype,
                const ParallelArgs& par) {
   const std::vector<int32_t> ids = parse_ids(ids_s, "--ids");
-  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
-  MS_CHECK(kv::parse_kv_dtype(kv_cache_dtype, &kv_dtype),
-           "--kv-cache-dtype must be bf16, fp8 or f32");
+  const kv::KvDtype kv_dtype = parse_kv_cache_dtype(kv_cache_dtype);
   ParallelModel pm(dir, par);
   engine::Generator gen(pm.model(), 16, kv_dtype);
   if (!pm.is_root()) {
@@ -233,7 +223,7 @@ void register_model_commands(CLI::App& app) {
   gen->add_flag("--ignore-eos", g->ignore_eos,
                 "Do not stop at the end-of-sequence tokens (config.json, tokenizer, "
                 "generation_config.json)");
-  add_kv_dtype_flag(gen, &g->kv_cache_dtype);
+  add_kv_cache_dtype_option(gen, &g->kv_cache_dtype);
   add_parallel_flags(gen, g->par);
   gen->callback([g] { run_generate(*g); });
 
@@ -244,7 +234,7 @@ void register_model_commands(CLI::App& app) {
       app.add_subcommand("score", "Print log P(ids[i] | ids[<i]) for every token as JSON");
   sc->add_option("--model", s->first)->required()->check(CLI::ExistingDirectory);
   sc->add_option("--ids", s->second, "Token ids: 1,2,3")->required();
-  add_kv_dtype_flag(sc, score_kv.get());
+  add_kv_cache_dtype_option(sc, score_kv.get());
   add_parallel_flags(sc, *par);
   sc->callback([s, par, score_kv] { run_score(s->first, s->second, *score_kv, *par); });
 

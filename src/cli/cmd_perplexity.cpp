@@ -52,7 +52,7 @@ struct PplArgs {
   std::string model, file, tokens_file, tokenizer, save_logits, kl_base;
   bool byte_tokens = false, json = false;
   int64_t ctx = 512, chunks = 0, top_k = 64;
-  std::string kv_cache_dtype = kv::kv_dtype_name(kv::kDefaultKvDtype);
+  std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   ParallelArgs par;
   const CLI::Option* ctx_opt = nullptr;
   const CLI::Option* top_k_opt = nullptr;
@@ -353,9 +353,7 @@ void run_perplexity(const PplArgs& a) {
     out.write(hs.data(), static_cast<std::streamsize>(hs.size()));
   }
 
-  kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
-  MS_CHECK(kv::parse_kv_dtype(a.kv_cache_dtype, &kv_dtype),
-           "--kv-cache-dtype must be bf16, fp8 or f32");
+  const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
   kv::KvPool pool((ctx + 15) / 16, 16, cfg.num_hidden_layers, cfg.kv_cache_dim(), kv_dtype);
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
@@ -560,10 +558,7 @@ void register_perplexity_command(CLI::App& app) {
                 "agreement, both perplexities")
       ->type_name("FILE");
   p->add_flag("--json", a->json, "Print the results as one JSON object");
-  p->add_option("--kv-cache-dtype", a->kv_cache_dtype,
-                "How the latent KV cache stores its rows: bf16, fp8 or f32")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
+  add_kv_cache_dtype_option(p, &a->kv_cache_dtype);
   add_parallel_flags(p, a->par);
   p->callback([a] { run_perplexity(*a); });
 }

@@ -36,7 +36,7 @@ struct ServeArgs {
   int64_t max_waiting = 256;
   int64_t prefill_ranks = 0, decode_ranks = 0;
   std::string router = "least-loaded", kv_transfer = "one-sided";
-  std::string kv_cache_dtype = kv::kv_dtype_name(kv::kDefaultKvDtype);
+  std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   double kv_transfer_timeout_ms = 10000, kv_lease_ms = 60000, peer_timeout_ms = 5000;
   ParallelArgs par;
 };
@@ -194,8 +194,7 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(a.max_num_seqs >= 1, "--max-num-seqs must be >= 1");
     MS_CHECK(a.max_model_len >= 0, "--max-model-len must be >= 2 (or 0 for the default)");
     MS_CHECK(a.kv_cache_mb >= 1, "--kv-cache-mb must be >= 1");
-    MS_CHECK(kv::parse_kv_dtype(a.kv_cache_dtype, &cc.engine.kv_dtype),
-             "--kv-cache-dtype must be bf16, fp8 or f32, not '", a.kv_cache_dtype, "'");
+    cc.engine.kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
     MS_CHECK(a.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1");
     MS_CHECK(a.max_waiting >= 1, "--max-waiting must be >= 1");
     MS_CHECK(a.max_connections >= 0 && a.max_connections_per_client >= 0,
@@ -325,11 +324,7 @@ void register_serve_command(CLI::App& app) {
   s->add_option("--max-model-len", a->max_model_len,
                 "Prompt + output tokens of one request (default: min(4096, the model's))");
   s->add_option("--kv-cache-mb", a->kv_cache_mb, "KV cache size in MiB")->capture_default_str();
-  s->add_option("--kv-cache-dtype", a->kv_cache_dtype,
-                "How the latent KV cache stores its rows: bf16, fp8 (e4m3, one scale per 128 "
-                "values) or f32")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
+  add_kv_cache_dtype_option(s, &a->kv_cache_dtype);
   s->add_option("--max-batch-tokens", a->max_batch_tokens, "Tokens per engine step")
       ->capture_default_str();
   s->add_option("--max-waiting", a->max_waiting, "Queued requests before answering 429")

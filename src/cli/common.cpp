@@ -14,6 +14,21 @@
 
 namespace moeserve::cli {
 
+void add_kv_cache_dtype_option(CLI::App* c, std::string* v) {
+  *v = kv::kv_dtype_name(kv::kDefaultKvDtype);
+  c->add_option("--kv-cache-dtype", *v,
+                "How the latent KV cache stores its rows: bf16, fp8 (e4m3, one scale per 128 "
+                "values) or f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
+}
+
+kv::KvDtype parse_kv_cache_dtype(const std::string& v) {
+  kv::KvDtype d = kv::kDefaultKvDtype;
+  MS_CHECK(kv::parse_kv_dtype(v, &d), "--kv-cache-dtype must be bf16, fp8 or f32, not '", v, "'");
+  return d;
+}
+
 namespace fs = std::filesystem;
 
 std::vector<int32_t> parse_ids(const std::string& s, const char* flag) {

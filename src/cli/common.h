@@ -7,7 +7,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include "kv/kv_pool.h"
+
 namespace moeserve::cli {
+
+// --kv-cache-dtype, the same in every command that holds a KV cache: the option (its default
+// the engine's, kv::kDefaultKvDtype) and its value.
+void add_kv_cache_dtype_option(CLI::App* c, std::string* v);
+kv::KvDtype parse_kv_cache_dtype(const std::string& v);
 
 // "1,2,3" (spaces allowed) -> ids; a malformed list is an error naming the bad item.
 std::vector<int32_t> parse_ids(const std::string& s, const char* flag);
