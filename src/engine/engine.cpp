@@ -74,6 +74,9 @@ void Engine::publish_stats() {
   stats_.steps = sched_.steps();
   stats_.prompt_tokens = sched_.prompt_tokens();
   stats_.generated_tokens = sched_.generated_tokens();
+  stats_.prefix_query_tokens = sched_.prefix_query_tokens();
+  stats_.prefix_hit_tokens = sched_.prefix_hit_tokens();
+  stats_.kv_blocks_cached = kv_.n_cached();
 }
 
 // Only incoming_, cancels_, stop_ and stats_ are shared (under mu_); the scheduler belongs to

@@ -30,6 +30,7 @@ struct FinishEvent {
   FinishReason reason = FinishReason::Stop;
   std::string error;  // for Error
   int64_t prompt_tokens = 0, completion_tokens = 0;
+  int64_t cached_tokens = 0;  // prompt tokens taken from the prefix cache, not computed
 };
 
 struct Request {
@@ -53,6 +54,7 @@ struct EngineConfig {
   int64_t block_size = 16;                     // token positions per KV block
   int64_t max_batch_tokens = 256;              // tokens per step (chunked prefill budget)
   int64_t max_waiting = 256;                   // queued requests before submit() refuses
+  bool prefix_caching = true;  // share computed full KV blocks across requests (kv_pool.h)
 };
 
 // Upper bounds (seconds) of the KV transfer latency histogram buckets; +Inf is implied.
@@ -79,6 +81,9 @@ struct EngineStats {
   kv::KvDtype kv_dtype = kv::kDefaultKvDtype;
   int64_t preemptions = 0, steps = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;  // totals since start
+  // Prefix cache: prompt tokens looked up and found (on each request's first admission),
+  // and the blocks published now (held or evictable).
+  int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0, kv_blocks_cached = 0;
   std::vector<int64_t> expert_tokens;  // [layers * n_routed_experts] routed token counts
   bool disaggregated = false;
   TransferStats transfer;

@@ -63,6 +63,9 @@ struct Scheduler::Seq {
   std::vector<int32_t> tokens;
   int64_t n_prompt = 0, n_generated = 0, computed = 0;
   std::vector<int32_t> blocks;
+  int64_t n_published = 0;    // leading blocks published (or given up on: publishing stopped)
+  int64_t cached_tokens = 0;  // prompt tokens found in the cache on the first admission
+  bool admitted = false;      // once: counted in the prefix cache's statistics
   bool done = false;
   Seq(uint64_t i, std::shared_ptr<Request> r)
       : id(i),
@@ -99,6 +102,9 @@ void Scheduler::add_prefilled(Prefilled p) {
   s->n_generated = static_cast<int64_t>(s->tokens.size()) - p.n_prompt;
   s->computed = p.n_prompt;
   s->blocks = std::move(p.blocks);
+  s->cached_tokens = p.cached_tokens;
+  s->admitted = true;
+  publish_blocks(*s);
   if (!p.sampler_state.empty()) s->sampler.set_state(p.sampler_state);
   // It joins the running set at once when there is room, else waits (keeping its blocks).
   if (static_cast<int64_t>(running_.size()) < cfg_.max_num_seqs)
@@ -127,13 +133,13 @@ void Scheduler::finish_all(FinishReason r, const std::string& err) {
 void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
   if (s.done) return;
   s.done = true;
-  kv_.release(s.blocks);
-  s.blocks.clear();
+  drop_blocks(s);
   FinishEvent e;
   e.reason = r;
   e.error = err;
   e.prompt_tokens = s.n_prompt;
   e.completion_tokens = s.n_generated;
+  e.cached_tokens = s.cached_tokens;
   if (s.req->on_finish) s.req->on_finish(e);
 }
 
@@ -142,11 +148,38 @@ bool Scheduler::ensure_blocks(Seq& s, int64_t n_positions) {
   return need <= 0 || kv_.allocate(need, &s.blocks);
 }
 
-void Scheduler::preempt(Seq& s) {
+void Scheduler::drop_blocks(Seq& s) {
   kv_.release(s.blocks);
   s.blocks.clear();
   s.computed = 0;
+  s.n_published = 0;
+}
+
+void Scheduler::preempt(Seq& s) {
+  drop_blocks(s);
   ++preemptions_;
+}
+
+void Scheduler::reuse_prefix(Seq& s) {
+  if (!cfg_.prefix_caching || !s.blocks.empty()) return;
+  const int64_t n_tokens = static_cast<int64_t>(s.tokens.size());
+  const int64_t k = kv_.match(s.tokens.data(), (n_tokens - 1) / kv_.block_size(), &s.blocks);
+  s.computed = k * kv_.block_size();
+  s.n_published = k;
+}
+
+void Scheduler::publish_blocks(Seq& s) {
+  if (!cfg_.prefix_caching) return;
+  const int64_t bs = kv_.block_size();
+  while ((s.n_published + 1) * bs <= s.computed) {
+    const int64_t i = s.n_published;
+    if (!kv_.is_published(s.blocks[i])) {
+      const int32_t parent = i > 0 ? s.blocks[i - 1] : -1;
+      if (parent >= 0 && !kv_.is_published(parent)) return;  // after a collision: stop here
+      s.blocks[i] = kv_.publish(s.blocks[i], parent, s.tokens.data() + i * bs);
+    }
+    ++s.n_published;
+  }
 }
 
 void Scheduler::sweep() {
@@ -189,8 +222,19 @@ bool Scheduler::step(bool force_forward) {
   while (budget > 0 && !waiting_.empty() &&
          static_cast<int64_t>(running_.size()) < cfg_.max_num_seqs) {
     Seq& s = *waiting_.front();
+    const bool fresh = s.blocks.empty();
+    reuse_prefix(s);
     const int64_t n = std::min<int64_t>(static_cast<int64_t>(s.tokens.size()) - s.computed, budget);
-    if (!ensure_blocks(s, s.computed + n)) break;  // admit in order; wait for blocks
+    if (!ensure_blocks(s, s.computed + n)) {  // admit in order; wait for blocks
+      if (fresh) drop_blocks(s);              // what it matched waits in the cache, not held
+      break;
+    }
+    if (!s.admitted) {
+      s.admitted = true;
+      s.cached_tokens = std::min(s.computed, s.n_prompt);
+      prefix_query_tokens_ += s.n_prompt;
+      prefix_hit_tokens_ += s.cached_tokens;
+    }
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
     work.push_back({running_.back().get(), n});
@@ -222,7 +266,10 @@ bool Scheduler::step(bool force_forward) {
     throw;
   }
   if (work.empty()) return false;
-  for (const Work& w : work) w.s->computed += w.n;
+  for (const Work& w : work) {
+    w.s->computed += w.n;
+    publish_blocks(*w.s);
+  }
 
   // 3. Sample, report, finish.
   for (const Work& w : work)
@@ -265,6 +312,7 @@ bool Scheduler::step(bool force_forward) {
       p.blocks = std::move(s.blocks);
       s.blocks.clear();
       p.sampler_state = s.sampler.state();
+      p.cached_tokens = s.cached_tokens;
       s.done = true;  // leaves this scheduler without a finish event
       on_prefilled(std::move(p));
     }

@@ -3,6 +3,11 @@
 // per-step token budget, so a long prompt never stalls decoding. When KV blocks run out, the
 // newest running sequence is preempted (its blocks freed) and later recomputed.
 //
+// Prefix caching (EngineConfig::prefix_caching): each full block a sequence has computed is
+// published in the pool (kv_pool.h); a sequence starting with no blocks (new, or preempted)
+// takes the longest published run of its tokens' full blocks, short of its last token (which
+// must be computed for its logits), and computes only the rest.
+//
 // Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
 // everything. Request callbacks run inside step() and cancel().
 #pragma once
@@ -29,6 +34,7 @@ struct Prefilled {
   int64_t n_prompt = 0;         // positions in the KV blocks
   std::vector<int32_t> blocks;
   std::string sampler_state;
+  int64_t cached_tokens = 0;  // of the prompt, found in the prefill side's prefix cache
 };
 
 class Scheduler {
@@ -65,6 +71,9 @@ class Scheduler {
   int64_t steps() const { return steps_; }
   int64_t prompt_tokens() const { return prompt_tokens_; }
   int64_t generated_tokens() const { return generated_tokens_; }
+  // Prefix cache: prompt tokens looked up and found, on each request's first admission.
+  int64_t prefix_query_tokens() const { return prefix_query_tokens_; }
+  int64_t prefix_hit_tokens() const { return prefix_hit_tokens_; }
   const EngineConfig& config() const { return cfg_; }
   kv::KvPool& kv() { return kv_; }
 
@@ -72,6 +81,9 @@ class Scheduler {
   struct Seq;
   void finish(Seq& s, FinishReason r, const std::string& err = "");
   bool ensure_blocks(Seq& s, int64_t n_positions);
+  void reuse_prefix(Seq& s);    // a sequence with no blocks takes the cached start of its tokens
+  void drop_blocks(Seq& s);     // releases its blocks; it starts again from position 0
+  void publish_blocks(Seq& s);  // publishes its computed full blocks
   void preempt(Seq& s);
   void sweep();  // drops finished sequences
 
@@ -82,6 +94,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Seq>> running_;  // admitted, in admission order
   std::deque<std::unique_ptr<Seq>> waiting_;   // not admitted (or preempted), FIFO
   int64_t preemptions_ = 0, steps_ = 0, prompt_tokens_ = 0, generated_tokens_ = 0;
+  int64_t prefix_query_tokens_ = 0, prefix_hit_tokens_ = 0;
   std::vector<float> logits_;
   std::vector<double> lp_;
 };

@@ -1,5 +1,6 @@
 #include "kv/kv_pool.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -110,26 +111,128 @@ KvPool::KvPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t k
   std::memset(mem_.data(), 0, n_blocks * block_bytes());
   free_.reserve(n_blocks);
   for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
-  in_use_.assign(n_blocks, 0);
+  meta_.assign(n_blocks, Meta{});
+}
+
+uint64_t prefix_block_key(uint64_t parent, const int32_t* tokens, int64_t n) {
+  // A multiply-xorshift mix per token over the parent's key and the count.
+  auto mix = [](uint64_t x) {
+    x ^= x >> 31;
+    x *= 0x7fb5d329728ea185ull;
+    x ^= x >> 27;
+    x *= 0x81dadef4bc2dd44dull;
+    x ^= x >> 33;
+    return x;
+  };
+  uint64_t h = mix(parent ^ 0x9e3779b97f4a7c15ull) ^ static_cast<uint64_t>(n);
+  for (int64_t i = 0; i < n; ++i)
+    h = mix(h + static_cast<uint64_t>(static_cast<uint32_t>(tokens[i])) + 0x632be59bd9b4e019ull);
+  return h == 0 ? 1 : h;  // 0 is the empty prefix's
+}
+
+void KvPool::lru_remove(int32_t b) {
+  Meta& m = meta_[b];
+  (m.prev >= 0 ? meta_[m.prev].next : lru_head_) = m.next;
+  (m.next >= 0 ? meta_[m.next].prev : lru_tail_) = m.prev;
+  m.prev = m.next = -1;
+  --lru_size_;
+}
+
+void KvPool::lru_push(int32_t b) {
+  Meta& m = meta_[b];
+  m.prev = lru_tail_;
+  m.next = -1;
+  (lru_tail_ >= 0 ? meta_[lru_tail_].next : lru_head_) = b;
+  lru_tail_ = b;
+  ++lru_size_;
+}
+
+void KvPool::unpublish(int32_t b) {
+  Meta& m = meta_[b];
+  index_.erase(m.key);
+  m.published = false;
+  m.parent = -1;
+  ++m.generation;
+}
+
+void KvPool::take_ref(int32_t b) {
+  if (meta_[b].refs++ == 0 && meta_[b].published) lru_remove(b);
 }
 
 bool KvPool::allocate(int64_t n, std::vector<int32_t>* out) {
   if (n > n_free()) return false;
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t b = free_.back();
-    free_.pop_back();
-    in_use_[b] = 1;
+    int32_t b;
+    if (!free_.empty()) {
+      b = free_.back();
+      free_.pop_back();
+    } else {
+      b = lru_head_;
+      lru_remove(b);
+      unpublish(b);
+    }
+    meta_[b].refs = 1;
     out->push_back(b);
   }
   return true;
 }
 
 void KvPool::release(const std::vector<int32_t>& blocks) {
-  for (int32_t b : blocks) {
-    MS_ASSERT(b >= 0 && b < n_blocks_ && in_use_[b]);
-    in_use_[b] = 0;
-    free_.push_back(b);
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    const int32_t b = *it;
+    MS_ASSERT(b >= 0 && b < n_blocks_ && meta_[b].refs > 0);
+    if (--meta_[b].refs > 0) continue;
+    if (meta_[b].published)
+      lru_push(b);
+    else
+      free_.push_back(b);
   }
+}
+
+bool KvPool::holds(int32_t b, int32_t parent, const int32_t* tokens) const {
+  const Meta& m = meta_[b];
+  if (!m.published || m.parent != parent) return false;
+  if (parent >= 0 && m.parent_generation != meta_[parent].generation) return false;
+  return std::equal(tokens, tokens + block_size_, tokens_.begin() + b * block_size_);
+}
+
+int64_t KvPool::match(const int32_t* tokens, int64_t max_blocks, std::vector<int32_t>* out) {
+  uint64_t key = 0;
+  int32_t parent = -1;
+  int64_t k = 0;
+  for (; k < max_blocks; ++k) {
+    const int32_t* t = tokens + k * block_size_;
+    key = prefix_block_key(key, t, block_size_);
+    const auto it = index_.find(key);
+    if (it == index_.end() || !holds(it->second, parent, t)) break;
+    parent = it->second;
+    take_ref(parent);
+    out->push_back(parent);
+  }
+  return k;
+}
+
+int32_t KvPool::publish(int32_t block, int32_t parent, const int32_t* tokens) {
+  MS_ASSERT(block >= 0 && block < n_blocks_ && meta_[block].refs > 0 && !meta_[block].published);
+  MS_ASSERT(parent < n_blocks_ && (parent < 0 || meta_[parent].published));
+  const uint64_t key = prefix_block_key(parent < 0 ? 0 : meta_[parent].key, tokens, block_size_);
+  const auto it = index_.find(key);
+  if (it != index_.end()) {
+    const int32_t other = it->second;
+    if (!holds(other, parent, tokens)) return block;  // a collision: leave it unpublished
+    take_ref(other);
+    release({block});
+    return other;
+  }
+  Meta& m = meta_[block];
+  m.published = true;
+  m.key = key;
+  m.parent = parent;
+  m.parent_generation = parent < 0 ? 0 : meta_[parent].generation;
+  if (tokens_.empty()) tokens_.resize(static_cast<size_t>(n_blocks_ * block_size_));
+  std::copy(tokens, tokens + block_size_, tokens_.begin() + block * block_size_);
+  index_.emplace(key, block);
+  return block;
 }
 
 }  // namespace moeserve::kv

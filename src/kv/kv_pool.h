@@ -9,11 +9,21 @@
 //
 // Block layout: [n_layers][block_size][row_bytes], contiguous, so a block moves between
 // instances as one piece of stored bytes.
+//
+// Prefix caching: a full block whose rows are computed can be published under the token prefix
+// it ends (its own block_size tokens, chained to its parent block's key). Later sequences whose
+// tokens start with the same prefix share it (match) instead of computing it again. Blocks are
+// reference-counted; a published block nobody holds stays cached and is evicted, least recently
+// released first, only when allocate() finds no never-used or unpublished free block. The cached
+// bits depend only on the tokens, the model and the pool's dtype and block size (the numerical
+// contract, docs/design.md), and a pool has one model, dtype and block size, so the tokens are
+// the whole key.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/huge_pages.h"
@@ -45,9 +55,31 @@ class KvPool {
   KvPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t kv_dim,
          KvDtype dtype = KvDtype::F32);
 
-  // Takes n free blocks (appended to `out`) or none and returns false when fewer are free.
+  // Takes n free blocks (appended to `out`), each with one reference, or none and returns
+  // false when fewer are free. Unpublished free blocks go first, then cached blocks nobody
+  // holds, least recently released first (they leave the cache).
   bool allocate(int64_t n, std::vector<int32_t>* out);
+  // Drops one reference to each block, the last one first (so a sequence's later blocks are
+  // evicted before its earlier ones). A block nobody holds becomes free; a published one stays
+  // cached until it is evicted.
   void release(const std::vector<int32_t>& blocks);
+
+  // Prefix cache. The longest run of published blocks holding tokens[0, k * block_size) for
+  // k <= max_blocks, each given one more reference and appended to `out`; returns k. A hit
+  // compares the token ids and the parent block, never only a hash.
+  int64_t match(const int32_t* tokens, int64_t max_blocks, std::vector<int32_t>* out);
+  // Publishes `block` (held, full, its rows computed) as holding `tokens` (block_size ids) after
+  // the prefix that `parent` holds (-1: at the start; else a published block). Returns the
+  // block that holds this prefix from now on: `block` itself, or an equal block published
+  // earlier, which then takes over `block`'s reference (and `block` is released). When a
+  // different prefix already holds the same key (a hash collision), `block` stays unpublished
+  // and is returned; is_published() tells.
+  int32_t publish(int32_t block, int32_t parent, const int32_t* tokens);
+  bool is_published(int32_t block) const { return meta_[block].published; }
+  // Published blocks (held or not), and those of them nobody holds (evictable).
+  int64_t n_cached() const { return static_cast<int64_t>(index_.size()); }
+  int64_t n_evictable() const { return lru_size_; }
+  int32_t refs(int32_t block) const { return meta_[block].refs; }
 
   // The stored row (row_bytes()) of token slot `slot` (< block_size) of `block` in `layer`.
   uint8_t* at(int32_t block, int64_t layer, int64_t slot) {
@@ -64,7 +96,8 @@ class KvPool {
   KvDtype dtype() const { return dtype_; }
   int64_t block_size() const { return block_size_; }
   int64_t n_blocks() const { return n_blocks_; }
-  int64_t n_free() const { return static_cast<int64_t>(free_.size()); }
+  // Blocks allocate() can hand out: never-used or unpublished free ones plus evictable ones.
+  int64_t n_free() const { return static_cast<int64_t>(free_.size()) + lru_size_; }
   int64_t n_used() const { return n_blocks_ - n_free(); }
   int64_t kv_dim() const { return kv_dim_; }
   int64_t n_layers() const { return n_layers_; }
@@ -85,8 +118,31 @@ class KvPool {
   // [n_blocks][n_layers][block_size][row_bytes], zeroed, on huge pages: decode reads a
   // sequence's rows of a layer from blocks n_layers apart.
   HugeBuffer mem_;
-  std::vector<int32_t> free_;    // stack of free block ids
-  std::vector<uint8_t> in_use_;  // [n_blocks], to catch double frees
+  struct Meta {
+    int32_t refs = 0;
+    bool published = false;
+    uint64_t key = 0;     // when published: the chained hash of the prefix it ends
+    int32_t parent = -1;  // when published: the block before it (-1: none)
+    uint64_t parent_generation = 0;
+    uint64_t generation = 0;       // counts the times it left the cache
+    int32_t prev = -1, next = -1;  // the LRU list of evictable blocks
+  };
+  void lru_remove(int32_t b);
+  void lru_push(int32_t b);  // as the most recently released
+  void unpublish(int32_t b);
+  void take_ref(int32_t b);
+  bool holds(int32_t b, int32_t parent, const int32_t* tokens) const;
+
+  std::vector<int32_t> free_;    // stack of free, unpublished block ids
+  std::vector<Meta> meta_;       // [n_blocks]
+  std::vector<int32_t> tokens_;  // [n_blocks][block_size]: a published block's token ids
+  std::unordered_map<uint64_t, int32_t> index_;  // key -> published block
+  int32_t lru_head_ = -1, lru_tail_ = -1;        // oldest, newest
+  int64_t lru_size_ = 0;
 };
+
+// The key of a block holding tokens[0, n) after a prefix whose key is `parent` (0 at the start):
+// a 64-bit hash, chained. Equal keys are only candidates (KvPool::match compares the tokens).
+uint64_t prefix_block_key(uint64_t parent, const int32_t* tokens, int64_t n);
 
 }  // namespace moeserve::kv

@@ -289,6 +289,161 @@ TEST(Engine, StopsAtStopTokenAndAtMaxModelLen) {
   EXPECT_LE(b.out.size(), 2u);
 }
 
+// Prefix caching. Prompts that share a start: `shared` tokens of one system prompt, then a
+// part of their own.
+namespace {
+
+std::vector<int32_t> with_prefix(int shared, int own, int salt) {
+  std::vector<int32_t> p = prompt_of(shared, 99);
+  const std::vector<int32_t> tail = prompt_of(own, salt);
+  p.insert(p.end(), tail.begin(), tail.end());
+  return p;
+}
+
+// Submits one request, waits for it, returns its tokens and finish event.
+std::pair<std::vector<int32_t>, engine::FinishEvent> run_one(engine::Engine& eng,
+                                                             const std::vector<int32_t>& prompt,
+                                                             int64_t n,
+                                                             const engine::SamplingParams& sp) {
+  Pending p(prompt, n);
+  p.req->sampling = sp;
+  uint64_t id;
+  std::string err;
+  EXPECT_EQ(eng.submit(p.req, &id, &err), engine::SubmitResult::Accepted) << err;
+  auto fut = p.done.get_future();
+  EXPECT_EQ(fut.wait_for(60s), std::future_status::ready) << "request did not finish";
+  return {p.out, fut.get()};
+}
+
+engine::SamplingParams seeded(uint64_t seed) {
+  engine::SamplingParams sp;
+  sp.temperature = 0.9f;
+  sp.top_p = 0.95f;
+  sp.seed = seed;
+  return sp;
+}
+
+}  // namespace
+
+// The same request gives the same tokens with a cold cache, after a request that shared its
+// first blocks (now taken from the cache), after its own exact prompt, and after enough other
+// traffic to evict them; greedy and seeded sampling alike, and equal to caching off.
+TEST(PrefixCache, OutputIsIdenticalWithAndWithoutAHit) {
+  Fixture f;
+  for (kv::KvDtype dt : {kv::KvDtype::BF16, kv::KvDtype::FP8}) {
+    for (const engine::SamplingParams& sp : {engine::SamplingParams{}, seeded(77)}) {
+      SCOPED_TRACE(std::string(kv::kv_dtype_name(dt)) + (sp.temperature > 0 ? " sampled" : ""));
+      engine::EngineConfig cfg;
+      cfg.block_size = 4;
+      cfg.kv_blocks = 40;
+      cfg.max_model_len = 80;
+      cfg.kv_dtype = dt;
+      cfg.max_batch_tokens = 16;  // a cold 45-token prompt takes several chunks
+      const std::vector<int32_t> x = with_prefix(37, 8, 1), y = with_prefix(37, 5, 2);
+      const std::vector<int32_t> expected = alone(*f.m, x, 10, sp, dt);
+
+      engine::EngineConfig off = cfg;
+      off.prefix_caching = false;
+      {
+        engine::Engine eng(*f.m, off);
+        auto [out, fin] = run_one(eng, y, 10, sp);
+        auto [out2, fin2] = run_one(eng, x, 10, sp);
+        EXPECT_EQ(out2, expected);
+        EXPECT_EQ(fin2.cached_tokens, 0);
+        EXPECT_EQ(eng.stats().prefix_hit_tokens, 0);
+        EXPECT_EQ(eng.stats().kv_blocks_cached, 0);
+      }
+
+      engine::Engine eng(*f.m, cfg);
+      auto [cold, fc] = run_one(eng, x, 10, sp);  // cold
+      EXPECT_EQ(cold, expected);
+      EXPECT_EQ(fc.cached_tokens, 0);
+      {
+        engine::Engine eng2(*f.m, cfg);
+        auto [oy, fy] = run_one(eng2, y, 10, sp);
+        EXPECT_EQ(fy.cached_tokens, 0);
+        auto [shared, fs] = run_one(eng2, x, 10, sp);  // its first 36 tokens from the cache
+        EXPECT_EQ(fs.cached_tokens, 36);
+        EXPECT_EQ(shared, expected);
+        const engine::EngineStats st = eng2.stats();
+        EXPECT_EQ(st.prefix_query_tokens, static_cast<int64_t>(x.size() + y.size()));
+        EXPECT_EQ(st.prefix_hit_tokens, 36);
+        EXPECT_GT(st.kv_blocks_cached, 0);
+      }
+      // The exact prompt again: all its full blocks but the one its last token is in (the
+      // last token must be computed for the logits); 45 tokens -> 44 = 11 blocks.
+      auto [again, fa] = run_one(eng, x, 10, sp);
+      EXPECT_EQ(fa.cached_tokens, 44);
+      EXPECT_EQ(again, expected);
+      // Other traffic fills the pool (40 blocks): the least recent blocks are evicted.
+      for (int i = 0; i < 6; ++i) run_one(eng, prompt_of(50, 10 + i), 8, sp);
+      auto [evicted, fe] = run_one(eng, x, 10, sp);
+      EXPECT_LT(fe.cached_tokens, 44);
+      EXPECT_EQ(evicted, expected);
+      EXPECT_TRUE(wait_until([&] { return eng.stats().kv_blocks_used == 0; }))
+          << eng.stats().kv_blocks_used << " KV blocks still held";
+    }
+  }
+}
+
+// Many requests sharing a system prompt at once, with too few blocks for all (preemption, and
+// cached blocks evicted and recomputed), each matching its run alone; every reference comes
+// back, including those of cancelled requests.
+TEST(PrefixCache, SharedPrefixesUnderPreemptionAndCancelLeakNothing) {
+  Fixture f;
+  engine::EngineConfig cfg;
+  cfg.block_size = 4;
+  cfg.kv_blocks = 24;  // 96 positions for 8 requests of 30-40 + 8 tokens: must preempt
+  cfg.max_model_len = 64;
+  cfg.max_num_seqs = 8;
+  cfg.max_batch_tokens = 32;
+  engine::Engine eng(*f.m, cfg);
+  std::vector<std::vector<int32_t>> prompts, expected;
+  std::vector<std::unique_ptr<Pending>> reqs;
+  for (int i = 0; i < 8; ++i) {
+    prompts.push_back(with_prefix(26, 4 + i % 5 * 2, i));
+    const engine::SamplingParams sp = i % 2 ? seeded(500 + i) : engine::SamplingParams{};
+    expected.push_back(alone(*f.m, prompts[i], 8, sp));
+    reqs.push_back(std::make_unique<Pending>(prompts[i], 8));
+    reqs.back()->req->sampling = sp;
+  }
+  // Two long ones to cancel midway.
+  std::vector<std::unique_ptr<Pending>> cancelled;
+  std::atomic<int> seen{0};
+  for (int i = 0; i < 2; ++i) {
+    cancelled.push_back(std::make_unique<Pending>(with_prefix(26, 3, 50 + i), 4000));
+    cancelled.back()->req->on_token = [&](const engine::TokenEvent&) { ++seen; };
+  }
+  std::vector<uint64_t> cancel_ids;
+  for (auto& c : cancelled) {
+    uint64_t id;
+    ASSERT_EQ(eng.submit(c->req, &id, nullptr), engine::SubmitResult::Accepted);
+    cancel_ids.push_back(id);
+  }
+  for (auto& r : reqs) {
+    uint64_t id;
+    ASSERT_EQ(eng.submit(r->req, &id, nullptr), engine::SubmitResult::Accepted);
+  }
+  ASSERT_TRUE(wait_until([&] { return seen >= 2; })) << "no tokens came";
+  for (uint64_t id : cancel_ids) eng.cancel(id);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    engine::FinishEvent e;
+    AWAIT_FINISH(*reqs[i], e);
+    EXPECT_EQ(reqs[i]->out, expected[i]) << "request " << i;
+  }
+  for (auto& c : cancelled) {
+    engine::FinishEvent e;
+    AWAIT_FINISH(*c, e);
+    EXPECT_EQ(e.reason, engine::FinishReason::Cancelled);
+  }
+  EXPECT_TRUE(wait_until([&] { return eng.stats().kv_blocks_used == 0; }))
+      << eng.stats().kv_blocks_used << " KV blocks still held";
+  const engine::EngineStats st = eng.stats();
+  EXPECT_GT(st.preemptions, 0);
+  EXPECT_GT(st.prefix_hit_tokens, 0);
+  EXPECT_LE(st.kv_blocks_cached, st.kv_blocks_total);
+}
+
 namespace {
 // The plain scan argmax must agree with: first index of the largest value, NaN never winning.
 int32_t argmax_plain(const float* x, int64_t n) {

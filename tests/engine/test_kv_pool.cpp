@@ -164,5 +164,176 @@ TEST(KvPool, DoubleReleaseIsCaught) {
   EXPECT_EQ(pool.n_free(), 4);
 }
 
+// Prefix cache: published blocks are found by their tokens and their parent, shared with a
+// reference each, kept when released, and reused only for exactly the same prefix.
+TEST(KvPool, PrefixMatchSharesPublishedBlocks) {
+  kv::KvPool pool(8, 2, 1, 4);
+  const std::vector<int32_t> a = {1, 2, 3, 4, 5, 6};
+  std::vector<int32_t> seq;
+  ASSERT_TRUE(pool.allocate(3, &seq));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(pool.publish(seq[i], i ? seq[i - 1] : -1, a.data() + 2 * i), seq[i]);
+    EXPECT_TRUE(pool.is_published(seq[i]));
+  }
+  EXPECT_EQ(pool.n_cached(), 3);
+  // Same first two blocks, then a different one.
+  const std::vector<int32_t> b = {1, 2, 3, 4, 5, 7};
+  std::vector<int32_t> got;
+  EXPECT_EQ(pool.match(b.data(), 3, &got), 2);
+  EXPECT_EQ(got, std::vector<int32_t>(seq.begin(), seq.begin() + 2));
+  EXPECT_EQ(pool.refs(seq[0]), 2);
+  EXPECT_EQ(pool.refs(seq[2]), 1);
+  // max_blocks bounds the match; a different first block matches nothing.
+  std::vector<int32_t> one;
+  EXPECT_EQ(pool.match(a.data(), 1, &one), 1);
+  const std::vector<int32_t> c = {1, 9, 3, 4};
+  std::vector<int32_t> none;
+  EXPECT_EQ(pool.match(c.data(), 2, &none), 0);
+  EXPECT_TRUE(none.empty());
+  // The same tokens one block later are another prefix.
+  const std::vector<int32_t> shifted = {3, 4, 5, 6};
+  EXPECT_EQ(pool.match(shifted.data(), 2, &none), 0);
+  pool.release(one);
+  pool.release(got);
+  pool.release(seq);
+  // Nobody holds them: all free for allocate(), still cached and found again.
+  EXPECT_EQ(pool.n_used(), 0);
+  EXPECT_EQ(pool.n_free(), 8);
+  EXPECT_EQ(pool.n_evictable(), 3);
+  std::vector<int32_t> again;
+  EXPECT_EQ(pool.match(a.data(), 3, &again), 3);
+  EXPECT_EQ(again, seq);
+  EXPECT_EQ(pool.n_used(), 3);
+  EXPECT_EQ(pool.n_evictable(), 0);
+  pool.release(again);
+  EXPECT_THROW(pool.release({seq[0]}), moeserve::Error);  // no reference left to drop
+}
+
+// A second block computed for a prefix already published is merged into the first: publish
+// hands back the published one (with the caller's reference) and frees the duplicate.
+TEST(KvPool, PublishingADuplicateReturnsThePublishedBlock) {
+  kv::KvPool pool(4, 2, 1, 4);
+  const std::vector<int32_t> t = {7, 8};
+  std::vector<int32_t> x, y;
+  ASSERT_TRUE(pool.allocate(1, &x));
+  ASSERT_TRUE(pool.allocate(1, &y));
+  EXPECT_EQ(pool.publish(x[0], -1, t.data()), x[0]);
+  EXPECT_EQ(pool.publish(y[0], -1, t.data()), x[0]);
+  EXPECT_FALSE(pool.is_published(y[0]));
+  EXPECT_EQ(pool.refs(x[0]), 2);
+  EXPECT_EQ(pool.refs(y[0]), 0);
+  EXPECT_EQ(pool.n_used(), 1);
+  EXPECT_EQ(pool.n_cached(), 1);
+  pool.release({x[0]});
+  pool.release({x[0]});
+  EXPECT_EQ(pool.n_used(), 0);
+}
+
+// Eviction: only when no never-used (or unpublished) block is free, least recently released
+// first, a sequence's last block before its first; an evicted block is published again under
+// its new prefix.
+TEST(KvPool, EvictsLeastRecentlyReleasedOnlyWhenNothingElseIsFree) {
+  kv::KvPool pool(4, 1, 1, 4);
+  const std::vector<int32_t> a = {10, 11}, b = {20};
+  std::vector<int32_t> sa, sb;
+  ASSERT_TRUE(pool.allocate(2, &sa));
+  pool.publish(sa[0], -1, &a[0]);
+  pool.publish(sa[1], sa[0], &a[1]);
+  ASSERT_TRUE(pool.allocate(1, &sb));
+  pool.publish(sb[0], -1, &b[0]);
+  pool.release(sa);  // LRU: sa[1], sa[0]
+  pool.release(sb);  // then sb[0]
+  EXPECT_EQ(pool.n_free(), 4);
+  std::vector<int32_t> n1;
+  ASSERT_TRUE(pool.allocate(1, &n1));  // the never-used block: nothing evicted
+  EXPECT_EQ(pool.n_cached(), 3);
+  std::vector<int32_t> n2;
+  ASSERT_TRUE(pool.allocate(1, &n2));  // evicts a's second block
+  EXPECT_EQ(n2[0], sa[1]);
+  EXPECT_EQ(pool.n_cached(), 2);
+  std::vector<int32_t> got;
+  EXPECT_EQ(pool.match(a.data(), 2, &got), 1);  // a's first block is still there
+  pool.release(got);
+  std::vector<int32_t> n3;
+  ASSERT_TRUE(pool.allocate(1, &n3));  // now the least recent is b (a's first was re-used)
+  EXPECT_EQ(n3[0], sb[0]);
+  std::vector<int32_t> n4;
+  ASSERT_TRUE(pool.allocate(1, &n4));
+  EXPECT_EQ(n4[0], sa[0]);
+  EXPECT_EQ(pool.n_cached(), 0);
+  EXPECT_FALSE(pool.allocate(1, &n4));
+  // Blocks that left the cache hold a new prefix.
+  const std::vector<int32_t> c = {30, 31};
+  std::vector<int32_t> sc;
+  pool.release(n1);
+  ASSERT_TRUE(pool.allocate(1, &sc));
+  EXPECT_EQ(pool.publish(sc[0], -1, &c[0]), sc[0]);
+  const int32_t child = n2[0];
+  EXPECT_EQ(pool.publish(child, sc[0], &c[1]), child);
+  pool.release(sc);
+  pool.release({child});
+  std::vector<int32_t> m;
+  EXPECT_EQ(pool.match(c.data(), 2, &m), 2);
+  pool.release(m);
+  pool.release(n3);
+  pool.release(n4);
+  EXPECT_EQ(pool.n_used(), 0);
+  EXPECT_EQ(pool.n_free(), 4);
+}
+
+// Random sequences sharing prefixes against a model of the cache: every match returns blocks
+// published for exactly those tokens (checked through the block's stored rows), a held block
+// is never handed out again, and all references come back.
+TEST(KvPool, RandomPrefixTrafficNeverSharesWrongOrHeldBlocks) {
+  const int64_t bs = 2, n_blocks = 24;
+  kv::KvPool pool(n_blocks, bs, 1, 1);
+  std::mt19937 rng(5);
+  // A block's row 0 holds a fingerprint of the whole prefix it ends, as a computed block would.
+  auto fingerprint = [&](const std::vector<int32_t>& t, int64_t end) {
+    float f = 0;
+    for (int64_t i = 0; i < end; ++i) f = f * 3 + static_cast<float>(t[i]);
+    return std::fmod(f, 1e6f);
+  };
+  struct Held {
+    std::vector<int32_t> tokens, blocks;
+  };
+  std::vector<Held> held;
+  std::vector<int32_t> refs(n_blocks, 0);
+  for (int step = 0; step < 4000; ++step) {
+    if (held.size() < 6 && rng() % 2) {
+      Held h;
+      const int64_t n = 1 + rng() % 5;
+      for (int64_t i = 0; i < n * bs; ++i) h.tokens.push_back(static_cast<int32_t>(rng() % 3));
+      const int64_t k = pool.match(h.tokens.data(), n, &h.blocks);
+      for (int64_t i = 0; i < k; ++i) {
+        float v;
+        std::memcpy(&v, pool.at(h.blocks[i], 0, 0), sizeof v);
+        ASSERT_EQ(v, fingerprint(h.tokens, (i + 1) * bs)) << "a wrong block shared";
+      }
+      if (!pool.allocate(n - k, &h.blocks)) {
+        pool.release(h.blocks);
+        continue;
+      }
+      for (int64_t i = k; i < n; ++i) {
+        ASSERT_EQ(refs[h.blocks[i]], 0) << "a held block handed out";
+        const float v = fingerprint(h.tokens, (i + 1) * bs);
+        pool.store(&v, h.blocks[i], 0, 0);
+        h.blocks[i] = pool.publish(h.blocks[i], i ? h.blocks[i - 1] : -1, &h.tokens[i * bs]);
+      }
+      for (int32_t b : h.blocks) ++refs[b];
+      held.push_back(std::move(h));
+    } else if (!held.empty()) {
+      const size_t i = rng() % held.size();
+      pool.release(held[i].blocks);
+      for (int32_t b : held[i].blocks) --refs[b];
+      held.erase(held.begin() + static_cast<int64_t>(i));
+    }
+    for (int32_t b = 0; b < n_blocks; ++b) ASSERT_EQ(pool.refs(b), refs[b]);
+  }
+  for (Held& h : held) pool.release(h.blocks);
+  EXPECT_EQ(pool.n_used(), 0);
+  EXPECT_EQ(pool.n_free(), n_blocks);
+}
+
 }  // namespace
 }  // namespace moeserve
