@@ -29,7 +29,7 @@ namespace {
 
 struct ServeArgs {
   std::string model, host = "127.0.0.1", api_key, api_key_file, served_name, chat_template;
-  bool disable_log_requests = false, disable_log_stats = false;
+  bool disable_log_requests = false, disable_log_stats = false, no_prefix_caching = false;
   int max_connections = 0, max_connections_per_client = 0;
   int port = 8000;
   int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
@@ -143,13 +143,13 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   std::printf(
       "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
       "max_num_seqs %lld per rank, KV cache %lld tokens per rank in %s (%lld bytes per token), "
-      "%s)\n",
+      "prefix caching %s, %s)\n",
       so.served_model_name.c_str(), srv.url().c_str(), static_cast<long long>(ec.max_model_len),
       static_cast<long long>(ec.max_num_seqs), static_cast<long long>(kv_tokens),
       kv::kv_dtype_name(ec.kv_dtype),
       static_cast<long long>(mc.num_hidden_layers *
                              kv::kv_row_bytes(ec.kv_dtype, mc.kv_cache_dim())),
-      layout.c_str());
+      ec.prefix_caching ? "on" : "off", layout.c_str());
   std::fflush(stdout);
   try {
     srv.run();
@@ -247,6 +247,7 @@ void run_serve(const ServeArgs& a) {
   ec.kv_cache_mb = a.kv_cache_mb;
   ec.max_batch_tokens = a.max_batch_tokens;
   ec.max_waiting = a.max_waiting;
+  ec.prefix_caching = !a.no_prefix_caching;
   pm.check_all([&] {
     MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
              " is longer than the model's max_position_embeddings (", max_pos, ")");
@@ -329,6 +330,9 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str();
   s->add_option("--max-waiting", a->max_waiting, "Queued requests before answering 429")
       ->capture_default_str();
+  s->add_flag("--no-prefix-caching", a->no_prefix_caching,
+              "Compute every prompt in full: no KV blocks shared between requests that start "
+              "with the same tokens");
   s->add_option("--chat-template", a->chat_template,
                 "Jinja chat template file (default: the model's tokenizer_config.json)");
   s->add_option("--max-connections", a->max_connections,

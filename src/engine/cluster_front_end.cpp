@@ -30,7 +30,8 @@ ClusterFrontEnd::ClusterFrontEnd(const model::ModelConfig& mc, comm::Mailbox& ma
       last_heard_(mailbox.size(), Clock::now()),
       down_(mailbox.size(), 0),
       posted_to_(mailbox.size(), 0),
-      said_bye_(mailbox.size(), 0) {
+      said_bye_(mailbox.size(), 0),
+      router_(cfg, mailbox.size()) {
   cfg_.validate(n_ranks_);
   thread_ = std::thread([this] { loop(); });
 }
@@ -84,6 +85,7 @@ EngineStats ClusterFrontEnd::stats() const {
   EngineStats st;
   st.disaggregated = cfg_.disaggregated();
   st.waiting = static_cast<int64_t>(queue_.size());
+  st.prefix_routed = router_.prefix_routed();
   st.transfer.latency_buckets.assign(kv_transfer_buckets().size() + 1, 0);
   st.kv_dtype = cfg_.engine.kv_dtype;
   st.kv_bytes_per_token =
@@ -99,6 +101,9 @@ EngineStats ClusterFrontEnd::stats() const {
     st.steps += s.steps;
     st.prompt_tokens += s.prompt_tokens;
     st.generated_tokens += s.generated_tokens;
+    st.prefix_query_tokens += s.prefix_query_tokens;
+    st.prefix_hit_tokens += s.prefix_hit_tokens;
+    st.kv_blocks_cached += s.kv_cached;
     if (st.expert_tokens.size() < s.expert_tokens.size())
       st.expert_tokens.resize(s.expert_tokens.size());
     for (size_t i = 0; i < s.expert_tokens.size(); ++i) st.expert_tokens[i] += s.expert_tokens[i];
@@ -112,26 +117,20 @@ EngineStats ClusterFrontEnd::stats() const {
     st.rank_lines.push_back("moeserve_rank_kv_blocks_total" + lbl + " " +
                             std::to_string(s.kv_total));
     st.rank_lines.push_back("moeserve_rank_kv_blocks_peak" + lbl + " " + std::to_string(s.kv_peak));
+    st.rank_lines.push_back("moeserve_rank_kv_blocks_cached" + lbl + " " +
+                            std::to_string(s.kv_cached));
     st.rank_lines.push_back("moeserve_rank_waiting_requests_peak" + lbl + " " +
                             std::to_string(s.waiting_peak));
   }
   return st;
 }
 
-// Least-loaded: the fewest unfinished requests for its size, then the emptiest KV pool, then
-// the lowest rank. Under mu_.
-int ClusterFrontEnd::pick(int first, int count) {
-  const int g = cfg_.group_of(first);
-  if (cfg_.route == RoutePolicy::RoundRobin) return first + (rr_[g]++ % count);
-  int best = first;
-  double best_score = 0;
-  for (int r = first; r < first + count; ++r) {
-    const RankState& s = ranks_[r];
-    const double kv = s.kv_total > 0 ? static_cast<double>(s.kv_used) / s.kv_total : 0.0;
-    const double score = static_cast<double>(s.assigned) / cfg_.engine.max_num_seqs + kv;
-    if (r == first || score < best_score) best = r, best_score = score;
-  }
-  return best;
+// Under mu_ (cluster_router.h).
+int ClusterFrontEnd::pick(int first, int count, const std::vector<uint64_t>& keys) {
+  std::vector<RankLoad> loads(n_ranks_);
+  for (int r = 0; r < n_ranks_; ++r)
+    loads[r] = {ranks_[r].assigned, ranks_[r].kv_used, ranks_[r].kv_total};
+  return router_.pick(first, count, loads, keys);
 }
 
 void ClusterFrontEnd::post_worker(int dest, std::vector<std::byte> msg) {
@@ -148,14 +147,15 @@ void ClusterFrontEnd::route(uint64_t id, std::shared_ptr<Request> r) {
     return;
   }
   auto l = std::make_unique<Live>();
+  const std::vector<uint64_t> keys = router_.keys_of(r->prompt);
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (cfg_.disaggregated()) {
-      l->prefill = pick(0, cfg_.prefill_ranks);
-      l->decode = pick(cfg_.prefill_ranks, cfg_.decode_ranks);
+      l->prefill = pick(0, cfg_.prefill_ranks, keys);
+      l->decode = pick(cfg_.prefill_ranks, cfg_.decode_ranks, keys);
       ++ranks_[l->decode].assigned;
     } else {
-      l->prefill = pick(0, n_ranks_);
+      l->prefill = pick(0, n_ranks_, keys);
     }
     ++ranks_[l->prefill].assigned;
   }
@@ -220,6 +220,7 @@ void ClusterFrontEnd::on_events(wire::Reader& rd) {
       ev.index = rd.get<int64_t>();
       ev.token = rd.get<int32_t>();
       ev.logprob = rd.get<float>();
+      ev.cached_tokens = rd.get<int64_t>();
       const auto ids = rd.get_vec<int32_t>();
       const auto lps = rd.get_vec<float>();
       for (size_t k = 0; k < ids.size() && k < lps.size(); ++k) ev.top.push_back({ids[k], lps[k]});
@@ -230,6 +231,7 @@ void ClusterFrontEnd::on_events(wire::Reader& rd) {
       f.error = rd.get_str();
       f.prompt_tokens = rd.get<int64_t>();
       f.completion_tokens = rd.get<int64_t>();
+      f.cached_tokens = rd.get<int64_t>();
       deliver_finish(id, f);
     }
   }
@@ -255,6 +257,10 @@ void ClusterFrontEnd::on_stats(wire::Reader& rd, int source) {
   s.transfer.leases_expired = rd.get<int64_t>();
   s.transfer.latency_buckets = rd.get_vec<int64_t>();
   s.transfer.latency_sum = rd.get<double>();
+  s.prefix_query_tokens = rd.get<int64_t>();
+  s.prefix_hit_tokens = rd.get<int64_t>();
+  s.kv_cached = rd.get<int64_t>();
+  s.transfer.blocks_reused = rd.get<int64_t>();
 }
 
 void ClusterFrontEnd::on_message(const comm::Mailbox::Message& m) {

@@ -14,6 +14,7 @@
 
 #include "comm/communicator.h"
 #include "engine/cluster_config.h"
+#include "engine/cluster_router.h"
 #include "engine/request.h"
 #include "engine/wire.h"
 #include "model/config.h"
@@ -48,6 +49,7 @@ class ClusterFrontEnd final : public Service {
     int64_t running = 0, waiting = 0, kv_total = 0, kv_used = 0, preemptions = 0, steps = 0;
     int64_t kv_peak = 0, waiting_peak = 0;  // high-water marks since start
     int64_t prompt_tokens = 0, generated_tokens = 0;
+    int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0, kv_cached = 0;
     std::vector<int64_t> expert_tokens;
     TransferStats transfer;
     int64_t assigned = 0;  // unfinished requests routed here (prefill side: not yet handed off)
@@ -55,7 +57,7 @@ class ClusterFrontEnd final : public Service {
   void loop();
   bool finish_stopping(Clock::time_point stop_sent_at);  // true: leave the loop
   void route(uint64_t id, std::shared_ptr<Request> r);
-  int pick(int first, int count);
+  int pick(int first, int count, const std::vector<uint64_t>& keys);
   void on_message(const comm::Mailbox::Message& m);
   void on_events(wire::Reader& rd);
   void on_stats(wire::Reader& rd, int source);
@@ -83,13 +85,13 @@ class ClusterFrontEnd final : public Service {
   std::string problem_;                             // under mu_: health_problem()
   std::string shutdown_problem_;                    // under mu_
   std::map<uint64_t, std::unique_ptr<Live>> live_;  // FE thread only
-  int rr_[2] = {0, 0};
   // FE thread only: when each rank was last heard from, whether it counts as down, and the
   // shutdown bookkeeping (worker messages posted to each rank, by any rank).
   std::vector<Clock::time_point> last_heard_;
   std::vector<char> down_;
   std::vector<int64_t> posted_to_;
   std::vector<char> said_bye_;
+  Router router_;  // under mu_
   std::thread thread_;
   bool stopped_ = false;
 };

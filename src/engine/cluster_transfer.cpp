@@ -1,6 +1,7 @@
 // ClusterWorker, disaggregated: a prefill rank hands each prefilled request to its decode rank
 // and lends it the KV blocks (one-sided) or sends their bytes (two-sided); the decode rank
-// allocates blocks, moves the data on a thread of its own and acknowledges.
+// takes the prompt's leading full blocks it holds already from its own prefix cache, allocates
+// the rest, moves only those on a thread of its own and acknowledges.
 #include <algorithm>
 #include <cstring>
 
@@ -25,6 +26,7 @@ void ClusterWorker::on_prefilled(Prefilled&& p) {
   w.put(Msg::Handoff).put(p.id);
   put_request(w, *p.req);
   w.put_vec(p.tokens).put(p.n_prompt).put_vec(p.blocks).put_str(p.sampler_state);
+  w.put(p.cached_tokens);
   if (cfg_.transfer == KvTransferMode::TwoSided) {
     // The blocks travel inside the message; ours are free again at once.
     const size_t bb = kv_.block_bytes();
@@ -71,6 +73,7 @@ void ClusterWorker::on_handoff(wire::Reader& rd, int source) {
   h.n_prompt = rd.get<int64_t>();
   h.blocks = rd.get_vec<int32_t>();
   h.sampler_state = rd.get_str();
+  h.cached_tokens = rd.get<int64_t>();
   const uint64_t payload = rd.get<uint64_t>();
   const std::byte* p = rd.take(payload);
   h.payload.assign(p, p + payload);
@@ -114,7 +117,15 @@ void ClusterWorker::start_transfers() {
       handoffs_.pop_front();
       continue;
     }
-    if (!kv_.allocate(static_cast<int64_t>(h.blocks.size()), &h.mine)) return;  // wait
+    // The start of the prompt this rank holds already (its prefix cache) is not moved.
+    if (cfg_.engine.prefix_caching)
+      h.n_reused = kv_.match(h.tokens.data(), h.n_prompt / kv_.block_size(), &h.mine);
+    if (!kv_.allocate(static_cast<int64_t>(h.blocks.size()) - h.n_reused, &h.mine)) {
+      kv_.release(h.mine);  // wait, holding nothing
+      h.mine.clear();
+      h.n_reused = 0;
+      return;
+    }
     std::lock_guard<std::mutex> lk(xfer_mu_);
     xfer_in_.push_back(std::move(h));
     handoffs_.pop_front();
@@ -143,7 +154,7 @@ void ClusterWorker::transfer_loop() {
     const auto t0 = Clock::now();
     if (cfg_.transfer == KvTransferMode::OneSided) {
       // Runs of consecutive blocks on both sides move as one read.
-      for (size_t i = 0; i < h.mine.size();) {
+      for (size_t i = h.n_reused; i < h.mine.size();) {
         size_t j = i + 1;
         while (j < h.mine.size() && h.blocks[j] == h.blocks[j - 1] + 1 &&
                h.mine[j] == h.mine[j - 1] + 1)
@@ -155,7 +166,7 @@ void ClusterWorker::transfer_loop() {
       window_->flush(h.src);
     } else {
       MS_ASSERT(h.payload.size() == bb * h.mine.size());
-      for (size_t i = 0; i < h.mine.size(); ++i)
+      for (size_t i = h.n_reused; i < h.mine.size(); ++i)
         std::memcpy(kv_.block_data(h.mine[i]), h.payload.data() + i * bb, bb);
       h.payload = {};
     }
@@ -229,7 +240,8 @@ bool ClusterWorker::finish_transfers() {
       continue;
     }
     ++transfer_.transfers;
-    transfer_.bytes += static_cast<int64_t>(bb * h.mine.size());
+    transfer_.bytes += static_cast<int64_t>(bb * (h.mine.size() - h.n_reused));
+    transfer_.blocks_reused += h.n_reused;
     transfer_.latency_sum += h.seconds;
     const auto& bounds = kv_transfer_buckets();
     ++transfer_.latency_buckets[std::lower_bound(bounds.begin(), bounds.end(), h.seconds) -
@@ -241,6 +253,7 @@ bool ClusterWorker::finish_transfers() {
     p.n_prompt = h.n_prompt;
     p.blocks = std::move(h.mine);
     p.sampler_state = std::move(h.sampler_state);
+    p.cached_tokens = h.cached_tokens;
     sched_->add_prefilled(std::move(p));
   }
   return !done.empty();

@@ -55,7 +55,7 @@ ClusterWorker::~ClusterWorker() {
 std::shared_ptr<Request> ClusterWorker::make_request(uint64_t id) {
   auto r = std::make_shared<Request>();
   r->on_token = [this, id](const TokenEvent& e) {
-    events_.put(Ev::Token).put(id).put(e.index).put(e.token).put(e.logprob);
+    events_.put(Ev::Token).put(id).put(e.index).put(e.token).put(e.logprob).put(e.cached_tokens);
     events_.put<uint64_t>(e.top.size());
     for (const auto& alt : e.top) events_.put(alt.first);
     events_.put<uint64_t>(e.top.size());
@@ -64,7 +64,7 @@ std::shared_ptr<Request> ClusterWorker::make_request(uint64_t id) {
   };
   r->on_finish = [this, id](const FinishEvent& f) {
     events_.put(Ev::Finish).put(id).put(static_cast<uint8_t>(f.reason)).put_str(f.error);
-    events_.put(f.prompt_tokens).put(f.completion_tokens);
+    events_.put(f.prompt_tokens).put(f.completion_tokens).put(f.cached_tokens);
     ++n_events_;
     decode_rank_of_.erase(id);
   };
@@ -143,7 +143,9 @@ void ClusterWorker::post_stats(bool force) {
       transfer_.failures,
       transfer_.leases_expired,
       kv_peak_,
-      waiting_peak_};
+      waiting_peak_,
+      sched_->prefix_query_tokens(),
+      kv_.n_cached()};
   if (sig == last_sig_ || (!force && since(last_stats_) < 0.02)) return;
   last_sig_ = sig;
   last_stats_ = Clock::now();
@@ -154,6 +156,8 @@ void ClusterWorker::post_stats(bool force) {
   w.put(sched_->generated_tokens()).put_vec(model_.expert_token_counts());
   w.put(transfer_.transfers).put(transfer_.bytes).put(transfer_.failures);
   w.put(transfer_.leases_expired).put_vec(transfer_.latency_buckets).put(transfer_.latency_sum);
+  w.put(sched_->prefix_query_tokens()).put(sched_->prefix_hit_tokens()).put(kv_.n_cached());
+  w.put(transfer_.blocks_reused);
   mb_.post(0, kToFrontEnd, w.take());
 }
 

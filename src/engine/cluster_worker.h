@@ -47,9 +47,11 @@ class ClusterWorker {
     int64_t n_prompt = 0;
     std::vector<int32_t> blocks;  // on the prefill rank
     std::string sampler_state;
+    int64_t cached_tokens = 0;       // found in the prefill rank's prefix cache
     std::vector<std::byte> payload;  // two-sided: the blocks' bytes
     Clock::time_point arrived;
     std::vector<int32_t> mine;  // its blocks here, once allocated
+    int64_t n_reused = 0;       // the first of them, from this rank's prefix cache (not moved)
     double seconds = 0;         // the transfer's time
   };
   // Prefill side: blocks lent to a decode rank until it acknowledges, at most until `until`.

@@ -21,6 +21,7 @@ struct TokenEvent {
   int64_t index = 0;                           // 0 for the first generated token
   float logprob = 0.0f;                        // log P(token), when the request asked
   std::vector<std::pair<int32_t, float>> top;  // top_logprobs alternatives, most likely first
+  int64_t cached_tokens = 0;  // prompt tokens taken from the prefix cache (FinishEvent's)
 };
 
 enum class FinishReason { Stop, Length, Cancelled, Error };
@@ -67,6 +68,7 @@ inline const std::vector<double>& kv_transfer_buckets() {
 // Prefill/decode disaggregation counters (zero when colocated).
 struct TransferStats {
   int64_t transfers = 0, bytes = 0, failures = 0, leases_expired = 0;
+  int64_t blocks_reused = 0;             // prompt blocks the decode rank held already (not moved)
   std::vector<int64_t> latency_buckets;  // [kv_transfer_buckets().size() + 1], not cumulative
   double latency_sum = 0;
   void add(const TransferStats& o);
@@ -84,6 +86,7 @@ struct EngineStats {
   // Prefix cache: prompt tokens looked up and found (on each request's first admission),
   // and the blocks published now (held or evictable).
   int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0, kv_blocks_cached = 0;
+  int64_t prefix_routed = 0;  // under mpirun: requests routed to a rank for its cached prefix
   std::vector<int64_t> expert_tokens;  // [layers * n_routed_experts] routed token counts
   bool disaggregated = false;
   TransferStats transfer;

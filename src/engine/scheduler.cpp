@@ -25,6 +25,7 @@ void TransferStats::add(const TransferStats& o) {
   bytes += o.bytes;
   failures += o.failures;
   leases_expired += o.leases_expired;
+  blocks_reused += o.blocks_reused;
   latency_sum += o.latency_sum;
   if (latency_buckets.size() < o.latency_buckets.size())
     latency_buckets.resize(o.latency_buckets.size());
@@ -281,6 +282,7 @@ bool Scheduler::step(bool force_forward) {
     TokenEvent ev;
     ev.token = s.sampler.sample(row, V);
     ev.index = s.n_generated;
+    ev.cached_tokens = s.cached_tokens;
     if (s.req->top_logprobs >= 0) {
       log_softmax(row, V, &lp_);
       ev.logprob = static_cast<float>(lp_[ev.token]);

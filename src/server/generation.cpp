@@ -1,5 +1,7 @@
 #include "server/generation.h"
 
+#include <algorithm>
+
 #include "server/api_error.h"
 #include "server/server.h"
 
@@ -58,6 +60,7 @@ bool Generation::step(Delta& out, std::chrono::milliseconds timeout) {
   session_->wait(events, timeout);
   for (const EngineEvent& e : events) {
     if (e.finish) {
+      cached_tokens_ = std::max(cached_tokens_, e.finish->cached_tokens);
       switch (e.finish->reason) {
         case engine::FinishReason::Stop:
         case engine::FinishReason::Length:
@@ -79,6 +82,7 @@ bool Generation::step(Delta& out, std::chrono::milliseconds timeout) {
       }
       return true;
     }
+    cached_tokens_ = std::max(cached_tokens_, e.token.cached_tokens);
     if (!first_token_seen_) {
       ctx_.metrics.record_ttft(seconds(e.time - arrival_));
       first_token_seen_ = true;

@@ -44,7 +44,9 @@ class Generation {
   bool failed() const { return failed_; }
   const std::string& error() const { return error_; }
   const char* finish_reason() const { return finish_reason_; }  // "stop" / "length"
-  Usage usage() const { return {static_cast<int64_t>(prompt_size_), pipeline_.tokens()}; }
+  Usage usage() const {
+    return {static_cast<int64_t>(prompt_size_), pipeline_.tokens(), cached_tokens_};
+  }
   const ResponseBuilder& builder() const { return builder_; }
   bool include_usage() const { return include_usage_; }
 
@@ -61,6 +63,7 @@ class Generation {
   bool include_usage_;
   Clock::time_point arrival_, last_token_;
   bool first_token_seen_ = false;
+  int64_t cached_tokens_ = 0;  // from the engine's events
   bool done_ = false, failed_ = false;
   std::string error_;
   const char* finish_reason_ = nullptr;

@@ -178,6 +178,24 @@ std::string Metrics::render(const engine::EngineStats& st, int64_t n_experts,
           static_cast<double>(st.prompt_tokens));
   counter(out, "moeserve_engine_generated_tokens_total", "Tokens sampled by the engine.",
           static_cast<double>(st.generated_tokens));
+  counter(out, "moeserve_prefix_cache_queries_total",
+          "Prompt tokens looked up in the prefix cache (once per request).",
+          static_cast<double>(st.prefix_query_tokens));
+  counter(out, "moeserve_prefix_cache_hits_total",
+          "Prompt tokens found in the prefix cache (their KV blocks were reused, not computed).",
+          static_cast<double>(st.prefix_hit_tokens));
+  gauge(out, "moeserve_prefix_cache_hit_rate",
+        "Prompt tokens found in the prefix cache over those looked up, since start.",
+        st.prefix_query_tokens > 0 ? static_cast<double>(st.prefix_hit_tokens) /
+                                         static_cast<double>(st.prefix_query_tokens)
+                                   : 0.0);
+  if (!st.rank_lines.empty())
+    counter(out, "moeserve_prefix_routed_requests_total",
+            "Requests sent to a rank for the prompt prefix it caches, not the least-loaded one.",
+            static_cast<double>(st.prefix_routed));
+  gauge(out, "moeserve_kv_blocks_cached",
+        "KV cache blocks in the prefix cache (held by sequences or kept for reuse).",
+        static_cast<double>(st.kv_blocks_cached));
   header(out, "moeserve_expert_routed_tokens_total", "counter",
          "Tokens routed to each routed expert of each MoE layer.");
   if (n_experts > 0) {
@@ -212,6 +230,9 @@ std::string Metrics::render(const engine::EngineStats& st, int64_t n_experts,
             static_cast<double>(t.transfers));
     counter(out, "moeserve_kv_transfer_bytes_total", "Bytes of KV cache moved.",
             static_cast<double>(t.bytes));
+    counter(out, "moeserve_kv_transfer_blocks_reused_total",
+            "Prompt KV blocks a decode rank found in its own prefix cache, so not moved.",
+            static_cast<double>(t.blocks_reused));
     counter(out, "moeserve_kv_transfer_failures_total",
             "KV transfers that failed their request (timed out, or no decode blocks in time).",
             static_cast<double>(t.failures));

@@ -50,7 +50,8 @@ std::string error_body(const std::string& message, const std::string& type,
 json usage_json(const Usage& u) {
   return {{"prompt_tokens", u.prompt_tokens},
           {"completion_tokens", u.completion_tokens},
-          {"total_tokens", u.prompt_tokens + u.completion_tokens}};
+          {"total_tokens", u.prompt_tokens + u.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}}};
 }
 
 ResponseBuilder::ResponseBuilder(Endpoint endpoint, std::string model,

@@ -16,6 +16,7 @@ namespace moeserve::server {
 
 struct Usage {
   int64_t prompt_tokens = 0, completion_tokens = 0;
+  int64_t cached_tokens = 0;  // of the prompt, from the prefix cache
 };
 
 // Serializes JSON for the wire: compact, invalid UTF-8 replaced (never throws).

@@ -94,6 +94,23 @@ static void one_rank_matches_running_alone(kv::KvDtype dt) {
     auto f = slow->done.get_future();
     ASSERT_EQ(f.wait_for(60s), std::future_status::ready);
     EXPECT_EQ(f.get().reason, engine::FinishReason::Cancelled);
+    // The same prompts again: their full blocks come from the rank's prefix cache (all but the
+    // block of the last token), with the same output.
+    int64_t hits = 0;
+    for (int i = 0; i < 8; ++i) {
+      Pending again(prompt_of(2 + i * 5, i), 3 + i);
+      ASSERT_EQ(fe.submit(again.req, nullptr, nullptr), engine::SubmitResult::Accepted);
+      auto g = again.done.get_future();
+      ASSERT_EQ(g.wait_for(60s), std::future_status::ready);
+      const int64_t cached = (1 + i * 5) / cc.engine.block_size * cc.engine.block_size;
+      EXPECT_EQ(g.get().cached_tokens, cached) << "request " << i;
+      EXPECT_EQ(again.out, expected[i]) << "request " << i << " again";
+      hits += cached;
+    }
+    EXPECT_GT(hits, 0);
+    for (int t = 0; t < 200 && fe.stats().prefix_hit_tokens < hits; ++t)
+      std::this_thread::sleep_for(10ms);
+    EXPECT_EQ(fe.stats().prefix_hit_tokens, hits);
     // The worker reports its pool; once idle, every block is back.
     engine::EngineStats st;
     for (int t = 0; t < 200; ++t) {
@@ -108,7 +125,8 @@ static void one_rank_matches_running_alone(kv::KvDtype dt) {
               m.config().num_hidden_layers * kv::kv_row_bytes(dt, m.config().kv_cache_dim()));
     EXPECT_EQ(st.kv_blocks_used, 0);
     EXPECT_EQ(st.running, 0);
-    EXPECT_EQ(st.rank_lines.size(), 6u);
+    EXPECT_EQ(st.rank_lines.size(), 7u);
+    EXPECT_GT(st.kv_blocks_cached, 0);
   }  // the front end stops the worker
   compute.join();
 }
@@ -138,6 +156,53 @@ TEST(Cluster, LayoutErrors) {
   EXPECT_NO_THROW(c.validate(2));
   EXPECT_EQ(c.group_of(0), 0);
   EXPECT_EQ(c.group_of(1), 1);
+}
+
+// Routing by prefix: a prompt goes to the rank it (or a prompt starting like it) was sent to
+// before, while that rank's load is within the slack of the least-loaded one; otherwise, and
+// for prompts nobody has seen, to the least-loaded rank. Round-robin and caching off ignore
+// prefixes.
+TEST(Cluster, RouterPrefersTheRankHoldingThePrefixWhileLoadAllows) {
+  engine::ClusterConfig cc;
+  cc.engine.block_size = 4;
+  cc.engine.max_num_seqs = 4;
+  engine::Router router(cc, 3);
+  std::vector<int32_t> sys(20), a, b, other(20, 7);
+  for (int i = 0; i < 20; ++i) sys[i] = 100 + i;
+  a = sys, b = sys;
+  a.insert(a.end(), {1, 2, 3});
+  b.insert(b.end(), {4, 5});
+  std::vector<engine::RankLoad> loads(3, {0, 0, 64});
+  loads[0].assigned = 1;  // rank 1 is the least loaded
+  const auto ka = router.keys_of(a);
+  EXPECT_EQ(ka.size(), 5u);                                          // (23 - 1) / 4 full blocks
+  EXPECT_EQ(router.keys_of(std::vector<int32_t>(4, 1)).size(), 0u);  // leaves the last token
+  EXPECT_EQ(router.pick(0, 3, loads, ka), 1);
+  ++loads[1].assigned;
+  // b shares a's first 5 blocks: rank 1, although rank 2 is now the least loaded.
+  EXPECT_EQ(router.depth(1, router.keys_of(b)), 5);
+  EXPECT_EQ(router.pick(0, 3, loads, router.keys_of(b)), 1);
+  EXPECT_EQ(router.prefix_routed(), 1);
+  ++loads[1].assigned;
+  // A prompt nobody has seen: least-loaded (rank 2).
+  EXPECT_EQ(router.pick(0, 3, loads, router.keys_of(other)), 2);
+  // Rank 1 far above the least-loaded rank: the prefix does not outweigh the load.
+  loads[1].assigned = 4;
+  loads[1].kv_used = 32;
+  EXPECT_EQ(router.pick(0, 3, loads, ka), 2);  // the least loaded
+  EXPECT_EQ(router.depth(2, ka), 5);           // which now holds it too
+  // Within a group of ranks: ranks outside it are never chosen.
+  EXPECT_EQ(router.pick(0, 1, loads, ka), 0);
+  EXPECT_EQ(router.pick(1, 1, loads, ka), 1);
+  engine::ClusterConfig rr = cc;
+  rr.route = engine::RoutePolicy::RoundRobin;
+  engine::Router r2(rr, 2);
+  EXPECT_TRUE(r2.keys_of(a).empty());
+  EXPECT_EQ(r2.pick(0, 2, loads, {}), 0);
+  EXPECT_EQ(r2.pick(0, 2, loads, {}), 1);
+  engine::ClusterConfig off = cc;
+  off.engine.prefix_caching = false;
+  EXPECT_TRUE(engine::Router(off, 2).keys_of(a).empty());
 }
 
 TEST(Wire, RoundTripAndTruncation) {
@@ -174,6 +239,7 @@ TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
   req->prompt = {1, 2, 3};
   req->max_tokens = 3;
   req->on_token = [&](const engine::TokenEvent& e) {
+    EXPECT_EQ(e.cached_tokens, 16);
     index.push_back(e.index);
     tokens.push_back(e.token);
   };
@@ -190,7 +256,7 @@ TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
     return comm::Mailbox::Message{};
   };
   auto token = [](engine::wire::Writer& w, uint64_t id, int64_t i, int32_t t) {
-    w.put(kToken).put(id).put(i).put(t).put(-0.5f);
+    w.put(kToken).put(id).put(i).put(t).put(-0.5f).put<int64_t>(16);  // 16 cached tokens
     w.put_vec(std::vector<int32_t>{}).put_vec(std::vector<float>{});
   };
   {
@@ -207,6 +273,7 @@ TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
     token(later, id, 1, 11);
     token(later, id, 2, 12);
     later.put(kFinish).put(id).put<uint8_t>(1).put_str("").put<int64_t>(3).put<int64_t>(3);
+    later.put<int64_t>(16);
     mb->post(0, kToFrontEnd, later.take());
     engine::wire::Writer first;
     first.put(kEvents).put<int64_t>(1);
@@ -219,6 +286,7 @@ TEST(Cluster, FrontEndReordersEventsFromSeveralRanks) {
     EXPECT_EQ(fin.reason, engine::FinishReason::Length);
     EXPECT_EQ(fin.completion_tokens, 3);
     EXPECT_EQ(fin.prompt_tokens, 3);
+    EXPECT_EQ(fin.cached_tokens, 16);
     EXPECT_EQ(index, (std::vector<int64_t>{0, 1, 2}));
     EXPECT_EQ(tokens, (std::vector<int32_t>{10, 11, 12}));
     // Shutting down: the front end says stop and waits for every rank's goodbye.
