@@ -52,6 +52,10 @@ MAX_TOKENS = [8, 12, 1, 16, 6, 10, 3, 9]
 # Seeded requests at temperature > 0: (prompt index, max_tokens, seed).
 SAMPLED = [(1, 12, 7), (3, 10, 1234), (5, 14, 99)]
 TEMPERATURE = 0.9
+# Prompts that share a long start (a system prompt of about 150 tokens), for prefix caching.
+SYSTEM = "You are a careful assistant. Answer briefly and say which rule you follow. " * 10
+QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello.", "Count to three.", "Why?",
+             "Tell me a joke about cats."]
 
 FAILURES = []
 
@@ -153,7 +157,8 @@ class Server:
             return r.status, j
         return r.status, {"text": j["choices"][0]["text"],
                           "finish": j["choices"][0]["finish_reason"],
-                          "tokens": j["usage"]["completion_tokens"]}
+                          "tokens": j["usage"]["completion_tokens"],
+                          "cached": j["usage"]["prompt_tokens_details"]["cached_tokens"]}
 
     def metric(self, name):
         """Sum of every sample of metric `name` (all label sets)."""
@@ -286,6 +291,55 @@ def layout_case(args, model, ref, ref_sampled, name, ranks, extra, expect_transf
         if srv.proc.poll() is None:
             srv.kill()
     return moved
+
+
+def shared_prefix_rounds(srv):
+    """Two rounds of the shared-prefix prompts, the second after the first has finished."""
+    rounds = []
+    for _ in range(2):
+        with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as ex:
+            futs = [ex.submit(srv.complete, SYSTEM + q, 6) for q in QUESTIONS]
+            rounds.append([f.result() for f in futs])
+    return rounds
+
+
+def prefix_cache_cases(args, model):
+    """Prefix caching on under mpirun gives what one process gives with it off: colocated (the
+    front end sends a prompt to the rank holding its prefix) and disaggregated (the decode rank
+    reads only the blocks it does not hold)."""
+    print("== reference: one process, --no-prefix-caching")
+    srv = Server(args, model, 0, ["--no-prefix-caching"])
+    try:
+        ref = shared_prefix_rounds(srv)
+        check(all(r[0] == 200 for rnd in ref for r in rnd), "reference: shared-prefix prompts")
+        check(all(r[1]["cached"] == 0 for rnd in ref for r in rnd),
+              "--no-prefix-caching: no cached tokens reported")
+        check(srv.metric("moeserve_prefix_cache_hits_total") == 0, "--no-prefix-caching: no hits")
+    finally:
+        srv.stop()
+    pd = ["--prefill-ranks", "1", "--decode-ranks", "1"]
+    for name, ranks, extra in [("prefix caching, colocated 2 ranks", 2, []),
+                               ("prefix caching, disaggregated 1/1", 2, pd),
+                               ("prefix caching, disaggregated 1/1 two-sided", 2,
+                                pd + ["--kv-transfer", "two-sided"])]:
+        print(f"== {name}")
+        srv = Server(args, model, ranks, extra)
+        try:
+            got = shared_prefix_rounds(srv)
+            for k in range(2):
+                compare(f"{name}, round {k + 1}", got[k], ref[k])
+            check(all(r[1].get("cached", 0) >= 144 for r in got[1]),
+                  f"{name}: the second round reports the system prompt's blocks as cached: "
+                  f"{[r[1].get('cached') for r in got[1]]}")
+            hits = srv.metric("moeserve_prefix_cache_hits_total")
+            check(hits >= 144 * len(QUESTIONS), f"{name}: /metrics counts the hits ({hits})")
+            if extra:
+                reused = srv.metric("moeserve_kv_transfer_blocks_reused_total")
+                check(reused >= 9 * len(QUESTIONS),
+                      f"{name}: the decode rank reused the blocks it held ({reused})")
+            check(srv.settle() == 0, f"{name}: every rank freed its KV blocks")
+        finally:
+            srv.stop()
 
 
 def disconnect(srv, prompt, after_first_token):
@@ -616,6 +670,8 @@ def main():
         # rows of 160 bytes and two scales.
         check(moved["f32"] / 640 == moved["fp8"] / 168,
               f"KV transfers move each dtype's stored bytes: {moved}")
+    if wanted("prefix caching"):
+        prefix_cache_cases(args, model)
     if wanted("faults"):
         fault_cases(args, model, ref)
     if wanted("stopped rank"):

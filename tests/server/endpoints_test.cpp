@@ -346,3 +346,37 @@ TEST(Reasoning, ThinkBlockGoesToReasoningContent) {
 }
 
 }  // namespace
+
+// Prefix caching: a prompt sent again takes its full blocks from the cache (16 tokens a block,
+// all but the block of its last token), reports them as usage.prompt_tokens_details.
+// cached_tokens (in the response and in a stream's usage chunk) and in /metrics, and gives the
+// same output.
+TEST_F(Endpoints, CachedPromptTokensInUsageAndMetrics) {
+  const auto& tok = demo_tokenizer();
+  std::string text;
+  for (int i = 0; i < 12; ++i) text += "Sentence number " + std::to_string(i) + " of a prompt. ";
+  const int64_t n = static_cast<int64_t>(tok.encode(text, true).size());
+  ASSERT_GE(n, 40);
+  const double hits0 = metric(port(), "moeserve_prefix_cache_hits_total");
+  const double queries0 = metric(port(), "moeserve_prefix_cache_queries_total");
+  json body = completion_body(text, 5);
+  Reply a = post(port(), "/v1/completions", body);
+  ASSERT_EQ(a.status, 200) << a.body;
+  EXPECT_EQ(a.j["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+  Reply b = post(port(), "/v1/completions", body);
+  ASSERT_EQ(b.status, 200) << b.body;
+  const int64_t cached = (n - 1) / 16 * 16;
+  EXPECT_EQ(b.j["usage"]["prompt_tokens_details"]["cached_tokens"], cached);
+  EXPECT_EQ(b.j["choices"][0]["text"], a.j["choices"][0]["text"]);
+  EXPECT_EQ(b.j["usage"]["prompt_tokens"], n);
+  body["stream"] = true;
+  body["stream_options"] = {{"include_usage", true}};
+  const auto chunks = stream_chunks(post(port(), "/v1/completions", body));
+  ASSERT_FALSE(chunks.empty());
+  EXPECT_EQ(chunks.back()["usage"]["prompt_tokens_details"]["cached_tokens"], cached);
+  const Reply m = get(port(), "/metrics");
+  EXPECT_EQ(metric_in(m.body, "moeserve_prefix_cache_queries_total"), queries0 + 3 * n);
+  EXPECT_EQ(metric_in(m.body, "moeserve_prefix_cache_hits_total"), hits0 + 2 * cached);
+  EXPECT_GT(metric_in(m.body, "moeserve_prefix_cache_hit_rate"), 0);
+  EXPECT_GE(metric_in(m.body, "moeserve_kv_blocks_cached"), n / 16);
+}
