@@ -19,6 +19,19 @@ used, so it runs with any python3.
 
     python3 tools/bench_serving.py --base-url http://127.0.0.1:8000 --model demo \\
         --num-prompts 64 --max-concurrency 4 --input-len 128 --output-len 64
+
+Shared prefixes (prefix caching): --shared-prefix-len N starts every prompt with the same N
+tokens (completions: N random ids; chat: a system message of N random words), before the
+--input-len of its own; the warm-up request sends that prefix too, as a server that has run a
+while has seen it. The report adds the prompt tokens the server says it took from its cache
+(usage.prompt_tokens_details.cached_tokens). --save-outputs FILE writes every request's text;
+--compare-outputs FILE checks that they equal a saved run's (exit status 1 when one differs), so
+a run with caching on can be checked against one with it off:
+
+    python3 tools/bench_serving.py --shared-prefix-len 2048 --input-len 64 --output-len 16 \\
+        --num-prompts 16 --max-concurrency 2 --save-outputs off.json    # --no-prefix-caching
+    python3 tools/bench_serving.py --shared-prefix-len 2048 --input-len 64 --output-len 16 \\
+        --num-prompts 16 --max-concurrency 2 --compare-outputs off.json # caching on
 """
 
 import argparse
@@ -36,7 +49,8 @@ WORDS = ("time person year way day thing man world life hand part child eye woma
 
 
 async def stream_request(url, body, api_key):
-    """POSTs `body`; returns (ok, error, [arrival times of content chunks], usage, end time)."""
+    """POSTs `body`; returns (ok, error, [arrival times of content chunks], usage, end time,
+    text)."""
     u = urllib.parse.urlsplit(url)
     host, port = u.hostname, u.port or 80
     data = json.dumps(body).encode()
@@ -59,9 +73,10 @@ async def stream_request(url, body, api_key):
             headers[k.strip().lower()] = v.strip()
         if " 200 " not in status:
             rest = await reader.read()
-            return False, status.strip() + " " + rest.decode(errors="replace")[:300], [], None, 0
+            return (False, status.strip() + " " + rest.decode(errors="replace")[:300], [], None, 0,
+                    "")
         chunked = "chunked" in headers.get("transfer-encoding", "")
-        buf, times, usage = b"", [], None
+        buf, times, usage, out = b"", [], None, []
         while True:
             if chunked:
                 size = int((await reader.readline()).strip() or b"0", 16)
@@ -84,7 +99,7 @@ async def stream_request(url, body, api_key):
                     continue
                 j = json.loads(payload)
                 if "error" in j:
-                    return False, j["error"].get("message", "error"), times, usage, now
+                    return False, j["error"].get("message", "error"), times, usage, now, ""
                 if j.get("usage"):
                     usage = j["usage"]
                 for ch in j.get("choices", []):
@@ -94,12 +109,13 @@ async def stream_request(url, body, api_key):
                         text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
                     if text:
                         times.append(now)
-        return True, "", times, usage, time.perf_counter()
+                        out.append(text)
+        return True, "", times, usage, time.perf_counter(), "".join(out)
     finally:
         writer.close()
 
 
-def make_body(args, rng, i):
+def make_body(args, rng, i, shared):
     body = {"model": args.model, "max_tokens": args.output_len, "temperature": args.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
     if not args.no_ignore_eos:
@@ -107,17 +123,32 @@ def make_body(args, rng, i):
     if args.endpoint.endswith("chat/completions"):
         words = " ".join(rng.choice(WORDS) for _ in range(args.input_len))
         body["messages"] = [{"role": "user", "content": f"{i}: {words}"}]
+        if shared:
+            body["messages"].insert(0, {"role": "system", "content": shared})
     else:
-        body["prompt"] = [rng.randrange(args.vocab_lo, args.vocab_hi) for _ in range(args.input_len)]
+        body["prompt"] = list(shared or []) + [rng.randrange(args.vocab_lo, args.vocab_hi)
+                                               for _ in range(args.input_len)]
     return body
+
+
+def shared_prefix(args, rng):
+    """The start every prompt shares (--shared-prefix-len), or None."""
+    n = args.shared_prefix_len
+    if n <= 0:
+        return None
+    if args.endpoint.endswith("chat/completions"):
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+    return [rng.randrange(args.vocab_lo, args.vocab_hi) for _ in range(n)]
 
 
 async def run(args):
     rng = random.Random(args.seed)
     url = args.base_url.rstrip("/") + args.endpoint
-    bodies = [make_body(args, rng, i) for i in range(args.num_prompts)]
-    # One request first, so model loading and first-touch costs stay out of the numbers.
-    warm = dict(bodies[0], max_tokens=2)
+    shared = shared_prefix(args, rng)
+    bodies = [make_body(args, rng, i, shared) for i in range(args.num_prompts)]
+    # One request first, so model loading and first-touch costs stay out of the numbers (with a
+    # shared prefix: a prompt of its own after it, not one of the measured ones).
+    warm = dict(make_body(args, random.Random(args.seed + 1), -1, shared), max_tokens=2)
     ok, err, *_ = await stream_request(url, warm, args.api_key)
     if not ok:
         sys.exit(f"warm-up request failed: {err}")
@@ -125,11 +156,11 @@ async def run(args):
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     results = []
 
-    async def one(body):
+    async def one(i, body):
         async def go():
             t0 = time.perf_counter()
-            ok, err, times, usage, t_end = await stream_request(url, body, args.api_key)
-            results.append((ok, err, t0, times, usage, t_end))
+            ok, err, times, usage, t_end, text = await stream_request(url, body, args.api_key)
+            results.append((ok, err, t0, times, usage, t_end, i, text))
         if sem:
             async with sem:
                 await go()
@@ -138,8 +169,8 @@ async def run(args):
 
     start = time.perf_counter()
     tasks = []
-    for body in bodies:
-        tasks.append(asyncio.create_task(one(body)))
+    for i, body in enumerate(bodies):
+        tasks.append(asyncio.create_task(one(i, body)))
         if math.isfinite(args.request_rate):
             await asyncio.sleep(rng.expovariate(args.request_rate))
     await asyncio.gather(*tasks)
@@ -160,11 +191,13 @@ def report(args, results, duration):
     done = [r for r in results if r[0]]
     failed = [r for r in results if not r[0]]
     ttft, tpot, itl, e2el = [], [], [], []
-    out_tokens = in_tokens = 0
-    for ok, err, t0, times, usage, t_end in done:
+    out_tokens = in_tokens = cached_tokens = 0
+    for ok, err, t0, times, usage, t_end, _, _ in done:
         n_out = usage["completion_tokens"] if usage else len(times)
         out_tokens += n_out
         in_tokens += usage["prompt_tokens"] if usage else args.input_len
+        if usage:
+            cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         if times:
             ttft.append(times[0] - t0)
             itl.extend(b - a for a, b in zip(times, times[1:]))
@@ -176,6 +209,7 @@ def report(args, results, duration):
     res = {
         "completed": len(done), "failed": len(failed), "duration_s": duration,
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "total_cached_tokens": cached_tokens, "shared_prefix_len": args.shared_prefix_len,
         "request_throughput": len(done) / duration,
         "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
@@ -190,6 +224,7 @@ def report(args, results, duration):
     print(f"{'Benchmark duration (s):':<40}{duration:>10.2f}")
     print(f"{'Total input tokens:':<40}{in_tokens:>10}")
     print(f"{'Total generated tokens:':<40}{out_tokens:>10}")
+    print(f"{'Total cached prompt tokens:':<40}{cached_tokens:>10}")
     print(f"{'Request throughput (req/s):':<40}{res['request_throughput']:>10.2f}")
     print(f"{'Output token throughput (tok/s):':<40}{res['output_throughput']:>10.2f}")
     print(f"{'Total token throughput (tok/s):':<40}{res['total_token_throughput']:>10.2f}")
@@ -216,6 +251,12 @@ def main():
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128, help="prompt tokens (words for chat)")
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--shared-prefix-len", type=int, default=0,
+                    help="tokens (words for chat) of a start every prompt shares, before its own "
+                         "--input-len")
+    ap.add_argument("--save-outputs", help="write every request's generated text to this file")
+    ap.add_argument("--compare-outputs",
+                    help="check every request's text against a file --save-outputs wrote")
     ap.add_argument("--request-rate", type=float, default=float("inf"),
                     help="requests/s, Poisson arrivals; inf sends all at once")
     ap.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
@@ -228,12 +269,28 @@ def main():
     args = ap.parse_args()
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         ap.error("--num-prompts, --input-len and --output-len must be >= 1")
+    if args.shared_prefix_len < 0:
+        ap.error("--shared-prefix-len must be >= 0")
     results, duration = asyncio.run(run(args))
     res = report(args, results, duration)
+    texts = {str(r[6]): r[7] for r in results if r[0]}
+    status = 0 if res["failed"] == 0 else 1
+    if args.save_outputs:
+        with open(args.save_outputs, "w") as f:
+            json.dump(texts, f, indent=1, sort_keys=True)
+    if args.compare_outputs:
+        with open(args.compare_outputs) as f:
+            want = json.load(f)
+        differ = sorted((k for k in want if texts.get(k) != want[k]), key=int)
+        res["outputs_equal"] = not differ
+        print(f"outputs equal to {args.compare_outputs}: "
+              + ("all " + str(len(want)) if not differ else f"NO, requests {differ} differ"))
+        if differ:
+            status = 1
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump(res, f, indent=2)
-    return 0 if res["failed"] == 0 else 1
+    return status
 
 
 if __name__ == "__main__":
