@@ -9,7 +9,10 @@ experts gives the same output too. Fault cases on a 1 prefill + 1 decode launch:
 too small for the load (requests wait), clients that disconnect during prefill and during the
 KV transfer, and a transfer that exceeds its time limit. A rank stopped with SIGSTOP (colocated,
 and a decode rank) fails the open and new requests with an error naming it and turns /health to
-503, until SIGCONT; SIGTERM while it is stopped ends the job within seconds. Every layout ends
+503, until SIGCONT; SIGTERM while it is stopped ends the job within seconds. Prefix caching on
+gives what one process gives with --no-prefix-caching for prompts sharing a long start
+(colocated, where rank 0 routes them to the rank holding it, and disaggregated, where the decode
+rank reuses the blocks it holds). Every layout ends
 with SIGTERM or SIGINT to rank 0 while streams are in flight and busy loops load the machine:
 every rank must end within seconds, and every client hear why.
 
@@ -333,6 +336,16 @@ def prefix_cache_cases(args, model):
                   f"{[r[1].get('cached') for r in got[1]]}")
             hits = srv.metric("moeserve_prefix_cache_hits_total")
             check(hits >= 144 * len(QUESTIONS), f"{name}: /metrics counts the hits ({hits})")
+            if not extra:
+                # Every request after the first went where its prefix was (rank 0), although
+                # rank 1 was less loaded while the first round ran.
+                routed = srv.metric("moeserve_prefix_routed_requests_total")
+                check(routed >= len(QUESTIONS) - 1,
+                      f"{name}: requests routed to the rank holding their prefix ({routed})")
+                _, page = srv.get("/metrics")
+                m = re.search(r'moeserve_rank_kv_blocks_cached\{rank="1"[^}]*\} (\S+)', page)
+                check(m is not None and float(m.group(1)) == 0,
+                      f"{name}: rank 1 cached nothing: {m.group(0) if m else 'no metric'}")
             if extra:
                 reused = srv.metric("moeserve_kv_transfer_blocks_reused_total")
                 check(reused >= 9 * len(QUESTIONS),
