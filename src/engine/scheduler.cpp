@@ -233,7 +233,7 @@ bool Scheduler::step(bool force_forward) {
     if (!s.admitted) {
       s.admitted = true;
       s.cached_tokens = std::min(s.computed, s.n_prompt);
-      prefix_query_tokens_ += s.n_prompt;
+      if (cfg_.prefix_caching) prefix_query_tokens_ += s.n_prompt;
       prefix_hit_tokens_ += s.cached_tokens;
     }
     running_.push_back(std::move(waiting_.front()));

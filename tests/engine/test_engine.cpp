@@ -351,6 +351,7 @@ TEST(PrefixCache, OutputIsIdenticalWithAndWithoutAHit) {
         EXPECT_EQ(out2, expected);
         EXPECT_EQ(fin2.cached_tokens, 0);
         EXPECT_EQ(eng.stats().prefix_hit_tokens, 0);
+        EXPECT_EQ(eng.stats().prefix_query_tokens, 0);  // nothing looked up
         EXPECT_EQ(eng.stats().kv_blocks_cached, 0);
       }
 
