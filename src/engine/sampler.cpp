@@ -49,6 +49,51 @@ void Sampler::set_state(const std::string& s) {
   MS_CHECK(!i.fail(), "sampler: invalid generator state");
 }
 
+bool SamplingParams::processes_logits() const {
+  return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f ||
+         !logit_bias.empty() || (min_tokens > 0 && !min_tokens_stop_ids.empty()) ||
+         constraint != nullptr;
+}
+
+void Sampler::observe(std::span<const int32_t> tokens, int64_t n_prompt) {
+  const bool counts = p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f;
+  const bool present = p_.repetition_penalty != 1.0f;
+  if (p_.constraint && !constraint_) constraint_ = p_.constraint->start();
+  for (; seen_ < tokens.size(); ++seen_) {
+    const int32_t t = tokens[seen_];
+    if (present) present_.insert(t);
+    if (static_cast<int64_t>(seen_) < n_prompt) continue;
+    if (counts) ++out_counts_[t];
+    if (constraint_ && !constraint_broken_ && !constraint_->advance(t)) constraint_broken_ = true;
+  }
+}
+
+void Sampler::process(float* l, int64_t vocab, int64_t n_generated) {
+  for (const auto& [id, bias] : p_.logit_bias)
+    if (id >= 0 && id < vocab) l[id] += bias;
+  if (p_.repetition_penalty != 1.0f) {
+    const float r = p_.repetition_penalty;
+    for (int32_t t : present_)
+      if (t >= 0 && t < vocab) l[t] = l[t] > 0 ? l[t] / r : l[t] * r;
+  }
+  if (p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f)
+    for (const auto& [t, n] : out_counts_)
+      if (t >= 0 && t < vocab) l[t] -= p_.frequency_penalty * n + p_.presence_penalty;
+  if (n_generated < p_.min_tokens)
+    for (int32_t t : p_.min_tokens_stop_ids)
+      if (t >= 0 && t < vocab) l[t] = -INFINITY;
+  if (constraint_ && !constraint_broken_) constraint_->mask(l, vocab);
+}
+
+int32_t Sampler::sample(const float* logits, int64_t vocab, std::span<const int32_t> tokens,
+                        int64_t n_prompt) {
+  if (!p_.processes_logits()) return sample(logits, vocab);
+  observe(tokens, n_prompt);
+  work_.assign(logits, logits + vocab);
+  process(work_.data(), vocab, static_cast<int64_t>(tokens.size()) - n_prompt);
+  return sample(work_.data(), vocab);
+}
+
 int32_t Sampler::sample(const float* logits, int64_t vocab) {
   if (p_.temperature <= 0.0f) return argmax(logits, vocab);
   // Candidates sorted by logit (descending, ties to the lower id), cut to top_k. A NaN logit

@@ -232,7 +232,7 @@ bool Scheduler::step(bool force_forward) {
     Seq& s = *sampled[i];
     const float* row = logits_.data() + i * V;
     TokenEvent ev;
-    ev.token = s.sampler.sample(row, V);
+    ev.token = s.sampler.sample(row, V, s.tokens, s.n_prompt);
     ev.index = s.n_generated;
     if (s.req->top_logprobs >= 0) {
       log_softmax(row, V, &lp_);

@@ -57,7 +57,10 @@ bool OutputPipeline::put(const engine::TokenEvent& ev, Delta& out) {
   if (opt_.logprobs) out.logprobs.push_back({ev.token, ev.logprob, ev.top, chars_});
   const std::string text = decoder_.put(ev.token);
   chars_ += count_chars(text);
-  emit_text(text, out);
+  if (tokens_ <= opt_.min_tokens)
+    split(text, out);  // before min_tokens, stop strings do not end the output
+  else
+    emit_text(text, out);
   return stop_.stopped();
 }
 

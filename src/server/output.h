@@ -39,6 +39,7 @@ struct OutputOptions {
   bool reasoning = false;  // split reasoning_content from content
   bool starts_in_think = false;
   bool logprobs = false;
+  int64_t min_tokens = 0;  // stop strings are not looked for in the text of the first ones
 };
 
 class OutputPipeline {

@@ -77,7 +77,7 @@ int64_t as_int(const json& v, const std::string& name, int64_t lo, int64_t hi) {
   int64_t x = 0;
   if (v.is_number_unsigned()) {
     const uint64_t u = v.get<uint64_t>();
-    ok = u <= static_cast<uint64_t>(hi) && hi >= 0;
+    ok = hi >= 0 && u <= static_cast<uint64_t>(hi) && (lo <= 0 || u >= static_cast<uint64_t>(lo));
     x = ok ? static_cast<int64_t>(u) : 0;
   } else {
     x = v.get<int64_t>();
@@ -95,25 +95,48 @@ std::optional<int64_t> get_int(const json& obj, const char* key, int64_t lo, int
   return as_int(*v, key, lo, hi);
 }
 
-// Options moeserve does not implement: accepted only at their neutral value.
-void require_neutral(const json& obj) {
-  for (const char* k : {"presence_penalty", "frequency_penalty"})
-    if (auto v = get_number(obj, k, -2.0, 2.0); v && *v != 0.0)
-      bad_request(k, std::string("'") + k + "' is not supported; only 0 is accepted.");
-  if (auto v = get_number(obj, "repetition_penalty", 0.0, 1e9); v && *v != 1.0)
-    bad_request("repetition_penalty", "'repetition_penalty' is not supported; only 1 is accepted.");
+// Penalties, logit_bias, min_tokens and n.
+void parse_controls(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
+  r.presence_penalty = get_number(obj, "presence_penalty", -2.0, 2.0).value_or(0.0);
+  r.frequency_penalty = get_number(obj, "frequency_penalty", -2.0, 2.0).value_or(0.0);
+  r.repetition_penalty = get_number(obj, "repetition_penalty", 0.0, 1e9).value_or(1.0);
+  if (r.repetition_penalty <= 0.0)
+    bad_request("repetition_penalty", "'repetition_penalty' must be greater than 0.");
   if (const json* v = field(obj, "logit_bias")) {
     if (!v->is_object()) wrong_type("logit_bias", "an object", *v);
-    if (!v->empty()) bad_request("logit_bias", "'logit_bias' is not supported.");
+    if (v->size() > lim.max_logit_bias)
+      bad_request("logit_bias", "'logit_bias' may have at most " +
+                                    std::to_string(lim.max_logit_bias) + " entries.");
+    for (auto it = v->begin(); it != v->end(); ++it) {
+      const std::string& key = it.key();
+      const bool digits = !key.empty() && key.size() <= 10 &&
+                          key.find_first_not_of("0123456789") == std::string::npos;
+      if (!digits || std::stoll(key) > std::numeric_limits<int32_t>::max())
+        bad_request("logit_bias", "Invalid key in 'logit_bias': '" + key +
+                                      "' is not a token id (keys are token ids as strings).");
+      if (!it->is_number()) wrong_type("logit_bias", "a number", *it);
+      const double b = it->get<double>();
+      if (!std::isfinite(b) || b < -100.0 || b > 100.0)
+        bad_request("logit_bias", "Invalid value for 'logit_bias[" + key +
+                                      "]': the bias must be between -100 and 100, got " +
+                                      it->dump() + ".");
+      r.logit_bias.emplace_back(static_cast<int32_t>(std::stoll(key)), static_cast<float>(b));
+    }
   }
-  if (auto n = get_int(obj, "n", std::numeric_limits<int64_t>::min(),
-                       std::numeric_limits<int64_t>::max());
-      n && *n != 1)
-    bad_request("n", "Only n = 1 is supported, got n = " + std::to_string(*n) + ".");
+  r.min_tokens = get_int(obj, "min_tokens", 0, std::numeric_limits<int32_t>::max()).value_or(0);
+  if (r.max_tokens && r.min_tokens > *r.max_tokens)
+    bad_request("min_tokens", "'min_tokens' (" + std::to_string(r.min_tokens) +
+                                  ") must not be more than 'max_tokens' (" +
+                                  std::to_string(*r.max_tokens) + ").");
+  r.n = get_int(obj, "n", 1, lim.max_n).value_or(1);
   if (auto b = get_int(obj, "best_of", std::numeric_limits<int64_t>::min(),
                        std::numeric_limits<int64_t>::max());
-      b && *b != 1)
-    bad_request("best_of", "Only best_of = 1 is supported.");
+      b && *b != r.n)
+    bad_request("best_of", "'best_of' is not supported other than equal to 'n'.");
+}
+
+// Options moeserve does not implement: accepted only at their neutral value.
+void require_neutral(const json& obj) {
   if (get_bool(obj, "echo").value_or(false)) bad_request("echo", "'echo' is not supported.");
   if (auto s = get_string(obj, "suffix"); s && !s->empty())
     bad_request("suffix", "'suffix' is not supported.");
@@ -204,6 +227,7 @@ void parse_sampling(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
   r.ignore_eos = get_bool(obj, "ignore_eos").value_or(false);
   r.skip_special_tokens = get_bool(obj, "skip_special_tokens").value_or(true);
   parse_stop(obj, lim, r);
+  parse_controls(obj, lim, r);
   require_neutral(obj);
 }
 
@@ -226,7 +250,8 @@ std::string content_text(const json& c, size_t i) {
   return out;
 }
 
-void parse_messages(const json& obj, GenRequest& r) {
+std::vector<ChatMessage> messages_of(const json& obj) {
+  std::vector<ChatMessage> out;
   const json* ms = field(obj, "messages");
   if (!ms) bad_request("messages", "'messages' is a required property.");
   if (!ms->is_array()) wrong_type("messages", "an array", *ms);
@@ -261,8 +286,9 @@ void parse_messages(const json& obj, GenRequest& r) {
     }
     if (cm.role == "assistant" && !cm.content && !cm.extra.contains("tool_calls"))
       bad_request(at + ".content", "An assistant message needs 'content' or 'tool_calls'.");
-    r.messages.push_back(std::move(cm));
+    out.push_back(std::move(cm));
   }
+  return out;
 }
 
 void parse_prompt(const json& obj, GenRequest& r) {
@@ -290,6 +316,10 @@ void parse_prompt(const json& obj, GenRequest& r) {
 }
 
 }  // namespace
+
+std::vector<ChatMessage> parse_messages(const json& obj) {
+  return messages_of(obj);
+}
 
 json parse_json_object(std::string_view body, int max_depth) {
   // Depth scan outside string literals; the parser below is iterative but walks over the result
@@ -326,7 +356,7 @@ GenRequest parse_request(Endpoint endpoint, std::string_view body, const Protoco
   r.endpoint = endpoint;
   parse_sampling(obj, lim, r);
   if (endpoint == Endpoint::Chat) {
-    parse_messages(obj, r);
+    r.messages = messages_of(obj);
     const bool want = get_bool(obj, "logprobs").value_or(false);
     const auto top = get_int(obj, "top_logprobs", 0, lim.max_top_logprobs);
     if (top && !want)

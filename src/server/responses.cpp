@@ -106,9 +106,9 @@ json ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
           {"text_offset", offsets}};
 }
 
-json ResponseBuilder::role_chunk() const {
+json ResponseBuilder::role_chunk(int index) const {
   json c = base("chat.completion.chunk");
-  c["choices"] = json::array({{{"index", 0},
+  c["choices"] = json::array({{{"index", index},
                                {"delta", {{"role", "assistant"}, {"content", ""}}},
                                {"logprobs", nullptr},
                                {"finish_reason", nullptr}}});
@@ -116,9 +116,9 @@ json ResponseBuilder::role_chunk() const {
   return c;
 }
 
-json ResponseBuilder::chunk(const Delta& d, const char* finish_reason) const {
+json ResponseBuilder::chunk(const Delta& d, const char* finish_reason, int index) const {
   const bool want_lp = !d.logprobs.empty();
-  json choice = {{"index", 0}};
+  json choice = {{"index", index}};
   json c;
   if (endpoint_ == Endpoint::Chat) {
     c = base("chat.completion.chunk");
@@ -144,21 +144,24 @@ json ResponseBuilder::usage_chunk(const Usage& u) const {
   return c;
 }
 
-json ResponseBuilder::full(const Delta& all, const char* finish_reason, const Usage& u) const {
-  json choice = {{"index", 0}};
-  json r;
-  if (endpoint_ == Endpoint::Chat) {
-    r = base("chat.completion");
-    json msg = {{"role", "assistant"}, {"content", all.content}};
-    if (reasoning_) msg["reasoning_content"] = all.reasoning;
-    choice["message"] = msg;
-  } else {
-    r = base("text_completion");
-    choice["text"] = all.content;
+json ResponseBuilder::full(const std::vector<Choice>& choices, const Usage& u) const {
+  json r = base(endpoint_ == Endpoint::Chat ? "chat.completion" : "text_completion");
+  json list = json::array();
+  for (size_t i = 0; i < choices.size(); ++i) {
+    const Delta& all = *choices[i].all;
+    json choice = {{"index", static_cast<int64_t>(i)}};
+    if (endpoint_ == Endpoint::Chat) {
+      json msg = {{"role", "assistant"}, {"content", all.content}};
+      if (reasoning_) msg["reasoning_content"] = all.reasoning;
+      choice["message"] = msg;
+    } else {
+      choice["text"] = all.content;
+    }
+    choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : json(nullptr);
+    choice["finish_reason"] = choices[i].finish_reason;
+    list.push_back(std::move(choice));
   }
-  choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : json(nullptr);
-  choice["finish_reason"] = finish_reason;
-  r["choices"] = json::array({choice});
+  r["choices"] = std::move(list);
   r["usage"] = usage_json(u);
   return r;
 }

@@ -10,6 +10,7 @@
 #include "server/api_error.h"
 #include "server/generate.h"
 #include "server/responses.h"
+#include "server/tokenize.h"
 
 namespace moeserve::server {
 
@@ -214,6 +215,14 @@ void Server::handle(http::Exchange& ex) {
       if (m != "POST") not_allowed();
       handle_generate(ctx, path == "/v1/chat/completions" ? Endpoint::Chat : Endpoint::Completions,
                       ex);
+      return;
+    }
+    if (path == "/tokenize" || path == "/detokenize") {
+      if (m != "POST") not_allowed();
+      if (path == "/tokenize")
+        handle_tokenize(ctx, ex);
+      else
+        handle_detokenize(ctx, ex);
       return;
     }
     throw ApiError(404, "Invalid URL (" + m + " " + path + ").", "", "not_found");

@@ -235,7 +235,12 @@ def main():
                 return
             raise AssertionError(f"no {exc.__name__} for {kw}")
 
-        expect(openai.BadRequestError, 400, n=2)
+        expect(openai.BadRequestError, 400, n=0)
+        expect(openai.BadRequestError, 400, presence_penalty=3)
+        expect(openai.BadRequestError, 400, logit_bias={"abc": 1})
+        expect(openai.BadRequestError, 400, logit_bias={"5": 101})
+        expect(openai.BadRequestError, 400, extra_body={"repetition_penalty": 0})
+        expect(openai.BadRequestError, 400, extra_body={"min_tokens": 5})  # over max_tokens
         expect(openai.BadRequestError, 400, model="no-such-model")
         expect(openai.BadRequestError, 400, messages=[])
         expect(openai.BadRequestError, 400, messages=[{"role": "alien", "content": "x"}])
@@ -253,6 +258,92 @@ def main():
             raise AssertionError("no NotFoundError")
         except openai.NotFoundError as e:
             assert e.status_code == 404
+
+    def raw_post(path, body):
+        req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def tokenize():
+        t = raw_post("/tokenize", {"model": "demo", "prompt": " hello world",
+                                   "add_special_tokens": False})
+        assert t["count"] == len(t["tokens"]) == 2 and t["max_model_len"] == 512, t
+        d = raw_post("/detokenize", {"model": "demo", "tokens": t["tokens"]})
+        assert d["prompt"] == " hello world", d
+        c = raw_post("/tokenize", {"model": "demo", "messages": chat_msgs})
+        r = client.chat.completions.create(model="demo", messages=chat_msgs, max_tokens=1)
+        assert c["count"] == r.usage.prompt_tokens, (c, r.usage)
+
+    def sampling_controls():
+        hello, world = raw_post("/tokenize", {"prompt": " hello world",
+                                              "add_special_tokens": False})["tokens"]
+        eos = raw_post("/tokenize", {"prompt": "<｜end▁of▁sentence｜>",
+                                     "add_special_tokens": False})["tokens"][0]
+        # logit_bias forces a token, greedy and sampled, streamed and not.
+        for temp in (0, 1.2):
+            r = client.chat.completions.create(model="demo", messages=chat_msgs, max_tokens=4,
+                                               temperature=temp, seed=1,
+                                               logit_bias={str(hello): 100})
+            assert r.choices[0].message.content == " hello" * 4, r
+        s = client.chat.completions.create(model="demo", messages=chat_msgs, max_tokens=4,
+                                           temperature=0, stream=True,
+                                           logit_bias={str(hello): -100, str(world): 100})
+        assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == " world" * 4
+        # Penalties act on repeats: with a bias of 10 the token repeats; repetition_penalty
+        # divides its logit once it occurred, frequency_penalty takes 2 per occurrence.
+        base = dict(model="demo", prompt="Say:", max_tokens=10, temperature=0,
+                    logit_bias={str(hello): 10})
+        r = client.completions.create(**base, extra_body={"ignore_eos": True})
+        assert r.choices[0].text.count(" hello") == 10, r.choices[0].text
+        r = client.completions.create(**base, extra_body={"ignore_eos": True,
+                                                          "repetition_penalty": 1000})
+        assert r.choices[0].text.count(" hello") == 1, r.choices[0].text
+        r = client.completions.create(**base, frequency_penalty=2, presence_penalty=0.5,
+                                      extra_body={"ignore_eos": True})
+        assert 1 <= r.choices[0].text.count(" hello") <= 5, r.choices[0].text
+        # min_tokens holds off the end token, which the bias otherwise picks at once.
+        r = client.completions.create(model="demo", prompt="Hi", max_tokens=10, temperature=0,
+                                      logit_bias={str(eos): 100})
+        assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "stop"
+        r = client.completions.create(model="demo", prompt="Hi", max_tokens=10, temperature=0,
+                                      logit_bias={str(eos): 100}, extra_body={"min_tokens": 4})
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "stop", r.usage
+        # Seeded sampling with every control reproduces.
+        kw = dict(model="demo", messages=chat_msgs, max_tokens=8, temperature=1.0, seed=42,
+                  frequency_penalty=0.5, presence_penalty=0.5, logit_bias={str(world): 2},
+                  extra_body={"repetition_penalty": 1.1, "min_tokens": 2})
+        a = client.chat.completions.create(**kw)
+        b = client.chat.completions.create(**kw)
+        assert a.choices[0].message.content == b.choices[0].message.content
+
+    def n_choices():
+        kw = dict(model="demo", messages=chat_msgs, max_tokens=5, temperature=1.0, seed=7, n=3,
+                  extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(**kw)
+        assert [c.index for c in r.choices] == [0, 1, 2], r
+        texts = [c.message.content for c in r.choices]
+        assert len(set(texts)) == 3, texts
+        assert r.usage.completion_tokens == 15, r.usage
+        got, done = ["", "", ""], [None] * 3
+        for chunk in client.chat.completions.create(**kw, stream=True):
+            for ch in chunk.choices:
+                got[ch.index] += ch.delta.content or ""
+                done[ch.index] = ch.finish_reason or done[ch.index]
+        assert got == texts and done == ["length"] * 3, (got, texts, done)
+        one = client.chat.completions.create(**{**kw, "n": 1, "seed": 9})
+        assert one.choices[0].message.content == texts[2]  # choice i is seeded seed + i
+        c = client.completions.create(model="demo", prompt="Once", max_tokens=4, n=2,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        assert len(c.choices) == 2 and c.choices[0].text == c.choices[1].text
+        s = client.completions.create(model="demo", prompt="Once", max_tokens=4, n=2,
+                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
+        parts = ["", ""]
+        for chunk in s:
+            for ch in chunk.choices:
+                parts[ch.index] += ch.text
+        assert parts == [c.choices[0].text] * 2, parts
 
     def curl():
         if not shutil.which("curl"):
@@ -286,7 +377,9 @@ def main():
     try:
         for name, fn in [("models", models), ("chat", chat), ("completions", completions),
                          ("stop strings", stop_strings), ("logprobs", logprobs),
-                         ("errors", errors), ("curl", curl)]:
+                         ("errors", errors), ("tokenize", tokenize),
+                         ("sampling controls", sampling_controls), ("n choices", n_choices),
+                         ("curl", curl)]:
             check(name, fn)
     finally:
         status, err = server.stop()
@@ -296,7 +389,7 @@ def main():
         print(f"FAIL shutdown: exit status {status}\n{err}")
     else:
         print("PASS shutdown on SIGINT")
-    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 8 checks failed")
+    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 11 checks failed")
     return 1 if failures else 0
 
 
