@@ -99,6 +99,30 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   // Candidates sorted by logit (descending, ties to the lower id), cut to top_k. A NaN logit
   // counts as -inf (never drawn, and the order stays a strict weak one).
   auto key = [&](int32_t i) { return std::isnan(logits[i]) ? -INFINITY : logits[i]; };
+  if ((p_.top_k <= 0 || p_.top_k >= vocab) && p_.top_p >= 1.0f) {
+    // No cut: the whole softmax, drawn in id order without sorting the vocabulary.
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i) mx = std::max(mx, key(static_cast<int32_t>(i)));
+    if (std::isinf(mx)) {  // +inf takes all (the first such id); all -inf: the first id
+      for (int64_t i = 0; i < vocab; ++i)
+        if (key(static_cast<int32_t>(i)) == mx) return static_cast<int32_t>(i);
+    }
+    const double inv_t = 1.0 / p_.temperature;
+    prob_.resize(vocab);
+    double total = 0.0;
+    for (int64_t i = 0; i < vocab; ++i)
+      total += (prob_[i] = std::exp((key(static_cast<int32_t>(i)) - mx) * inv_t));
+    const double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+    double acc = 0.0;
+    int32_t last = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      if (prob_[i] <= 0.0) continue;
+      acc += prob_[i];
+      last = static_cast<int32_t>(i);
+      if (u < acc) return last;
+    }
+    return last;
+  }
   idx_.resize(vocab);
   std::iota(idx_.begin(), idx_.end(), 0);
   const int64_t k = (p_.top_k > 0 && p_.top_k < vocab) ? p_.top_k : vocab;

@@ -113,6 +113,21 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
     p.output.stop_ids.push_back(id);
   }
   if (g.min_tokens > 0) sp.min_tokens_stop_ids = p.output.stop_ids;
+  if (g.json_output) {
+    // The value's end allows only the end tokens (eos, stop_token_ids).
+    if (p.output.stop_ids.empty())
+      bad_request("response_format",
+                  "A JSON response_format needs an end token, and this model "
+                  "has none (give 'stop_token_ids').");
+    try {
+      sp.constraint = engine::compile_json_constraint(
+          engine::json_constraint_spec(g.json_schema ? &*g.json_schema : nullptr,
+                                       p.output.stop_ids),
+          ctx.token_trie());
+    } catch (const moeserve::Error& e) {
+      bad_request("response_format", std::string("Invalid JSON schema: ") + e.what());
+    }
+  }
   p.output.min_tokens = g.min_tokens;
   p.output.stop = g.stop;
   p.output.skip_special = g.skip_special_tokens;

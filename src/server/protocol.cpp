@@ -140,12 +140,6 @@ void require_neutral(const json& obj) {
   if (get_bool(obj, "echo").value_or(false)) bad_request("echo", "'echo' is not supported.");
   if (auto s = get_string(obj, "suffix"); s && !s->empty())
     bad_request("suffix", "'suffix' is not supported.");
-  if (const json* v = field(obj, "response_format")) {
-    if (!v->is_object()) wrong_type("response_format", "an object", *v);
-    const json* t = field(*v, "type");
-    if (!t || !t->is_string() || t->get<std::string>() != "text")
-      bad_request("response_format", "Only response_format {\"type\": \"text\"} is supported.");
-  }
   if (const json* v = field(obj, "tools")) {
     if (!v->is_array()) wrong_type("tools", "an array", *v);
     if (!v->empty()) bad_request("tools", "Tool calling is not supported.");
@@ -159,6 +153,42 @@ void require_neutral(const json& obj) {
       bad_request("tool_choice", "Tool calling is not supported.");
   }
   (void)get_string(obj, "user");
+}
+
+// response_format: text, json_object, or json_schema {name, schema, strict}. The schema is taken
+// from `body` again with its keys in order (objects are generated in the order of their
+// properties).
+void parse_response_format(const json& obj, std::string_view body, GenRequest& r) {
+  const json* v = field(obj, "response_format");
+  if (!v) return;
+  if (!v->is_object()) wrong_type("response_format", "an object", *v);
+  const json* t = field(*v, "type");
+  if (!t || !t->is_string())
+    bad_request("response_format", "'response_format.type' is a required string.");
+  const std::string type = t->get<std::string>();
+  if (type == "text") return;
+  if (type == "json_object") {
+    r.json_output = true;
+    return;
+  }
+  if (type != "json_schema")
+    bad_request("response_format", "Invalid value for 'response_format.type': '" + type +
+                                       "'. Supported values are text, json_object and "
+                                       "json_schema.");
+  const json* js = field(*v, "json_schema");
+  if (!js || !js->is_object())
+    bad_request("response_format", "'response_format.json_schema' is a required object.");
+  if (const json* name = field(*js, "name"); name && !name->is_string())
+    wrong_type("response_format.json_schema.name", "a string", *name);
+  if (const json* st = field(*js, "strict"); st && !st->is_boolean())
+    wrong_type("response_format.json_schema.strict", "a boolean", *st);
+  r.json_output = true;
+  const json* schema = field(*js, "schema");
+  if (!schema) return;  // any JSON object
+  if (!schema->is_object() && !schema->is_boolean())
+    wrong_type("response_format.json_schema.schema", "an object", *schema);
+  const auto ordered = nlohmann::ordered_json::parse(body, nullptr, false);
+  r.json_schema = ordered["response_format"]["json_schema"]["schema"];
 }
 
 void parse_stop(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
@@ -355,6 +385,13 @@ GenRequest parse_request(Endpoint endpoint, std::string_view body, const Protoco
   GenRequest r;
   r.endpoint = endpoint;
   parse_sampling(obj, lim, r);
+  parse_response_format(obj, body, r);
+  if (r.json_output && r.ignore_eos)
+    bad_request("response_format",
+                "'ignore_eos' cannot be combined with a JSON response_format "
+                "(the output ends when the value is complete).");
+  if (r.json_output && r.min_tokens > 0)
+    bad_request("min_tokens", "'min_tokens' cannot be combined with a JSON response_format.");
   if (endpoint == Endpoint::Chat) {
     r.messages = messages_of(obj);
     const bool want = get_bool(obj, "logprobs").value_or(false);

@@ -43,6 +43,10 @@ struct GenRequest {
   std::vector<std::pair<int32_t, float>> logit_bias;   // token id -> bias in [-100, 100]
   int64_t min_tokens = 0;                              // vLLM extension
   int64_t n = 1;                                       // choices
+  // response_format json_object (json_output, no schema) or json_schema (with its schema, the
+  // keys in the order the client wrote them).
+  bool json_output = false;
+  std::optional<nlohmann::ordered_json> json_schema;
 
   // -1: no logprobs. Otherwise the number of alternatives per token (chat: top_logprobs with
   // logprobs true; completions: the logprobs integer).

@@ -10,6 +10,7 @@
 #include "server/api_error.h"
 #include "server/generate.h"
 #include "server/responses.h"
+#include "server/structured.h"
 #include "server/tokenize.h"
 
 namespace moeserve::server {
@@ -116,6 +117,11 @@ int default_max_connections(int workers) {
 }
 
 }  // namespace
+
+std::shared_ptr<const engine::TokenTrie> ServerContext::token_trie() {
+  std::call_once(trie_once_, [&] { trie_ = make_token_trie(tok); });
+  return trie_;
+}
 
 std::vector<int32_t> default_eos_ids(const tokenizer::Tokenizer& tok, int64_t model_eos) {
   std::vector<int32_t> ids;

@@ -3,7 +3,8 @@
 
 Starts the server on a free port against a random-weight demo model (made with
 `moeserve init-model --preset demo` in a temporary folder, unless --model is given), then checks
-chat and completions, streamed and not, stop strings, usage, logprobs, errors and shutdown.
+chat and completions, streamed and not, stop strings, usage, logprobs, sampling controls, n > 1,
+/tokenize, structured output (validated with the `jsonschema` package), errors and shutdown.
 
     python3 tests/e2e/test_openai.py --moeserve build/moeserve
     python3 tests/e2e/test_openai.py --moeserve build/moeserve --mpirun-np 2 \
@@ -345,6 +346,92 @@ def main():
                 parts[ch.index] += ch.text
         assert parts == [c.choices[0].text] * 2, parts
 
+    def structured_output():
+        import jsonschema  # scripts/test.sh installs it into the venv with openai
+        schemas = [
+            {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"},
+                "ok": {"type": "boolean"}},
+             "required": ["name", "age", "ok"], "additionalProperties": False},
+            {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 5},
+            {"enum": ["red", "green", "blue", 7, None]},
+            {"type": "object", "properties": {
+                "id": {"type": "string", "minLength": 2, "maxLength": 6},
+                "score": {"type": "number"},
+                "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+                "note": {"type": ["string", "null"], "maxLength": 5}},
+             "required": ["id", "score", "tags", "note"], "additionalProperties": False},
+            {"anyOf": [{"type": "integer"},
+                       {"type": "object", "properties": {"k": {"const": "v"}},
+                        "required": ["k"]}]},
+            {"$defs": {"pt": {"type": "object", "properties": {
+                "x": {"type": "integer"}, "y": {"type": "integer"}},
+                "required": ["x", "y"], "additionalProperties": False}},
+             "type": "object", "properties": {
+                 "points": {"type": "array", "items": {"$ref": "#/$defs/pt"}, "maxItems": 3},
+                 "closed": {"type": "boolean"}},
+             "required": ["points", "closed"], "additionalProperties": False},
+            {"type": "object", "properties": {
+                "user": {"type": "object", "properties": {
+                    "first": {"type": "string", "maxLength": 8},
+                    "langs": {"type": "array", "items": {"type": "string", "maxLength": 3},
+                              "minItems": 1, "maxItems": 2}},
+                    "required": ["first", "langs"], "additionalProperties": False},
+                "active": {"type": "boolean"}},
+             "required": ["user", "active"], "additionalProperties": False},
+            {"type": "number"},
+        ]
+        for i, schema in enumerate(schemas):
+            rf = {"type": "json_schema",
+                  "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+            for seed in range(3):
+                kw = dict(model="demo", messages=[{"role": "user", "content": "JSON please"}],
+                          max_tokens=150, temperature=0 if seed == 0 else 1.0, seed=seed,
+                          response_format=rf)
+                r = client.chat.completions.create(**kw)
+                out = r.choices[0].message.content
+                assert r.choices[0].finish_reason == "stop", (schema, out)
+                jsonschema.validate(json.loads(out), schema)
+                if seed == 1:  # streamed: the same text
+                    text = "".join(c.choices[0].delta.content or ""
+                                   for c in client.chat.completions.create(**kw, stream=True)
+                                   if c.choices)
+                    assert text == out, (text, out)
+        # Completions, n = 2, seeded choices each valid.
+        r = client.completions.create(model="demo", prompt="JSON:", max_tokens=150, n=2,
+                                      temperature=1.0, seed=3,
+                                      extra_body={"response_format": {
+                                          "type": "json_schema",
+                                          "json_schema": {"name": "p", "schema": schemas[0]}}})
+        for c in r.choices:
+            jsonschema.validate(json.loads(c.text), schemas[0])
+        # json_object: any object. Its strings have no bound, so a random model may write one
+        # past any budget: an output that ends must be an object; with the token "{}" favoured
+        # by logit_bias every output is that object.
+        close = raw_post("/tokenize", {"prompt": "{}", "add_special_tokens": False})["tokens"]
+        assert len(close) == 1, close
+        for seed in range(3):
+            for bias in ({}, {str(close[0]): 30}):
+                r = client.chat.completions.create(model="demo", messages=chat_msgs,
+                                                   max_tokens=60, temperature=1.0, seed=seed,
+                                                   logit_bias=bias,
+                                                   response_format={"type": "json_object"})
+                out = r.choices[0].message.content
+                assert out.startswith("{"), out
+                if bias:
+                    assert r.choices[0].finish_reason == "stop" and out == "{}", out
+                if r.choices[0].finish_reason == "stop":
+                    assert isinstance(json.loads(out), dict), out
+        # Unsupported keywords are refused by name.
+        try:
+            client.chat.completions.create(
+                model="demo", messages=chat_msgs, max_tokens=5,
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": "x", "schema": {"type": "string", "pattern": "a+"}}})
+            raise AssertionError("no 400 for 'pattern'")
+        except openai.BadRequestError as e:
+            assert "pattern" in str(e), e
+
     def curl():
         if not shutil.which("curl"):
             print("  (curl not found; skipped)")
@@ -379,6 +466,7 @@ def main():
                          ("stop strings", stop_strings), ("logprobs", logprobs),
                          ("errors", errors), ("tokenize", tokenize),
                          ("sampling controls", sampling_controls), ("n choices", n_choices),
+                         ("structured output", structured_output),
                          ("curl", curl)]:
             check(name, fn)
     finally:
@@ -389,7 +477,7 @@ def main():
         print(f"FAIL shutdown: exit status {status}\n{err}")
     else:
         print("PASS shutdown on SIGINT")
-    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 11 checks failed")
+    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 12 checks failed")
     return 1 if failures else 0
 
 

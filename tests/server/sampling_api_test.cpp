@@ -3,6 +3,7 @@
 
 #include <set>
 
+#include "engine/json_grammar.h"
 #include "server_test_util.h"
 
 using namespace moeserve;
@@ -197,4 +198,92 @@ TEST_F(SamplingApi, TokenizeAndDetokenize) {
   EXPECT_EQ(post(port(), "/tokenize", json{{"model", "other"}, {"prompt", "x"}}).status, 400);
   EXPECT_EQ(post(port(), "/tokenize", json{{"prompt", 5}}).status, 400);
   EXPECT_EQ(get(port(), "/tokenize").status, 405);
+}
+
+namespace {
+
+// Every schema's outputs, over seeds, are complete values the grammar takes (the e2e test
+// validates them with the `jsonschema` package too).
+const char* kSchemas[] = {
+    R"({"type":"object","properties":{"name":{"type":"string","maxLength":10},"age":{"type":"integer"},"ok":{"type":"boolean"}},"required":["name","age","ok"],"additionalProperties":false})",
+    R"({"type":"array","items":{"type":"integer"},"minItems":1,"maxItems":4})",
+    R"({"enum":["red","green","blue"]})",
+    R"({"anyOf":[{"type":"number"},{"type":"object","properties":{"k":{"type":"string","maxLength":4}},"required":["k"]}]})",
+    R"({"$defs":{"p":{"type":"object","properties":{"x":{"type":"integer"},"y":{"type":["integer","null"]}},"required":["x","y"]}},"type":"object","properties":{"points":{"type":"array","items":{"$ref":"#/$defs/p"},"maxItems":3}},"required":["points"]})",
+};
+
+}  // namespace
+
+TEST_F(SamplingApi, StructuredOutputFollowsTheSchema) {
+  for (const char* text : kSchemas) {
+    const nlohmann::ordered_json schema = nlohmann::ordered_json::parse(text);
+    const std::string spec = engine::json_constraint_spec(&schema, {0});
+    for (int seed = 0; seed < 3; ++seed) {
+      json body = chat_body("Answer in JSON", 120);
+      body["temperature"] = seed == 0 ? 0.0 : 1.0;
+      body["seed"] = seed;
+      body["response_format"] = {
+          {"type", "json_schema"},
+          {"json_schema", {{"name", "t"}, {"strict", true}, {"schema", json::parse(text)}}}};
+      // The body keeps the schema's key order (nlohmann's json sorts keys: write it by hand).
+      std::string raw = body.dump();
+      const std::string sorted = json::parse(text).dump();
+      raw.replace(raw.find(sorted), sorted.size(), schema.dump());
+      Reply r = post(port(), "/v1/chat/completions", raw);
+      ASSERT_EQ(r.status, 200) << r.body;
+      const std::string out = r.j["choices"][0]["message"]["content"];
+      EXPECT_EQ(r.j["choices"][0]["finish_reason"], "stop") << text << "\n" << out;
+      EXPECT_TRUE(engine::json_grammar_accepts(spec, out, true)) << text << "\n" << out;
+      EXPECT_FALSE(json::parse(out, nullptr, false).is_discarded()) << out;
+    }
+  }
+  // json_object: any object.
+  json body = completion_body("JSON:", 150);
+  body["temperature"] = 0;
+  body["response_format"] = {{"type", "json_object"}};
+  Reply r = post(port(), "/v1/completions", body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  const std::string out = r.j["choices"][0]["text"];
+  EXPECT_TRUE(engine::json_grammar_accepts(engine::json_constraint_spec(nullptr, {0}), out,
+                                           r.j["choices"][0]["finish_reason"] == "stop"))
+      << out;
+  EXPECT_EQ(out.substr(0, 1), "{");
+  EXPECT_TRUE(wait_idle(port()));
+}
+
+TEST_F(SamplingApi, StructuredOutputErrors) {
+  auto with = [](json rf) {
+    json b = chat_body("x", 4);
+    b["response_format"] = std::move(rf);
+    return b;
+  };
+  auto schema = [](json s) {
+    return json{{"type", "json_schema"}, {"json_schema", {{"name", "n"}, {"schema", s}}}};
+  };
+  struct Case {
+    json body;
+    std::string param, fragment;
+  };
+  std::vector<Case> cases = {
+      {with({{"type", "yaml"}}), "response_format", "Supported values"},
+      {with({{"type", "json_schema"}}), "response_format", "json_schema"},
+      {with(schema({{"type", "string"}, {"pattern", "a+"}})), "response_format", "'pattern'"},
+      {with(schema({{"type", "wat"}})), "response_format", "unknown type"},
+      {with(schema(5)), "response_format.json_schema.schema", "object"},
+  };
+  json b = with({{"type", "json_object"}});
+  b["ignore_eos"] = true;
+  cases.push_back({b, "response_format", "ignore_eos"});
+  b = with({{"type", "json_object"}});
+  b["min_tokens"] = 2;
+  cases.push_back({b, "min_tokens", "response_format"});
+  for (const auto& c : cases) {
+    Reply r = post(port(), "/v1/chat/completions", c.body);
+    EXPECT_EQ(r.status, 400) << c.body.dump();
+    EXPECT_EQ(r.j["error"]["param"], c.param) << r.body;
+    EXPECT_NE(r.j["error"]["message"].get<std::string>().find(c.fragment), std::string::npos)
+        << r.body;
+  }
+  // text is the default and allowed.
+  EXPECT_EQ(post(port(), "/v1/chat/completions", with({{"type", "text"}})).status, 200);
 }
