@@ -44,15 +44,18 @@ struct SNode {
   int64_t min_items = 0, max_items = -1;
   // String, in characters.
   int64_t min_len = 0, max_len = -1;
+  // A sequence: these nodes one after the other (raw text literals around a value).
+  std::vector<int> seq;
 };
 
 struct Grammar {
   std::vector<SNode> nodes;
   int root = -1, any = -1, key = -1, bools = -1, null = -1;
   std::vector<int32_t> end_ids;
+  std::vector<int32_t> prefix, suffix;  // tokens forced before and after the value
 };
 
-enum class K : uint8_t { Value, Obj, Arr, Str, Num, Lit };
+enum class K : uint8_t { Value, Obj, Arr, Str, Num, Lit, Seq };
 
 // A frame of the parse stack. Per kind: Obj stage 0 after '{', 1 after a value, 2 after ',',
 // 3 after a key (free objects); idx the next listed property. Arr stage 0 after '[', 1 after a
@@ -98,6 +101,10 @@ void step(const Grammar& g, Stack& st, unsigned char c, std::vector<Stack>& out,
           step(g, s, c, out, depth + 1);
         }
         return;
+      }
+      if (!n.seq.empty()) {
+        f = Frame{K::Seq, 0, 0, f.node};
+        return step(g, st, c, out, depth + 1);
       }
       if (n.literal) {
         f = Frame{K::Lit, 0, 0, f.node};
@@ -293,6 +300,15 @@ void step(const Grammar& g, Stack& st, unsigned char c, std::vector<Stack>& out,
       }
       return;
     }
+    case K::Seq: {
+      if (f.idx < static_cast<int32_t>(n.seq.size())) {
+        const int child = n.seq[f.idx++];
+        st.push_back(Frame{K::Value, 0, 0, child});
+      } else {
+        st.pop_back();  // done: the parent takes the byte
+      }
+      return step(g, st, c, out, depth + 1);
+    }
     case K::Lit: {
       const std::vector<std::string>& list = f.stage == 1 ? n.keys : n.literals;
       uint64_t next = 0;
@@ -331,8 +347,14 @@ void step(const Grammar& g, Stack& st, unsigned char c, std::vector<Stack>& out,
   }
 }
 
-bool complete(const Stack& s) {
-  return s.empty() || (s.size() == 1 && s[0].kind == K::Num && num_complete(s[0]));
+// Whether the parse may end here: every open frame can close without more input.
+bool complete(const Grammar& g, const Stack& s) {
+  for (const Frame& f : s) {
+    if (f.kind == K::Num && num_complete(f)) continue;
+    if (f.kind == K::Seq && f.idx == static_cast<int32_t>(g.nodes[f.node].seq.size())) continue;
+    return false;
+  }
+  return true;
 }
 
 // Schema -> nodes.
@@ -523,7 +545,29 @@ std::shared_ptr<const Grammar> build(const std::string& spec_text) {
   g->nodes[g->null].literal = true;
   g->nodes[g->null].literals = {"null"};
   const json& schema = spec.contains("schema") ? spec["schema"] : json();
-  if (schema.is_null()) {  // any JSON object
+  if (spec.contains("choices")) {
+    // One of several values, each between raw texts: {"text", "schema", "after"}.
+    SNode root;
+    for (const json& ch : spec["choices"]) {
+      SNode before, after, seq;
+      before.literal = after.literal = true;
+      before.literals = {ch.value("text", "")};
+      after.literals = {ch.value("after", "")};
+      const int b = static_cast<int>(g->nodes.size());
+      g->nodes.push_back(std::move(before));
+      const json& sc = ch.contains("schema") ? ch["schema"] : json::object();
+      Compiler c(sc, *g);
+      const int v = c.compile(sc, "#", 0);
+      const int a = static_cast<int>(g->nodes.size());
+      g->nodes.push_back(std::move(after));
+      seq.seq = {b, v, a};
+      root.any_of.push_back(static_cast<int>(g->nodes.size()));
+      g->nodes.push_back(std::move(seq));
+    }
+    MS_CHECK(!root.any_of.empty(), "no choices in the structured-output spec");
+    g->root = static_cast<int>(g->nodes.size());
+    g->nodes.push_back(std::move(root));
+  } else if (schema.is_null()) {  // any JSON object
     SNode n;
     n.types = kObj;
     n.additional = g->any;
@@ -533,8 +577,13 @@ std::shared_ptr<const Grammar> build(const std::string& spec_text) {
     Compiler c(schema, *g);
     g->root = c.compile(schema, "#", 0);
   }
-  if (spec.contains("end"))
-    for (const json& id : spec["end"]) g->end_ids.push_back(id.get<int32_t>());
+  for (const char* k : {"end", "prefix", "suffix"})
+    if (spec.contains(k))
+      for (const json& id : spec[k])
+        (std::string(k) == "end"      ? g->end_ids
+         : std::string(k) == "prefix" ? g->prefix
+                                      : g->suffix)
+            .push_back(id.get<int32_t>());
   return g;
 }
 
@@ -546,6 +595,13 @@ class JsonState final : public ConstraintState {
   }
 
   void mask(float* logits, int64_t vocab) override {
+    // The forced tokens before and after the value.
+    const int32_t forced = forced_next();
+    if (forced >= 0 || (suffix_at_ > 0 && suffix_at_ == g_->suffix.size())) {
+      for (int64_t i = 0; i < vocab; ++i)
+        if (i != forced && !(forced < 0 && is_end(static_cast<int32_t>(i)))) logits[i] = -INFINITY;
+      return;
+    }
     allowed_.assign(vocab, 0);
     // Inside a string (the common case and the costly one: most tokens fit), the tokens of
     // plain text are allowed by their length alone; the walk then only visits the trie where
@@ -567,20 +623,31 @@ class JsonState final : public ConstraintState {
         if (n > 0 && (room < 0 || n <= room)) allowed_[t] = 1;
       }
     walk(0, parses_);
-    bool done = false;
-    for (const Stack& s : parses_) done |= complete(s);
-    if (done)
-      for (int32_t id : g_->end_ids)
-        if (id >= 0 && id < vocab) allowed_[id] = 1;
+    if (is_complete()) {
+      if (!g_->suffix.empty()) {
+        if (g_->suffix[0] < vocab) allowed_[g_->suffix[0]] = 1;
+      } else {
+        for (int32_t id : g_->end_ids)
+          if (id >= 0 && id < vocab) allowed_[id] = 1;
+      }
+    }
     for (int64_t i = 0; i < vocab; ++i)
       if (!allowed_[i]) logits[i] = -INFINITY;
   }
 
   bool advance(int32_t token) override {
-    bool done = false;
-    for (const Stack& s : parses_) done |= complete(s);
-    if (done && std::find(g_->end_ids.begin(), g_->end_ids.end(), token) != g_->end_ids.end())
-      return true;
+    if (prefix_at_ < g_->prefix.size()) return token == g_->prefix[prefix_at_++];
+    if (suffix_at_ > 0) {
+      if (suffix_at_ < g_->suffix.size()) return token == g_->suffix[suffix_at_++];
+      return is_end(token);
+    }
+    if (is_complete()) {
+      if (!g_->suffix.empty() && token == g_->suffix[0]) {
+        suffix_at_ = 1;
+        return true;
+      }
+      if (g_->suffix.empty() && is_end(token)) return true;
+    }
     if (token < 0 || token >= trie_->vocab() || trie_->bytes(token).empty()) return false;
     for (unsigned char c : trie_->bytes(token)) {
       std::vector<Stack> next;
@@ -603,11 +670,21 @@ class JsonState final : public ConstraintState {
   }
   bool is_complete() const {
     for (const Stack& s : parses_)
-      if (complete(s)) return true;
+      if (complete(*g_, s)) return true;
     return false;
   }
 
  private:
+  // The token that must come next (a forced prefix or suffix token), or -1.
+  int32_t forced_next() const {
+    if (prefix_at_ < g_->prefix.size()) return g_->prefix[prefix_at_];
+    if (suffix_at_ > 0 && suffix_at_ < g_->suffix.size()) return g_->suffix[suffix_at_];
+    return -1;
+  }
+  bool is_end(int32_t t) const {
+    return std::find(g_->end_ids.begin(), g_->end_ids.end(), t) != g_->end_ids.end();
+  }
+
   void walk(int32_t node, const std::vector<Stack>& parses) {
     const auto& nodes = trie_->nodes();
     for (const auto& [byte, child] : nodes[node].children) {
@@ -628,6 +705,7 @@ class JsonState final : public ConstraintState {
   std::vector<Stack> parses_;
   std::vector<uint8_t> allowed_;
   bool plain_only_ = false;
+  size_t prefix_at_ = 0, suffix_at_ = 0;
 };
 
 class JsonConstraint final : public TokenConstraint {

@@ -58,7 +58,10 @@ class TokenTrie {
 };
 
 // The spec a JSON constraint is compiled from: {"schema": SCHEMA or null (any JSON object),
-// "end": [token ids allowed once the value is complete]}.
+// "end": [token ids allowed once the value is complete]}. Or, for a tool call: {"prefix":
+// [token ids forced first], "choices": [{"text": raw text, "schema": SCHEMA, "after": raw
+// text}, ...] (one of them: the text, a value of its schema, the text after), "suffix": [token
+// ids forced after], "end": [...]}.
 std::string json_constraint_spec(const nlohmann::ordered_json* schema,
                                  const std::vector<int32_t>& end_ids);
 

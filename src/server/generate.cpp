@@ -29,7 +29,7 @@ std::vector<int32_t> prompt_ids(ServerContext& ctx, const GenRequest& g, bool* s
                        "/v1/completions.",
                        "messages", "no_chat_template");
       const std::string text =
-          ctx.chat->render(g.messages, g.add_generation_prompt, g.template_kwargs);
+          ctx.chat->render(g.messages, g.add_generation_prompt, g.template_kwargs, g.tools_json);
       *starts_in_think = opens_think(text);
       // The template writes the special tokens (bos included) itself.
       return ctx.tok.encode(text, /*add_special=*/false, /*parse_special=*/true);
@@ -113,6 +113,38 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
     p.output.stop_ids.push_back(id);
   }
   if (g.min_tokens > 0) sp.min_tokens_stop_ids = p.output.stop_ids;
+  if (!g.tools.empty() && g.tool_choice != "none") {
+    p.output.tool_calls = true;
+    p.output.tool_tokens = ToolTokens::of(ctx.tok);
+    if (!p.output.tool_tokens.found())
+      bad_request("tools",
+                  "Tool calling needs the tool-call tokens of DeepSeek-V3/R1 "
+                  "(<｜tool▁calls▁begin｜> ...), which this model's tokenizer lacks.");
+    if (g.tool_choice == "required" || g.tool_choice == "function") {
+      // The call is written under a constraint: the opening tokens, one of the functions' names
+      // with arguments valid for its parameters, the closing tokens, then the end.
+      nlohmann::ordered_json choices = nlohmann::ordered_json::array();
+      for (const ToolDef& t : g.tools)
+        if (g.tool_choice == "required" || t.name == g.tool_choice_name)
+          choices.push_back(
+              {{"text", t.name + "\n```json\n"},
+               {"schema",
+                t.parameters.is_null() ? nlohmann::ordered_json{{"type", "object"}} : t.parameters},
+               {"after", "\n```"}});
+      const nlohmann::ordered_json spec = {
+          {"prefix",
+           ctx.tok.encode("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>",
+                          false, true)},
+          {"choices", choices},
+          {"suffix", ctx.tok.encode("<｜tool▁call▁end｜><｜tool▁calls▁end｜>", false, true)},
+          {"end", p.output.stop_ids}};
+      try {
+        sp.constraint = engine::compile_json_constraint(spec.dump(), ctx.token_trie());
+      } catch (const moeserve::Error& e) {
+        bad_request("tools", std::string("Invalid parameters schema: ") + e.what());
+      }
+    }
+  }
   if (g.json_output) {
     // The value's end allows only the end tokens (eos, stop_token_ids).
     if (p.output.stop_ids.empty())

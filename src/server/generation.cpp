@@ -60,6 +60,8 @@ bool Generation::step(Delta& out, std::chrono::milliseconds timeout) {
         case engine::FinishReason::Length:
           pipeline_.finish(out);
           finish_reason_ = e.finish->reason == engine::FinishReason::Stop ? "stop" : "length";
+          if (e.finish->reason == engine::FinishReason::Stop && !pipeline_.tool_calls().empty())
+            finish_reason_ = "tool_calls";
           complete(e.finish->reason == engine::FinishReason::Stop ? Outcome::Stop
                                                                   : Outcome::Length);
           break;

@@ -140,17 +140,9 @@ void require_neutral(const json& obj) {
   if (get_bool(obj, "echo").value_or(false)) bad_request("echo", "'echo' is not supported.");
   if (auto s = get_string(obj, "suffix"); s && !s->empty())
     bad_request("suffix", "'suffix' is not supported.");
-  if (const json* v = field(obj, "tools")) {
-    if (!v->is_array()) wrong_type("tools", "an array", *v);
-    if (!v->empty()) bad_request("tools", "Tool calling is not supported.");
-  }
   if (const json* v = field(obj, "functions")) {
     if (!v->is_array()) wrong_type("functions", "an array", *v);
     if (!v->empty()) bad_request("functions", "Function calling is not supported.");
-  }
-  if (const json* v = field(obj, "tool_choice")) {
-    if (!v->is_string() || (*v != "none" && *v != "auto"))
-      bad_request("tool_choice", "Tool calling is not supported.");
   }
   (void)get_string(obj, "user");
 }
@@ -189,6 +181,79 @@ void parse_response_format(const json& obj, std::string_view body, GenRequest& r
     wrong_type("response_format.json_schema.schema", "an object", *schema);
   const auto ordered = nlohmann::ordered_json::parse(body, nullptr, false);
   r.json_schema = ordered["response_format"]["json_schema"]["schema"];
+}
+
+// tools and tool_choice (chat). The parameters' schemas are taken from `body` again with their
+// keys in order.
+void parse_tools(const json& obj, std::string_view body, GenRequest& r) {
+  const json* v = field(obj, "tools");
+  const json* choice = field(obj, "tool_choice");
+  if (v) {
+    if (!v->is_array()) wrong_type("tools", "an array", *v);
+    if (v->size() > 128) bad_request("tools", "At most 128 tools are supported.");
+  }
+  if (r.endpoint != Endpoint::Chat) {
+    if ((v && !v->empty()) || choice)
+      bad_request(v ? "tools" : "tool_choice", "Tools are only supported on /v1/chat/completions.");
+    return;
+  }
+  if (v && !v->empty()) {
+    const auto ordered = nlohmann::ordered_json::parse(body, nullptr, false);
+    r.tools_json = ordered["tools"];
+    for (size_t i = 0; i < v->size(); ++i) {
+      const std::string at = "tools[" + std::to_string(i) + "]";
+      const json& t = (*v)[i];
+      if (!t.is_object()) wrong_type(at, "an object", t);
+      const json* type = field(t, "type");
+      if (!type || *type != "function")
+        bad_request(at + ".type", "Only tools of type 'function' are supported.");
+      const json* fn = field(t, "function");
+      if (!fn || !fn->is_object())
+        bad_request(at + ".function", "'function' is a required object.");
+      const json* name = field(*fn, "name");
+      if (!name || !name->is_string() || name->get<std::string>().empty())
+        bad_request(at + ".function.name", "A function needs a non-empty 'name'.");
+      ToolDef d;
+      d.name = name->get<std::string>();
+      if (d.name.find_first_of("\n\r") != std::string::npos)
+        bad_request(at + ".function.name", "A function name may not hold a line break.");
+      for (const ToolDef& o : r.tools)
+        if (o.name == d.name)
+          bad_request(at + ".function.name", "Two tools named '" + d.name + "'.");
+      if (const json* params = field(*fn, "parameters")) {
+        if (!params->is_object()) wrong_type(at + ".function.parameters", "an object", *params);
+        d.parameters = ordered["tools"][i]["function"]["parameters"];
+      }
+      r.tools.push_back(std::move(d));
+    }
+    r.tool_choice = "auto";
+  }
+  if (!choice) return;
+  if (choice->is_string()) {
+    const std::string c = choice->get<std::string>();
+    if (c != "none" && c != "auto" && c != "required")
+      bad_request("tool_choice", "Invalid value for 'tool_choice': '" + c +
+                                     "'. Supported values are none, auto, required, or "
+                                     "{\"type\": \"function\", \"function\": {\"name\": ...}}.");
+    if (c != "none" && r.tools.empty())
+      bad_request("tool_choice", "'tool_choice' " + c + " needs 'tools'.");
+    r.tool_choice = c;
+    return;
+  }
+  if (!choice->is_object()) wrong_type("tool_choice", "a string or an object", *choice);
+  const json* fn = field(*choice, "function");
+  const json* name = fn && fn->is_object() ? field(*fn, "name") : nullptr;
+  if (!name || !name->is_string())
+    bad_request("tool_choice",
+                "'tool_choice' must name a function: {\"type\": \"function\", "
+                "\"function\": {\"name\": ...}}.");
+  r.tool_choice_name = name->get<std::string>();
+  bool found = false;
+  for (const ToolDef& t : r.tools) found |= t.name == r.tool_choice_name;
+  if (!found)
+    bad_request("tool_choice",
+                "'tool_choice' names '" + r.tool_choice_name + "', which is not one of the tools.");
+  r.tool_choice = "function";
 }
 
 void parse_stop(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
@@ -386,6 +451,13 @@ GenRequest parse_request(Endpoint endpoint, std::string_view body, const Protoco
   r.endpoint = endpoint;
   parse_sampling(obj, lim, r);
   parse_response_format(obj, body, r);
+  parse_tools(obj, body, r);
+  if (r.json_output && (r.tool_choice == "required" || r.tool_choice == "function"))
+    bad_request("response_format",
+                "A JSON response_format cannot be combined with a required "
+                "tool call.");
+  if (r.ignore_eos && (r.tool_choice == "required" || r.tool_choice == "function"))
+    bad_request("tool_choice", "'ignore_eos' cannot be combined with a required tool call.");
   if (r.json_output && r.ignore_eos)
     bad_request("response_format",
                 "'ignore_eos' cannot be combined with a JSON response_format "

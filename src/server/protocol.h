@@ -23,6 +23,12 @@ struct ChatMessage {
   nlohmann::ordered_json extra = nlohmann::ordered_json::object();  // name, tool_calls, ...
 };
 
+// A function the model may call (tools[i].function).
+struct ToolDef {
+  std::string name;
+  nlohmann::ordered_json parameters;  // its arguments' JSON schema; null: any object
+};
+
 struct GenRequest {
   Endpoint endpoint = Endpoint::Chat;
   std::string model;  // "" when the client sent none
@@ -47,6 +53,12 @@ struct GenRequest {
   // keys in the order the client wrote them).
   bool json_output = false;
   std::optional<nlohmann::ordered_json> json_schema;
+  // Chat tool calling: the tools (also as sent, for the template) and tool_choice: "none",
+  // "auto", "required", or "function" (the one named in tool_choice_name).
+  std::vector<ToolDef> tools;
+  nlohmann::ordered_json tools_json;  // null without tools
+  std::string tool_choice = "none";
+  std::string tool_choice_name;
 
   // -1: no logprobs. Otherwise the number of alternatives per token (chat: top_logprobs with
   // logprobs true; completions: the logprobs integer).

@@ -125,6 +125,22 @@ json ResponseBuilder::chunk(const Delta& d, const char* finish_reason, int index
     json delta = json::object();
     if (!d.reasoning.empty()) delta["reasoning_content"] = d.reasoning;
     if (!d.content.empty() || (want_lp && d.reasoning.empty())) delta["content"] = d.content;
+    if (!d.tool_calls.empty()) {
+      json calls = json::array();
+      for (const ToolCallDelta& t : d.tool_calls) {
+        json c = {{"index", t.index}};
+        json fn = json::object();
+        if (!t.id.empty()) {
+          c["id"] = t.id;
+          c["type"] = "function";
+          fn["name"] = t.name;
+        }
+        fn["arguments"] = t.arguments;
+        c["function"] = fn;
+        calls.push_back(std::move(c));
+      }
+      delta["tool_calls"] = std::move(calls);
+    }
     choice["delta"] = delta;
   } else {
     c = base("text_completion");
@@ -153,6 +169,24 @@ json ResponseBuilder::full(const std::vector<Choice>& choices, const Usage& u) c
     if (endpoint_ == Endpoint::Chat) {
       json msg = {{"role", "assistant"}, {"content", all.content}};
       if (reasoning_) msg["reasoning_content"] = all.reasoning;
+      if (!all.tool_calls.empty()) {
+        // The streamed pieces, joined per call.
+        json calls = json::array();
+        for (const ToolCallDelta& t : all.tool_calls) {
+          while (static_cast<int>(calls.size()) <= t.index)
+            calls.push_back({{"id", ""},
+                             {"type", "function"},
+                             {"function", {{"name", ""}, {"arguments", ""}}}});
+          json& c = calls[t.index];
+          if (!t.id.empty()) {
+            c["id"] = t.id;
+            c["function"]["name"] = t.name;
+          }
+          c["function"]["arguments"] = c["function"]["arguments"].get<std::string>() + t.arguments;
+        }
+        msg["tool_calls"] = std::move(calls);
+        if (all.content.empty()) msg["content"] = nullptr;
+      }
       choice["message"] = msg;
     } else {
       choice["text"] = all.content;

@@ -4,7 +4,8 @@
 Starts the server on a free port against a random-weight demo model (made with
 `moeserve init-model --preset demo` in a temporary folder, unless --model is given), then checks
 chat and completions, streamed and not, stop strings, usage, logprobs, sampling controls, n > 1,
-/tokenize, structured output (validated with the `jsonschema` package), errors and shutdown.
+/tokenize, structured output and tool calls (validated with the `jsonschema` package), errors and
+shutdown.
 
     python3 tests/e2e/test_openai.py --moeserve build/moeserve
     python3 tests/e2e/test_openai.py --moeserve build/moeserve --mpirun-np 2 \
@@ -432,6 +433,76 @@ def main():
         except openai.BadRequestError as e:
             assert "pattern" in str(e), e
 
+    def tool_calls():
+        import jsonschema
+        weather = {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "unit": {"enum": ["celsius", "fahrenheit"]}, "days": {"type": "integer"}},
+            "required": ["city", "unit", "days"], "additionalProperties": False}
+        clock = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                 "required": ["zone"]}
+        tools = [{"type": "function", "function": {"name": "get_weather",
+                                                   "description": "Weather of a city",
+                                                   "parameters": weather}},
+                 {"type": "function", "function": {"name": "get_time", "parameters": clock}}]
+        schemas = {"get_weather": weather, "get_time": clock}
+        msgs = [{"role": "user", "content": "Weather in Paris?"}]
+        for seed, choice in enumerate(["required", "required",
+                                       {"type": "function", "function": {"name": "get_time"}},
+                                       {"type": "function", "function": {"name": "get_weather"}}]):
+            kw = dict(model="demo", messages=msgs, tools=tools, tool_choice=choice,
+                      max_tokens=100, temperature=0 if seed == 0 else 1.0, seed=seed)
+            r = client.chat.completions.create(**kw)
+            c = r.choices[0]
+            assert c.finish_reason == "tool_calls", r
+            assert len(c.message.tool_calls) == 1 and c.message.content is None, r
+            call = c.message.tool_calls[0]
+            assert call.type == "function" and call.id.startswith("call_")
+            if isinstance(choice, dict):
+                assert call.function.name == choice["function"]["name"]
+            jsonschema.validate(json.loads(call.function.arguments),
+                                schemas[call.function.name])
+            # Streamed as OpenAI streams calls: the id and name first, then the arguments.
+            name, args, ids, finish = "", "", set(), None
+            for chunk in client.chat.completions.create(**kw, stream=True):
+                for ch in chunk.choices:
+                    for t in ch.delta.tool_calls or []:
+                        assert t.index == 0
+                        if t.id:
+                            ids.add(t.id)
+                        if t.function.name:
+                            name += t.function.name
+                        args += t.function.arguments or ""
+                    finish = ch.finish_reason or finish
+            assert (name, args) == (call.function.name, call.function.arguments), (name, args)
+            assert len(ids) == 1 and finish == "tool_calls"
+        # The result goes back as a tool message and renders as the template has it: the
+        # prompt is the conversation /tokenize renders, and it gets an answer.
+        back = msgs + [{"role": "assistant", "content": None,
+                        "tool_calls": [{"id": call.id, "type": "function",
+                                        "function": {"name": call.function.name,
+                                                     "arguments": call.function.arguments}}]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "{\"temp\": 21}"}]
+        r = client.chat.completions.create(model="demo", messages=back, tools=tools,
+                                           max_tokens=5, temperature=0)
+        t = raw_post("/tokenize", {"model": "demo", "messages": back})
+        assert r.usage.prompt_tokens == t["count"], (r.usage, t["count"])
+        d = raw_post("/detokenize", {"model": "demo", "tokens": t["tokens"]})
+        assert d["prompt"].endswith(call.function.arguments + "\n```<｜tool▁call▁end｜>"
+                                    "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{\"temp\": 21}"
+                                    "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"), d["prompt"]
+        # tool_choice none: plain text, no calls.
+        r = client.chat.completions.create(model="demo", messages=msgs, tools=tools,
+                                           tool_choice="none", max_tokens=4, temperature=0)
+        assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
+        try:
+            client.chat.completions.create(
+                model="demo", messages=msgs, tools=tools, max_tokens=4,
+                tool_choice={"type": "function", "function": {"name": "nope"}})
+            raise AssertionError("no 400 for an unknown function")
+        except openai.BadRequestError as e:
+            assert e.status_code == 400
+
     def curl():
         if not shutil.which("curl"):
             print("  (curl not found; skipped)")
@@ -466,7 +537,7 @@ def main():
                          ("stop strings", stop_strings), ("logprobs", logprobs),
                          ("errors", errors), ("tokenize", tokenize),
                          ("sampling controls", sampling_controls), ("n choices", n_choices),
-                         ("structured output", structured_output),
+                         ("structured output", structured_output), ("tool calls", tool_calls),
                          ("curl", curl)]:
             check(name, fn)
     finally:
@@ -477,7 +548,7 @@ def main():
         print(f"FAIL shutdown: exit status {status}\n{err}")
     else:
         print("PASS shutdown on SIGINT")
-    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 12 checks failed")
+    print(f"{'FAILED' if failures else 'OK'}: {len(failures)} of 13 checks failed")
     return 1 if failures else 0
 
 

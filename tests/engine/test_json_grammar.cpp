@@ -156,3 +156,56 @@ TEST(JsonGrammar, MaskedSamplingAlwaysYieldsAValue) {
   }
   EXPECT_GE(finished, 150);
 }
+
+// A tool call: forced special tokens, one of several names each with its arguments' schema,
+// forced closing tokens, then the end.
+TEST(JsonGrammar, ToolCallShapeWithForcedTokens) {
+  std::vector<std::string> bytes = {"", "", "", "", "{", "}", "\"a\":", "\n", "f", "g", "\n."};
+  for (char c = 0x20; c < 0x7f; ++c) bytes.push_back(std::string(1, c));
+  auto trie = std::make_shared<engine::TokenTrie>(bytes);
+  const json spec = {
+      {"prefix", {1, 2}},
+      {"choices",
+       {{{"text", "f\n"},
+         {"schema", json::parse(R"({"type":"object","properties":{"a":{"type":"integer"}},
+                                    "required":["a"]})")},
+         {"after", "\n."}},
+        {{"text", "g\n"}, {"schema", json::parse(R"({"enum":[true]})")}, {"after", "\n."}}}},
+      {"suffix", {3}},
+      {"end", {0}}};
+  auto c = engine::compile_json_constraint(spec.dump(), trie);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  int f = 0, g = 0;
+  for (int seed = 0; seed < 100; ++seed) {
+    engine::SamplingParams p;
+    p.temperature = 1.0f;
+    p.seed = seed;
+    p.constraint = c;
+    engine::Sampler s(p);
+    std::vector<int32_t> toks = {5};
+    for (int i = 0; i < 300 && toks.back() != 0; ++i) {
+      std::vector<float> l(bytes.size());
+      for (float& x : l) x = nd(rng);
+      toks.push_back(s.sample(l.data(), static_cast<int64_t>(l.size()), toks, 1));
+    }
+    ASSERT_EQ(toks.back(), 0) << "did not end";
+    ASSERT_GE(toks.size(), 6u);
+    EXPECT_EQ(toks[1], 1);
+    EXPECT_EQ(toks[2], 2);
+    EXPECT_EQ(toks[toks.size() - 2], 3);
+    std::string text;
+    for (size_t i = 3; i + 2 < toks.size(); ++i) text += bytes[toks[i]];
+    if (text.rfind("f\n", 0) == 0) {
+      ++f;
+      ASSERT_EQ(text.substr(text.size() - 2), "\n.") << text;
+      const json v = json::parse(text.substr(2, text.size() - 4));
+      EXPECT_TRUE(v["a"].is_number_integer()) << text;
+    } else {
+      ++g;
+      EXPECT_EQ(text, "g\ntrue\n.");
+    }
+  }
+  EXPECT_GT(f, 10);
+  EXPECT_GT(g, 10);
+}
