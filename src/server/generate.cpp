@@ -7,6 +7,7 @@
 #include "server/chat_format.h"
 #include "server/http_server.h"
 #include "server/server.h"
+#include "server/structured.h"
 
 namespace moeserve::server {
 
@@ -121,25 +122,10 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
                   "Tool calling needs the tool-call tokens of DeepSeek-V3/R1 "
                   "(<｜tool▁calls▁begin｜> ...), which this model's tokenizer lacks.");
     if (g.tool_choice == "required" || g.tool_choice == "function") {
-      // The call is written under a constraint: the opening tokens, one of the functions' names
-      // with arguments valid for its parameters, the closing tokens, then the end.
-      nlohmann::ordered_json choices = nlohmann::ordered_json::array();
-      for (const ToolDef& t : g.tools)
-        if (g.tool_choice == "required" || t.name == g.tool_choice_name)
-          choices.push_back(
-              {{"text", t.name + "\n```json\n"},
-               {"schema",
-                t.parameters.is_null() ? nlohmann::ordered_json{{"type", "object"}} : t.parameters},
-               {"after", "\n```"}});
-      const nlohmann::ordered_json spec = {
-          {"prefix",
-           ctx.tok.encode("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>",
-                          false, true)},
-          {"choices", choices},
-          {"suffix", ctx.tok.encode("<｜tool▁call▁end｜><｜tool▁calls▁end｜>", false, true)},
-          {"end", p.output.stop_ids}};
       try {
-        sp.constraint = engine::compile_json_constraint(spec.dump(), ctx.token_trie());
+        sp.constraint = tool_call_constraint(ctx.tok, ctx.token_trie(), g.tools,
+                                             g.tool_choice == "function" ? g.tool_choice_name : "",
+                                             p.output.stop_ids);
       } catch (const moeserve::Error& e) {
         bad_request("tools", std::string("Invalid parameters schema: ") + e.what());
       }
