@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 ./scripts/build.sh
 
 venv=.venv-e2e
-if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
-  echo "test.sh: installing the openai client into $venv for the end-to-end tests"
+if ! "$venv/bin/python" -c "import openai, jsonschema" >/dev/null 2>&1; then
+  echo "test.sh: installing the openai client and jsonschema into $venv for the end-to-end tests"
   if ! { python3 -m venv "$venv" &&
-         "$venv/bin/pip" install -q --disable-pip-version-check openai; }; then
+         "$venv/bin/pip" install -q --disable-pip-version-check openai jsonschema; }; then
     echo "test.sh: WARNING: could not create $venv (needs python3-venv and access to PyPI);" \
          "the end-to-end tests will be skipped" >&2
   fi

@@ -20,6 +20,7 @@
 #include "engine/engine.h"
 #include "model/model.h"
 #include "server/server.h"
+#include "server/structured.h"
 
 namespace moeserve::cli {
 
@@ -248,6 +249,8 @@ void run_serve(const ServeArgs& a) {
   ec.max_batch_tokens = a.max_batch_tokens;
   ec.max_waiting = a.max_waiting;
   ec.prefix_caching = !a.no_prefix_caching;
+  // Structured output under mpirun: each rank compiles the constraints of its requests.
+  ec.compile_constraint = server::lazy_constraint_compiler(a.model);
   pm.check_all([&] {
     MS_CHECK(max_pos <= 0 || ec.max_model_len <= max_pos, "--max-model-len ", ec.max_model_len,
              " is longer than the model's max_position_embeddings (", max_pos, ")");

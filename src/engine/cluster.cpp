@@ -1,6 +1,6 @@
-// The cluster's settings and the helpers of its message format (cluster_protocol.h). The
-// worker is in cluster_worker.cpp (its KV handoffs in cluster_transfer.cpp), the front end in
-// cluster_front_end.cpp.
+// The cluster's settings and the helpers of its message format (cluster_protocol.h; requests
+// are written and read in request_wire.cpp). The worker is in cluster_worker.cpp (its KV handoffs
+// in cluster_transfer.cpp), the front end in cluster_front_end.cpp.
 #include "engine/cluster.h"
 
 #include <algorithm>
@@ -36,22 +36,6 @@ std::string ClusterConfig::role_of(int world_rank) const {
 }
 
 namespace cluster {
-
-void put_request(wire::Writer& w, const Request& r) {
-  w.put_vec(r.prompt).put(r.max_tokens).put(r.sampling.temperature).put(r.sampling.top_p);
-  w.put(r.sampling.top_k).put(r.sampling.seed).put_vec(r.stop_ids).put(r.top_logprobs);
-}
-
-void read_request(wire::Reader& rd, Request& r) {
-  r.prompt = rd.get_vec<int32_t>();
-  r.max_tokens = rd.get<int64_t>();
-  r.sampling.temperature = rd.get<float>();
-  r.sampling.top_p = rd.get<float>();
-  r.sampling.top_k = rd.get<int64_t>();
-  r.sampling.seed = rd.get<uint64_t>();
-  r.stop_ids = rd.get_vec<int32_t>();
-  r.top_logprobs = rd.get<int>();
-}
 
 std::string ms(double s) {
   char b[32];

@@ -50,8 +50,9 @@ inline Clock::duration seconds(double s) {
 }
 
 void put_request(wire::Writer& w, const Request& r);
-// The fields put_request wrote, into `r` (whose callbacks stay as they are).
-void read_request(wire::Reader& rd, Request& r);
+// The fields put_request wrote, into `r` (whose callbacks stay as they are). A constraint is
+// compiled with `compile` (EngineConfig::compile_constraint).
+void read_request(wire::Reader& rd, Request& r, const ConstraintCompiler& compile);
 
 // Seconds as milliseconds with at most one decimal ("100", "2.5").
 std::string ms(double s);

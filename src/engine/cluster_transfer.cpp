@@ -68,7 +68,7 @@ void ClusterWorker::on_handoff(wire::Reader& rd, int source) {
   h.id = rd.get<uint64_t>();
   h.src = source;
   h.req = make_request(h.id);
-  read_request(rd, *h.req);
+  read_request(rd, *h.req, cfg_.engine.compile_constraint);
   h.tokens = rd.get_vec<int32_t>();
   h.n_prompt = rd.get<int64_t>();
   h.blocks = rd.get_vec<int32_t>();

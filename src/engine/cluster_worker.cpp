@@ -90,7 +90,7 @@ void ClusterWorker::handle(const comm::Mailbox::Message& m) {
       const uint64_t id = rd.get<uint64_t>();
       const int decode_rank = rd.get<int>();
       std::shared_ptr<Request> r = make_request(id);
-      read_request(rd, *r);
+      read_request(rd, *r, cfg_.engine.compile_constraint);
       if (prefill_) decode_rank_of_[id] = decode_rank;
       sched_->add(id, std::move(r));
       break;

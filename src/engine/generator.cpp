@@ -52,9 +52,11 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     past += n;
   }
   const double t1 = now(), x1 = m_.exchange_seconds();
-  int32_t tok = sampler.sample(logits.data(), c.vocab_size);
+  std::vector<int32_t> seq = prompt;  // what the sampler's penalties and constraint look at
+  int32_t tok = sampler.sample(logits.data(), c.vocab_size, seq, P);
   for (;;) {
     out.push_back(tok);
+    seq.push_back(tok);
     if (on_token) on_token(tok);
     if (static_cast<int64_t>(out.size()) >= opt.max_tokens) break;
     if (std::find(opt.stop_ids.begin(), opt.stop_ids.end(), tok) != opt.stop_ids.end()) break;
@@ -63,7 +65,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     b.logit_rows = {0};
     forward(b, pool, logits.data());
     ++past;
-    tok = sampler.sample(logits.data(), c.vocab_size);
+    tok = sampler.sample(logits.data(), c.vocab_size, seq, P);
   }
   if (stats) {
     stats->prompt_tokens = P;

@@ -46,6 +46,11 @@ struct Request {
   std::function<void(const FinishEvent&)> on_finish;
 };
 
+// Compiles a structured-output constraint from its spec (TokenConstraint::spec()); throws
+// moeserve::Error when the spec is invalid.
+using ConstraintCompiler =
+    std::function<std::shared_ptr<const TokenConstraint>(const std::string& spec)>;
+
 struct EngineConfig {
   int64_t max_num_seqs = 16;     // running sequences at once
   int64_t max_model_len = 4096;  // prompt + output tokens of one sequence
@@ -56,6 +61,9 @@ struct EngineConfig {
   int64_t max_batch_tokens = 256;              // tokens per step (chunked prefill budget)
   int64_t max_waiting = 256;                   // queued requests before submit() refuses
   bool prefix_caching = true;  // share computed full KV blocks across requests (kv_pool.h)
+  // How a rank compiles the constraints of the requests it receives (under mpirun); unset, a
+  // constrained request fails there.
+  ConstraintCompiler compile_constraint;
 };
 
 // Upper bounds (seconds) of the KV transfer latency histogram buckets; +Inf is implied.

@@ -49,11 +49,80 @@ void Sampler::set_state(const std::string& s) {
   MS_CHECK(!i.fail(), "sampler: invalid generator state");
 }
 
+bool SamplingParams::processes_logits() const {
+  return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f ||
+         !logit_bias.empty() || (min_tokens > 0 && !min_tokens_stop_ids.empty()) ||
+         constraint != nullptr;
+}
+
+void Sampler::observe(std::span<const int32_t> tokens, int64_t n_prompt) {
+  const bool counts = p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f;
+  const bool present = p_.repetition_penalty != 1.0f;
+  if (p_.constraint && !constraint_) constraint_ = p_.constraint->start();
+  for (; seen_ < tokens.size(); ++seen_) {
+    const int32_t t = tokens[seen_];
+    if (present) present_.insert(t);
+    if (static_cast<int64_t>(seen_) < n_prompt) continue;
+    if (counts) ++out_counts_[t];
+    if (constraint_ && !constraint_broken_ && !constraint_->advance(t)) constraint_broken_ = true;
+  }
+}
+
+void Sampler::process(float* l, int64_t vocab, int64_t n_generated) {
+  for (const auto& [id, bias] : p_.logit_bias)
+    if (id >= 0 && id < vocab) l[id] += bias;
+  if (p_.repetition_penalty != 1.0f) {
+    const float r = p_.repetition_penalty;
+    for (int32_t t : present_)
+      if (t >= 0 && t < vocab) l[t] = l[t] > 0 ? l[t] / r : l[t] * r;
+  }
+  if (p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f)
+    for (const auto& [t, n] : out_counts_)
+      if (t >= 0 && t < vocab) l[t] -= p_.frequency_penalty * n + p_.presence_penalty;
+  if (n_generated < p_.min_tokens)
+    for (int32_t t : p_.min_tokens_stop_ids)
+      if (t >= 0 && t < vocab) l[t] = -INFINITY;
+  if (constraint_ && !constraint_broken_) constraint_->mask(l, vocab);
+}
+
+int32_t Sampler::sample(const float* logits, int64_t vocab, std::span<const int32_t> tokens,
+                        int64_t n_prompt) {
+  if (!p_.processes_logits()) return sample(logits, vocab);
+  observe(tokens, n_prompt);
+  work_.assign(logits, logits + vocab);
+  process(work_.data(), vocab, static_cast<int64_t>(tokens.size()) - n_prompt);
+  return sample(work_.data(), vocab);
+}
+
 int32_t Sampler::sample(const float* logits, int64_t vocab) {
   if (p_.temperature <= 0.0f) return argmax(logits, vocab);
   // Candidates sorted by logit (descending, ties to the lower id), cut to top_k. A NaN logit
   // counts as -inf (never drawn, and the order stays a strict weak one).
   auto key = [&](int32_t i) { return std::isnan(logits[i]) ? -INFINITY : logits[i]; };
+  if ((p_.top_k <= 0 || p_.top_k >= vocab) && p_.top_p >= 1.0f) {
+    // No cut: the whole softmax, drawn in id order without sorting the vocabulary.
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i) mx = std::max(mx, key(static_cast<int32_t>(i)));
+    if (std::isinf(mx)) {  // +inf takes all (the first such id); all -inf: the first id
+      for (int64_t i = 0; i < vocab; ++i)
+        if (key(static_cast<int32_t>(i)) == mx) return static_cast<int32_t>(i);
+    }
+    const double inv_t = 1.0 / p_.temperature;
+    prob_.resize(vocab);
+    double total = 0.0;
+    for (int64_t i = 0; i < vocab; ++i)
+      total += (prob_[i] = std::exp((key(static_cast<int32_t>(i)) - mx) * inv_t));
+    const double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+    double acc = 0.0;
+    int32_t last = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      if (prob_[i] <= 0.0) continue;
+      acc += prob_[i];
+      last = static_cast<int32_t>(i);
+      if (u < acc) return last;
+    }
+    return last;
+  }
   idx_.resize(vocab);
   std::iota(idx_.begin(), idx_.end(), 0);
   const int64_t k = (p_.top_k > 0 && p_.top_k < vocab) ? p_.top_k : vocab;

@@ -280,7 +280,7 @@ bool Scheduler::step(bool force_forward) {
     Seq& s = *sampled[i];
     const float* row = logits_.data() + i * V;
     TokenEvent ev;
-    ev.token = s.sampler.sample(row, V);
+    ev.token = s.sampler.sample(row, V, s.tokens, s.n_prompt);
     ev.index = s.n_generated;
     ev.cached_tokens = s.cached_tokens;
     if (s.req->top_logprobs >= 0) {

@@ -52,7 +52,8 @@ ChatFormat ChatFormat::from_source(const std::string& source, const tokenizer::T
 }
 
 std::string ChatFormat::render(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
-                               const nlohmann::ordered_json& kwargs) const {
+                               const nlohmann::ordered_json& kwargs,
+                               const nlohmann::ordered_json& tools) const {
   nlohmann::ordered_json ms = nlohmann::ordered_json::array();
   for (const auto& m : messages) {
     nlohmann::ordered_json j = {{"role", m.role}};
@@ -61,7 +62,7 @@ std::string ChatFormat::render(const std::vector<ChatMessage>& messages, bool ad
     ms.push_back(std::move(j));
   }
   try {
-    return impl_->tmpl.render(ms, add_generation_prompt, nullptr, kwargs);
+    return impl_->tmpl.render(ms, add_generation_prompt, tools, kwargs);
   } catch (const moeserve::Error& e) {
     throw ApiError(400, std::string("The chat template could not format the messages: ") + e.what(),
                    "messages", "chat_template_error");

@@ -31,7 +31,8 @@ class ChatFormat {
   // chat_template_kwargs). Throws ApiError(400) when the template rejects it (raise_exception,
   // a message it cannot format).
   std::string render(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
-                     const nlohmann::ordered_json& kwargs) const;
+                     const nlohmann::ordered_json& kwargs,
+                     const nlohmann::ordered_json& tools = nullptr) const;
 
   // The template writes or expects <think> blocks (DeepSeek-R1 and its kind).
   bool reasoning() const { return reasoning_; }

@@ -7,6 +7,7 @@
 #include "server/chat_format.h"
 #include "server/http_server.h"
 #include "server/server.h"
+#include "server/structured.h"
 
 namespace moeserve::server {
 
@@ -29,7 +30,7 @@ std::vector<int32_t> prompt_ids(ServerContext& ctx, const GenRequest& g, bool* s
                        "/v1/completions.",
                        "messages", "no_chat_template");
       const std::string text =
-          ctx.chat->render(g.messages, g.add_generation_prompt, g.template_kwargs);
+          ctx.chat->render(g.messages, g.add_generation_prompt, g.template_kwargs, g.tools_json);
       *starts_in_think = opens_think(text);
       // The template writes the special tokens (bos included) itself.
       return ctx.tok.encode(text, /*add_special=*/false, /*parse_special=*/true);
@@ -81,12 +82,29 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
              "max_tokens");
   p.max_tokens = g.max_tokens.value_or(limit - n);
 
-  p.sampling.temperature = static_cast<float>(g.temperature);
-  p.sampling.top_p = static_cast<float>(g.top_p);
-  p.sampling.top_k = g.top_k;
-  p.sampling.seed = g.seed ? *g.seed : std::random_device{}() * 0x100000001ull;
+  if (g.min_tokens > p.max_tokens)
+    bad_request("min_tokens", "'min_tokens' (" + std::to_string(g.min_tokens) +
+                                  ") is more than the tokens left for the completion (" +
+                                  std::to_string(p.max_tokens) + ").");
 
   const int64_t vocab = ctx.engine.model_config().vocab_size;
+  engine::SamplingParams& sp = p.sampling;
+  sp.temperature = static_cast<float>(g.temperature);
+  sp.top_p = static_cast<float>(g.top_p);
+  sp.top_k = g.top_k;
+  sp.seed = g.seed ? *g.seed : std::random_device{}() * 0x100000001ull;
+  sp.presence_penalty = static_cast<float>(g.presence_penalty);
+  sp.frequency_penalty = static_cast<float>(g.frequency_penalty);
+  sp.repetition_penalty = static_cast<float>(g.repetition_penalty);
+  for (const auto& [id, bias] : g.logit_bias) {
+    if (id >= vocab)
+      bad_request("logit_bias", "Token id " + std::to_string(id) +
+                                    " in 'logit_bias' is out of range [0, " +
+                                    std::to_string(vocab) + ").");
+    sp.logit_bias.emplace_back(id, bias);
+  }
+  sp.min_tokens = g.min_tokens;
+
   if (!g.ignore_eos) p.output.stop_ids = ctx.eos_ids;
   for (int32_t id : g.stop_token_ids) {
     if (id >= vocab)
@@ -95,6 +113,40 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
                                         std::to_string(vocab) + ").");
     p.output.stop_ids.push_back(id);
   }
+  if (g.min_tokens > 0) sp.min_tokens_stop_ids = p.output.stop_ids;
+  if (!g.tools.empty() && g.tool_choice != "none") {
+    p.output.tool_calls = true;
+    p.output.tool_tokens = ToolTokens::of(ctx.tok);
+    if (!p.output.tool_tokens.found())
+      bad_request("tools",
+                  "Tool calling needs the tool-call tokens of DeepSeek-V3/R1 "
+                  "(<｜tool▁calls▁begin｜> ...), which this model's tokenizer lacks.");
+    if (g.tool_choice == "required" || g.tool_choice == "function") {
+      try {
+        sp.constraint = tool_call_constraint(ctx.tok, ctx.token_trie(), g.tools,
+                                             g.tool_choice == "function" ? g.tool_choice_name : "",
+                                             p.output.stop_ids);
+      } catch (const moeserve::Error& e) {
+        bad_request("tools", std::string("Invalid parameters schema: ") + e.what());
+      }
+    }
+  }
+  if (g.json_output) {
+    // The value's end allows only the end tokens (eos, stop_token_ids).
+    if (p.output.stop_ids.empty())
+      bad_request("response_format",
+                  "A JSON response_format needs an end token, and this model "
+                  "has none (give 'stop_token_ids').");
+    try {
+      sp.constraint = engine::compile_json_constraint(
+          engine::json_constraint_spec(g.json_schema ? &*g.json_schema : nullptr,
+                                       p.output.stop_ids),
+          ctx.token_trie());
+    } catch (const moeserve::Error& e) {
+      bad_request("response_format", std::string("Invalid JSON schema: ") + e.what());
+    }
+  }
+  p.output.min_tokens = g.min_tokens;
   p.output.stop = g.stop;
   p.output.skip_special = g.skip_special_tokens;
   p.output.reasoning = g.endpoint == Endpoint::Chat && ctx.chat && ctx.chat->reasoning();
@@ -104,10 +156,59 @@ Prepared prepare(ServerContext& ctx, const GenRequest& g) {
   return p;
 }
 
-std::string usage_note(const Generation& gen) {
-  const Usage u = gen.usage();
+std::string usage_note(const Usage& u) {
   return "prompt " + std::to_string(u.prompt_tokens) + " + completion " +
          std::to_string(u.completion_tokens) + " tokens";
+}
+
+void Choices::add(ServerContext& ctx, const GenRequest& g, const Prepared& p,
+                  Clock::time_point arrival) {
+  Prepared mine = p;
+  const uint64_t i = gens_.size();
+  if (i > 0) mine.sampling.seed = g.seed ? *g.seed + i : std::random_device{}() * 0x100000001ull;
+  gens_.push_back(std::make_unique<Generation>(ctx, g, std::move(mine), arrival, wake_));
+}
+
+void Choices::submit() {
+  try {
+    for (auto& gen : gens_) gen->submit();
+  } catch (...) {
+    abort();
+    throw;
+  }
+}
+
+void Choices::step(std::vector<Delta>& out) {
+  out.resize(gens_.size());
+  for (size_t i = 0; i < gens_.size(); ++i)
+    if (!gens_[i]->done()) gens_[i]->step(out[i], std::chrono::milliseconds(0));
+}
+
+void Choices::abort() {
+  for (auto& gen : gens_) gen->abort();
+}
+
+bool Choices::done() const {
+  for (const auto& gen : gens_)
+    if (!gen->done()) return false;
+  return true;
+}
+
+const Generation* Choices::failed() const {
+  for (const auto& gen : gens_)
+    if (gen->failed()) return gen.get();
+  return nullptr;
+}
+
+Usage Choices::usage() const {
+  Usage u;
+  for (const auto& gen : gens_) {
+    u.prompt_tokens = gen->usage().prompt_tokens;
+    u.completion_tokens += gen->usage().completion_tokens;
+  }
+  // The prompt counts once, as the first choice read it (the others may find it cached).
+  if (!gens_.empty()) u.cached_tokens = gens_.front()->usage().cached_tokens;
+  return u;
 }
 
 void handle_generate(ServerContext& ctx, Endpoint endpoint, http::Exchange& ex) {
@@ -123,35 +224,43 @@ void handle_generate(ServerContext& ctx, Endpoint endpoint, http::Exchange& ex) 
                                Outcome::Invalid);
     throw;
   }
-  Generation gen(ctx, g, std::move(p), arrival);
-  gen.submit();
+  const ResponseBuilder builder(g.endpoint, ctx.opt.served_model_name, ctx.tok, p.output.reasoning,
+                                p.top_logprobs >= 0, g.stream && g.include_usage);
+  Choices choices;
+  for (int64_t i = 0; i < g.n; ++i) choices.add(ctx, g, p, arrival);
+  choices.submit();
   if (g.stream) {
-    stream_response(ctx, gen, ex);
-    ex.note(usage_note(gen));
+    stream_response(ctx, choices, builder, g.include_usage, ex);
+    ex.note(usage_note(choices.usage()));
     return;
   }
 
   // Not streamed: wait for the whole output, watching the client and the server meanwhile.
-  Delta all;
-  while (!gen.done()) {
+  std::vector<Delta> all(choices.size());
+  while (true) {
     if (ctx.stopping) {
-      gen.abort();
+      choices.abort();
       throw ApiError(503, "The server is shutting down.", "", "shutting_down");
     }
-    Delta d;
-    gen.step(d, kPoll);
-    all.append(std::move(d));
-    if (!gen.done() && ex.client_gone()) {
-      gen.abort();  // nobody is left to answer
+    const uint64_t seen = choices.count();
+    std::vector<Delta> d;
+    choices.step(d);
+    for (size_t i = 0; i < d.size(); ++i) all[i].append(std::move(d[i]));
+    if (choices.done()) break;
+    if (ex.client_gone()) {
+      choices.abort();  // nobody is left to answer
       ex.abandon();
-      ex.note("client gone, " + usage_note(gen));
+      ex.note("client gone, " + usage_note(choices.usage()));
       return;
     }
+    choices.wait(seen, kPoll);
   }
-  ex.note(usage_note(gen));
-  if (gen.failed()) throw ApiError(500, gen.error(), "", "generation_failed");
-  ex.respond(200, "application/json",
-             to_wire(gen.builder().full(all, gen.finish_reason(), gen.usage())));
+  ex.note(usage_note(choices.usage()));
+  if (const Generation* f = choices.failed())
+    throw ApiError(500, f->error(), "", "generation_failed");
+  std::vector<ResponseBuilder::Choice> list;
+  for (size_t i = 0; i < choices.size(); ++i) list.push_back({&all[i], choices[i].finish_reason()});
+  ex.respond(200, "application/json", to_wire(builder.full(list, choices.usage())));
 }
 
 }  // namespace moeserve::server

@@ -1,6 +1,10 @@
 // POST /v1/chat/completions and /v1/completions: validate, render and tokenize the prompt,
-// submit to the engine, then answer with one JSON object or a stream of server-sent events.
+// submit to the engine (n sequences for n choices), then answer with one JSON object or a
+// stream of server-sent events.
 #pragma once
+
+#include <memory>
+#include <vector>
 
 #include "server/generation.h"
 #include "server/protocol.h"
@@ -20,10 +24,37 @@ void handle_generate(ServerContext& ctx, Endpoint endpoint, http::Exchange& ex);
 // ApiError(400) (unknown model, no chat template, prompt too long, token ids out of range).
 Prepared prepare(ServerContext& ctx, const GenRequest& g);
 
-// Streams `gen` as server-sent events: "data: {chunk}\n\n" ... "data: [DONE]\n\n".
-void stream_response(ServerContext& ctx, Generation& gen, http::Exchange& ex);
+// The n choices of one request, each its own engine sequence, all waking one Wakeup.
+class Choices {
+ public:
+  Choices() : wake_(std::make_shared<Wakeup>()) {}
+  // Choice i of `g` (seeded with g.seed + i when the request has a seed).
+  void add(ServerContext& ctx, const GenRequest& g, const Prepared& p, Clock::time_point arrival);
+  // Submits every choice; throws ApiError as Generation::submit (the others are then aborted).
+  void submit();
+  // Consumes what every unfinished choice produced, without waiting; out[i] gets choice i's.
+  void step(std::vector<Delta>& out);
+  // Waits (up to `timeout`) for an event from the engine since count() was `seen`.
+  uint64_t count() const { return wake_->count(); }
+  void wait(uint64_t seen, std::chrono::milliseconds timeout) { wake_->wait(seen, timeout); }
+  void abort();
+  bool done() const;
+  size_t size() const { return gens_.size(); }
+  const Generation& operator[](size_t i) const { return *gens_[i]; }
+  const Generation* failed() const;  // the first that failed, or nullptr
+  // The prompt counted once, the completion tokens of every choice.
+  Usage usage() const;
+
+ private:
+  std::shared_ptr<Wakeup> wake_;
+  std::vector<std::unique_ptr<Generation>> gens_;
+};
+
+// Streams the choices as server-sent events: "data: {chunk}\n\n" ... "data: [DONE]\n\n".
+void stream_response(ServerContext& ctx, Choices& choices, const ResponseBuilder& b,
+                     bool include_usage, http::Exchange& ex);
 
 // The request log's note on a generation: "prompt N + completion M tokens".
-std::string usage_note(const Generation& gen);
+std::string usage_note(const Usage& u);
 
 }  // namespace moeserve::server

@@ -16,16 +16,13 @@ double seconds(Clock::duration d) {
 }  // namespace
 
 Generation::Generation(ServerContext& ctx, const GenRequest& req, Prepared p,
-                       Clock::time_point arrival)
+                       Clock::time_point arrival, std::shared_ptr<Wakeup> wake)
     : ctx_(ctx),
-      session_(std::make_shared<Session>(ctx.engine)),
+      session_(std::make_shared<Session>(ctx.engine, std::move(wake))),
       prep_(std::move(p)),
       prompt_size_(prep_.prompt.size()),
       pipeline_(ctx.tok, prep_.output),
-      builder_(req.endpoint, ctx.opt.served_model_name, ctx.tok, prep_.output.reasoning,
-               prep_.top_logprobs >= 0, req.stream && req.include_usage),
       endpoint_(req.endpoint == Endpoint::Chat ? "chat" : "completions"),
-      include_usage_(req.include_usage),
       arrival_(arrival) {}
 
 Generation::~Generation() {
@@ -66,6 +63,8 @@ bool Generation::step(Delta& out, std::chrono::milliseconds timeout) {
         case engine::FinishReason::Length:
           pipeline_.finish(out);
           finish_reason_ = e.finish->reason == engine::FinishReason::Stop ? "stop" : "length";
+          if (e.finish->reason == engine::FinishReason::Stop && !pipeline_.tool_calls().empty())
+            finish_reason_ = "tool_calls";
           complete(e.finish->reason == engine::FinishReason::Stop ? Outcome::Stop
                                                                   : Outcome::Length);
           break;

@@ -1,6 +1,6 @@
-// One generation request after validation: the engine session, the output pipeline, the
-// response builder and the request's metrics, driven by the HTTP thread that serves it (one
-// thread only; nothing here is shared).
+// One choice of a generation request after validation: the engine session, the output pipeline
+// and its metrics, driven by the HTTP thread that serves the request (one thread only; nothing
+// here is shared). A request with n choices runs n Generations, which wake one Wakeup.
 #pragma once
 
 #include <chrono>
@@ -27,7 +27,8 @@ struct Prepared {
 
 class Generation {
  public:
-  Generation(ServerContext& ctx, const GenRequest& req, Prepared p, Clock::time_point arrival);
+  Generation(ServerContext& ctx, const GenRequest& req, Prepared p, Clock::time_point arrival,
+             std::shared_ptr<Wakeup> wake = nullptr);
   ~Generation();  // an unfinished generation is aborted
 
   // Submits to the engine; throws ApiError 429 (queue full) or 400 (engine refused it).
@@ -47,8 +48,6 @@ class Generation {
   Usage usage() const {
     return {static_cast<int64_t>(prompt_size_), pipeline_.tokens(), cached_tokens_};
   }
-  const ResponseBuilder& builder() const { return builder_; }
-  bool include_usage() const { return include_usage_; }
 
  private:
   void complete(Outcome outcome);  // records the request's metrics once
@@ -58,9 +57,7 @@ class Generation {
   Prepared prep_;
   size_t prompt_size_;
   OutputPipeline pipeline_;
-  ResponseBuilder builder_;
   std::string endpoint_;
-  bool include_usage_;
   Clock::time_point arrival_, last_token_;
   bool first_token_seen_ = false;
   int64_t cached_tokens_ = 0;  // from the engine's events

@@ -77,7 +77,7 @@ int64_t as_int(const json& v, const std::string& name, int64_t lo, int64_t hi) {
   int64_t x = 0;
   if (v.is_number_unsigned()) {
     const uint64_t u = v.get<uint64_t>();
-    ok = u <= static_cast<uint64_t>(hi) && hi >= 0;
+    ok = hi >= 0 && u <= static_cast<uint64_t>(hi) && (lo <= 0 || u >= static_cast<uint64_t>(lo));
     x = ok ? static_cast<int64_t>(u) : 0;
   } else {
     x = v.get<int64_t>();
@@ -95,47 +95,165 @@ std::optional<int64_t> get_int(const json& obj, const char* key, int64_t lo, int
   return as_int(*v, key, lo, hi);
 }
 
-// Options moeserve does not implement: accepted only at their neutral value.
-void require_neutral(const json& obj) {
-  for (const char* k : {"presence_penalty", "frequency_penalty"})
-    if (auto v = get_number(obj, k, -2.0, 2.0); v && *v != 0.0)
-      bad_request(k, std::string("'") + k + "' is not supported; only 0 is accepted.");
-  if (auto v = get_number(obj, "repetition_penalty", 0.0, 1e9); v && *v != 1.0)
-    bad_request("repetition_penalty", "'repetition_penalty' is not supported; only 1 is accepted.");
+// Penalties, logit_bias, min_tokens and n.
+void parse_controls(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
+  r.presence_penalty = get_number(obj, "presence_penalty", -2.0, 2.0).value_or(0.0);
+  r.frequency_penalty = get_number(obj, "frequency_penalty", -2.0, 2.0).value_or(0.0);
+  r.repetition_penalty = get_number(obj, "repetition_penalty", 0.0, 1e9).value_or(1.0);
+  if (r.repetition_penalty <= 0.0)
+    bad_request("repetition_penalty", "'repetition_penalty' must be greater than 0.");
   if (const json* v = field(obj, "logit_bias")) {
     if (!v->is_object()) wrong_type("logit_bias", "an object", *v);
-    if (!v->empty()) bad_request("logit_bias", "'logit_bias' is not supported.");
+    if (v->size() > lim.max_logit_bias)
+      bad_request("logit_bias", "'logit_bias' may have at most " +
+                                    std::to_string(lim.max_logit_bias) + " entries.");
+    for (auto it = v->begin(); it != v->end(); ++it) {
+      const std::string& key = it.key();
+      const bool digits = !key.empty() && key.size() <= 10 &&
+                          key.find_first_not_of("0123456789") == std::string::npos;
+      if (!digits || std::stoll(key) > std::numeric_limits<int32_t>::max())
+        bad_request("logit_bias", "Invalid key in 'logit_bias': '" + key +
+                                      "' is not a token id (keys are token ids as strings).");
+      if (!it->is_number()) wrong_type("logit_bias", "a number", *it);
+      const double b = it->get<double>();
+      if (!std::isfinite(b) || b < -100.0 || b > 100.0)
+        bad_request("logit_bias", "Invalid value for 'logit_bias[" + key +
+                                      "]': the bias must be between -100 and 100, got " +
+                                      it->dump() + ".");
+      r.logit_bias.emplace_back(static_cast<int32_t>(std::stoll(key)), static_cast<float>(b));
+    }
   }
-  if (auto n = get_int(obj, "n", std::numeric_limits<int64_t>::min(),
-                       std::numeric_limits<int64_t>::max());
-      n && *n != 1)
-    bad_request("n", "Only n = 1 is supported, got n = " + std::to_string(*n) + ".");
+  r.min_tokens = get_int(obj, "min_tokens", 0, std::numeric_limits<int32_t>::max()).value_or(0);
+  if (r.max_tokens && r.min_tokens > *r.max_tokens)
+    bad_request("min_tokens", "'min_tokens' (" + std::to_string(r.min_tokens) +
+                                  ") must not be more than 'max_tokens' (" +
+                                  std::to_string(*r.max_tokens) + ").");
+  r.n = get_int(obj, "n", 1, lim.max_n).value_or(1);
   if (auto b = get_int(obj, "best_of", std::numeric_limits<int64_t>::min(),
                        std::numeric_limits<int64_t>::max());
-      b && *b != 1)
-    bad_request("best_of", "Only best_of = 1 is supported.");
+      b && *b != r.n)
+    bad_request("best_of", "'best_of' is not supported other than equal to 'n'.");
+}
+
+// Options moeserve does not implement: accepted only at their neutral value.
+void require_neutral(const json& obj) {
   if (get_bool(obj, "echo").value_or(false)) bad_request("echo", "'echo' is not supported.");
   if (auto s = get_string(obj, "suffix"); s && !s->empty())
     bad_request("suffix", "'suffix' is not supported.");
-  if (const json* v = field(obj, "response_format")) {
-    if (!v->is_object()) wrong_type("response_format", "an object", *v);
-    const json* t = field(*v, "type");
-    if (!t || !t->is_string() || t->get<std::string>() != "text")
-      bad_request("response_format", "Only response_format {\"type\": \"text\"} is supported.");
-  }
-  if (const json* v = field(obj, "tools")) {
-    if (!v->is_array()) wrong_type("tools", "an array", *v);
-    if (!v->empty()) bad_request("tools", "Tool calling is not supported.");
-  }
   if (const json* v = field(obj, "functions")) {
     if (!v->is_array()) wrong_type("functions", "an array", *v);
     if (!v->empty()) bad_request("functions", "Function calling is not supported.");
   }
-  if (const json* v = field(obj, "tool_choice")) {
-    if (!v->is_string() || (*v != "none" && *v != "auto"))
-      bad_request("tool_choice", "Tool calling is not supported.");
-  }
   (void)get_string(obj, "user");
+}
+
+// response_format: text, json_object, or json_schema {name, schema, strict}. The schema is taken
+// from `body` again with its keys in order (objects are generated in the order of their
+// properties).
+void parse_response_format(const json& obj, std::string_view body, GenRequest& r) {
+  const json* v = field(obj, "response_format");
+  if (!v) return;
+  if (!v->is_object()) wrong_type("response_format", "an object", *v);
+  const json* t = field(*v, "type");
+  if (!t || !t->is_string())
+    bad_request("response_format", "'response_format.type' is a required string.");
+  const std::string type = t->get<std::string>();
+  if (type == "text") return;
+  if (type == "json_object") {
+    r.json_output = true;
+    return;
+  }
+  if (type != "json_schema")
+    bad_request("response_format", "Invalid value for 'response_format.type': '" + type +
+                                       "'. Supported values are text, json_object and "
+                                       "json_schema.");
+  const json* js = field(*v, "json_schema");
+  if (!js || !js->is_object())
+    bad_request("response_format", "'response_format.json_schema' is a required object.");
+  if (const json* name = field(*js, "name"); name && !name->is_string())
+    wrong_type("response_format.json_schema.name", "a string", *name);
+  if (const json* st = field(*js, "strict"); st && !st->is_boolean())
+    wrong_type("response_format.json_schema.strict", "a boolean", *st);
+  r.json_output = true;
+  const json* schema = field(*js, "schema");
+  if (!schema) return;  // any JSON object
+  if (!schema->is_object() && !schema->is_boolean())
+    wrong_type("response_format.json_schema.schema", "an object", *schema);
+  const auto ordered = nlohmann::ordered_json::parse(body, nullptr, false);
+  r.json_schema = ordered["response_format"]["json_schema"]["schema"];
+}
+
+// tools and tool_choice (chat). The parameters' schemas are taken from `body` again with their
+// keys in order.
+void parse_tools(const json& obj, std::string_view body, GenRequest& r) {
+  const json* v = field(obj, "tools");
+  const json* choice = field(obj, "tool_choice");
+  if (v) {
+    if (!v->is_array()) wrong_type("tools", "an array", *v);
+    if (v->size() > 128) bad_request("tools", "At most 128 tools are supported.");
+  }
+  if (r.endpoint != Endpoint::Chat) {
+    if ((v && !v->empty()) || choice)
+      bad_request(v ? "tools" : "tool_choice", "Tools are only supported on /v1/chat/completions.");
+    return;
+  }
+  if (v && !v->empty()) {
+    const auto ordered = nlohmann::ordered_json::parse(body, nullptr, false);
+    r.tools_json = ordered["tools"];
+    for (size_t i = 0; i < v->size(); ++i) {
+      const std::string at = "tools[" + std::to_string(i) + "]";
+      const json& t = (*v)[i];
+      if (!t.is_object()) wrong_type(at, "an object", t);
+      const json* type = field(t, "type");
+      if (!type || *type != "function")
+        bad_request(at + ".type", "Only tools of type 'function' are supported.");
+      const json* fn = field(t, "function");
+      if (!fn || !fn->is_object())
+        bad_request(at + ".function", "'function' is a required object.");
+      const json* name = field(*fn, "name");
+      if (!name || !name->is_string() || name->get<std::string>().empty())
+        bad_request(at + ".function.name", "A function needs a non-empty 'name'.");
+      ToolDef d;
+      d.name = name->get<std::string>();
+      if (d.name.find_first_of("\n\r") != std::string::npos)
+        bad_request(at + ".function.name", "A function name may not hold a line break.");
+      for (const ToolDef& o : r.tools)
+        if (o.name == d.name)
+          bad_request(at + ".function.name", "Two tools named '" + d.name + "'.");
+      if (const json* params = field(*fn, "parameters")) {
+        if (!params->is_object()) wrong_type(at + ".function.parameters", "an object", *params);
+        d.parameters = ordered["tools"][i]["function"]["parameters"];
+      }
+      r.tools.push_back(std::move(d));
+    }
+    r.tool_choice = "auto";
+  }
+  if (!choice) return;
+  if (choice->is_string()) {
+    const std::string c = choice->get<std::string>();
+    if (c != "none" && c != "auto" && c != "required")
+      bad_request("tool_choice", "Invalid value for 'tool_choice': '" + c +
+                                     "'. Supported values are none, auto, required, or "
+                                     "{\"type\": \"function\", \"function\": {\"name\": ...}}.");
+    if (c != "none" && r.tools.empty())
+      bad_request("tool_choice", "'tool_choice' " + c + " needs 'tools'.");
+    r.tool_choice = c;
+    return;
+  }
+  if (!choice->is_object()) wrong_type("tool_choice", "a string or an object", *choice);
+  const json* fn = field(*choice, "function");
+  const json* name = fn && fn->is_object() ? field(*fn, "name") : nullptr;
+  if (!name || !name->is_string())
+    bad_request("tool_choice",
+                "'tool_choice' must name a function: {\"type\": \"function\", "
+                "\"function\": {\"name\": ...}}.");
+  r.tool_choice_name = name->get<std::string>();
+  bool found = false;
+  for (const ToolDef& t : r.tools) found |= t.name == r.tool_choice_name;
+  if (!found)
+    bad_request("tool_choice",
+                "'tool_choice' names '" + r.tool_choice_name + "', which is not one of the tools.");
+  r.tool_choice = "function";
 }
 
 void parse_stop(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
@@ -204,6 +322,7 @@ void parse_sampling(const json& obj, const ProtocolLimits& lim, GenRequest& r) {
   r.ignore_eos = get_bool(obj, "ignore_eos").value_or(false);
   r.skip_special_tokens = get_bool(obj, "skip_special_tokens").value_or(true);
   parse_stop(obj, lim, r);
+  parse_controls(obj, lim, r);
   require_neutral(obj);
 }
 
@@ -226,7 +345,8 @@ std::string content_text(const json& c, size_t i) {
   return out;
 }
 
-void parse_messages(const json& obj, GenRequest& r) {
+std::vector<ChatMessage> messages_of(const json& obj) {
+  std::vector<ChatMessage> out;
   const json* ms = field(obj, "messages");
   if (!ms) bad_request("messages", "'messages' is a required property.");
   if (!ms->is_array()) wrong_type("messages", "an array", *ms);
@@ -261,8 +381,9 @@ void parse_messages(const json& obj, GenRequest& r) {
     }
     if (cm.role == "assistant" && !cm.content && !cm.extra.contains("tool_calls"))
       bad_request(at + ".content", "An assistant message needs 'content' or 'tool_calls'.");
-    r.messages.push_back(std::move(cm));
+    out.push_back(std::move(cm));
   }
+  return out;
 }
 
 void parse_prompt(const json& obj, GenRequest& r) {
@@ -290,6 +411,10 @@ void parse_prompt(const json& obj, GenRequest& r) {
 }
 
 }  // namespace
+
+std::vector<ChatMessage> parse_messages(const json& obj) {
+  return messages_of(obj);
+}
 
 json parse_json_object(std::string_view body, int max_depth) {
   // Depth scan outside string literals; the parser below is iterative but walks over the result
@@ -325,8 +450,22 @@ GenRequest parse_request(Endpoint endpoint, std::string_view body, const Protoco
   GenRequest r;
   r.endpoint = endpoint;
   parse_sampling(obj, lim, r);
+  parse_response_format(obj, body, r);
+  parse_tools(obj, body, r);
+  if (r.json_output && (r.tool_choice == "required" || r.tool_choice == "function"))
+    bad_request("response_format",
+                "A JSON response_format cannot be combined with a required "
+                "tool call.");
+  if (r.ignore_eos && (r.tool_choice == "required" || r.tool_choice == "function"))
+    bad_request("tool_choice", "'ignore_eos' cannot be combined with a required tool call.");
+  if (r.json_output && r.ignore_eos)
+    bad_request("response_format",
+                "'ignore_eos' cannot be combined with a JSON response_format "
+                "(the output ends when the value is complete).");
+  if (r.json_output && r.min_tokens > 0)
+    bad_request("min_tokens", "'min_tokens' cannot be combined with a JSON response_format.");
   if (endpoint == Endpoint::Chat) {
-    parse_messages(obj, r);
+    r.messages = messages_of(obj);
     const bool want = get_bool(obj, "logprobs").value_or(false);
     const auto top = get_int(obj, "top_logprobs", 0, lim.max_top_logprobs);
     if (top && !want)

@@ -107,9 +107,9 @@ json ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
           {"text_offset", offsets}};
 }
 
-json ResponseBuilder::role_chunk() const {
+json ResponseBuilder::role_chunk(int index) const {
   json c = base("chat.completion.chunk");
-  c["choices"] = json::array({{{"index", 0},
+  c["choices"] = json::array({{{"index", index},
                                {"delta", {{"role", "assistant"}, {"content", ""}}},
                                {"logprobs", nullptr},
                                {"finish_reason", nullptr}}});
@@ -117,15 +117,31 @@ json ResponseBuilder::role_chunk() const {
   return c;
 }
 
-json ResponseBuilder::chunk(const Delta& d, const char* finish_reason) const {
+json ResponseBuilder::chunk(const Delta& d, const char* finish_reason, int index) const {
   const bool want_lp = !d.logprobs.empty();
-  json choice = {{"index", 0}};
+  json choice = {{"index", index}};
   json c;
   if (endpoint_ == Endpoint::Chat) {
     c = base("chat.completion.chunk");
     json delta = json::object();
     if (!d.reasoning.empty()) delta["reasoning_content"] = d.reasoning;
     if (!d.content.empty() || (want_lp && d.reasoning.empty())) delta["content"] = d.content;
+    if (!d.tool_calls.empty()) {
+      json calls = json::array();
+      for (const ToolCallDelta& t : d.tool_calls) {
+        json c = {{"index", t.index}};
+        json fn = json::object();
+        if (!t.id.empty()) {
+          c["id"] = t.id;
+          c["type"] = "function";
+          fn["name"] = t.name;
+        }
+        fn["arguments"] = t.arguments;
+        c["function"] = fn;
+        calls.push_back(std::move(c));
+      }
+      delta["tool_calls"] = std::move(calls);
+    }
     choice["delta"] = delta;
   } else {
     c = base("text_completion");
@@ -145,21 +161,42 @@ json ResponseBuilder::usage_chunk(const Usage& u) const {
   return c;
 }
 
-json ResponseBuilder::full(const Delta& all, const char* finish_reason, const Usage& u) const {
-  json choice = {{"index", 0}};
-  json r;
-  if (endpoint_ == Endpoint::Chat) {
-    r = base("chat.completion");
-    json msg = {{"role", "assistant"}, {"content", all.content}};
-    if (reasoning_) msg["reasoning_content"] = all.reasoning;
-    choice["message"] = msg;
-  } else {
-    r = base("text_completion");
-    choice["text"] = all.content;
+json ResponseBuilder::full(const std::vector<Choice>& choices, const Usage& u) const {
+  json r = base(endpoint_ == Endpoint::Chat ? "chat.completion" : "text_completion");
+  json list = json::array();
+  for (size_t i = 0; i < choices.size(); ++i) {
+    const Delta& all = *choices[i].all;
+    json choice = {{"index", static_cast<int64_t>(i)}};
+    if (endpoint_ == Endpoint::Chat) {
+      json msg = {{"role", "assistant"}, {"content", all.content}};
+      if (reasoning_) msg["reasoning_content"] = all.reasoning;
+      if (!all.tool_calls.empty()) {
+        // The streamed pieces, joined per call.
+        json calls = json::array();
+        for (const ToolCallDelta& t : all.tool_calls) {
+          while (static_cast<int>(calls.size()) <= t.index)
+            calls.push_back({{"id", ""},
+                             {"type", "function"},
+                             {"function", {{"name", ""}, {"arguments", ""}}}});
+          json& c = calls[t.index];
+          if (!t.id.empty()) {
+            c["id"] = t.id;
+            c["function"]["name"] = t.name;
+          }
+          c["function"]["arguments"] = c["function"]["arguments"].get<std::string>() + t.arguments;
+        }
+        msg["tool_calls"] = std::move(calls);
+        if (all.content.empty()) msg["content"] = nullptr;
+      }
+      choice["message"] = msg;
+    } else {
+      choice["text"] = all.content;
+    }
+    choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : json(nullptr);
+    choice["finish_reason"] = choices[i].finish_reason;
+    list.push_back(std::move(choice));
   }
-  choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : json(nullptr);
-  choice["finish_reason"] = finish_reason;
-  r["choices"] = json::array({choice});
+  r["choices"] = std::move(list);
   r["usage"] = usage_json(u);
   return r;
 }

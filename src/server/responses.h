@@ -29,14 +29,18 @@ class ResponseBuilder {
   ResponseBuilder(Endpoint endpoint, std::string model, const tokenizer::Tokenizer& tok,
                   bool reasoning, bool logprobs, bool usage_in_chunks);
 
-  // Chat streams open with a chunk carrying only the role.
-  nlohmann::ordered_json role_chunk() const;
-  // One streamed chunk; finish_reason nullptr while the stream goes on.
-  nlohmann::ordered_json chunk(const Delta& d, const char* finish_reason) const;
+  // Chat streams open with a chunk carrying only the role (one per choice).
+  nlohmann::ordered_json role_chunk(int index = 0) const;
+  // One streamed chunk of choice `index`; finish_reason nullptr while the stream goes on.
+  nlohmann::ordered_json chunk(const Delta& d, const char* finish_reason, int index = 0) const;
   // The last chunk of a stream with stream_options.include_usage: no choices, only usage.
   nlohmann::ordered_json usage_chunk(const Usage& u) const;
-  // The whole non-streamed response.
-  nlohmann::ordered_json full(const Delta& all, const char* finish_reason, const Usage& u) const;
+  // The whole non-streamed response: one choice per output, in order.
+  struct Choice {
+    const Delta* all;
+    const char* finish_reason;
+  };
+  nlohmann::ordered_json full(const std::vector<Choice>& choices, const Usage& u) const;
 
   const std::string& id() const { return id_; }
   Endpoint endpoint() const { return endpoint_; }

@@ -10,6 +10,8 @@
 #include "server/api_error.h"
 #include "server/generate.h"
 #include "server/responses.h"
+#include "server/structured.h"
+#include "server/tokenize.h"
 
 namespace moeserve::server {
 
@@ -116,6 +118,11 @@ int default_max_connections(int workers) {
 
 }  // namespace
 
+std::shared_ptr<const engine::TokenTrie> ServerContext::token_trie() {
+  std::call_once(trie_once_, [&] { trie_ = make_token_trie(tok); });
+  return trie_;
+}
+
 std::vector<int32_t> default_eos_ids(const tokenizer::Tokenizer& tok, int64_t model_eos) {
   std::vector<int32_t> ids;
   auto add = [&](int64_t id) {
@@ -214,6 +221,14 @@ void Server::handle(http::Exchange& ex) {
       if (m != "POST") not_allowed();
       handle_generate(ctx, path == "/v1/chat/completions" ? Endpoint::Chat : Endpoint::Completions,
                       ex);
+      return;
+    }
+    if (path == "/tokenize" || path == "/detokenize") {
+      if (m != "POST") not_allowed();
+      if (path == "/tokenize")
+        handle_tokenize(ctx, ex);
+      else
+        handle_detokenize(ctx, ex);
       return;
     }
     throw ApiError(404, "Invalid URL (" + m + " " + path + ").", "", "not_found");

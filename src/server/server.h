@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/json_grammar.h"
 #include "server/chat_format.h"
 #include "server/metrics.h"
 #include "server/protocol.h"
@@ -66,6 +67,13 @@ struct ServerContext {
   int64_t started = 0;           // unix seconds, for /v1/models
   Metrics metrics;
   std::atomic<bool> stopping{false};
+
+  // The vocabulary of structured output, built on first use.
+  std::shared_ptr<const engine::TokenTrie> token_trie();
+
+ private:
+  std::once_flag trie_once_;
+  std::shared_ptr<const engine::TokenTrie> trie_;
 };
 
 class Server {

@@ -2,6 +2,24 @@
 
 namespace moeserve::server {
 
+uint64_t Wakeup::count() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return count_;
+}
+
+void Wakeup::notify() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    ++count_;
+  }
+  cv_.notify_all();
+}
+
+void Wakeup::wait(uint64_t seen, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait_for(lk, timeout, [&] { return count_ != seen; });
+}
+
 Session::~Session() {
   cancel();
 }
@@ -17,6 +35,7 @@ engine::SubmitResult Session::submit(engine::Request req, std::string* error) {
         s->events_.push_back({t, std::nullopt, Clock::now()});
       }
       s->cv_.notify_one();
+      if (s->wake_) s->wake_->notify();
     }
   };
   req.on_finish = [self](const engine::FinishEvent& f) {
@@ -27,6 +46,7 @@ engine::SubmitResult Session::submit(engine::Request req, std::string* error) {
         s->finished_ = true;
       }
       s->cv_.notify_one();
+      if (s->wake_) s->wake_->notify();
     }
   };
   auto r = engine_.submit(std::make_shared<engine::Request>(std::move(req)), &id_, error);

@@ -24,9 +24,25 @@ struct EngineEvent {
   Clock::time_point time;
 };
 
+// Wakes the thread that waits for any of several sessions (the choices of one request).
+class Wakeup {
+ public:
+  uint64_t count() const;
+  void notify();
+  // Waits until count() differs from `seen`, at most `timeout`.
+  void wait(uint64_t seen, std::chrono::milliseconds timeout);
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t count_ = 0;
+};
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  explicit Session(engine::Service& engine) : engine_(engine) {}
+  // `wake`, when given, is notified on every event too.
+  explicit Session(engine::Service& engine, std::shared_ptr<Wakeup> wake = nullptr)
+      : engine_(engine), wake_(std::move(wake)) {}
   ~Session();  // cancels the request if the engine has not finished it
 
   // Submits `req` (its callbacks are set here). Returns the engine's answer; on anything but
@@ -42,6 +58,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
  private:
   engine::Service& engine_;
+  std::shared_ptr<Wakeup> wake_;
   uint64_t id_ = 0;
   bool submitted_ = false;
   mutable std::mutex mu_;

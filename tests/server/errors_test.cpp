@@ -52,8 +52,14 @@ TEST_F(Errors, BadRequests) {
   b["messages"][0]["role"] = "narrator";
   expect_error(post(port(), chat, b), 400, "messages[0].role");
   b = chat_body("x");
-  b["n"] = 2;
+  b["n"] = 0;
   expect_error(post(port(), chat, b), 400, "n");
+  b = chat_body("x");
+  b["logit_bias"] = {{"129280", 5}};  // one past the demo vocabulary
+  expect_error(post(port(), chat, b), 400, "logit_bias");
+  b = chat_body("x");
+  b["presence_penalty"] = 2.5;
+  expect_error(post(port(), chat, b), 400, "presence_penalty");
   b = completion_body("x");
   b["temperature"] = -1;
   expect_error(post(port(), comp, b), 400, "temperature");

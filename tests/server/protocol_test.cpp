@@ -1,6 +1,7 @@
 // Unit tests of the pieces under the HTTP layer: request validation, stop strings with
 // hold-back, the reasoning split, the output pipeline and the metrics page.
 #include <gtest/gtest.h>
+#include <algorithm>
 
 #include <random>
 
@@ -45,8 +46,21 @@ TEST(Protocol, ParsesChatDefaultsAndOptions) {
   EXPECT_EQ(r.top_logprobs, -1);
   ASSERT_EQ(r.messages.size(), 1u);
   EXPECT_EQ(*r.messages[0].content, "hi");
+  EXPECT_EQ(r.n, 1);
+  EXPECT_EQ(r.presence_penalty, 0.0);
+  EXPECT_EQ(r.frequency_penalty, 0.0);
+  EXPECT_EQ(r.repetition_penalty, 1.0);
+  EXPECT_TRUE(r.logit_bias.empty());
+  EXPECT_EQ(r.min_tokens, 0);
 
   json j = json::parse(kChat);
+  j["n"] = 3;
+  j["best_of"] = 3;
+  j["presence_penalty"] = -1.5;
+  j["frequency_penalty"] = 2;
+  j["repetition_penalty"] = 1.3;
+  j["logit_bias"] = {{"42", -100}, {"7", 12.5}};
+  j["min_tokens"] = 4;
   j["stream"] = true;
   j["stream_options"] = {{"include_usage", true}};
   j["max_tokens"] = 5;
@@ -73,6 +87,15 @@ TEST(Protocol, ParsesChatDefaultsAndOptions) {
   EXPECT_EQ(r.top_logprobs, 3);
   EXPECT_EQ(*r.messages[1].content, "a\nb");
   EXPECT_FALSE(r.messages[2].content.has_value());
+  EXPECT_EQ(r.n, 3);
+  EXPECT_EQ(r.presence_penalty, -1.5);
+  EXPECT_EQ(r.frequency_penalty, 2.0);
+  EXPECT_DOUBLE_EQ(r.repetition_penalty, 1.3);
+  std::vector<std::pair<int32_t, float>> bias = {{42, -100.0f}, {7, 12.5f}};
+  std::sort(r.logit_bias.begin(), r.logit_bias.end());
+  std::sort(bias.begin(), bias.end());
+  EXPECT_EQ(r.logit_bias, bias);
+  EXPECT_EQ(r.min_tokens, 4);
 }
 
 TEST(Protocol, ParsesCompletionPrompts) {
@@ -104,7 +127,24 @@ TEST(Protocol, RejectsBadInputNamingTheField) {
       {chat_with("temperature", "hot").dump(), "temperature", "expected a number"},
       {chat_with("temperature", 7).dump(), "temperature", "between"},
       {chat_with("top_p", 0).dump(), "top_p", "greater than 0"},
-      {chat_with("n", 2).dump(), "n", "n = 1"},
+      {chat_with("n", 0).dump(), "n", "between 1 and 16"},
+      {chat_with("n", 17).dump(), "n", "between 1 and 16"},
+      {chat_with("n", 1.5).dump(), "n", "integer"},
+      {chat_with("best_of", 3).dump(), "best_of", "equal to 'n'"},
+      {chat_with("presence_penalty", 2.5).dump(), "presence_penalty", "between -2.0 and 2.0"},
+      {chat_with("frequency_penalty", -3).dump(), "frequency_penalty", "between -2.0 and 2.0"},
+      {chat_with("frequency_penalty", "high").dump(), "frequency_penalty", "number"},
+      {chat_with("repetition_penalty", 0).dump(), "repetition_penalty", "greater than 0"},
+      {chat_with("repetition_penalty", -1).dump(), "repetition_penalty", "between"},
+      {chat_with("logit_bias", json::array()).dump(), "logit_bias", "object"},
+      {chat_with("logit_bias", {{"abc", 1}}).dump(), "logit_bias", "not a token id"},
+      {chat_with("logit_bias", {{"-5", 1}}).dump(), "logit_bias", "not a token id"},
+      {chat_with("logit_bias", {{"99999999999", 1}}).dump(), "logit_bias", "not a token id"},
+      {chat_with("logit_bias", {{"5", 101}}).dump(), "logit_bias", "between -100 and 100"},
+      {chat_with("logit_bias", {{"5", "x"}}).dump(), "logit_bias", "number"},
+      {chat_with("min_tokens", -1).dump(), "min_tokens", "between"},
+      {R"({"messages":[{"role":"user","content":"x"}],"max_tokens":3,"min_tokens":4})",
+       "min_tokens", "must not be more than"},
       {chat_with("stream", "yes").dump(), "stream", "boolean"},
       {chat_with("stream_options", {{"include_usage", true}}).dump(), "stream_options", "stream"},
       {chat_with("stop", 5).dump(), "stop", "string"},
@@ -112,8 +152,12 @@ TEST(Protocol, RejectsBadInputNamingTheField) {
       {chat_with("top_logprobs", 2).dump(), "top_logprobs", "logprobs"},
       {chat_with("logprobs", 3).dump(), "logprobs", "boolean"},
       {chat_with("model", 3).dump(), "model", "string"},
-      {chat_with("presence_penalty", 0.5).dump(), "presence_penalty", "not supported"},
-      {chat_with("tools", json::array({{{"type", "function"}}})).dump(), "tools", "not supported"},
+      {chat_with("tools", json::array({{{"type", "function"}}})).dump(), "tools[0].function",
+       "required"},
+      {chat_with("tools", json::array({{{"type", "retrieval"}}})).dump(), "tools[0].type",
+       "function"},
+      {chat_with("tool_choice", "required").dump(), "tool_choice", "needs 'tools'"},
+      {chat_with("tool_choice", "sometimes").dump(), "tool_choice", "Supported values"},
       {chat_with("chat_template_kwargs", {{"messages", 1}}).dump(), "chat_template_kwargs",
        "may not set"},
       {R"({"model":"m"})", "messages", "required"},
