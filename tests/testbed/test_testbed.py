@@ -191,6 +191,18 @@ def pd_cases(args, tmp, model, osc_ucx):
         srv.stop()
     pd = ["-np", "2", "--map-by", "node", args.moeserve, "serve"] + base + [
         "--host", "0.0.0.0", "--prefill-ranks", "1", "--decode-ranks", "1"]
+    # Without osc/ucx no one-sided component works over TCP: one clear error, no MPI abort.
+    name = "one-sided KV transfer without osc/ucx"
+    print(f"== {name}", flush=True)
+    try:
+        rc, _, err = tb_run(["--mca", "osc", "^ucx"] + pd + ["--kv-transfer", "one-sided"],
+                            timeout=90)
+    except subprocess.TimeoutExpired:
+        rc, err = None, "(hangs)"
+    check(rc not in (0, None) and re.search(
+        r"error: rank 0 of 2 failed: MPI cannot open a one-sided window between these ranks.*"
+        r"--kv-transfer two-sided", err) is not None,
+        f"{name}: one clear error naming --kv-transfer two-sided (rc {rc}: {err[-400:]!r})")
     cases = [("two-sided", [])]
     if osc_ucx:
         cases.insert(0, ("one-sided", ["--mca", "osc", "ucx", "-x", "UCX_TLS=self,tcp"]))
