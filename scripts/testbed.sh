@@ -19,7 +19,7 @@
 #   --name NAME      prefix of every namespace, link and the state folder (default mstb), so
 #                    that test beds of different names can coexist
 #   --subnet A.B.C   the /24 to use (default 10.213.0); host K is A.B.C.K, the bridge A.B.C.254
-#   --rate RATE      shape each host's link to RATE in both directions (tc netem, e.g. 10gbit)
+#   --rate RATE      shape each host's link to RATE in both directions (tc tbf, e.g. 10gbit)
 #   --delay D        one-way latency between two hosts (tc netem on each host's side, e.g. 50us)
 #
 # `run` passes: --hostfile, --mca plm_rsh_agent (an agent script that maps a host's address to
@@ -28,8 +28,8 @@
 # oob_tcp_if_include the subnet, --bind-to none and --oversubscribe; MOESERVE_TESTBED_BTL
 # overrides the btl list (e.g. tcp,self). mpirun itself runs in the machine's namespace and
 # reaches the hosts' daemons through the bridge's address. Needs root (or CAP_NET_ADMIN and
-# CAP_SYS_ADMIN), iproute2, util-linux unshare and, for shaping, the sch_netem module.
-set -euo pipefail
+# CAP_SYS_ADMIN), iproute2, util-linux unshare and, for --delay, the kernel's sch_netem.
+set -Eeuo pipefail
 
 hosts=2 slots=2 name=mstb subnet=10.213.0 rate="" delay=""
 while [ $# -gt 0 ]; do
@@ -102,13 +102,36 @@ down() {
   rm -rf "$state"
 }
 
-shape() {  # shape DEV: netem with the configured rate and delay (delay only on the host side)
-  local dev=$1 with_delay=$2 args=()
-  [ -n "$rate" ] && args+=(rate "$rate")
-  [ -n "$delay" ] && [ "$with_delay" = 1 ] && args+=(delay "$delay")
-  [ ${#args[@]} -gt 0 ] || return 0
-  # A queue of 10000 packets: netem's default (1000) drops under an all-to-all's bursts.
-  "${@:3}" tc qdisc replace dev "$dev" root netem limit 10000 "${args[@]}"
+# Bits per second of a tc rate such as 10gbit, 500mbit, 100kbit.
+rate_bps() {
+  local v=${1%%[a-zA-Z]*} u=${1##*[0-9.]}
+  case $u in
+    gbit) echo $(( v * 1000000000 )) ;;
+    mbit) echo $(( v * 1000000 )) ;;
+    kbit) echo $(( v * 1000 )) ;;
+    bit|"") echo "$v" ;;
+    *) die "--rate: unknown unit '$u' (gbit, mbit, kbit)" ;;
+  esac
+}
+
+# shape DEV WITH_DELAY [COMMAND PREFIX...]: tbf at the configured rate (a bucket of 10 ms of
+# traffic, at least 64 KiB), and under it netem with the delay where WITH_DELAY is 1.
+shape() {
+  local dev=$1 with_delay=$2
+  shift 2
+  local parent=root
+  if [ -n "$rate" ]; then
+    local burst=$(( $(rate_bps "$rate") / 8 / 100 ))
+    [ "$burst" -ge 65536 ] || burst=65536
+    "$@" tc qdisc replace dev "$dev" root handle 1: tbf rate "$rate" burst "$burst" latency 50ms
+    parent="parent 1:1"
+  fi
+  if [ -n "$delay" ] && [ "$with_delay" = 1 ]; then
+    # A queue of 10000 packets: netem's default (1000) drops under an all-to-all's bursts.
+    # shellcheck disable=SC2086
+    "$@" tc qdisc replace dev "$dev" $parent handle 10: netem limit 10000 delay "$delay" \
+      || die "cannot add a netem qdisc for --delay (is the kernel's sch_netem there?)"
+  fi
 }
 
 up() {
@@ -116,7 +139,7 @@ up() {
   [ "$hosts" -ge 1 ] && [ "$hosts" -le 200 ] || die "--hosts must be 1 to 200"
   down "$hosts"
   # A failure half-way leaves nothing behind.
-  trap 'echo "testbed.sh: set-up failed; removing what was made" >&2; down "$hosts"' ERR
+  trap 'rc=$?; if [ $rc -ne 0 ]; then echo "testbed.sh: set-up failed; removing what was made" >&2; down "$hosts"; fi' EXIT
   mkdir -p "$state"
   ip link add "$bridge" type bridge
   ip addr add "$subnet.254/24" dev "$bridge"
@@ -158,7 +181,7 @@ subnet=$subnet
 rate='$rate'
 delay='$delay'
 EOF
-  trap - ERR
+  trap - EXIT
   # Every host reaches the next one (where ping is installed).
   command -v ping >/dev/null && for k in $(seq 1 "$hosts"); do
     ip netns exec "$(ns_of "$k")" ping -c 1 -W 2 "$subnet.$(( k % hosts + 1 ))" >/dev/null \
