@@ -139,6 +139,7 @@ up() {
   [ "$hosts" -ge 1 ] && [ "$hosts" -le 200 ] || die "--hosts must be 1 to 200"
   down "$hosts"
   # A failure half-way leaves nothing behind.
+  # shellcheck disable=SC2154  # rc is assigned inside the trap
   trap 'rc=$?; if [ $rc -ne 0 ]; then echo "testbed.sh: set-up failed; removing what was made" >&2; down "$hosts"; fi' EXIT
   mkdir -p "$state"
   ip link add "$bridge" type bridge
