@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
     --subnet) subnet=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
     --delay) delay=$2; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "testbed.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac
