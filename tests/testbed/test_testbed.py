@@ -6,9 +6,9 @@
 - Expert parallelism over 2 hosts x 2 ranks: `score` and `generate` bit-identical to one process.
 - Prefill on host 1, decode on host 2 (`serve --prefill-ranks 1 --decode-ranks 1`): every greedy
   request gives what one process gives, with the KV cache crossing the hosts one-sided (MPI RMA,
-  where an osc component works over TCP: osc/ucx) and two-sided. The one-sided case's few requests
-  presumably use only the pool's first blocks; osc/ucx over TCP was seen to return wrong data from windows of about
-  94 MB and more (docs/expert-parallel.md), which this test does not reach. Without osc/ucx the
+  where an osc component works over TCP: osc/ucx) and two-sided. osc/ucx over TCP was seen to return wrong
+  data from windows of about 94 MB and more (docs/expert-parallel.md); this case's few requests
+  pass, presumably because they use only the pool's first blocks. Without osc/ucx the
   one-sided window is refused with one clear error.
 - The decode rank on host 2 killed with SIGKILL mid-request: the client's request ends (an error
   or a closed connection, never a hang) and the job ends with Open MPI's message naming the rank.
