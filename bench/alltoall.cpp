@@ -1,11 +1,11 @@
 // bench_alltoall: the MoE dispatch and combine against a raw MPI_Alltoallv of the same bytes.
 //   mpirun -np {2,4,8} --oversubscribe --allow-run-as-root bench_alltoall
 //       [--mode both|rank|expert] [--transport auto|messages] [--pieces datatypes|staging]
-//       [--hidden 2048|7168|both]
-// Per rank: tokens in {1, 16, 128, 4096}, hidden in {2048, 7168}, top-8 of 256 experts, uniform
-// random routing, contiguous placement. Timed per iteration from a barrier to the last rank's
-// end (max over ranks); the best iteration counts (other load only ever adds time: the numbers
-// are meant to be comparable on a shared, oversubscribed machine):
+//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096]
+// Per rank: tokens in {1, 16, 128, 4096} (or the list given), hidden in {2048, 7168}, top-8 of 256
+// experts, uniform random routing, contiguous placement. Timed per iteration from a barrier to the
+// last rank's end (max over ranks); the best iteration counts (other load only ever adds time: the
+// numbers are meant to be comparable on a shared, oversubscribed machine):
 //   plan, dispatch, combine  each phase (max over ranks of the rank's own time)
 //   total                    plan + dispatch + combine of one rank (max over ranks). No expert
 //                            compute: between dispatch and combine, untimed, the dispatched rows
@@ -210,12 +210,26 @@ class Bench {
 
 int main(int argc, char** argv) {
   std::string mode = "both", pieces = "datatypes", hidden = "both", transport = "auto";
+  std::vector<int64_t> token_counts = {1, 16, 128, 4096};
   for (int i = 1; i + 1 < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--mode") mode = argv[i + 1];
     if (a == "--pieces") pieces = argv[i + 1];
     if (a == "--hidden") hidden = argv[i + 1];
     if (a == "--transport") transport = argv[i + 1];
+    if (a == "--tokens") {
+      token_counts.clear();
+      for (const char* p = argv[i + 1]; *p;) {
+        char* end = nullptr;
+        const long long v = std::strtoll(p, &end, 10);
+        if (end == p || v < 0) {
+          std::fprintf(stderr, "bench_alltoall: --tokens wants a list like 128,4096\n");
+          return 2;
+        }
+        token_counts.push_back(v);
+        p = *end == ',' ? end + 1 : end;
+      }
+    }
   }
   comm::MpiOptions opt;
   if (pieces == "staging") opt.pieces = comm::PiecesVia::Staging;
@@ -246,7 +260,7 @@ int main(int argc, char** argv) {
   Bench b(*comm);
   std::vector<std::string> skipped;
   for (int64_t H : {2048, 7168})
-    for (int64_t n : {1, 16, 128, 4096}) {
+    for (int64_t n : token_counts) {
       if (hidden != "both" && std::to_string(H) != hidden) continue;
       if (b.need_bytes(n, H) > budget) {
         skipped.push_back(

@@ -181,12 +181,41 @@ class MpiWindow final : public Window {
   MpiWindow(MPI_Comm comm, void* base, size_t bytes) {
     int n = 0;
     MPI_Comm_size(comm, &n);
-    MS_MPI(MPI_Win_create(base, static_cast<MPI_Aint>(bytes), 1, MPI_INFO_NULL, comm, &win_));
+    create(comm, base, bytes);
     sizes_.resize(n);
     const uint64_t mine = bytes;
     MS_MPI(MPI_Allgather(&mine, 1, MPI_UINT64_T, sizes_.data(), 1, MPI_UINT64_T, comm));
     MS_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, win_));
   }
+  // MPI_Win_create with errors returned rather than fatal: where no one-sided component works
+  // between the ranks (Open MPI across nodes over TCP has osc/rdma only with an RDMA network and
+  // osc/pt2pt only without MPI_THREAD_MULTIPLE), every rank throws one clear error instead of
+  // MPI aborting the job. Whether it worked is agreed on by all ranks, so none waits for another.
+  void create(MPI_Comm comm, void* base, size_t bytes) {
+    MPI_Errhandler prev;
+    MS_MPI(MPI_Comm_get_errhandler(comm, &prev));
+    MS_MPI(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN));
+    const int rc =
+        MPI_Win_create(base, static_cast<MPI_Aint>(bytes), 1, MPI_INFO_NULL, comm, &win_);
+    int failed = rc != MPI_SUCCESS, any = 0;
+    const int arc = MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, comm);
+    MPI_Comm_set_errhandler(comm, prev);
+    MPI_Errhandler_free(&prev);
+    if (arc != MPI_SUCCESS) mpi_fail(arc, "MPI_Allreduce");
+    if (!any) return;
+    if (!failed) MPI_Win_free(&win_);
+    std::string why = "on another rank";
+    if (failed) {
+      char text[MPI_MAX_ERROR_STRING];
+      int len = 0;
+      MPI_Error_string(rc, text, &len);
+      why = std::string(text, len);
+    }
+    fail("MPI cannot open a one-sided window between these ranks (MPI_Win_create: ", why,
+         "); across nodes without an RDMA network use two-sided transfers (serve: "
+         "--kv-transfer two-sided), or Open MPI's osc/ucx (mpirun --mca osc ucx)");
+  }
+
   ~MpiWindow() override {
     if (finalized()) return;
     MPI_Win_unlock_all(win_);
