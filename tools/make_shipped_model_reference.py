@@ -13,7 +13,7 @@ dropped), each chunk a fresh sequence whose first id is replaced by BOS; in each
 C/2+1 .. C-1 are scored (C - 1 - C/2 per chunk); the perplexity is exp of their mean negative log-prob.
 
 Usage:
-  make_shipped_model_reference.py [--model DIR] [--out FILE] [--ctx 512]
+  make_shipped_model_reference.py [--model DIR] [--out FILE] [--ctx 128]
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=128, help="the training sequence length")
     a = ap.parse_args()
 
     import tokenizers
