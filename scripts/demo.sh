@@ -10,25 +10,30 @@ cd "$(dirname "$0")/.."
 ./scripts/build.sh moeserve
 model=data/models/shakespeare-v3-tiny
 prompt=$'KING HENRY:\nNow, my good lords,'
+log=$(mktemp -d)
+server=""
+trap '[ -z "$server" ] || { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; }; rm -rf "$log"' EXIT
+# stderr (timings, the seed) goes to a file, shown only when a command fails.
+generate() {
+  ./build/moeserve generate "$model" --prompt "$prompt" --max-tokens 48 "$@" 2>"$log/err" ||
+    { cat "$log/err" >&2; exit 1; }
+}
 
 echo "== moeserve generate, greedy (the prompt, then what the model wrote) =="
 printf '%s' "$prompt"
-./build/moeserve generate "$model" --prompt "$prompt" --max-tokens 48 "$@" 2>/dev/null
+generate "$@"
 echo
 echo
 echo "== moeserve generate, sampled (--temperature 0.8 --top-p 0.95 --seed 7) =="
 printf '%s' "$prompt"
-./build/moeserve generate "$model" --prompt "$prompt" --max-tokens 48 \
-  --temperature 0.8 --top-p 0.95 --seed 7 "$@" 2>/dev/null
+generate --temperature 0.8 --top-p 0.95 --seed 7 "$@"
 echo
 echo
 
 echo "== moeserve serve, and a chat request to /v1/chat/completions =="
-log=$(mktemp -d)
-./build/moeserve serve "$model" --port 0 --served-model-name shakespeare-v3-tiny --disable-log-requests --disable-log-stats \
-  >"$log/out" 2>"$log/err" &
+./build/moeserve serve "$model" --port 0 --served-model-name shakespeare-v3-tiny \
+  --disable-log-requests --disable-log-stats >"$log/out" 2>"$log/err" &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$log"' EXIT
 url=""
 for _ in $(seq 600); do  # up to 60 s for the "serving ... at http://..." line
   url=$(grep -o 'http://[0-9.]*:[0-9]*' "$log/out" 2>/dev/null | head -n1 || true)
