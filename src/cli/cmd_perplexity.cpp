@@ -379,8 +379,11 @@ void run_perplexity(const PplArgs& a) {
   for (int64_t c0 = 0; c0 < n_chunks; c0 += group) {
     const double t0 = now();
     const int64_t n_seq = std::min(group, n_chunks - c0);
-    // Every chunk's logits, in order: [chunk][piece rows].
-    std::vector<std::vector<float>> chunk_logits(n_seq);
+    // Every chunk's scored logits, in order: where they are in `logits` when the chunk is one
+    // forward (ctx <= kPiece), else gathered piece after piece into chunk_logits.
+    const bool one_piece = ctx <= kPiece;
+    std::vector<std::vector<float>> chunk_logits(one_piece ? 0 : n_seq);
+    std::vector<const float*> chunk_rows(n_seq);
     std::vector<std::vector<int32_t>> chunk_targets(n_seq);
     for (int64_t past = 0; past < ctx; past += kPiece) {
       const int64_t n = std::min(kPiece, ctx - past);
@@ -408,7 +411,12 @@ void run_perplexity(const PplArgs& a) {
       forward_seconds += now() - f0;
       const float* lp_row = logits.data();
       for (int64_t s = 0; s < n_seq; ++s) {
-        chunk_logits[s].insert(chunk_logits[s].end(), lp_row, lp_row + rows_of[s] * V);
+        if (one_piece) {
+          chunk_rows[s] = lp_row;
+        } else {
+          chunk_logits[s].insert(chunk_logits[s].end(), lp_row, lp_row + rows_of[s] * V);
+          chunk_rows[s] = chunk_logits[s].data();
+        }
         lp_row += rows_of[s] * V;
       }
     }
@@ -416,7 +424,7 @@ void run_perplexity(const PplArgs& a) {
       const int64_t c = c0 + s;
       const std::vector<int32_t>& targets = chunk_targets[s];
       for (size_t r = 0; r < targets.size(); ++r) {
-        engine::log_softmax(chunk_logits[s].data() + r * V, V, &row);
+        engine::log_softmax(chunk_rows[s] + r * V, V, &row);
         const int32_t target = targets[r];
         const double lp = row[target];
         nll.add(-lp);
