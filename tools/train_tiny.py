@@ -25,13 +25,16 @@ DeepSeek-V3's pre-tokenizer, special tokens (begin/end of sentence first, ids 0 
 A quarter of the training sequences (`--chat-fraction`) are packed chat turns made from consecutive speeches,
 `<bos><｜User｜>speech<｜Assistant｜>reply<eos>`, so that the chat template leads to a reply that ends.
 
-The last `--heldout` of the text (cut at a line break) is never trained on; the held-out loss is measured on it
-with the bf16 weights as saved. Everything follows from --seed (one process, `--threads` threads, fixed step
-count): two runs with the same arguments on the same machine give the same file.
+The last `--heldout` of the text (cut at a paragraph break) is never trained on; the held-out loss is measured on
+it with the bf16 weights as saved. With `--steps` everything follows from --seed (one process, `--threads`
+threads): two runs with the same arguments, torch version and machine give the same file. With `--minutes` (the
+default, 25) the number of steps follows from the time; training.json records it and the command that repeats
+the run step for step.
 
 Usage:
-  train_tiny.py --out data/models/shakespeare-v3-tiny           # the shipped model (defaults)
-  train_tiny.py --out /tmp/quick --steps 20                      # a short run to try things
+  train_tiny.py --out data/models/shakespeare-v3-tiny --steps 2020 --decay-start 1717   # the shipped model
+  train_tiny.py --out DIR --minutes 28                            # as many steps as 28 minutes allow
+  train_tiny.py --out /tmp/quick --steps 20                       # a short run to try things
 """
 from __future__ import annotations
 
