@@ -51,7 +51,7 @@ constexpr int64_t kPiece = 512;
 struct PplArgs {
   std::string model, file, tokens_file, tokenizer, save_logits, kl_base;
   bool byte_tokens = false, json = false;
-  int64_t ctx = 512, chunks = 0, top_k = 64;
+  int64_t ctx = 512, chunks = 0, top_k = 64, batch = 1;
   std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   ParallelArgs par;
   const CLI::Option* ctx_opt = nullptr;
@@ -262,6 +262,7 @@ void run_perplexity(const PplArgs& a) {
     MS_CHECK(a.top_k_opt->count() == 0 || !a.save_logits.empty(),
              "--save-top-k goes with --save-logits");
     MS_CHECK(a.chunks >= 0, "--chunks must be >= 0");
+    MS_CHECK(a.batch >= 1, "--batch must be at least 1 (got ", a.batch, ")");
     cfg = model::ModelConfig::load(a.model);
     if (!a.kl_base.empty()) {
       base = open_base(a.kl_base);
@@ -354,7 +355,11 @@ void run_perplexity(const PplArgs& a) {
   }
 
   const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
-  kv::KvPool pool((ctx + 15) / 16, 16, cfg.num_hidden_layers, cfg.kv_cache_dim(), kv_dtype);
+  // Up to --batch chunks run together, one sequence each, in the same forwards; each has its own
+  // KV blocks. A row's logits do not depend on the other rows of its batch (docs/design.md), and
+  // the rows are accounted chunk by chunk in order, so every figure is the same whatever --batch.
+  const int64_t group = std::min(a.batch, n_chunks), blocks_per_seq = (ctx + 15) / 16;
+  kv::KvPool pool(group * blocks_per_seq, 16, cfg.num_hidden_layers, cfg.kv_cache_dim(), kv_dtype);
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
   const model::ExpertParallel* ep = m.expert_parallel();
@@ -366,16 +371,36 @@ void run_perplexity(const PplArgs& a) {
   std::vector<double> kls;
   const double t_start = now();
   double forward_seconds = 0;  // of which in the model's forwards
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  // The scored rows of one chunk's piece: its logits and the ids they predict.
+  struct Scored {
+    const float* logits;
+    int32_t target;
+  };
+  for (int64_t c0 = 0; c0 < n_chunks; c0 += group) {
     const double t0 = now();
-    const int32_t* ids = tok.ids.data() + c * ctx;
+    const int64_t n_seq = std::min(group, n_chunks - c0);
+    // Every chunk's scored logits, in order: where they are in `logits` when the chunk is one
+    // forward (ctx <= kPiece), else gathered piece after piece into chunk_logits.
+    const bool one_piece = ctx <= kPiece;
+    std::vector<std::vector<float>> chunk_logits(one_piece ? 0 : n_seq);
+    std::vector<const float*> chunk_rows(n_seq);
+    std::vector<std::vector<int32_t>> chunk_targets(n_seq);
     for (int64_t past = 0; past < ctx; past += kPiece) {
       const int64_t n = std::min(kPiece, ctx - past);
       model::Batch b;
-      b.tokens.assign(ids + past, ids + past + n);
-      b.seqs = {{0, n, past, blocks.data()}};
-      for (int64_t i = 0; i < n; ++i)
-        if (past + i >= first && past + i < ctx - 1) b.logit_rows.push_back(i);
+      std::vector<int64_t> rows_of(n_seq, 0);
+      for (int64_t s = 0; s < n_seq; ++s) {
+        const int32_t* ids = tok.ids.data() + (c0 + s) * ctx;
+        const int64_t row0 = static_cast<int64_t>(b.tokens.size());
+        b.tokens.insert(b.tokens.end(), ids + past, ids + past + n);
+        b.seqs.push_back({row0, n, past, blocks.data() + s * blocks_per_seq});
+        for (int64_t i = 0; i < n; ++i)
+          if (past + i >= first && past + i < ctx - 1) {
+            b.logit_rows.push_back(row0 + i);
+            chunk_targets[s].push_back(ids[past + i + 1]);
+            ++rows_of[s];
+          }
+      }
       logits.resize(std::max<size_t>(1, b.logit_rows.size()) * V);
       if (ep) {  // the agreement round that precedes every forward (engine::Generator)
         int64_t active = 1;
@@ -384,9 +409,23 @@ void run_perplexity(const PplArgs& a) {
       const double f0 = now();
       m.forward(b, pool, logits.data());
       forward_seconds += now() - f0;
-      for (size_t r = 0; r < b.logit_rows.size(); ++r) {
-        engine::log_softmax(logits.data() + r * V, V, &row);
-        const int32_t target = ids[past + b.logit_rows[r] + 1];
+      const float* lp_row = logits.data();
+      for (int64_t s = 0; s < n_seq; ++s) {
+        if (one_piece) {
+          chunk_rows[s] = lp_row;
+        } else {
+          chunk_logits[s].insert(chunk_logits[s].end(), lp_row, lp_row + rows_of[s] * V);
+          chunk_rows[s] = chunk_logits[s].data();
+        }
+        lp_row += rows_of[s] * V;
+      }
+    }
+    for (int64_t s = 0; s < n_seq; ++s) {
+      const int64_t c = c0 + s;
+      const std::vector<int32_t>& targets = chunk_targets[s];
+      for (size_t r = 0; r < targets.size(); ++r) {
+        engine::log_softmax(chunk_rows[s] + r * V, V, &row);
+        const int32_t target = targets[r];
         const double lp = row[target];
         nll.add(-lp);
         for (int64_t v = 0; v < V; ++v) lq[v] = static_cast<float>(row[v]);
@@ -445,13 +484,13 @@ void run_perplexity(const PplArgs& a) {
           dp.add(std::exp(lp) - std::exp(br.target_lp));
         }
       }
+      const double dt = (now() - t0) / static_cast<double>(n_seq);
+      std::fprintf(stderr, "chunk %lld/%lld: %.2f s, perplexity so far %.4f",
+                   static_cast<long long>(c + 1), static_cast<long long>(n_chunks), dt,
+                   std::exp(nll.mean()));
+      if (base) std::fprintf(stderr, ", mean KL so far %.6f", kl.mean());
+      std::fprintf(stderr, "\n");
     }
-    const double dt = now() - t0;
-    std::fprintf(stderr, "chunk %lld/%lld: %.2f s, perplexity so far %.4f",
-                 static_cast<long long>(c + 1), static_cast<long long>(n_chunks), dt,
-                 std::exp(nll.mean()));
-    if (base) std::fprintf(stderr, ", mean KL so far %.6f", kl.mean());
-    std::fprintf(stderr, "\n");
   }
   const double seconds = now() - t_start;
   gen.drain();
@@ -543,6 +582,10 @@ void register_perplexity_command(CLI::App& app) {
   a->ctx_opt = p->add_option("--ctx", a->ctx,
                              "Tokens per chunk; the last ctx - 1 - ctx/2 of each are scored "
                              "(default: 512, or the --kl-base file's)");
+  p->add_option("--batch", a->batch,
+                "Chunks evaluated together, as one batch of sequences (the figures do not depend "
+                "on it)")
+      ->capture_default_str();
   p->add_option("--chunks", a->chunks,
                 "Chunks to score (default: all the input holds, or the --kl-base file's)");
   p->add_option("--save-logits", a->save_logits,

@@ -439,3 +439,44 @@ TEST(Perplexity, ExpertParallelGivesTheSameFigures) {
   EXPECT_EQ(errors, 1u) << bad.err;
   EXPECT_NE(bad.err.find("was saved with --ctx 48"), std::string::npos) << bad.err;
 }
+
+// --batch runs chunks together as one batch of sequences: the same figures and the same saved
+// logits, bit for bit, whatever the batch (one, a divisor of the chunk count, a remainder, more
+// than the chunks), with a piece boundary inside a chunk (--ctx over 512).
+TEST(Perplexity, BatchGivesTheSameFigures) {
+  TempDir d;
+  // v3_tiny's configuration with room for 600 positions.
+  std::ifstream cin(kFixtures + "v3_tiny/config.json");
+  json cfg = json::parse(cin);
+  cfg["max_position_embeddings"] = 1024;
+  write_file(d / "config.json", cfg.dump());
+  ASSERT_EQ(
+      run_ppl("init-model --config " + (d / "config.json") + " --out " + (d / "m") + " --seed 11")
+          .status,
+      0);
+  const auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  for (const std::string ctx : {"40", "600"}) {
+    const std::string args = (d / "m") + " --file " + kText + " --byte-tokens --ctx " + ctx +
+                             " --chunks " + (ctx == "40" ? "6" : "2") + " --save-top-k 4";
+    const json one = run_json(args + " --batch 1 --save-logits " + (d / "b1"));
+    ASSERT_TRUE(one.contains("ppl"));
+    EXPECT_GT(one["ppl"].get<double>(), 1.0);
+    for (const std::string n : {"2", "4", "9"}) {
+      const std::string saved = d / ("b" + n);
+      const json j = run_json(args + " --batch " + n + " --save-logits " + saved);
+      EXPECT_EQ(j["chunks"], one["chunks"]) << "ctx " << ctx << " batch " << n;
+      EXPECT_EQ(j["scored_tokens"], one["scored_tokens"]) << "ctx " << ctx << " batch " << n;
+      EXPECT_EQ(j["ppl"].get<double>(), one["ppl"].get<double>())
+          << "ctx " << ctx << " batch " << n;
+      EXPECT_EQ(j["ppl_stderr"].get<double>(), one["ppl_stderr"].get<double>()) << n;
+      EXPECT_TRUE(read(saved) == read(d / "b1")) << "ctx " << ctx << " batch " << n;
+    }
+  }
+  const Result bad =
+      run_ppl("perplexity " + (d / "m") + " --file " + kText + " --byte-tokens --ctx 40 --batch 0");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--batch must be at least 1"), std::string::npos) << bad.err;
+}
