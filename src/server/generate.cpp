@@ -169,19 +169,40 @@ void Choices::add(ServerContext& ctx, const GenRequest& g, const Prepared& p,
   gens_.push_back(std::make_unique<Generation>(ctx, g, std::move(mine), arrival, wake_));
 }
 
-void Choices::submit() {
+void Choices::submit(bool share_prompt) {
+  rest_pending_ = share_prompt && gens_.size() > 1;
   try {
-    for (auto& gen : gens_) gen->submit();
+    for (size_t i = 0; i < (rest_pending_ ? 1 : gens_.size()); ++i) gens_[i]->submit();
   } catch (...) {
     abort();
     throw;
   }
 }
 
+void Choices::submit_rest() {
+  rest_pending_ = false;
+  const Generation& first = *gens_.front();
+  for (size_t i = 1; i < gens_.size(); ++i) {
+    if (first.failed()) {
+      gens_[i]->fail(first.error());
+      continue;
+    }
+    try {
+      gens_[i]->submit();
+    } catch (const ApiError& e) {  // the response has begun: the choice fails with the reason
+      gens_[i]->fail(e.what());
+    }
+  }
+  wake_->notify();  // the loop steps the new choices at once
+}
+
 void Choices::step(std::vector<Delta>& out) {
   out.resize(gens_.size());
-  for (size_t i = 0; i < gens_.size(); ++i)
+  for (size_t i = 0; i < gens_.size(); ++i) {
+    if (i > 0 && rest_pending_) break;
     if (!gens_[i]->done()) gens_[i]->step(out[i], std::chrono::milliseconds(0));
+    if (i == 0 && rest_pending_ && (gens_[0]->started() || gens_[0]->done())) submit_rest();
+  }
 }
 
 void Choices::abort() {
@@ -228,7 +249,7 @@ void handle_generate(ServerContext& ctx, Endpoint endpoint, http::Exchange& ex) 
                                 p.top_logprobs >= 0, g.stream && g.include_usage);
   Choices choices;
   for (int64_t i = 0; i < g.n; ++i) choices.add(ctx, g, p, arrival);
-  choices.submit();
+  choices.submit(ctx.engine.config().prefix_caching);
   if (g.stream) {
     stream_response(ctx, choices, builder, g.include_usage, ex);
     ex.note(usage_note(choices.usage()));

@@ -30,8 +30,10 @@ class Choices {
   Choices() : wake_(std::make_shared<Wakeup>()) {}
   // Choice i of `g` (seeded with g.seed + i when the request has a seed).
   void add(ServerContext& ctx, const GenRequest& g, const Prepared& p, Clock::time_point arrival);
-  // Submits every choice; throws ApiError as Generation::submit (the others are then aborted).
-  void submit();
+  // Submits the choices; throws ApiError as Generation::submit (the others are then aborted).
+  // With prefix caching on, choices 1..n-1 wait for choice 0's first token: the prompt's
+  // blocks are cached by then, and they start from them instead of computing it again.
+  void submit(bool share_prompt);
   // Consumes what every unfinished choice produced, without waiting; out[i] gets choice i's.
   void step(std::vector<Delta>& out);
   // Waits (up to `timeout`) for an event from the engine since count() was `seen`.
@@ -46,8 +48,11 @@ class Choices {
   Usage usage() const;
 
  private:
+  void submit_rest();
+
   std::shared_ptr<Wakeup> wake_;
   std::vector<std::unique_ptr<Generation>> gens_;
+  bool rest_pending_ = false;  // choices 1..n-1 not submitted yet
 };
 
 // Streams the choices as server-sent events: "data: {chunk}\n\n" ... "data: [DONE]\n\n".

@@ -108,6 +108,13 @@ void Generation::abort() {
   session_->cancel();
 }
 
+void Generation::fail(std::string error) {
+  if (done_) return;
+  failed_ = true;
+  error_ = std::move(error);
+  complete(Outcome::Error);
+}
+
 void Generation::complete(Outcome outcome) {
   if (done_) return;
   done_ = true;

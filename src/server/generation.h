@@ -43,6 +43,9 @@ class Generation {
 
   bool done() const { return done_; }
   bool failed() const { return failed_; }
+  bool started() const { return first_token_seen_; }  // its first token came
+  // Ends a generation that was never submitted, as failed with `error`.
+  void fail(std::string error);
   const std::string& error() const { return error_; }
   const char* finish_reason() const { return finish_reason_; }  // "stop" / "length"
   Usage usage() const {

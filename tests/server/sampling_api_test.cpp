@@ -287,3 +287,32 @@ TEST_F(SamplingApi, StructuredOutputErrors) {
   // text is the default and allowed.
   EXPECT_EQ(post(port(), "/v1/chat/completions", with({{"type", "text"}})).status, 200);
 }
+
+TEST_F(SamplingApi, NChoicesShareThePromptsBlocks) {
+  // Choice 0 computes the prompt; the others start once its first token came, from the
+  // prompt's cached blocks (all but the last token's), and give what they give alone.
+  std::string text;
+  for (int i = 0; i < 10; ++i) text += "Line " + std::to_string(i) + " of a shared prompt. ";
+  const int64_t n = static_cast<int64_t>(demo_tokenizer().encode(text, true).size());
+  ASSERT_GE(n, 40);
+  const int64_t cached = (n - 1) / 16 * 16;
+  const double hits0 = metric(port(), "moeserve_prefix_cache_hits_total");
+  json body = completion_body(text, 5);
+  body["n"] = 4;
+  body["temperature"] = 0.8;
+  body["seed"] = 11;
+  body["ignore_eos"] = true;
+  Reply r = post(port(), "/v1/completions", body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  ASSERT_EQ(r.j["choices"].size(), 4u);
+  EXPECT_EQ(r.j["usage"]["prompt_tokens"], n);
+  EXPECT_EQ(r.j["usage"]["completion_tokens"], 20);
+  EXPECT_EQ(metric(port(), "moeserve_prefix_cache_hits_total"), hits0 + 3 * cached);
+  json one = body;
+  one["n"] = 1;
+  one["seed"] = 14;
+  Reply r3 = post(port(), "/v1/completions", one);
+  ASSERT_EQ(r3.status, 200) << r3.body;
+  EXPECT_EQ(r3.j["choices"][0]["text"], r.j["choices"][3]["text"]);
+  EXPECT_TRUE(wait_idle(port()));
+}
