@@ -8,6 +8,7 @@
 //   int:     every format (bf16, fp8, Q8 and Q4 with groups of 32 and 128, bf16 scales) on the
 //            same shapes: decode of 7168 x 2048 and 2048 x 7168, of the experts' 1024 x 2048
 //            and 2048 x 1024, and prefill of 2048 x 7168; calls/s compares their speed.
+//   bf16:    only the --precision bf16 part of prefill.
 //   mapped DIR: (only when asked) the m = 1 GEMV over a checkpoint's LM head read four ways:
 //            from the mapped file (how `--mmap` reads it), from an anonymous copy, and from an
 //            anonymous copy on huge pages (how `serve` and `bench` hold the weights).
@@ -297,10 +298,11 @@ int main(int argc, char** argv) {
   // "decode", "prefill", "int" (decode and prefill of the model's expert and wide shapes, every
   // format) or "mapped": that only
   const std::string only = argc > 1 ? argv[1] : "";
-  if ((!only.empty() && only != "decode" && only != "prefill" && only != "int" &&
+  if ((!only.empty() && only != "decode" && only != "prefill" && only != "int" && only != "bf16" &&
        only != "mapped") ||
       (only == "mapped") != (argc == 3)) {
-    std::fprintf(stderr, "usage: bench_kernels [decode | prefill | int | mapped MODEL_DIR]\n");
+    std::fprintf(stderr,
+                 "usage: bench_kernels [decode | prefill | int | bf16 | mapped MODEL_DIR]\n");
     return 2;
   }
   ThreadPool pool;
@@ -325,7 +327,7 @@ int main(int argc, char** argv) {
     for (const Format& f : kFormats) prefill(pool, f.dt, 512, 2048, 7168, f.group);
     return 0;
   }
-  if (only != "prefill") {
+  if (only != "prefill" && only != "bf16") {
     decode(pool, DType::BF16, 18432, 7168);     // 264 MB
     decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
     decode(pool, DType::Q4, 36864, 7168, 32);   // 132 MB + scales
@@ -336,6 +338,7 @@ int main(int argc, char** argv) {
   }
   if (only == "decode") return 0;
   for (const Format& f : kFormats) {
+    if (only == "bf16") break;
     prefill(pool, f.dt, 512, 7168, 2048, f.group);
     prefill(pool, f.dt, 512, 2048, 7168, f.group);
   }

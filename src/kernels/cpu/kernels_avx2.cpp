@@ -140,6 +140,7 @@ struct Avx2 {
   }
   // bf16 products (matmul_bf16.h), emulated as in kernels_avx512.cpp: two FMAs per pair under
   // the MXCSR's FTZ and DAZ bits.
+  static constexpr bool kFp8Bf16 = false;  // no fp8_bf16x32
   static constexpr int kBTileM = 1, kBTileN = 2;
   struct PB {
     V even, odd;

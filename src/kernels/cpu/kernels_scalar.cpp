@@ -152,6 +152,7 @@ struct Scalar {
   }
   static bool nan_found(NanAcc acc) { return acc; }
   // bf16 products (matmul_bf16.h) by bf16_math.h, value by value.
+  static constexpr bool kFp8Bf16 = false;  // no fp8_bf16x32
   static constexpr int kBTileM = 1, kBTileN = 1;
   struct PB {
     float even[16], odd[16];

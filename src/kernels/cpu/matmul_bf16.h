@@ -7,6 +7,7 @@
 //   Ftz                     a scope object: dp is exact only while one lives (the emulations
 //                           set the MXCSR's FTZ and DAZ bits; vdpbf16ps needs nothing)
 //   round_bf16x16(p, out)   bf16_round of 16 floats
+//   kFp8Bf16, fp8_bf16x32   (optional) 32 NaN-free e4m3 bytes as bf16, exactly
 //   kBTileM, kBTileN        the register tile: tokens x weight rows
 //
 // x is rounded to bf16 once per product (fp8: per block row of scales, x * scale), weights are
@@ -29,9 +30,8 @@ constexpr int64_t round32(int64_t n) {
   return (n + 31) & ~int64_t{31};
 }
 
-constexpr int64_t kBf16K = 512;           // columns per K block (a multiple of 128)
-constexpr int64_t kBf16M = 64;            // tokens per panel
-constexpr int64_t kBf16Ld = kBf16K + 32;  // row stride of converted blocks (not 4 KB apart)
+constexpr int64_t kBf16K = 512;  // columns per K block (a multiple of 128)
+constexpr int64_t kBf16M = 64;   // tokens per panel
 
 template <class O>
 constexpr int64_t bf16_nb() {  // weight rows per N block
@@ -69,25 +69,27 @@ void x_to_bf16(const float* x, int64_t K, const float* sc, uint16_t* out) {
   std::fill(out + k, out + round32(K), uint16_t{0});
 }
 
-// Rows [n0, n0 + nn) x columns [k0, k0 + 32 * nc) of w as bf16 (zero past K). wb: [nn, ldw].
+// Rows [n0, n0 + nn) of w as bf16, whole (zero-padded to round32(K)). wb: [nn, ldw]. NaN-free
+// fp8 (w.fp8_plain) goes through O::fp8_bf16x32 where O has it: the same values.
 template <class O, DType DT>
-void bf16_block(const Weight& w, int64_t n0, int64_t nn, int64_t k0, int64_t nc, uint16_t* wb,
-                int64_t ldw) {
+void bf16_rows(const Weight& w, int64_t n0, int64_t nn, uint16_t* wb, int64_t ldw) {
   using V = typename O::V;
-  const int64_t K = w.cols;
+  const int64_t K = w.cols, Kp = round32(K);
   const V s = DT == DType::F8_E4M3 ? O::set1(256.0f) : O::zero();  // cvt_fp8's scale 1
   alignas(64) float t[16];
   for (int64_t r = 0; r < nn; ++r) {
     const uint8_t* row = w_row(w, n0 + r);
-    for (int64_t k = k0; k < k0 + 32 * nc; k += 16) {
-      uint16_t* o = wb + r * ldw + (k - k0);
-      if (k >= K) {
-        std::fill(o, o + 16, uint16_t{0});
-        continue;
-      }
-      O::store(t, k + 16 <= K ? load_w<O, DT>(row, k, s) : load_w_tail<O, DT>(row, k, K - k, s));
-      O::round_bf16x16(t, o);
+    uint16_t* o = wb + r * ldw;
+    int64_t k = 0;
+    if constexpr (DT == DType::F8_E4M3 && O::kFp8Bf16) {
+      if (w.fp8_plain)
+        for (; k + 32 <= K; k += 32) O::fp8_bf16x32(row + k, o + k);
     }
+    for (; k < K; k += 16) {
+      O::store(t, k + 16 <= K ? load_w<O, DT>(row, k, s) : load_w_tail<O, DT>(row, k, K - k, s));
+      O::round_bf16x16(t, o + k);
+    }
+    std::fill(o + k, o + Kp, uint16_t{0});
   }
 }
 
@@ -167,7 +169,9 @@ struct Bf16Item {
 };
 
 // Rows [it.n0, it.n1) of job j for all its tokens. xb: the job's x as bf16 ([m, round32(K)];
-// unused for fp8, which scales x here, from the job's f32 rows).
+// null for fp8, whose x is scaled here by the item's block row of scales, a panel of tokens at
+// a time). Weights that are not read in place are converted once, whole rows, and serve every
+// panel.
 template <class O, DType DT>
 void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
   constexpr int64_t NB = bf16_nb<O>();
@@ -175,12 +179,22 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
   static thread_local std::vector<uint16_t> wbuf, xbuf;
   static thread_local std::vector<float> pbuf;
   const Weight& w = *j.w;
-  const int64_t K = w.cols, Kp = round32(K), m = j.m;
+  const int64_t K = w.cols, Kp = round32(K), m = j.m, rows = it.n1 - it.n0;
   const bool direct = DT == DType::BF16 && K % 32 == 0;
-  if (!direct) wbuf.resize(static_cast<size_t>(NB * kBf16Ld));
+  const uint16_t* wp;
+  int64_t ldw;
+  if (direct) {
+    wp = reinterpret_cast<const uint16_t*>(w_row(w, it.n0));
+    ldw = K;
+  } else {
+    ldw = Kp + 32;  // rows not 4 KB apart
+    wbuf.resize(static_cast<size_t>(rows * ldw));
+    bf16_rows<O, DT>(w, it.n0, rows, wbuf.data(), ldw);
+    wp = wbuf.data();
+  }
   pbuf.resize(static_cast<size_t>(kBf16M * NB * 16));
-  if (fp8) xbuf.resize(static_cast<size_t>(std::min(m, kBf16M) * Kp));
   float* part = pbuf.data();
+  if constexpr (fp8) xbuf.resize(static_cast<size_t>(std::min(m, kBf16M) * Kp));
   for (int64_t m0 = 0; m0 < m; m0 += kBf16M) {
     const int64_t mm = std::min(kBf16M, m - m0);
     const uint16_t* xp = xb ? xb + m0 * Kp : nullptr;
@@ -189,28 +203,18 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
       for (int64_t i = 0; i < mm; ++i) x_to_bf16<O>(x_row(j, m0 + i), K, sc, xbuf.data() + i * Kp);
       xp = xbuf.data();
     }
-    for (int64_t n0 = it.n0; n0 < it.n1; n0 += NB) {
-      const int64_t nn = std::min(NB, it.n1 - n0);
+    for (int64_t n0 = 0; n0 < rows; n0 += NB) {
+      const int64_t nn = std::min(NB, rows - n0);
       for (int64_t k0 = 0; k0 < Kp; k0 += kBf16K) {
         const int64_t nc = std::min(kBf16K, Kp - k0) / 32;
         const bool first = k0 == 0, last = k0 + kBf16K >= Kp;
-        const uint16_t* wp;
-        int64_t ldw;
-        if (direct) {
-          wp = reinterpret_cast<const uint16_t*>(w_row(w, n0)) + k0;
-          ldw = K;
-        } else {
-          bf16_block<O, DT>(w, n0, nn, k0, nc, wbuf.data(), kBf16Ld);
-          wp = wbuf.data();
-          ldw = kBf16Ld;
-        }
         for (int64_t j0 = 0; j0 < nn; j0 += O::kBTileN) {
           const int64_t nt = std::min<int64_t>(O::kBTileN, nn - j0);
           for (int64_t i0 = 0; i0 < mm; i0 += O::kBTileM) {
             const int64_t mt = std::min<int64_t>(O::kBTileM, mm - i0);
-            bf16_tile_fn<O>(mt, nt)(xp + i0 * Kp + k0, Kp, wp + j0 * ldw, ldw, nc,
+            bf16_tile_fn<O>(mt, nt)(xp + i0 * Kp + k0, Kp, wp + (n0 + j0) * ldw + k0, ldw, nc,
                                     part + (i0 * NB + j0) * 16, NB * 16, first, last,
-                                    j.y + (m0 + i0) * j.ldy + n0 + j0, j.ldy);
+                                    j.y + (m0 + i0) * j.ldy + it.n0 + n0 + j0, j.ldy);
           }
         }
       }
