@@ -30,8 +30,8 @@ constexpr int64_t round32(int64_t n) {
   return (n + 31) & ~int64_t{31};
 }
 
-constexpr int64_t kBf16K = 512;  // columns per K block (a multiple of 128)
-constexpr int64_t kBf16M = 64;   // tokens per panel
+constexpr int64_t kBf16K = 1024;  // columns per K block (a multiple of 128)
+constexpr int64_t kBf16M = 64;    // tokens per panel
 
 template <class O>
 constexpr int64_t bf16_nb() {  // weight rows per N block
@@ -272,17 +272,20 @@ void matmul_bf16(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
   }
   static thread_local Scratch xscratch;
   uint16_t* xb = reinterpret_cast<uint16_t*>(xscratch.get(static_cast<size_t>(xoff[n] / 2 + 16)));
-  pool.parallel_for(
-      static_cast<int64_t>(xrows.size()),
-      [&](int64_t b, int64_t e, int) {
-        for (int64_t r = b; r < e; ++r) {
-          const MatmulJob& j = jobs[xrows[r].first];
-          const int64_t K = j.w->cols;
-          x_to_bf16<O>(x_row(j, xrows[r].second), K, nullptr,
-                       xb + xoff[xrows[r].first] + xrows[r].second * round32(K));
-        }
-      },
-      16);
+  // Few rows are converted on this thread: a fan-out would cost more than they do.
+  const auto convert = [&](int64_t b, int64_t e, int) {
+    for (int64_t r = b; r < e; ++r) {
+      const MatmulJob& j = jobs[xrows[r].first];
+      const int64_t K = j.w->cols;
+      x_to_bf16<O>(x_row(j, xrows[r].second), K, nullptr,
+                   xb + xoff[xrows[r].first] + xrows[r].second * round32(K));
+    }
+  };
+  const int64_t nx = static_cast<int64_t>(xrows.size());
+  if (xoff[n] <= (int64_t{1} << 20))
+    convert(0, nx, 0);
+  else
+    pool.parallel_for(nx, convert, 16);
   parallel_pieces(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const Bf16Item& it = items[i];
