@@ -177,6 +177,15 @@ struct Avx512 {
   // table, with their sign.
   static constexpr bool kFp8Bf16 = true;
   static void fp8_bf16x32(const uint8_t* p, uint16_t* out) {
+    _mm512_storeu_si512(out, fp8_bf16_reg(p));
+  }
+  // load_pb of fp8_bf16x32's result, without the trip through memory.
+  static PB load_pb_fp8(const uint8_t* p) {
+    const __m512i d = fp8_bf16_reg(p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(d, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32(-65536)))};
+  }
+  static __m512i fp8_bf16_reg(const uint8_t* p) {
     const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     const __m512i sign = _mm512_and_si512(b, _mm512_set1_epi16(static_cast<short>(0x8000)));
     __m512i r = _mm512_add_epi16(
@@ -191,7 +200,7 @@ struct Avx512 {
         r, small,
         _mm512_or_si512(sign,
                         _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(7)), sub)));
-    _mm512_storeu_si512(out, r);
+    return r;
   }
   // bf16_round of 16 floats.
   static void round_bf16x16(const float* p, uint16_t* out) {
@@ -230,6 +239,7 @@ struct Avx512Bf16 : Avx512 {
   static constexpr int kBTileM = 4, kBTileN = 6;  // 24 accumulators
   using PB = __m512i;
   static PB load_pb(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static PB load_pb_fp8(const uint8_t* p) { return fp8_bf16_reg(p); }
   static V dp(V acc, PB x, PB w) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
   }

@@ -96,9 +96,14 @@ void bf16_rows(const Weight& w, int64_t n0, int64_t nn, uint16_t* wb, int64_t ld
 // MT tokens x NT weight rows over nc pairs-of-16 chunks. x: [MT, ldx] bf16; w: [NT, ldw] bf16;
 // part: [MT, ldp] partial lanes (16 floats per row); `first` starts from +0.0, `last` reduces
 // into y.
-template <class O, int MT, int NT>
-void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t nc,
+// F8: w is NaN-free e4m3 bytes ([NT, ldw] bytes), converted in registers (O::load_pb_fp8, the
+// same values as fp8_bf16x32), for few tokens, where a converted copy would cost more memory
+// traffic than the products.
+template <class O, int MT, int NT, bool F8 = false>
+void bf16_tile(const uint16_t* x, int64_t ldx, const void* wv0, int64_t ldw, int64_t nc,
                float* part, int64_t ldp, bool first, bool last, float* y, int64_t ldy) {
+  const auto* w = static_cast<const uint16_t*>(wv0);
+  const auto* w8 = static_cast<const uint8_t*>(wv0);
   using V = typename O::V;
   using PB = typename O::PB;
   V acc[MT][NT];
@@ -114,7 +119,11 @@ void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, i
       for (int i = 0; i < MT; ++i) xv[i] = O::load_pb(x + i * ldx + 32 * c);
 #pragma GCC unroll 8
       for (int j = 0; j < NT; ++j) {
-        const PB wv = O::load_pb(w + j * ldw + 32 * c);
+        PB wv;
+        if constexpr (F8)
+          wv = O::load_pb_fp8(w8 + j * ldw + 32 * c);
+        else
+          wv = O::load_pb(w + j * ldw + 32 * c);
 #pragma GCC unroll 8
         for (int i = 0; i < MT; ++i) acc[i][j] = O::dp(acc[i][j], xv[i], wv);
       }
@@ -139,29 +148,33 @@ void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, i
     }
 }
 
-using Bf16TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
+using Bf16TileFn = void (*)(const uint16_t*, int64_t, const void*, int64_t, int64_t, float*,
                             int64_t, bool, bool, float*, int64_t);
 
-template <class O, int MT, int... NT>
+template <class O, bool F8, int MT, int... NT>
 constexpr void fill_bf16_row(Bf16TileFn* row, std::integer_sequence<int, NT...>) {
-  ((row[NT] = &bf16_tile<O, MT, NT + 1>), ...);
+  ((row[NT] = &bf16_tile<O, MT, NT + 1, F8>), ...);
 }
-template <class O, int... MT>
+template <class O, bool F8, int... MT>
 constexpr void fill_bf16_tiles(Bf16TileFn (*t)[O::kBTileN], std::integer_sequence<int, MT...>) {
-  (fill_bf16_row<O, MT + 1>(t[MT], std::make_integer_sequence<int, O::kBTileN>{}), ...);
+  (fill_bf16_row<O, F8, MT + 1>(t[MT], std::make_integer_sequence<int, O::kBTileN>{}), ...);
 }
 
-template <class O>
+template <class O, bool F8>
 Bf16TileFn bf16_tile_fn(int64_t mt, int64_t nt) {
   static const auto tiles = [] {
     struct T {
       Bf16TileFn f[O::kBTileM][O::kBTileN];
     } t{};
-    fill_bf16_tiles<O>(t.f, std::make_integer_sequence<int, O::kBTileM>{});
+    fill_bf16_tiles<O, F8>(t.f, std::make_integer_sequence<int, O::kBTileM>{});
     return t;
   }();
   return tiles.f[mt - 1][nt - 1];
 }
+
+// Up to this many tokens (decode), NaN-free fp8 weights are converted in the tiles' registers
+// instead of into a bf16 copy, and K is taken whole.
+constexpr int64_t kFp8RegM = 8;
 
 // One piece of work: rows [n0, n1) of job `job` (for fp8 within one block row of scales).
 struct Bf16Item {
@@ -181,17 +194,24 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
   const Weight& w = *j.w;
   const int64_t K = w.cols, Kp = round32(K), m = j.m, rows = it.n1 - it.n0;
   const bool direct = DT == DType::BF16 && K % 32 == 0;
-  const uint16_t* wp;
+  bool f8reg = false;
+  if constexpr (fp8 && O::kFp8Bf16) f8reg = w.fp8_plain && K % 32 == 0 && m <= kFp8RegM;
+  const uint16_t* wp = nullptr;
   int64_t ldw;
   if (direct) {
     wp = reinterpret_cast<const uint16_t*>(w_row(w, it.n0));
     ldw = K;
+  } else if (f8reg) {
+    ldw = K;  // bytes, read in place
   } else {
     ldw = Kp + 32;  // rows not 4 KB apart
     wbuf.resize(static_cast<size_t>(rows * ldw));
     bf16_rows<O, DT>(w, it.n0, rows, wbuf.data(), ldw);
     wp = wbuf.data();
   }
+  // K blocks: for a few tokens (decode) whole rows, which stream from memory best; for more,
+  // blocks whose weights stay in L1 while a panel of tokens passes.
+  const int64_t kb = m <= kFp8RegM ? Kp : kBf16K;
   pbuf.resize(static_cast<size_t>(kBf16M * NB * 16));
   float* part = pbuf.data();
   if constexpr (fp8) xbuf.resize(static_cast<size_t>(std::min(m, kBf16M) * Kp));
@@ -205,16 +225,24 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
     }
     for (int64_t n0 = 0; n0 < rows; n0 += NB) {
       const int64_t nn = std::min(NB, rows - n0);
-      for (int64_t k0 = 0; k0 < Kp; k0 += kBf16K) {
-        const int64_t nc = std::min(kBf16K, Kp - k0) / 32;
-        const bool first = k0 == 0, last = k0 + kBf16K >= Kp;
+      for (int64_t k0 = 0; k0 < Kp; k0 += kb) {
+        const int64_t nc = std::min(kb, Kp - k0) / 32;
+        const bool first = k0 == 0, last = k0 + kb >= Kp;
         for (int64_t j0 = 0; j0 < nn; j0 += O::kBTileN) {
           const int64_t nt = std::min<int64_t>(O::kBTileN, nn - j0);
           for (int64_t i0 = 0; i0 < mm; i0 += O::kBTileM) {
             const int64_t mt = std::min<int64_t>(O::kBTileM, mm - i0);
-            bf16_tile_fn<O>(mt, nt)(xp + i0 * Kp + k0, Kp, wp + (n0 + j0) * ldw + k0, ldw, nc,
-                                    part + (i0 * NB + j0) * 16, NB * 16, first, last,
-                                    j.y + (m0 + i0) * j.ldy + it.n0 + n0 + j0, j.ldy);
+            float* yt = j.y + (m0 + i0) * j.ldy + it.n0 + n0 + j0;
+            float* pt = part + (i0 * NB + j0) * 16;
+            if constexpr (O::kFp8Bf16) {
+              if (f8reg) {
+                bf16_tile_fn<O, true>(mt, nt)(xp + i0 * Kp + k0, Kp, w_row(w, it.n0 + n0 + j0) + k0,
+                                              ldw, nc, pt, NB * 16, first, last, yt, j.ldy);
+                continue;
+              }
+            }
+            bf16_tile_fn<O, false>(mt, nt)(xp + i0 * Kp + k0, Kp, wp + (n0 + j0) * ldw + k0, ldw,
+                                           nc, pt, NB * 16, first, last, yt, j.ldy);
           }
         }
       }
