@@ -3,10 +3,12 @@
 //            (bf16, fp8, Q4); also (m = 1, 4) over many small matrices with short rows, as a
 //            model's experts (fp8, Q8, Q4), and matmul_t over one head's W_UK (decode_t).
 //   prefill: matmul at m = 512 is compute bound: GFLOP/s vs measured peak FMA rate (bf16, fp8,
-//            Q8, Q4).
+//            Q8, Q4), and under --precision bf16 vs the peak of the unit it runs on (vdpbf16ps
+//            where the CPU has it), with the bf16 / exact speed ratio timed in alternation.
 //   int:     every format (bf16, fp8, Q8 and Q4 with groups of 32 and 128, bf16 scales) on the
 //            same shapes: decode of 7168 x 2048 and 2048 x 7168, of the experts' 1024 x 2048
 //            and 2048 x 1024, and prefill of 2048 x 7168; calls/s compares their speed.
+//   bf16:    only the --precision bf16 part of prefill.
 //   mapped DIR: (only when asked) the m = 1 GEMV over a checkpoint's LM head read four ways:
 //            from the mapped file (how `--mmap` reads it), from an anonymous copy, and from an
 //            anonymous copy on huge pages (how `serve` and `bench` hold the weights).
@@ -198,24 +200,41 @@ void decode_small(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols,
 }
 
 void prefill(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t cols,
-             int64_t group = 0) {
+             int64_t group = 0, Precision precision = Precision::Exact) {
   BenchWeight bwt(dt, rows, cols, group);
   std::vector<float> x(m * cols, 0.01f), y(m * rows);
-  matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows);  // warm-up
+  matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows, precision);  // warm-up
   double peak_wall = 0, peak_cpu = 0;
   Best mm;
   for (int round = 0; round < 4; ++round) {
-    peak_wall = std::max(peak_wall, measure_peak_gflops(pool, Clock::kWall));
-    peak_cpu = std::max(peak_cpu, measure_peak_gflops(pool, Clock::kCpu));
-    time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows); });
+    peak_wall = std::max(peak_wall, measure_peak_gflops(pool, precision, Clock::kWall));
+    peak_cpu = std::max(peak_cpu, measure_peak_gflops(pool, precision, Clock::kCpu));
+    time_into(pool, mm, [&] { matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows, precision); });
   }
   const double flop = 2.0 * m * rows * cols;
   std::printf(
-      "prefill %-7s m=%lld N=%lld K=%lld | wall %6.1f GFLOP/s, peak %5.1f, %5.1f%% | cpu %6.1f "
-      "GFLOP/s, peak %5.1f, %5.1f%%\n",
+      "prefill %-7s m=%lld N=%lld K=%lld %s on %-10s | wall %6.1f GFLOP/s, peak %5.1f, %5.1f%% | "
+      "cpu %6.1f GFLOP/s, peak %5.1f, %5.1f%%\n",
       weight_name(dt, group).c_str(), (long long)m, (long long)rows, (long long)cols,
+      precision_name(precision),
+      takes_bf16(bwt.w, precision) ? matmul_unit(precision) : matmul_unit(Precision::Exact),
       flop / mm.wall / 1e9, peak_wall, 100 * flop / mm.wall / 1e9 / peak_wall, flop / mm.cpu / 1e9,
       peak_cpu, 100 * flop / mm.cpu / 1e9 / peak_cpu);
+}
+
+// The same product under both precisions, timed in alternation: the bf16 / exact speed ratio.
+void prefill_ratio(const ThreadPool& pool, DType dt, int64_t m, int64_t rows, int64_t cols) {
+  BenchWeight bwt(dt, rows, cols, 0);
+  std::vector<float> x(m * cols, 0.01f), y(m * rows);
+  Best t[2];
+  const Precision ps[2] = {Precision::Exact, Precision::Bf16};
+  for (int round = 0; round < 6; ++round)
+    for (int i = 0; i < 2; ++i)
+      time_into(pool, t[i], [&] { matmul(pool, x.data(), m, cols, bwt.w, y.data(), rows, ps[i]); });
+  std::printf("ratio   %-7s m=%lld N=%lld K=%lld | bf16 (%s) / exact (%s): wall %.2fx, cpu %.2fx\n",
+              weight_name(dt, 0).c_str(), (long long)m, (long long)rows, (long long)cols,
+              matmul_unit(Precision::Bf16), matmul_unit(Precision::Exact), t[0].wall / t[1].wall,
+              t[0].cpu / t[1].cpu);
 }
 
 // The LM head of a checkpoint (model_dir) read by the m = 1 GEMV from: the mapped file
@@ -279,19 +298,23 @@ int main(int argc, char** argv) {
   // "decode", "prefill", "int" (decode and prefill of the model's expert and wide shapes, every
   // format) or "mapped": that only
   const std::string only = argc > 1 ? argv[1] : "";
-  if ((!only.empty() && only != "decode" && only != "prefill" && only != "int" &&
+  if ((!only.empty() && only != "decode" && only != "prefill" && only != "int" && only != "bf16" &&
        only != "mapped") ||
       (only == "mapped") != (argc == 3)) {
-    std::fprintf(stderr, "usage: bench_kernels [decode | prefill | int | mapped MODEL_DIR]\n");
+    std::fprintf(stderr,
+                 "usage: bench_kernels [decode | prefill | int | bf16 | mapped MODEL_DIR]\n");
     return 2;
   }
   ThreadPool pool;
-  std::printf("threads %d, isa %s\n", pool.size(), isa_name(detected_isa()));
+  std::printf("threads %d, isa %s; products: exact on %s, bf16 on %s\n", pool.size(),
+              isa_name(active_isa()), matmul_unit(Precision::Exact), matmul_unit(Precision::Bf16));
   std::printf(
       "read bandwidth %.1f GB/s, memcpy %.1f GB/s, peak fp32 FMA %.1f GFLOP/s (%.1f by cpu "
-      "clock)\n",
+      "clock), peak of bf16's unit %.1f GFLOP/s (%.1f by cpu clock)\n",
       measure_read_bandwidth_gbs(pool), measure_memcpy_gbs(pool, size_t{256} << 20),
-      measure_peak_gflops(pool), measure_peak_gflops(pool, Clock::kCpu));
+      measure_peak_gflops(pool), measure_peak_gflops(pool, Clock::kCpu),
+      measure_peak_gflops(pool, Precision::Bf16),
+      measure_peak_gflops(pool, Precision::Bf16, Clock::kCpu));
   if (only == "mapped") {
     mapped(pool, argv[2]);
     return 0;
@@ -304,7 +327,7 @@ int main(int argc, char** argv) {
     for (const Format& f : kFormats) prefill(pool, f.dt, 512, 2048, 7168, f.group);
     return 0;
   }
-  if (only != "prefill") {
+  if (only != "prefill" && only != "bf16") {
     decode(pool, DType::BF16, 18432, 7168);     // 264 MB
     decode(pool, DType::F8_E4M3, 36864, 7168);  // 264 MB + scales
     decode(pool, DType::Q4, 36864, 7168, 32);   // 132 MB + scales
@@ -315,8 +338,14 @@ int main(int argc, char** argv) {
   }
   if (only == "decode") return 0;
   for (const Format& f : kFormats) {
+    if (only == "bf16") break;
     prefill(pool, f.dt, 512, 7168, 2048, f.group);
     prefill(pool, f.dt, 512, 2048, 7168, f.group);
+  }
+  for (DType dt : {DType::BF16, DType::F8_E4M3}) {  // --precision bf16
+    prefill(pool, dt, 512, 7168, 2048, 0, Precision::Bf16);
+    prefill(pool, dt, 512, 2048, 7168, 0, Precision::Bf16);
+    prefill_ratio(pool, dt, 512, 2048, 7168);
   }
   return 0;
 }

@@ -10,6 +10,8 @@ isas=()
 if [[ " $flags " == *" avx2 "* && " $flags " == *" fma "* && " $flags " == *" f16c "* ]]; then
   isas+=(scalar)
   [[ " $flags " != *" avx512f "* ]] || isas+=(avx2)
+  # With the bf16 dot-product instruction the best is avx512bf16: AVX-512F alone is below it.
+  [[ " $flags " != *" avx512_bf16 "* ]] || isas+=(avx512)
 fi
 if [ ${#isas[@]} -eq 0 ]; then
   echo "isas: this CPU runs scalar kernels only, which scripts/test.sh tested"

@@ -1,6 +1,7 @@
 // moeserve bench: prefill and decode speed of a model, each printed next to the bound it is
-// measured against (the machine's memory read bandwidth for decode at batch 1, its peak FMA rate
-// for prefill), both measured here in the same run.
+// measured against (the machine's memory read bandwidth for decode at batch 1, for prefill the
+// peak rate of the unit the products run on: FMA, or vdpbf16ps under --precision bf16), both
+// measured here in the same run.
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/sysinfo.h>
@@ -131,7 +132,9 @@ void run_bench(const BenchArgs& a) {
   // The machine's bounds, measured after the run (so its buffers do not count in the peak
   // RSS) by rank 0 with every core while the others wait asleep: a rank waiting in an MPI
   // barrier spins, and took a core from the measurement.
-  double bw = 0, peak = 0;
+  const kernels::Precision precision = m.precision();
+  const char* unit = kernels::matmul_unit(precision);
+  double bw = 0, peak = 0, fma_peak = 0;
   {
     std::unique_ptr<comm::Mailbox> mb = n_ranks > 1 ? comm.mailbox() : nullptr;
     constexpr int kMeasured = 1;
@@ -144,10 +147,10 @@ void run_bench(const BenchArgs& a) {
       for (int c = 0; c < std::min<int>(CPU_SETSIZE, get_nprocs_conf()); ++c) CPU_SET(c, &every);
       if (have_mask) sched_setaffinity(0, sizeof every, &every);
       ThreadPool all(0);
-      std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", all.size(),
-                   isa_name(detected_isa()));
+      std::fprintf(stderr, "measuring the machine (%d threads, %s) ...\n", all.size(), unit);
       bw = kernels::measure_read_bandwidth_gbs(all);
-      peak = kernels::measure_peak_gflops(all);
+      fma_peak = kernels::measure_peak_gflops(all);
+      peak = kernels::measure_peak_gflops(all, precision);
       if (have_mask) sched_setaffinity(0, sizeof bound, &bound);
       for (int r = 1; r < n_ranks; ++r) mb->post(r, kMeasured, {});
     } else {
@@ -170,10 +173,12 @@ void run_bench(const BenchArgs& a) {
   std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n",
               dir.c_str(), weights_label(c).c_str(), weight_bytes / 1e9, active_bytes / 1e6);
   std::printf("machine        %s; read bandwidth %.1f GB/s; peak FMA %.1f GFLOP/s (all cores)\n",
-              isa_name(detected_isa()), bw, peak);
+              isa_name(kernels::active_isa()), bw, fma_peak);
+  std::printf("products       --precision %s on %s; its peak %.1f GFLOP/s (all cores)\n",
+              kernels::precision_name(precision), unit, peak);
   std::printf("parallel       %d rank(s) x %d thread(s); expert parallel %s\n", n_ranks,
               pm.pool().size(), n_ranks > 1 ? "on" : "off");
-  std::printf("prefill        %lld tokens: %.1f tokens/s, %.1f GFLOP/s = %.1f%% of peak\n",
+  std::printf("prefill        %lld tokens: %.1f tokens/s, %.1f GFLOP/s = %.1f%% of its peak\n",
               static_cast<long long>(a.prompt_len), prefill_tps, prefill_gflops,
               100.0 * prefill_gflops / peak);
   std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
@@ -198,6 +203,9 @@ void run_bench(const BenchArgs& a) {
     nlohmann::json j = {{"model", dir},
                         {"bandwidth_gbs", bw},
                         {"peak_gflops", peak},
+                        {"fma_peak_gflops", fma_peak},
+                        {"precision", kernels::precision_name(precision)},
+                        {"unit", unit},
                         {"prefill_tokens_per_s", prefill_tps},
                         {"prefill_gflops", prefill_gflops},
                         {"prefill_peak_ratio", prefill_gflops / peak},

@@ -29,6 +29,22 @@ kv::KvDtype parse_kv_cache_dtype(const std::string& v) {
   return d;
 }
 
+void add_precision_option(CLI::App* c, std::string* v) {
+  *v = kernels::precision_name(kDefaultPrecision);
+  c->add_option("--precision", *v,
+                "How the weight products compute: exact (f32 activations, the f32 contract) or "
+                "bf16 (activations rounded to bf16 entering them; runs on AVX512-BF16 where the "
+                "CPU has it)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"exact", "bf16"}));
+}
+
+kernels::Precision parse_precision(const std::string& v) {
+  if (v.empty() || v == "exact") return v.empty() ? kDefaultPrecision : kernels::Precision::Exact;
+  MS_CHECK(v == "bf16", "--precision must be exact or bf16, not '", v, "'");
+  return kernels::Precision::Bf16;
+}
+
 namespace fs = std::filesystem;
 
 std::vector<int32_t> parse_ids(const std::string& s, const char* flag) {

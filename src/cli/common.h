@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "kernels/kernels.h"
 #include "kv/kv_pool.h"
 
 namespace moeserve::cli {
@@ -15,6 +16,12 @@ namespace moeserve::cli {
 // the engine's, kv::kDefaultKvDtype) and its value.
 void add_kv_cache_dtype_option(CLI::App* c, std::string* v);
 kv::KvDtype parse_kv_cache_dtype(const std::string& v);
+
+// --precision, the same in every command that computes (add_parallel_flags adds it): how the
+// weight products compute (kernels.h, Precision), exact or bf16; default kDefaultPrecision.
+inline constexpr kernels::Precision kDefaultPrecision = kernels::Precision::Exact;
+void add_precision_option(CLI::App* c, std::string* v);
+kernels::Precision parse_precision(const std::string& v);
 
 // "1,2,3" (spaces allowed) -> ids; a malformed list is an error naming the bad item.
 std::vector<int32_t> parse_ids(const std::string& s, const char* flag);

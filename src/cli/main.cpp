@@ -12,13 +12,14 @@
 #include "cli/common.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
+#include "kernels/kernels.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"moeserve: serve DeepSeek-V3/R1-architecture Mixture-of-Experts models"};
   app.require_subcommand(1);
   // The kernels' instruction set too: the best the CPU has, capped by MOESERVE_ISA.
   app.set_version_flag("--version", std::string("moeserve 0.1.0 (kernels: ") +
-                                        moeserve::isa_name(moeserve::detected_isa()) + ")");
+                                        moeserve::isa_name(moeserve::kernels::active_isa()) + ")");
   moeserve::cli::register_model_commands(app);
   moeserve::cli::register_bench_command(app);
   moeserve::cli::register_text_commands(app);

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "cli/common.h"
 #include "core/error.h"
 
 namespace moeserve::cli {
@@ -27,6 +28,7 @@ void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
   cmd->add_flag("--mmap", a.mmap,
                 "Keep reading the weights from the mapped checkpoint; by default serve and bench "
                 "copy them into memory first, which reads faster and uses no more memory");
+  add_precision_option(cmd, &a.precision);
 }
 
 ParallelModel::ParallelModel(const std::string& dir, const ParallelArgs& a) : ParallelModel(a) {
@@ -50,12 +52,14 @@ void ParallelModel::split_group(int color) {
 void ParallelModel::load(const std::string& dir) {
   const ParallelArgs& a = args_;
   check_all([&] {
+    const kernels::Precision precision = parse_precision(a.precision);
     MS_CHECK(a.redundant_experts >= 0, "--redundant-experts must be >= 0");
     if (comm_->size() == 1) {
       MS_CHECK(a.redundant_experts == 0 && a.placement_file.empty(),
                "--redundant-experts and --placement need several ranks in the expert-parallel "
                "group (mpirun -np N)");
       model_ = std::make_unique<model::Model>(dir, *pool_);
+      model_->set_precision(precision);
       return;
     }
     const model::ModelConfig cfg = model::ModelConfig::load(dir);
@@ -72,6 +76,7 @@ void ParallelModel::load(const std::string& dir) {
     }
     ep_ = std::move(ep);
     model_ = std::make_unique<model::Model>(dir, *pool_, &*ep_);
+    model_->set_precision(precision);
   });
 }
 

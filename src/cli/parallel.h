@@ -22,7 +22,8 @@ struct ParallelArgs {
   std::string expert_load_out;  // where to write per-expert routed token counts at the end
   int threads = 0;
   std::string ep_transport = "auto";  // auto (shared memory on one node) or messages
-  bool mmap = false;  // serve / bench: read the weights from the mapped checkpoint, no copy
+  bool mmap = false;      // serve / bench: read the weights from the mapped checkpoint, no copy
+  std::string precision;  // add_precision_option; the loaded model takes it
 };
 
 void add_parallel_flags(CLI::App* cmd, ParallelArgs& a);

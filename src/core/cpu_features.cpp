@@ -15,10 +15,12 @@ static Isa probe() {
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
     best = Isa::Avx512;
+  if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
   if (const char* cap = std::getenv("MOESERVE_ISA")) {
     Isa want = best;
     if (!std::strcmp(cap, "scalar")) want = Isa::Scalar;
     if (!std::strcmp(cap, "avx2")) want = Isa::Avx2;
+    if (!std::strcmp(cap, "avx512")) want = Isa::Avx512;
     if (static_cast<int>(want) < static_cast<int>(best)) best = want;
   }
   return best;
@@ -37,6 +39,8 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Avx512Bf16:
+      return "avx512bf16";
   }
   return "?";
 }

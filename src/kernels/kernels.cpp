@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/cpu/isa.h"
@@ -100,6 +101,11 @@ bool isa_available(Isa isa) {
     case Isa::Avx512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::Avx512Bf16: {
+      static const bool ok = isa_available(Isa::Avx512) && __builtin_cpu_supports("avx512bf16") &&
+                             avx512::bf16_unit_ok();
+      return ok;
+    }
   }
   return false;
 }
@@ -107,6 +113,8 @@ bool isa_available(Isa isa) {
 const KernelTable& kernel_table(Isa isa) {
   MS_ASSERT(isa_available(isa));
   switch (isa) {
+    case Isa::Avx512Bf16:
+      return avx512::bf16_table();
     case Isa::Avx512:
       return avx512::table();
     case Isa::Avx2:
@@ -116,27 +124,66 @@ const KernelTable& kernel_table(Isa isa) {
   }
 }
 
+Isa active_isa() {
+  static const Isa isa = [] {
+    const Isa d = detected_isa();
+    // A CPU whose vdpbf16ps fails bf16_unit_ok runs the AVX-512 kernels.
+    return d == Isa::Avx512Bf16 && !isa_available(d) ? Isa::Avx512 : d;
+  }();
+  return isa;
+}
+
 namespace {
 const KernelTable& active() {
-  static const KernelTable& t = kernel_table(detected_isa());
+  static const KernelTable& t = kernel_table(active_isa());
   return t;
 }
 }  // namespace
 
+const char* precision_name(Precision p) {
+  return p == Precision::Bf16 ? "bf16" : "exact";
+}
+
+bool takes_bf16(const Weight& w, Precision p) {
+  return p == Precision::Bf16 && w.dtype != DType::Q8 && w.dtype != DType::Q4;
+}
+
+const char* matmul_unit(Precision p) {
+  const Isa isa = active_isa();
+  if (p == Precision::Exact && isa == Isa::Avx512Bf16) return isa_name(Isa::Avx512);
+  return isa_name(isa);
+}
+
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
-            float* y, int64_t ldy) {
+            float* y, int64_t ldy, Precision p) {
+  if (takes_bf16(w, p)) {
+    MatmulJob j{x, m, ldx, &w, y, ldy, nullptr, p};
+    return active().matmul_bf16(pool, &j, 1);
+  }
   active().matmul(pool, x, m, ldx, w, y, ldy);
 }
 
 void matmul_batch(const ThreadPool& pool, const MatmulJob* jobs, int64_t n) {
-  active().matmul_batch(pool, jobs, n);
+  bool any_bf16 = false, all_bf16 = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool b = takes_bf16(*jobs[i].w, jobs[i].precision);
+    any_bf16 |= b;
+    all_bf16 &= b;
+  }
+  if (!any_bf16) return active().matmul_batch(pool, jobs, n);
+  if (all_bf16) return active().matmul_bf16(pool, jobs, n);
+  std::vector<MatmulJob> exact, bf16;
+  for (int64_t i = 0; i < n; ++i)
+    (takes_bf16(*jobs[i].w, jobs[i].precision) ? bf16 : exact).push_back(jobs[i]);
+  active().matmul_batch(pool, exact.data(), static_cast<int64_t>(exact.size()));
+  active().matmul_bf16(pool, bf16.data(), static_cast<int64_t>(bf16.size()));
 }
 
 void matmul_rows(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w,
-                 float* y, int64_t ldy) {
+                 float* y, int64_t ldy, Precision p) {
   MatmulJob j;
-  j.xrows = x, j.m = m, j.w = &w, j.y = y, j.ldy = ldy;
-  active().matmul_batch(pool, &j, 1);
+  j.xrows = x, j.m = m, j.w = &w, j.y = y, j.ldy = ldy, j.precision = p;
+  matmul_batch(pool, &j, 1);
 }
 
 void matmul_t(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,

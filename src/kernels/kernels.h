@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "core/cpu_features.h"
 #include "core/dtype.h"
 #include "core/thread_pool.h"
 
@@ -60,13 +61,42 @@ struct Weight {
   size_t bytes() const;  // bytes of data (+ scales) this view covers
 };
 
+// How a weight product computes (the --precision setting).
+//   Exact: the contract above.
+//   Bf16: the activations entering the product are rounded to bf16, and the product follows
+//   the bf16 contract, which the AVX512-BF16 dot-product instruction (vdpbf16ps) computes:
+//   - x[k] enters as bf16_round(x[k]) (kernels/bf16_math.h: nearest even; a subnormal f32 is
+//     the zero of its sign). fp8 weights: bf16_round(x[k] * scale_inv) with the product
+//     x * scale_inv rounded to f32 first -- the scale still goes to the activation.
+//   - W[n, k] enters as bf16: bf16 as stored (a subnormal as the zero of its sign), fp8 e4m3
+//     exactly (every e4m3 value is a normal bf16), f32 and f16 rounded by bf16_round.
+//   - K is padded with zeros to a multiple of 32. Lane l (of 16) takes the pairs of elements
+//     (32c + 2l, 32c + 2l + 1) for c = 0, 1, ... in order, from +0.0, each pair as two steps,
+//     the odd element first: acc = bf16_step(acc, x[32c + 2l + 1], W[n, 32c + 2l + 1]), then
+//     the same for 32c + 2l. bf16_step (bf16_math.h) is an FMA (the bf16 product is exact)
+//     whose subnormal inputs count as zero and whose tiny results become zero.
+//   - Then the exact contract's tree 8, 4, 2, 1 (plain adds) gives the result.
+//   Q8 and Q4 weights, and every kernel but matmul / matmul_rows / matmul_batch, compute as
+//   Exact whatever the precision.
+enum class Precision : uint8_t { Exact, Bf16 };
+// The instruction set the kernels run on: detected_isa(), except that a CPU whose vdpbf16ps
+// does not compute the bf16 contract (checked once) runs Avx512.
+Isa active_isa();
+const char* precision_name(Precision p);  // "exact", "bf16"
+// Whether a product of w under precision p takes the bf16 contract.
+bool takes_bf16(const Weight& w, Precision p);
+// The unit that bf16 products run on with the kernels chosen for this CPU ("avx512bf16" for
+// vdpbf16ps, else the instruction set that emulates it by FMA), and the one exact ones run on.
+const char* matmul_unit(Precision p);
+
 // y[i, n] = sum_k x[i, k] * W[n, k]   for i < m, n < W.rows, k < W.cols
 // x: [m, ldx] f32 (uses the first W.cols of each row); y: [m, ldy] f32 (writes W.rows of each).
-// Every y element follows the 16-lane contract, whatever m and the thread count.
-// x is read in place when its rows are 64-byte aligned (x aligned, ldx % 16 == 0) and K % 16
-// == 0; otherwise matmul first makes an aligned, zero-padded copy of it (m * K floats).
+// Every y element follows the 16-lane contract (or the bf16 one), whatever m and the thread
+// count. x is read in place when its rows are 64-byte aligned (x aligned, ldx % 16 == 0) and
+// K % 16 == 0; otherwise matmul first makes an aligned, zero-padded copy of it (m * K floats).
+// (Bf16 always makes a bf16 copy of x, m * round32(K) values.)
 void matmul(const ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const Weight& w,
-            float* y, int64_t ldy);
+            float* y, int64_t ldy, Precision p = Precision::Exact);
 
 // One matmul of a batch: y = x W^T as in matmul. Row i of x is x + i * ldx, or xrows[i] when
 // xrows is set (rows that may lie anywhere: tokens gathered for an expert, read in place).
@@ -77,12 +107,13 @@ struct MatmulJob {
   float* y = nullptr;
   int64_t ldy = 0;
   const float* const* xrows = nullptr;
+  Precision precision = Precision::Exact;
 };
 
 // matmul with row i of x at x[i] (read in place when 64-byte aligned and K % 16 == 0, like
 // matmul's rows; the same bits as matmul on a copy of the rows).
 void matmul_rows(const ThreadPool& pool, const float* const* x, int64_t m, const Weight& w,
-                 float* y, int64_t ldy);
+                 float* y, int64_t ldy, Precision p = Precision::Exact);
 
 // Every job's matmul, the same bits as calling matmul on each in turn. Jobs of few tokens
 // (decode: one per expert matrix) share a single fan-out over all their rows, instead of one

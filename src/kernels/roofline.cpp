@@ -91,6 +91,25 @@ __attribute__((target("avx512f"))) double fma_avx512(int64_t iters, float* sink)
   return static_cast<double>(iters) * 16 * 16;
 }
 
+// `iters` rounds of 16 independent vdpbf16ps chains; returns multiply-adds x lanes done (two
+// per lane per instruction).
+__attribute__((target("avx512f,avx512bf16"))) double dpbf16_avx512(int64_t iters, float* sink) {
+  __m512 a[16];
+  const __m512i b = _mm512_set1_epi32(0x3f803f80), c = _mm512_set1_epi32(0x33d633d6);
+  for (int j = 0; j < 16; ++j) a[j] = _mm512_set1_ps(static_cast<float>(j));
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j)
+      a[j] = _mm512_dpbf16_ps(a[j], reinterpret_cast<__m512bh>(b), reinterpret_cast<__m512bh>(c));
+  }
+  __m512 s = a[0];
+  for (int j = 1; j < 16; ++j) s = _mm512_add_ps(s, a[j]);
+  alignas(64) float t[16];
+  _mm512_store_ps(t, s);
+  *sink = t[0];
+  return static_cast<double>(iters) * 16 * 16 * 2;
+}
+
 __attribute__((target("avx2,fma"))) double fma_avx2(int64_t iters, float* sink) {
   __m256 a[12];
   const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
@@ -148,7 +167,7 @@ double time_stream_read(const ThreadPool& pool, const void* data, size_t bytes, 
     for (int64_t t = b; t < e; ++t) {
       const float* p = reinterpret_cast<const float*>(p0 + t * per);
       const size_t n = per / sizeof(float);
-      sink[t % 64] += isa == Isa::Avx512 ? read_avx512(p, n)
+      sink[t % 64] += isa >= Isa::Avx512 ? read_avx512(p, n)
                       : isa == Isa::Avx2 ? read_avx2(p, n)
                                          : read_scalar(p, n);
     }
@@ -174,7 +193,12 @@ double measure_read_bandwidth_gbs(const ThreadPool& pool, size_t bytes) {
 }
 
 double measure_peak_gflops(const ThreadPool& pool, Clock clock) {
-  const Isa isa = detected_isa();
+  return measure_peak_gflops(pool, Precision::Exact, clock);
+}
+
+double measure_peak_gflops(const ThreadPool& pool, Precision precision, Clock clock) {
+  const Isa isa = active_isa();
+  const bool dp = precision == Precision::Bf16 && isa == Isa::Avx512Bf16;
   const int64_t iters = 4'000'000;  // ~10 ms a run: short runs find the machine's quiet moments
   double best = 0;
   for (int run = 0; run < kRuns; ++run) {
@@ -184,9 +208,10 @@ double measure_peak_gflops(const ThreadPool& pool, Clock clock) {
     pool.parallel_for(pool.size(), [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) {
         const int s = static_cast<int>(t % 256);
-        lanes_done[s] += isa == Isa::Avx512 ? fma_avx512(iters, &sink[s])
-                         : isa == Isa::Avx2 ? fma_avx2(iters, &sink[s])
-                                            : fma_scalar(iters, &sink[s]);
+        lanes_done[s] += dp                   ? dpbf16_avx512(iters, &sink[s])
+                         : isa >= Isa::Avx512 ? fma_avx512(iters, &sink[s])
+                         : isa == Isa::Avx2   ? fma_avx2(iters, &sink[s])
+                                              : fma_scalar(iters, &sink[s]);
       }
     });
     const double secs = now_seconds(clock, pool) - t0;

@@ -4,6 +4,7 @@
 #include <cstddef>
 
 #include "core/thread_pool.h"
+#include "kernels/kernels.h"
 
 namespace moeserve::kernels {
 
@@ -27,6 +28,10 @@ double time_stream_read(const ThreadPool& pool, const void* data, size_t bytes,
 // Peak fp32 fused multiply-add rate with all threads of `pool`, in GFLOP/s: many independent
 // FMA chains on the widest ISA detected (detected_isa()), 2 flops per lane per FMA.
 double measure_peak_gflops(const ThreadPool& pool, Clock clock = Clock::kWall);
+// The peak of the unit that products of `precision` run on (kernels::matmul_unit): for Bf16 on
+// vdpbf16ps, many independent chains of it, 4 flops per lane per instruction; otherwise the
+// FMA peak above (the emulation runs on FMA).
+double measure_peak_gflops(const ThreadPool& pool, Precision precision, Clock clock = Clock::kWall);
 
 // memcpy of `bytes` from one buffer to another, split over all threads: bytes copied per
 // second (each byte counted once, not read + write), best of a few runs, in GB/s.

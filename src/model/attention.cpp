@@ -38,14 +38,14 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
     // q_a and kv_a both read h: one batch (in decode, one fan-out over both matrices' rows).
     const int64_t ql = *c.q_lora_rank;
     float* qa = sized(ws_.q_a, T * ql);
-    const kernels::MatmulJob jobs[] = {{h, T, H, &a.q_a_proj, qa, ql},
-                                       {h, T, H, &a.kv_a_proj, kvp, kvd}};
+    const kernels::MatmulJob jobs[] = {{h, T, H, &a.q_a_proj, qa, ql, nullptr, precision_},
+                                       {h, T, H, &a.kv_a_proj, kvp, kvd, nullptr, precision_}};
     kernels::matmul_batch(pool_, jobs, 2);
     for (int64_t t = 0; t < T; ++t) rms_row(qa + t * ql, a.q_a_norm.data(), ql, eps, qa + t * ql);
-    matmul(pool_, qa, T, ql, a.q_b_proj, q, nh * qd);
+    matmul(pool_, qa, T, ql, a.q_b_proj, q, nh * qd, precision_);
   } else {
-    matmul(pool_, h, T, H, a.q_proj, q, nh * qd);
-    matmul(pool_, h, T, H, a.kv_a_proj, kvp, kvd);
+    matmul(pool_, h, T, H, a.q_proj, q, nh * qd, precision_);
+    matmul(pool_, h, T, H, a.kv_a_proj, kvp, kvd, precision_);
   }
 
   // RoPE on q_pe of every head and on k_pe; normalize the latent; write the cache.
@@ -71,7 +71,7 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
   float* oh = sized(ws_.o_heads, T * nh * vd);
   for (int64_t r0 = 0; r0 < T; r0 += kAttnChunk)
     attention_core(layer, b, kv, r0, std::min(T, r0 + kAttnChunk), max_ctx);
-  matmul(pool_, oh, T, nh * vd, a.o_proj, ws_.attn_out.data(), H);
+  matmul(pool_, oh, T, nh * vd, a.o_proj, ws_.attn_out.data(), H, precision_);
 }
 
 void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_t r0, int64_t r1,

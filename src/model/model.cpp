@@ -91,11 +91,11 @@ void Model::dense_ffn(const MlpWeights& m, const float* const* x, int64_t n, flo
     float* g = sized(ws_.gate, cn * I);
     float* u = sized(ws_.up, cn * I);
     // Gate and up in one batch: with few tokens, one fan-out over both matrices' rows.
-    const kernels::MatmulJob jobs[] = {{nullptr, cn, 0, &m.gate, g, I, x + c0},
-                                       {nullptr, cn, 0, &m.up, u, I, x + c0}};
+    const kernels::MatmulJob jobs[] = {{nullptr, cn, 0, &m.gate, g, I, x + c0, precision_},
+                                       {nullptr, cn, 0, &m.up, u, I, x + c0, precision_}};
     kernels::matmul_batch(pool_, jobs, 2);
     for (int64_t i = 0; i < cn * I; ++i) g[i] = silu(g[i]) * u[i];
-    matmul(pool_, g, cn, I, m.down, out + c0 * H, H);
+    matmul(pool_, g, cn, I, m.down, out + c0 * H, H, precision_);
   }
 }
 
@@ -118,8 +118,8 @@ void Model::ffn_batch(const std::vector<FfnCall>& calls) {
   for (const FfnCall& c : calls) {
     const int64_t I = c.w->gate.rows;
     off.push_back(o);
-    jobs.push_back({nullptr, c.n, 0, &c.w->gate, g + o, I, c.x});
-    jobs.push_back({nullptr, c.n, 0, &c.w->up, u + o, I, c.x});
+    jobs.push_back({nullptr, c.n, 0, &c.w->gate, g + o, I, c.x, precision_});
+    jobs.push_back({nullptr, c.n, 0, &c.w->up, u + o, I, c.x, precision_});
     o += c.n * I;
   }
   kernels::matmul_batch(pool_, jobs.data(), static_cast<int64_t>(jobs.size()));
@@ -127,7 +127,7 @@ void Model::ffn_batch(const std::vector<FfnCall>& calls) {
   jobs.clear();
   for (size_t k = 0; k < calls.size(); ++k) {
     const FfnCall& c = calls[k];
-    jobs.push_back({g + off[k], c.n, c.w->gate.rows, &c.w->down, c.out, H});
+    jobs.push_back({g + off[k], c.n, c.w->gate.rows, &c.w->down, c.out, H, nullptr, precision_});
   }
   kernels::matmul_batch(pool_, jobs.data(), static_cast<int64_t>(jobs.size()));
 }
@@ -265,7 +265,7 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
   float* rows = sized(ws_.norm_rows, R * H);
   for (int64_t r = 0; r < R; ++r)
     rmsnorm(x + b.logit_rows[r] * H, w_.final_norm, 1, H, rows + r * H);
-  matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size);
+  matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size, precision_);
 }
 
 size_t Model::weight_bytes_held() const {

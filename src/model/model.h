@@ -81,6 +81,12 @@ class Model {
   const WeightStore& store() const { return *store_; }
   const ThreadPool& pool() const { return pool_; }
   const ExpertParallel* expert_parallel() const { return ep_ ? &*ep_ : nullptr; }
+  // How the weight products compute (kernels.h, Precision): the projections of attention
+  // (q, kv_a, o), the FFNs (dense, routed and shared experts) and lm_head. The router, the
+  // absorbed attention (kv_b_proj's W_UK and W_UV, scores, softmax, latent sums) and the norms
+  // stay f32 either way. Set before the first forward; Exact by default.
+  void set_precision(kernels::Precision p) { precision_ = p; }
+  kernels::Precision precision() const { return precision_; }
   // Seconds spent inside the MoE exchanges since the start (0 without expert parallelism).
   double exchange_seconds() const { return exchange_seconds_; }
 
@@ -138,6 +144,7 @@ class Model {
   ModelWeights w_;
   Rope rope_;
   const ThreadPool& pool_;
+  kernels::Precision precision_ = kernels::Precision::Exact;
   Workspace ws_;
   std::unique_ptr<moe::Dispatcher> dispatcher_;
   double exchange_seconds_ = 0;

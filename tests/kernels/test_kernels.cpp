@@ -23,7 +23,7 @@ const DType kDtypes[] = {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3};
 
 std::vector<Isa> isas() {
   std::vector<Isa> v;
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
     if (isa_available(isa)) v.push_back(isa);
   return v;
 }
@@ -925,7 +925,8 @@ class IntMatmul : public ::testing::TestWithParam<Isa> {
   }
 };
 
-INSTANTIATE_TEST_SUITE_P(Isas, IntMatmul, ::testing::Values(Isa::Scalar, Isa::Avx2, Isa::Avx512),
+INSTANTIATE_TEST_SUITE_P(Isas, IntMatmul,
+                         ::testing::Values(Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16),
                          [](const auto& info) { return std::string(isa_name(info.param)); });
 
 // Every scale dtype and group size (32, 64, 128 -- ragged at the end -- and the whole row), odd

@@ -542,13 +542,18 @@ void softmax(float* x, int64_t n, float scale) {
 }
 
 template <class O>
+void matmul_bf16(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);  // matmul_bf16.h
+
+template <class O>
 const KernelTable& make_table() {
-  static const KernelTable t{&matmul<O>,        &matmul_t<O>,     &dequant_row<O>,
-                             &dot<O>,           &axpy<O>,         &dots<O>,
-                             &weighted_rows<O>, &matmul_batch<O>, &weighted_sum<O>,
-                             &softmax<O>,       &dots_cached<O>,  &weighted_cached<O>};
+  static const KernelTable t{&matmul<O>,       &matmul_t<O>, &dequant_row<O>,   &dot<O>,
+                             &axpy<O>,         &dots<O>,     &weighted_rows<O>, &matmul_batch<O>,
+                             &weighted_sum<O>, &softmax<O>,  &dots_cached<O>,   &weighted_cached<O>,
+                             &matmul_bf16<O>};
   return t;
 }
 
 }  // namespace
 }  // namespace moeserve::kernels
+
+#include "kernels/cpu/matmul_bf16.h"  // needs check_weight and x_row above

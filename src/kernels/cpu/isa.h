@@ -27,6 +27,8 @@ struct KernelTable {
                       float* out, int64_t ldo);
   void (*weighted_cached)(const float* c, int64_t nc, int64_t ldc, const CachedRows& rows,
                           int64_t nrows, int64_t roff, int64_t n, float* y, int64_t ldy);
+  // Every job by the bf16 contract (kernels.h, Precision::Bf16; weights F32, F16, BF16, F8_E4M3).
+  void (*matmul_bf16)(const ThreadPool& pool, const MatmulJob* jobs, int64_t n);
 };
 
 namespace scalar {
@@ -37,9 +39,16 @@ const KernelTable& table();  // call only where isa_available(Isa::Avx2)
 }
 namespace avx512 {
 const KernelTable& table();  // call only where isa_available(Isa::Avx512)
-}
+// The AVX-512 kernels with bf16 products on vdpbf16ps; call only where
+// isa_available(Isa::Avx512Bf16).
+const KernelTable& bf16_table();
+// Whether vdpbf16ps computes the bf16 contract on this CPU (call only where it has the
+// instruction): a fixed set of edge cases and pseudo-random ones against bf16_math.h.
+bool bf16_unit_ok();
+}  // namespace avx512
 
-// Whether this CPU can run `isa` (MOESERVE_ISA is not consulted).
+// Whether this CPU can run `isa` (MOESERVE_ISA is not consulted). Avx512Bf16 also needs
+// vdpbf16ps to pass bf16_unit_ok.
 bool isa_available(Isa isa);
 // The table of `isa`, which must be available.
 const KernelTable& kernel_table(Isa isa);

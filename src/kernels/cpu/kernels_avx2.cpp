@@ -138,6 +138,38 @@ struct Avx2 {
     }
     return {_mm256_mul_ps(f.lo, s256.lo), _mm256_mul_ps(f.hi, s256.hi)};
   }
+  // bf16 products (matmul_bf16.h), emulated as in kernels_avx512.cpp: two FMAs per pair under
+  // the MXCSR's FTZ and DAZ bits.
+  static constexpr bool kFp8Bf16 = false;  // no fp8_bf16x32
+  static constexpr int kBTileM = 1, kBTileN = 2;
+  struct PB {
+    V even, odd;
+  };
+  static PB load_pb(const uint16_t* p) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+    const __m256i m = _mm256_set1_epi32(-65536);
+    return {
+        {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)),
+         _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))},
+        {_mm256_castsi256_ps(_mm256_and_si256(a, m)), _mm256_castsi256_ps(_mm256_and_si256(b, m))}};
+  }
+  static V dp(V acc, const PB& x, const PB& w) {
+    return fma(x.even, w.even, fma(x.odd, w.odd, acc));
+  }
+  struct Ftz {
+    unsigned csr, on;
+    Ftz() {
+      asm volatile("stmxcsr %0" : "=m"(csr)::"memory");
+      on = csr | 0x8040u;
+      asm volatile("ldmxcsr %0" ::"m"(on) : "memory");
+    }
+    ~Ftz() { asm volatile("ldmxcsr %0" ::"m"(csr) : "memory"); }
+  };
+  static void fence(V& v) { asm volatile("" : "+x"(v.lo), "+x"(v.hi)); }
+  static void round_bf16x16(const float* p, uint16_t* out) {
+    for (int l = 0; l < 16; ++l) out[l] = bf16_round(p[l]);
+  }
 };
 
 }  // namespace

@@ -146,6 +146,77 @@ struct Avx512 {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, _mm512_set1_epi32(128))), scale);
   }
+  // bf16 products (matmul_bf16.h), emulated: lane l's pair as two FMAs (odd element first),
+  // exact only with the MXCSR's FTZ and DAZ bits set (Ftz), which makes an FMA flush tiny
+  // results and subnormal inputs as vdpbf16ps does.
+  static constexpr int kBTileM = 4, kBTileN = 4;  // 16 accumulators, 2 registers per operand
+  struct PB {
+    __m512 even, odd;
+  };
+  static PB load_pb(const uint16_t* p) {
+    const __m512i d = _mm512_loadu_si512(p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(d, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32(-65536)))};
+  }
+  static V dp(V acc, const PB& x, const PB& w) {
+    return _mm512_fmadd_ps(x.even, w.even, _mm512_fmadd_ps(x.odd, w.odd, acc));
+  }
+  struct Ftz {
+    unsigned csr, on;
+    Ftz() {
+      asm volatile("stmxcsr %0" : "=m"(csr)::"memory");
+      on = csr | 0x8040u;
+      asm volatile("ldmxcsr %0" ::"m"(on) : "memory");
+    }
+    ~Ftz() { asm volatile("ldmxcsr %0" ::"m"(csr) : "memory"); }
+  };
+  // Keeps v's computation on its side of the Ftz scope's ends.
+  static void fence(V& v) { asm volatile("" : "+v"(v)); }
+  // 32 NaN-free e4m3 bytes as bf16 (exact): a normal value moves its exponent and mantissa
+  // into place and rebiases the exponent (+120); zero and the subnormals (m * 2^-9) come from a
+  // table, with their sign.
+  static constexpr bool kFp8Bf16 = true;
+  static void fp8_bf16x32(const uint8_t* p, uint16_t* out) {
+    _mm512_storeu_si512(out, fp8_bf16_reg(p));
+  }
+  // load_pb of fp8_bf16x32's result, without the trip through memory.
+  static PB load_pb_fp8(const uint8_t* p) {
+    const __m512i d = fp8_bf16_reg(p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(d, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32(-65536)))};
+  }
+  static __m512i fp8_bf16_reg(const uint8_t* p) {
+    const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i sign = _mm512_and_si512(b, _mm512_set1_epi16(static_cast<short>(0x8000)));
+    __m512i r = _mm512_add_epi16(
+        _mm512_and_si512(_mm512_slli_epi16(b, 4), _mm512_set1_epi16(static_cast<short>(0x87f0))),
+        _mm512_set1_epi16(0x3c00));
+    // bf16 of m * 2^-9 for m = 0..7 (the table's other entries are never picked)
+    const __m512i sub =
+        _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                         0x3c60, 0x3c40, 0x3c20, 0x3c00, 0x3bc0, 0x3b80, 0x3b00, 0);
+    const __mmask32 small = _mm512_testn_epi16_mask(b, _mm512_set1_epi16(0x78));
+    r = _mm512_mask_mov_epi16(
+        r, small,
+        _mm512_or_si512(sign,
+                        _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(7)), sub)));
+    return r;
+  }
+  // bf16_round of 16 floats.
+  static void round_bf16x16(const float* p, uint16_t* out) {
+    const __m512i u = _mm512_loadu_si512(p);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __mmask16 sub = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    r = _mm512_srli_epi32(r, 16);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    r = _mm512_mask_mov_epi32(r, sub, _mm512_and_si512(hi, _mm512_set1_epi32(0x8000)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+  }
+
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -161,11 +232,122 @@ struct Avx512 {
   }
 };
 
+// The same kernels with bf16 products on vdpbf16ps: a pair of elements per lane in one
+// instruction, which computes exactly the contract's two steps (it ignores the MXCSR and always
+// flushes as bf16_step does). bf16_unit_ok checks that on the running CPU.
+struct Avx512Bf16 : Avx512 {
+  static constexpr int kBTileM = 4, kBTileN = 6;  // 24 accumulators
+  using PB = __m512i;
+  static PB load_pb(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static PB load_pb_fp8(const uint8_t* p) { return fp8_bf16_reg(p); }
+  static V dp(V acc, PB x, PB w) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
+  }
+  struct Ftz {};
+  static void fence(V&) {}
+  // vcvtneps2bf16: nearest even, subnormal inputs as zero, NaN made quiet -- bf16_round
+  // (bf16_unit_ok checks it on this CPU).
+  static void round_bf16x16(const float* p, uint16_t* out) {
+    const __m256bh r = _mm512_cvtneps_pbh(_mm512_loadu_ps(p));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<const __m256i&>(r));
+  }
+};
+
 }  // namespace
 }  // namespace moeserve::kernels
 
 namespace moeserve::kernels::avx512 {
 const KernelTable& table() {
   return make_table<Avx512>();
+}
+
+const KernelTable& bf16_table() {
+  static const KernelTable t = [] {
+    KernelTable k = make_table<Avx512>();
+    k.matmul_bf16 = &matmul_bf16<Avx512Bf16>;
+    return k;
+  }();
+  return t;
+}
+
+bool bf16_unit_ok() {
+  // Cases at the edges (the order of the two steps, ties, subnormal inputs and results, signed
+  // zeros, NaN, infinity) and then pseudo-random ones across the exponent range, through the
+  // instruction and through bf16_pair.
+  std::vector<float> c = {1.0f,
+                          0x1p-24f,
+                          -1.0f,
+                          0x1p-25f,
+                          0x1.8p-25f,
+                          0x1p-126f,
+                          -0x1p-126f,
+                          0x1p-63f,
+                          -0x1p-64f,
+                          0x1p-75f,
+                          -0x1p-76f,
+                          0x1p-127f,
+                          1e-40f,
+                          -1e-40f,
+                          0.0f,
+                          -0.0f,
+                          0x1p127f,
+                          0x1p10f,
+                          NAN,
+                          INFINITY,
+                          0x1.fep-64f,
+                          0x1.000002p-126f,
+                          3.0f,
+                          -0x1p-149f,
+                          1.00390625f,
+                          1.01171875f,
+                          -1.00390625f,
+                          0x1.fffffep127f,
+                          -0x1.ffp127f,
+                          0x1.01p-126f,
+                          0x1.fffffep-127f};
+  uint32_t s = 12345;
+  auto rnd = [&] {
+    s = s * 1664525u + 1013904223u;
+    return s;
+  };
+  for (int i = 0; i < 4000; ++i) {
+    const uint32_t r = rnd();
+    const int e = static_cast<int>(rnd() % 60) + (i % 2 ? -150 : -40);
+    c.push_back(std::ldexp(static_cast<float>(r >> 8) / 16777216.0f, e) * (r & 1 ? -1 : 1));
+  }
+  // vcvtneps2bf16 (Avx512Bf16::round_bf16x16) against bf16_round on the same values.
+  for (size_t i = 0; i + 16 <= c.size(); ++i) {
+    alignas(64) uint16_t got[16];
+    Avx512Bf16::round_bf16x16(&c[i], got);
+    for (int l = 0; l < 16; ++l) {
+      const uint16_t want = bf16_round(c[i + l]);
+      const bool nan = (want & 0x7fff) > 0x7f80;
+      if (nan ? (got[l] & 0x7fff) <= 0x7f80 : got[l] != want) return false;
+    }
+  }
+  const size_t n = c.size();
+  for (size_t i = 0; i + 5 <= 5 * n; i += 5) {
+    float acc[16];
+    uint32_t xa[16], wa[16];
+    float want[16];
+    for (int l = 0; l < 16; ++l) {
+      const size_t b = (i + 7 * static_cast<size_t>(l)) % n;
+      const uint16_t x0 = bf16_round(c[b]), x1 = bf16_round(c[(b + 1) % n]);
+      const uint16_t w0 = static_cast<uint16_t>(f32_bits(c[(b + 2) % n]) >> 16);
+      const uint16_t w1 = static_cast<uint16_t>(f32_bits(c[(b + 3) % n]) >> 16);
+      acc[l] = c[(b + 4) % n];
+      if (l % 3 == 0) acc[l] = daz(acc[l]);
+      xa[l] = x0 | static_cast<uint32_t>(x1) << 16;
+      wa[l] = w0 | static_cast<uint32_t>(w1) << 16;
+      want[l] = bf16_pair(acc[l], bf16_value(x0), bf16_value(x1), bf16_value(w0), bf16_value(w1));
+    }
+    float got[16];
+    _mm512_storeu_ps(
+        got, Avx512Bf16::dp(_mm512_loadu_ps(acc), _mm512_loadu_si512(xa), _mm512_loadu_si512(wa)));
+    for (int l = 0; l < 16; ++l)
+      if (std::isnan(want[l]) ? !std::isnan(got[l]) : f32_bits(want[l]) != f32_bits(got[l]))
+        return false;
+  }
+  return true;
 }
 }  // namespace moeserve::kernels::avx512

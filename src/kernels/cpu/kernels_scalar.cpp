@@ -151,6 +151,34 @@ struct Scalar {
     return acc;
   }
   static bool nan_found(NanAcc acc) { return acc; }
+  // bf16 products (matmul_bf16.h) by bf16_math.h, value by value.
+  static constexpr bool kFp8Bf16 = false;  // no fp8_bf16x32
+  static constexpr int kBTileM = 1, kBTileN = 1;
+  struct PB {
+    float even[16], odd[16];
+  };
+  static PB load_pb(const uint16_t* p) {
+    PB r;
+    for (int l = 0; l < 16; ++l) {
+      uint16_t e, o;
+      std::memcpy(&e, p + 2 * l, 2);
+      std::memcpy(&o, p + 2 * l + 1, 2);
+      r.even[l] = bf16_value(e);
+      r.odd[l] = bf16_value(o);
+    }
+    return r;
+  }
+  static V dp(const V& acc, const PB& x, const PB& w) {
+    V r;
+    for (int l = 0; l < 16; ++l)
+      r.v[l] = bf16_step(bf16_step(acc.v[l], x.odd[l], w.odd[l]), x.even[l], w.even[l]);
+    return r;
+  }
+  struct Ftz {};
+  static void fence(V&) {}
+  static void round_bf16x16(const float* p, uint16_t* out) {
+    for (int l = 0; l < 16; ++l) out[l] = bf16_round(p[l]);
+  }
 };
 
 }  // namespace

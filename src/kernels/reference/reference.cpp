@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/bf16_math.h"
 #include "kernels/exp_poly.h"
 
 namespace moeserve::kernels::reference {
@@ -118,6 +119,43 @@ void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float
       for (int64_t k = 0; k < w.cols; ++k)
         xs[stored_position(w, k)] = fp8 ? x[i * ldx + k] * block_scale(w, n, k) : x[i * ldx + k];
       y[i * ldy + n] = dot_lanes(xs.data(), row.data(), w.cols);
+    }
+  }
+}
+
+void matmul_bf16(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy) {
+  if (w.dtype == DType::Q8 || w.dtype == DType::Q4) return matmul_lanes(x, m, ldx, w, y, ldy);
+  const bool fp8 = w.dtype == DType::F8_E4M3;
+  const int64_t K = w.cols, Kp = (K + 31) / 32 * 32;
+  std::vector<float> wr(Kp), xr(Kp);
+  for (int64_t n = 0; n < w.rows; ++n) {
+    for (int64_t k = 0; k < Kp; ++k) {
+      float v = 0.0f;
+      if (k < K) {
+        if (fp8)
+          v = fp8e4m3_to_f32(static_cast<const uint8_t*>(w.data)[n * K + k]);  // a normal bf16
+        else if (w.dtype == DType::BF16)
+          v = bf16_value(static_cast<const uint16_t*>(w.data)[n * K + k]);
+        else
+          v = bf16_value(bf16_round(weight_value(w, n, k)));
+      }
+      wr[k] = v;
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t k = 0; k < Kp; ++k) {
+        const float a = k < K ? x[i * ldx + k] : 0.0f;
+        xr[k] = k < K ? bf16_value(bf16_round(fp8 ? a * block_scale(w, n, k) : a)) : 0.0f;
+      }
+      float lane[16] = {};
+      for (int64_t c = 0; c < Kp / 32; ++c)
+        for (int l = 0; l < 16; ++l) {
+          const int64_t k = 32 * c + 2 * l;
+          lane[l] = bf16_step(lane[l], xr[k + 1], wr[k + 1]);
+          lane[l] = bf16_step(lane[l], xr[k], wr[k]);
+        }
+      for (int s = 8; s >= 1; s /= 2)
+        for (int l = 0; l < s; ++l) lane[l] = lane[l] + lane[l + s];
+      y[i * ldy + n] = lane[0];
     }
   }
 }

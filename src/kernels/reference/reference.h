@@ -41,6 +41,11 @@ void matmul_abs(const float* x, int64_t m, int64_t ldx, const Weight& w, double*
 void matmul_lanes(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
 float dot_lanes(const float* a, const float* b, int64_t n);
 
+// The bf16 contract of kernels.h (Precision::Bf16) written out element by element with
+// bf16_math.h: x and W rounded to bf16 as it says, 16 lanes of pairs (odd element first),
+// then the tree. Q8 / Q4 weights: matmul_lanes. Must equal the fast matmul bit for bit.
+void matmul_bf16(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
+
 // y[i, c] = sum_r x[i, r] * W[r, c], one std::fma per r in increasing order from +0.0: the
 // contract of matmul_t, so equal to it bit for bit.  x: [m, ldx]; y: [m, ldy].
 void matmul_t(const float* x, int64_t m, int64_t ldx, const Weight& w, float* y, int64_t ldy);
