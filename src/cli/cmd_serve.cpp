@@ -123,6 +123,8 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   so.host = a.host;
   so.port = a.port;
   so.api_key = std::move(key);
+  const std::string precision = kernels::precision_name(parse_precision(a.par.precision));
+  so.precision = precision;
   so.log_requests = !a.disable_log_requests;
   so.stats_interval_s = a.disable_log_stats ? 0 : 10;
   so.http.max_connections = a.max_connections;
@@ -144,13 +146,13 @@ void serve_http(engine::Service& svc, const ServeArgs& a, tokenizer::Tokenizer t
   std::printf(
       "moeserve: serving '%s' at %s (OpenAI API under /v1; max_model_len %lld, "
       "max_num_seqs %lld per rank, KV cache %lld tokens per rank in %s (%lld bytes per token), "
-      "prefix caching %s, %s)\n",
+      "prefix caching %s, %s precision, %s)\n",
       so.served_model_name.c_str(), srv.url().c_str(), static_cast<long long>(ec.max_model_len),
       static_cast<long long>(ec.max_num_seqs), static_cast<long long>(kv_tokens),
       kv::kv_dtype_name(ec.kv_dtype),
       static_cast<long long>(mc.num_hidden_layers *
                              kv::kv_row_bytes(ec.kv_dtype, mc.kv_cache_dim())),
-      ec.prefix_caching ? "on" : "off", layout.c_str());
+      ec.prefix_caching ? "on" : "off", precision.c_str(), layout.c_str());
   std::fflush(stdout);
   try {
     srv.run();

@@ -198,8 +198,13 @@ void Server::handle(http::Exchange& ex) {
       const auto& mc = ctx.engine.model_config();
       std::vector<bool> moe(mc.num_hidden_layers);
       for (int64_t l = 0; l < mc.num_hidden_layers; ++l) moe[l] = mc.is_moe_layer(l);
-      ex.respond(200, "text/plain; version=0.0.4; charset=utf-8",
-                 ctx.metrics.render(ctx.engine.stats(), mc.n_routed_experts, moe));
+      std::string page = ctx.metrics.render(ctx.engine.stats(), mc.n_routed_experts, moe);
+      page +=
+          "# HELP moeserve_precision The precision of the weight products (the label).\n"
+          "# TYPE moeserve_precision gauge\n"
+          "moeserve_precision{precision=\"" +
+          ctx.opt.precision + "\"} 1\n";
+      ex.respond(200, "text/plain; version=0.0.4; charset=utf-8", page);
       return;
     }
     if (path == "/v1/models") {

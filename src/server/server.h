@@ -42,8 +42,9 @@ struct ServerOptions {
   // more, and less when the process may open fewer files; max_connections_per_client 0: a
   // quarter of max_connections.
   http::Options http;
-  bool log_requests = false;    // one line per request on stderr
-  double stats_interval_s = 0;  // > 0: a throughput line on stderr this often, while busy
+  std::string precision = "exact";  // the products' precision (--precision), for /metrics
+  bool log_requests = false;        // one line per request on stderr
+  double stats_interval_s = 0;      // > 0: a throughput line on stderr this often, while busy
 };
 
 // What request handlers share. Immutable after construction except the metrics and `stopping`.

@@ -456,3 +456,22 @@ TEST(Cli, Fp8InitModelRuns) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["output_ids"].size(), 3u);
 }
+
+TEST(Cli, PrecisionFlag) {
+  // --precision bf16 computes (on every CPU: the unit or its emulation, the same bits), and an
+  // unknown value is one clear line. `exact` is the default: the same output as no flag.
+  TempDir d;
+  const std::string m = tiny_model(d);
+  const std::string gen = "generate --model " + m + " --prompt-ids 1,2,3 --max-tokens 4 --json";
+  const CmdResult plain = run(gen);
+  const CmdResult exact = run(gen + " --precision exact");
+  const CmdResult bf16 = run(gen + " --precision bf16");
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  ASSERT_EQ(exact.status, 0) << exact.err;
+  ASSERT_EQ(bf16.status, 0) << bf16.err;
+  EXPECT_EQ(json::parse(exact.out)["output_ids"], json::parse(plain.out)["output_ids"]);
+  EXPECT_EQ(json::parse(bf16.out)["output_ids"].size(), 4u);
+  const CmdResult score = run("score --model " + m + " --ids 1,2,3 --precision bf16");
+  ASSERT_EQ(score.status, 0) << score.err;
+  expect_clean_failure(run(gen + " --precision fp16"), {"--precision"});
+}

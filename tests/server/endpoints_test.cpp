@@ -302,6 +302,7 @@ TEST_F(Endpoints, MetricsCountRequestsTokensAndExperts) {
             metric_in(m.body, "moeserve_kv_blocks_total") * 16);
   EXPECT_EQ(metric_in(m.body, "moeserve_kv_bytes_per_token"), 4 * 160 * 2);
   EXPECT_EQ(metric_in(m.body, "moeserve_kv_cache_dtype{dtype=\"bf16\"}"), 1);
+  EXPECT_EQ(metric_in(m.body, "moeserve_precision{precision=\"exact\"}"), 1);
 }
 
 // A DeepSeek-R1-style template: the generation prompt opens <think>, so the output starts as
