@@ -408,12 +408,18 @@ TEST(PrefixCache, SharedPrefixesUnderPreemptionAndCancelLeakNothing) {
     reqs.push_back(std::make_unique<Pending>(prompts[i], 8));
     reqs.back()->req->sampling = sp;
   }
-  // Two long ones to cancel midway.
+  // Two long ones to cancel midway. The first token of either holds the engine until both
+  // cancellations are sent, so that neither can end on its own first (max_model_len), however
+  // fast the step.
   std::vector<std::unique_ptr<Pending>> cancelled;
   std::atomic<int> seen{0};
+  std::atomic<bool> cancels_sent{false};
   for (int i = 0; i < 2; ++i) {
     cancelled.push_back(std::make_unique<Pending>(with_prefix(26, 3, 50 + i), 4000));
-    cancelled.back()->req->on_token = [&](const engine::TokenEvent&) { ++seen; };
+    cancelled.back()->req->on_token = [&](const engine::TokenEvent&) {
+      ++seen;
+      wait_until([&] { return cancels_sent.load(); });
+    };
   }
   std::vector<uint64_t> cancel_ids;
   for (auto& c : cancelled) {
@@ -425,8 +431,10 @@ TEST(PrefixCache, SharedPrefixesUnderPreemptionAndCancelLeakNothing) {
     uint64_t id;
     ASSERT_EQ(eng.submit(r->req, &id, nullptr), engine::SubmitResult::Accepted);
   }
-  ASSERT_TRUE(wait_until([&] { return seen >= 2; })) << "no tokens came";
+  const bool came = wait_until([&] { return seen >= 1; });
   for (uint64_t id : cancel_ids) eng.cancel(id);
+  cancels_sent = true;
+  ASSERT_TRUE(came) << "no tokens came";
   for (size_t i = 0; i < reqs.size(); ++i) {
     engine::FinishEvent e;
     AWAIT_FINISH(*reqs[i], e);
