@@ -11,10 +11,12 @@
 
 #include "../test_util.h"
 #include "engine/generator.h"
+#include "forward_util.h"
 #include "model/init_model.h"
 #include "model/model.h"
 
 using namespace moeserve;
+using moeserve::testing::full_logits;
 using moeserve::testing::TempDir;
 using nlohmann::json;
 namespace fs = std::filesystem;
@@ -41,22 +43,6 @@ std::vector<int32_t> ids(int n, int salt, int vocab) {
   std::vector<int32_t> v(n);
   for (int i = 0; i < n; ++i) v[i] = (i * 37 + salt * 101 + 11) % vocab;
   return v;
-}
-
-std::vector<float> full_logits(model::Model& m, const std::vector<int32_t>& tokens,
-                               kv::KvDtype dtype) {
-  const auto& c = m.config();
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  kv::KvPool kv((n + 15) / 16, 16, c.num_hidden_layers, c.kv_cache_dim(), dtype);
-  std::vector<int32_t> blocks;
-  kv.allocate(kv.n_blocks(), &blocks);
-  model::Batch b;
-  b.tokens = tokens;
-  b.seqs = {{0, n, 0, blocks.data()}};
-  for (int64_t i = 0; i < n; ++i) b.logit_rows.push_back(i);
-  std::vector<float> out(n * c.vocab_size);
-  m.forward(b, kv, out.data());
-  return out;
 }
 
 TEST(Bf16Precision, ChunkingBatchAndThreadsDoNotChangeABit) {

@@ -5,10 +5,12 @@
 
 #include "../test_util.h"
 #include "engine/generator.h"
+#include "forward_util.h"
 #include "model/init_model.h"
 #include "model/model.h"
 
 using namespace moeserve;
+using moeserve::testing::full_logits;
 using moeserve::testing::TempDir;
 
 namespace {
@@ -40,23 +42,6 @@ std::vector<int32_t> ids(int n, int salt, int vocab) {
 // model whose cache rows (160 + 16 values) span two fp8 scale blocks.
 constexpr kv::KvDtype kCacheDtypes[] = {kv::KvDtype::F32, kv::KvDtype::BF16, kv::KvDtype::FP8};
 constexpr int64_t kWideLatent = 160;
-
-// Logits of every position of `tokens` computed in one forward.
-std::vector<float> full_logits(model::Model& m, const std::vector<int32_t>& tokens,
-                               kv::KvDtype dtype = kv::KvDtype::F32) {
-  const auto& c = m.config();
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  kv::KvPool kv((n + 15) / 16, 16, c.num_hidden_layers, c.kv_cache_dim(), dtype);
-  std::vector<int32_t> blocks;
-  kv.allocate(kv.n_blocks(), &blocks);
-  model::Batch b;
-  b.tokens = tokens;
-  b.seqs = {{0, n, 0, blocks.data()}};
-  for (int64_t i = 0; i < n; ++i) b.logit_rows.push_back(i);
-  std::vector<float> out(n * c.vocab_size);
-  m.forward(b, kv, out.data());
-  return out;
-}
 
 }  // namespace
 

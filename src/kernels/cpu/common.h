@@ -234,5 +234,17 @@ inline typename O::V load_chunk(const Weight& w, const uint8_t* row, const float
   return load_w<O, DT>(row, k, fp8_scale<O, DT>(sc, k));
 }
 
+// A scope with the MXCSR's flush-to-zero and denormals-are-zero bits set (restored at its end):
+// under it an FMA flushes tiny inputs and results as vdpbf16ps does (matmul_bf16.h's Ftz).
+struct FtzDazScope {
+  unsigned csr, on;
+  FtzDazScope() {
+    asm volatile("stmxcsr %0" : "=m"(csr)::"memory");
+    on = csr | 0x8040u;
+    asm volatile("ldmxcsr %0" ::"m"(on) : "memory");
+  }
+  ~FtzDazScope() { asm volatile("ldmxcsr %0" ::"m"(csr) : "memory"); }
+};
+
 }  // namespace
 }  // namespace moeserve::kernels

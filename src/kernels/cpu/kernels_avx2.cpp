@@ -157,15 +157,7 @@ struct Avx2 {
   static V dp(V acc, const PB& x, const PB& w) {
     return fma(x.even, w.even, fma(x.odd, w.odd, acc));
   }
-  struct Ftz {
-    unsigned csr, on;
-    Ftz() {
-      asm volatile("stmxcsr %0" : "=m"(csr)::"memory");
-      on = csr | 0x8040u;
-      asm volatile("ldmxcsr %0" ::"m"(on) : "memory");
-    }
-    ~Ftz() { asm volatile("ldmxcsr %0" ::"m"(csr) : "memory"); }
-  };
+  using Ftz = FtzDazScope;
   static void fence(V& v) { asm volatile("" : "+x"(v.lo), "+x"(v.hi)); }
   static void round_bf16x16(const float* p, uint16_t* out) {
     for (int l = 0; l < 16; ++l) out[l] = bf16_round(p[l]);

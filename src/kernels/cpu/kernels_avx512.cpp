@@ -161,15 +161,7 @@ struct Avx512 {
   static V dp(V acc, const PB& x, const PB& w) {
     return _mm512_fmadd_ps(x.even, w.even, _mm512_fmadd_ps(x.odd, w.odd, acc));
   }
-  struct Ftz {
-    unsigned csr, on;
-    Ftz() {
-      asm volatile("stmxcsr %0" : "=m"(csr)::"memory");
-      on = csr | 0x8040u;
-      asm volatile("ldmxcsr %0" ::"m"(on) : "memory");
-    }
-    ~Ftz() { asm volatile("ldmxcsr %0" ::"m"(csr) : "memory"); }
-  };
+  using Ftz = FtzDazScope;
   // Keeps v's computation on its side of the Ftz scope's ends.
   static void fence(V& v) { asm volatile("" : "+v"(v)); }
   // 32 NaN-free e4m3 bytes as bf16 (exact): a normal value moves its exponent and mantissa
