@@ -467,10 +467,11 @@ def stopped_rank_case(args, model, ref, name, ranks, extra, victim, label, befor
     stopped = False
     try:
         # Two long requests, one streamed, both running when the rank stops.
-        results, streams, first_token = {}, [], threading.Event()
+        results, streams, first_token = {}, [""], threading.Event()
+        sock = open_stream(srv, PROMPTS[1])
 
         def streamed():
-            long_stream(srv, PROMPTS[1], first_token, streams)
+            read_stream(sock, first_token, streams, 0)
             results["streamed"] = (time.time(), streams[0])
 
         def plain():
@@ -551,37 +552,48 @@ def stopped_at_shutdown_case(args, model):
             srv.kill()
 
 
-def long_stream(srv, prompt, started, out):
-    """A streamed request for 3000 tokens: notes its first token in `started`, its whole
-    response (until the server ends it) in `out`."""
+def open_stream(srv, prompt):
+    """Sends a streamed request for 3000 tokens and returns its socket. The three streams are
+    opened and sent from the calling thread, so that no stream waits on another's reader for
+    the interpreter lock before its request is out."""
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
     body = json.dumps({"model": "demo", "prompt": prompt, "max_tokens": 3000, "temperature": 0,
                        "stream": True})
     s.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
-    data = b""
+    return s
+
+
+def read_stream(s, started, out, slot):
+    """Reads a stream until the server ends it: notes its first event in `started`, the whole
+    response in out[slot]. Only the newest bytes are searched, so a long stream costs linear
+    time."""
+    chunks, tail = [], b""
     try:
         while True:
             chunk = s.recv(65536)
             if not chunk:
                 break
-            data += chunk
-            if b"data: {" in data and not started.is_set():
+            chunks.append(chunk)
+            window = tail + chunk
+            if not started.is_set() and b"data: {" in window:
                 started.set()
-            if b"data: [DONE]" in data:
+            if b"data: [DONE]" in window:
                 break
+            tail = window[-16:]
     except OSError:
         pass
     s.close()
-    out.append(data.decode(errors="replace"))
+    out[slot] = b"".join(chunks).decode(errors="replace")
 
 
 def stop_with_streams(srv, name, sig):
     """SIGTERM or SIGINT to rank 0 while three streams are in flight, with the machine loaded by
     two busy loops: every rank ends within seconds, and every client hears why."""
-    streams, events = [], [threading.Event() for _ in range(3)]
-    threads = [threading.Thread(target=long_stream, args=(srv, PROMPTS[i], e, streams))
-               for i, e in zip((1, 3, 5), events)]
+    streams, events = [""] * 3, [threading.Event() for _ in range(3)]
+    socks = [open_stream(srv, PROMPTS[i]) for i in (1, 3, 5)]
+    threads = [threading.Thread(target=read_stream, args=(s, e, streams, k))
+               for k, (s, e) in enumerate(zip(socks, events))]
     for t in threads:
         t.start()
     started = wait_for(lambda: all(e.is_set() for e in events), 60)
