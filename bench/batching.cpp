@@ -9,10 +9,13 @@
 // least one token went to, once; each sequence's cached latent rows) and matrix FLOPs per step
 // (2 per weight element per token that uses it). Against this machine's measured read bandwidth
 // and peak FMA rate, max(bytes / bandwidth, FLOPs / peak) bounds the step's time from below;
-// "bound tok/s" is the rate at that bound, and its ratio to batch 1's shows what batching can
-// buy on this model at best, on any machine whose bandwidth and FMA rate stand in these ratios.
+// "bound tok/s" is the rate at that bound ("%bound": the measured rate's share of it), and its
+// ratio to batch 1's shows what batching can buy on this model at best, on any machine whose
+// bandwidth and FMA rate stand in these ratios.
+// --precision bf16 runs the weight products under the bf16 contract (kernels.h), and prices the
+// FLOPs against the peak of the unit those run on (vdpbf16ps where the CPU has it).
 //   bench_batching --model DIR [--batches 1,2,4,8,16] [--prompt-len 32] [--output-len 64]
-//                  [--threads N]
+//                  [--threads N] [--precision exact|bf16]
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -137,6 +140,8 @@ int main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 2, 4, 8, 16};
   int64_t prompt_len = 32, output_len = 64;
   int threads = 0;
+  kernels::Precision precision = kernels::Precision::Exact;
+  bool usage = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -150,18 +155,25 @@ int main(int argc, char** argv) {
       output_len = std::atoll(next().c_str());
     else if (a == "--threads")
       threads = std::atoi(next().c_str());
-    else
+    else if (a == "--precision") {
+      const std::string v = next();
+      if (v == "bf16")
+        precision = kernels::Precision::Bf16;
+      else if (v != "exact")
+        usage = true;
+    } else
       model_dir.clear(), i = argc;
   }
-  if (model_dir.empty() || output_len < 3) {
+  if (usage || model_dir.empty() || output_len < 3) {
     std::fprintf(stderr,
                  "usage: bench_batching --model DIR [--batches 1,2,4,8,16] [--prompt-len 32] "
-                 "[--output-len 64] [--threads N]\n");
+                 "[--output-len 64] [--threads N] [--precision exact|bf16]\n");
     return 2;
   }
   ThreadPool pool(threads);
   model::Model m(model_dir, pool);
   m.prefault(false);
+  m.set_precision(precision);
   engine::EngineConfig ec;
   ec.max_num_seqs = *std::max_element(batches.begin(), batches.end());
   ec.max_batch_tokens = std::max<int64_t>(256, prompt_len);
@@ -170,13 +182,16 @@ int main(int argc, char** argv) {
   ec.kv_blocks = ec.max_num_seqs * ((ec.max_model_len + 15) / 16 + 1);
   engine::Engine eng(m, ec);
   const double bw = kernels::measure_read_bandwidth_gbs(pool) * 1e9;
-  const double peak = kernels::measure_peak_gflops(pool) * 1e9;
+  const double peak = kernels::measure_peak_gflops(pool, precision) * 1e9;
   run(eng, m, 1, prompt_len, 4, m.config().vocab_size, 99);  // warm-up
-  std::printf("model %s, %d threads; prompts %lld tokens, outputs %lld tokens\n", model_dir.c_str(),
-              pool.size(), static_cast<long long>(prompt_len), static_cast<long long>(output_len));
-  std::printf("read bandwidth %.1f GB/s, peak FMA %.1f GFLOP/s (measured)\n", bw / 1e9, peak / 1e9);
-  std::printf("%6s %13s %9s %8s | %8s %6s %8s %6s | %12s %8s\n", "batch", "decode tok/s", "ms/step",
-              "vs b1", "MB/step", "%bw", "GF/step", "%peak", "bound tok/s", "vs b1");
+  std::printf("model %s, %d threads; prompts %lld tokens, outputs %lld tokens; precision %s\n",
+              model_dir.c_str(), pool.size(), static_cast<long long>(prompt_len),
+              static_cast<long long>(output_len), kernels::precision_name(precision));
+  std::printf("read bandwidth %.1f GB/s, peak %s %.1f GFLOP/s (measured)\n", bw / 1e9,
+              kernels::matmul_unit(precision), peak / 1e9);
+  std::printf("%6s %13s %9s %8s | %8s %6s %8s %6s | %12s %8s %9s\n", "batch", "decode tok/s",
+              "ms/step", "vs b1", "MB/step", "%bw", "GF/step", "%peak", "bound tok/s", "vs b1",
+              "%bound");
   double base = 0, bound_base = 0;
   for (int64_t n : batches) {
     double best = 0, best_step = 0;
@@ -192,10 +207,10 @@ int main(int argc, char** argv) {
     }
     const double bound = cost.tokens / std::max(cost.bytes / bw, cost.flops / peak);
     if (n == batches.front()) base = best, bound_base = bound;
-    std::printf("%6lld %13.1f %9.2f %7.2fx | %8.0f %5.0f%% %8.2f %5.0f%% | %12.1f %7.2fx\n",
+    std::printf("%6lld %13.1f %9.2f %7.2fx | %8.0f %5.0f%% %8.2f %5.0f%% | %12.1f %7.2fx %8.0f%%\n",
                 static_cast<long long>(n), best, best_step * 1e3, best / base, cost.bytes / 1e6,
                 100 * cost.bytes / best_step / bw, cost.flops / 1e9,
-                100 * cost.flops / best_step / peak, bound, bound / bound_base);
+                100 * cost.flops / best_step / peak, bound, bound / bound_base, 100 * best / bound);
   }
   return 0;
 }

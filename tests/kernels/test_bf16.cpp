@@ -197,6 +197,20 @@ TEST(Bf16Matmul, EdgeValuesFollowTheContract) {
     }
 }
 
+// Few tokens (decode) of fp8 weights: every tile shape of the in-register conversion, chunks
+// with e4m3 subnormals among them (the random weights hold many), x too large for the scaled
+// conversion (the exact one then), and edge values.
+TEST(Bf16Matmul, FewTokensFp8EveryTileShape) {
+  ThreadPool pool(2);
+  uint32_t seed = 400;
+  for (int64_t m = 1; m <= 9; ++m) {
+    check(pool, DType::F8_E4M3, m, 133, 256, seed++);
+    check(pool, DType::F8_E4M3, m, 40, 2048, seed++);
+    check(pool, DType::F8_E4M3, m, 40, 256, seed++, 16);  // |x * scale| >= 2^8
+    check(pool, DType::F8_E4M3, m, 40, 96, seed++, 0, 0, true);
+  }
+}
+
 TEST(Bf16Matmul, OneTokenEqualsRowOfABatchAndThreadsDoNotMatter) {
   ThreadPool p1(1), p2(2), p3(3);
   for (DType dt : kDtypes) {

@@ -232,6 +232,33 @@ struct Avx512Bf16 : Avx512 {
   using PB = __m512i;
   static PB load_pb(const uint16_t* p) { return _mm512_loadu_si512(p); }
   static PB load_pb_fp8(const uint8_t* p) { return fp8_bf16_reg(p); }
+  // 32 NaN-free e4m3 bytes as the bf16 bits of float(fp8) * 2^-120, exactly (sign, then the
+  // byte's exponent and mantissa in place: three operations). A normal e4m3 value gives a
+  // normal bf16; a subnormal one a bf16 subnormal, which the unit would take as zero: `sub`
+  // flags those (bytes with exponent 0 and mantissa not 0), and the caller takes another path.
+  static constexpr bool kFp8Raw = true;
+  static PB load_pb_fp8_raw(const uint8_t* p, uint32_t& sub) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i t =
+        _mm256_sub_epi8(_mm256_and_si256(b, _mm256_set1_epi8(0x7f)), _mm256_set1_epi8(1));
+    sub = _mm256_cmplt_epu8_mask(t, _mm256_set1_epi8(7));
+    return _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 4),
+                            _mm512_set1_epi16(static_cast<short>(0x87f0)));
+  }
+  // out = in * 2^120 for n (a multiple of 32) bf16 values as bf16_round gives them (zeros and
+  // normals): exact, and finite, unless some |in| >= 2^8 (or is Inf / NaN): then false.
+  static bool bf16_up120(const uint16_t* in, uint16_t* out, int64_t n) {
+    const __m512i e = _mm512_set1_epi16(0x7f80), lim = _mm512_set1_epi16(134 << 7),
+                  up = _mm512_set1_epi16(120 << 7);
+    __mmask32 bad = 0;
+    for (int64_t k = 0; k < n; k += 32) {
+      const __m512i v = _mm512_loadu_si512(in + k);
+      const __m512i ex = _mm512_and_si512(v, e);
+      bad |= _mm512_cmpgt_epu16_mask(ex, lim);
+      _mm512_storeu_si512(out + k, _mm512_mask_add_epi16(v, _mm512_test_epi16_mask(v, e), v, up));
+    }
+    return bad == 0;
+  }
   static V dp(V acc, PB x, PB w) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
   }

@@ -148,6 +148,103 @@ void bf16_tile(const uint16_t* x, int64_t ldx, const void* wv0, int64_t ldw, int
     }
 }
 
+// Whether O converts NaN-free fp8 to bf16 as float(fp8) * 2^-120 (O::load_pb_fp8_raw), against
+// x scaled by 2^120 (O::bf16_up120): the same products, so the same bits, for three
+// operations per 32 weights instead of the exact conversion's table lookup.
+template <class O>
+constexpr bool fp8_raw_bf16() {
+  if constexpr (requires { O::kFp8Raw; })
+    return O::kFp8Raw;
+  else
+    return false;
+}
+
+// bf16_tile for NaN-free fp8 weights converted in registers by O::load_pb_fp8_raw, K whole
+// (nc chunks of 32, the last zero-padded in x): xs is the tokens' x times 2^120, xp the same x
+// unscaled. A chunk of a row that holds an e4m3 subnormal takes the exact conversion against
+// xp instead (the same products, so the same bits either way).
+template <class O, int MT, int NT>
+void bf16_tile_raw(const uint16_t* xs, const uint16_t* xp, int64_t ldx, const uint8_t* w8,
+                   int64_t ldw, int64_t nc, float* y, int64_t ldy, int64_t rs) {
+  const uint8_t* wr[NT];
+#pragma GCC unroll 8
+  for (int j = 0; j < NT; ++j) wr[j] = w8 + j * rs * ldw;
+  using V = typename O::V;
+  using PB = typename O::PB;
+  V acc[MT][NT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
+  {
+    [[maybe_unused]] const typename O::Ftz ftz;
+    for (int64_t c = 0; c < nc; ++c) {
+      PB xv[MT];
+#pragma GCC unroll 8
+      for (int i = 0; i < MT; ++i) xv[i] = O::load_pb(xs + i * ldx + 32 * c);
+#pragma GCC unroll 8
+      for (int j = 0; j < NT; ++j) {
+        if constexpr (fp8_raw_bf16<O>()) {
+          uint32_t sub;
+          const PB wv = O::load_pb_fp8_raw(wr[j] + 32 * c, sub);
+          if (__builtin_expect(sub == 0, 1)) {
+#pragma GCC unroll 8
+            for (int i = 0; i < MT; ++i) acc[i][j] = O::dp(acc[i][j], xv[i], wv);
+            continue;
+          }
+        }
+        const PB wv = O::load_pb_fp8(wr[j] + 32 * c);
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; ++i)
+          acc[i][j] = O::dp(acc[i][j], O::load_pb(xp + i * ldx + 32 * c), wv);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NT; ++j) O::fence(acc[i][j]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) O::fence(acc[i][j]);
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) y[i * ldy + j * rs] = O::reduce(acc[i][j]);
+}
+
+// Tokens per raw tile: up to 8, so that each weight is converted once for all of a job's few
+// tokens; rows per tile as many as the registers hold next to the tokens' x.
+constexpr int kRawTileM = 8;
+constexpr int raw_tile_n(int mt) {
+  return mt <= 4 ? 6 : mt == 5 ? 4 : mt == 6 ? 3 : 2;
+}
+
+using Bf16RawFn = void (*)(const uint16_t*, const uint16_t*, int64_t, const uint8_t*, int64_t,
+                           int64_t, float*, int64_t, int64_t);
+
+template <class O, int MT, int... NT>
+constexpr void fill_raw_row(Bf16RawFn* row, std::integer_sequence<int, NT...>) {
+  ((row[NT] = &bf16_tile_raw<O, MT, NT + 1>), ...);
+}
+
+template <class O>
+Bf16RawFn bf16_raw_fn(int64_t mt, int64_t nt) {
+  static const auto tiles = [] {
+    struct T {
+      Bf16RawFn f[kRawTileM][6];
+    } t{};
+    [&]<int... MT>(std::integer_sequence<int, MT...>) {
+      (fill_raw_row<O, MT + 1>(t.f[MT], std::make_integer_sequence<int, raw_tile_n(MT + 1)>{}),
+       ...);
+    }
+    (std::make_integer_sequence<int, kRawTileM>{});
+    return t;
+  }();
+  return tiles.f[mt - 1][nt - 1];
+}
+
 using Bf16TileFn = void (*)(const uint16_t*, int64_t, const void*, int64_t, int64_t, float*,
                             int64_t, bool, bool, float*, int64_t);
 
@@ -189,7 +286,7 @@ template <class O, DType DT>
 void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
   constexpr int64_t NB = bf16_nb<O>();
   constexpr bool fp8 = DT == DType::F8_E4M3;
-  static thread_local std::vector<uint16_t> wbuf, xbuf;
+  static thread_local std::vector<uint16_t> wbuf, xbuf, xsbuf;
   static thread_local std::vector<float> pbuf;
   const Weight& w = *j.w;
   const int64_t K = w.cols, Kp = round32(K), m = j.m, rows = it.n1 - it.n0;
@@ -222,6 +319,29 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
       const float* sc = w_scales(w, it.n0);
       for (int64_t i = 0; i < mm; ++i) x_to_bf16<O>(x_row(j, m0 + i), K, sc, xbuf.data() + i * Kp);
       xp = xbuf.data();
+      if constexpr (fp8_raw_bf16<O>()) {
+        // Few tokens: every weight converted once (raw), for all of them, rows taken whole.
+        if (f8reg) {
+          xsbuf.resize(xbuf.size());
+          if (O::bf16_up120(xp, xsbuf.data(), mm * Kp)) {
+            for (int64_t i0 = 0; i0 < mm; i0 += kRawTileM) {
+              const int64_t mt = std::min<int64_t>(kRawTileM, mm - i0), nt = raw_tile_n(mt);
+              // A tile's rows come from nt runs of s consecutive rows, and the next tile takes
+              // each run's next row: nt long sequential streams for the prefetchers, rather
+              // than nt short rows.
+              for (int64_t r = 0; r < rows;) {
+                const int64_t ntt = std::min(nt, rows - r), s = (rows - r) / ntt;
+                const Bf16RawFn f = bf16_raw_fn<O>(mt, ntt);
+                for (int64_t q = 0; q < s; ++q)
+                  f(xsbuf.data() + i0 * Kp, xp + i0 * Kp, Kp, w_row(w, it.n0 + r + q), ldw, Kp / 32,
+                    j.y + (m0 + i0) * j.ldy + it.n0 + r + q, j.ldy, s);
+                r += ntt * s;
+              }
+            }
+            continue;
+          }
+        }
+      }
     }
     for (int64_t n0 = 0; n0 < rows; n0 += NB) {
       const int64_t nn = std::min(NB, rows - n0);
