@@ -167,55 +167,57 @@ template <class O, int MT, int NT>
 void bf16_tile_raw(const uint16_t* xs, const uint16_t* xp, int64_t ldx, const uint8_t* w8,
                    int64_t ldw, int64_t nc, float* y, int64_t ldy, int64_t rs) {
   const uint8_t* wr[NT];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int j = 0; j < NT; ++j) wr[j] = w8 + j * rs * ldw;
   using V = typename O::V;
   using PB = typename O::PB;
   V acc[MT][NT];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) acc[i][j] = O::zero();
   {
     [[maybe_unused]] const typename O::Ftz ftz;
     for (int64_t c = 0; c < nc; ++c) {
       PB xv[MT];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int i = 0; i < MT; ++i) xv[i] = O::load_pb(xs + i * ldx + 32 * c);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int j = 0; j < NT; ++j) {
         if constexpr (fp8_raw_bf16<O>()) {
           uint32_t sub;
           const PB wv = O::load_pb_fp8_raw(wr[j] + 32 * c, sub);
           if (__builtin_expect(sub == 0, 1)) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int i = 0; i < MT; ++i) acc[i][j] = O::dp(acc[i][j], xv[i], wv);
             continue;
           }
         }
         const PB wv = O::load_pb_fp8(wr[j] + 32 * c);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int i = 0; i < MT; ++i)
           acc[i][j] = O::dp(acc[i][j], O::load_pb(xp + i * ldx + 32 * c), wv);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int j = 0; j < NT; ++j) O::fence(acc[i][j]);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) O::fence(acc[i][j]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) y[i * ldy + j * rs] = O::reduce(acc[i][j]);
 }
 
 // Tokens per raw tile: up to 8, so that each weight is converted once for all of a job's few
-// tokens; rows per tile as many as the registers hold next to the tokens' x.
+// tokens; rows per tile as many as the registers hold next to the tokens' x. (Tiles of 16
+// tokens, x read from L1 at each use, ran a 2048 x 2048 product at about half the speed of
+// converting the rows once into a bf16 copy, which more than 8 tokens take.)
 constexpr int kRawTileM = 8;
 constexpr int raw_tile_n(int mt) {
   return mt <= 4 ? 6 : mt == 5 ? 4 : mt == 6 ? 3 : 2;
@@ -270,7 +272,8 @@ Bf16TileFn bf16_tile_fn(int64_t mt, int64_t nt) {
 }
 
 // Up to this many tokens (decode), NaN-free fp8 weights are converted in the tiles' registers
-// instead of into a bf16 copy, and K is taken whole.
+// instead of into a bf16 copy, and K is taken whole: by the raw conversion where O has it
+// (fp8_raw_bf16) and x allows it, else by the exact one.
 constexpr int64_t kFp8RegM = 8;
 
 // One piece of work: rows [n0, n1) of job `job` (for fp8 within one block row of scales).
@@ -311,19 +314,25 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
   const int64_t kb = m <= kFp8RegM ? Kp : kBf16K;
   pbuf.resize(static_cast<size_t>(kBf16M * NB * 16));
   float* part = pbuf.data();
-  if constexpr (fp8) xbuf.resize(static_cast<size_t>(std::min(m, kBf16M) * Kp));
+  // The tokens' rows of x: fp8's (converted here) not 4 KB apart, so that a tile's tokens do
+  // not all fall in the same L1 set.
+  const int64_t ldx = fp8 ? Kp + 32 : Kp;
+  if constexpr (fp8) xbuf.resize(static_cast<size_t>(std::min(m, kBf16M) * ldx));
   for (int64_t m0 = 0; m0 < m; m0 += kBf16M) {
     const int64_t mm = std::min(kBf16M, m - m0);
     const uint16_t* xp = xb ? xb + m0 * Kp : nullptr;
     if constexpr (fp8) {
       const float* sc = w_scales(w, it.n0);
-      for (int64_t i = 0; i < mm; ++i) x_to_bf16<O>(x_row(j, m0 + i), K, sc, xbuf.data() + i * Kp);
+      for (int64_t i = 0; i < mm; ++i) x_to_bf16<O>(x_row(j, m0 + i), K, sc, xbuf.data() + i * ldx);
       xp = xbuf.data();
       if constexpr (fp8_raw_bf16<O>()) {
         // Few tokens: every weight converted once (raw), for all of them, rows taken whole.
         if (f8reg) {
           xsbuf.resize(xbuf.size());
-          if (O::bf16_up120(xp, xsbuf.data(), mm * Kp)) {
+          bool up = true;
+          for (int64_t i = 0; i < mm; ++i)
+            up &= O::bf16_up120(xp + i * ldx, xsbuf.data() + i * ldx, Kp);
+          if (up) {
             for (int64_t i0 = 0; i0 < mm; i0 += kRawTileM) {
               const int64_t mt = std::min<int64_t>(kRawTileM, mm - i0), nt = raw_tile_n(mt);
               // A tile's rows come from nt runs of s consecutive rows, and the next tile takes
@@ -333,8 +342,8 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
                 const int64_t ntt = std::min(nt, rows - r), s = (rows - r) / ntt;
                 const Bf16RawFn f = bf16_raw_fn<O>(mt, ntt);
                 for (int64_t q = 0; q < s; ++q)
-                  f(xsbuf.data() + i0 * Kp, xp + i0 * Kp, Kp, w_row(w, it.n0 + r + q), ldw, Kp / 32,
-                    j.y + (m0 + i0) * j.ldy + it.n0 + r + q, j.ldy, s);
+                  f(xsbuf.data() + i0 * ldx, xp + i0 * ldx, ldx, w_row(w, it.n0 + r + q), ldw,
+                    Kp / 32, j.y + (m0 + i0) * j.ldy + it.n0 + r + q, j.ldy, s);
                 r += ntt * s;
               }
             }
@@ -356,12 +365,13 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
             float* pt = part + (i0 * NB + j0) * 16;
             if constexpr (O::kFp8Bf16) {
               if (f8reg) {
-                bf16_tile_fn<O, true>(mt, nt)(xp + i0 * Kp + k0, Kp, w_row(w, it.n0 + n0 + j0) + k0,
-                                              ldw, nc, pt, NB * 16, first, last, yt, j.ldy);
+                bf16_tile_fn<O, true>(mt, nt)(xp + i0 * ldx + k0, ldx,
+                                              w_row(w, it.n0 + n0 + j0) + k0, ldw, nc, pt, NB * 16,
+                                              first, last, yt, j.ldy);
                 continue;
               }
             }
-            bf16_tile_fn<O, false>(mt, nt)(xp + i0 * Kp + k0, Kp, wp + (n0 + j0) * ldw + k0, ldw,
+            bf16_tile_fn<O, false>(mt, nt)(xp + i0 * ldx + k0, ldx, wp + (n0 + j0) * ldw + k0, ldw,
                                            nc, pt, NB * 16, first, last, yt, j.ldy);
           }
         }
