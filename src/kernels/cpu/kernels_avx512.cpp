@@ -239,9 +239,8 @@ struct Avx512Bf16 : Avx512 {
   static constexpr bool kFp8Raw = true;
   static PB load_pb_fp8_raw(const uint8_t* p, uint32_t& sub) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i t =
-        _mm256_sub_epi8(_mm256_and_si256(b, _mm256_set1_epi8(0x7f)), _mm256_set1_epi8(1));
-    sub = _mm256_cmplt_epu8_mask(t, _mm256_set1_epi8(7));
+    sub = _mm256_mask_test_epi8_mask(_mm256_testn_epi8_mask(b, _mm256_set1_epi8(0x78)), b,
+                                     _mm256_set1_epi8(0x07));
     return _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 4),
                             _mm512_set1_epi16(static_cast<short>(0x87f0)));
   }
