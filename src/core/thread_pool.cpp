@@ -1,18 +1,39 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 
 namespace moeserve {
 
 namespace {
-// How long a worker, or the caller, spins before sleeping: a few tens of microseconds.
-constexpr int kSpin = 4000;
+// How long a worker spins for the next job, and the caller for the workers to finish, before
+// sleeping on the condition variable: a time, not a count of pause instructions, whose cost
+// differs tenfold between CPUs (and more under a hypervisor). Decode issues a job every few to
+// ~100 microseconds and the gaps between them are mostly short, so a short spin saves most
+// futex wake-ups; a long one (formerly 4000 pauses, ~100 us here) costs a machine whose cores
+// are shared: the spinning threads use up their share of the CPU, and a caller waiting on a
+// worker that was preempted spins while that worker waits for a core. Measured on a 2-vCPU VM
+// under load (docs/benchmarks.md): 1.4x the decode speed of the 100 us spin.
+constexpr int64_t kSpinNs = 10000;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
+}
+
+// Spins until done() or kSpinNs have passed; whether done() became true.
+template <class F>
+bool spin_until(F&& done) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    for (int j = 0; j < 16; ++j) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() - t0 >= std::chrono::nanoseconds(kSpinNs)) return done();
+  }
 }
 
 // Range of chunk `i` of `parts` over n elements in units of grain.
@@ -48,10 +69,10 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
-    for (int i = 0; i < kSpin && generation_.load(std::memory_order_acquire) == seen &&
-                    !stop_.load(std::memory_order_relaxed);
-         ++i)
-      cpu_relax();
+    spin_until([&] {
+      return generation_.load(std::memory_order_acquire) != seen ||
+             stop_.load(std::memory_order_relaxed);
+    });
     const std::function<void(int64_t, int64_t, int)>* job;
     int64_t n, grain;
     {
@@ -101,7 +122,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   int64_t b, e;
   chunk(n, grain, n_threads_, 0, &b, &e);
   if (b < e) fn(b, e, 0);
-  for (int i = 0; i < kSpin && pending_.load(std::memory_order_acquire) != 0; ++i) cpu_relax();
+  spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
   std::unique_lock<std::mutex> lk(mu_);
   done_cv_.wait(lk, [&] { return pending_ == 0; });
   busy_ = false;

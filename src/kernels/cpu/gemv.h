@@ -50,6 +50,56 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) acc[i][j] = ka == 0 ? O::zero() : O::load(part + (j * M + i) * 16);
+  // Q4: one chunk of 32 elements of every row, with the rows' group tables t.
+  [[maybe_unused]] auto q4_chunk = [&](int64_t k, const V* t) {
+    if constexpr (M <= 4) {
+      V x0[M], x1[M];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        x0[i] = O::load_reg(xr[i] + k);
+        x1[i] = O::load_reg(xr[i] + k + 16);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) {
+        V w0, w1;
+        O::cvt_q4x2(row[j] + k / 2, t[j], w0, w1);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i) acc[i][j] = O::fma(x1[i], w1, O::fma(x0[i], w0, acc[i][j]));
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) {
+        V w0, w1;
+        O::cvt_q4x2(row[j] + k / 2, t[j], w0, w1);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i)
+          acc[i][j] =
+              O::fma(O::load(xr[i] + k + 16), w1, O::fma(O::load(xr[i] + k), w0, acc[i][j]));
+      }
+    }
+  };
+  if constexpr (q4 && O::kPrepBf16) {
+    // The common case (bf16 scales, whole rows, no row 0 of the view, whose first scale has
+    // nothing readable before it): a plain loop over the groups, each row's table made from its
+    // scale in place, without the general loop's per-group bookkeeping (with groups of 32 it
+    // cost as much as the products).
+    if (w.group_scale_dtype == DType::BF16 && ka == 0 && kb == K && !pf && r != 0) {
+      const uint16_t* sp[R];
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) sp[j] = reinterpret_cast<const uint16_t*>(srow[j]);
+      for (int64_t k = 0, g = 0; k < K; ++g) {
+        V t[R];
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) t[j] = O::q4_prep_bf16(sp[j] + g);
+        for (const int64_t ge = std::min(K, k + gs); k < ge; k += step) q4_chunk(k, t);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) y[i * ldy + r + j * rs] = O::reduce(acc[i][j]);
+      return;
+    }
+  }
   int64_t g = ka / gs, gend = (g + 1) * gs;  // the group of column k, and its end
   for (int64_t k0 = ka; k0 < kb; k0 += kFp8Block) {
     const int64_t kend = std::min(kfull, k0 + kFp8Block);
@@ -69,34 +119,7 @@ void gemv_tile_int(const float* const* x, const Weight& w, int64_t r, int64_t rs
 #pragma GCC unroll 8
       for (int j = 0; j < R; ++j) t[j] = int_prep_at<O, DT>(w, srow[j], g, first[j] && g == 0);
       if constexpr (q4) {
-        for (; k < ge; k += step) {
-          if constexpr (M <= 4) {
-            V x0[M], x1[M];
-#pragma GCC unroll 8
-            for (int i = 0; i < M; ++i) {
-              x0[i] = O::load_reg(xr[i] + k);
-              x1[i] = O::load_reg(xr[i] + k + 16);
-            }
-#pragma GCC unroll 8
-            for (int j = 0; j < R; ++j) {
-              V w0, w1;
-              O::cvt_q4x2(row[j] + k / 2, t[j], w0, w1);
-#pragma GCC unroll 8
-              for (int i = 0; i < M; ++i)
-                acc[i][j] = O::fma(x1[i], w1, O::fma(x0[i], w0, acc[i][j]));
-            }
-          } else {
-#pragma GCC unroll 8
-            for (int j = 0; j < R; ++j) {
-              V w0, w1;
-              O::cvt_q4x2(row[j] + k / 2, t[j], w0, w1);
-#pragma GCC unroll 8
-              for (int i = 0; i < M; ++i)
-                acc[i][j] =
-                    O::fma(O::load(xr[i] + k + 16), w1, O::fma(O::load(xr[i] + k), w0, acc[i][j]));
-            }
-          }
-        }
+        for (; k < ge; k += step) q4_chunk(k, t);
       } else {
         // Q8: few tokens by O::cvt_q8_fma (c = -128 * scale) where every row's scale allows it.
         [[maybe_unused]] V c[R];

@@ -352,7 +352,36 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
         }
       }
     }
-    for (int64_t n0 = 0; n0 < rows; n0 += NB) {
+    // Few tokens (whole K): the tiles take their rows from O::kBTileN runs of consecutive
+    // rows, the next tile the next row of each run, so the prefetchers see long sequential
+    // streams rather than short rows side by side (gemv_rows does the same).
+    int64_t n_done = 0;
+    if (kb == Kp) {
+      constexpr int64_t NT = O::kBTileN;
+      const int64_t st = rows / NT;  // rows per run
+      alignas(64) float yt[O::kBTileM * NT];
+      for (int64_t p = 0; p < st; ++p) {
+        for (int64_t i0 = 0; i0 < mm; i0 += O::kBTileM) {
+          const int64_t mt = std::min<int64_t>(O::kBTileM, mm - i0);
+          bool done = false;
+          if constexpr (O::kFp8Bf16) {
+            if (f8reg) {
+              bf16_tile_fn<O, true>(mt, NT)(xp + i0 * Kp, Kp, w_row(w, it.n0 + p), st * ldw,
+                                            Kp / 32, part, NB * 16, true, true, yt, NT);
+              done = true;
+            }
+          }
+          if (!done)
+            bf16_tile_fn<O, false>(mt, NT)(xp + i0 * Kp, Kp, wp + p * ldw, st * ldw, Kp / 32, part,
+                                           NB * 16, true, true, yt, NT);
+          for (int64_t i = 0; i < mt; ++i)
+            for (int64_t q = 0; q < NT; ++q)
+              j.y[(m0 + i0 + i) * j.ldy + it.n0 + p + q * st] = yt[i * NT + q];
+        }
+      }
+      n_done = st * NT;
+    }
+    for (int64_t n0 = n_done; n0 < rows; n0 += NB) {
       const int64_t nn = std::min(NB, rows - n0);
       for (int64_t k0 = 0; k0 < Kp; k0 += kb) {
         const int64_t nc = std::min(kb, Kp - k0) / 32;
