@@ -14,8 +14,19 @@ namespace {
 // futex wake-ups; a long one (formerly 4000 pauses, ~100 us here) costs a machine whose cores
 // are shared: the spinning threads use up their share of the CPU, and a caller waiting on a
 // worker that was preempted spins while that worker waits for a core. Measured on a 2-vCPU VM
-// under load (docs/benchmarks.md): 1.4x the decode speed of the 100 us spin.
-constexpr int64_t kSpinNs = 10000;
+// under load (docs/benchmarks.md): 1.4x the decode speed of the 100 us spin. MOESERVE_SPIN_US
+// sets it (a machine whose cores are the engine's alone may gain from a longer spin).
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("MOESERVE_SPIN_US");
+    if (!v || !*v) return int64_t{10000};
+    char* end = nullptr;
+    const long long us = std::strtoll(v, &end, 10);
+    return (*end == 0 && us >= 0 && us <= 1000000) ? static_cast<int64_t>(us) * 1000
+                                                   : int64_t{10000};
+  }();
+  return ns;
+}
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -23,16 +34,17 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spins until done() or kSpinNs have passed; whether done() became true.
+// Spins until done() or spin_ns() have passed; whether done() became true.
 template <class F>
 bool spin_until(F&& done) {
   const auto t0 = std::chrono::steady_clock::now();
+  const auto limit = std::chrono::nanoseconds(spin_ns());
   for (;;) {
     for (int j = 0; j < 16; ++j) {
       if (done()) return true;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() - t0 >= std::chrono::nanoseconds(kSpinNs)) return done();
+    if (std::chrono::steady_clock::now() - t0 >= limit) return done();
   }
 }
 

@@ -38,8 +38,9 @@ class ThreadPool {
   mutable const std::function<void(int64_t, int64_t, int)>* job_ = nullptr;
   mutable int64_t job_n_ = 0, job_grain_ = 1;
   // generation_ and pending_ change under mu_ but are also read without it: workers and the
-  // caller spin on them briefly (thread_pool.cpp: kSpinNs) before sleeping on the condition
-  // variables (decode issues a job every ~100 us, and a futex wake-up costs a good part of that).
+  // caller spin on them briefly (thread_pool.cpp: spin_ns, 10 us unless MOESERVE_SPIN_US says)
+  // before sleeping on the condition variables (decode issues a job every ~100 us, and a futex
+  // wake-up costs a good part of that).
   mutable std::atomic<uint64_t> generation_{0};
   mutable std::atomic<int> pending_{0};
   mutable bool busy_ = false;
