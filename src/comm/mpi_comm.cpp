@@ -399,7 +399,9 @@ class MpiCommunicator final : public Communicator {
     MPI_Comm_size(comm_, &size_);
   }
   ~MpiCommunicator() override {
-    if (!finalized()) MPI_Comm_free(&comm_);
+    if (finalized()) return;
+    if (matched_ != MPI_COMM_NULL) MPI_Comm_free(&matched_);
+    MPI_Comm_free(&comm_);
   }
 
   int rank() const override { return rank_; }
@@ -526,6 +528,70 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
+  void all_to_all_matched(const Segments& send, const Segments& recv) override {
+    MS_CHECK(send.n_peers() == size_ && recv.n_peers() == size_, "all_to_all_matched: lists for ",
+             send.n_peers(), " and ", recv.n_peers(), " peers on a communicator of size ", size_);
+    if (matched_ == MPI_COMM_NULL) MS_MPI(MPI_Comm_dup(comm_, &matched_));  // collective
+    // A piece goes by itself when it is large or its peer's only one; the others of a peer
+    // share one packed message. Both sides see the same sizes, so they decide alike.
+    const size_t direct = std::max<size_t>(options_.direct_bytes, 1);
+    auto alone = [&](std::span<const Segments::Piece> ps, const Segments::Piece& x) {
+      return ps.size() == 1 || x.bytes >= direct;
+    };
+    size_t sb = 0, rb = 0;
+    for (int p = 0; p < size_; ++p) {
+      if (p == rank_) continue;
+      for (const auto& x : send.peer(p)) sb += alone(send.peer(p), x) ? 0 : x.bytes;
+      for (const auto& x : recv.peer(p)) rb += alone(recv.peer(p), x) ? 0 : x.bytes;
+    }
+    std::byte* ss = send_stage_.get(sb);
+    std::byte* rs = recv_stage_.get(rb);
+    reqs_.clear();
+    want_.clear();
+    // Receives first, then the sends, peers in turn from the next rank on.
+    size_t ro = 0;
+    for (int i = 1; i < size_; ++i) {
+      const int p = (rank_ + size_ - i) % size_;
+      const auto ps = recv.peer(p);
+      size_t packed = 0;
+      for (const auto& x : ps)
+        if (alone(ps, x))
+          post(x.ptr, x.bytes, p, kDirectTag, false);
+        else
+          packed += x.bytes;
+      if (packed) post(rs + ro, packed, p, kPackedTag, false), ro += packed;
+    }
+    const size_t n_recv = reqs_.size();
+    for (int i = 1; i < size_; ++i) {
+      const int p = (rank_ + i) % size_;
+      const auto ps = send.peer(p);
+      std::byte* start = ss;
+      for (const auto& x : ps)
+        if (alone(ps, x))
+          post(x.ptr, x.bytes, p, kDirectTag, true);
+        else
+          std::memcpy(ss, x.ptr, x.bytes), ss += x.bytes;
+      if (ss != start) post(start, ss - start, p, kPackedTag, true);
+    }
+    copy_self(send.peer(rank_), recv.peer(rank_));
+    stats_.resize(reqs_.size());
+    MS_MPI(MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), stats_.data()));
+    for (size_t i = 0; i < n_recv; ++i) {
+      int got = 0;
+      MPI_Get_count(&stats_[i], MPI_BYTE, &got);
+      MS_CHECK(static_cast<size_t>(got) == want_[i], "all_to_all_matched: ", got,
+               " bytes arrived from rank ", stats_[i].MPI_SOURCE, " where ", want_[i],
+               " were expected (the two sides' pieces differ)");
+    }
+    ro = 0;
+    for (int i = 1; i < size_; ++i) {
+      const int p = (rank_ + size_ - i) % size_;
+      const auto ps = recv.peer(p);
+      for (const auto& x : ps)
+        if (!alone(ps, x)) std::memcpy(x.ptr, rs + ro, x.bytes), ro += x.bytes;
+    }
+  }
+
   void send(const void* data, size_t bytes, int dest, int tag) override {
     check_rank(dest, "send destination");
     check_tag(tag);
@@ -612,6 +678,36 @@ class MpiCommunicator final : public Communicator {
              " entries for a communicator of size ", size_);
   }
 
+  // all_to_all_matched: a nonblocking send or receive of [ptr, ptr + bytes) on matched_, in
+  // messages of at most kChunk bytes (received ones must match: want_ keeps their sizes).
+  static constexpr int kDirectTag = 1, kPackedTag = 2;
+  void post(std::byte* ptr, size_t bytes, int peer, int tag, bool is_send) {
+    for (size_t o = 0; o < bytes; o += kChunk) {
+      const int n = static_cast<int>(std::min(kChunk, bytes - o));
+      reqs_.push_back(MPI_REQUEST_NULL);
+      if (is_send) {
+        MS_MPI(MPI_Isend(ptr + o, n, MPI_BYTE, peer, tag, matched_, &reqs_.back()));
+      } else {
+        MS_MPI(MPI_Irecv(ptr + o, n, MPI_BYTE, peer, tag, matched_, &reqs_.back()));
+        want_.push_back(n);
+      }
+    }
+  }
+  // A rank's pieces to itself: the two lists walked at once.
+  static void copy_self(std::span<const Segments::Piece> s, std::span<const Segments::Piece> r) {
+    size_t si = 0, ri = 0, so = 0, ro = 0, sent = 0, got = 0;
+    for (const auto& x : s) sent += x.bytes;
+    for (const auto& x : r) got += x.bytes;
+    MS_CHECK(sent == got, "all_to_all: a rank sends itself ", sent, " bytes but receives ", got);
+    while (si < s.size() && ri < r.size()) {
+      const size_t n = std::min(s[si].bytes - so, r[ri].bytes - ro);
+      std::memcpy(r[ri].ptr + ro, s[si].ptr + so, n);
+      so += n, ro += n;
+      if (so == s[si].bytes) ++si, so = 0;
+      if (ro == r[ri].bytes) ++ri, ro = 0;
+    }
+  }
+
   // One MPI_Alltoallw: plain bytes for a peer of one piece, a derived type otherwise.
   void exchange(const Segments& send, const Segments& recv) {
     Types types;
@@ -628,6 +724,10 @@ class MpiCommunicator final : public Communicator {
   int one_node_ = -1;                   // share(): all ranks on one node (-1: not asked yet)
   Stage send_stage_, recv_stage_;       // Staging: contiguous copies of multi-piece messages
   Segments staged_send_, staged_recv_;  // the lists MPI sees
+  MPI_Comm matched_ = MPI_COMM_NULL;    // all_to_all_matched's own message space
+  std::vector<MPI_Request> reqs_;       // all_to_all_matched: receives, then sends
+  std::vector<MPI_Status> stats_;
+  std::vector<size_t> want_;  // bytes of each receive
 };
 
 }  // namespace

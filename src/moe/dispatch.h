@@ -185,12 +185,13 @@ class Dispatcher {
   uint64_t plans_ = 0, dispatched_ = 0;      // latest plan id; id of the plan dispatched last
   bool synced_ = true;                       // no shared read since the last collective
   std::vector<const float*> src_;            // combine: output row of each travel position
-  Buffer<float> x_;                          // [n_recv, H] messages: the rows received
   std::vector<const float*> rows_;           // [n_recv] dispatch result
-  Buffer<uint64_t> masks_;                   // [recv rows, mask_words] PerRank
   Buffer<float> y_;                          // [n_recv, H] expert_out()
   Buffer<float> back_;  // [n_pairs_sent, H] combine: outputs back, in travel order
-  comm::Segments send_, recv_;
+  // Messages: one contiguous block per peer in each direction (dispatch: masks, then rows).
+  Buffer<std::byte> send_buf_, recv_buf_;
+  std::vector<size_t> send_counts_, send_displs_, recv_counts_, recv_displs_;  // [R] bytes
+  comm::Segments send_, recv_;  // the pieces all_to_all_matched moves
   Timing timing_;
 };
 
