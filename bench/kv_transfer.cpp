@@ -11,7 +11,11 @@
 //   two-sided  rank 0 packs the blocks into a staging buffer and sends it; rank 1 receives it
 //              into a staging buffer and unpacks; rank 0's busy time is pack + send
 // Each is timed from a barrier to the data being in rank 1's blocks, best of --iters. The bound
-// is this machine's single-thread memcpy rate (the transfer runs on one thread). Memory traffic
+// is measured in turn with the transfers (a shared machine's memcpy rate moves from minute to
+// minute): rank 1 copying the same number of blocks between scattered places of its own pool on
+// one thread; %memcpy is the median over iterations of copy time / transfer time. On one node
+// the one-sided reads are process_vm_readv calls on up to 4 threads (MOESERVE_WINDOW_MPI_GET=1:
+// MPI_Get instead). Memory traffic
 // per byte moved, by construction: one-sided 1 copy (read + write once); two-sided 3 copies
 // (pack, MPI's single-copy or shared-memory transfer, unpack).
 #include <algorithm>
