@@ -1,7 +1,7 @@
 // bench_alltoall: the MoE dispatch and combine against a raw MPI_Alltoallv of the same bytes.
 //   mpirun -np {2,4,8} --oversubscribe --allow-run-as-root bench_alltoall
 //       [--mode both|rank|expert] [--transport auto|messages] [--pieces datatypes|staging]
-//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096]
+//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096] [--direct-kib N]
 // Per rank: tokens in {1, 16, 128, 4096} (or the list given), hidden in {2048, 7168}, top-8 of 256
 // experts, uniform random routing, contiguous placement. Timed per iteration from a barrier to the
 // last rank's end (max over ranks); the best iteration counts (other load only ever adds time: the
@@ -210,6 +210,7 @@ class Bench {
 
 int main(int argc, char** argv) {
   std::string mode = "both", pieces = "datatypes", hidden = "both", transport = "auto";
+  long direct_kib = -1;
   std::vector<int64_t> token_counts = {1, 16, 128, 4096};
   for (int i = 1; i + 1 < argc; ++i) {
     const std::string a = argv[i];
@@ -217,6 +218,7 @@ int main(int argc, char** argv) {
     if (a == "--pieces") pieces = argv[i + 1];
     if (a == "--hidden") hidden = argv[i + 1];
     if (a == "--transport") transport = argv[i + 1];
+    if (a == "--direct-kib") direct_kib = std::atol(argv[i + 1]);
     if (a == "--tokens") {
       token_counts.clear();
       for (const char* p = argv[i + 1]; *p;) {
@@ -233,6 +235,7 @@ int main(int argc, char** argv) {
   }
   comm::MpiOptions opt;
   if (pieces == "staging") opt.pieces = comm::PiecesVia::Staging;
+  if (direct_kib >= 0) opt.direct_bytes = static_cast<size_t>(direct_kib) << 10;
   auto comm = comm::mpi_world(opt);
   const bool root = comm->rank() == 0;
   const char* mem_env = std::getenv("MOESERVE_BENCH_MEM_GB");

@@ -103,6 +103,11 @@ class Segments {
     else
       pieces_.push_back({p, bytes});
   }
+  // Appends a piece of its own, never merged with its neighbours (the cuts of
+  // all_to_all_matched); an empty one is left out.
+  void add_piece(const void* ptr, size_t bytes) {
+    if (bytes) pieces_.push_back({static_cast<std::byte*>(const_cast<void*>(ptr)), bytes});
+  }
   // Ends the current peer's message; call once per peer, in rank order.
   void next_peer() { begin_.push_back(pieces_.size()); }
 
@@ -155,6 +160,16 @@ class Communicator {
   // The same exchange with gather/scatter lists (one list entry per peer, n_peers() == size()):
   // no packing copies; MPI moves the pieces itself.
   virtual void all_to_all_segments(const Segments& send, const Segments& recv) = 0;
+  // The same exchange when the cuts match: for every pair of ranks (p, q), p's send pieces for q
+  // and q's receive pieces from p have the same sizes in the same order (a piece's bytes may
+  // then go from where they are straight to where they belong). The MPI backend sends each
+  // large piece (MpiOptions::direct_bytes) and each peer's only piece as a message of its own,
+  // from and into place, and packs a peer's small pieces into one message: no derived
+  // datatypes, one copy of ours only for the small pieces. Unmatched cuts are a caller's bug
+  // (MPI reports a message of the wrong size, as an error on the receiver).
+  virtual void all_to_all_matched(const Segments& send, const Segments& recv) {
+    all_to_all_segments(send, recv);
+  }
 
   // Two-sided, blocking, matched by (peer, tag); tag in [0, 32767]. Messages between one pair
   // with one tag arrive in order. recv's bytes must equal the matching send's.
@@ -192,6 +207,8 @@ enum class PiecesVia {
 
 struct MpiOptions {
   PiecesVia pieces = PiecesVia::Datatypes;
+  // all_to_all_matched: a piece of at least this many bytes travels as its own message.
+  size_t direct_bytes = size_t(128) << 10;
 };
 
 // The communicator of all processes: MPI when launched by mpirun (OMPI_COMM_WORLD_SIZE or

@@ -42,6 +42,10 @@ std::string check_input(const Placement& pl, int n_ranks, int64_t n, int64_t K, 
   return {};
 }
 
+size_t align64(size_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
+
 // Runs fn, returns its wall time in seconds.
 template <class F>
 double timed(F&& fn) {
@@ -243,54 +247,76 @@ const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hid
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
   dispatched_ = p.id;
   rows_.resize(p.n_recv());
+  for (auto* v : {&send_counts_, &send_displs_, &recv_counts_, &recv_displs_})
+    v->assign(p.n_ranks, 0);
   if (p.shared) {
     timing_.dispatch = timed([&] { dispatch_shared(p, hidden); });
     return rows_.data();
   }
-  const int R = p.n_ranks;
+  const int R = p.n_ranks, me = p.rank;
   const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
   const int64_t MW = p.mask_words, mrow = MW * sizeof(uint64_t);
-  float* x = x_.get(p.n_recv() * H);
-  uint64_t* masks = masks_.get(p.recv_row_offset[R] * MW);
-  // Per peer: the rows (leaders), then (PerRank) their masks. Leaders land in place, in the
-  // first part of each cell; the masks say where else each row goes.
+  // One contiguous block per peer and direction, each 64-byte aligned: the rows' masks
+  // (PerRank), padded, then the rows. This rank's own rows do not travel: they are read where
+  // they are, in `hidden`.
+  auto block_bytes = [&](int64_t rows) { return rows ? align64(rows * mrow) + rows * row : 0; };
+  size_t so = 0, ro = 0;
+  for (int q = 0; q < R; ++q) {
+    const int64_t out = q == me ? 0 : p.row_offset[q + 1] - p.row_offset[q];
+    const int64_t in = q == me ? 0 : p.recv_row_offset[q + 1] - p.recv_row_offset[q];
+    send_displs_[q] = so, send_counts_[q] = block_bytes(out), so += align64(send_counts_[q]);
+    recv_displs_[q] = ro, recv_counts_[q] = block_bytes(in), ro += align64(recv_counts_[q]);
+  }
+  std::byte* sb = send_buf_.get(so);
+  std::byte* rb = recv_buf_.get(ro);
+  for (int d = 0; d < R; ++d) {
+    const int64_t b = p.row_offset[d], e = p.row_offset[d + 1];
+    if (d == me || b == e) continue;
+    std::byte* dst = sb + send_displs_[d];
+    std::memcpy(dst, p.row_mask.data() + b * MW, (e - b) * mrow);
+    dst += align64((e - b) * mrow);
+    for (int64_t r = b; r < e; ++r, dst += row) std::memcpy(dst, hidden + p.row_token[r] * H, row);
+  }
   send_.reset();
   recv_.reset();
-  for (int d = 0; d < R; ++d) {
-    for (int64_t r = p.row_offset[d]; r < p.row_offset[d + 1]; ++r)
-      send_.add(hidden + p.row_token[r] * H, row);
-    send_.add(p.row_mask.data() + p.row_offset[d] * MW,
-              (p.row_offset[d + 1] - p.row_offset[d]) * mrow);
+  for (int q = 0; q < R; ++q) {
+    send_.add_piece(sb + send_displs_[q], send_counts_[q]);
     send_.next_peer();
-  }
-  for (int s = 0; s < R; ++s) {
-    for (int64_t j = 0; j < J; ++j)
-      recv_.add(x + p.cell_offset[s * J + j] * H, p.lead_count[s * J + j] * row);
-    const int64_t b = p.recv_row_offset[s];
-    recv_.add(masks + b * MW, (p.recv_row_offset[s + 1] - b) * mrow);
+    recv_.add_piece(rb + recv_displs_[q], recv_counts_[q]);
     recv_.next_peer();
   }
-  timing_.dispatch = timed([&] { comm_.all_to_all_segments(send_, recv_); });
-  // Every row where it landed; the other slots of a leader's token (PerRank) point to it, in
-  // arrival order (leader slot, token): the order plan gave the non-leaders of each cell.
-  std::vector<int64_t> next(R * J);  // [R, J] next free row of each cell
-  for (int64_t c = 0; c < R * J; ++c) {
-    for (int64_t q = 0; q < p.lead_count[c]; ++q)
-      rows_[p.cell_offset[c] + q] = x + (p.cell_offset[c] + q) * H;
-    next[c] = p.cell_offset[c] + p.lead_count[c];
-  }
-  for (int s = 0; s < R && MW; ++s) {
-    int64_t r = p.recv_row_offset[s];
+  timing_.dispatch = timed([&] { comm_.all_to_all_matched(send_, recv_); });
+  // Every row where it landed (or, from this rank, where it is); the other slots of a leader's
+  // token (PerRank) point to it, in arrival order (leader slot, token): the order plan gave the
+  // non-leaders of each cell.
+  std::vector<int64_t> lead(R * J), other(R * J);  // [R, J] next leader / other row of a cell
+  for (int64_t c = 0; c < R * J; ++c)
+    lead[c] = p.cell_offset[c], other[c] = p.cell_offset[c] + p.lead_count[c];
+  for (int s = 0; s < R; ++s) {
+    const int64_t n_rows = p.recv_row_offset[s + 1] - p.recv_row_offset[s];
+    const uint64_t* masks = nullptr;
+    const float* in = nullptr;
+    const int32_t* tokens = nullptr;
+    if (s == me) {
+      masks = p.row_mask.data() + p.row_offset[me] * MW;
+      tokens = p.row_token.data() + p.row_offset[me];
+    } else if (n_rows) {
+      masks = reinterpret_cast<const uint64_t*>(rb + recv_displs_[s]);
+      in = reinterpret_cast<const float*>(rb + recv_displs_[s] + align64(n_rows * mrow));
+    }
+    int64_t r = 0;
     for (int64_t j0 = 0; j0 < J; ++j0)
       for (int64_t q = 0; q < p.lead_count[s * J + j0]; ++q, ++r) {
-        const float* src = x + (p.cell_offset[s * J + j0] + q) * H;
+        const float* src = tokens ? hidden + tokens[r] * H : in + r * H;
+        rows_[lead[s * J + j0]++] = src;
         for (int64_t w = 0; w < MW; ++w)
           for (uint64_t m = masks[r * MW + w]; m; m &= m - 1) {
             const int64_t j = w * 64 + std::countr_zero(m);
             MS_ASSERT(j < J && j != j0);
-            rows_[next[s * J + j]++] = src;
+            rows_[other[s * J + j]++] = src;
           }
       }
+    MS_ASSERT(r == n_rows);
   }
   return rows_.data();
 }
@@ -376,21 +402,25 @@ void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* 
   }
   const int R = p.n_ranks, me = p.rank;
   const int64_t H = p.hidden, J = p.n_slots, K = p.top_k, row = H * sizeof(float);
+  const int64_t S = p.seg_slots;
   float* back = back_.get(p.n_pairs_sent() * H);
-  // Each cell's rows back to its source, except this rank's own: those are read in place.
+  // Each cell's rows back to its source, except this rank's own (read in place): one piece per
+  // cell, received into place in travel order, where the pairs to (rank, slot) are contiguous.
+  // The cuts match: cell (s, j) here is what rank s counts as its pairs to (this rank, j).
   send_.reset();
   recv_.reset();
-  for (int s = 0; s < R; ++s) {
-    for (int64_t j = 0; j < J && s != me; ++j)
-      send_.add(expert_out + p.cell_offset[s * J + j] * H, p.recv_count[s * J + j] * row);
+  for (int q = 0; q < R; ++q) {
+    for (int64_t j = 0; j < J && q != me; ++j)
+      send_.add_piece(expert_out + p.cell_offset[q * J + j] * H, p.recv_count[q * J + j] * row);
     send_.next_peer();
-  }
-  for (int d = 0; d < R; ++d) {
-    if (d != me)
-      recv_.add(back + p.pair_offset[d] * H, (p.pair_offset[d + 1] - p.pair_offset[d]) * row);
+    for (int64_t j = 0; j < S && q != me; ++j) {
+      const int64_t b = p.send_cell_start[q * S + j];
+      const int64_t e = j + 1 < S ? p.send_cell_start[q * S + j + 1] : p.pair_offset[q + 1];
+      recv_.add_piece(back + b * H, (e - b) * row);
+    }
     recv_.next_peer();
   }
-  timing_.combine = timed([&] { comm_.all_to_all_segments(send_, recv_); });
+  timing_.combine = timed([&] { comm_.all_to_all_matched(send_, recv_); });
   // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
   const int64_t self_begin = p.pair_offset[me], self_end = p.pair_offset[me + 1];
   std::vector<const float*> ys(K);

@@ -49,7 +49,8 @@ enum class Transport : int32_t {
   // combine reads the expert outputs where the expert ranks wrote them while it sums.
   // Otherwise, as Messages. The default.
   Auto = 0,
-  // MPI all-to-alls (Communicator::all_to_all_segments), on one node or across nodes.
+  // MPI all-to-alls (Communicator::all_to_all_matched: one contiguous block per peer, or cells
+  // sent from and into place), on one node or across nodes.
   Messages = 1,
 };
 
@@ -126,7 +127,9 @@ class Dispatcher {
   // % 16 == 0 (what the expert kernels read in place, kernels::MatmulJob::xrows). A token with
   // several experts here is one row, pointed to by each of its slots: nothing is copied per
   // (token, expert) pair. With shared memory the rows are the source ranks' own, in their
-  // segments: nothing is copied at all. Valid until the next plan on this Dispatcher.
+  // segments: nothing is copied at all. With messages, this rank's own tokens' rows point into
+  // `hidden` (not copied): keep it unchanged until combine. Valid until the next plan on this
+  // Dispatcher.
   // The plan must be this Dispatcher's latest (checked with the shared-memory transport).
   const float* const* dispatch(const DispatchPlan& plan, const float* hidden);
 
@@ -185,12 +188,13 @@ class Dispatcher {
   uint64_t plans_ = 0, dispatched_ = 0;      // latest plan id; id of the plan dispatched last
   bool synced_ = true;                       // no shared read since the last collective
   std::vector<const float*> src_;            // combine: output row of each travel position
-  Buffer<float> x_;                          // [n_recv, H] messages: the rows received
   std::vector<const float*> rows_;           // [n_recv] dispatch result
-  Buffer<uint64_t> masks_;                   // [recv rows, mask_words] PerRank
   Buffer<float> y_;                          // [n_recv, H] expert_out()
   Buffer<float> back_;  // [n_pairs_sent, H] combine: outputs back, in travel order
-  comm::Segments send_, recv_;
+  // Messages: one contiguous block per peer in each direction (dispatch: masks, then rows).
+  Buffer<std::byte> send_buf_, recv_buf_;
+  std::vector<size_t> send_counts_, send_displs_, recv_counts_, recv_displs_;  // [R] bytes
+  comm::Segments send_, recv_;  // the pieces all_to_all_matched moves
   Timing timing_;
 };
 

@@ -145,6 +145,75 @@ void test_segments(Communicator& c, Checker& ck) {
   test_segments_on(*half, ck);
 }
 
+// Matched cuts: for each pair (from, to) the same piece sizes on both sides, some at or above
+// the direct threshold (their own messages), some below (packed), a peer with a single small
+// piece, and empty pieces (left out on both sides). The sender's pieces are every other run of
+// a strided source, the receiver's land in reverse order of address with gaps, so a piece put
+// in the wrong place shows.
+void test_matched_on(Communicator& c, Checker& ck, size_t direct) {
+  const int n = c.size(), me = c.rank();
+  auto sizes = [&](int from, int to) {
+    std::vector<size_t> v;
+    if ((from + to) % 3 == 2) return std::vector<size_t>{7 + size_t(from)};  // one small piece
+    for (int k = 0; k < 6; ++k)
+      v.push_back((k + from + 2 * to) % 3 == 0 ? direct + 13 * k + to : 5 * k + from);
+    v.push_back(0);
+    return v;
+  };
+  std::vector<std::vector<uint8_t>> src(n), dst(n);
+  Segments s, r;
+  s.reset();
+  r.reset();
+  for (int p = 0; p < n; ++p) {
+    const auto out = sizes(me, p);
+    size_t total = 0;
+    for (size_t b : out) total += b;
+    src[p].assign(2 * total + 16, 0xaa);
+    size_t i = 0, o = 0;
+    for (size_t b : out) {
+      for (size_t k = 0; k < b; ++k) src[p][o + k] = pattern(me, p, i + k);
+      s.add_piece(&src[p][o], b);
+      i += b, o += 2 * b + 1;
+    }
+    s.next_peer();
+    const auto in = sizes(p, me);
+    total = 0;
+    for (size_t b : in) total += b;
+    dst[p].assign(total + in.size(), 0xee);
+    // Piece k lands after pieces k+1.. (reverse address order), one byte apart.
+    size_t end = dst[p].size();
+    std::vector<size_t> at(in.size());
+    for (size_t k = 0; k < in.size(); ++k) at[k] = end -= in[k] + 1;
+    for (size_t k = 0; k < in.size(); ++k) r.add_piece(&dst[p][at[k]], in[k]);
+    r.next_peer();
+  }
+  c.all_to_all_matched(s, r);
+  bool ok = true;
+  for (int p = 0; p < n; ++p) {
+    const auto in = sizes(p, me);
+    size_t end = dst[p].size(), i = 0;
+    for (size_t b : in) {
+      end -= b + 1;
+      for (size_t k = 0; k < b; ++k) ok &= dst[p][end + k] == pattern(p, me, i + k);
+      ok &= dst[p][end + b] == 0xee;
+      i += b;
+    }
+  }
+  CHECK(ck, ok);
+}
+
+void test_matched(Communicator& c, Checker& ck) {
+  moeserve::comm::MpiOptions opt;
+  for (size_t direct : {size_t(1), size_t(64), size_t(1) << 20}) {
+    opt.direct_bytes = direct;
+    auto m = moeserve::comm::mpi_world(opt);
+    test_matched_on(*m, ck, direct);
+    auto half = m->split(c.rank() % 2, 0);
+    test_matched_on(*half, ck, direct);
+  }
+  test_matched_on(c, ck, 100);
+}
+
 void test_send_recv(Communicator& c, Checker& ck) {
   const int n = c.size(), me = c.rank();
   if (n < 2) return;
@@ -341,9 +410,10 @@ int main(int argc, char** argv) {
   std::vector<moeserve::mpitest::Test> tests = {
       {"basics", test_basics},         {"all_reduce", test_all_reduce},
       {"all_gather_v", test_gather_v}, {"all_to_all", test_all_to_all},
-      {"segments", test_segments},     {"send_recv", test_send_recv},
-      {"split", test_split},           {"window", test_window},
-      {"check_all", test_check_all},   {"mailbox", test_mailbox},
+      {"segments", test_segments},     {"matched", test_matched},
+      {"send_recv", test_send_recv},   {"split", test_split},
+      {"window", test_window},         {"check_all", test_check_all},
+      {"mailbox", test_mailbox},
   };
   if (large) tests = {{"large", test_large}};
   return moeserve::mpitest::run_all(tests);

@@ -229,6 +229,18 @@ void test_dispatch_staging(Communicator& c, Checker& ck) {
   test_dispatch(*dt, ck, DispatchMode::PerExpert, Transport::Messages);
 }
 
+// Messages with every combine cell sent as a message of its own (none packed) and with all of
+// them packed: the same bits either way.
+void test_dispatch_direct(Communicator& c, Checker& ck) {
+  for (size_t direct : {size_t(1), size_t(1) << 40}) {
+    moeserve::comm::MpiOptions opt;
+    opt.direct_bytes = direct;
+    auto dt = moeserve::comm::mpi_world(opt);
+    test_dispatch(*dt, ck, DispatchMode::PerRank, Transport::Messages);
+    test_dispatch(*dt, ck, DispatchMode::PerExpert, Transport::Messages);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -243,6 +255,7 @@ int main() {
          test_dispatch(c, ck, DispatchMode::PerExpert, Transport::Messages);
        }},
       {"dispatch via staging", test_dispatch_staging},
+      {"dispatch via messages, cells direct or packed", test_dispatch_direct},
       {"shared memory: repeated dispatch, outputs elsewhere", test_shared_reuse},
       {"expert counts", test_expert_counts},
       {"failures", test_failures},
