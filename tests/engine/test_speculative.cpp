@@ -368,7 +368,9 @@ TEST(Speculative, RejectionSamplingKeepsTheTargetDistribution) {
         for (int64_t i = 0; i < n / 4; ++i) ++qcounts[engine::Sampler::draw(q.data(), V, u01(rng))];
         int dfq = 0;
         const double xq = chi_square(qcounts, want, &dfq);
-        if (overlap < 0.95) EXPECT_GT(xq, 3 * chi_square_limit(dfq));
+        if (overlap < 0.95) {
+          EXPECT_GT(xq, 3 * chi_square_limit(dfq));
+        }
       }
     }
   }
