@@ -112,13 +112,18 @@ std::vector<int32_t> Generator::generate_speculative(const std::vector<int32_t>&
   double t1 = t0;
   FinishEvent fin;
   r->on_token = [&](const TokenEvent& ev) {
-    if (out.empty()) t1 = now();
     out.push_back(ev.token);
     if (on_token) on_token(ev.token);
   };
   r->on_finish = [&](const FinishEvent& e) { fin = e; };
   sched.add(1, r);
-  while (sched.has_work()) sched.step();
+  // The prefill's time ends with the step that gave the first token (the MTP module's pass over
+  // the prompt and the first drafts included).
+  while (sched.has_work()) {
+    const bool first = out.empty();
+    sched.step();
+    if (first && !out.empty()) t1 = now();
+  }
   MS_CHECK(fin.reason != FinishReason::Error, fin.error);
   if (stats) {
     stats->prompt_tokens = P;
