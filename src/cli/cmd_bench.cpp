@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 #include <sys/sysinfo.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -34,6 +35,7 @@ struct BenchArgs {
   std::string model, preset, dtype = "bf16", cache_dir = "models";
   std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   int64_t prompt_len = 512, decode_tokens = 32;
+  int64_t speculative_tokens = 0;
   ParallelArgs par;
   bool json = false;
 };
@@ -49,6 +51,62 @@ double forward_flops(const model::ModelConfig& c, size_t active_matrix_elems, in
   f += c.num_hidden_layers * nh *
        (ctx * 2.0 * (2.0 * L + rd) + n * 2.0 * L * (c.qk_nope_head_dim + c.v_head_dim));
   return f;
+}
+
+double seconds_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Speculative decoding's costs at the end of a `past`-token context: the median seconds of a
+// forward of one token (a plain decode step), of 1 + k tokens (verifying k drafts) and of one
+// MTP module row (drafting a token).
+struct SpecCosts {
+  double step = 0, verify = 0, draft = 0;
+};
+SpecCosts measure_spec_costs(model::Model& m, const std::vector<int32_t>& prompt, int64_t k,
+                             kv::KvDtype dtype) {
+  const model::ModelConfig& c = m.config();
+  const int64_t P = static_cast<int64_t>(prompt.size()), bs = 16;
+  kv::KvPool kv((P + k + 1 + bs - 1) / bs, bs, c.num_hidden_layers + 1, c.kv_cache_dim(), dtype);
+  std::vector<int32_t> blocks;
+  MS_ASSERT(kv.allocate(kv.n_blocks(), &blocks));
+  std::vector<float> logits((k + 1) * c.vocab_size), hidden((k + 1) * c.hidden_size);
+  model::Batch b;
+  b.tokens = prompt;
+  b.seqs = {{0, P, 0, blocks.data()}};
+  b.logit_rows = {P - 1};
+  m.forward(b, kv, logits.data());
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  constexpr int kReps = 9;
+  std::vector<double> one, ver, dr;
+  for (int r = 0; r < kReps; ++r) {
+    // (each writes the rows after the prompt again)
+    b.tokens = {prompt[0]};
+    b.seqs = {{0, 1, P, blocks.data()}};
+    b.logit_rows = {0};
+    double t = seconds_now();
+    m.forward(b, kv, logits.data(), hidden.data());
+    one.push_back(seconds_now() - t);
+    b.tokens.assign(k + 1, prompt[0]);
+    b.seqs = {{0, k + 1, P, blocks.data()}};
+    b.logit_rows.clear();
+    for (int64_t i = 0; i <= k; ++i) b.logit_rows.push_back(i);
+    t = seconds_now();
+    m.forward(b, kv, logits.data(), hidden.data());
+    ver.push_back(seconds_now() - t);
+    if (m.has_mtp()) {
+      b.tokens = {prompt[1 % P]};
+      b.seqs = {{0, 1, P, blocks.data()}};
+      b.logit_rows = {0};
+      t = seconds_now();
+      m.forward_mtp(b, hidden.data(), kv, logits.data(), hidden.data());
+      dr.push_back(seconds_now() - t);
+    }
+  }
+  return {median(one), median(ver), dr.empty() ? 0.0 : median(dr)};
 }
 
 long peak_rss_kb() {
@@ -89,8 +147,10 @@ void run_bench(const BenchArgs& a) {
   });
   if (!a.preset.empty()) dir = (fs::path(a.cache_dir) / (a.preset + "-" + a.dtype)).string();
 
+  check_speculative_single_process(a.speculative_tokens, n_ranks);
   pm.load(dir);
   model::Model& m = pm.model();
+  if (a.speculative_tokens > 0) m.load_mtp();
   m.prefault(/*progress=*/pm.is_root(), /*copy=*/!a.par.mmap);
   const model::ModelConfig& c = m.config();
   const size_t weight_bytes = m.store().total_bytes();
@@ -118,6 +178,15 @@ void run_bench(const BenchArgs& a) {
   engine::GenerateStats st;
   gen.generate(prompt, opt, {}, &st);
   gen.drain();
+  // Speculative decoding: the same decode with the MTP module's drafts, and the steps' costs.
+  engine::GenerateStats spec_st;
+  SpecCosts costs;
+  if (a.speculative_tokens > 0) {
+    engine::GenerateOptions so = opt;
+    so.speculative_tokens = a.speculative_tokens;
+    gen.generate(prompt, so, {}, &spec_st);
+    costs = measure_spec_costs(m, prompt, a.speculative_tokens, kv_dtype);
+  }
   double times[4] = {st.prefill_seconds, st.decode_seconds, st.prefill_exchange_seconds,
                      st.decode_exchange_seconds};
   comm.all_reduce(times, 4, comm::ReduceOp::Max);
@@ -183,6 +252,27 @@ void run_bench(const BenchArgs& a) {
               100.0 * prefill_gflops / peak);
   std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
               decode_tps, decode_gbs, 100.0 * decode_gbs / bw);
+  double spec_tps = 0, acceptance = 0;
+  if (a.speculative_tokens > 0) {
+    spec_tps = (spec_st.output_tokens - 1) / spec_st.decode_seconds;
+    acceptance = spec_st.draft_tokens > 0
+                     ? static_cast<double>(spec_st.accepted_tokens) / spec_st.draft_tokens
+                     : 0.0;
+    std::printf(
+        "speculative    k=%lld: %.2f tokens/s = %.2fx plain decode; %lld of %lld drafts "
+        "accepted (%.1f%%)%s\n",
+        static_cast<long long>(a.speculative_tokens), spec_tps, spec_tps / decode_tps,
+        static_cast<long long>(spec_st.accepted_tokens),
+        static_cast<long long>(spec_st.draft_tokens), 100.0 * acceptance,
+        has_random_weights(dir) ? " (random weights: acceptance means nothing)" : "");
+    std::printf(
+        "               at %lld tokens of context: a 1-token step %.2f ms, verifying %lld drafts "
+        "(%lld tokens) %.2f ms = %.2fx, one MTP draft %.2f ms\n",
+        static_cast<long long>(a.prompt_len), costs.step * 1e3,
+        static_cast<long long>(a.speculative_tokens),
+        static_cast<long long>(a.speculative_tokens + 1), costs.verify * 1e3,
+        costs.verify / costs.step, costs.draft * 1e3);
+  }
   std::printf(
       "KV cache       %s rows, %lld bytes per token, %lld tokens cached at the end\n",
       kv::kv_dtype_name(kv_dtype),
@@ -219,6 +309,16 @@ void run_bench(const BenchArgs& a) {
                         {"weight_bytes_held", held},
                         {"kv_bytes", kv_bytes},
                         {"kv_cache_dtype", kv::kv_dtype_name(kv_dtype)}};
+    if (a.speculative_tokens > 0) {
+      j["speculative_tokens"] = a.speculative_tokens;
+      j["spec_decode_tokens_per_s"] = spec_tps;
+      j["spec_draft_tokens"] = spec_st.draft_tokens;
+      j["spec_accepted_tokens"] = spec_st.accepted_tokens;
+      j["spec_acceptance_rate"] = acceptance;
+      j["step_seconds"] = costs.step;
+      j["verify_seconds"] = costs.verify;
+      j["mtp_draft_seconds"] = costs.draft;
+    }
     std::printf("%s\n", j.dump().c_str());
   }
 }
@@ -245,6 +345,7 @@ void register_bench_command(CLI::App& app) {
   b->add_option("--prompt-len", a->prompt_len, "Prompt tokens to prefill")->capture_default_str();
   b->add_option("--decode-tokens", a->decode_tokens, "Tokens to decode")->capture_default_str();
   add_kv_cache_dtype_option(b, &a->kv_cache_dtype);
+  add_speculative_tokens_option(b, &a->speculative_tokens);
   add_parallel_flags(b, a->par);
   b->add_flag("--json", a->json, "Also print the figures as one JSON line");
   b->callback([a] { run_bench(*a); });

@@ -32,6 +32,7 @@ struct GenerateArgs {
   uint64_t seed = 0;
   bool json = false, ignore_eos = false;
   std::string kv_cache_dtype;  // add_kv_cache_dtype_option
+  int64_t speculative_tokens = 0;
   ParallelArgs par;
   const CLI::Option* seed_opt = nullptr;  // given on the command line, or a random seed is used
 };
@@ -71,6 +72,8 @@ void run_generate(const GenerateArgs& a) {
   ParallelModel pm(a.model, a.par);
   model::Model& m = pm.model();
   const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
+  check_speculative_single_process(a.speculative_tokens, pm.world().size());
+  if (a.speculative_tokens > 0) m.load_mtp();
   engine::Generator gen(m, 16, kv_dtype);
   if (!pm.is_root()) {  // the other ranks hold experts and follow rank 0's steps
     gen.drain();
@@ -84,6 +87,7 @@ void run_generate(const GenerateArgs& a) {
   engine::GenerateOptions opt;
   opt.max_tokens = a.max_tokens;
   opt.sampling = {a.temperature, a.top_p, a.top_k, seed};
+  opt.speculative_tokens = a.speculative_tokens;
   if (!a.ignore_eos) {
     // The end of sequence of config.json, the tokenizer and generation_config.json.
     if (m.config().eos_token_id >= 0)
@@ -120,6 +124,11 @@ void run_generate(const GenerateArgs& a) {
                  static_cast<long long>(st.prompt_tokens), st.prefill_seconds,
                  static_cast<long long>(st.output_tokens), st.decode_seconds,
                  st.output_tokens > 1 ? (st.output_tokens - 1) / st.decode_seconds : 0.0);
+    if (st.draft_tokens > 0)
+      std::fprintf(stderr, "; %lld of %lld draft tokens accepted (%.1f%%)",
+                   static_cast<long long>(st.accepted_tokens),
+                   static_cast<long long>(st.draft_tokens),
+                   100.0 * st.accepted_tokens / st.draft_tokens);
     if (sampled)
       std::fprintf(stderr, "; sampled with --seed %llu", static_cast<unsigned long long>(seed));
     std::fprintf(stderr, "\n");
@@ -224,6 +233,7 @@ void register_model_commands(CLI::App& app) {
                 "Do not stop at the end-of-sequence tokens (config.json, tokenizer, "
                 "generation_config.json)");
   add_kv_cache_dtype_option(gen, &g->kv_cache_dtype);
+  add_speculative_tokens_option(gen, &g->speculative_tokens);
   add_parallel_flags(gen, g->par);
   gen->callback([g] { run_generate(*g); });
 

@@ -36,6 +36,7 @@ struct ServeArgs {
   int64_t max_num_seqs = 16, max_model_len = 0, kv_cache_mb = 256, max_batch_tokens = 256;
   int64_t max_waiting = 256;
   int64_t prefill_ranks = 0, decode_ranks = 0;
+  int64_t speculative_tokens = 0;
   std::string router = "least-loaded", kv_transfer = "one-sided";
   std::string kv_cache_dtype;  // add_kv_cache_dtype_option
   double kv_transfer_timeout_ms = 10000, kv_lease_ms = 60000, peer_timeout_ms = 5000;
@@ -211,6 +212,7 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(world.size() > 1 || (a.prefill_ranks == 0 && a.decode_ranks == 0),
              "--prefill-ranks and --decode-ranks split the ranks of an mpirun launch, e.g. "
              "`mpirun -np 3 moeserve serve ... --prefill-ranks 1 --decode-ranks 2`");
+    check_speculative_single_process(a.speculative_tokens, world.size());
     cc.prefill_ranks = a.prefill_ranks;
     cc.decode_ranks = a.decode_ranks;
     cc.route = a.router == "round-robin" ? engine::RoutePolicy::RoundRobin
@@ -251,6 +253,8 @@ void run_serve(const ServeArgs& a) {
   ec.max_batch_tokens = a.max_batch_tokens;
   ec.max_waiting = a.max_waiting;
   ec.prefix_caching = !a.no_prefix_caching;
+  ec.speculative_tokens = a.speculative_tokens;
+  if (ec.speculative_tokens > 0) m.load_mtp();  // before prefault, which copies it too
   // Structured output under mpirun: each rank compiles the constraints of its requests.
   ec.compile_constraint = server::lazy_constraint_compiler(a.model);
   pm.check_all([&] {
@@ -338,6 +342,7 @@ void register_serve_command(CLI::App& app) {
   s->add_flag("--no-prefix-caching", a->no_prefix_caching,
               "Compute every prompt in full: no KV blocks shared between requests that start "
               "with the same tokens");
+  add_speculative_tokens_option(s, &a->speculative_tokens);
   s->add_option("--chat-template", a->chat_template,
                 "Jinja chat template file (default: the model's tokenizer_config.json)");
   s->add_option("--max-connections", a->max_connections,

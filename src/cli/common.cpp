@@ -23,6 +23,21 @@ void add_kv_cache_dtype_option(CLI::App* c, std::string* v) {
       ->check(CLI::IsMember({"bf16", "fp8", "f32"}));
 }
 
+void add_speculative_tokens_option(CLI::App* c, int64_t* v) {
+  c->add_option("--speculative-tokens", *v,
+                "Speculative decoding: tokens the model's multi-token-prediction (MTP) module "
+                "drafts per step, verified in one forward of the main model (0: off; the "
+                "output is the same either way)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{16}));
+}
+
+void check_speculative_single_process(int64_t speculative_tokens, int world_size) {
+  MS_CHECK(speculative_tokens == 0 || world_size == 1,
+           "--speculative-tokens is not supported under mpirun (expert parallelism, "
+           "prefill/decode disaggregation) yet; run one process or leave it at 0");
+}
+
 kv::KvDtype parse_kv_cache_dtype(const std::string& v) {
   kv::KvDtype d = kv::kDefaultKvDtype;
   MS_CHECK(kv::parse_kv_dtype(v, &d), "--kv-cache-dtype must be bf16, fp8 or f32, not '", v, "'");

@@ -9,7 +9,7 @@ namespace moeserve::engine {
 Engine::Engine(model::Model& m, const EngineConfig& cfg)
     : model_(m),
       cfg_(cfg),
-      kv_(kv_blocks_for(m.config(), cfg), cfg.block_size, m.config().num_hidden_layers,
+      kv_(kv_blocks_for(m.config(), cfg), cfg.block_size, kv_layers_for(m.config(), cfg),
           m.config().kv_cache_dim(), cfg.kv_dtype),
       sched_(m, cfg, kv_) {
   stats_.kv_blocks_total = kv_.n_blocks();
@@ -77,6 +77,8 @@ void Engine::publish_stats() {
   stats_.prefix_query_tokens = sched_.prefix_query_tokens();
   stats_.prefix_hit_tokens = sched_.prefix_hit_tokens();
   stats_.kv_blocks_cached = kv_.n_cached();
+  stats_.spec_draft_tokens = sched_.spec_draft_tokens();
+  stats_.spec_accepted_tokens = sched_.spec_accepted_tokens();
 }
 
 // Only incoming_, cancels_, stop_ and stats_ are shared (under mu_); the scheduler belongs to

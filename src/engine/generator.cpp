@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "engine/scheduler.h"
 
 namespace moeserve::engine {
 
@@ -28,6 +29,8 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   const model::ModelConfig& c = m_.config();
   check_prompt(prompt, c);
   MS_CHECK(opt.max_tokens >= 0, "max tokens must be >= 0");
+  if (opt.speculative_tokens > 0 && opt.max_tokens > 0)
+    return generate_speculative(prompt, opt, on_token, stats);
   const int64_t total = static_cast<int64_t>(prompt.size()) + opt.max_tokens;
   kv::KvPool pool((total + block_size_ - 1) / block_size_, block_size_, c.num_hidden_layers,
                   c.kv_cache_dim(), kv_dtype_);
@@ -74,6 +77,61 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
     stats->decode_seconds = now() - t1;
     stats->prefill_exchange_seconds = x1 - x0;
     stats->decode_exchange_seconds = m_.exchange_seconds() - x1;
+  }
+  return out;
+}
+
+std::vector<int32_t> Generator::generate_speculative(const std::vector<int32_t>& prompt,
+                                                     const GenerateOptions& opt,
+                                                     const std::function<void(int32_t)>& on_token,
+                                                     GenerateStats* stats) {
+  MS_CHECK(!m_.expert_parallel(),
+           "speculative decoding (--speculative-tokens) is not supported under expert "
+           "parallelism (mpirun) yet");
+  const int64_t P = static_cast<int64_t>(prompt.size()), k = opt.speculative_tokens;
+  EngineConfig ec;
+  ec.max_num_seqs = 1;
+  ec.max_model_len = P + opt.max_tokens + 1;  // max_tokens ends it first
+  ec.block_size = block_size_;
+  ec.kv_blocks = (ec.max_model_len + k + block_size_ - 1) / block_size_ + 1;
+  ec.kv_dtype = kv_dtype_;
+  ec.max_batch_tokens = std::max(opt.prefill_chunk, k + 1);
+  ec.prefix_caching = false;
+  ec.speculative_tokens = k;
+  m_.load_mtp();
+  kv::KvPool pool(ec.kv_blocks, block_size_, kv_layers_for(m_.config(), ec),
+                  m_.config().kv_cache_dim(), kv_dtype_);
+  Scheduler sched(m_, ec, pool);
+  auto r = std::make_shared<Request>();
+  r->prompt = prompt;
+  r->max_tokens = opt.max_tokens;
+  r->sampling = opt.sampling;
+  r->stop_ids = opt.stop_ids;
+  std::vector<int32_t> out;
+  const double t0 = now();
+  double t1 = t0;
+  FinishEvent fin;
+  r->on_token = [&](const TokenEvent& ev) {
+    out.push_back(ev.token);
+    if (on_token) on_token(ev.token);
+  };
+  r->on_finish = [&](const FinishEvent& e) { fin = e; };
+  sched.add(1, r);
+  // The prefill's time ends with the step that gave the first token (the MTP module's pass over
+  // the prompt and the first drafts included).
+  while (sched.has_work()) {
+    const bool first = out.empty();
+    sched.step();
+    if (first && !out.empty()) t1 = now();
+  }
+  MS_CHECK(fin.reason != FinishReason::Error, fin.error);
+  if (stats) {
+    stats->prompt_tokens = P;
+    stats->output_tokens = static_cast<int64_t>(out.size());
+    stats->prefill_seconds = t1 - t0;
+    stats->decode_seconds = now() - t1;
+    stats->draft_tokens = sched.spec_draft_tokens();
+    stats->accepted_tokens = sched.spec_accepted_tokens();
   }
   return out;
 }

@@ -17,12 +17,16 @@ struct GenerateOptions {
   SamplingParams sampling;
   std::vector<int32_t> stop_ids;  // generation ends after emitting one of these
   int64_t prefill_chunk = 512;    // prompt tokens per forward
+  // Speculative decoding with the model's MTP module (0: off): tokens drafted per step, verified
+  // by one forward of the main model (engine::Scheduler). Not under expert parallelism.
+  int64_t speculative_tokens = 0;
 };
 
 struct GenerateStats {
   int64_t prompt_tokens = 0, output_tokens = 0;
   double prefill_seconds = 0, decode_seconds = 0;
   double prefill_exchange_seconds = 0, decode_exchange_seconds = 0;  // inside MoE all-to-alls
+  int64_t draft_tokens = 0, accepted_tokens = 0;                     // speculative decoding
 };
 
 // Under expert parallelism the ranks of the model's group step together: each forward is
@@ -48,6 +52,10 @@ class Generator {
 
  private:
   void forward(const model::Batch& b, kv::KvPool& kv, float* logits);
+  std::vector<int32_t> generate_speculative(const std::vector<int32_t>& prompt,
+                                            const GenerateOptions& opt,
+                                            const std::function<void(int32_t)>& on_token,
+                                            GenerateStats* stats);
   bool any_active(bool mine);
 
   model::Model& m_;

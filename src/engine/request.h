@@ -61,6 +61,10 @@ struct EngineConfig {
   int64_t max_batch_tokens = 256;              // tokens per step (chunked prefill budget)
   int64_t max_waiting = 256;                   // queued requests before submit() refuses
   bool prefix_caching = true;  // share computed full KV blocks across requests (kv_pool.h)
+  // Speculative decoding: tokens the model's MTP module drafts per step, which one forward of
+  // the main model verifies (0: off). Needs the module (Model::load_mtp) and a KV pool of
+  // kv_layers_for() layers.
+  int64_t speculative_tokens = 0;
   // How a rank compiles the constraints of the requests it receives (under mpirun); unset, a
   // constrained request fails there.
   ConstraintCompiler compile_constraint;
@@ -95,6 +99,8 @@ struct EngineStats {
   // and the blocks published now (held or evictable).
   int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0, kv_blocks_cached = 0;
   int64_t prefix_routed = 0;  // under mpirun: requests routed to a rank for its cached prefix
+  // Speculative decoding: draft tokens verified, and those of them accepted.
+  int64_t spec_draft_tokens = 0, spec_accepted_tokens = 0;
   std::vector<int64_t> expert_tokens;  // [layers * n_routed_experts] routed token counts
   bool disaggregated = false;
   TransferStats transfer;

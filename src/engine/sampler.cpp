@@ -162,4 +162,91 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   return idx_[n - 1];
 }
 
+void Sampler::distribution(const float* logits, int64_t vocab, std::vector<float>* out) {
+  MS_ASSERT(p_.temperature > 0.0f);
+  std::vector<float>& p = *out;
+  p.assign(vocab, 0.0f);
+  auto key = [&](int32_t i) { return std::isnan(logits[i]) ? -INFINITY : logits[i]; };
+  // The candidates sample() keeps, in its order: all, or the top_k then the top_p prefix.
+  const bool cut = !((p_.top_k <= 0 || p_.top_k >= vocab) && p_.top_p >= 1.0f);
+  idx_.resize(vocab);
+  std::iota(idx_.begin(), idx_.end(), 0);
+  int64_t k = vocab;
+  if (cut) {
+    k = (p_.top_k > 0 && p_.top_k < vocab) ? p_.top_k : vocab;
+    std::partial_sort(idx_.begin(), idx_.begin() + k, idx_.end(), [&](int32_t a, int32_t b) {
+      const float ka = key(a), kb = key(b);
+      return ka > kb || (ka == kb && a < b);
+    });
+  }
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < k; ++i) mx = std::max(mx, key(idx_[i]));
+  if (std::isinf(mx)) {  // +inf takes all (the first such id); all -inf: the first id
+    for (int64_t i = 0; i < vocab; ++i)
+      if (key(static_cast<int32_t>(i)) == mx) {
+        p[i] = 1.0f;
+        return;
+      }
+  }
+  const double inv_t = 1.0 / p_.temperature;
+  prob_.resize(k);
+  double sum = 0.0;
+  for (int64_t i = 0; i < k; ++i) sum += (prob_[i] = std::exp((key(idx_[i]) - mx) * inv_t));
+  int64_t n = k;
+  if (cut && p_.top_p < 1.0f) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      acc += prob_[i] / sum;
+      if (acc >= p_.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += prob_[i];
+  for (int64_t i = 0; i < n; ++i) p[idx_[i]] = static_cast<float>(prob_[i] / total);
+}
+
+double Sampler::uniform_at(int64_t position, int stream) const {
+  uint64_t z = p_.seed ^ (static_cast<uint64_t>(position) * 0xd1b54a32d192ed03ull) ^
+               (static_cast<uint64_t>(stream + 1) * 0x9e3779b97f4a7c15ull);
+  for (int r = 0; r < 2; ++r) {  // splitmix64's finalizer, twice
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+  }
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+int32_t Sampler::draw(const float* p, int64_t vocab, double u) {
+  double total = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) total += p[i];
+  const double target = u * total;
+  double acc = 0.0;
+  int32_t last = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (p[i] <= 0.0f) continue;
+    acc += p[i];
+    last = static_cast<int32_t>(i);
+    if (target < acc) return last;
+  }
+  return last;
+}
+
+bool Sampler::verify(const float* p, const float* q, int64_t vocab, int32_t x, double u_accept,
+                     double u_resample, int32_t* out) {
+  if (u_accept * q[x] < p[x]) {
+    *out = x;
+    return true;
+  }
+  std::vector<float>& r = work_;
+  r.resize(vocab);
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += (r[i] = std::max(0.0f, p[i] - q[i]));
+  *out = draw(sum > 0.0 ? r.data() : p, vocab, u_resample);
+  return false;
+}
+
 }  // namespace moeserve::engine

@@ -67,6 +67,22 @@ class Sampler {
   // the first n_prompt of them the prompt. The logits are not modified.
   int32_t sample(const float* logits, int64_t vocab, std::span<const int32_t> tokens,
                  int64_t n_prompt);
+  // Speculative decoding, for requests whose logits are not processed (processes_logits()
+  // false) and that sample (temperature > 0). Its draws take their randomness from
+  // uniform_at(position, stream): a function of the seed, the token's position and the stream
+  // (a counter-based generator), not from a running stream, so that they do not depend on how
+  // the steps fell (batching, preemption). distribution(): the probabilities sample() draws
+  // from (temperature, top-k, top-p), into p[0, vocab). draw(): the token of p at uniform u
+  // (inverse CDF over the ids). verify(): the rejection step that keeps the output distributed
+  // as the target p when the draft token x was drawn from q: x is kept when u_accept * q(x) <
+  // p(x), i.e. with probability min(1, p(x) / q(x)) (returns true); otherwise *out is drawn at
+  // u_resample from max(0, p - q), normalized (from p when that is all zero), and it returns
+  // false.
+  void distribution(const float* logits, int64_t vocab, std::vector<float>* p);
+  double uniform_at(int64_t position, int stream) const;
+  static int32_t draw(const float* p, int64_t vocab, double u);
+  bool verify(const float* p, const float* q, int64_t vocab, int32_t x, double u_accept,
+              double u_resample, int32_t* out);
   // The generator's state as text, and back: a sequence that moves to another process keeps
   // its random stream (the rest is rebuilt from its tokens).
   std::string state() const;

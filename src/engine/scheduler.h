@@ -8,6 +8,16 @@
 // takes the longest published run of its tokens' full blocks, short of its last token (which
 // must be computed for its logits), and computes only the rest.
 //
+// Speculative decoding (EngineConfig::speculative_tokens = k): after each forward, a sequence
+// that decodes runs the model's MTP module over its newly computed positions (its KV rows, as
+// layer num_hidden_layers of the pool) and drafts up to k tokens. The next step verifies them in
+// one chunk of 1 + k tokens: it keeps the longest prefix that the main model's own choice agrees
+// with (greedy: equal to its argmax; sampled: rejection sampling, Sampler::verify) and one token
+// of the main model after it, so the output is that of decoding without speculation (greedy:
+// the same tokens; sampled: the same distribution). The rows of rejected drafts are left past
+// `computed` and written over later. Requests whose logits are processed (penalties,
+// logit_bias, min_tokens, a constraint) or that ask for logprobs decode without speculation.
+//
 // Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
 // everything. Request callbacks run inside step() and cancel().
 #pragma once
@@ -74,6 +84,9 @@ class Scheduler {
   // Prefix cache: prompt tokens looked up and found, on each request's first admission.
   int64_t prefix_query_tokens() const { return prefix_query_tokens_; }
   int64_t prefix_hit_tokens() const { return prefix_hit_tokens_; }
+  // Speculative decoding: draft tokens verified, and those of them accepted.
+  int64_t spec_draft_tokens() const { return spec_draft_tokens_; }
+  int64_t spec_accepted_tokens() const { return spec_accepted_tokens_; }
   const EngineConfig& config() const { return cfg_; }
   kv::KvPool& kv() { return kv_; }
 
@@ -86,6 +99,13 @@ class Scheduler {
   void publish_blocks(Seq& s);  // publishes its computed full blocks
   void preempt(Seq& s);
   void sweep();  // drops finished sequences
+  bool speculates(const Request& r) const;
+  // Reports a generated token and finishes the sequence when it ends it; true when it did.
+  bool emit(Seq& s, TokenEvent ev, const float* logits_row);
+  // Drafts the next tokens of sequences whose MTP rows have just been computed (mtp_logits_ row
+  // i, mtp_h_ row rows[i]) by applying the module again to its own output.
+  void draft(const std::vector<Seq*>& seqs, const std::vector<int64_t>& rows);
+  void trim_blocks(Seq& s, int64_t n_positions);  // releases blocks past n_positions
 
   model::Model& model_;
   EngineConfig cfg_;
@@ -95,11 +115,15 @@ class Scheduler {
   std::deque<std::unique_ptr<Seq>> waiting_;   // not admitted (or preempted), FIFO
   int64_t preemptions_ = 0, steps_ = 0, prompt_tokens_ = 0, generated_tokens_ = 0;
   int64_t prefix_query_tokens_ = 0, prefix_hit_tokens_ = 0;
+  int64_t spec_draft_tokens_ = 0, spec_accepted_tokens_ = 0;
   std::vector<float> logits_;
   std::vector<double> lp_;
+  std::vector<float> hidden_, mtp_h_, mtp_h2_, mtp_logits_, probs_;
 };
 
 // KV blocks for cfg (kv_blocks, or as many as kv_cache_mb holds).
 int64_t kv_blocks_for(const model::ModelConfig& c, const EngineConfig& e);
+// Layers of the KV pool: the model's, and one for the MTP module under speculative decoding.
+int64_t kv_layers_for(const model::ModelConfig& c, const EngineConfig& e);
 
 }  // namespace moeserve::engine

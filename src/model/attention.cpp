@@ -22,7 +22,7 @@ constexpr int64_t kFewTokens = 16;
 }  // namespace
 
 void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
-  const AttentionWeights& a = w_.layers[layer].attn;
+  const AttentionWeights& a = layer_weights(layer).attn;
   const ModelConfig& c = cfg_;
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = c.hidden_size;
   const int64_t nh = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim;
@@ -76,7 +76,7 @@ void Model::attention(int64_t layer, const Batch& b, kv::KvPool& kv) {
 
 void Model::attention_core(int64_t layer, const Batch& b, kv::KvPool& kv, int64_t r0, int64_t r1,
                            int64_t max_ctx) {
-  const AttentionWeights& a = w_.layers[layer].attn;
+  const AttentionWeights& a = layer_weights(layer).attn;
   const ModelConfig& c = cfg_;
   const int64_t T = r1 - r0;
   const int64_t nh = c.num_attention_heads, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim;

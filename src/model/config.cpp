@@ -152,6 +152,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
   c.n_group = get_int(j, "n_group", 1);
   c.topk_group = get_int(j, "topk_group", 1);
   c.first_k_dense_replace = get_int(j, "first_k_dense_replace", 0);
+  c.num_nextn_predict_layers = get_int(j, "num_nextn_predict_layers", 0);
   c.moe_layer_freq = get_int(j, "moe_layer_freq", 1);
   c.norm_topk_prob = get_bool(j, "norm_topk_prob", false);
   c.routed_scaling_factor = get_num(j, "routed_scaling_factor", 1.0);
@@ -289,6 +290,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
              "moe_intermediate_size * n_shared_experts");
   check_positive(c.moe_layer_freq, "moe_layer_freq");
   MS_CHECK(c.first_k_dense_replace >= 0, "config.json: first_k_dense_replace must be >= 0");
+  MS_CHECK(c.num_nextn_predict_layers >= 0, "config.json: num_nextn_predict_layers must be >= 0");
   // (Ranges far wider than any model uses, that keep the float arithmetic finite.)
   MS_CHECK(static_cast<float>(c.rms_norm_eps) > 0 && c.rms_norm_eps < 1,
            "config.json: rms_norm_eps must be positive and below 1, got ", c.rms_norm_eps);
@@ -360,6 +362,7 @@ json ModelConfig::to_json() const {
             {"topk_group", topk_group},
             {"first_k_dense_replace", first_k_dense_replace},
             {"moe_layer_freq", moe_layer_freq},
+            {"num_nextn_predict_layers", num_nextn_predict_layers},
             {"norm_topk_prob", norm_topk_prob},
             {"routed_scaling_factor", routed_scaling_factor},
             {"scoring_func", scoring_func == ScoringFunc::Sigmoid ? "sigmoid" : "softmax"},

@@ -36,6 +36,9 @@ struct ModelConfig {
   int64_t num_experts_per_tok = 0;
   int64_t n_group = 1, topk_group = 1;
   int64_t first_k_dense_replace = 0, moe_layer_freq = 1;
+  // Multi-token-prediction modules stored after the main layers (model.layers.{num_hidden_layers}
+  // and on); moeserve uses the first, for speculative decoding (Model::load_mtp).
+  int64_t num_nextn_predict_layers = 0;
   bool norm_topk_prob = false;
   double routed_scaling_factor = 1.0;
   ScoringFunc scoring_func = ScoringFunc::Softmax;

@@ -87,6 +87,7 @@ ModelConfig preset_config(const std::string& name) {
     c.num_experts_per_tok = 4;
     c.n_group = 4;
     c.topk_group = 2;
+    c.num_nextn_predict_layers = 1;  // as DeepSeek-V3: the MTP module, for speculative decoding
   } else {
     std::string known;
     for (const auto& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
@@ -145,7 +146,7 @@ std::vector<Spec> tensor_specs(const ModelConfig& c) {
     mat(p + ".down_proj.weight", H, inter);
   };
   out.push_back({"model.embed_tokens.weight", {c.vocab_size, H}, Spec::Embedding, false});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  auto layer = [&](int64_t l) {
     const std::string p = "model.layers." + std::to_string(l);
     out.push_back({p + ".input_layernorm.weight", {H}, Spec::Norm, false});
     out.push_back({p + ".post_attention_layernorm.weight", {H}, Spec::Norm, false});
@@ -164,7 +165,7 @@ std::vector<Spec> tensor_specs(const ModelConfig& c) {
     const std::string m = p + ".mlp";
     if (!c.is_moe_layer(l)) {
       mlp(m, c.intermediate_size);
-      continue;
+      return;
     }
     mat(m + ".gate.weight", c.n_routed_experts, H, false);
     if (c.topk_method == TopkMethod::NoauxTc)
@@ -173,9 +174,21 @@ std::vector<Spec> tensor_specs(const ModelConfig& c) {
       mlp(m + ".experts." + std::to_string(e), c.moe_intermediate_size);
     if (c.n_shared_experts > 0)
       mlp(m + ".shared_experts", c.moe_intermediate_size * c.n_shared_experts);
-  }
+  };
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) layer(l);
   out.push_back({"model.norm.weight", {H}, Spec::Norm, false});
   if (!c.tie_word_embeddings) mat("lm_head.weight", c.vocab_size, H, false);
+  if (c.num_nextn_predict_layers > 0) {
+    // The MTP module (model.layers.{num_hidden_layers}), without its copies of the embedding
+    // and the head, which then are the main model's. eh_proj stays bf16, as DeepSeek-V3's fp8
+    // checkpoint keeps it.
+    const std::string p = "model.layers." + std::to_string(c.num_hidden_layers);
+    out.push_back({p + ".enorm.weight", {H}, Spec::Norm, false});
+    out.push_back({p + ".hnorm.weight", {H}, Spec::Norm, false});
+    mat(p + ".eh_proj.weight", H, 2 * H, false);
+    layer(c.num_hidden_layers);
+    out.push_back({p + ".shared_head.norm.weight", {H}, Spec::Norm, false});
+  }
   return out;
 }
 

@@ -133,7 +133,8 @@ void Model::ffn_batch(const std::vector<FfnCall>& calls) {
 }
 
 void Model::moe_ffn(int64_t layer, int64_t n) {
-  const MoeWeights& m = w_.layers[layer].moe;
+  const MoeWeights& m = layer_weights(layer).moe;
+  const bool counted = layer < cfg_.num_hidden_layers;  // (the MTP module's are not counted)
   const int64_t H = cfg_.hidden_size, E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
   const float* h = ws_.h.data();
   float* logits = sized(ws_.router_logits, n * E);
@@ -147,8 +148,10 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t i = 0; i < n * K; ++i) ++count[ex[i] + 1];
   for (int64_t e = 0; e < E; ++e) {
-    expert_counts_[layer * E + e].fetch_add(count[e + 1], std::memory_order_relaxed);
-    if (count[e + 1] > 0) expert_passes_[layer * E + e].fetch_add(1, std::memory_order_relaxed);
+    if (counted) {
+      expert_counts_[layer * E + e].fetch_add(count[e + 1], std::memory_order_relaxed);
+      if (count[e + 1] > 0) expert_passes_[layer * E + e].fetch_add(1, std::memory_order_relaxed);
+    }
     count[e + 1] += count[e];
   }
   std::vector<int64_t> entry(n * K), fill(count.begin(), count.end() - 1);
@@ -228,7 +231,21 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   }
 }
 
-void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
+void Model::run_layer(int64_t l, const Batch& b, kv::KvPool& kv, float* x, int64_t T) {
+  const int64_t H = cfg_.hidden_size;
+  const LayerWeights& L = layer_weights(l);
+  rmsnorm(x, L.attn_norm, T, H, ws_.h.data());
+  attention(l, b, kv);
+  for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.attn_out[i];
+  rmsnorm(x, L.ffn_norm, T, H, ws_.h.data());
+  if (L.is_moe)
+    moe_ffn(l, T);
+  else
+    dense_ffn(L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data());
+  for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
+}
+
+void Model::forward(const Batch& b, kv::KvPool& kv, float* logits, float* hidden) {
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
   forwards_.fetch_add(1, std::memory_order_relaxed);
   if (T == 0) {
@@ -248,24 +265,61 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits) {
              cfg_.vocab_size, ")");
     kernels::dequant_row(w_.embed, id, x + t * H);
   }
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& L = w_.layers[l];
-    rmsnorm(x, L.attn_norm, T, H, ws_.h.data());
-    attention(l, b, kv);
-    for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.attn_out[i];
-    rmsnorm(x, L.ffn_norm, T, H, ws_.h.data());
-    if (L.is_moe)
-      moe_ffn(l, T);
-    else
-      dense_ffn(L.mlp, token_rows(ws_.h.data(), T), T, ws_.ffn_out.data());
-    for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
-  }
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) run_layer(l, b, kv, x, T);
+  if (hidden) rmsnorm(x, w_.final_norm, T, H, hidden);
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
   if (!R) return;
   float* rows = sized(ws_.norm_rows, R * H);
   for (int64_t r = 0; r < R; ++r)
     rmsnorm(x + b.logit_rows[r] * H, w_.final_norm, 1, H, rows + r * H);
   matmul(pool_, rows, R, H, w_.lm_head, logits, cfg_.vocab_size, precision_);
+}
+
+void Model::load_mtp() {
+  if (w_.mtp.present) return;
+  MS_CHECK(!ep_,
+           "speculative decoding (--speculative-tokens) is not supported under expert "
+           "parallelism (mpirun) yet");
+  ModelWeights only;  // the module alone, for mark_fp8_plain
+  only.mtp = load_mtp_weights(*store_, cfg_);
+  mark_fp8_plain(only, pool_);
+  w_.mtp = std::move(only.mtp);
+}
+
+void Model::forward_mtp(const Batch& b, const float* h_in, kv::KvPool& kv, float* logits,
+                        float* h_out) {
+  MS_CHECK(w_.mtp.present, "the MTP module is not loaded");
+  MS_CHECK(kv.n_layers() > cfg_.num_hidden_layers, "the KV cache has no layer for the MTP module");
+  const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
+  forwards_.fetch_add(1, std::memory_order_relaxed);
+  if (T == 0) return;
+  const MtpWeights& m = w_.mtp;
+  const Weight& embed = m.embed.data ? m.embed : w_.embed;
+  const Weight& head = m.head.data ? m.head : w_.lm_head;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  float* cat = sized(ws_.mtp_cat, T * 2 * H);
+  float* x = sized(ws_.x, T * H);
+  sized(ws_.h, T * H);
+  sized(ws_.attn_out, T * H);
+  sized(ws_.ffn_out, T * H);
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t id = b.tokens[t];
+    MS_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " is out of range [0, ",
+             cfg_.vocab_size, ")");
+    float* e = cat + t * 2 * H;
+    kernels::dequant_row(embed, id, e);
+    rms_row(e, m.enorm.data(), H, eps, e);
+    rms_row(h_in + t * H, m.hnorm.data(), H, eps, e + H);
+  }
+  matmul(pool_, cat, T, 2 * H, m.eh_proj, x, H, precision_);
+  run_layer(cfg_.num_hidden_layers, b, kv, x, T);
+  float* out = h_out ? h_out : sized(ws_.norm_rows, T * H);
+  rmsnorm(x, m.head_norm, T, H, out);
+  const int64_t R = static_cast<int64_t>(b.logit_rows.size());
+  if (!R) return;
+  float* rows = sized(ws_.mtp_cat, R * H);  // (cat is no longer needed)
+  for (int64_t r = 0; r < R; ++r) std::copy_n(out + b.logit_rows[r] * H, H, rows + r * H);
+  matmul(pool_, rows, R, H, head, logits, cfg_.vocab_size, precision_);
 }
 
 size_t Model::weight_bytes_held() const {

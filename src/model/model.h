@@ -57,6 +57,7 @@ struct Workspace {
   std::vector<const float*> token_rows;    // [T] the rows of h (token_rows())
   Buffer norm_rows;                        // [R, hidden]
   Buffer scores;                           // decode attention: [heads, context]
+  Buffer mtp_cat;                          // MTP input [T, 2 * hidden]
   std::vector<const uint8_t*> score_rows;  // decode attention: the token's cached rows
 };
 
@@ -93,7 +94,23 @@ class Model {
   // Runs the batch, writing the new tokens' latent KV into `kv`, and fills
   // logits: [batch.logit_rows.size(), vocab] f32. Under expert parallelism every rank of the
   // group must call forward the same number of times; a rank without work passes an empty batch.
-  void forward(const Batch& batch, kv::KvPool& kv, float* logits);
+  // `hidden`, when given: [batch.tokens.size(), hidden] the final-normed hidden state of every
+  // row (what lm_head reads; the MTP module's input).
+  void forward(const Batch& batch, kv::KvPool& kv, float* logits, float* hidden = nullptr);
+
+  // Multi-token prediction (speculative decoding). load_mtp() loads the first MTP module
+  // (config.json's num_nextn_predict_layers; refused under expert parallelism); call it before
+  // prefault so that its weights are copied too. Its attention caches as layer
+  // num_hidden_layers of the pool, which then needs num_hidden_layers + 1 layers.
+  void load_mtp();
+  bool has_mtp() const { return w_.mtp.present; }
+  // The MTP module over a batch: row t of a chunk sits at position n_past + i and reads h_in's
+  // row t (a final-normed hidden state for that position: the main model's, or the module's own
+  // h_out for a chained draft) and batch.tokens[t], the token that follows that position. Writes
+  // the module's KV rows, logits for batch.logit_rows ([rows, vocab]), and h_out ([T, hidden],
+  // the head-normed output) when given.
+  void forward_mtp(const Batch& batch, const float* h_in, kv::KvPool& kv, float* logits,
+                   float* h_out);
 
   // Tokens routed to each expert since the start: [layers * n_routed_experts] (0 for dense
   // layers). Safe to call from any thread.
@@ -115,6 +132,12 @@ class Model {
   size_t weight_bytes_held() const;
 
  private:
+  // Layer l's weights: a main layer, or the MTP module's for l == num_hidden_layers.
+  const LayerWeights& layer_weights(int64_t l) const {
+    return l < cfg_.num_hidden_layers ? w_.layers[l] : w_.mtp.layer;
+  }
+  // One decoder layer over x ([T, hidden], updated in place).
+  void run_layer(int64_t l, const Batch& b, kv::KvPool& kv, float* x, int64_t T);
   void attention(int64_t layer, const Batch& b, kv::KvPool& kv);  // ws_.h -> ws_.attn_out
   // x: n rows of hidden floats, read in place (the expert kernels take rows anywhere); out:
   // [n, hidden].

@@ -175,54 +175,61 @@ class Loader {
 
 }  // namespace
 
+namespace {
+// Decoder layer l (model.layers.{l}): attention, then a dense FFN or an MoE.
+LayerWeights load_layer(const Loader& ld, const ModelConfig& c, int64_t l,
+                        const ExpertFilter& local) {
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads;
+  const std::string p = "model.layers." + std::to_string(l);
+  LayerWeights L;
+  L.attn_norm = ld.vec(p + ".input_layernorm.weight", H);
+  L.ffn_norm = ld.vec(p + ".post_attention_layernorm.weight", H);
+  AttentionWeights& a = L.attn;
+  const std::string ap = p + ".self_attn";
+  if (c.q_lora_rank) {
+    a.q_a_proj = ld.matrix(ap + ".q_a_proj.weight", *c.q_lora_rank, H);
+    a.q_a_norm = ld.vec(ap + ".q_a_layernorm.weight", *c.q_lora_rank);
+    a.q_b_proj = ld.matrix(ap + ".q_b_proj.weight", nh * c.qk_head_dim(), *c.q_lora_rank);
+  } else {
+    a.q_proj = ld.matrix(ap + ".q_proj.weight", nh * c.qk_head_dim(), H);
+  }
+  a.kv_a_proj = ld.matrix(ap + ".kv_a_proj_with_mqa.weight", c.kv_cache_dim(), H);
+  a.kv_a_norm = ld.vec(ap + ".kv_a_layernorm.weight", c.kv_lora_rank);
+  a.kv_b_proj =
+      ld.matrix(ap + ".kv_b_proj.weight", nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+  a.o_proj = ld.matrix(ap + ".o_proj.weight", H, nh * c.v_head_dim);
+  MS_CHECK(a.kv_b_proj.dtype != DType::Q4 && a.kv_b_proj.dtype != DType::Q8, "tensor ", ap,
+           ".kv_b_proj.weight_packed: a quantized kv_b_proj is not supported (the absorbed "
+           "attention reads it transposed; keep it unquantized, as published checkpoints do)");
+  L.is_moe = c.is_moe_layer(l);
+  const std::string mp = p + ".mlp";
+  if (!L.is_moe) {
+    L.mlp = ld.mlp(mp, c.intermediate_size);
+  } else {
+    MoeWeights& m = L.moe;
+    m.router = ld.matrix(mp + ".gate.weight", c.n_routed_experts, H, false);
+    if (c.topk_method == TopkMethod::NoauxTc)
+      m.router_bias = ld.vec(mp + ".gate.e_score_correction_bias", c.n_routed_experts);
+    m.experts.resize(c.n_routed_experts);
+    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+      if (local && !local(l, e)) continue;
+      m.experts[e] = ld.mlp(mp + ".experts." + std::to_string(e), c.moe_intermediate_size);
+    }
+    if (c.n_shared_experts > 0)
+      m.shared = ld.mlp(mp + ".shared_experts", c.moe_intermediate_size * c.n_shared_experts);
+  }
+  return L;
+}
+}  // namespace
+
 ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
                           const ExpertFilter& local) {
   Loader ld(store, c);
-  const int64_t H = c.hidden_size, nh = c.num_attention_heads;
+  const int64_t H = c.hidden_size;
   ModelWeights w;
   w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H, false);
   MS_CHECK(w.embed.dtype != DType::F8_E4M3, "model.embed_tokens.weight must not be F8_E4M3");
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l);
-    LayerWeights L;
-    L.attn_norm = ld.vec(p + ".input_layernorm.weight", H);
-    L.ffn_norm = ld.vec(p + ".post_attention_layernorm.weight", H);
-    AttentionWeights& a = L.attn;
-    const std::string ap = p + ".self_attn";
-    if (c.q_lora_rank) {
-      a.q_a_proj = ld.matrix(ap + ".q_a_proj.weight", *c.q_lora_rank, H);
-      a.q_a_norm = ld.vec(ap + ".q_a_layernorm.weight", *c.q_lora_rank);
-      a.q_b_proj = ld.matrix(ap + ".q_b_proj.weight", nh * c.qk_head_dim(), *c.q_lora_rank);
-    } else {
-      a.q_proj = ld.matrix(ap + ".q_proj.weight", nh * c.qk_head_dim(), H);
-    }
-    a.kv_a_proj = ld.matrix(ap + ".kv_a_proj_with_mqa.weight", c.kv_cache_dim(), H);
-    a.kv_a_norm = ld.vec(ap + ".kv_a_layernorm.weight", c.kv_lora_rank);
-    a.kv_b_proj = ld.matrix(ap + ".kv_b_proj.weight", nh * (c.qk_nope_head_dim + c.v_head_dim),
-                            c.kv_lora_rank);
-    a.o_proj = ld.matrix(ap + ".o_proj.weight", H, nh * c.v_head_dim);
-    MS_CHECK(a.kv_b_proj.dtype != DType::Q4 && a.kv_b_proj.dtype != DType::Q8, "tensor ", ap,
-             ".kv_b_proj.weight_packed: a quantized kv_b_proj is not supported (the absorbed "
-             "attention reads it transposed; keep it unquantized, as published checkpoints do)");
-    L.is_moe = c.is_moe_layer(l);
-    const std::string mp = p + ".mlp";
-    if (!L.is_moe) {
-      L.mlp = ld.mlp(mp, c.intermediate_size);
-    } else {
-      MoeWeights& m = L.moe;
-      m.router = ld.matrix(mp + ".gate.weight", c.n_routed_experts, H, false);
-      if (c.topk_method == TopkMethod::NoauxTc)
-        m.router_bias = ld.vec(mp + ".gate.e_score_correction_bias", c.n_routed_experts);
-      m.experts.resize(c.n_routed_experts);
-      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-        if (local && !local(l, e)) continue;
-        m.experts[e] = ld.mlp(mp + ".experts." + std::to_string(e), c.moe_intermediate_size);
-      }
-      if (c.n_shared_experts > 0)
-        m.shared = ld.mlp(mp + ".shared_experts", c.moe_intermediate_size * c.n_shared_experts);
-    }
-    w.layers.push_back(std::move(L));
-  }
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) w.layers.push_back(load_layer(ld, c, l, local));
   w.final_norm = ld.vec("model.norm.weight", H);
   // (config.json's tie_word_embeddings is refused, so the head is always its own tensor.)
   w.lm_head = ld.matrix("lm_head.weight", c.vocab_size, H);
@@ -237,14 +244,40 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
   return w;
 }
 
+MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& c) {
+  MS_CHECK(c.num_nextn_predict_layers > 0,
+           "the model has no multi-token-prediction module (config.json's "
+           "num_nextn_predict_layers is 0), which speculative decoding needs");
+  Loader ld(store, c);
+  const int64_t H = c.hidden_size, l = c.num_hidden_layers;
+  const std::string p = "model.layers." + std::to_string(l);
+  MS_CHECK(store.has(p + ".eh_proj.weight"), "config.json declares num_nextn_predict_layers ",
+           c.num_nextn_predict_layers, " but the checkpoint has no ", p, ".eh_proj.weight");
+  MtpWeights m;
+  m.enorm = ld.vec(p + ".enorm.weight", H);
+  m.hnorm = ld.vec(p + ".hnorm.weight", H);
+  m.eh_proj = ld.matrix(p + ".eh_proj.weight", H, 2 * H);
+  m.layer = load_layer(ld, c, l, {});
+  m.head_norm = ld.vec(p + ".shared_head.norm.weight", H);
+  // DeepSeek-V3 stores the shared embedding and head again under the module's name; a checkpoint
+  // may leave them out, and then the main model's are used.
+  if (store.has(p + ".shared_head.head.weight"))
+    m.head = ld.matrix(p + ".shared_head.head.weight", c.vocab_size, H);
+  if (store.has(p + ".embed_tokens.weight")) {
+    m.embed = ld.matrix(p + ".embed_tokens.weight", c.vocab_size, H, false);
+    MS_CHECK(m.embed.dtype != DType::F8_E4M3, p, ".embed_tokens.weight must not be F8_E4M3");
+  }
+  m.present = true;
+  return m;
+}
+
 void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn) {
   auto mlp = [&](MlpWeights& m) {
     fn(m.gate);
     fn(m.up);
     fn(m.down);
   };
-  fn(w.embed);
-  for (LayerWeights& L : w.layers) {
+  auto layer = [&](LayerWeights& L) {
     AttentionWeights& a = L.attn;
     for (Weight* m : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
       fn(*m);
@@ -252,8 +285,16 @@ void for_each_matrix(ModelWeights& w, const std::function<void(Weight&)>& fn) {
     fn(L.moe.router);
     for (MlpWeights& e : L.moe.experts) mlp(e);
     mlp(L.moe.shared);
-  }
+  };
+  fn(w.embed);
+  for (LayerWeights& L : w.layers) layer(L);
   fn(w.lm_head);
+  if (w.mtp.present) {
+    fn(w.mtp.eh_proj);
+    layer(w.mtp.layer);
+    fn(w.mtp.head);
+    fn(w.mtp.embed);
+  }
 }
 
 std::unique_ptr<ResidentWeights> make_resident(

@@ -58,20 +58,39 @@ struct LayerWeights {
   MoeWeights moe;  // MoE layers
 };
 
+// The multi-token-prediction module (model.layers.{num_hidden_layers}): from the main model's
+// final hidden state h_i and the embedding of token i+1 it predicts token i+2:
+//   x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]), x = layer(x), logits = head(head_norm(x)).
+struct MtpWeights {
+  bool present = false;
+  std::vector<float> enorm, hnorm;  // [hidden]
+  Weight eh_proj;                   // [hidden, 2 * hidden]
+  LayerWeights layer;               // its attention caches as layer num_hidden_layers
+  std::vector<float> head_norm;     // shared_head.norm [hidden]
+  Weight head;                      // shared_head.head [vocab, hidden]; absent: lm_head
+  Weight embed;                     // embed_tokens [vocab, hidden]; absent: the main embedding
+};
+
 struct ModelWeights {
   Weight embed;  // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;  // [hidden]
   Weight lm_head;                 // [vocab, hidden]
+  MtpWeights mtp;                 // loaded on demand (Model::load_mtp)
 };
 
 // Which routed experts this process holds: (layer, expert) -> bool. Empty means all.
 using ExpertFilter = std::function<bool(int64_t layer, int64_t expert)>;
 
 // Looks every tensor up by its Hugging Face name, checks dtype and shape, and builds the views.
-// Errors name the tensor. The MTP layer (model.layers.{num_hidden_layers}.*) is ignored.
+// Errors name the tensor. The MTP layer (model.layers.{num_hidden_layers}.*) is left to
+// load_mtp_weights.
 ModelWeights load_weights(const WeightStore& store, const ModelConfig& cfg,
                           const ExpertFilter& local = {});
+
+// The first MTP module (all its routed experts); errors name the missing tensor, or say that
+// config.json declares none.
+MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& cfg);
 
 // Calls fn(Weight&) on every matrix of w (embedding and LM head included; absent ones too,
 // with data null).

@@ -184,6 +184,17 @@ std::string Metrics::render(const engine::EngineStats& st, int64_t n_experts,
   counter(out, "moeserve_prefix_cache_hits_total",
           "Prompt tokens found in the prefix cache (their KV blocks were reused, not computed).",
           static_cast<double>(st.prefix_hit_tokens));
+  counter(out, "moeserve_spec_decode_draft_tokens_total",
+          "Speculative decoding: tokens the MTP module drafted that the main model verified.",
+          static_cast<double>(st.spec_draft_tokens));
+  counter(out, "moeserve_spec_decode_accepted_tokens_total",
+          "Speculative decoding: drafted tokens the main model accepted.",
+          static_cast<double>(st.spec_accepted_tokens));
+  gauge(out, "moeserve_spec_decode_acceptance_rate",
+        "Speculative decoding: accepted draft tokens over those verified, since start.",
+        st.spec_draft_tokens > 0 ? static_cast<double>(st.spec_accepted_tokens) /
+                                       static_cast<double>(st.spec_draft_tokens)
+                                 : 0.0);
   gauge(out, "moeserve_prefix_cache_hit_rate",
         "Prompt tokens found in the prefix cache over those looked up, since start.",
         st.prefix_query_tokens > 0 ? static_cast<double>(st.prefix_hit_tokens) /

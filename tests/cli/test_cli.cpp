@@ -475,3 +475,33 @@ TEST(Cli, PrecisionFlag) {
   ASSERT_EQ(score.status, 0) << score.err;
   expect_clean_failure(run(gen + " --precision fp16"), {"--precision"});
 }
+
+TEST(Cli, SpeculativeTokensFlag) {
+  // generate with the shipped model's MTP module: the same greedy output, and the acceptance on
+  // stderr; bench reports it; a model without the module is one clear line.
+  const std::string shipped = std::string(MOESERVE_SOURCE_DIR) + "/data/models/shakespeare-v3-tiny";
+  const std::string gen =
+      "generate " + shipped + " --prompt-ids 0,471,1141,286 --max-tokens 24 --ignore-eos";
+  const CmdResult plain = run(gen + " --json");
+  const CmdResult spec = run(gen + " --json --speculative-tokens 2");
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  ASSERT_EQ(spec.status, 0) << spec.err;
+  EXPECT_EQ(json::parse(spec.out)["output_ids"], json::parse(plain.out)["output_ids"]);
+  const CmdResult text = run(gen + " --speculative-tokens 1");
+  ASSERT_EQ(text.status, 0) << text.err;
+  EXPECT_NE(text.err.find("draft tokens accepted"), std::string::npos) << text.err;
+  const CmdResult bench = run("bench --model " + shipped +
+                              " --prompt-len 16 --decode-tokens 8 --speculative-tokens 1 --json");
+  ASSERT_EQ(bench.status, 0) << bench.err;
+  const std::string last = bench.out.substr(bench.out.rfind('{'));
+  const json j = json::parse(last);
+  EXPECT_EQ(j["speculative_tokens"], 1);
+  EXPECT_GT(j["spec_draft_tokens"].get<int64_t>(), 0);
+  EXPECT_GT(j["verify_seconds"].get<double>(), 0.0);
+  TempDir d;
+  const std::string m = tiny_model(d);
+  expect_clean_failure(
+      run("generate --model " + m + " --prompt-ids 1,2,3 --max-tokens 4 --speculative-tokens 1"),
+      {"num_nextn_predict_layers"});
+  expect_clean_failure(run(gen + " --speculative-tokens -1"), {"--speculative-tokens"});
+}

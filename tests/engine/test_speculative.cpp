@@ -1,0 +1,449 @@
+// Speculative decoding with the MTP module: greedy output equal to decoding without it, the
+// rejection sampler keeping the target distribution, batches of mixed requests equal to their
+// requests alone, no KV block left behind, and the MTP forward against PyTorch's.
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "../test_util.h"
+#include "engine/engine.h"
+#include "engine/generator.h"
+#include "engine/sampler.h"
+#include "engine/scheduler.h"
+#include "model/init_model.h"
+
+using namespace moeserve;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string trained_dir() {
+  return moeserve::testing::source_dir() + "/data/models/shakespeare-v3-tiny";
+}
+
+// The tiny preset with an MTP module of random weights.
+struct RandomMtp {
+  moeserve::testing::TempDir dir;
+  ThreadPool pool{2};
+  std::unique_ptr<model::Model> m;
+  RandomMtp() {
+    model::ModelConfig c = model::preset_config("tiny");
+    c.num_nextn_predict_layers = 1;
+    model::write_random_model(c, dir.path(), {});
+    m = std::make_unique<model::Model>(dir.path(), pool);
+  }
+};
+
+std::vector<int32_t> generate(model::Model& m, const std::vector<int32_t>& prompt, int64_t n,
+                              int64_t k, const engine::SamplingParams& sp = {},
+                              engine::GenerateStats* st = nullptr) {
+  engine::Generator g(m);
+  engine::GenerateOptions o;
+  o.max_tokens = n;
+  o.sampling = sp;
+  o.speculative_tokens = k;
+  return g.generate(prompt, o, {}, st);
+}
+
+std::vector<int32_t> prompt_of(int n, int salt, int vocab) {
+  std::vector<int32_t> v(n);
+  for (int i = 0; i < n; ++i) v[i] = (i * 31 + salt * 17 + 5) % vocab;
+  return v;
+}
+
+// Starts of lines in the style of the training text, as `moeserve tokenize` gives them (with the
+// begin-of-sequence id 0): "KING HENRY:\nNow, my good lords", "ROMEO:\nWhat light is" and
+// "First Citizen:\nBefore we proceed".
+const std::vector<std::vector<int32_t>>& trained_prompts() {
+  static const std::vector<std::vector<int32_t>> p = {{0, 471, 1141, 286, 817, 29, 329, 479, 1032},
+                                                      {0, 843, 286, 495, 1307, 347},
+                                                      {0, 668, 1151, 286, 2248, 353, 2673}};
+  return p;
+}
+
+}  // namespace
+
+TEST(Speculative, LoadsTheMtpModuleAndRefusesAModelWithout) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  EXPECT_FALSE(m.has_mtp());
+  m.load_mtp();
+  ASSERT_TRUE(m.has_mtp());
+  // The trained checkpoint stores the shared head and embedding under the module's name too.
+  EXPECT_NE(m.weights().mtp.head.data, nullptr);
+  EXPECT_NE(m.weights().mtp.embed.data, nullptr);
+  EXPECT_TRUE(m.weights().mtp.layer.is_moe);
+
+  moeserve::testing::TempDir dir;
+  model::write_random_model(model::preset_config("tiny"), dir.path(), {});
+  model::Model plain(dir.path(), pool);
+  try {
+    plain.load_mtp();
+    FAIL() << "loaded an MTP module from a model without one";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("num_nextn_predict_layers"), std::string::npos)
+        << e.what();
+  }
+  try {
+    generate(plain, {1, 2, 3}, 4, 1);
+    FAIL() << "speculated without an MTP module";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multi-token-prediction"), std::string::npos) << e.what();
+  }
+}
+
+// The verify forward of k + 1 positions gives each position the logits that decoding them one
+// at a time gives (the numerical contract), bit for bit, with every cache dtype.
+TEST(Speculative, VerifyChunkLogitsEqualOneAtATime) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  const auto& c = m.config();
+  const int64_t V = c.vocab_size;
+  const std::vector<int32_t> prompt = prompt_of(37, 3, static_cast<int>(V));
+  const std::vector<int32_t> next = {17, 230, 4000, 9};
+  for (kv::KvDtype dt : kv::kKvDtypes) {
+    std::vector<float> chunk(next.size() * V), one(next.size() * V);
+    for (int pass = 0; pass < 2; ++pass) {
+      kv::KvPool kv(8, 16, c.num_hidden_layers, c.kv_cache_dim(), dt);
+      std::vector<int32_t> blocks;
+      ASSERT_TRUE(kv.allocate(8, &blocks));
+      model::Batch b;
+      b.tokens = prompt;
+      b.seqs = {{0, 37, 0, blocks.data()}};
+      std::vector<float> scratch(V);
+      b.logit_rows = {36};
+      m.forward(b, kv, scratch.data());
+      if (pass == 0) {
+        b.tokens = next;
+        b.seqs = {{0, 4, 37, blocks.data()}};
+        b.logit_rows = {0, 1, 2, 3};
+        m.forward(b, kv, chunk.data());
+      } else {
+        for (int64_t i = 0; i < 4; ++i) {
+          b.tokens = {next[i]};
+          b.seqs = {{0, 1, 37 + i, blocks.data()}};
+          b.logit_rows = {0};
+          m.forward(b, kv, one.data() + i * V);
+        }
+      }
+    }
+    EXPECT_EQ(0, std::memcmp(chunk.data(), one.data(), chunk.size() * sizeof(float)))
+        << kv::kv_dtype_name(dt);
+  }
+}
+
+TEST(Speculative, GreedyOutputEqualsPlainDecodingOnTheTrainedModel) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  int64_t drafted = 0, accepted = 0;
+  for (const auto& p : trained_prompts()) {
+    const std::vector<int32_t> want = generate(m, p, 40, 0);
+    for (int64_t k : {1, 2, 3}) {
+      engine::GenerateStats st;
+      EXPECT_EQ(generate(m, p, 40, k, {}, &st), want) << "k=" << k;
+      drafted += st.draft_tokens;
+      accepted += st.accepted_tokens;
+    }
+  }
+  EXPECT_GT(drafted, 0);
+  // A trained module: most drafts of the greedy continuation are right.
+  EXPECT_GT(accepted, drafted / 4) << accepted << " of " << drafted;
+}
+
+TEST(Speculative, GreedyOutputEqualsPlainDecodingOnARandomModel) {
+  RandomMtp f;
+  const int V = static_cast<int>(f.m->config().vocab_size);
+  for (int salt = 0; salt < 3; ++salt) {
+    const std::vector<int32_t> p = prompt_of(5 + 13 * salt, salt, V);
+    const std::vector<int32_t> want = generate(*f.m, p, 24, 0);
+    for (int64_t k : {1, 2, 3}) {
+      engine::GenerateStats st;
+      EXPECT_EQ(generate(*f.m, p, 24, k, {}, &st), want) << "k=" << k << " salt " << salt;
+      EXPECT_GT(st.draft_tokens, 0);
+    }
+  }
+}
+
+TEST(Speculative, SeededSampledOutputIsReproducible) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  engine::SamplingParams sp;
+  sp.temperature = 0.8f;
+  sp.top_p = 0.95f;
+  sp.seed = 11;
+  engine::GenerateStats st;
+  const auto a = generate(m, trained_prompts()[0], 40, 2, sp, &st);
+  EXPECT_EQ(generate(m, trained_prompts()[0], 40, 2, sp), a);
+  EXPECT_EQ(a.size(), 40u);
+  EXPECT_GT(st.draft_tokens, 0);
+  sp.seed = 12;
+  EXPECT_NE(generate(m, trained_prompts()[0], 40, 2, sp), a);
+}
+
+namespace {
+
+struct Pending {
+  std::shared_ptr<engine::Request> req = std::make_shared<engine::Request>();
+  std::vector<int32_t> out;
+  std::promise<engine::FinishEvent> done;
+  Pending(std::vector<int32_t> prompt, int64_t max_tokens) {
+    req->prompt = std::move(prompt);
+    req->max_tokens = max_tokens;
+    req->on_token = [this](const engine::TokenEvent& e) { out.push_back(e.token); };
+    req->on_finish = [this](const engine::FinishEvent& e) { done.set_value(e); };
+  }
+};
+
+// Kinds of request in the mixed batch: greedy, seeded sampling (both speculate), a repetition
+// penalty and logprobs (both decode without speculation).
+engine::SamplingParams params_of(int i) {
+  engine::SamplingParams sp;
+  if (i % 4 == 1) {
+    sp.temperature = 0.9f;
+    sp.top_k = 40;
+    sp.seed = 100 + i;
+  } else if (i % 4 == 2) {
+    sp.repetition_penalty = 1.3f;
+  }
+  return sp;
+}
+
+// Runs the requests at once through an engine; returns their outputs, checking that every block
+// comes back.
+std::vector<std::vector<int32_t>> run_engine(model::Model& m, const engine::EngineConfig& ec,
+                                             const std::vector<std::vector<int32_t>>& prompts,
+                                             int64_t n, engine::EngineStats* stats) {
+  engine::Engine eng(m, ec);
+  std::vector<std::unique_ptr<Pending>> reqs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    reqs.push_back(std::make_unique<Pending>(prompts[i], n));
+    reqs.back()->req->sampling = params_of(static_cast<int>(i));
+    if (i % 4 == 3) reqs.back()->req->top_logprobs = 2;
+    uint64_t id;
+    std::string err;
+    EXPECT_EQ(eng.submit(reqs.back()->req, &id, &err), engine::SubmitResult::Accepted) << err;
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& r : reqs) {
+    auto fut = r->done.get_future();
+    EXPECT_EQ(fut.wait_for(120s), std::future_status::ready) << "request did not finish";
+    EXPECT_EQ(fut.get().reason, engine::FinishReason::Length);
+    out.push_back(r->out);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (eng.stats().kv_blocks_used != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(2ms);
+  *stats = eng.stats();
+  EXPECT_EQ(stats->kv_blocks_used, 0) << "KV blocks still held";
+  return out;
+}
+
+}  // namespace
+
+// A batch of speculating and non-speculating requests, with a small step budget (chunked
+// prefill, drafts cut) and a small cache (preemption), gives each request what it gives alone:
+// greedy ones what plain decoding gives, sampled ones what the same seed gives alone.
+TEST(Speculative, MixedBatchMatchesRunningAloneAndFreesEveryBlock) {
+  for (bool trained : {true, false}) {
+    std::unique_ptr<RandomMtp> rnd;
+    ThreadPool pool(2);
+    std::unique_ptr<model::Model> own;
+    model::Model* m;
+    if (trained) {
+      own = std::make_unique<model::Model>(trained_dir(), pool);
+      m = own.get();
+    } else {
+      rnd = std::make_unique<RandomMtp>();
+      m = rnd->m.get();
+    }
+    const int V = static_cast<int>(m->config().vocab_size);
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 8; ++i) prompts.push_back(prompt_of(3 + (i * 11) % 40, i, V));
+    const int64_t n = 20;
+    engine::EngineConfig ec;
+    ec.max_num_seqs = 8;
+    ec.max_model_len = 128;
+    ec.max_batch_tokens = 24;
+    ec.speculative_tokens = 3;
+    engine::EngineStats st;
+    const auto batched = run_engine(*m, ec, prompts, n, &st);
+    EXPECT_GT(st.spec_draft_tokens, 0);
+    EXPECT_LE(st.spec_accepted_tokens, st.spec_draft_tokens);
+    // A cache of 12 blocks: sequences are preempted and recomputed.
+    engine::EngineConfig small = ec;
+    small.kv_blocks = 12;
+    const auto preempted = run_engine(*m, small, prompts, n, &st);
+    EXPECT_GT(st.preemptions, 0);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const engine::SamplingParams sp = params_of(static_cast<int>(i));
+      if (sp.temperature == 0.0f) {
+        // Greedy (with or without a penalty): the Generator's plain decoding.
+        engine::Generator g(*m);
+        engine::GenerateOptions o;
+        o.max_tokens = n;
+        o.sampling = sp;
+        EXPECT_EQ(batched[i], g.generate(prompts[i], o)) << "request " << i;
+      } else {
+        EXPECT_EQ(batched[i], generate(*m, prompts[i], n, 3, sp)) << "request " << i;
+      }
+      EXPECT_EQ(preempted[i], batched[i]) << "request " << i << " under preemption";
+    }
+  }
+}
+
+namespace {
+
+double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& p, int* df) {
+  int64_t n = 0;
+  for (int64_t c : counts) n += c;
+  double x = 0;
+  int cells = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    if (p[i] == 0.0) {
+      if (counts[i] > 0) x = INFINITY;
+      continue;
+    }
+    const double e = p[i] * static_cast<double>(n);
+    x += (counts[i] - e) * (counts[i] - e) / e;
+    ++cells;
+  }
+  *df = std::max(cells - 1, 1);
+  return x;
+}
+
+// Exceeded by a correct sampler with probability ~1e-6 (Wilson-Hilferty).
+double chi_square_limit(int df) {
+  const double z = 4.75, a = 2.0 / (9.0 * df), c = 1.0 - a + z * std::sqrt(a);
+  return df * c * c * c;
+}
+
+}  // namespace
+
+// Draft x ~ q, then Sampler::verify against p: the tokens that come out follow p (not q), for a
+// draft close to the target, one far from it, and one that gives some of p's tokens nothing.
+TEST(Speculative, RejectionSamplingKeepsTheTargetDistribution) {
+  const int64_t V = 8;
+  const std::vector<float> target = {1.2f, 0.3f, 2.0f, -0.5f, 0.9f, -2.0f, 1.7f, 0.0f};
+  const std::vector<std::vector<float>> drafts = {
+      {1.0f, 0.5f, 1.8f, -0.2f, 1.0f, -1.5f, 1.5f, 0.2f},
+      {-1.0f, 2.5f, -1.0f, 2.0f, 0.0f, 1.0f, -2.0f, 1.5f},
+      {3.0f, -9.0f, 0.0f, -9.0f, 2.0f, -9.0f, -9.0f, 1.0f}};
+  for (float temp : {1.0f, 0.7f}) {
+    for (int64_t top_k : {0, 5}) {
+      engine::SamplingParams sp;
+      sp.temperature = temp;
+      sp.top_k = top_k;
+      sp.seed = 5;
+      engine::Sampler s(sp);
+      std::mt19937_64 rng(top_k * 10 + static_cast<int>(temp * 10));
+      std::uniform_real_distribution<double> u01(0.0, 1.0);
+      std::vector<float> p, q;
+      s.distribution(target.data(), V, &p);
+      std::vector<double> want(p.begin(), p.end());
+      for (const auto& d : drafts) {
+        s.distribution(d.data(), V, &q);
+        std::vector<int64_t> counts(V, 0);
+        int64_t kept = 0;
+        const int64_t n = 200000;
+        for (int64_t i = 0; i < n; ++i) {
+          const int32_t x = engine::Sampler::draw(q.data(), V, u01(rng));
+          int32_t t = -1;
+          const double ua = u01(rng), ur = u01(rng);
+          kept += s.verify(p.data(), q.data(), V, x, ua, ur, &t);
+          ++counts[t];
+        }
+        int df = 0;
+        const double x2 = chi_square(counts, want, &df);
+        const double limit = chi_square_limit(df);
+        EXPECT_LT(x2, limit) << "T=" << temp << " top_k=" << top_k;
+        // The acceptance rate is sum_x min(p(x), q(x)).
+        double overlap = 0;
+        for (int64_t i = 0; i < V; ++i) overlap += std::min(p[i], q[i]);
+        EXPECT_NEAR(static_cast<double>(kept) / n, overlap, 0.01);
+        // The drafts alone (q) are told apart from the target.
+        std::vector<int64_t> qcounts(V, 0);
+        for (int64_t i = 0; i < n / 4; ++i) ++qcounts[engine::Sampler::draw(q.data(), V, u01(rng))];
+        int dfq = 0;
+        const double xq = chi_square(qcounts, want, &dfq);
+        if (overlap < 0.95) {
+          EXPECT_GT(xq, 3 * chi_square_limit(dfq));
+        }
+      }
+    }
+  }
+}
+
+// The distribution Sampler::distribution gives is the one sample() draws from.
+TEST(Speculative, DistributionIsWhatSampleDraws) {
+  const int64_t V = 8;
+  const std::vector<float> logits = {1.2f, 0.3f, 2.0f, -0.5f, 0.9f, -2.0f, 1.7f, 0.0f};
+  engine::SamplingParams sp;
+  sp.temperature = 0.8f;
+  sp.top_p = 0.8f;
+  sp.top_k = 6;
+  sp.seed = 9;
+  engine::Sampler s(sp), d(sp);
+  std::vector<float> p;
+  d.distribution(logits.data(), V, &p);
+  std::vector<int64_t> counts(V, 0);
+  for (int i = 0; i < 100000; ++i) ++counts[s.sample(logits.data(), V)];
+  int df = 0;
+  const double x2 = chi_square(counts, std::vector<double>(p.begin(), p.end()), &df);
+  EXPECT_LT(x2, chi_square_limit(df));
+  // And the draws at uniform_at(position, stream) follow it too.
+  std::vector<int64_t> keyed(V, 0);
+  for (int i = 0; i < 100000; ++i) ++keyed[engine::Sampler::draw(p.data(), V, d.uniform_at(i, 2))];
+  const double xk = chi_square(keyed, std::vector<double>(p.begin(), p.end()), &df);
+  EXPECT_LT(xk, chi_square_limit(df));
+  int zero = 0;
+  for (float v : p) zero += v == 0.0f;
+  EXPECT_GE(zero, 2);  // top_k 6 cuts two, top_p more
+}
+
+// The MTP module's forward against PyTorch's (tools/make_mtp_reference.py, the training
+// script's model): logits of the module at a few positions, given the main model's hidden
+// states.
+TEST(Speculative, MtpLogitsMatchPyTorch) {
+  std::ifstream in(moeserve::testing::source_dir() + "/tests/fixtures/mtp/shakespeare_mtp.json");
+  ASSERT_TRUE(in.good()) << "fixture missing";
+  const nlohmann::json j = nlohmann::json::parse(in);
+  const std::vector<int32_t> ids = j["ids"].get<std::vector<int32_t>>();
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  m.load_mtp();
+  const auto& c = m.config();
+  const int64_t n = static_cast<int64_t>(ids.size()) - 1, H = c.hidden_size, V = c.vocab_size;
+  kv::KvPool kv(8, 16, c.num_hidden_layers + 1, c.kv_cache_dim(), kv::KvDtype::F32);
+  std::vector<int32_t> blocks;
+  ASSERT_TRUE(kv.allocate(8, &blocks));
+  model::Batch b;
+  b.tokens.assign(ids.begin(), ids.end() - 1);
+  b.seqs = {{0, n, 0, blocks.data()}};
+  std::vector<float> hidden(n * H);
+  m.forward(b, kv, nullptr, hidden.data());
+  // Position i: the main model's hidden state there and token i + 1.
+  b.tokens.assign(ids.begin() + 1, ids.end());
+  for (int64_t i = 0; i < n; ++i) b.logit_rows.push_back(i);
+  std::vector<float> logits(n * V);
+  m.forward_mtp(b, hidden.data(), kv, logits.data(), nullptr);
+  const auto& ref = j["logits"];  // {"positions": [...], "values": [[V floats], ...]}
+  const auto pos = ref["positions"].get<std::vector<int64_t>>();
+  ASSERT_FALSE(pos.empty());
+  double worst = 0;
+  for (size_t r = 0; r < pos.size(); ++r) {
+    const auto want = ref["values"][r].get<std::vector<double>>();
+    ASSERT_EQ(static_cast<int64_t>(want.size()), V);
+    double mx = 0;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, std::abs(want[v]));
+    for (int64_t v = 0; v < V; ++v)
+      worst = std::max(worst, std::abs(logits[pos[r] * V + v] - want[v]) / std::max(1.0, mx));
+    // The argmax (the greedy draft) agrees.
+    EXPECT_EQ(engine::argmax(logits.data() + pos[r] * V, V),
+              std::max_element(want.begin(), want.end()) - want.begin())
+        << "position " << pos[r];
+  }
+  EXPECT_LT(worst, 1e-4) << "largest difference, relative to the row's largest logit";
+}
