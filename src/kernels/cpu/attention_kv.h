@@ -25,24 +25,27 @@ constexpr int64_t kv_elem_bytes() {
   return DT == DType::F32 ? 4 : DT == DType::BF16 ? 2 : 1;
 }
 
-// Values [k, k + 16) of a stored row as floats, exactly.
-template <class O, DType DT>
+// Values [k, k + 16) of a stored row as floats, exactly; with Raw (fp8 only), as
+// O::cvt_fp8_raw gives them: float(e4m3) * 2^-120, exactly.
+template <class O, DType DT, bool Raw = false>
 inline typename O::V kv_load(const uint8_t* row, int64_t k) {
   if constexpr (DT == DType::F32)
     return O::load_reg(reinterpret_cast<const float*>(row) + k);
   else if constexpr (DT == DType::BF16)
     return O::cvt_bf16(reinterpret_cast<const uint16_t*>(row) + k);
+  else if constexpr (Raw)
+    return O::cvt_fp8_raw(row + k);
   else
     return O::cvt_fp8_nonan(row + k, O::set1(256.0f));
 }
 
 // Values [k, k + n), n < 16, then lanes of +0.0.
-template <class O, DType DT>
+template <class O, DType DT, bool Raw = false>
 inline typename O::V kv_load_tail(const uint8_t* row, int64_t k, int64_t n) {
   constexpr int64_t es = kv_elem_bytes<DT>();
   alignas(64) uint8_t raw[64] = {};
   std::memcpy(raw, row + k * es, static_cast<size_t>(n * es));
-  return kv_load<O, DT>(raw, 0);
+  return kv_load<O, DT, Raw>(raw, 0);
 }
 
 template <DType DT>
@@ -70,7 +73,7 @@ inline float kv_scale(const uint8_t* row, int64_t width, int64_t b) {
 // Lane sums of a's G rows against NB stored rows over values [k0, k1) (k0 a multiple of 16),
 // added into acc by one fma per value, in increasing k; past k1 lanes take 0 * 0. With `pf`,
 // prefetches the same bytes of the rows pf[0..NB) into L2.
-template <class O, DType DT, int G, int NB>
+template <class O, DType DT, int G, int NB, bool Raw>
 inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, int64_t k0,
                          int64_t k1, const uint8_t* const* pf, typename O::V (&acc)[G][NB]) {
   using V = typename O::V;
@@ -79,7 +82,7 @@ inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, i
   for (; k + 16 <= k1; k += 16) {
     V bv[NB];
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) bv[j] = kv_load<O, DT>(b[j], k);
+    for (int j = 0; j < NB; ++j) bv[j] = kv_load<O, DT, Raw>(b[j], k);
     if (pf && (k * es) % 64 == 0)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + k * es, 0, 2);
@@ -93,7 +96,7 @@ inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, i
   if (k < k1) {
     alignas(64) float ta[16] = {};
     V bv[NB];
-    for (int j = 0; j < NB; ++j) bv[j] = kv_load_tail<O, DT>(b[j], k, k1 - k);
+    for (int j = 0; j < NB; ++j) bv[j] = kv_load_tail<O, DT, Raw>(b[j], k, k1 - k);
     for (int i = 0; i < G; ++i) {
       std::memcpy(ta, a + i * lda + k, (k1 - k) * sizeof(float));
       for (int j = 0; j < NB; ++j) acc[i][j] = O::fma(O::load(ta), bv[j], acc[i][j]);
@@ -101,67 +104,115 @@ inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, i
   }
 }
 
-// G x NB scores (a's rows against stored rows).
-template <class O, DType DT, int G, int NB>
+// G x NB scores (a's rows against stored rows). fp8 keeps the scaled totals of the blocks
+// summed so far in L1 (tot), so that the registers hold as many (row of a, stored row) pairs
+// as the other dtypes'.
+template <class O, DType DT, int G, int NB, bool Raw, bool Conv = false>
 void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t width, float* out,
-               int64_t ldo, const uint8_t* const* pf) {
+               int64_t ldo, const uint8_t* const* pf, const uint8_t* const* sb) {
   using V = typename O::V;
-  V tot[G][NB];
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) tot[i][j] = O::zero();
   if constexpr (DT != DType::F8_E4M3) {
-    kv_lane_sums<O, DT, G, NB>(a, lda, b, 0, width, pf, tot);
+    V tot[G][NB];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) tot[i][j] = O::zero();
+    kv_lane_sums<O, DT, G, NB, false>(a, lda, b, 0, width, pf, tot);
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(tot[i][j]);
   } else {
+    V tot[G][NB];
     if (pf)  // the scales, past the values
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + width, 0, 2);
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) tot[i][j] = O::zero();
     for (int64_t b0 = 0; b0 < width; b0 += kKvScaleBlock) {
       V acc[G][NB];
 #pragma GCC unroll 8
       for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) acc[i][j] = O::zero();
-      kv_lane_sums<O, DT, G, NB>(a, lda, b, b0, std::min(width, b0 + kKvScaleBlock), pf, acc);
-      V s[NB];
+      kv_lane_sums<O, Conv ? DType::F32 : DT, G, NB, Raw && !Conv>(
+          a, lda, b, b0, std::min(width, b0 + kKvScaleBlock), pf, acc);
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) s[j] = O::set1(kv_scale(b[j], width, b0 / kKvScaleBlock));
+      for (int j = 0; j < NB; ++j) {
+        const V s = O::set1(kv_scale(sb[j], width, b0 / kKvScaleBlock));
 #pragma GCC unroll 8
-      for (int i = 0; i < G; ++i)
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; ++j) tot[i][j] = O::fma(s[j], acc[i][j], tot[i][j]);
+        for (int i = 0; i < G; ++i) tot[i][j] = O::fma(s, acc[i][j], tot[i][j]);
+      }
     }
-  }
 #pragma GCC unroll 8
-  for (int i = 0; i < G; ++i)
+    for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(tot[i][j]);
+      for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(tot[i][j]);
+  }
 }
 
-// Every row of a against NB stored rows, kG rows of a per pass: the stored rows come from
-// memory once (the first pass, which also prefetches `pf`) and from L1 after.
-template <class O, DType DT, int NB>
+// Every row of a against NB stored rows, kDotHeads rows of a per pass: the stored rows come
+// from memory once (the first pass, which also prefetches `pf`) and from L1 after.
+template <class O, DType DT, int NB, bool Raw, bool Conv = false>
 void kv_dots_heads(const float* a, int64_t na, int64_t lda, const uint8_t* const* b, int64_t width,
-                   float* out, int64_t ldo, const uint8_t* const* pf) {
-  // fp8 keeps a second set of accumulators (the scaled totals): half the rows of a per pass.
-  constexpr int kG = DT == DType::F8_E4M3 ? O::kDotHeads / 2 : O::kDotHeads;
+                   float* out, int64_t ldo, const uint8_t* const* pf, const uint8_t* const* sb) {
+  constexpr int kG = DT == DType::F8_E4M3 ? O::kDotHeadsFp8 : O::kDotHeads;
   int64_t i = 0;
   for (; i + kG <= na; i += kG, pf = nullptr)
-    kv_dots_g<O, DT, kG, NB>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf);
+    kv_dots_g<O, DT, kG, NB, Raw, Conv>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf, sb);
   for (; i < na; ++i, pf = nullptr)
-    kv_dots_g<O, DT, 1, NB>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf);
+    kv_dots_g<O, DT, 1, NB, Raw, Conv>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf, sb);
 }
 
-template <class O, DType DT>
+template <class O, DType DT, bool Raw = false>
 void kv_dots(const float* a, int64_t na, int64_t lda, const uint8_t* const* b, int64_t nb,
              int64_t width, float* out, int64_t ldo) {
   constexpr int64_t kAhead = 8;
+  constexpr int kNB = DT == DType::F8_E4M3 ? O::kDotRowsFp8 : 2;
   int64_t j = 0;
-  for (; j + 2 <= nb; j += 2)
-    kv_dots_heads<O, DT, 2>(a, na, lda, b + j, width, out + j, ldo,
-                            j + kAhead + 2 <= nb ? b + j + kAhead : nullptr);
-  if (j < nb) kv_dots_heads<O, DT, 1>(a, na, lda, b + j, width, out + j, ldo, nullptr);
+  for (; j + kNB <= nb; j += kNB)
+    kv_dots_heads<O, DT, kNB, Raw>(a, na, lda, b + j, width, out + j, ldo,
+                                   j + kAhead + kNB <= nb ? b + j + kAhead : nullptr, b + j);
+  for (; j < nb; ++j)
+    kv_dots_heads<O, DT, 1, Raw>(a, na, lda, b + j, width, out + j, ldo, nullptr, b + j);
+}
+
+// fp8 scores: where every |a| < 2^8 (none NaN), a times 2^120 (exact) against the rows as
+// O::cvt_fp8_raw gives them (float(e4m3) * 2^-120, exact): the same products, without a
+// multiply per value. a's copy: [na][round16(width)], per thread.
+template <class O>
+void kv_dots_fp8(const float* a, int64_t na, int64_t lda, const uint8_t* const* b, int64_t nb,
+                 int64_t width, float* out, int64_t ldo) {
+  using V = typename O::V;
+  if (width <= 0) {  // empty sums: +0.0
+    for (int64_t i = 0; i < na; ++i) std::fill(out + i * ldo, out + i * ldo + nb, 0.0f);
+    return;
+  }
+  static thread_local Scratch scaled;
+  const int64_t ld = round16(width);
+  float* q = scaled.get(static_cast<size_t>(na * ld));
+  const V up = O::set1(0x1p120f);
+  bool small = true;
+  for (int64_t i = 0; i < na && small; ++i) {
+    const float* ai = a + i * lda;
+    float* qi = q + i * ld;
+    int64_t k = 0;
+    for (; k + 16 <= width; k += 16) {
+      const V v = O::load(ai + k);
+      small &= O::below_2p8(v);
+      O::store(qi + k, O::mul(v, up));
+    }
+    for (; k < width; ++k) {
+      small &= std::fabs(ai[k]) < 0x1p8f;
+      qi[k] = ai[k] * 0x1p120f;
+    }
+  }
+  if (small)
+    kv_dots<O, DType::F8_E4M3, true>(q, na, ld, b, nb, width, out, ldo);
+  else
+    kv_dots<O, DType::F8_E4M3>(a, na, lda, b, nb, width, out, ldo);
 }
 
 template <class O>
@@ -173,7 +224,7 @@ void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, i
     case DType::BF16:
       return kv_dots<O, DType::BF16>(a, na, lda, b.rows, nb, b.width, out, ldo);
     case DType::F8_E4M3:
-      return kv_dots<O, DType::F8_E4M3>(a, na, lda, b.rows, nb, b.width, out, ldo);
+      return kv_dots_fp8<O>(a, na, lda, b.rows, nb, b.width, out, ldo);
     default:
       fail("dots_cached: unsupported cache dtype ", dtype_name(b.dtype));
   }
@@ -279,7 +330,7 @@ void kv_weighted(const float* c, int64_t nc, int64_t ldc, const uint8_t* const* 
     float* sc = scaled.get(static_cast<size_t>(chunk * (nc + 1)));
     float* ws = sc + chunk;
     const int64_t b = k0 / kKvScaleBlock;
-    constexpr bool kRaw = O::kFp8Direct;
+    constexpr bool kRaw = true;
     for (int64_t r0 = 0; r0 < nrows; r0 += chunk) {
       const int64_t n = std::min(chunk, nrows - r0);
       for (int64_t j = 0; j < n; ++j) sc[j] = kv_scale(rows[r0 + j], width, b);
