@@ -230,17 +230,16 @@ void dots_cached(const float* a, int64_t na, int64_t lda, const CachedRows& b, i
   }
 }
 
-constexpr int64_t kKvWeightedAhead = 32;
-
 // weighted_cached for G outputs and columns [k, k + 16 * NV) of the rows; y points at column
 // k's output. Row j's weight for output i is w[i * wi + j * wj]. G x NV accumulators stay in
 // registers while the rows stream past, starting from +0.0, or with `acc_in` from y (where an
-// earlier call over the preceding rows left them: the same chain of FMAs). Raw (fp8 with
-// O::kFp8Direct): values as O::cvt_fp8_raw gives them, float(e4m3) * 2^-120, against weights
-// stored times 2^120: the same products.
+// earlier call over the preceding rows left them: the same chain of FMAs). Raw (fp8): values
+// as O::cvt_fp8_raw gives them, float(e4m3) * 2^-120, against weights stored times 2^120: the
+// same products. Prefetches the same columns of pf[0..npf) into L2.
 template <class O, DType DT, int G, int NV, bool Raw>
 void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const* rows,
-                   int64_t nrows, int64_t k, float* y, int64_t ldy, bool acc_in) {
+                   int64_t nrows, const uint8_t* const* pf, int64_t npf, int64_t k, float* y,
+                   int64_t ldy, bool acc_in) {
   using V = typename O::V;
   constexpr int64_t es = kv_elem_bytes<DT>();
   V acc[G][NV];
@@ -249,19 +248,14 @@ void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const*
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = acc_in ? O::load(y + i * ldy + 16 * v) : O::zero();
   for (int64_t j = 0; j < nrows; ++j) {
-    if (j + kKvWeightedAhead < nrows)
+    if (j < npf) {  // every line of the columns (a row need not start on one)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v)
-        if (v == 0 || (16 * v * es) % 64 == 0)
-          __builtin_prefetch(rows[j + kKvWeightedAhead] + (k + 16 * v) * es);
+      for (int64_t o = 0; o < 16 * NV * es; o += 64) __builtin_prefetch(pf[j] + k * es + o, 0, 2);
+      __builtin_prefetch(pf[j] + (k + 16 * NV) * es - 1, 0, 2);
+    }
     V x[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (Raw)
-        x[v] = O::cvt_fp8_raw(rows[j] + k + 16 * v);
-      else
-        x[v] = kv_load<O, DT>(rows[j], k + 16 * v);
-    }
+    for (int v = 0; v < NV; ++v) x[v] = kv_load<O, DT, Raw>(rows[j], k + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < G; ++i) {
       const V cb = O::set1(w[i * wi + j * wj]);
@@ -276,42 +270,65 @@ void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const*
 }
 
 // All nc outputs over columns [k, k + 16 * NV): every group of outputs in turn, so that this
-// tile of the rows comes from memory once and from cache for the other groups.
+// tile of the rows comes from memory (or L2) once and from L1 for the other groups; the first
+// prefetches pf[0..npf).
 template <class O, DType DT, bool Raw, int NV>
 void kv_weighted_tile(const float* w, int64_t wi, int64_t wj, int64_t nc,
-                      const uint8_t* const* rows, int64_t nrows, int64_t k, float* y, int64_t ldy,
-                      bool acc_in) {
+                      const uint8_t* const* rows, int64_t nrows, const uint8_t* const* pf,
+                      int64_t npf, int64_t k, float* y, int64_t ldy, bool acc_in) {
   constexpr int kG = O::kDotHeads;
   int64_t i = 0;
-  for (; i + kG <= nc; i += kG)
-    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy, acc_in);
+  for (; i + kG <= nc; i += kG, npf = 0)
+    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy,
+                                      ldy, acc_in);
   if (kG > 4 && nc - i >= 4) {
-    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy, acc_in);
+    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy,
+                                     ldy, acc_in);
     i += 4;
+    npf = 0;
   }
-  for (; i < nc; ++i)
-    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, k, y + i * ldy, ldy, acc_in);
+  for (; i < nc; ++i, npf = 0)
+    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy,
+                                     ldy, acc_in);
 }
 
-// All nc outputs over columns [k0, k1), a column tile at a time; y at column k0.
+// All nc outputs over columns [k0, k1); y at column k0. kKvWeightedRows rows at a time (the
+// sums carried through y), and over them a column tile at a time, every group of outputs in
+// turn: a tile of the rows comes from L2 once and from L1 for the other groups. The first
+// group over a tile prefetches the same tile of the next rows into L2.
+constexpr int64_t kKvWeightedRows = 128;
 template <class O, DType DT, bool Raw = false>
 void kv_weighted_cols(const float* w, int64_t wi, int64_t wj, int64_t nc,
                       const uint8_t* const* rows, int64_t nrows, int64_t k0, int64_t k1, float* y,
                       int64_t ldy, bool acc_in) {
-  int64_t k = k0;
-  for (; k + 32 <= k1; k += 32)
-    kv_weighted_tile<O, DT, Raw, 2>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy, acc_in);
-  for (; k + 16 <= k1; k += 16)
-    kv_weighted_tile<O, DT, Raw, 1>(w, wi, wj, nc, rows, nrows, k, y + (k - k0), ldy, acc_in);
-  for (; k < k1; ++k)
-    for (int64_t i = 0; i < nc; ++i) {
-      float s = acc_in ? y[i * ldy + (k - k0)] : 0.0f;
-      for (int64_t j = 0; j < nrows; ++j) {
-        const float v = kv_elem<DT>(rows[j], k);
-        s = std::fma(w[i * wi + j * wj], Raw ? v * 0x1p-120f : v, s);
+  constexpr int64_t es = kv_elem_bytes<DT>();
+  for (int64_t j = 0; j < std::min(nrows, kKvWeightedRows); ++j)  // the first rows
+    for (int64_t o = k0 * es; o < k1 * es + 63; o += 64)
+      __builtin_prefetch(rows[j] + std::min(o, k1 * es - 1), 0, 2);
+  int64_t r0 = 0;
+  do {
+    const int64_t n = std::min(kKvWeightedRows, nrows - r0);
+    const int64_t npf = std::clamp<int64_t>(nrows - r0 - n, 0, kKvWeightedRows);
+    const bool in = acc_in || r0 > 0;
+    const float* wr = w + r0 * wj;
+    const uint8_t* const* rr = rows + r0;
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32)
+      kv_weighted_tile<O, DT, Raw, 2>(wr, wi, wj, nc, rr, n, rr + n, npf, k, y + (k - k0), ldy,
+                                      in);
+    for (; k + 16 <= k1; k += 16)
+      kv_weighted_tile<O, DT, Raw, 1>(wr, wi, wj, nc, rr, n, rr + n, npf, k, y + (k - k0), ldy,
+                                      in);
+    for (; k < k1; ++k)
+      for (int64_t i = 0; i < nc; ++i) {
+        float s = in ? y[i * ldy + (k - k0)] : 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = kv_elem<DT>(rr[j], k);
+          s = std::fma(wr[i * wi + j * wj], Raw ? v * 0x1p-120f : v, s);
+        }
+        y[i * ldy + (k - k0)] = s;
       }
-      y[i * ldy + (k - k0)] = s;
-    }
+  } while ((r0 += kKvWeightedRows) < nrows);
 }
 
 template <class O, DType DT>
