@@ -86,7 +86,7 @@ inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, i
     if (pf && (k * es) % 64 == 0)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + k * es, 0, 2);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < G; ++i) {
       const V av = O::load_reg(a + i * lda + k);
 #pragma GCC unroll 4
@@ -113,12 +113,12 @@ void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t wid
   using V = typename O::V;
   if constexpr (DT != DType::F8_E4M3) {
     V tot[G][NB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) tot[i][j] = O::zero();
     kv_lane_sums<O, DT, G, NB, false>(a, lda, b, 0, width, pf, tot);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(tot[i][j]);
@@ -127,13 +127,13 @@ void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t wid
     if (pf)  // the scales, past the values
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + width, 0, 2);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) tot[i][j] = O::zero();
     for (int64_t b0 = 0; b0 < width; b0 += kKvScaleBlock) {
       V acc[G][NB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) acc[i][j] = O::zero();
@@ -142,11 +142,11 @@ void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t wid
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
         const V s = O::set1(kv_scale(sb[j], width, b0 / kKvScaleBlock));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int i = 0; i < G; ++i) tot[i][j] = O::fma(s, acc[i][j], tot[i][j]);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) out[i * ldo + j] = O::reduce(tot[i][j]);
@@ -243,7 +243,7 @@ void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const*
   using V = typename O::V;
   constexpr int64_t es = kv_elem_bytes<DT>();
   V acc[G][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = acc_in ? O::load(y + i * ldy + 16 * v) : O::zero();
@@ -256,14 +256,14 @@ void kv_weighted_g(const float* w, int64_t wi, int64_t wj, const uint8_t* const*
     V x[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) x[v] = kv_load<O, DT, Raw>(rows[j], k + 16 * v);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < G; ++i) {
       const V cb = O::set1(w[i * wi + j * wj]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = O::fma(cb, x[v], acc[i][v]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) O::store(y + i * ldy + 16 * v, acc[i][v]);
@@ -276,20 +276,20 @@ template <class O, DType DT, bool Raw, int NV>
 void kv_weighted_tile(const float* w, int64_t wi, int64_t wj, int64_t nc,
                       const uint8_t* const* rows, int64_t nrows, const uint8_t* const* pf,
                       int64_t npf, int64_t k, float* y, int64_t ldy, bool acc_in) {
-  constexpr int kG = O::kDotHeads;
+  constexpr int kG = DT == DType::F8_E4M3 ? O::kSumHeadsFp8 : O::kDotHeads;
   int64_t i = 0;
   for (; i + kG <= nc; i += kG, npf = 0)
-    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy,
-                                      ldy, acc_in);
+    kv_weighted_g<O, DT, kG, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy, ldy,
+                                      acc_in);
   if (kG > 4 && nc - i >= 4) {
-    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy,
-                                     ldy, acc_in);
+    kv_weighted_g<O, DT, 4, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy, ldy,
+                                     acc_in);
     i += 4;
     npf = 0;
   }
   for (; i < nc; ++i, npf = 0)
-    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy,
-                                     ldy, acc_in);
+    kv_weighted_g<O, DT, 1, NV, Raw>(w + i * wi, wi, wj, rows, nrows, pf, npf, k, y + i * ldy, ldy,
+                                     acc_in);
 }
 
 // All nc outputs over columns [k0, k1); y at column k0. kKvWeightedRows rows at a time (the
@@ -313,12 +313,12 @@ void kv_weighted_cols(const float* w, int64_t wi, int64_t wj, int64_t nc,
     const float* wr = w + r0 * wj;
     const uint8_t* const* rr = rows + r0;
     int64_t k = k0;
-    for (; k + 32 <= k1; k += 32)
-      kv_weighted_tile<O, DT, Raw, 2>(wr, wi, wj, nc, rr, n, rr + n, npf, k, y + (k - k0), ldy,
-                                      in);
+    constexpr int kNV = DT == DType::F8_E4M3 ? O::kSumColsFp8 : 2;
+    for (; k + 16 * kNV <= k1; k += 16 * kNV)
+      kv_weighted_tile<O, DT, Raw, kNV>(wr, wi, wj, nc, rr, n, rr + n, npf, k, y + (k - k0), ldy,
+                                        in);
     for (; k + 16 <= k1; k += 16)
-      kv_weighted_tile<O, DT, Raw, 1>(wr, wi, wj, nc, rr, n, rr + n, npf, k, y + (k - k0), ldy,
-                                      in);
+      kv_weighted_tile<O, DT, Raw, 1>(wr, wi, wj, nc, rr, n, rr + n, npf, k, y + (k - k0), ldy, in);
     for (; k < k1; ++k)
       for (int64_t i = 0; i < nc; ++i) {
         float s = in ? y[i * ldy + (k - k0)] : 0.0f;

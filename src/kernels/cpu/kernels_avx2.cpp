@@ -13,8 +13,10 @@ struct Avx2 {
   static constexpr bool kFp8Direct = false;  // no cvt_fp8_direct
   static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
   static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 1;  // the same for fp8 rows
-  static constexpr int kTileM = 2, kTileN = 2;             // 8 ymm accumulators
-  static constexpr int kTileTM = 2, kTileTN = 2;           // 8 ymm accumulators
+  static constexpr int kSumHeadsFp8 = 4,
+                       kSumColsFp8 = 1;           // weighted_cached, fp8: outputs x 16 columns
+  static constexpr int kTileM = 2, kTileN = 2;    // 8 ymm accumulators
+  static constexpr int kTileTM = 2, kTileTN = 2;  // 8 ymm accumulators
   static constexpr int gemv_rows(int m) { return m == 1 ? 4 : m == 2 ? 2 : 1; }
 
   static V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }

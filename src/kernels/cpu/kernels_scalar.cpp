@@ -30,6 +30,8 @@ struct Scalar {
   static constexpr bool kFp8Direct = false;  // no cvt_fp8_direct
   static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
   static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 1;  // the same for fp8 rows
+  static constexpr int kSumHeadsFp8 = 4,
+                       kSumColsFp8 = 2;  // weighted_cached, fp8: outputs x 16 columns
   static constexpr int kTileM = 1, kTileN = 1;
   static constexpr int kTileTM = 1, kTileTN = 1;
   static constexpr int gemv_rows(int m) { return 1; }
