@@ -2,10 +2,12 @@
 // bf16 or e4m3 with per-128 scales, read in place. Written once over an instruction set's
 // vector ops `O` (impl.h); included by impl.h, internal linkage.
 //
-// A stored value enters as a float exactly: bf16 by a shift, e4m3 through the f16 bits of
-// value * 2^-8 (O::cvt_fp8_nonan) times 256, which is exact. The fp8 scales enter only where
-// the contract puts them: once per row block on the lane sums (scores), once per row block on
-// the softmax weight (weighted sum).
+// A stored value enters as a float exactly: bf16 by a shift; e4m3 as float(e4m3) * 2^-120 by
+// three bit operations (O::cvt_fp8_raw) against the other factor times 2^120 (exact where it is
+// below 2^8), which gives the same products, or else through the f16 bits of value * 2^-8
+// (O::cvt_fp8_nonan) times 256. The fp8 scales enter only where the contract puts them: once
+// per row block on the lane sums (scores), once per row block on the softmax weight (weighted
+// sum).
 #pragma once
 
 #include <algorithm>
