@@ -74,7 +74,7 @@ inline float kv_scale(const uint8_t* row, int64_t width, int64_t b) {
 
 // Lane sums of a's G rows against NB stored rows over values [k0, k1) (k0 a multiple of 16),
 // added into acc by one fma per value, in increasing k; past k1 lanes take 0 * 0. With `pf`,
-// prefetches the same bytes of the rows pf[0..NB) into L2.
+// prefetches the same bytes of the rows pf[0..NB) into L1.
 template <class O, DType DT, int G, int NB, bool Raw>
 inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, int64_t k0,
                          int64_t k1, const uint8_t* const* pf, typename O::V (&acc)[G][NB]) {
@@ -87,7 +87,7 @@ inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, i
     for (int j = 0; j < NB; ++j) bv[j] = kv_load<O, DT, Raw>(b[j], k);
     if (pf && (k * es) % 64 == 0)
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + k * es, 0, 2);
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(pf[j] + k * es, 0, 3);
 #pragma GCC unroll 16
     for (int i = 0; i < G; ++i) {
       const V av = O::load_reg(a + i * lda + k);
