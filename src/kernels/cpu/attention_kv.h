@@ -106,12 +106,11 @@ inline void kv_lane_sums(const float* a, int64_t lda, const uint8_t* const* b, i
   }
 }
 
-// G x NB scores (a's rows against stored rows). fp8 keeps the scaled totals of the blocks
-// summed so far in L1 (tot), so that the registers hold as many (row of a, stored row) pairs
-// as the other dtypes'.
-template <class O, DType DT, int G, int NB, bool Raw, bool Conv = false>
+// G x NB scores (a's rows against stored rows). fp8 keeps a second set of accumulators, the
+// scaled totals of the blocks summed so far.
+template <class O, DType DT, int G, int NB, bool Raw>
 void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t width, float* out,
-               int64_t ldo, const uint8_t* const* pf, const uint8_t* const* sb) {
+               int64_t ldo, const uint8_t* const* pf) {
   using V = typename O::V;
   if constexpr (DT != DType::F8_E4M3) {
     V tot[G][NB];
@@ -139,11 +138,10 @@ void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t wid
       for (int i = 0; i < G; ++i)
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) acc[i][j] = O::zero();
-      kv_lane_sums<O, Conv ? DType::F32 : DT, G, NB, Raw && !Conv>(
-          a, lda, b, b0, std::min(width, b0 + kKvScaleBlock), pf, acc);
+      kv_lane_sums<O, DT, G, NB, Raw>(a, lda, b, b0, std::min(width, b0 + kKvScaleBlock), pf, acc);
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
-        const V s = O::set1(kv_scale(sb[j], width, b0 / kKvScaleBlock));
+        const V s = O::set1(kv_scale(b[j], width, b0 / kKvScaleBlock));
 #pragma GCC unroll 16
         for (int i = 0; i < G; ++i) tot[i][j] = O::fma(s, acc[i][j], tot[i][j]);
       }
@@ -155,17 +153,18 @@ void kv_dots_g(const float* a, int64_t lda, const uint8_t* const* b, int64_t wid
   }
 }
 
-// Every row of a against NB stored rows, kDotHeads rows of a per pass: the stored rows come
-// from memory once (the first pass, which also prefetches `pf`) and from L1 after.
-template <class O, DType DT, int NB, bool Raw, bool Conv = false>
+// Every row of a against NB stored rows, kDotHeads (fp8: kDotHeadsFp8) rows of a per pass: the
+// stored rows come from memory once (the first pass, which also prefetches `pf`) and from L1
+// after.
+template <class O, DType DT, int NB, bool Raw>
 void kv_dots_heads(const float* a, int64_t na, int64_t lda, const uint8_t* const* b, int64_t width,
-                   float* out, int64_t ldo, const uint8_t* const* pf, const uint8_t* const* sb) {
+                   float* out, int64_t ldo, const uint8_t* const* pf) {
   constexpr int kG = DT == DType::F8_E4M3 ? O::kDotHeadsFp8 : O::kDotHeads;
   int64_t i = 0;
   for (; i + kG <= na; i += kG, pf = nullptr)
-    kv_dots_g<O, DT, kG, NB, Raw, Conv>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf, sb);
+    kv_dots_g<O, DT, kG, NB, Raw>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf);
   for (; i < na; ++i, pf = nullptr)
-    kv_dots_g<O, DT, 1, NB, Raw, Conv>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf, sb);
+    kv_dots_g<O, DT, 1, NB, Raw>(a + i * lda, lda, b, width, out + i * ldo, ldo, pf);
 }
 
 template <class O, DType DT, bool Raw = false>
@@ -176,9 +175,8 @@ void kv_dots(const float* a, int64_t na, int64_t lda, const uint8_t* const* b, i
   int64_t j = 0;
   for (; j + kNB <= nb; j += kNB)
     kv_dots_heads<O, DT, kNB, Raw>(a, na, lda, b + j, width, out + j, ldo,
-                                   j + kAhead + kNB <= nb ? b + j + kAhead : nullptr, b + j);
-  for (; j < nb; ++j)
-    kv_dots_heads<O, DT, 1, Raw>(a, na, lda, b + j, width, out + j, ldo, nullptr, b + j);
+                                   j + kAhead + kNB <= nb ? b + j + kAhead : nullptr);
+  for (; j < nb; ++j) kv_dots_heads<O, DT, 1, Raw>(a, na, lda, b + j, width, out + j, ldo, nullptr);
 }
 
 // fp8 scores: where every |a| < 2^8 (none NaN), a times 2^120 (exact) against the rows as
@@ -304,7 +302,7 @@ void kv_weighted_cols(const float* w, int64_t wi, int64_t wj, int64_t nc,
                       const uint8_t* const* rows, int64_t nrows, int64_t k0, int64_t k1, float* y,
                       int64_t ldy, bool acc_in) {
   constexpr int64_t es = kv_elem_bytes<DT>();
-  for (int64_t j = 0; j < std::min(nrows, kKvWeightedRows); ++j)  // the first rows
+  for (int64_t j = 0; k1 > k0 && j < std::min(nrows, kKvWeightedRows); ++j)  // the first rows
     for (int64_t o = k0 * es; o < k1 * es + 63; o += 64)
       __builtin_prefetch(rows[j] + std::min(o, k1 * es - 1), 0, 2);
   int64_t r0 = 0;
@@ -349,7 +347,6 @@ void kv_weighted(const float* c, int64_t nc, int64_t ldc, const uint8_t* const* 
     float* sc = scaled.get(static_cast<size_t>(chunk * (nc + 1)));
     float* ws = sc + chunk;
     const int64_t b = k0 / kKvScaleBlock;
-    constexpr bool kRaw = true;
     for (int64_t r0 = 0; r0 < nrows; r0 += chunk) {
       const int64_t n = std::min(chunk, nrows - r0);
       for (int64_t j = 0; j < n; ++j) sc[j] = kv_scale(rows[r0 + j], width, b);
@@ -373,8 +370,8 @@ void kv_weighted(const float* c, int64_t nc, int64_t ldc, const uint8_t* const* 
         }
         return small;
       };
-      if (kRaw && make(true)) {
-        kv_weighted_cols<O, DT, kRaw>(ws, chunk, 1, nc, rows + r0, n, k0, k1, y, ldy, r0 > 0);
+      if (make(true)) {
+        kv_weighted_cols<O, DT, true>(ws, chunk, 1, nc, rows + r0, n, k0, k1, y, ldy, r0 > 0);
       } else {
         make(false);
         kv_weighted_cols<O, DT>(ws, chunk, 1, nc, rows + r0, n, k0, k1, y, ldy, r0 > 0);
