@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -120,6 +121,38 @@ TEST(CachedRows, DotsEveryIsaEqualsTheReference) {
             }
           }
         }
+}
+
+// fp8 scores take a times 2^120 against float(e4m3) * 2^-120 where every |a| < 2^8, and the
+// general conversion otherwise: both give the reference's bits, also where the products are
+// subnormal or underflow (tiny a) and where one element of a is 2^8 or more, or not finite.
+TEST(CachedRows, DotsFp8EveryRangeOfAEqualsTheReference) {
+  const int64_t width = 576, nb = 9;
+  for (int range = 0; range < 5; ++range) {
+    const StoredRows b(DType::F8_E4M3, width, nb, static_cast<uint32_t>(40 + range));
+    for (int64_t na : {1, 5, 16}) {
+      auto a = random_floats(na * width, static_cast<uint32_t>(na * 3 + range));
+      if (range == 1)
+        for (float& v : a) v *= 0x1p-140f;  // products below f32's normal range
+      if (range == 2) a[(na - 1) * width + width - 1] = 256.0f;
+      if (range == 3) a[width / 2] = -300.5f;
+      if (range == 4) a[0] = std::numeric_limits<float>::infinity();
+      std::vector<float> want(na * nb);
+      reference::dots_cached(a.data(), na, width, b.rows, nb, want.data(), nb);
+      for (Isa isa : isas()) {
+        std::vector<float> got(na * nb, -1.0f);
+        kernel_table(isa).dots_cached(a.data(), na, width, b.rows, nb, got.data(), nb);
+        for (int64_t k = 0; k < na * nb; ++k)
+          ASSERT_EQ(bits(got[k]), bits(want[k]))
+              << isa_name(isa) << " range=" << range << " na=" << na << " k=" << k;
+      }
+      if (range == 1) {  // some scores are subnormal or zero, not all
+        int tiny = 0;
+        for (float v : want) tiny += std::fabs(v) < std::numeric_limits<float>::min();
+        EXPECT_GT(tiny, 0);
+      }
+    }
+  }
 }
 
 // f32 and bf16 rows: dot's contract on the values; fp8: per 128-block lane sums, each scaled

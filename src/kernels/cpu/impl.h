@@ -12,9 +12,9 @@
 //     (the contract's tree), cvt_bf16 / cvt_f16 (16 elements), cvt_fp8(p, s256) (16 elements times
 //     s256 = scale * 256, NaN-exact), NanAcc, nan_init, nan_scan128(acc, p), nan_found(acc)
 //     (whether 128-byte blocks scanned into acc hold an e4m3 NaN), cvt_fp8_nonan and
-//     cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN); with
-//     kFp8Direct, for NaN-free bytes: cvt_fp8_raw(p) = float(fp8) * 2^-120 (exact, three
-//     operations) and cvt_fp8_direct(p, s) = cvt_fp8_raw(p) * s
+//     cvt_fp8x2_nonan(p, s256, lo, hi) (16 / 32 elements known not to be NaN), for NaN-free
+//     bytes cvt_fp8_raw(p) = float(fp8) * 2^-120 (exact, three operations); with
+//     kFp8Direct, cvt_fp8_direct(p, s) = cvt_fp8_raw(p) * s
 //   };
 //
 // kernels_<isa>.cpp defines O and includes this file; everything here has internal linkage, so

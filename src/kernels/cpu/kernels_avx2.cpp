@@ -10,8 +10,11 @@ struct Avx2 {
   struct V {
     __m256 lo, hi;  // lanes 0-7, lanes 8-15
   };
-  static constexpr bool kFp8Direct = false;       // no cvt_fp8_direct
-  static constexpr int kDotHeads = 4;             // dots: rows of a per pass (x 2 rows of b)
+  static constexpr bool kFp8Direct = false;  // no cvt_fp8_direct
+  static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
+  static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 1;  // the same for fp8 rows
+  static constexpr int kSumHeadsFp8 = 4,
+                       kSumColsFp8 = 1;           // weighted_cached, fp8: outputs x 16 columns
   static constexpr int kTileM = 2, kTileN = 2;    // 8 ymm accumulators
   static constexpr int kTileTM = 2, kTileTN = 2;  // 8 ymm accumulators
   static constexpr int gemv_rows(int m) { return m == 1 ? 4 : m == 2 ? 2 : 1; }
@@ -77,6 +80,15 @@ struct Avx2 {
     lo = cvt_fp8_nonan(p, s256);
     hi = cvt_fp8_nonan(p + 16, s256);
   }
+  // As kernels_avx512.cpp: e4m3 byte b -> the f32 with bits (b & 0x80) << 24 | (b & 0x7f) << 20,
+  // exactly float(fp8) * 2^-120 (three operations per 8 values, each conversion reading its 8
+  // bytes itself). Not for NaN bytes.
+  static __m256 fp8_raw8(const uint8_t* p) {
+    const __m256i d = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20),
+                                                _mm256_set1_epi32(static_cast<int>(0x87f00000u))));
+  }
+  static V cvt_fp8_raw(const uint8_t* p) { return {fp8_raw8(p), fp8_raw8(p + 8)}; }
   // NaN scan as kernels_avx512.cpp: running unsigned max of b | 0x80; 0xff marks a NaN.
   using NanAcc = __m256i;
   static NanAcc nan_init() { return _mm256_setzero_si256(); }

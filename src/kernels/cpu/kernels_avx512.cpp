@@ -14,7 +14,10 @@ namespace {
 struct Avx512 {
   using V = __m512;
   static constexpr bool kFp8Direct = true;
-  static constexpr int kDotHeads = 8;             // dots: rows of a per pass (x 2 rows of b)
+  static constexpr int kDotHeads = 8;  // dots: rows of a per pass (x 2 rows of b)
+  static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 2;  // the same for fp8 rows
+  static constexpr int kSumHeadsFp8 = 6,
+                       kSumColsFp8 = 4;           // weighted_cached, fp8: outputs x 16 columns
   static constexpr int kTileM = 4, kTileN = 6;    // 24 accumulators
   static constexpr int kTileTM = 4, kTileTN = 6;  // 24 accumulators
   static constexpr int gemv_rows(int m) {

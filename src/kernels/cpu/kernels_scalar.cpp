@@ -29,6 +29,9 @@ struct Scalar {
   };
   static constexpr bool kFp8Direct = false;  // no cvt_fp8_direct
   static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
+  static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 1;  // the same for fp8 rows
+  static constexpr int kSumHeadsFp8 = 4,
+                       kSumColsFp8 = 2;  // weighted_cached, fp8: outputs x 16 columns
   static constexpr int kTileM = 1, kTileN = 1;
   static constexpr int kTileTM = 1, kTileTN = 1;
   static constexpr int gemv_rows(int m) { return 1; }
@@ -122,6 +125,13 @@ struct Scalar {
   static void cvt_fp8x2_nonan(const uint8_t* p, const V& s256, V& lo, V& hi) {
     lo = cvt_fp8(p, s256);
     hi = cvt_fp8(p + 16, s256);
+  }
+  // float(e4m3) * 2^-120 exactly, as the vector versions compute it: the bits
+  // (b & 0x80) << 24 | (b & 0x7f) << 20. Not for NaN bytes.
+  static V cvt_fp8_raw(const uint8_t* p) {
+    V r;
+    for (int l = 0; l < 16; ++l) r.v[l] = bits_to_f32((p[l] & 0x80u) << 24 | (p[l] & 0x7fu) << 20);
+    return r;
   }
   // Integer weights (kernels.h, Weight): float(q) * scale, q = u - 2^(bits-1).
   static float f16(uint16_t h) { return half_to_f32(h); }
