@@ -123,10 +123,10 @@ class Dispatcher {
                     const int32_t* experts, const float* weights);
 
   // Collective. hidden: [n_tokens, hidden] f32. Returns plan.n_recv() row pointers, grouped
-  // by local slot (plan.slot_offset), each to hidden f32 values, 64-byte aligned when hidden
-  // % 16 == 0 (what the expert kernels read in place, kernels::MatmulJob::xrows). A token with
-  // several experts here is one row, pointed to by each of its slots: nothing is copied per
-  // (token, expert) pair. With shared memory the rows are the source ranks' own, in their
+  // by local slot (plan.slot_offset), each to hidden f32 values, 64-byte aligned when `hidden`
+  // is and hidden % 16 == 0 (what the expert kernels read in place, kernels::MatmulJob::xrows). A
+  // token with several experts here is one row, pointed to by each of its slots: nothing is copied
+  // per (token, expert) pair. With shared memory the rows are the source ranks' own, in their
   // segments: nothing is copied at all. With messages, this rank's own tokens' rows point into
   // `hidden` (not copied): keep it unchanged until combine. Valid until the next plan on this
   // Dispatcher.

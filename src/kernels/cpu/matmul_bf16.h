@@ -366,14 +366,14 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
           bool done = false;
           if constexpr (O::kFp8Bf16) {
             if (f8reg) {
-              bf16_tile_fn<O, true>(mt, NT)(xp + i0 * Kp, Kp, w_row(w, it.n0 + p), st * ldw,
+              bf16_tile_fn<O, true>(mt, NT)(xp + i0 * ldx, ldx, w_row(w, it.n0 + p), st * ldw,
                                             Kp / 32, part, NB * 16, true, true, yt, NT);
               done = true;
             }
           }
           if (!done)
-            bf16_tile_fn<O, false>(mt, NT)(xp + i0 * Kp, Kp, wp + p * ldw, st * ldw, Kp / 32, part,
-                                           NB * 16, true, true, yt, NT);
+            bf16_tile_fn<O, false>(mt, NT)(xp + i0 * ldx, ldx, wp + p * ldw, st * ldw, Kp / 32,
+                                           part, NB * 16, true, true, yt, NT);
           for (int64_t i = 0; i < mt; ++i)
             for (int64_t q = 0; q < NT; ++q)
               j.y[(m0 + i0 + i) * j.ldy + it.n0 + p + q * st] = yt[i * NT + q];
