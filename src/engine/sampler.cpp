@@ -9,6 +9,21 @@
 
 namespace moeserve::engine {
 
+namespace {
+
+// Nucleus: the smallest prefix of the candidates prob[0..k) (in sampling order, summing to sum)
+// whose probability reaches top_p.
+int64_t nucleus(const std::vector<double>& prob, int64_t k, double sum, float top_p) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    acc += prob[i] / sum;
+    if (acc >= top_p) return i + 1;
+  }
+  return k;
+}
+
+}  // namespace
+
 int32_t argmax(const float* logits, int64_t vocab) {
   // The first index of the largest value, NaNs never winning (unless logits[0] is one: then 0),
   // as a plain `>` scan gives; in two passes that vectorize: the maximum, then its first index.
@@ -139,18 +154,7 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   prob_.resize(k);
   double sum = 0.0;
   for (int64_t i = 0; i < k; ++i) sum += (prob_[i] = std::exp((key(idx_[i]) - mx) * inv_t));
-  // Nucleus: the smallest prefix whose probability reaches top_p.
-  int64_t n = k;
-  if (p_.top_p < 1.0f) {
-    double acc = 0.0;
-    for (int64_t i = 0; i < k; ++i) {
-      acc += prob_[i] / sum;
-      if (acc >= p_.top_p) {
-        n = i + 1;
-        break;
-      }
-    }
-  }
+  const int64_t n = p_.top_p < 1.0f ? nucleus(prob_, k, sum, p_.top_p) : k;
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) total += prob_[i];
   const double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
@@ -192,17 +196,7 @@ void Sampler::distribution(const float* logits, int64_t vocab, std::vector<float
   prob_.resize(k);
   double sum = 0.0;
   for (int64_t i = 0; i < k; ++i) sum += (prob_[i] = std::exp((key(idx_[i]) - mx) * inv_t));
-  int64_t n = k;
-  if (cut && p_.top_p < 1.0f) {
-    double acc = 0.0;
-    for (int64_t i = 0; i < k; ++i) {
-      acc += prob_[i] / sum;
-      if (acc >= p_.top_p) {
-        n = i + 1;
-        break;
-      }
-    }
-  }
+  const int64_t n = cut && p_.top_p < 1.0f ? nucleus(prob_, k, sum, p_.top_p) : k;
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) total += prob_[i];
   for (int64_t i = 0; i < n; ++i) p[idx_[i]] = static_cast<float>(prob_[i] / total);
