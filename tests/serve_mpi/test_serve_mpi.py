@@ -29,6 +29,7 @@ import http.client
 import json
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -587,39 +588,100 @@ def read_stream(s, started, out, slot):
     out[slot] = b"".join(chunks).decode(errors="replace")
 
 
+class StreamReader:
+    """Reads several streamed responses from one thread (no reader threads to wait on the
+    interpreter lock): pump() takes what has arrived on every socket."""
+
+    def __init__(self, socks):
+        self.t0 = time.time()
+        self.sel = selectors.DefaultSelector()
+        self.chunks = [[] for _ in socks]
+        self.tails = [b""] * len(socks)
+        self.first = [None] * len(socks)  # seconds from t0 to the first event
+        self.done = [False] * len(socks)
+        for k, s in enumerate(socks):
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ, k)
+
+    def pump(self, timeout):
+        for key, _ in self.sel.select(timeout):
+            k, s = key.data, key.fileobj
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if chunk:
+                self.chunks[k].append(chunk)
+                window = self.tails[k] + chunk
+                if self.first[k] is None and b"data: {" in window:
+                    self.first[k] = time.time() - self.t0
+                self.tails[k] = window[-16:]
+            if not chunk or b"data: [DONE]" in window:
+                self.done[k] = True
+                self.sel.unregister(s)
+                s.close()
+
+    def pump_until(self, cond, timeout):
+        deadline = time.time() + timeout
+        while not cond() and time.time() < deadline and self.sel.get_map():
+            self.pump(0.05)
+        return cond()
+
+    def text(self, k):
+        return b"".join(self.chunks[k]).decode(errors="replace")
+
+
 def stop_with_streams(srv, name, sig):
     """SIGTERM or SIGINT to rank 0 while three streams are in flight, with the machine loaded by
     two busy loops: every rank ends within seconds, and every client hears why."""
-    streams, events = [""] * 3, [threading.Event() for _ in range(3)]
-    socks = [open_stream(srv, PROMPTS[i]) for i in (1, 3, 5)]
-    threads = [threading.Thread(target=read_stream, args=(s, e, streams, k))
-               for k, (s, e) in enumerate(zip(socks, events))]
-    for t in threads:
-        t.start()
-    started = wait_for(lambda: all(e.is_set() for e in events), 60)
-    check(started, f"{name}: {sum(e.is_set() for e in events)} of 3 streams started")
+    target = rank0_pid(srv.proc.pid)
+    for attempt in range(3):
+        rd = StreamReader([open_stream(srv, PROMPTS[i]) for i in (1, 3, 5)])
+        started = rd.pump_until(lambda: all(f is not None for f in rd.first), 60)
+        if not started or not all(rd.done):
+            break
+        # All three ran to their end before this client saw them start (it was descheduled):
+        # nothing would be in flight for the signal. Start three more.
+        print(f"    (attempt {attempt + 1}: the streams ended before their first events were "
+              f"read, {rd.first} s; again)")
+    check(started, f"{name}: {sum(f is not None for f in rd.first)} of 3 streams started")
+    ended_before = sum(rd.done)
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         t0 = time.time()
-        rc = srv.stop(sig, timeout=30)
+        os.kill(target, sig)
+        # Keep reading while the job stops, so that no server write waits on this client.
+        rc = None
+        while time.time() - t0 < 30:
+            rd.pump(0.05)
+            rc = srv.proc.poll()
+            if rc is not None:
+                break
         took = time.time() - t0
+        if rc is None:
+            srv.kill()
+            rc = "killed after 30 s"
+        rd.pump_until(lambda: all(rd.done), 10)
     finally:
         for p in load:
             p.kill()
             p.wait()
-    for t in threads:
-        t.join(10)
-    alive = sum(t.is_alive() for t in threads)
+    streams = [rd.text(k) for k in range(3)]
+    still_open = len(streams) - sum(rd.done)
     told = [d for d in streams if "shutting down" in d and "data: [DONE]" in d]
     # A stream that ran to its end before the signal (a fast machine) has nothing to be told.
     ended = [d for d in streams if '"finish_reason":"length"' in d]
     check(rc == 0 and took < 15,
           f"{name}: {signal.Signals(sig).name} to rank 0 with 3 streams in flight, machine "
           f"loaded: every rank ended in {took:.1f} s (exit {rc})")
-    ok = alive == 0 and len(told) + len(ended) == len(threads) and told
-    check(ok, f"{name}: {len(told)} of {len(threads)} streams told of the shutdown "
-          f"({len(ended)} had ended before it, {alive} still open)")
+    ok = still_open == 0 and len(told) + len(ended) == len(streams) and told
+    check(ok, f"{name}: {len(told)} of {len(streams)} streams told of the shutdown "
+          f"({len(ended)} had ended before it, {still_open} still open)")
     if not ok:
+        print(f"    first events after {rd.first} s; {ended_before} streams had ended when "
+              f"the signal went")
         for i, d in enumerate(streams):
             print(f"    stream {i}: {len(d)} bytes, ends {d[-400:]!r}")
         print("    server output ends:\n" + srv.output()[-3000:])
