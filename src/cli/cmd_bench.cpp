@@ -147,7 +147,7 @@ void run_bench(const BenchArgs& a) {
   });
   if (!a.preset.empty()) dir = (fs::path(a.cache_dir) / (a.preset + "-" + a.dtype)).string();
 
-  check_speculative_single_process(a.speculative_tokens, n_ranks);
+  check_speculative_single_process(a.speculative_tokens, n_ranks, "bench");
   pm.load(dir);
   model::Model& m = pm.model();
   if (a.speculative_tokens > 0) m.load_mtp();

@@ -72,7 +72,7 @@ void run_generate(const GenerateArgs& a) {
   ParallelModel pm(a.model, a.par);
   model::Model& m = pm.model();
   const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
-  check_speculative_single_process(a.speculative_tokens, pm.world().size());
+  check_speculative_single_process(a.speculative_tokens, pm.world().size(), "generate");
   if (a.speculative_tokens > 0) m.load_mtp();
   engine::Generator gen(m, 16, kv_dtype);
   if (!pm.is_root()) {  // the other ranks hold experts and follow rank 0's steps

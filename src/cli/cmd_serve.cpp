@@ -212,7 +212,6 @@ void run_serve(const ServeArgs& a) {
     MS_CHECK(world.size() > 1 || (a.prefill_ranks == 0 && a.decode_ranks == 0),
              "--prefill-ranks and --decode-ranks split the ranks of an mpirun launch, e.g. "
              "`mpirun -np 3 moeserve serve ... --prefill-ranks 1 --decode-ranks 2`");
-    check_speculative_single_process(a.speculative_tokens, world.size());
     cc.prefill_ranks = a.prefill_ranks;
     cc.decode_ranks = a.decode_ranks;
     cc.route = a.router == "round-robin" ? engine::RoutePolicy::RoundRobin

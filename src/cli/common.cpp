@@ -32,10 +32,11 @@ void add_speculative_tokens_option(CLI::App* c, int64_t* v) {
       ->check(CLI::Range(int64_t{0}, int64_t{16}));
 }
 
-void check_speculative_single_process(int64_t speculative_tokens, int world_size) {
+void check_speculative_single_process(int64_t speculative_tokens, int world_size,
+                                      const char* command) {
   MS_CHECK(speculative_tokens == 0 || world_size == 1,
-           "--speculative-tokens is not supported under mpirun (expert parallelism, "
-           "prefill/decode disaggregation) yet; run one process or leave it at 0");
+           "--speculative-tokens is not supported by `moeserve ", command,
+           "` under mpirun (`moeserve serve` supports it); run one process or leave it at 0");
 }
 
 kv::KvDtype parse_kv_cache_dtype(const std::string& v) {

@@ -89,7 +89,7 @@ EngineStats ClusterFrontEnd::stats() const {
   st.transfer.latency_buckets.assign(kv_transfer_buckets().size() + 1, 0);
   st.kv_dtype = cfg_.engine.kv_dtype;
   st.kv_bytes_per_token =
-      mc_.num_hidden_layers * kv::kv_row_bytes(cfg_.engine.kv_dtype, mc_.kv_cache_dim());
+      kv_layers_for(mc_, cfg_.engine) * kv::kv_row_bytes(cfg_.engine.kv_dtype, mc_.kv_cache_dim());
   for (int r = 0; r < n_ranks_; ++r) {
     const RankState& s = ranks_[r];
     st.running += s.running;
@@ -104,6 +104,8 @@ EngineStats ClusterFrontEnd::stats() const {
     st.prefix_query_tokens += s.prefix_query_tokens;
     st.prefix_hit_tokens += s.prefix_hit_tokens;
     st.kv_blocks_cached += s.kv_cached;
+    st.spec_draft_tokens += s.spec_draft_tokens;
+    st.spec_accepted_tokens += s.spec_accepted_tokens;
     if (st.expert_tokens.size() < s.expert_tokens.size())
       st.expert_tokens.resize(s.expert_tokens.size());
     for (size_t i = 0; i < s.expert_tokens.size(); ++i) st.expert_tokens[i] += s.expert_tokens[i];
@@ -121,6 +123,12 @@ EngineStats ClusterFrontEnd::stats() const {
                             std::to_string(s.kv_cached));
     st.rank_lines.push_back("moeserve_rank_waiting_requests_peak" + lbl + " " +
                             std::to_string(s.waiting_peak));
+    if (cfg_.engine.speculative_tokens > 0) {
+      st.rank_lines.push_back("moeserve_rank_spec_decode_draft_tokens" + lbl + " " +
+                              std::to_string(s.spec_draft_tokens));
+      st.rank_lines.push_back("moeserve_rank_spec_decode_accepted_tokens" + lbl + " " +
+                              std::to_string(s.spec_accepted_tokens));
+    }
   }
   return st;
 }
@@ -261,6 +269,8 @@ void ClusterFrontEnd::on_stats(wire::Reader& rd, int source) {
   s.prefix_hit_tokens = rd.get<int64_t>();
   s.kv_cached = rd.get<int64_t>();
   s.transfer.blocks_reused = rd.get<int64_t>();
+  s.spec_draft_tokens = rd.get<int64_t>();
+  s.spec_accepted_tokens = rd.get<int64_t>();
 }
 
 void ClusterFrontEnd::on_message(const comm::Mailbox::Message& m) {

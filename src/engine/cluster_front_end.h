@@ -50,6 +50,7 @@ class ClusterFrontEnd final : public Service {
     int64_t kv_peak = 0, waiting_peak = 0;  // high-water marks since start
     int64_t prompt_tokens = 0, generated_tokens = 0;
     int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0, kv_cached = 0;
+    int64_t spec_draft_tokens = 0, spec_accepted_tokens = 0;
     std::vector<int64_t> expert_tokens;
     TransferStats transfer;
     int64_t assigned = 0;  // unfinished requests routed here (prefill side: not yet handed off)

@@ -26,7 +26,7 @@ void ClusterWorker::on_prefilled(Prefilled&& p) {
   w.put(Msg::Handoff).put(p.id);
   put_request(w, *p.req);
   w.put_vec(p.tokens).put(p.n_prompt).put_vec(p.blocks).put_str(p.sampler_state);
-  w.put(p.cached_tokens);
+  w.put(p.cached_tokens).put_vec(p.drafts).put_vec(p.draft_q);
   if (cfg_.transfer == KvTransferMode::TwoSided) {
     // The blocks travel inside the message; ours are free again at once.
     const size_t bb = kv_.block_bytes();
@@ -74,6 +74,8 @@ void ClusterWorker::on_handoff(wire::Reader& rd, int source) {
   h.blocks = rd.get_vec<int32_t>();
   h.sampler_state = rd.get_str();
   h.cached_tokens = rd.get<int64_t>();
+  h.drafts = rd.get_vec<int32_t>();
+  h.draft_q = rd.get_vec<float>();
   const uint64_t payload = rd.get<uint64_t>();
   const std::byte* p = rd.take(payload);
   h.payload.assign(p, p + payload);
@@ -254,6 +256,8 @@ bool ClusterWorker::finish_transfers() {
     p.blocks = std::move(h.mine);
     p.sampler_state = std::move(h.sampler_state);
     p.cached_tokens = h.cached_tokens;
+    p.drafts = std::move(h.drafts);
+    p.draft_q = std::move(h.draft_q);
     sched_->add_prefilled(std::move(p));
   }
   return !done.empty();

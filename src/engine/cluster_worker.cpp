@@ -21,7 +21,7 @@ ClusterWorker::ClusterWorker(model::Model& m, comm::Communicator& world, comm::C
       prefill_(cfg.disaggregated() && cfg.group_of(world.rank()) == 0),
       decode_(cfg.disaggregated() && cfg.group_of(world.rank()) == 1),
       kv_(kv_blocks_for(m.config(), cfg.engine), cfg.engine.block_size,
-          m.config().num_hidden_layers, m.config().kv_cache_dim(), cfg.engine.kv_dtype),
+          kv_layers_for(m.config(), cfg.engine), m.config().kv_cache_dim(), cfg.engine.kv_dtype),
       sent_to_(mailbox.size(), 0) {
   sched_ = std::make_unique<Scheduler>(m, cfg.engine, kv_);
   // High-water marks, taken once a step's batch is chosen (blocks allocated, admissions done).
@@ -145,7 +145,8 @@ void ClusterWorker::post_stats(bool force) {
       kv_peak_,
       waiting_peak_,
       sched_->prefix_query_tokens(),
-      kv_.n_cached()};
+      kv_.n_cached(),
+      sched_->spec_draft_tokens()};
   if (sig == last_sig_ || (!force && since(last_stats_) < 0.02)) return;
   last_sig_ = sig;
   last_stats_ = Clock::now();
@@ -158,6 +159,7 @@ void ClusterWorker::post_stats(bool force) {
   w.put(transfer_.leases_expired).put_vec(transfer_.latency_buckets).put(transfer_.latency_sum);
   w.put(sched_->prefix_query_tokens()).put(sched_->prefix_hit_tokens()).put(kv_.n_cached());
   w.put(transfer_.blocks_reused);
+  w.put(sched_->spec_draft_tokens()).put(sched_->spec_accepted_tokens());
   mb_.post(0, kToFrontEnd, w.take());
 }
 

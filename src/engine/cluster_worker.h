@@ -48,6 +48,8 @@ class ClusterWorker {
     std::vector<int32_t> blocks;  // on the prefill rank
     std::string sampler_state;
     int64_t cached_tokens = 0;       // found in the prefill rank's prefix cache
+    std::vector<int32_t> drafts;     // speculative decoding: the MTP module's, and (sampled)
+    std::vector<float> draft_q;      // their distributions (Prefilled)
     std::vector<std::byte> payload;  // two-sided: the blocks' bytes
     Clock::time_point arrived;
     std::vector<int32_t> mine;  // its blocks here, once allocated

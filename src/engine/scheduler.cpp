@@ -73,6 +73,7 @@ struct Scheduler::Seq {
   bool admitted = false;      // once: counted in the prefix cache's statistics
   bool done = false;
   bool spec = false;            // drafts with the MTP module
+  bool hand_over = false;       // prefill-only: leaves after this step's MTP rows and drafts
   std::vector<int32_t> drafts;  // proposed to follow tokens.back()
   std::vector<float> draft_q;   // sampled: the distribution each draft was drawn from [n, vocab]
   Seq(uint64_t i, std::shared_ptr<Request> r)
@@ -107,8 +108,7 @@ Scheduler::Scheduler(model::Model& m, const EngineConfig& cfg, kv::KvPool& kv)
 }
 
 bool Scheduler::speculates(const Request& r) const {
-  return cfg_.speculative_tokens > 0 && !prefill_only_ && !r.sampling.processes_logits() &&
-         r.top_logprobs < 0;
+  return cfg_.speculative_tokens > 0 && !r.sampling.processes_logits() && r.top_logprobs < 0;
 }
 
 Scheduler::~Scheduler() {
@@ -129,6 +129,11 @@ void Scheduler::add_prefilled(Prefilled p) {
   s->blocks = std::move(p.blocks);
   s->cached_tokens = p.cached_tokens;
   s->admitted = true;
+  s->spec = speculates(*s->req);
+  if (s->spec) {
+    s->drafts = std::move(p.drafts);
+    s->draft_q = std::move(p.draft_q);
+  }
   publish_blocks(*s);
   if (!p.sampler_state.empty()) s->sampler.set_state(p.sampler_state);
   // It joins the running set at once when there is room, else waits (keeping its blocks).
@@ -252,20 +257,29 @@ bool Scheduler::emit(Seq& s, TokenEvent ev, const float* row) {
     return true;
   }
   if (prefill_only_ && on_prefilled) {
-    Prefilled p;
-    p.id = s.id;
-    p.req = s.req;
-    p.tokens = s.tokens;
-    p.n_prompt = s.computed;
-    p.blocks = std::move(s.blocks);
-    s.blocks.clear();
-    p.sampler_state = s.sampler.state();
-    p.cached_tokens = s.cached_tokens;
-    s.done = true;  // leaves this scheduler without a finish event
-    on_prefilled(std::move(p));
+    if (s.spec)
+      s.hand_over = true;  // after the module's rows and drafts (step 4)
+    else
+      hand_over(s);
     return true;
   }
   return false;
+}
+
+void Scheduler::hand_over(Seq& s) {
+  Prefilled p;
+  p.id = s.id;
+  p.req = s.req;
+  p.tokens = s.tokens;
+  p.n_prompt = s.computed;
+  p.blocks = std::move(s.blocks);
+  s.blocks.clear();
+  p.sampler_state = s.sampler.state();
+  p.cached_tokens = s.cached_tokens;
+  p.drafts = std::move(s.drafts);
+  p.draft_q = std::move(s.draft_q);
+  s.done = true;  // leaves this scheduler without a finish event
+  on_prefilled(std::move(p));
 }
 
 void Scheduler::draft(const std::vector<Seq*>& seqs, const std::vector<int64_t>& rows) {
@@ -286,6 +300,7 @@ void Scheduler::draft(const std::vector<Seq*>& seqs, const std::vector<int64_t>&
     s.draft_q.clear();
     most = std::max(most, want[i]);
   }
+  if (mtp_lockstep()) most = cfg_.speculative_tokens;  // the group's k - 1 chained forwards
   auto pick = [&](Seq& s, const float* row) {
     if (s.req->sampling.temperature <= 0.0f) {
       s.drafts.push_back(argmax(row, V));
@@ -380,14 +395,22 @@ bool Scheduler::step(bool force_forward) {
     Seq& s = *waiting_.front();
     const bool fresh = s.blocks.empty();
     reuse_prefix(s);
-    const int64_t n = std::min<int64_t>(static_cast<int64_t>(s.tokens.size()) - s.computed, budget);
-    const int64_t extra = s.spec && s.computed + n == static_cast<int64_t>(s.tokens.size())
+    const int64_t pending = static_cast<int64_t>(s.tokens.size()) - s.computed;
+    // (Only a handed-over sequence waits with drafts: it verifies them all, as when running.)
+    const int64_t nd = pending == 1
+                           ? std::min<int64_t>(static_cast<int64_t>(s.drafts.size()),
+                                               std::max<int64_t>(0, cfg_.max_batch_tokens - 1))
+                           : 0;
+    const int64_t n = std::min<int64_t>(pending, budget) + nd;
+    const int64_t extra = s.spec && s.computed + n - nd == static_cast<int64_t>(s.tokens.size())
                               ? std::max<int64_t>(0, cfg_.speculative_tokens - 1)
                               : 0;
     if (!ensure_blocks(s, s.computed + n + extra)) {  // admit in order; wait for blocks
       if (fresh) drop_blocks(s);  // what it matched waits in the cache, not held
       break;
     }
+    s.drafts.resize(nd);
+    s.draft_q.resize(s.draft_q.empty() ? 0 : nd * V);
     if (!s.admitted) {
       s.admitted = true;
       s.cached_tokens = std::min(s.computed, s.n_prompt);
@@ -396,7 +419,7 @@ bool Scheduler::step(bool force_forward) {
     }
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
-    work.push_back({running_.back().get(), n});
+    work.push_back({running_.back().get(), n, nd});
     budget -= n;
   }
   if (on_scheduled) on_scheduled();
@@ -434,7 +457,14 @@ bool Scheduler::step(bool force_forward) {
     sweep();
     throw;
   }
-  if (work.empty()) return false;
+  if (work.empty()) {
+    if (mtp_lockstep()) {  // the group's k forwards of the module, empty here
+      model::Batch none;
+      for (int64_t j = 0; j < cfg_.speculative_tokens; ++j)
+        model_.forward_mtp(none, nullptr, kv_, nullptr, nullptr);
+    }
+    return false;
+  }
   for (const Work& w : work) {
     if (w.nd > 0) continue;  // advanced by what it accepts
     w.s->computed += w.n;
@@ -496,7 +526,8 @@ bool Scheduler::step(bool force_forward) {
   }
 
   // 4. The MTP module over the positions each speculating sequence computed, then its drafts.
-  if (any_spec) {
+  // Under expert parallelism every rank runs it, with or without rows of its own.
+  if (any_spec || mtp_lockstep()) {
     model::Batch mb;
     std::vector<float> h_in;
     std::vector<Seq*> drafting;
@@ -517,7 +548,7 @@ bool Scheduler::step(bool force_forward) {
         draft_rows.push_back(row + n - 1);
       }
     }
-    if (!mb.tokens.empty()) {
+    if (!mb.tokens.empty() || mtp_lockstep()) {
       if (mtp_logits_.size() < mb.logit_rows.size() * V)
         mtp_logits_.resize(mb.logit_rows.size() * V);
       mtp_h_.resize(mb.tokens.size() * H);
@@ -532,6 +563,8 @@ bool Scheduler::step(bool force_forward) {
     }
     for (Work& w : work)
       if (w.s->spec && !w.s->done) publish_blocks(*w.s);
+    for (Work& w : work)
+      if (w.s->hand_over && !w.s->done) hand_over(*w.s);
   }
   sweep();
   ++steps_;

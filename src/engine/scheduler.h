@@ -17,6 +17,10 @@
 // the same tokens; sampled: the same distribution). The rows of rejected drafts are left past
 // `computed` and written over later. Requests whose logits are processed (penalties,
 // logit_bias, min_tokens, a constraint) or that ask for logprobs decode without speculation.
+// Under expert parallelism the module's MoE layer exchanges tokens with the group like the
+// main model's, so every step of every rank runs it k times (the catch-up and k - 1 chained
+// drafts), empty where the rank has nothing to draft. A prefill-only scheduler runs the module
+// too and hands its drafts over with the sequence.
 //
 // Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
 // everything. Request callbacks run inside step() and cancel().
@@ -45,6 +49,11 @@ struct Prefilled {
   std::vector<int32_t> blocks;
   std::string sampler_state;
   int64_t cached_tokens = 0;  // of the prompt, found in the prefill side's prefix cache
+  // Speculative decoding: the drafts the prefill side's MTP module proposed after the first
+  // token, and (sampled) the distributions they were drawn from [drafts, vocab]. The blocks
+  // hold the module's rows of the prompt positions too (layer num_hidden_layers).
+  std::vector<int32_t> drafts;
+  std::vector<float> draft_q;
 };
 
 class Scheduler {
@@ -67,7 +76,9 @@ class Scheduler {
   bool step(bool force_forward = false);
 
   // On a prefill-only scheduler (a prefill rank), sequences stop after their first token and
-  // go here instead of decoding on (unless that token already finished them).
+  // go here instead of decoding on (unless that token already finished them). Under
+  // speculative decoding they go after the MTP module's rows and drafts (step 4), so that the
+  // decode side starts where one process would be.
   std::function<void(Prefilled&&)> on_prefilled;
   // Called in step() once the step's batch is chosen (admissions done), before the forward and
   // before any request callback: running() and waiting() are then the step's.
@@ -98,8 +109,14 @@ class Scheduler {
   void drop_blocks(Seq& s);     // releases its blocks; it starts again from position 0
   void publish_blocks(Seq& s);  // publishes its computed full blocks
   void preempt(Seq& s);
-  void sweep();  // drops finished sequences
+  void sweep();            // drops finished sequences
+  void hand_over(Seq& s);  // prefill-only: to on_prefilled, with its blocks and drafts
   bool speculates(const Request& r) const;
+  // Every step runs the MTP module k times, rows or not: the group's ranks exchange tokens in
+  // its MoE layer (speculative decoding under expert parallelism).
+  bool mtp_lockstep() const {
+    return cfg_.speculative_tokens > 0 && model_.expert_parallel() != nullptr;
+  }
   // Reports a generated token and finishes the sequence when it ends it; true when it did.
   bool emit(Seq& s, TokenEvent ev, const float* logits_row);
   // Drafts the next tokens of sequences whose MTP rows have just been computed (mtp_logits_ row

@@ -277,11 +277,15 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits, float* hidden
 
 void Model::load_mtp() {
   if (w_.mtp.present) return;
-  MS_CHECK(!ep_,
-           "speculative decoding (--speculative-tokens) is not supported under expert "
-           "parallelism (mpirun) yet");
+  const int64_t L = cfg_.num_hidden_layers;
+  if (ep_ && cfg_.n_routed_experts > 0 && !ep_->placement.layers().count(L) &&
+      !ep_->placement.fallback()) {
+    // A placement naming only the main layers: the module's experts in contiguous ranges.
+    ep_->placement.set(L, moe::Placement::contiguous(static_cast<int32_t>(cfg_.n_routed_experts),
+                                                     ep_->comm->size()));
+  }
   ModelWeights only;  // the module alone, for mark_fp8_plain
-  only.mtp = load_mtp_weights(*store_, cfg_);
+  only.mtp = load_mtp_weights(*store_, cfg_, local_experts(ep_));
   mark_fp8_plain(only, pool_);
   w_.mtp = std::move(only.mtp);
 }
@@ -292,7 +296,11 @@ void Model::forward_mtp(const Batch& b, const float* h_in, kv::KvPool& kv, float
   MS_CHECK(kv.n_layers() > cfg_.num_hidden_layers, "the KV cache has no layer for the MTP module");
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
   forwards_.fetch_add(1, std::memory_order_relaxed);
-  if (T == 0) return;
+  if (T == 0) {
+    // A rank with no rows still takes part in the module's MoE exchange.
+    if (dispatcher_ && w_.mtp.layer.is_moe) moe_ffn(cfg_.num_hidden_layers, 0);
+    return;
+  }
   const MtpWeights& m = w_.mtp;
   const Weight& embed = m.embed.data ? m.embed : w_.embed;
   const Weight& head = m.head.data ? m.head : w_.lm_head;

@@ -99,9 +99,13 @@ class Model {
   void forward(const Batch& batch, kv::KvPool& kv, float* logits, float* hidden = nullptr);
 
   // Multi-token prediction (speculative decoding). load_mtp() loads the first MTP module
-  // (config.json's num_nextn_predict_layers; refused under expert parallelism); call it before
-  // prefault so that its weights are copied too. Its attention caches as layer
-  // num_hidden_layers of the pool, which then needs num_hidden_layers + 1 layers.
+  // (config.json's num_nextn_predict_layers); call it before prefault so that its weights are
+  // copied too. Under expert parallelism this rank holds the module's routed experts that the
+  // placement gives it for layer num_hidden_layers (its default, or contiguous ranges when the
+  // placement names only the main layers), and forward_mtp exchanges tokens with the group like
+  // forward: every rank of the group must call it the same number of times (an empty batch
+  // where it has no rows). Its attention caches as layer num_hidden_layers of the pool, which
+  // then needs num_hidden_layers + 1 layers.
   void load_mtp();
   bool has_mtp() const { return w_.mtp.present; }
   // The MTP module over a batch: row t of a chunk sits at position n_past + i and reads h_in's

@@ -244,7 +244,8 @@ ModelWeights load_weights(const WeightStore& store, const ModelConfig& c,
   return w;
 }
 
-MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& c) {
+MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& c,
+                            const ExpertFilter& local) {
   MS_CHECK(c.num_nextn_predict_layers > 0,
            "the model has no multi-token-prediction module (config.json's "
            "num_nextn_predict_layers is 0), which speculative decoding needs");
@@ -257,7 +258,7 @@ MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& c) {
   m.enorm = ld.vec(p + ".enorm.weight", H);
   m.hnorm = ld.vec(p + ".hnorm.weight", H);
   m.eh_proj = ld.matrix(p + ".eh_proj.weight", H, 2 * H);
-  m.layer = load_layer(ld, c, l, {});
+  m.layer = load_layer(ld, c, l, local);
   m.head_norm = ld.vec(p + ".shared_head.norm.weight", H);
   // DeepSeek-V3 stores the shared embedding and head again under the module's name; a checkpoint
   // may leave them out, and then the main model's are used.

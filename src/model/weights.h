@@ -88,9 +88,10 @@ using ExpertFilter = std::function<bool(int64_t layer, int64_t expert)>;
 ModelWeights load_weights(const WeightStore& store, const ModelConfig& cfg,
                           const ExpertFilter& local = {});
 
-// The first MTP module (all its routed experts); errors name the missing tensor, or say that
-// config.json declares none.
-MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& cfg);
+// The first MTP module (its routed experts that `local` names: all by default); errors name the
+// missing tensor, or say that config.json declares none.
+MtpWeights load_mtp_weights(const WeightStore& store, const ModelConfig& cfg,
+                            const ExpertFilter& local = {});
 
 // Calls fn(Weight&) on every matrix of w (embedding and LM head included; absent ones too,
 // with data null).

@@ -687,6 +687,101 @@ def stop_with_streams(srv, name, sig):
         print("    server output ends:\n" + srv.output()[-3000:])
 
 
+# Speculative decoding: the trained model (its MTP module drafts tokens that are often accepted),
+# requests long enough for many verify steps.
+SPEC_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "data", "models", "shakespeare-v3-tiny")
+SPEC_PROMPTS = ["ROMEO:\nBut soft, what light", "First Citizen:\nBefore we proceed",
+                "KING HENRY:\n", "To be, or not to be", "A", "Now is the winter of our",
+                "JULIET:\nO Romeo, Romeo", "MENENIUS:\nWhy, masters, " * 6]
+SPEC_MAX = [40, 24, 33, 17, 9, 30, 1, 26]
+SPEC_SAMPLED = [(0, 30, 11), (2, 25, 5), (5, 28, 77), (7, 20, 3)]
+
+
+def spec_run(srv):
+    """The greedy requests all at once, then the seeded sampled ones (temperature 0.8) one after
+    another: a speculating sampled request's draws depend on its MTP drafts, whose bits may
+    depend on what else ran in the step (the module's forward over a batch is not yet
+    bit-identical to the same rows run alone)."""
+    work = list(zip(SPEC_PROMPTS, SPEC_MAX))
+    with concurrent.futures.ThreadPoolExecutor(len(work)) as ex:
+        futs = [ex.submit(srv.complete, p, n, k % 3 == 0) for k, (p, n) in enumerate(work)]
+        out = [f.result() for f in futs]
+    for k, (i, n, seed) in enumerate(SPEC_SAMPLED):
+        out.append(srv.complete(SPEC_PROMPTS[i], n, k % 2 == 0, 0.8, seed))
+    return out
+
+
+def speculative_cases(args):
+    """--speculative-tokens 2 under mpirun (disaggregated 1/1, one- and two-sided: the prefill
+    rank runs the MTP module over the prompt and hands its drafts over with the KV blocks, which
+    hold the module's rows; colocated 2 ranks and prefill/decode instances of 2 ranks: the module's MoE layer
+    exchanges tokens over the expert-parallel group, every rank stepping it in lockstep) gives
+    what one process gives with it: the same greedy text (that of decoding without it) and the
+    same seeded samples; /metrics counts drafts and accepted drafts per rank and in all."""
+    spec = ["--served-model-name", "demo", "--speculative-tokens", "2"]
+    print("== speculative: reference, one process without speculation")
+    srv = Server(args, SPEC_MODEL, 0, ["--served-model-name", "demo"])
+    try:
+        plain = spec_run(srv)
+    finally:
+        srv.stop()
+    print("== speculative: reference, one process, --speculative-tokens 2")
+    srv = Server(args, SPEC_MODEL, 0, spec)
+    try:
+        ref = spec_run(srv)
+        check(all(r[0] == 200 for r in ref), "speculative reference: all requests succeed")
+        ng = len(SPEC_PROMPTS)
+        compare("speculative reference against decoding without it", ref[:ng], plain[:ng])
+        drafts = srv.metric("moeserve_spec_decode_draft_tokens_total")
+        accepted = srv.metric("moeserve_spec_decode_accepted_tokens_total")
+        print(f"    one process: {accepted:.0f} of {drafts:.0f} drafts accepted")
+        check(drafts > 0 and accepted > 0, "speculative reference: drafts verified and accepted")
+    finally:
+        srv.stop()
+    for name, ranks, extra, roles in [
+            ("speculative, disaggregated 1/1", 2, ["--prefill-ranks", "1", "--decode-ranks", "1"],
+             ["prefill", "decode"]),
+            ("speculative, disaggregated 1/1 two-sided", 2,
+             ["--prefill-ranks", "1", "--decode-ranks", "1", "--kv-transfer", "two-sided"],
+             ["prefill", "decode"]),
+            ("speculative, colocated 2 ranks", 2, [], ["colocated", "colocated"]),
+            ("speculative, disaggregated 2/2", 4, ["--prefill-ranks", "2", "--decode-ranks", "2"],
+             ["prefill", "prefill", "decode", "decode"])]:
+        if args.only and args.only not in name:
+            continue
+        print(f"== {name}")
+        srv = Server(args, SPEC_MODEL, ranks, spec + extra)
+        try:
+            got = spec_run(srv)
+            ng = len(SPEC_PROMPTS)
+            compare(name, got[:ng], ref[:ng])
+            same = all(g[0] == 200 and g[1]["text"] == w[1]["text"]
+                       for g, w in zip(got[ng:], ref[ng:]))
+            if not same:
+                for g, w in zip(got[ng:], ref[ng:]):
+                    print(f"    sampled: got {g!r}\n             want {w!r}")
+            check(same, f"{name}: {len(got) - ng} seeded sampled requests match one process")
+            check(srv.settle() == 0, f"{name}: every rank freed its KV blocks")
+            drafts = srv.metric("moeserve_spec_decode_draft_tokens_total")
+            accepted = srv.metric("moeserve_spec_decode_accepted_tokens_total")
+            print(f"    {accepted:.0f} of {drafts:.0f} drafts accepted")
+            check(drafts > 0 and accepted > 0, f"{name}: /metrics counts drafts and accepted ones")
+            _, page = srv.get("/metrics")
+            per_rank = {}
+            for r, role in enumerate(roles):
+                m = re.search(r'moeserve_rank_spec_decode_draft_tokens\{rank="%d",role="%s"\} (\S+)'
+                              % (r, role), page)
+                per_rank[r] = float(m.group(1)) if m else None
+            decoding = [r for r, role in enumerate(roles) if role != "prefill"]
+            check(all(per_rank[r] is not None for r in per_rank)
+                  and sum(per_rank[r] for r in decoding) == drafts
+                  and all(per_rank[r] == 0 for r, role in enumerate(roles) if role == "prefill"),
+                  f"{name}: per-rank draft counts add up to the total ({per_rank})")
+        finally:
+            srv.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moeserve", default=os.environ.get("MOESERVE_BINARY", "build/moeserve"))
@@ -761,6 +856,8 @@ def main():
         prefix_cache_cases(args, model)
     if wanted("faults"):
         fault_cases(args, model, ref)
+    if wanted("speculative") or "speculative" in (args.only or ""):
+        speculative_cases(args)
     if wanted("stopped rank"):
         def placement(srv):  # first: expert parallelism with redundant experts
             compare("placement with redundant experts", run_all(srv), ref)
