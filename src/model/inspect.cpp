@@ -206,7 +206,7 @@ std::string pad(const std::string& s, size_t w, bool right = false) {
 const char* role_name(Role r) {
   static const char* names[] = {"routed experts",   "shared experts", "attention",
                                 "dense MLP layers", "routers",        "embeddings",
-                                "lm_head",          "norms/other",    "MTP layer (skipped)"};
+                                "lm_head",          "norms/other",    "MTP (--speculative-tokens)"};
   return names[static_cast<int>(r)];
 }
 

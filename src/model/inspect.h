@@ -29,7 +29,8 @@ enum class Role {
   Embedding,
   LmHead,
   NormsOther,
-  Mtp,  // model.layers.{num_hidden_layers + i}: multi-token prediction, which moeserve skips
+  Mtp,  // model.layers.{num_hidden_layers + i}: multi-token prediction, loaded only for
+        // speculative decoding (--speculative-tokens)
 };
 inline constexpr int kRoleCount = 9;
 const char* role_name(Role r);  // "routed experts", ...

@@ -407,8 +407,9 @@ TEST(Inspect, ReportTextAndJson) {
   EXPECT_TRUE(one["per_rank"]["total_bytes"].contains("fp8"));
 
   const std::string text = inspect_text(inv, o, std::nullopt);
-  for (const char* s : {"source: config.json", "MTP layer (skipped)", "routed experts (32 of 256",
-                        "f32 KV", "bf16 KV", "fp8 KV", "F32 block scales", "671.03B"})
+  for (const char* s :
+       {"source: config.json", "MTP (--speculative-tokens)", "routed experts (32 of 256", "f32 KV",
+        "bf16 KV", "fp8 KV", "F32 block scales", "671.03B"})
     EXPECT_NE(text.find(s), std::string::npos) << s << "\n" << text;
   const std::string fp8only = inspect_text(inv, o, KvDtype::FP8);
   EXPECT_EQ(fp8only.find("f32 KV"), std::string::npos);

@@ -1,9 +1,9 @@
 // The trained model shipped in data/models/shakespeare-v3-tiny (tools/train_tiny.py) against
 // transformers and PyTorch (tests/fixtures/shipped_model/reference.json, made by
-// tools/make_shipped_model_reference.py): it loads with its multi-token-prediction layer
-// skipped, gives the reference's log-probs on held-out text and its greedy continuations, its
-// tokenizer and chat template give what Hugging Face's give, and `moeserve perplexity` on the
-// held-out text gives PyTorch's perplexity.
+// tools/make_shipped_model_reference.py): it loads without its multi-token-prediction layer
+// (loaded only for speculative decoding), gives the reference's log-probs on held-out text and its
+// greedy continuations, its tokenizer and chat template give what Hugging Face's give, and
+// `moeserve perplexity` on the held-out text gives PyTorch's perplexity.
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -113,7 +113,7 @@ TEST_F(ShippedModel, IsDeepSeekV3WithAnMtpLayerThatIsSkipped) {
     EXPECT_TRUE(header.contains(mtp + t)) << mtp + t;
   EXPECT_GT(mtp_tensors, 20);
   // The model loaded (the fixture) computes with num_hidden_layers layers; `inspect` counts the
-  // MTP layer as skipped.
+  // MTP layer apart (loaded only with --speculative-tokens).
   EXPECT_EQ(model_->config().num_hidden_layers, cfg["num_hidden_layers"].get<int64_t>());
   const Result r = run_moeserve("inspect " + kModel.string() + " --json");
   ASSERT_EQ(r.status, 0) << r.err;
