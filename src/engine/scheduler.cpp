@@ -352,6 +352,7 @@ bool Scheduler::step(bool force_forward) {
     int64_t n;
     int64_t nd = 0;  // of the n tokens, drafts to verify
     int64_t row = 0, past = 0;
+    bool sampled = false;  // reaches the sequence's last token: gives the next one
   };
   auto pending_of = [](const Work& w) { return w.n - w.nd; };
   std::vector<Work> work;
@@ -444,6 +445,7 @@ bool Scheduler::step(bool force_forward) {
     b.seqs.push_back({row, w.n, w.s->computed, w.s->blocks.data()});
     any_spec = any_spec || w.s->spec;
     if (w.s->computed + pending == static_cast<int64_t>(w.s->tokens.size())) {
+      w.sampled = true;
       sampled.push_back({&w, static_cast<int64_t>(b.logit_rows.size())});
       for (int64_t r = pending - 1; r < w.n; ++r) b.logit_rows.push_back(row + r);
     }
@@ -542,7 +544,9 @@ bool Scheduler::step(bool force_forward) {
                        s.tokens.begin() + s.computed + 1);
       mb.seqs.push_back({row, n, w.past, s.blocks.data()});
       h_in.insert(h_in.end(), hidden_.begin() + w.row * H, hidden_.begin() + (w.row + n) * H);
-      if (s.computed + 1 == static_cast<int64_t>(s.tokens.size())) {
+      // Drafts follow a token this step gave (not a prompt chunk that happens to end one
+      // short of the last token: how the prompt was cut must not change what is drafted).
+      if (w.sampled && s.computed + 1 == static_cast<int64_t>(s.tokens.size())) {
         mb.logit_rows.push_back(row + n - 1);
         drafting.push_back(&s);
         draft_rows.push_back(row + n - 1);

@@ -294,6 +294,31 @@ TEST(Speculative, MixedBatchMatchesRunningAloneAndFreesEveryBlock) {
   }
 }
 
+// Drafts follow only a token the step gave: a prompt chunk that ends one short of the last
+// prompt token drafts nothing, so how the step budget cuts a prompt changes neither the drafts
+// verified nor a sampled request's draws.
+TEST(Speculative, WherePromptChunksEndDoesNotChangeTheDrafts) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  const int V = static_cast<int>(m.config().vocab_size);
+  // Request 0 greedy, request 1 sampled (params_of), prompts of 9 tokens: with 8 tokens a step,
+  // the first step computes 8 of the first admitted one's.
+  const std::vector<std::vector<int32_t>> prompts = {prompt_of(9, 0, V), prompt_of(9, 1, V)};
+  engine::EngineConfig ec;
+  ec.max_num_seqs = 4;
+  ec.max_model_len = 128;
+  ec.speculative_tokens = 2;
+  engine::EngineStats cut, whole;
+  ec.max_batch_tokens = 8;
+  const auto a = run_engine(m, ec, prompts, 24, &cut);
+  ec.max_batch_tokens = 64;
+  const auto b = run_engine(m, ec, prompts, 24, &whole);
+  EXPECT_EQ(a, b);
+  EXPECT_GT(whole.spec_draft_tokens, 0);
+  EXPECT_EQ(cut.spec_draft_tokens, whole.spec_draft_tokens);
+  EXPECT_EQ(cut.spec_accepted_tokens, whole.spec_accepted_tokens);
+}
+
 namespace {
 
 double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& p, int* df) {

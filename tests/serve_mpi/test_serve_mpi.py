@@ -699,17 +699,14 @@ SPEC_SAMPLED = [(0, 30, 11), (2, 25, 5), (5, 28, 77), (7, 20, 3)]
 
 
 def spec_run(srv):
-    """The greedy requests all at once, then the seeded sampled ones (temperature 0.8) one after
-    another: a speculating sampled request's draws depend on its MTP drafts, whose bits may
-    depend on what else ran in the step (the module's forward over a batch is not yet
-    bit-identical to the same rows run alone)."""
-    work = list(zip(SPEC_PROMPTS, SPEC_MAX))
+    """The greedy requests and the seeded sampled ones (temperature 0.8), all at once: a
+    speculating request's drafts, and so a sampled one's draws, depend only on the request."""
+    work = [(p, n, 0, None) for p, n in zip(SPEC_PROMPTS, SPEC_MAX)]
+    work += [(SPEC_PROMPTS[i], n, 0.8, seed) for i, n, seed in SPEC_SAMPLED]
     with concurrent.futures.ThreadPoolExecutor(len(work)) as ex:
-        futs = [ex.submit(srv.complete, p, n, k % 3 == 0) for k, (p, n) in enumerate(work)]
-        out = [f.result() for f in futs]
-    for k, (i, n, seed) in enumerate(SPEC_SAMPLED):
-        out.append(srv.complete(SPEC_PROMPTS[i], n, k % 2 == 0, 0.8, seed))
-    return out
+        futs = [ex.submit(srv.complete, p, n, k % 3 == 0, t, seed)
+                for k, (p, n, t, seed) in enumerate(work)]
+        return [f.result() for f in futs]
 
 
 def speculative_cases(args):
