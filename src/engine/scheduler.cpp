@@ -204,23 +204,45 @@ void Scheduler::preempt(Seq& s) {
 void Scheduler::reuse_prefix(Seq& s) {
   if (!cfg_.prefix_caching || !s.blocks.empty()) return;
   const int64_t n_tokens = static_cast<int64_t>(s.tokens.size());
-  const int64_t k = kv_.match(s.tokens.data(), (n_tokens - 1) / kv_.block_size(), &s.blocks);
+  int64_t k = kv_.match(s.tokens.data(), (n_tokens - 1) / kv_.block_size(), &s.blocks);
+  if (s.spec && k > 0) {
+    // The MTP module's row at a block's last position read the token after the block, which
+    // is not part of the block's key: the last block is computed again.
+    kv_.release({s.blocks.back()});
+    s.blocks.pop_back();
+    --k;
+  }
   s.computed = k * kv_.block_size();
   s.n_published = k;
 }
 
 void Scheduler::publish_blocks(Seq& s) {
-  if (!cfg_.prefix_caching) return;
+  // Under speculative decoding a published block holds the MTP module's rows too, which only
+  // speculating sequences write.
+  if (!cfg_.prefix_caching || (cfg_.speculative_tokens > 0 && !s.spec)) return;
   const int64_t bs = kv_.block_size();
   while ((s.n_published + 1) * bs <= s.computed) {
     const int64_t i = s.n_published;
     if (!kv_.is_published(s.blocks[i])) {
       const int32_t parent = i > 0 ? s.blocks[i - 1] : -1;
       if (parent >= 0 && !kv_.is_published(parent)) return;  // after a collision: stop here
+      if (cfg_.speculative_tokens > 0 && equal_published(s, i)) {
+        // Publishing would swap ours for that block, whose MTP row at its last position may
+        // have read another next token: ours stays unpublished, and so do those after it.
+        ++s.n_published;
+        continue;
+      }
       s.blocks[i] = kv_.publish(s.blocks[i], parent, s.tokens.data() + i * bs);
     }
     ++s.n_published;
   }
+}
+
+bool Scheduler::equal_published(Seq& s, int64_t i) {
+  std::vector<int32_t> probe;
+  const int64_t k = kv_.match(s.tokens.data(), i + 1, &probe);
+  kv_.release(probe);
+  return k == i + 1;
 }
 
 void Scheduler::sweep() {
@@ -252,7 +274,7 @@ bool Scheduler::emit(Seq& s, TokenEvent ev, const float* row) {
       std::find(s.req->stop_ids.begin(), s.req->stop_ids.end(), ev.token) != s.req->stop_ids.end();
   if (stop_tok || s.n_generated >= s.req->max_tokens ||
       static_cast<int64_t>(s.tokens.size()) >= cfg_.max_model_len) {
-    publish_blocks(s);
+    if (!s.spec) publish_blocks(s);  // (a speculating one: not this step's, without MTP rows)
     finish(s, stop_tok ? FinishReason::Stop : FinishReason::Length);
     return true;
   }

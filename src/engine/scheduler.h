@@ -108,6 +108,8 @@ class Scheduler {
   void reuse_prefix(Seq& s);    // a sequence with no blocks takes the cached start of its tokens
   void drop_blocks(Seq& s);     // releases its blocks; it starts again from position 0
   void publish_blocks(Seq& s);  // publishes its computed full blocks
+  // Whether a block holding s's tokens of block i (after its blocks before) is published.
+  bool equal_published(Seq& s, int64_t i);
   void preempt(Seq& s);
   void sweep();            // drops finished sequences
   void hand_over(Seq& s);  // prefill-only: to on_prefilled, with its blocks and drafts

@@ -321,6 +321,91 @@ TEST(Speculative, WherePromptChunksEndDoesNotChangeTheDrafts) {
 
 namespace {
 
+// One request through `eng`, to its end: its tokens, and the engine's draft and accepted
+// counters' growth meanwhile.
+struct Ran {
+  std::vector<int32_t> out;
+  int64_t drafts = 0, accepted = 0;
+};
+Ran run_one(engine::Engine& eng, const std::vector<int32_t>& prompt, int64_t n,
+            const engine::SamplingParams& sp, int top_logprobs = -1) {
+  const engine::EngineStats before = eng.stats();
+  Pending p(prompt, n);
+  p.req->sampling = sp;
+  p.req->top_logprobs = top_logprobs;
+  uint64_t id;
+  std::string err;
+  EXPECT_EQ(eng.submit(p.req, &id, &err), engine::SubmitResult::Accepted) << err;
+  auto fut = p.done.get_future();
+  EXPECT_EQ(fut.wait_for(120s), std::future_status::ready) << "request did not finish";
+  fut.get();
+  // The counters of the request's last step come with the step's end.
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (eng.stats().running != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
+  const engine::EngineStats after = eng.stats();
+  EXPECT_EQ(after.running, 0);
+  return {p.out, after.spec_draft_tokens - before.spec_draft_tokens,
+          after.spec_accepted_tokens - before.spec_accepted_tokens};
+}
+
+}  // namespace
+
+// Prefix caching keeps what a speculating request drafts: a request that takes its start from
+// blocks other requests published (one that finished there, one that decoded without
+// speculation, one whose prompt went on with another token) drafts and samples what it does
+// with a cold cache.
+TEST(Speculative, PrefixCacheHitsKeepTheDrafts) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  const int V = static_cast<int>(m.config().vocab_size);
+  engine::SamplingParams greedy, sampled;
+  sampled.temperature = 0.8f;
+  sampled.seed = 5;
+  const std::vector<int32_t> p = prompt_of(40, 3, V), q = prompt_of(37, 4, V);
+  for (int64_t budget : {16, 64}) {
+    engine::EngineConfig ec;
+    ec.max_num_seqs = 4;
+    ec.max_model_len = 256;
+    ec.max_batch_tokens = budget;
+    ec.speculative_tokens = 2;
+    // The earlier requests: a greedy one on p (it finishes inside a block), one with logprobs
+    // (no speculation) on q.
+    engine::Engine warm(m, ec);
+    const Ran a = run_one(warm, p, 21, greedy);
+    run_one(warm, q, 20, greedy, 2);
+    std::vector<std::vector<int32_t>> follow;  // each in the warm engine and in a cold one
+    // A second turn: p, a's output and more.
+    std::vector<int32_t> turn = p;
+    turn.insert(turn.end(), a.out.begin(), a.out.end());
+    for (int32_t t : prompt_of(5, 9, V)) turn.push_back(t);
+    follow.push_back(turn);
+    // p's first 32 tokens (two full blocks), then others.
+    std::vector<int32_t> fork(p.begin(), p.begin() + 32);
+    for (int32_t t : prompt_of(9, 7, V)) fork.push_back(t);
+    follow.push_back(fork);
+    std::vector<int32_t> q2 = q;
+    for (int32_t t : prompt_of(6, 8, V)) q2.push_back(t);
+    follow.push_back(q2);
+    for (size_t i = 0; i < follow.size(); ++i) {
+      for (const engine::SamplingParams& sp : {greedy, sampled}) {
+        const Ran hot = run_one(warm, follow[i], 24, sp);
+        engine::Engine cold_engine(m, ec);
+        const Ran cold = run_one(cold_engine, follow[i], 24, sp);
+        const std::string what = "request " + std::to_string(i) + " at temperature " +
+                                 std::to_string(sp.temperature) + ", budget " +
+                                 std::to_string(budget);
+        EXPECT_EQ(hot.out, cold.out) << what;
+        EXPECT_EQ(hot.drafts, cold.drafts) << what;
+        EXPECT_EQ(hot.accepted, cold.accepted) << what;
+      }
+    }
+    EXPECT_GT(warm.stats().prefix_hit_tokens, 0);
+  }
+}
+
+namespace {
+
 double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& p, int* df) {
   int64_t n = 0;
   for (int64_t c : counts) n += c;
