@@ -709,6 +709,21 @@ def spec_run(srv):
         return [f.result() for f in futs]
 
 
+def spec_layer_placement():
+    """--placement with a file naming each MoE layer of the main model (redundant copies, no
+    default): the MTP module's layer takes contiguous ranges."""
+    with open(os.path.join(SPEC_MODEL, "config.json")) as f:
+        c = json.load(f)
+    n = c["n_routed_experts"]
+    ranks = [list(range(n)), list(range(n // 2, n))]  # rank 0 holds every expert
+    layers = {str(l): ranks for l in range(c["first_k_dense_replace"], c["num_hidden_layers"])}
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": "moeserve-placement", "version": 1, "n_experts": n, "n_ranks": 2,
+                   "layers": layers}, f)
+    return ["--placement", path]
+
+
 def speculative_cases(args):
     """--speculative-tokens 2 under mpirun (disaggregated 1/1, one- and two-sided: the prefill
     rank runs the MTP module over the prompt and hands its drafts over with the KV blocks, which
@@ -743,11 +758,17 @@ def speculative_cases(args):
              ["--prefill-ranks", "1", "--decode-ranks", "1", "--kv-transfer", "two-sided"],
              ["prefill", "decode"]),
             ("speculative, colocated 2 ranks", 2, [], ["colocated", "colocated"]),
+            ("speculative, colocated 2 ranks, placement of the main layers only", 2,
+             spec_layer_placement, ["colocated", "colocated"]),
             ("speculative, disaggregated 2/2", 4, ["--prefill-ranks", "2", "--decode-ranks", "2"],
              ["prefill", "prefill", "decode", "decode"])]:
         if args.only and args.only not in name:
             continue
         print(f"== {name}")
+        placement = None
+        if callable(extra):
+            extra = extra()
+            placement = extra[1]
         srv = Server(args, SPEC_MODEL, ranks, spec + extra)
         try:
             got = spec_run(srv)
@@ -777,6 +798,8 @@ def speculative_cases(args):
                   f"{name}: per-rank draft counts add up to the total ({per_rank})")
         finally:
             srv.stop()
+            if placement:
+                os.unlink(placement)
 
 
 def main():
