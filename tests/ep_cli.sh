@@ -2,7 +2,8 @@
 # Expert parallelism through the real binary under mpirun: for the same requests the output is
 # bit-identical for EP = 1, 2, 4 and 8 ranks (oversubscribed), with and without redundant
 # experts and with placement files (score and generate), for bf16, fp8 and int4 weights and
-# for every KV cache dtype; a rank that fails ends the job with one clear message.
+# for every KV cache dtype; a rank that fails ends the job with one clear message; generate
+# refuses --speculative-tokens under mpirun in one line (serve supports it).
 # Usage: ep_cli.sh MOESERVE_BINARY SOURCE_DIR
 set -euo pipefail
 bin=$1
@@ -84,4 +85,15 @@ set -e
 echo "$out" | grep -q "error: rank 1 of 2 failed: model folder .* has no .safetensors files" \
   || fail "no clear message from rank 0: $out"
 echo "ok: failing rank ends the job cleanly"
+
+# Speculative decoding is for `serve` under mpirun: generate and bench refuse it in one line.
+set +e
+out=$(timeout 60 $mpi 2 "$bin" generate --model "$src/data/models/shakespeare-v3-tiny" --prompt-ids 1,2,3 \
+  --max-tokens 4 --speculative-tokens 1 2>&1)
+rc=$?
+set -e
+[ $rc -ne 0 ] && [ $rc -ne 124 ] || fail "generate --speculative-tokens under mpirun gave rc=$rc"
+[ "$(echo "$out" | grep -c "not supported by \`moeserve generate\` under mpirun")" -ge 1 ] \
+  || fail "no clear refusal of --speculative-tokens: $out"
+echo "ok: generate refuses --speculative-tokens under mpirun"
 echo "1 passed, 0 failed"
