@@ -20,7 +20,10 @@
 // Under expert parallelism the module's MoE layer exchanges tokens with the group like the
 // main model's, so every step of every rank runs it k times (the catch-up and k - 1 chained
 // drafts), empty where the rank has nothing to draft. A prefill-only scheduler runs the module
-// too and hands its drafts over with the sequence.
+// too and hands its drafts over with the sequence. With prefix caching, a block holds the
+// module's rows as well, and its last row read the token after the block (outside the key):
+// only speculating sequences publish (after the module's rows), a hit computes its last
+// matched block again, and a block whose key is published already stays unpublished.
 //
 // Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
 // everything. Request callbacks run inside step() and cancel().
