@@ -237,9 +237,10 @@ struct Avx512Vbmi : Avx512 {
   // what bounds the m = 1 GEMV on CPUs that run 512-bit shuffles and shifts on two of their
   // four vector pipes (Zen 4). One byte permute (vpermb, AVX512-VBMI: fp8_quad_ok) puts element
   // j of chunk t into byte t of dword j; an arithmetic shift of the 16-bit halves by 4 turns the
-  // high byte b of each half into (b & 0x80) << 8 | (b & 0x7f) << 4 with the sign copied into bits
-  // 14..11, which the mask clears: bytes 3 and 1 that way, bytes 2 and 0 after a shift of the
-  // dword by 8; the low halves' results then move up by 16. The same bits as cvt_fp8_raw.
+  // high byte b of each half into (b & 0x80) << 8 | (b & 0x7f) << 4, with copies of the sign in
+  // bits 14..11 and the low byte's high nibble in bits 3..0, which the mask clears: bytes 3 and 1
+  // that way, bytes 2 and 0 after a shift of the dword by 8; the low halves' results then move
+  // up by 16. The same bits as cvt_fp8_raw.
   // vpermb is written as assembly: this file is built without -mavx512vbmi, and runs it only
   // where the CPU has it.
   static constexpr bool kFp8Quad = true;
