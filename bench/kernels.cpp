@@ -9,6 +9,8 @@
 //            same shapes: decode of 7168 x 2048 and 2048 x 7168, of the experts' 1024 x 2048
 //            and 2048 x 1024, and prefill of 2048 x 7168; calls/s compares their speed.
 //   bf16:    only the --precision bf16 part of prefill.
+//   gemv:    the m = 1 GEMV of every format (bf16, fp8, Q4 with groups of 32, 64 and 128) from
+//            DRAM (as decode) and from L2 (cached: the rate its instructions allow).
 //   mapped DIR: (only when asked) the m = 1 GEMV over a checkpoint's LM head read four ways:
 //            from the mapped file (how `--mmap` reads it), from an anonymous copy, and from an
 //            anonymous copy on huge pages (how `serve` and `bench` hold the weights).
@@ -24,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <new>
 #include <string>
@@ -126,7 +129,8 @@ void time_into(const ThreadPool& pool, Best& best, F&& fn) {
 // Decode: weights cycled through copies totalling > 1 GB, so every call streams from DRAM (no
 // help from a large L3). The denominator is a plain streaming read of copies of the same
 // weight bytes, timed alternately with the kernel.
-void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_t group = 0) {
+void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_t group = 0,
+            std::initializer_list<int64_t> ms = {1, 4, 8}) {
   std::vector<std::unique_ptr<BenchWeight>> copies;
   size_t total = 0;
   while (total < (size_t{1} << 30)) {
@@ -134,7 +138,7 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_
     total += copies.back()->w.bytes();
   }
   const double bytes = copies[0]->w.bytes();
-  for (int64_t m : {1, 4, 8}) {
+  for (int64_t m : ms) {
     std::vector<float> x(m * cols, 0.01f), y(m * rows);
     matmul(pool, x.data(), m, cols, copies[0]->w, y.data(), rows);  // warm-up
     Best read, mm;
@@ -158,6 +162,24 @@ void decode(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_
         bytes / mm.cpu / 1e9, raw / read.cpu / 1e9, 100 * bytes / mm.cpu / (raw / read.cpu),
         1 / mm.wall);
   }
+}
+
+// The m = 1 GEMV over a matrix that stays in the threads' L2 caches (512 KB), called many
+// times: the rate the kernel's instructions allow, without DRAM. Where it is not well above
+// the read bandwidth, decode is compute bound.
+void cached(const ThreadPool& pool, DType dt, int64_t rows, int64_t cols, int64_t group = 0) {
+  const BenchWeight bw(dt, rows, cols, group);
+  std::vector<float> x(cols, 0.01f), y(rows);
+  const double bytes = bw.w.bytes();
+  constexpr int kCalls = 200;
+  Best mm;
+  for (int round = 0; round < 8; ++round)
+    time_into(pool, mm, [&] {
+      for (int i = 0; i < kCalls; ++i) matmul(pool, x.data(), 1, cols, bw.w, y.data(), rows);
+    });
+  std::printf("cached  %-7s m=1 N=%lld K=%lld %5.2f MB | wall %6.1f GB/s | cpu %6.1f GB/s\n",
+              weight_name(dt, group).c_str(), (long long)rows, (long long)cols, bytes / 1e6,
+              kCalls * bytes / mm.wall / 1e9, kCalls * bytes / mm.cpu / 1e9);
 }
 
 // Decode on small matrices (a few MB, short rows), as a model's experts: views of one > 1 GB
@@ -299,10 +321,10 @@ int main(int argc, char** argv) {
   // format) or "mapped": that only
   const std::string only = argc > 1 ? argv[1] : "";
   if ((!only.empty() && only != "decode" && only != "prefill" && only != "int" && only != "bf16" &&
-       only != "mapped") ||
+       only != "gemv" && only != "mapped") ||
       (only == "mapped") != (argc == 3)) {
-    std::fprintf(stderr,
-                 "usage: bench_kernels [decode | prefill | int | bf16 | mapped MODEL_DIR]\n");
+    std::fprintf(
+        stderr, "usage: bench_kernels [decode | prefill | int | bf16 | gemv | mapped MODEL_DIR]\n");
     return 2;
   }
   ThreadPool pool;
@@ -317,6 +339,15 @@ int main(int argc, char** argv) {
       measure_peak_gflops(pool, Precision::Bf16, Clock::kCpu));
   if (only == "mapped") {
     mapped(pool, argv[2]);
+    return 0;
+  }
+  if (only == "gemv") {
+    const Format formats[] = {
+        {DType::BF16, 0}, {DType::F8_E4M3, 0}, {DType::Q4, 32}, {DType::Q4, 64}, {DType::Q4, 128}};
+    for (const Format& f : formats)  // 512 KB of weights each
+      cached(pool, f.dt, f.dt == DType::BF16 ? 128 : f.dt == DType::Q4 ? 512 : 256, 2048, f.group);
+    for (const Format& f : formats)
+      decode(pool, f.dt, f.dt == DType::BF16 ? 18432 : 36864, 7168, f.group, {1});
     return 0;
   }
   if (only == "int") {

@@ -312,6 +312,34 @@ TEST(Matmul, Fp8ExtremeScalesFollowTheContract) {
   }
 }
 
+// The fast fp8 GEMV converts runs of 64 bytes at once where the CPU allows (avx512bf16 with
+// VBMI: one byte permute, then shifts and masks per 16-bit half): every non-NaN byte, at every
+// position of a run (K = 128, 256, and 320, whose last 64 columns take the other path), gives
+// the contract's bits at m = 1 and 2 (and 3, which converts 16 at a time).
+TEST(Matmul, Fp8EveryByteAtEveryPositionOfARun) {
+  ThreadPool pool(2);
+  for (int64_t K : {128, 256, 320}) {
+    TestWeight tw(DType::F8_E4M3, 256, K, 90);
+    for (int64_t r = 0; r < 256; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t b = static_cast<uint8_t>(r + 37 * k);
+        tw.data[r * K + k] = (b & 0x7f) == 0x7f ? 0 : b;  // no NaN: the fast conversion's input
+      }
+    tw.w.fp8_plain = true;
+    for (int64_t m : {1, 2, 3}) {
+      const auto x = random_floats(m * K, 91 + m);
+      std::vector<float> want(m * 256);
+      reference::matmul_lanes(x.data(), m, K, tw.w, want.data(), 256);
+      for (Isa isa : isas()) {
+        const auto y = run_matmul(isa, pool, x, m, K, tw.w);
+        const int64_t d = first_diff(y.data(), want.data(), m * 256);
+        ASSERT_EQ(d, -1) << isa_name(isa) << " K=" << K << " m=" << m << " at " << d << ": " << y[d]
+                         << " vs contract " << want[d];
+      }
+    }
+  }
+}
+
 // fp8 scales go to x once per block row of 128 rows: row views that start and end inside a
 // block row (the model's per-head slices) scale by their own rows' block, on the GEMV (one
 // block row at a time, fast and general conversions) and the GEMM (N blocks cut at block rows).

@@ -227,6 +227,48 @@ struct Avx512 {
   }
 };
 
+// Avx512 with the fp8 GEMV's conversion of 64 bytes at once. The avx512bf16 level's exact
+// products run on it (bf16_table), so that MOESERVE_ISA=avx512 still tests the GEMV without it
+// on the same CPU; every CPU with AVX512-BF16 but Cooper Lake has VBMI, and without it
+// (fp8_quad_ok) the GEMV takes cvt_fp8_raw.
+struct Avx512Vbmi : Avx512 {
+  // cvt_fp8_raw of the chunks [0, 16), [16, 32), [32, 48), [48, 64) of 64 NaN-free e4m3 bytes
+  // (f0 .. f3), in 1.5 shuffle or shift operations per 16 weights against cvt_fp8_raw's two:
+  // what bounds the m = 1 GEMV on CPUs that run 512-bit shuffles and shifts on two of their
+  // four vector pipes (Zen 4). One byte permute (vpermb, AVX512-VBMI: fp8_quad_ok) puts element
+  // j of chunk t into byte t of dword j; an arithmetic shift of the 16-bit halves by 4 turns the
+  // high byte b of each half into (b & 0x80) << 8 | (b & 0x7f) << 4, with copies of the sign in
+  // bits 14..11 and the low byte's high nibble in bits 3..0, which the mask clears: bytes 3 and 1
+  // that way, bytes 2 and 0 after a shift of the dword by 8; the low halves' results then move
+  // up by 16. The same bits as cvt_fp8_raw.
+  // vpermb is written as assembly: this file is built without -mavx512vbmi, and runs it only
+  // where the CPU has it.
+  static constexpr bool kFp8Quad = true;
+  static bool fp8_quad_ok() {
+    static const bool ok = [] {
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512vbmi") != 0;
+    }();
+    return ok;
+  }
+  static void cvt_fp8x4_raw(const uint8_t* p, V& f0, V& f1, V& f2, V& f3) {
+    // dword j of the permuted bytes: elements j, 16 + j, 32 + j, 48 + j, low byte first.
+    const __m512i idx = _mm512_set_epi8(
+        63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12, 59, 43, 27, 11, 58, 42, 26,
+        10, 57, 41, 25, 9, 56, 40, 24, 8, 55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20,
+        4, 51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
+    __m512i d = _mm512_loadu_si512(p);
+    asm("vpermb %1, %2, %0" : "=v"(d) : "v"(d), "v"(idx));
+    const __m512i m = _mm512_set1_epi32(static_cast<int>(0x87f00000u));
+    const __m512i r31 = _mm512_srai_epi16(d, 4);                        // bytes 3, 1
+    const __m512i r20 = _mm512_srai_epi16(_mm512_slli_epi32(d, 8), 4);  // bytes 2, 0
+    f0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(r20, 16), m));
+    f1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(r31, 16), m));
+    f2 = _mm512_castsi512_ps(_mm512_and_si512(r20, m));
+    f3 = _mm512_castsi512_ps(_mm512_and_si512(r31, m));
+  }
+};
+
 // The same kernels with bf16 products on vdpbf16ps: a pair of elements per lane in one
 // instruction, which computes exactly the contract's two steps (it ignores the MXCSR and always
 // flushes as bf16_step does). bf16_unit_ok checks that on the running CPU.
@@ -285,6 +327,8 @@ const KernelTable& table() {
 const KernelTable& bf16_table() {
   static const KernelTable t = [] {
     KernelTable k = make_table<Avx512>();
+    k.matmul = &matmul<Avx512Vbmi>;
+    k.matmul_batch = &matmul_batch<Avx512Vbmi>;
     k.matmul_bf16 = &matmul_bf16<Avx512Bf16>;
     return k;
   }();
