@@ -260,6 +260,14 @@ def summarize(values: list) -> tuple:
     return statistics.median(values), max(values)
 
 
+def default_tokenizer() -> Path:
+    for root in (REPO, REPO.parent, Path("/work")):
+        d = root / "shared" / "data" / "deepseek-v3"
+        if (d / "tokenizer.json").is_file():
+            return d
+    return REPO.parent / "shared" / "data" / "deepseek-v3"
+
+
 def cpu_model() -> str:
     name, fam, mod = platform.processor() or "unknown", None, None
     try:
@@ -286,8 +294,9 @@ def main() -> int:
                     help="bf16 checkpoint folder (moeserve init-model --preset bench --out DIR); '' to skip")
     ap.add_argument("--fp8-model", type=Path, default=Path("/work/main/models/bench-fp8"),
                     help="fp8 checkpoint folder (moeserve init-model --preset bench --dtype fp8 --out DIR); '' to skip")
-    ap.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "data" / "deepseek-v3",
-                    help="folder with the DeepSeek-V3 tokenizer.json and tokenizer_config.json")
+    ap.add_argument("--tokenizer", type=Path, default=default_tokenizer(),
+                    help="folder with the DeepSeek-V3 tokenizer.json and tokenizer_config.json "
+                         "(default: shared/data/deepseek-v3 in or beside the repository)")
     ap.add_argument("--moeserve", type=Path, default=REPO / "build" / "moeserve")
     ap.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "llama-side-by-side")
     ap.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python sdist version")
@@ -321,9 +330,6 @@ def main() -> int:
     if not args.prepare_only and not os.access(args.moeserve, os.X_OK):
         print(f"error: no moeserve binary at {args.moeserve} (build it: ninja -C build moeserve)", file=sys.stderr)
         return 2
-    if not (args.tokenizer / "tokenizer.json").is_file():
-        print(f"error: no tokenizer.json in {args.tokenizer} (give --tokenizer DIR)", file=sys.stderr)
-        return 2
 
     cache = args.cache_dir.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -336,6 +342,8 @@ def main() -> int:
             name = f"{path.name}"
             out = cache / "gguf" / (f"{name}-bf16.gguf" if kind == "bf16" else f"{name}-q8_0.gguf")
             if not out.is_file() and py is None:
+                if not (args.tokenizer / "tokenizer.json").is_file():
+                    raise StepError(f"no tokenizer.json in {args.tokenizer} (give --tokenizer DIR)")
                 py = converter_python(cache, args.python)
             ggufs[kind] = convert(cache, vendor, py, name, path, kind, args.tokenizer)
         if args.prepare_only:
