@@ -2,7 +2,7 @@
 """Side-by-side speed of moeserve and llama.cpp on the same checkpoint, same thread count.
 
   llama_side_by_side.py [--bf16-model DIR] [--fp8-model DIR] [--threads N] [--rounds N]
-                        [--precision exact,bf16] [--cache-dir DIR] [--python PY] [--json-out FILE]
+                        [--precision exact,bf16] [--cache-dir DIR] [--python PY] [--check N] [--json-out FILE]
 
 Steps, each skipped when its output is already in --cache-dir (default .cache/llama-side-by-side):
 
@@ -20,7 +20,9 @@ Steps, each skipped when its output is already in --cache-dir (default .cache/ll
               (--tokenizer DIR) is cut to the model's vocabulary (ids < vocab_size, merges among kept tokens) and
               written beside links to the checkpoint's files. Cut, its output no longer has the fingerprint the
               converter recognises, so the converter runs with its pre-tokenizer named "deepseek-v3" explicitly.
-  5. bench    ROUNDS rounds; in each, for each model, the engines run one after the other:
+  5. check   (--check N) N fixed token ids scored by `moeserve score` and by a small program the tool builds against
+              the sdist's libllama; prints the largest and mean |difference| of log P(token | prefix).
+  6. bench    ROUNDS rounds; in each, for each model, the engines run one after the other:
                 moeserve bench MODEL --prompt-len P --decode-tokens D --threads T --precision X --json
                 llama-bench -m GGUF -t T -r 1 -p P -n 0            (prefill P tokens)
                 llama-bench -m GGUF -t T -r 1 -p 0 -n D -d P       (decode D tokens after P tokens of context)
@@ -228,7 +230,110 @@ def convert(cache: Path, vendor: Path, py: str, name: str, model: Path, kind: st
     return out
 
 
-# --- 5. bench ---------------------------------------------------------------------------------------------------
+# --- 5. output check (optional, --check) ----------------------------------------------------------------------
+
+# A small program against the built libllama: log P(ids[i] | ids[<i]) for every position of one id sequence, from
+# one batch with every position's logits, printed in the JSON shape `moeserve score` prints.
+SCORER_SOURCE = r"""
+#include "llama.h"
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+static void quiet(ggml_log_level, const char *, void *) {}
+
+int main(int argc, char ** argv) {
+    if (argc != 4) { std::fprintf(stderr, "usage: %s MODEL.gguf THREADS ID,ID,...\n", argv[0]); return 2; }
+    std::vector<llama_token> ids;
+    for (const char * p = argv[3]; *p;) {
+        char * end = nullptr;
+        ids.push_back((llama_token) std::strtol(p, &end, 10));
+        p = (*end == ',') ? end + 1 : end;
+        if (end == p && *p) { std::fprintf(stderr, "bad id list\n"); return 2; }
+    }
+    llama_log_set(quiet, nullptr);
+    llama_backend_init();
+    llama_model_params mp = llama_model_default_params();
+    llama_model * model = llama_model_load_from_file(argv[1], mp);
+    if (!model) { std::fprintf(stderr, "cannot load %s\n", argv[1]); return 1; }
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = (uint32_t) ids.size() < 64 ? 64 : (uint32_t) ids.size();
+    cp.n_threads = cp.n_threads_batch = std::atoi(argv[2]);
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) { std::fprintf(stderr, "cannot make a context\n"); return 1; }
+    const int n = (int) ids.size();
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; ++i) {
+        batch.token[i] = ids[i]; batch.pos[i] = i; batch.n_seq_id[i] = 1; batch.seq_id[i][0] = 0; batch.logits[i] = 1;
+    }
+    batch.n_tokens = n;
+    if (llama_decode(ctx, batch) != 0) { std::fprintf(stderr, "llama_decode failed\n"); return 1; }
+    const int nv = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    std::string out = "{\"ids\": [";
+    for (int i = 0; i < n; ++i) out += (i ? "," : "") + std::to_string(ids[i]);
+    out += "], \"logprobs\": [null";
+    for (int i = 1; i < n; ++i) {
+        const float * lg = llama_get_logits_ith(ctx, i - 1);
+        double mx = lg[0];
+        for (int v = 1; v < nv; ++v) mx = lg[v] > mx ? lg[v] : mx;
+        double sum = 0;
+        for (int v = 0; v < nv; ++v) sum += std::exp((double) lg[v] - mx);
+        char buf[64];
+        std::snprintf(buf, sizeof buf, ", %.9g", (double) lg[ids[i]] - mx - std::log(sum));
+        out += buf;
+    }
+    out += "]}";
+    std::printf("%s\n", out.c_str());
+    llama_batch_free(batch);
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}
+"""
+
+
+def build_scorer(cache: Path, vendor: Path) -> Path:
+    exe = cache / "llama-score"
+    src = cache / "llama-score.cpp"
+    if exe.is_file() and src.is_file() and src.read_text() == SCORER_SOURCE:
+        return exe
+    src.write_text(SCORER_SOURCE)
+    lib = cache / "llama-build" / "bin"
+    run(["c++", "-std=c++17", "-O2", "-I", vendor / "include", "-I", vendor / "ggml" / "include", src,
+         "-o", exe, "-L", lib, "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}"], nice=10)
+    return exe
+
+
+def check_ids(vocab: int, n: int, seed: int = 1) -> list:
+    # A fixed pseudo-random sequence (LCG) so both engines score the same ids on every run.
+    ids, x = [], seed
+    for _ in range(n):
+        x = (x * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        ids.append(3 + (x >> 33) % (vocab - 3))
+    return ids
+
+
+def check_outputs(scorer: Path, moeserve: Path, model: Path, gguf: Path, threads: int, precisions: list,
+                  n: int) -> list:
+    vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
+    ids = ",".join(str(i) for i in check_ids(vocab, n))
+    theirs = json.loads(run([scorer, gguf, threads, ids], capture=True).strip().splitlines()[-1])["logprobs"][1:]
+    rows = []
+    for prec in precisions:
+        out = run([moeserve, "score", model, "--ids", ids, "--threads", threads, "--precision", prec], capture=True)
+        line = [ln for ln in out.splitlines() if ln.strip().startswith("{")][-1]
+        ours = json.loads(line)["logprobs"][1:]
+        diffs = [abs(a - b) for a, b in zip(ours, theirs)]
+        rows.append({"precision": prec, "gguf": gguf.name, "tokens": n, "max_abs": max(diffs),
+                     "mean_abs": sum(diffs) / len(diffs)})
+    return rows
+
+
+# --- 6. bench ----------------------------------------------------------------------------------------------------
 
 def bench_moeserve(exe: Path, model: Path, args, precision: str) -> dict:
     out = run([exe, "bench", model, "--prompt-len", args.prompt_len, "--decode-tokens", args.decode_tokens,
@@ -309,6 +414,10 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--precision", default="exact,bf16", help="moeserve --precision values to run, comma-separated")
     ap.add_argument("--prepare-only", action="store_true", help="fetch, build and convert, then stop")
+    ap.add_argument("--check", type=int, default=0, metavar="N",
+                    help="before the timings, score N fixed token ids with both engines (llama.cpp through a small "
+                         "program built against its libllama) and print the log-prob differences")
+    ap.add_argument("--check-only", action="store_true", help="run the --check comparison and no timings")
     ap.add_argument("--json-out", type=Path, help="also write every measurement here")
     args = ap.parse_args()
 
@@ -348,6 +457,18 @@ def main() -> int:
             ggufs[kind] = convert(cache, vendor, py, name, path, kind, args.tokenizer)
         if args.prepare_only:
             return 0
+        checks = []
+        if args.check or args.check_only:
+            scorer = build_scorer(cache, vendor)
+            for kind, path in models:
+                checks += [dict(model=kind, **row) for row in check_outputs(
+                    scorer, args.moeserve, path, ggufs[kind], args.threads, precisions, args.check or 64)]
+            print("log P(token | prefix), moeserve against llama.cpp on the same ids:")
+            for c in checks:
+                print(f"  {c['model']:<5} moeserve {c['precision']:<5} vs {c['gguf']}: max |diff| {c['max_abs']:.2e}, "
+                      f"mean {c['mean_abs']:.2e} over {c['tokens'] - 1} positions")
+            if args.check_only:
+                return 0
 
         # results[(model kind, engine)] = list of {"prefill", "decode"}
         results: dict = {}
@@ -394,7 +515,7 @@ def main() -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": cpu_model(), "threads": args.threads, "rounds": args.rounds, "prompt_len": args.prompt_len,
             "decode_tokens": args.decode_tokens, "llama_cpp_python": args.version,
-            "ggufs": {k: str(v) for k, v in ggufs.items()}, "results": summary}, indent=1) + "\n")
+            "ggufs": {k: str(v) for k, v in ggufs.items()}, "checks": checks, "results": summary}, indent=1) + "\n")
     return 0
 
 
