@@ -98,7 +98,10 @@ def fetch_sdist(cache: Path, version: str) -> Path:
         raise StepError(f"pip download did not leave {tarball}")
     log(f"fetch: unpacking {tarball.name}")
     with tarfile.open(tarball) as tf:
-        tf.extractall(cache, filter="data")
+        try:
+            tf.extractall(cache, filter="data")
+        except TypeError:  # Python without extraction filters
+            tf.extractall(cache)
     if not (vendor / "CMakeLists.txt").is_file():
         raise StepError(f"the sdist has no vendor/llama.cpp: {src}")
     return vendor
@@ -214,11 +217,16 @@ convert_hf_to_gguf.main()
 
 
 def convert(cache: Path, vendor: Path, py: str, name: str, model: Path, kind: str, tokenizer: Path) -> Path:
-    out = cache / "gguf" / (f"{name}-bf16.gguf" if kind == "bf16" else f"{name}-q8_0.gguf")
-    if out.is_file():
+    out = gguf_path(cache, name, kind)
+    source = out.with_name(out.name + ".source")
+    origin = source_id(model)
+    if out.is_file() and source.is_file() and source.read_text() == origin:
         log(f"convert: {out} is there")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    stage_dir = cache / "staged" / name
+    if stage_dir.is_dir():
+        shutil.rmtree(stage_dir)
     stage = stage_model(cache, name, model, tokenizer)
     tmp = out.with_suffix(".gguf.part")
     cmd = [py, "-c", CONVERT_WRAPPER, vendor, PRE_TOKENIZER, stage, "--outfile", tmp, "--outtype", "bf16"]
@@ -227,7 +235,18 @@ def convert(cache: Path, vendor: Path, py: str, name: str, model: Path, kind: st
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     run(cmd, env=env, nice=10)
     tmp.rename(out)
+    source.write_text(origin)
     return out
+
+
+def gguf_path(cache: Path, name: str, kind: str) -> Path:
+    return cache / "gguf" / (f"{name}-bf16.gguf" if kind == "bf16" else f"{name}-q8_0.gguf")
+
+
+def source_id(model: Path) -> str:
+    """The checkpoint a GGUF was made from: its folder and its files' sizes and times."""
+    files = sorted(p for p in model.iterdir() if p.suffix in (".json", ".safetensors"))
+    return json.dumps([str(model.resolve())] + [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files])
 
 
 # --- 5. output check (optional, --check) ----------------------------------------------------------------------
@@ -365,6 +384,13 @@ def summarize(values: list) -> tuple:
     return statistics.median(values), max(values)
 
 
+def default_model(name: str) -> Path:
+    for root in (REPO, Path("/work/main")):
+        if (root / "models" / name / "config.json").is_file():
+            return root / "models" / name
+    return REPO / "models" / name
+
+
 def default_tokenizer() -> Path:
     for root in (REPO, REPO.parent, Path("/work")):
         d = root / "shared" / "data" / "deepseek-v3"
@@ -395,9 +421,9 @@ def cpu_model() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bf16-model", type=Path, default=Path("/work/main/models/bench-bf16"),
+    ap.add_argument("--bf16-model", type=Path, default=default_model("bench-bf16"),
                     help="bf16 checkpoint folder (moeserve init-model --preset bench --out DIR); '' to skip")
-    ap.add_argument("--fp8-model", type=Path, default=Path("/work/main/models/bench-fp8"),
+    ap.add_argument("--fp8-model", type=Path, default=default_model("bench-fp8"),
                     help="fp8 checkpoint folder (moeserve init-model --preset bench --dtype fp8 --out DIR); '' to skip")
     ap.add_argument("--tokenizer", type=Path, default=default_tokenizer(),
                     help="folder with the DeepSeek-V3 tokenizer.json and tokenizer_config.json "
@@ -426,7 +452,9 @@ def main() -> int:
         if str(path) in ("", "."):
             continue
         if not (path / "config.json").is_file():
-            print(f"error: {path} is not a checkpoint folder (no config.json)", file=sys.stderr)
+            print(f"error: {path} is not a checkpoint folder (no config.json); make one with "
+                  f"moeserve init-model --preset bench{' --dtype fp8' if kind == 'fp8' else ''} --out {path}",
+                  file=sys.stderr)
             return 2
         models.append((kind, path.resolve()))
     if not models:
@@ -449,8 +477,10 @@ def main() -> int:
         ggufs = {}
         for kind, path in models:
             name = f"{path.name}"
-            out = cache / "gguf" / (f"{name}-bf16.gguf" if kind == "bf16" else f"{name}-q8_0.gguf")
-            if not out.is_file() and py is None:
+            out = gguf_path(cache, name, kind)
+            fresh = out.is_file() and out.with_name(out.name + ".source").is_file() and \
+                out.with_name(out.name + ".source").read_text() == source_id(path)
+            if not fresh and py is None:
                 if not (args.tokenizer / "tokenizer.json").is_file():
                     raise StepError(f"no tokenizer.json in {args.tokenizer} (give --tokenizer DIR)")
                 py = converter_python(cache, args.python)
