@@ -50,6 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VERSION = "0.3.36"
 PRE_TOKENIZER = "deepseek-v3"
+LLAMA_EXTRA: list = []  # --llama-bench-args
 
 # Python packages the converter imports (the sdist's requirements name the same ones; its torch line points at an
 # extra index, so the list is given here and installed from PyPI).
@@ -367,7 +368,7 @@ def bench_moeserve(exe: Path, model: Path, args, precision: str) -> dict:
 
 
 def llama_bench_once(exe: Path, gguf: Path, threads: int, extra: list) -> float:
-    out = run([exe, "-m", gguf, "-t", threads, "-r", 1, "-o", "json"] + extra, capture=True)
+    out = run([exe, "-m", gguf, "-t", threads, "-r", 1, "-o", "json"] + extra + LLAMA_EXTRA, capture=True)
     rows = json.loads(out[out.index("["):])
     if len(rows) != 1:
         raise StepError(f"llama-bench printed {len(rows)} results, expected 1")
@@ -438,6 +439,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--llama-bench-args", default="",
+                    help="extra llama-bench arguments for every timing run, e.g. '-lm none' (default: its defaults)")
     ap.add_argument("--precision", default="exact,bf16", help="moeserve --precision values to run, comma-separated")
     ap.add_argument("--prepare-only", action="store_true", help="fetch, build and convert, then stop")
     ap.add_argument("--check", type=int, default=0, metavar="N",
@@ -447,6 +450,7 @@ def main() -> int:
     ap.add_argument("--json-out", type=Path, help="also write every measurement here")
     args = ap.parse_args()
 
+    LLAMA_EXTRA[:] = args.llama_bench_args.split()
     models = []
     for kind, path in (("bf16", args.bf16_model), ("fp8", args.fp8_model)):
         if str(path) in ("", "."):
