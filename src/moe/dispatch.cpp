@@ -215,6 +215,13 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
   return p;
 }
 
+void Dispatcher::resolve_transport() {
+  if (transport_ != Transport::Auto || shm_asked_) return;
+  shm_bytes_ = size_t(1) << 20;    // grown by the plans that need more (share_layout)
+  shm_ = comm_.share(shm_bytes_);  // collective
+  shm_asked_ = true;
+}
+
 void Dispatcher::share_layout(DispatchPlan& p, const std::vector<int64_t>& got, int64_t W,
                               int64_t S) {
   // Every rank computes the same sizes from the blocks (the largest rank's tokens, pairs
@@ -244,17 +251,33 @@ void Dispatcher::share_layout(DispatchPlan& p, const std::vector<int64_t>& got, 
 }
 
 const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
+  dispatch_start(p, hidden);
+  return dispatch_finish(p);
+}
+
+bool Dispatcher::progress() {
+  if (!pending_) return true;
+  bool done = false;
+  const double t = timed([&] { done = pending_->test(); });
+  (phase_ == Phase::Combining ? timing_.combine : timing_.dispatch) += t;
+  return done;
+}
+
+void Dispatcher::dispatch_start(const DispatchPlan& p, const float* hidden) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
+  MS_CHECK(phase_ == Phase::Idle, "MoE dispatch: an exchange of this Dispatcher is in flight");
   dispatched_ = p.id;
+  hidden_ = hidden;
   rows_.resize(p.n_recv());
   for (auto* v : {&send_counts_, &send_displs_, &recv_counts_, &recv_displs_})
     v->assign(p.n_ranks, 0);
+  phase_ = Phase::Dispatching;
   if (p.shared) {
     timing_.dispatch = timed([&] { dispatch_shared(p, hidden); });
-    return rows_.data();
+    return;
   }
   const int R = p.n_ranks, me = p.rank;
-  const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
+  const int64_t H = p.hidden, row = H * sizeof(float);
   const int64_t MW = p.mask_words, mrow = MW * sizeof(uint64_t);
   // One contiguous block per peer and direction, each 64-byte aligned: the rows' masks
   // (PerRank), padded, then the rows. This rank's own rows do not travel: they are read where
@@ -285,7 +308,21 @@ const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hid
     recv_.add_piece(rb + recv_displs_[q], recv_counts_[q]);
     recv_.next_peer();
   }
-  timing_.dispatch = timed([&] { comm_.all_to_all_matched(send_, recv_); });
+  timing_.dispatch = timed([&] { pending_ = comm_.start_all_to_all_matched(send_, recv_); });
+}
+
+const float* const* Dispatcher::dispatch_finish(const DispatchPlan& p) {
+  MS_CHECK(phase_ == Phase::Dispatching && dispatched_ == p.id,
+           "MoE dispatch: dispatch_finish without its dispatch_start");
+  phase_ = Phase::Idle;
+  if (p.shared) return rows_.data();
+  timing_.dispatch += timed([&] { pending_->wait(); });
+  pending_.reset();
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t H = p.hidden, J = p.n_slots, MW = p.mask_words;
+  const int64_t mrow = MW * sizeof(uint64_t);
+  const float* hidden = hidden_;
+  std::byte* rb = recv_buf_.p.get();
   // Every row where it landed (or, from this rank, where it is); the other slots of a leader's
   // token (PerRank) point to it, in arrival order (leader slot, token): the order plan gave the
   // non-leaders of each cell.
@@ -393,15 +430,20 @@ void Dispatcher::combine_shared(const DispatchPlan& p, const float* expert_out, 
 }
 
 void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* out) {
+  combine_start(p, expert_out);
+  combine_finish(p, out);
+}
+
+void Dispatcher::combine_start(const DispatchPlan& p, const float* expert_out) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
-  if (p.shared) {
-    MS_CHECK(dispatched_ == p.id, "MoE combine: the plan was not the last one dispatched");
-    dispatched_ = 0;
-    timing_.combine = timed([&] { combine_shared(p, expert_out, out); });
-    return;
-  }
+  MS_CHECK(phase_ == Phase::Idle, "MoE combine: an exchange of this Dispatcher is in flight");
+  MS_CHECK(dispatched_ == p.id, "MoE combine: the plan was not the last one dispatched");
+  expert_out_ = expert_out;
+  phase_ = Phase::Combining;
+  timing_.combine = 0;
+  if (p.shared) return;
   const int R = p.n_ranks, me = p.rank;
-  const int64_t H = p.hidden, J = p.n_slots, K = p.top_k, row = H * sizeof(float);
+  const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
   const int64_t S = p.seg_slots;
   float* back = back_.get(p.n_pairs_sent() * H);
   // Each cell's rows back to its source, except this rank's own (read in place): one piece per
@@ -420,7 +462,24 @@ void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* 
     }
     recv_.next_peer();
   }
-  timing_.combine = timed([&] { comm_.all_to_all_matched(send_, recv_); });
+  timing_.combine = timed([&] { pending_ = comm_.start_all_to_all_matched(send_, recv_); });
+}
+
+void Dispatcher::combine_finish(const DispatchPlan& p, float* out) {
+  MS_CHECK(phase_ == Phase::Combining && dispatched_ == p.id,
+           "MoE combine: combine_finish without its combine_start");
+  phase_ = Phase::Idle;
+  const float* expert_out = expert_out_;
+  if (p.shared) {
+    dispatched_ = 0;
+    timing_.combine = timed([&] { combine_shared(p, expert_out, out); });
+    return;
+  }
+  timing_.combine += timed([&] { pending_->wait(); });
+  pending_.reset();
+  const int64_t H = p.hidden, K = p.top_k;
+  const int me = p.rank;
+  const float* back = back_.p.get();
   // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
   const int64_t self_begin = p.pair_offset[me], self_end = p.pair_offset[me + 1];
   std::vector<const float*> ys(K);

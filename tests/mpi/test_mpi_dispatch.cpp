@@ -144,6 +144,43 @@ void test_dispatch(Communicator& c, Checker& ck, DispatchMode mode,
   CHECK(ck, d.shared() == (transport == Transport::Auto));
 }
 
+// Two micro-batches on two Dispatchers, one's exchange in flight while the other's experts
+// run: the reference's bits, with every transport (Auto: shared memory, where the *_start and
+// *_finish halves run back to back).
+void test_overlapped(Communicator& c, Checker& ck, DispatchMode mode, Transport transport) {
+  const int n = c.size(), me = c.rank();
+  Dispatcher d0(c, mode, transport), d1(c, mode, transport);
+  for (const Case& cs : cases()) {
+    const Global g = make_batch(cs, n, 2000 + cs.E * 3 + cs.K);
+    const FakeExperts fx(cs.E, cs.H, 8, 7 + cs.E);
+    const Placement pl = cs.placement(n, g.ex);
+    std::vector<float> want(g.N * cs.H);
+    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
+                                     want.data());
+    const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
+    std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
+    moeserve::testing::ep_moe_overlapped(d0, d1, pl, fx, nt, cs.K, g.ex.data() + t0 * cs.K,
+                                         g.wt.data() + t0 * cs.K, g.h.data() + t0 * cs.H,
+                                         got.data());
+    CHECK_MSG(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0,
+              cs.name + " overlapped");
+  }
+  // A finish without its start, or a second start while one is in flight: an error.
+  const Placement pl = contiguous(16, n);
+  const int32_t ex[4] = {1, 4, 9, 12};
+  const float wt[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+  std::vector<float> h(32, 1.0f), out(32);
+  const DispatchPlan p = d0.plan(pl, 1, 4, 32, ex, wt);
+  CHECK_THROWS(ck, [&] { d0.dispatch_finish(p); }, {"without its dispatch_start"});
+  d0.dispatch_start(p, h.data());
+  CHECK_THROWS(ck, [&] { d0.dispatch_start(p, h.data()); }, {"in flight"});
+  const float* const* x = d0.dispatch_finish(p);
+  float* y = d0.expert_out(p);
+  for (int64_t i = 0; i < p.n_recv(); ++i) std::memcpy(y + i * 32, x[i], 32 * sizeof(float));
+  d0.combine(p, y, out.data());
+  CHECK(ck, out[0] == 1.0f && out[31] == 1.0f);
+}
+
 // Shared memory: a dispatch repeated without a new plan, and expert outputs passed in another
 // buffer than expert_out(), still give the reference's bits.
 void test_shared_reuse(Communicator& c, Checker& ck) {
@@ -254,6 +291,13 @@ int main() {
        [](auto& c, auto& ck) {
          test_dispatch(c, ck, DispatchMode::PerExpert, Transport::Messages);
        }},
+      {"overlapped micro-batches via messages",
+       [](auto& c, auto& ck) {
+         test_overlapped(c, ck, DispatchMode::PerRank, Transport::Messages);
+         test_overlapped(c, ck, DispatchMode::PerExpert, Transport::Messages);
+       }},
+      {"overlapped micro-batches, auto transport",
+       [](auto& c, auto& ck) { test_overlapped(c, ck, DispatchMode::PerRank, Transport::Auto); }},
       {"dispatch via staging", test_dispatch_staging},
       {"dispatch via messages, cells direct or packed", test_dispatch_direct},
       {"shared memory: repeated dispatch, outputs elsewhere", test_shared_reuse},
