@@ -1,7 +1,7 @@
 // bench_alltoall: the MoE dispatch and combine against a raw MPI_Alltoallv of the same bytes.
 //   mpirun -np {2,4,8} --oversubscribe --allow-run-as-root bench_alltoall
 //       [--mode both|rank|expert] [--transport auto|messages] [--pieces datatypes|staging]
-//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096] [--direct-kib N]
+//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096] [--direct-kib N] [--fp8]
 // Per rank: tokens in {1, 16, 128, 4096} (or the list given), hidden in {2048, 7168}, top-8 of 256
 // experts, uniform random routing, contiguous placement. Timed per iteration from a barrier to the
 // last rank's end (max over ranks); the best iteration counts (other load only ever adds time: the
@@ -18,6 +18,9 @@
 //                            messages: inside the all-to-alls, the rest is local work (planning,
 //                            the per-rank copy to slots, the weighted sum); shared memory: plan's
 //                            all-to-all, all of dispatch and combine)
+// --fp8: dispatch sends e4m3 rows with a scale per row (Dispatcher::set_fp8_dispatch, messages
+// only), and raw moves the same (fewer) bytes; the dispatch column then includes the
+// quantization on the sender and the dequantization on the receiver.
 // GB/s: the bytes a rank sends (dispatch, plan included) or receives back (combine; its own
 // pairs are read in place and not counted), averaged over ranks, per second of that phase.
 // Configurations whose buffers on all ranks together would exceed MOESERVE_BENCH_MEM_GB (default
@@ -81,9 +84,10 @@ void add(std::vector<int>& c, std::vector<int>& d, size_t& total, size_t bytes) 
   total += bytes;
 }
 
-Counts counts_of(const moe::DispatchPlan& p) {
+Counts counts_of(const moe::DispatchPlan& p, bool fp8) {
   Counts c;
   const size_t row = p.hidden * sizeof(float), mask = p.mask_words * sizeof(uint64_t);
+  const size_t drow = fp8 ? p.hidden + sizeof(float) : row;  // a dispatched row
   const int64_t J = p.n_slots;
   for (int r = 0; r < p.n_ranks; ++r) {
     int64_t from_r = 0;  // pairs rank r sends here
@@ -92,11 +96,11 @@ Counts counts_of(const moe::DispatchPlan& p) {
     if (p.mode == moe::DispatchMode::PerRank) {
       const size_t rows_to = p.row_offset[r + 1] - p.row_offset[r];
       const size_t rows_from = p.recv_row_offset[r + 1] - p.recv_row_offset[r];
-      add(c.ds, c.dsd, c.d_send, rows_to * (row + mask));
-      add(c.dr, c.drd, c.d_recv, rows_from * (row + mask));
+      add(c.ds, c.dsd, c.d_send, rows_to * (drow + mask));
+      add(c.dr, c.drd, c.d_recv, rows_from * (drow + mask));
     } else {
-      add(c.ds, c.dsd, c.d_send, pairs_to_r * row);
-      add(c.dr, c.drd, c.d_recv, from_r * row);
+      add(c.ds, c.dsd, c.d_send, pairs_to_r * drow);
+      add(c.dr, c.drd, c.d_recv, from_r * drow);
     }
     const bool self = r == p.rank;  // combine reads a rank's own pairs in place
     add(c.cs, c.csd, c.c_send, self ? 0 : from_r * row);
@@ -126,7 +130,7 @@ struct Row {
 
 class Bench {
  public:
-  explicit Bench(comm::Communicator& c) : c_(c) {}
+  Bench(comm::Communicator& c, bool fp8) : c_(c), fp8_(fp8) {}
 
   double max_over_ranks(double v) {
     c_.all_reduce(&v, 1, comm::ReduceOp::Max);
@@ -153,6 +157,7 @@ class Bench {
     row.mode = mode == moe::DispatchMode::PerRank ? "per-rank" : "per-expert";
     row.tokens = n, row.hidden = H;
     moe::Dispatcher d(c_, mode, transport);
+    d.set_fp8_dispatch(fp8_);
     Counts cnt;
     std::vector<char> sbuf, rbuf;
     std::vector<double> tp, td, tc, tt, tx, tr;
@@ -171,7 +176,7 @@ class Bench {
       d.combine(p, y, out.data());
       const double e = b + seconds_since(t2);
       if (it < 0) {
-        cnt = counts_of(p);
+        cnt = counts_of(p, fp8_ && !d.shared());
         row.rows_per_token = mean_over_ranks(n ? double(p.n_rows_sent()) / n : 0.0);
         sbuf.assign(std::max(cnt.d_send, cnt.c_send) + 1, 1);
         rbuf.assign(std::max(cnt.d_recv, cnt.c_recv) + 1, 1);
@@ -204,6 +209,7 @@ class Bench {
 
  private:
   comm::Communicator& c_;
+  bool fp8_;
 };
 
 }  // namespace
@@ -211,6 +217,9 @@ class Bench {
 int main(int argc, char** argv) {
   std::string mode = "both", pieces = "datatypes", hidden = "both", transport = "auto";
   long direct_kib = -1;
+  bool fp8 = false;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--fp8") fp8 = true;
   std::vector<int64_t> token_counts = {1, 16, 128, 4096};
   for (int i = 1; i + 1 < argc; ++i) {
     const std::string a = argv[i];
@@ -246,9 +255,10 @@ int main(int argc, char** argv) {
   comm->barrier();
   if (root) {
     std::printf(
-        "bench_alltoall: %d ranks, top-%lld of %d experts, uniform routing, f32 rows, "
-        "transport %s, pieces via %s\n",
-        comm->size(), static_cast<long long>(kTopK), kExperts, transport.c_str(), pieces.c_str());
+        "bench_alltoall: %d ranks, top-%lld of %d experts, uniform routing, "
+        "transport %s, pieces via %s, dispatch rows %s\n",
+        comm->size(), static_cast<long long>(kTopK), kExperts, transport.c_str(), pieces.c_str(),
+        fp8 ? "fp8 + scale (messages)" : "f32");
     std::printf("memcpy (one rank alone): %.2f GB/s; memory budget %.0f GB for all ranks\n\n", copy,
                 budget / 1e9);
     std::printf("%-10s %6s %6s %9s %9s %9s %9s %9s %6s %9s %6s %8s %8s %6s\n", "mode", "tokens",
@@ -260,7 +270,7 @@ int main(int argc, char** argv) {
   if (mode != "rank") modes.push_back(moe::DispatchMode::PerExpert);
   const moe::Transport tr =
       transport == "messages" ? moe::Transport::Messages : moe::Transport::Auto;
-  Bench b(*comm);
+  Bench b(*comm, fp8);
   std::vector<std::string> skipped;
   for (int64_t H : {2048, 7168})
     for (int64_t n : token_counts) {

@@ -47,6 +47,17 @@ for n in 2 4; do
   done
 done
 echo "ok: --ep-overlap on and off bit-identical at EP 1/2/4"
+# fp8 dispatch: not the f32 output, but the same for every EP size and either overlap setting.
+fp8="score --model $tmp/tiny --ids $long_ids --ep-transport messages --ep-dispatch-dtype fp8 --threads 1"
+$mpi 2 "$bin" $fp8 > "$tmp/fp8_ref.json"
+! cmp -s "$tmp/ref.json" "$tmp/fp8_ref.json" || fail "--ep-dispatch-dtype fp8 scores as f32 does"
+for n in 2 4; do
+  for ov in on off; do
+    $mpi $n "$bin" $fp8 --ep-overlap $ov > "$tmp/ep.json"
+    cmp -s "$tmp/fp8_ref.json" "$tmp/ep.json" || fail "fp8 dispatch differs at EP=$n, --ep-overlap $ov"
+  done
+done
+echo "ok: fp8 dispatch the same at EP 2/4, overlap on and off"
 
 # Every KV cache dtype (the runs above use the default, bf16): bit-identical across EP sizes,
 # and each dtype's output its own (the flag is not ignored).

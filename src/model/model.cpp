@@ -59,6 +59,7 @@ Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertParalle
       expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()),
       expert_passes_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {
   mark_fp8_plain(w_, pool_);
+  if (dispatcher_) dispatcher_->set_fp8_dispatch(ep_->fp8_dispatch);
 }
 
 namespace {
@@ -253,6 +254,7 @@ void Model::choose_overlap(int64_t n_tokens) {
   if (overlap_now_ && !dispatcher2_)
     dispatcher2_ =
         std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode, moe::Transport::Messages);
+  if (dispatcher2_) dispatcher2_->set_fp8_dispatch(ep_->fp8_dispatch);
 }
 
 void Model::moe_overlapped(const MoeWeights& m, int64_t layer, int64_t n, const int32_t* ex,

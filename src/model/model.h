@@ -73,6 +73,9 @@ struct ExpertParallel {
   // messages transport runs each MoE layer as two micro-batches, one's exchange in flight while
   // the other's experts compute (Model::moe_overlapped). The same bits either way.
   bool overlap = false;
+  // Hidden rows dispatched as fp8 e4m3 with a per-token scale (messages transport only;
+  // changes the output: Dispatcher::set_fp8_dispatch).
+  bool fp8_dispatch = false;
 };
 
 // The fewest tokens (on the rank with the most) for which a forward splits its MoE layers into

@@ -1,15 +1,41 @@
 #include "moe/dispatch.h"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <string>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "kernels/kernels.h"
+#include "moe/fp8_rows.h"
 
 namespace moeserve::moe {
+
+float fp8_quantize_row(const float* x, int64_t n, uint8_t* q) {
+  float amax = 0;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  if (!(amax <= 3.4e38f)) {  // NaN or infinity somewhere: the row comes back as NaN
+    std::memset(q, 0x7f, n);
+    return 1.0f;
+  }
+  float scale = amax > 0 ? amax / 448.0f : 1.0f;
+  if (scale < 0x1p-126f) scale = 0x1p-126f;  // x / scale must not overflow
+  for (int64_t k = 0; k < n; ++k) q[k] = fp8_encode(x[k] / scale);
+  return scale;
+}
+
+void fp8_dequantize_row(const uint8_t* q, float scale, int64_t n, float* out) {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = fp8e4m3_to_f32(static_cast<uint8_t>(b));
+    return t;
+  }();
+  for (int64_t k = 0; k < n; ++k) out[k] = table[q[k]] * scale;
+}
 
 namespace {
 
@@ -187,7 +213,7 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
     int64_t* h = &block[r * W + 2 * S];
     h[kStatus] = bad.empty() ? 0 : 1;
     h[kFingerprint] = static_cast<int64_t>(pl.fingerprint());
-    h[kHidden] = H, h[kTopK] = K, h[kMode] = static_cast<int64_t>(mode_);
+    h[kHidden] = H, h[kTopK] = K, h[kMode] = static_cast<int64_t>(mode_) + (fp8_ ? 2 : 0);
     h[kTokens] = bad.empty() ? n : 0;
     for (int d = 0; d < R && bad.empty(); ++d)
       h[kHeaderWords + d] = p.pair_offset[d + 1] - p.pair_offset[d];
@@ -204,7 +230,7 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
          bad.empty() ? std::string() : " (here: " + bad + ")");
   const char* what[kHeaderWords] = {};
   what[kFingerprint] = "placement", what[kHidden] = "hidden size", what[kTopK] = "top_k";
-  what[kMode] = "dispatch mode";
+  what[kMode] = "dispatch mode (or --ep-dispatch-dtype)";
   for (int f = kFingerprint; f <= kMode; ++f)
     for (int r = 1; r < R; ++r)
       MS_CHECK(got[r * W + 2 * S + f] == got[2 * S + f], "MoE dispatch: ranks 0 and ", r,
@@ -280,9 +306,13 @@ void Dispatcher::dispatch_start(const DispatchPlan& p, const float* hidden) {
   const int64_t H = p.hidden, row = H * sizeof(float);
   const int64_t MW = p.mask_words, mrow = MW * sizeof(uint64_t);
   // One contiguous block per peer and direction, each 64-byte aligned: the rows' masks
-  // (PerRank), padded, then the rows. This rank's own rows do not travel: they are read where
-  // they are, in `hidden`.
-  auto block_bytes = [&](int64_t rows) { return rows ? align64(rows * mrow) + rows * row : 0; };
+  // (PerRank), padded, then the rows (fp8: their scales, padded, then their codes). This rank's
+  // own rows do not travel: they are read where they are, in `hidden` (fp8: round-tripped
+  // through fp8 in dispatch_finish, as the others' are).
+  auto block_bytes = [&](int64_t rows) -> size_t {
+    if (!rows) return 0;
+    return align64(rows * mrow) + (fp8_ ? align64(rows * sizeof(float)) + rows * H : rows * row);
+  };
   size_t so = 0, ro = 0;
   for (int q = 0; q < R; ++q) {
     const int64_t out = q == me ? 0 : p.row_offset[q + 1] - p.row_offset[q];
@@ -298,6 +328,13 @@ void Dispatcher::dispatch_start(const DispatchPlan& p, const float* hidden) {
     std::byte* dst = sb + send_displs_[d];
     std::memcpy(dst, p.row_mask.data() + b * MW, (e - b) * mrow);
     dst += align64((e - b) * mrow);
+    if (fp8_) {
+      auto* scales = reinterpret_cast<float*>(dst);
+      auto* codes = reinterpret_cast<uint8_t*>(dst + align64((e - b) * sizeof(float)));
+      for (int64_t r = b; r < e; ++r)
+        scales[r - b] = fp8_quantize_row(hidden + p.row_token[r] * H, H, codes + (r - b) * H);
+      continue;
+    }
     for (int64_t r = b; r < e; ++r, dst += row) std::memcpy(dst, hidden + p.row_token[r] * H, row);
   }
   send_.reset();
@@ -323,6 +360,10 @@ const float* const* Dispatcher::dispatch_finish(const DispatchPlan& p) {
   const int64_t mrow = MW * sizeof(uint64_t);
   const float* hidden = hidden_;
   std::byte* rb = recv_buf_.p.get();
+  // fp8: every row that feeds an expert here, this rank's own too, dequantized into deq
+  // (travelling row i of source s at recv_row_offset[s] + i).
+  float* deq = fp8_ ? deq_.get(p.recv_row_offset[R] * H) : nullptr;
+  std::vector<uint8_t> own_codes(fp8_ ? H : 0);
   // Every row where it landed (or, from this rank, where it is); the other slots of a leader's
   // token (PerRank) point to it, in arrival order (leader slot, token): the order plan gave the
   // non-leaders of each cell.
@@ -341,10 +382,22 @@ const float* const* Dispatcher::dispatch_finish(const DispatchPlan& p) {
       masks = reinterpret_cast<const uint64_t*>(rb + recv_displs_[s]);
       in = reinterpret_cast<const float*>(rb + recv_displs_[s] + align64(n_rows * mrow));
     }
+    const float* scales = in;  // fp8: the block's scales, then its codes
+    const auto* codes = fp8_ && in
+                            ? reinterpret_cast<const uint8_t*>(in) + align64(n_rows * sizeof(float))
+                            : nullptr;
     int64_t r = 0;
     for (int64_t j0 = 0; j0 < J; ++j0)
       for (int64_t q = 0; q < p.lead_count[s * J + j0]; ++q, ++r) {
         const float* src = tokens ? hidden + tokens[r] * H : in + r * H;
+        if (fp8_) {
+          float* d = deq + (p.recv_row_offset[s] + r) * H;
+          if (tokens)
+            fp8_dequantize_row(own_codes.data(), fp8_quantize_row(src, H, own_codes.data()), H, d);
+          else
+            fp8_dequantize_row(codes + r * H, scales[r], H, d);
+          src = d;
+        }
         rows_[lead[s * J + j0]++] = src;
         for (int64_t w = 0; w < MW; ++w)
           for (uint64_t m = masks[r * MW + w]; m; m &= m - 1) {

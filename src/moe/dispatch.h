@@ -161,6 +161,14 @@ class Dispatcher {
   // True when it is complete or none is in flight.
   bool progress();
 
+  // Messages transport: hidden rows travel as fp8 e4m3 with one f32 scale per row (moe/
+  // fp8_rows.h), a quarter of the bytes; every row that feeds an expert, a rank's own too, is
+  // the fp8 round trip of the token's row, so the result is the same for any number of ranks
+  // but not the f32 one. Combine is unchanged. No effect with shared memory (no row travels).
+  // Set alike on every rank (plan checks it), before a plan.
+  void set_fp8_dispatch(bool on) { fp8_ = on; }
+  bool fp8_dispatch() const { return fp8_; }
+
   comm::Communicator& comm() { return comm_; }
   DispatchMode mode() const { return mode_; }
   // Whether the exchanges go through shared memory (known after the first plan, or after
@@ -212,6 +220,8 @@ class Dispatcher {
   std::vector<const float*> src_;            // combine: output row of each travel position
   std::vector<const float*> rows_;           // [n_recv] dispatch result
   Buffer<float> y_;                          // [n_recv, H] expert_out()
+  bool fp8_ = false;                         // set_fp8_dispatch
+  Buffer<float> deq_;                        // fp8: [rows, H] the dequantized rows
   Buffer<float> back_;  // [n_pairs_sent, H] combine: outputs back, in travel order
   // Messages: one contiguous block per peer in each direction (dispatch: masks, then rows).
   Buffer<std::byte> send_buf_, recv_buf_;
