@@ -1,6 +1,6 @@
 // Hidden rows as fp8 e4m3 with one f32 scale per row: the optional quantized dispatch
 // (Dispatcher::set_fp8_dispatch). A row x becomes scale = amax(|x|) / 448 (1 for a zero row) and
-// codes e4m3(x / scale), rounded to nearest even, saturating at +-448; it comes back as
+// codes e4m3(x * (1 / scale)), rounded to nearest even, saturating at +-448; it comes back as
 // float(code) * scale. A row with a NaN or infinity comes back as NaN.
 #pragma once
 
@@ -10,26 +10,28 @@
 namespace moeserve::moe {
 
 // e4m3 of f (round to nearest even, saturating at +-448, NaN -> 0x7f): f32_to_fp8e4m3 of
-// core/dtype.h, in integer steps that the compiler vectorizes.
-inline uint8_t fp8_encode(float f) {
+// core/dtype.h, as integer selects without branches, which the compiler vectorizes.
+inline uint32_t fp8_encode_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   const uint32_t sign = (u >> 24) & 0x80u;
   u &= 0x7fffffffu;
-  if (u > 0x7f800000u) return 0x7f;                                 // NaN
-  if (u >= 0x43e00000u) return static_cast<uint8_t>(sign | 0x7eu);  // >= 448: saturate
-  if (u < 0x3c800000u) {  // below 2^-6: subnormal, in units of 2^-9
-    float a;
-    std::memcpy(&a, &u, 4);
-    const float t = a * 512.0f + 8388608.0f;  // adding 2^23 rounds to an integer, to even
-    uint32_t ti;
-    std::memcpy(&ti, &t, 4);
-    return static_cast<uint8_t>(sign | (ti - 0x4b000000u));
-  }
-  u += 0x7ffffu + ((u >> 20) & 1u);  // keep 3 mantissa bits, to nearest even
-  const uint32_t exp = (u >> 23) - 127 + 7, mant = (u >> 20) & 7u;
-  if (exp > 15 || (exp == 15 && mant == 7)) return static_cast<uint8_t>(sign | 0x7eu);
-  return static_cast<uint8_t>(sign | (exp << 3) | mant);
+  // Below 2^-6: subnormal, in units of 2^-9 (adding 2^23 rounds to an integer, to even).
+  float a;
+  std::memcpy(&a, &u, 4);
+  const float t = a * 512.0f + 8388608.0f;
+  uint32_t ti;
+  std::memcpy(&ti, &t, 4);
+  const uint32_t sub = ti - 0x4b000000u;
+  // Normal: keep 3 mantissa bits, to nearest even; then (exponent - 120) << 3 | mantissa,
+  // saturating at 0x7e (448; infinities too).
+  const uint32_t r = (u + 0x7ffffu + ((u >> 20) & 1u)) >> 20;
+  const uint32_t normal = r - (120u << 3) < 0x7eu ? r - (120u << 3) : 0x7eu;
+  const uint32_t code = u < 0x3c800000u ? sub : normal;
+  return u > 0x7f800000u ? 0x7fu : sign | code;
+}
+inline uint8_t fp8_encode(float f) {
+  return static_cast<uint8_t>(fp8_encode_bits(f));
 }
 
 // Writes the codes of x [n] to q [n] and returns the scale.
