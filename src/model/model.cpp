@@ -284,6 +284,10 @@ void Model::moe_overlapped(const MoeWeights& m, int64_t layer, int64_t n, const 
       dense_ffn(xp, x + off, cnt, eo + off * H);
     }
   };
+  struct Reset {  // no progress calls into a Dispatcher after this layer, whatever happens
+    moe::Dispatcher*& p;
+    ~Reset() { p = nullptr; }
+  } reset{progress_};
   d[0]->dispatch_start(p[0], h);
   progress_ = d[0];
   run_shared(0);
@@ -302,7 +306,6 @@ void Model::moe_overlapped(const MoeWeights& m, int64_t layer, int64_t n, const 
   progress_ = d[1];
   run_shared(1);
   d[1]->combine_finish(p[1], out + first[1] * H);
-  progress_ = nullptr;
   if (shared)  // added after the routed experts
     for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + shared[i];
   for (moe::Dispatcher* x : d) {
