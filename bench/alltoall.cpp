@@ -1,7 +1,8 @@
 // bench_alltoall: the MoE dispatch and combine against a raw MPI_Alltoallv of the same bytes.
 //   mpirun -np {2,4,8} --oversubscribe --allow-run-as-root bench_alltoall
 //       [--mode both|rank|expert] [--transport auto|messages] [--pieces datatypes|staging]
-//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096] [--direct-kib N]
+//       [--hidden 2048|7168|both] [--tokens 1,16,128,4096] [--direct-kib N] [--fp8]
+//       [--overlap-ms C]
 // Per rank: tokens in {1, 16, 128, 4096} (or the list given), hidden in {2048, 7168}, top-8 of 256
 // experts, uniform random routing, contiguous placement. Timed per iteration from a barrier to the
 // last rank's end (max over ranks); the best iteration counts (other load only ever adds time: the
@@ -18,6 +19,17 @@
 //                            messages: inside the all-to-alls, the rest is local work (planning,
 //                            the per-rank copy to slots, the weighted sum); shared memory: plan's
 //                            all-to-all, all of dispatch and combine)
+// --fp8: dispatch sends e4m3 rows with a scale per row (Dispatcher::set_fp8_dispatch, messages
+// only), and raw moves the same (fewer) bytes; the dispatch column then includes the
+// quantization on the sender and the dequantization on the receiver.
+// --overlap-ms C: instead, the exchange against computation, per configuration, alternating:
+//   sequential  plan + dispatch + combine of all tokens, then 4 x C ms of computation (a spin
+//               loop) outside it
+//   overlapped  the model's schedule (Model::moe_overlapped): two micro-batches of n / 2
+//               tokens on two Dispatchers, 4 phases of C ms computation, each with one exchange
+//               in flight, progressed (Dispatcher::progress) every C / 16 ms
+//   hidden      (sequential - overlapped) / the sequential exchange: the share of the exchange
+//               time the computation hid (best iteration of each)
 // GB/s: the bytes a rank sends (dispatch, plan included) or receives back (combine; its own
 // pairs are read in place and not counted), averaged over ranks, per second of that phase.
 // Configurations whose buffers on all ranks together would exceed MOESERVE_BENCH_MEM_GB (default
@@ -81,9 +93,10 @@ void add(std::vector<int>& c, std::vector<int>& d, size_t& total, size_t bytes) 
   total += bytes;
 }
 
-Counts counts_of(const moe::DispatchPlan& p) {
+Counts counts_of(const moe::DispatchPlan& p, bool fp8) {
   Counts c;
   const size_t row = p.hidden * sizeof(float), mask = p.mask_words * sizeof(uint64_t);
+  const size_t drow = fp8 ? p.hidden + sizeof(float) : row;  // a dispatched row
   const int64_t J = p.n_slots;
   for (int r = 0; r < p.n_ranks; ++r) {
     int64_t from_r = 0;  // pairs rank r sends here
@@ -92,11 +105,11 @@ Counts counts_of(const moe::DispatchPlan& p) {
     if (p.mode == moe::DispatchMode::PerRank) {
       const size_t rows_to = p.row_offset[r + 1] - p.row_offset[r];
       const size_t rows_from = p.recv_row_offset[r + 1] - p.recv_row_offset[r];
-      add(c.ds, c.dsd, c.d_send, rows_to * (row + mask));
-      add(c.dr, c.drd, c.d_recv, rows_from * (row + mask));
+      add(c.ds, c.dsd, c.d_send, rows_to * (drow + mask));
+      add(c.dr, c.drd, c.d_recv, rows_from * (drow + mask));
     } else {
-      add(c.ds, c.dsd, c.d_send, pairs_to_r * row);
-      add(c.dr, c.drd, c.d_recv, from_r * row);
+      add(c.ds, c.dsd, c.d_send, pairs_to_r * drow);
+      add(c.dr, c.drd, c.d_recv, from_r * drow);
     }
     const bool self = r == p.rank;  // combine reads a rank's own pairs in place
     add(c.cs, c.csd, c.c_send, self ? 0 : from_r * row);
@@ -126,7 +139,7 @@ struct Row {
 
 class Bench {
  public:
-  explicit Bench(comm::Communicator& c) : c_(c) {}
+  Bench(comm::Communicator& c, bool fp8) : c_(c), fp8_(fp8) {}
 
   double max_over_ranks(double v) {
     c_.all_reduce(&v, 1, comm::ReduceOp::Max);
@@ -153,6 +166,7 @@ class Bench {
     row.mode = mode == moe::DispatchMode::PerRank ? "per-rank" : "per-expert";
     row.tokens = n, row.hidden = H;
     moe::Dispatcher d(c_, mode, transport);
+    d.set_fp8_dispatch(fp8_);
     Counts cnt;
     std::vector<char> sbuf, rbuf;
     std::vector<double> tp, td, tc, tt, tx, tr;
@@ -171,7 +185,7 @@ class Bench {
       d.combine(p, y, out.data());
       const double e = b + seconds_since(t2);
       if (it < 0) {
-        cnt = counts_of(p);
+        cnt = counts_of(p, fp8_ && !d.shared());
         row.rows_per_token = mean_over_ranks(n ? double(p.n_rows_sent()) / n : 0.0);
         sbuf.assign(std::max(cnt.d_send, cnt.c_send) + 1, 1);
         rbuf.assign(std::max(cnt.d_recv, cnt.c_recv) + 1, 1);
@@ -202,8 +216,77 @@ class Bench {
     return row;
   }
 
+  struct Overlap {
+    double exchange = 0, sequential = 0, overlapped = 0;
+  };
+  // Spins for `seconds`, calling d->progress() 16 times on the way (none without d).
+  static void compute(double seconds, moe::Dispatcher* d) {
+    for (int i = 0; i < 16; ++i) {
+      const auto t0 = Clock::now();
+      volatile double x = 1.0;
+      while (seconds_since(t0) < seconds / 16) x = x * 1.0000001 + 1e-9;
+      if (d) d->progress();
+    }
+  }
+  Overlap overlap(moe::DispatchMode mode, moe::Transport transport, int64_t n, int64_t H,
+                  double c) {
+    const int iters = n * H >= 1024 * 2048 ? 5 : 15;
+    std::vector<int32_t> ex;
+    std::vector<float> wt, hidden(n * H, 0.5f), out(n * H);
+    routing(4321 + c_.rank() * 7919 + n, n, ex, wt);
+    const moe::Placement pl = moe::Placement::contiguous(kExperts, c_.size());
+    moe::Dispatcher d0(c_, mode, transport), d1(c_, mode, transport);
+    d0.set_fp8_dispatch(fp8_);
+    d1.set_fp8_dispatch(fp8_);
+    auto outputs = [&](const moe::DispatchPlan& p, const float* const* x, float* y) {
+      for (int64_t i = 0; i < p.n_recv(); ++i) std::memcpy(y + i * H, x[i], H * sizeof(float));
+    };
+    std::vector<double> tx, ts, to;
+    for (int it = -1; it < iters; ++it) {
+      c_.barrier();
+      auto t0 = Clock::now();
+      {
+        const moe::DispatchPlan p = d0.plan(pl, n, kTopK, H, ex.data(), wt.data());
+        const float* const* x = d0.dispatch(p, hidden.data());
+        float* y = d0.expert_out(p);
+        outputs(p, x, y);
+        d0.combine(p, y, out.data());
+      }
+      const double x_s = seconds_since(t0);
+      compute(4 * c, nullptr);
+      const double seq = max_over_ranks(seconds_since(t0));
+      const double xch = max_over_ranks(x_s);
+      c_.barrier();
+      t0 = Clock::now();
+      const int64_t h0 = n / 2, h1 = n - h0;
+      const moe::DispatchPlan p0 = d0.plan(pl, h0, kTopK, H, ex.data(), wt.data());
+      const moe::DispatchPlan p1 =
+          d1.plan(pl, h1, kTopK, H, ex.data() + h0 * kTopK, wt.data() + h0 * kTopK);
+      d0.dispatch_start(p0, hidden.data());
+      compute(c, &d0);
+      const float* const* x0 = d0.dispatch_finish(p0);
+      d1.dispatch_start(p1, hidden.data() + h0 * H);
+      float* y0 = d0.expert_out(p0);
+      outputs(p0, x0, y0);
+      compute(c, &d1);
+      const float* const* x1 = d1.dispatch_finish(p1);
+      d0.combine_start(p0, y0);
+      float* y1 = d1.expert_out(p1);
+      outputs(p1, x1, y1);
+      compute(c, &d0);
+      d0.combine_finish(p0, out.data());
+      d1.combine_start(p1, y1);
+      compute(c, &d1);
+      d1.combine_finish(p1, out.data() + h0 * H);
+      const double ov = max_over_ranks(seconds_since(t0));
+      if (it >= 0) tx.push_back(xch), ts.push_back(seq), to.push_back(ov);
+    }
+    return {best(tx), best(ts), best(to)};
+  }
+
  private:
   comm::Communicator& c_;
+  bool fp8_;
 };
 
 }  // namespace
@@ -211,6 +294,12 @@ class Bench {
 int main(int argc, char** argv) {
   std::string mode = "both", pieces = "datatypes", hidden = "both", transport = "auto";
   long direct_kib = -1;
+  bool fp8 = false;
+  double overlap_ms = -1;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--fp8") fp8 = true;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--overlap-ms") overlap_ms = std::atof(argv[i + 1]);
   std::vector<int64_t> token_counts = {1, 16, 128, 4096};
   for (int i = 1; i + 1 < argc; ++i) {
     const std::string a = argv[i];
@@ -246,21 +335,23 @@ int main(int argc, char** argv) {
   comm->barrier();
   if (root) {
     std::printf(
-        "bench_alltoall: %d ranks, top-%lld of %d experts, uniform routing, f32 rows, "
-        "transport %s, pieces via %s\n",
-        comm->size(), static_cast<long long>(kTopK), kExperts, transport.c_str(), pieces.c_str());
+        "bench_alltoall: %d ranks, top-%lld of %d experts, uniform routing, "
+        "transport %s, pieces via %s, dispatch rows %s\n",
+        comm->size(), static_cast<long long>(kTopK), kExperts, transport.c_str(), pieces.c_str(),
+        fp8 ? "fp8 + scale (messages)" : "f32");
     std::printf("memcpy (one rank alone): %.2f GB/s; memory budget %.0f GB for all ranks\n\n", copy,
                 budget / 1e9);
-    std::printf("%-10s %6s %6s %9s %9s %9s %9s %9s %6s %9s %6s %8s %8s %6s\n", "mode", "tokens",
-                "hidden", "plan us", "disp us", "comb us", "total us", "raw us", "ratio", "a2a us",
-                "a2a/r", "dispGB/s", "combGB/s", "rows/t");
+    if (overlap_ms < 0)
+      std::printf("%-10s %6s %6s %9s %9s %9s %9s %9s %6s %9s %6s %8s %8s %6s\n", "mode", "tokens",
+                  "hidden", "plan us", "disp us", "comb us", "total us", "raw us", "ratio",
+                  "a2a us", "a2a/r", "dispGB/s", "combGB/s", "rows/t");
   }
   std::vector<moe::DispatchMode> modes;
   if (mode != "expert") modes.push_back(moe::DispatchMode::PerRank);
   if (mode != "rank") modes.push_back(moe::DispatchMode::PerExpert);
   const moe::Transport tr =
       transport == "messages" ? moe::Transport::Messages : moe::Transport::Auto;
-  Bench b(*comm);
+  Bench b(*comm, fp8);
   std::vector<std::string> skipped;
   for (int64_t H : {2048, 7168})
     for (int64_t n : token_counts) {
@@ -272,6 +363,19 @@ int main(int argc, char** argv) {
         continue;
       }
       for (auto m : modes) {
+        if (overlap_ms >= 0) {
+          const Bench::Overlap o = b.overlap(m, tr, n, H, overlap_ms / 1e3);
+          if (root)
+            std::printf(
+                "%-10s %6lld %6lld  exchange %9.1f us  compute 4 x %.1f ms  sequential "
+                "%9.1f us  overlapped %9.1f us  hidden %5.1f%%\n",
+                m == moe::DispatchMode::PerRank ? "per-rank" : "per-expert",
+                static_cast<long long>(n), static_cast<long long>(H), o.exchange * 1e6, overlap_ms,
+                o.sequential * 1e6, o.overlapped * 1e6,
+                100.0 * (o.sequential - o.overlapped) / o.exchange);
+          std::fflush(stdout);
+          continue;
+        }
         const Row r = b.run(m, tr, n, H);
         if (root)
           std::printf(

@@ -32,6 +32,34 @@ for model in "$tmp/tiny" "$src/tests/fixtures/models/v3_tiny" "$src/tests/fixtur
   echo "ok: $(basename "$model") bit-identical at EP 1/2/4/8"
 done
 
+# Overlapped micro-batches (--ep-overlap, a prompt over the threshold of 64 tokens) through
+# MPI all-to-alls: on and off bit-identical to one process, score and generate.
+long_ids=$(seq -s, 3 3 300)
+gen="generate --model $tmp/tiny --prompt-ids $long_ids --max-tokens 6 --json --ignore-eos --threads 1"
+"$bin" score --model "$tmp/tiny" --ids $long_ids > "$tmp/ref.json"
+"$bin" $gen > "$tmp/ref_gen.json" 2>/dev/null
+for n in 2 4; do
+  for ov in on off; do
+    $mpi $n "$bin" score --model "$tmp/tiny" --ids $long_ids --ep-transport messages --ep-overlap $ov \
+      --threads 1 > "$tmp/ep.json"
+    cmp -s "$tmp/ref.json" "$tmp/ep.json" || fail "score differs at EP=$n with --ep-overlap $ov"
+    $mpi $n "$bin" $gen --ep-transport messages --ep-overlap $ov > "$tmp/ep_gen.json" 2>/dev/null
+    cmp -s "$tmp/ref_gen.json" "$tmp/ep_gen.json" || fail "generate differs at EP=$n with --ep-overlap $ov"
+  done
+done
+echo "ok: --ep-overlap on and off bit-identical at EP 1/2/4"
+# fp8 dispatch: not the f32 output, but the same for every EP size and either overlap setting.
+fp8="score --model $tmp/tiny --ids $long_ids --ep-transport messages --ep-dispatch-dtype fp8 --threads 1"
+$mpi 2 "$bin" $fp8 > "$tmp/fp8_ref.json"
+! cmp -s "$tmp/ref.json" "$tmp/fp8_ref.json" || fail "--ep-dispatch-dtype fp8 scores as f32 does"
+for n in 2 4; do
+  for ov in on off; do
+    $mpi $n "$bin" $fp8 --ep-overlap $ov > "$tmp/ep.json"
+    cmp -s "$tmp/fp8_ref.json" "$tmp/ep.json" || fail "fp8 dispatch differs at EP=$n, --ep-overlap $ov"
+  done
+done
+echo "ok: fp8 dispatch the same at EP 2/4, overlap on and off"
+
 # Every KV cache dtype (the runs above use the default, bf16): bit-identical across EP sizes,
 # and each dtype's output its own (the flag is not ignored).
 "$bin" score --model "$tmp/tiny" --ids $ids --kv-cache-dtype bf16 > "$tmp/ref_bf16.json"

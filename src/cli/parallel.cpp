@@ -25,6 +25,17 @@ void add_parallel_flags(CLI::App* cmd, ParallelArgs& a) {
                   "a node, else MPI all-to-alls) or messages (always MPI all-to-alls)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "messages"}));
+  cmd->add_option("--ep-overlap", a.ep_overlap,
+                  "Prefill through MPI all-to-alls (not shared memory): run each MoE layer as "
+                  "two micro-batches, one's exchange in flight while the other's experts "
+                  "compute (on|off; the same output either way)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
+  cmd->add_option("--ep-dispatch-dtype", a.ep_dispatch_dtype,
+                  "How hidden rows travel to the experts through MPI all-to-alls: f32, or fp8 "
+                  "(e4m3 with a scale per token: a quarter of the bytes, changes the output)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "fp8"}));
   cmd->add_flag("--mmap", a.mmap,
                 "Keep reading the weights from the mapped checkpoint; by default serve and bench "
                 "copy them into memory first, which reads faster and uses no more memory");
@@ -66,6 +77,8 @@ void ParallelModel::load(const std::string& dir) {
     model::ExpertParallel ep;
     ep.comm = comm_;
     ep.transport = a.ep_transport == "messages" ? moe::Transport::Messages : moe::Transport::Auto;
+    ep.overlap = a.ep_overlap == "on";
+    ep.fp8_dispatch = a.ep_dispatch_dtype == "fp8";
     const auto E = static_cast<int32_t>(cfg.n_routed_experts);
     if (!a.placement_file.empty()) {
       ep.placement = moe::PlacementTable::load(a.placement_file);

@@ -21,7 +21,9 @@ struct ParallelArgs {
   std::string placement_file;   // JSON placement table to use
   std::string expert_load_out;  // where to write per-expert routed token counts at the end
   int threads = 0;
-  std::string ep_transport = "auto";  // auto (shared memory on one node) or messages
+  std::string ep_transport = "auto";      // auto (shared memory on one node) or messages
+  std::string ep_overlap = "on";          // two overlapped micro-batches per MoE layer in prefill
+  std::string ep_dispatch_dtype = "f32";  // f32, or fp8 rows with a per-token scale
   bool mmap = false;      // serve / bench: read the weights from the mapped checkpoint, no copy
   std::string precision;  // add_precision_option; the loaded model takes it
 };

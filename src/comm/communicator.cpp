@@ -17,6 +17,20 @@ std::unique_ptr<Communicator> world(const MpiOptions& options) {
   return std::make_unique<LocalCommunicator>();
 }
 
+namespace {
+class CompleteExchange final : public PendingExchange {
+ public:
+  bool test() override { return true; }
+  void wait() override {}
+};
+}  // namespace
+
+std::unique_ptr<PendingExchange> Communicator::start_all_to_all_matched(const Segments& send,
+                                                                        const Segments& recv) {
+  all_to_all_matched(send, recv);
+  return std::make_unique<CompleteExchange>();
+}
+
 void check_all(Communicator& comm, const std::function<void()>& fn) {
   std::string msg;
   bool failed = false;

@@ -126,6 +126,20 @@ class Segments {
   std::vector<size_t> begin_{0};
 };
 
+// An exchange started by Communicator::start_all_to_all_matched and still in flight. Until it
+// is complete, the send side's memory must stay unchanged and the receive side's unread.
+class PendingExchange {
+ public:
+  // An exchange still in flight is waited for (MPI must not write into freed memory).
+  virtual ~PendingExchange() = default;
+  // Lets the transport move data (Open MPI over TCP progresses only inside MPI calls: call
+  // this now and then while computing) and returns true once the exchange is complete; then
+  // the receive side holds its data. Never blocks.
+  virtual bool test() = 0;
+  // Blocks until complete.
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -170,6 +184,14 @@ class Communicator {
   virtual void all_to_all_matched(const Segments& send, const Segments& recv) {
     all_to_all_segments(send, recv);
   }
+  // Collective, non-blocking: all_to_all_matched started, returned before it completes (the
+  // caller computes meanwhile, calling test() now and then, and waits at the end). Every rank
+  // starts the same exchanges in the same order; several may be in flight at once, and they
+  // may complete in any order. The lists themselves may be reused at once (the pieces they
+  // name may not). Backends without non-blocking transfers run the exchange here and return
+  // it complete.
+  virtual std::unique_ptr<PendingExchange> start_all_to_all_matched(const Segments& send,
+                                                                    const Segments& recv);
 
   // Two-sided, blocking, matched by (peer, tag); tag in [0, 32767]. Messages between one pair
   // with one tag arrive in order. recv's bytes must equal the matching send's.

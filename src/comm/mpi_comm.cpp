@@ -648,67 +648,12 @@ class MpiCommunicator final : public Communicator {
   }
 
   void all_to_all_matched(const Segments& send, const Segments& recv) override {
-    MS_CHECK(send.n_peers() == size_ && recv.n_peers() == size_, "all_to_all_matched: lists for ",
-             send.n_peers(), " and ", recv.n_peers(), " peers on a communicator of size ", size_);
-    if (matched_ == MPI_COMM_NULL) MS_MPI(MPI_Comm_dup(comm_, &matched_));  // collective
-    // A piece goes by itself when it is large or its peer's only one; the others of a peer
-    // share one packed message. Both sides see the same sizes, so they decide alike.
-    const size_t direct = std::max<size_t>(options_.direct_bytes, 1);
-    auto alone = [&](std::span<const Segments::Piece> ps, const Segments::Piece& x) {
-      return ps.size() == 1 || x.bytes >= direct;
-    };
-    size_t sb = 0, rb = 0;
-    for (int p = 0; p < size_; ++p) {
-      if (p == rank_) continue;
-      for (const auto& x : send.peer(p)) sb += alone(send.peer(p), x) ? 0 : x.bytes;
-      for (const auto& x : recv.peer(p)) rb += alone(recv.peer(p), x) ? 0 : x.bytes;
-    }
-    std::byte* ss = send_stage_.get(sb);
-    std::byte* rs = recv_stage_.get(rb);
-    reqs_.clear();
-    want_.clear();
-    // Receives first, then the sends, peers in turn from the next rank on.
-    size_t ro = 0;
-    for (int i = 1; i < size_; ++i) {
-      const int p = (rank_ + size_ - i) % size_;
-      const auto ps = recv.peer(p);
-      size_t packed = 0;
-      for (const auto& x : ps)
-        if (alone(ps, x))
-          post(x.ptr, x.bytes, p, kDirectTag, false);
-        else
-          packed += x.bytes;
-      if (packed) post(rs + ro, packed, p, kPackedTag, false), ro += packed;
-    }
-    const size_t n_recv = reqs_.size();
-    for (int i = 1; i < size_; ++i) {
-      const int p = (rank_ + i) % size_;
-      const auto ps = send.peer(p);
-      std::byte* start = ss;
-      for (const auto& x : ps)
-        if (alone(ps, x))
-          post(x.ptr, x.bytes, p, kDirectTag, true);
-        else
-          std::memcpy(ss, x.ptr, x.bytes), ss += x.bytes;
-      if (ss != start) post(start, ss - start, p, kPackedTag, true);
-    }
-    copy_self(send.peer(rank_), recv.peer(rank_));
-    stats_.resize(reqs_.size());
-    MS_MPI(MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), stats_.data()));
-    for (size_t i = 0; i < n_recv; ++i) {
-      int got = 0;
-      MPI_Get_count(&stats_[i], MPI_BYTE, &got);
-      MS_CHECK(static_cast<size_t>(got) == want_[i], "all_to_all_matched: ", got,
-               " bytes arrived from rank ", stats_[i].MPI_SOURCE, " where ", want_[i],
-               " were expected (the two sides' pieces differ)");
-    }
-    ro = 0;
-    for (int i = 1; i < size_; ++i) {
-      const int p = (rank_ + size_ - i) % size_;
-      const auto ps = recv.peer(p);
-      for (const auto& x : ps)
-        if (!alone(ps, x)) std::memcpy(x.ptr, rs + ro, x.bytes), ro += x.bytes;
-    }
+    start_matched(send, recv)->wait();
+  }
+
+  std::unique_ptr<PendingExchange> start_all_to_all_matched(const Segments& send,
+                                                            const Segments& recv) override {
+    return start_matched(send, recv);
   }
 
   void send(const void* data, size_t bytes, int dest, int tag) override {
@@ -797,21 +742,137 @@ class MpiCommunicator final : public Communicator {
              " entries for a communicator of size ", size_);
   }
 
-  // all_to_all_matched: a nonblocking send or receive of [ptr, ptr + bytes) on matched_, in
-  // messages of at most kChunk bytes (received ones must match: want_ keeps their sizes).
-  static constexpr int kDirectTag = 1, kPackedTag = 2;
-  void post(std::byte* ptr, size_t bytes, int peer, int tag, bool is_send) {
-    for (size_t o = 0; o < bytes; o += kChunk) {
-      const int n = static_cast<int>(std::min(kChunk, bytes - o));
-      reqs_.push_back(MPI_REQUEST_NULL);
-      if (is_send) {
-        MS_MPI(MPI_Isend(ptr + o, n, MPI_BYTE, peer, tag, matched_, &reqs_.back()));
-      } else {
-        MS_MPI(MPI_Irecv(ptr + o, n, MPI_BYTE, peer, tag, matched_, &reqs_.back()));
-        want_.push_back(n);
+  // One all_to_all_matched in flight: its requests (receives first, then sends), the sizes
+  // the receives must have, its staging buffers (borrowed from the communicator's pool) and
+  // where the packed receives are copied out to once complete.
+  class Matched final : public PendingExchange {
+   public:
+    explicit Matched(MpiCommunicator& c) : c_(c), send_(c.take_stage()), recv_(c.take_stage()) {}
+    ~Matched() override {
+      if (!done_ && !finalized()) {
+        try {
+          wait();
+        } catch (...) {  // a size mismatch was already reported by whoever waited
+        }
+      }
+      c_.give_stage(std::move(send_));
+      c_.give_stage(std::move(recv_));
+    }
+    bool test() override {
+      if (done_) return true;
+      int flag = 0;
+      stats_.resize(reqs_.size());
+      MS_MPI(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, stats_.data()));
+      if (flag) finish();
+      return done_;
+    }
+    void wait() override {
+      if (done_) return;
+      stats_.resize(reqs_.size());
+      MS_MPI(MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), stats_.data()));
+      finish();
+    }
+
+   private:
+    friend class MpiCommunicator;
+    // A nonblocking send or receive of [ptr, ptr + bytes) on the exchanges' communicator, in
+    // messages of at most kChunk bytes.
+    void post(std::byte* ptr, size_t bytes, int peer, int tag, bool is_send) {
+      for (size_t o = 0; o < bytes; o += kChunk) {
+        const int n = static_cast<int>(std::min(kChunk, bytes - o));
+        reqs_.push_back(MPI_REQUEST_NULL);
+        if (is_send) {
+          MS_MPI(MPI_Isend(ptr + o, n, MPI_BYTE, peer, tag, c_.matched_, &reqs_.back()));
+        } else {
+          MS_MPI(MPI_Irecv(ptr + o, n, MPI_BYTE, peer, tag, c_.matched_, &reqs_.back()));
+          want_.push_back(n);
+        }
       }
     }
+    void finish() {
+      done_ = true;
+      for (size_t i = 0; i < want_.size(); ++i) {
+        int got = 0;
+        MPI_Get_count(&stats_[i], MPI_BYTE, &got);
+        MS_CHECK(static_cast<size_t>(got) == want_[i], "all_to_all_matched: ", got,
+                 " bytes arrived from rank ", stats_[i].MPI_SOURCE, " where ", want_[i],
+                 " were expected (the two sides' pieces differ)");
+      }
+      const std::byte* rs = recv_->p.get();
+      for (const Segments::Piece& x : unpack_) std::memcpy(x.ptr, rs, x.bytes), rs += x.bytes;
+    }
+
+    MpiCommunicator& c_;
+    std::unique_ptr<Stage> send_, recv_;
+    std::vector<MPI_Request> reqs_;
+    std::vector<MPI_Status> stats_;
+    std::vector<size_t> want_;             // bytes of each receive
+    std::vector<Segments::Piece> unpack_;  // where the packed receives go, in order
+    bool done_ = false;
+  };
+
+  std::unique_ptr<Stage> take_stage() {
+    if (stages_.empty()) return std::make_unique<Stage>();
+    std::unique_ptr<Stage> s = std::move(stages_.back());
+    stages_.pop_back();
+    return s;
   }
+  void give_stage(std::unique_ptr<Stage> s) {
+    if (s) stages_.push_back(std::move(s));
+  }
+
+  // all_to_all_matched, started: on its own duplicated communicator, all receives posted
+  // first, then per peer (from the next rank on) the sends. A piece goes by itself when it is
+  // large or its peer's only one; the others of a peer share one packed message. Both sides
+  // see the same sizes, so they decide alike. Each exchange has its own pair of tags (the
+  // ranks start exchanges in the same order, so they number them alike), so that several in
+  // flight never match each other's messages.
+  std::unique_ptr<PendingExchange> start_matched(const Segments& send, const Segments& recv) {
+    MS_CHECK(send.n_peers() == size_ && recv.n_peers() == size_, "all_to_all_matched: lists for ",
+             send.n_peers(), " and ", recv.n_peers(), " peers on a communicator of size ", size_);
+    if (matched_ == MPI_COMM_NULL) MS_MPI(MPI_Comm_dup(comm_, &matched_));  // collective
+    const int direct_tag = 1 + 2 * static_cast<int>(exchanges_++ % 16383);
+    const int packed_tag = direct_tag + 1;
+    const size_t direct = std::max<size_t>(options_.direct_bytes, 1);
+    auto alone = [&](std::span<const Segments::Piece> ps, const Segments::Piece& x) {
+      return ps.size() == 1 || x.bytes >= direct;
+    };
+    size_t sb = 0, rb = 0;
+    for (int p = 0; p < size_; ++p) {
+      if (p == rank_) continue;
+      for (const auto& x : send.peer(p)) sb += alone(send.peer(p), x) ? 0 : x.bytes;
+      for (const auto& x : recv.peer(p)) rb += alone(recv.peer(p), x) ? 0 : x.bytes;
+    }
+    auto m = std::make_unique<Matched>(*this);
+    std::byte* ss = m->send_->get(sb);
+    std::byte* rs = m->recv_->get(rb);
+    size_t ro = 0;
+    for (int i = 1; i < size_; ++i) {
+      const int p = (rank_ + size_ - i) % size_;
+      const auto ps = recv.peer(p);
+      size_t packed = 0;
+      for (const auto& x : ps)
+        if (alone(ps, x))
+          m->post(x.ptr, x.bytes, p, direct_tag, false);
+        else
+          packed += x.bytes, m->unpack_.push_back(x);
+      if (packed) m->post(rs + ro, packed, p, packed_tag, false), ro += packed;
+    }
+    for (int i = 1; i < size_; ++i) {
+      const int p = (rank_ + i) % size_;
+      const auto ps = send.peer(p);
+      std::byte* start = ss;
+      for (const auto& x : ps)
+        if (alone(ps, x))
+          m->post(x.ptr, x.bytes, p, direct_tag, true);
+        else
+          std::memcpy(ss, x.ptr, x.bytes), ss += x.bytes;
+      if (ss != start) m->post(start, ss - start, p, packed_tag, true);
+    }
+    copy_self(send.peer(rank_), recv.peer(rank_));
+    return m;
+  }
+
   // A rank's pieces to itself: the two lists walked at once.
   static void copy_self(std::span<const Segments::Piece> s, std::span<const Segments::Piece> r) {
     size_t si = 0, ri = 0, so = 0, ro = 0, sent = 0, got = 0;
@@ -844,9 +905,8 @@ class MpiCommunicator final : public Communicator {
   Stage send_stage_, recv_stage_;       // Staging: contiguous copies of multi-piece messages
   Segments staged_send_, staged_recv_;  // the lists MPI sees
   MPI_Comm matched_ = MPI_COMM_NULL;    // all_to_all_matched's own message space
-  std::vector<MPI_Request> reqs_;       // all_to_all_matched: receives, then sends
-  std::vector<MPI_Status> stats_;
-  std::vector<size_t> want_;  // bytes of each receive
+  uint64_t exchanges_ = 0;              // all_to_all_matched calls so far (their tags)
+  std::vector<std::unique_ptr<Stage>> stages_;  // staging buffers of finished exchanges
 };
 
 }  // namespace

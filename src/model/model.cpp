@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 
@@ -58,6 +59,7 @@ Model::Model(const std::string& dir, const ThreadPool& pool, const ExpertParalle
       expert_counts_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()),
       expert_passes_(new std::atomic<int64_t>[cfg_.num_hidden_layers * cfg_.n_routed_experts]()) {
   mark_fp8_plain(w_, pool_);
+  if (dispatcher_) dispatcher_->set_fp8_dispatch(ep_->fp8_dispatch);
 }
 
 namespace {
@@ -95,7 +97,9 @@ void Model::dense_ffn(const MlpWeights& m, const float* const* x, int64_t n, flo
                                        {nullptr, cn, 0, &m.up, u, I, x + c0, precision_}};
     kernels::matmul_batch(pool_, jobs, 2);
     for (int64_t i = 0; i < cn * I; ++i) g[i] = silu(g[i]) * u[i];
+    if (progress_) progress_->progress();
     matmul(pool_, g, cn, I, m.down, out + c0 * H, H, precision_);
+    if (progress_) progress_->progress();
   }
 }
 
@@ -164,6 +168,10 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   std::vector<FfnCall> calls;
   float* shared = m.shared.present() && n > 0 ? sized(ws_.shared_out, n * H) : nullptr;
   if (shared && batched) calls.push_back({&m.shared, token_rows(h, n), n, shared});
+  if (dispatcher_ && overlap_now_) {
+    moe_overlapped(m, layer, n, ex, wt);
+    return;
+  }
   if (dispatcher_) {
     // Expert parallel: the tokens travel to the ranks holding their experts and back.
     const moe::DispatchPlan plan = dispatcher_->plan(ep_->placement.at(layer), n, K, H, ex, wt);
@@ -231,6 +239,82 @@ void Model::moe_ffn(int64_t layer, int64_t n) {
   }
 }
 
+void Model::choose_overlap(int64_t n_tokens) {
+  overlap_now_ = false;
+  if (!dispatcher_ || !ep_->overlap) return;
+  // Only the messages transport has transfers to hide: with shared memory the experts read
+  // the rows where they are.
+  dispatcher_->resolve_transport();
+  if (dispatcher_->shared()) return;
+  int64_t most = n_tokens;
+  const auto t0 = std::chrono::steady_clock::now();
+  ep_->comm->all_reduce(&most, 1, comm::ReduceOp::Max);
+  exchange_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  overlap_now_ = most >= kOverlapTokens;
+  if (overlap_now_ && !dispatcher2_)
+    dispatcher2_ =
+        std::make_unique<moe::Dispatcher>(*ep_->comm, ep_->mode, moe::Transport::Messages);
+  if (dispatcher2_) dispatcher2_->set_fp8_dispatch(ep_->fp8_dispatch);
+}
+
+void Model::moe_overlapped(const MoeWeights& m, int64_t layer, int64_t n, const int32_t* ex,
+                           const float* wt) {
+  const int64_t H = cfg_.hidden_size, K = cfg_.num_experts_per_tok;
+  const float* h = ws_.h.data();
+  float* out = ws_.ffn_out.data();
+  const int64_t first[3] = {0, n / 2, n};  // micro-batch i: tokens [first[i], first[i + 1])
+  auto count = [&](int i) { return first[i + 1] - first[i]; };
+  moe::Dispatcher* d[2] = {dispatcher_.get(), dispatcher2_.get()};
+  const moe::Placement& pl = ep_->placement.at(layer);
+  moe::DispatchPlan p[2];
+  for (int i = 0; i < 2; ++i)
+    p[i] = d[i]->plan(pl, count(i), K, H, ex + first[i] * K, wt + first[i] * K);
+  float* shared = m.shared.present() && n > 0 ? sized(ws_.shared_out, n * H) : nullptr;
+  // Each phase computes while one exchange is in flight, progressing it between kernel calls.
+  auto run_shared = [&](int i) {
+    if (shared && count(i))
+      dense_ffn(m.shared, token_rows(h + first[i] * H, count(i)), count(i), shared + first[i] * H);
+  };
+  auto run_experts = [&](int i, const float* const* x, float* eo) {
+    for (int32_t j = 0; j < p[i].n_slots; ++j) {
+      const int64_t cnt = p[i].slot_count(j), off = p[i].slot_offset[j];
+      if (!cnt) continue;
+      const MlpWeights& xp = m.experts[p[i].slot_expert[j]];
+      MS_ASSERT(xp.present());
+      dense_ffn(xp, x + off, cnt, eo + off * H);
+    }
+  };
+  struct Reset {  // no progress calls into a Dispatcher after this layer, whatever happens
+    moe::Dispatcher*& p;
+    ~Reset() { p = nullptr; }
+  } reset{progress_};
+  d[0]->dispatch_start(p[0], h);
+  progress_ = d[0];
+  run_shared(0);
+  const float* const* x0 = d[0]->dispatch_finish(p[0]);
+  d[1]->dispatch_start(p[1], h + first[1] * H);
+  progress_ = d[1];
+  float* eo0 = d[0]->expert_out(p[0]);
+  run_experts(0, x0, eo0);
+  const float* const* x1 = d[1]->dispatch_finish(p[1]);
+  d[0]->combine_start(p[0], eo0);
+  progress_ = d[0];
+  float* eo1 = d[1]->expert_out(p[1]);
+  run_experts(1, x1, eo1);
+  d[0]->combine_finish(p[0], out);
+  d[1]->combine_start(p[1], eo1);
+  progress_ = d[1];
+  run_shared(1);
+  d[1]->combine_finish(p[1], out + first[1] * H);
+  if (shared)  // added after the routed experts
+    for (int64_t i = 0; i < n * H; ++i) out[i] = out[i] + shared[i];
+  for (moe::Dispatcher* x : d) {
+    const auto& t = x->exchange_seconds();
+    exchange_seconds_ += t.plan + t.dispatch + t.combine;
+  }
+  ++overlapped_layers_;
+}
+
 void Model::run_layer(int64_t l, const Batch& b, kv::KvPool& kv, float* x, int64_t T) {
   const int64_t H = cfg_.hidden_size;
   const LayerWeights& L = layer_weights(l);
@@ -248,6 +332,7 @@ void Model::run_layer(int64_t l, const Batch& b, kv::KvPool& kv, float* x, int64
 void Model::forward(const Batch& b, kv::KvPool& kv, float* logits, float* hidden) {
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
   forwards_.fetch_add(1, std::memory_order_relaxed);
+  choose_overlap(T);
   if (T == 0) {
     // A rank with no tokens still takes part in every MoE exchange of its group.
     if (dispatcher_)

@@ -69,7 +69,18 @@ struct ExpertParallel {
   moe::PlacementTable placement;  // default: contiguous ranges of experts per rank
   moe::DispatchMode mode = moe::DispatchMode::PerRank;
   moe::Transport transport = moe::Transport::Auto;
+  // Prefill (a forward whose largest rank has kOverlapTokens tokens or more) through the
+  // messages transport runs each MoE layer as two micro-batches, one's exchange in flight while
+  // the other's experts compute (Model::moe_overlapped). The same bits either way.
+  bool overlap = false;
+  // Hidden rows dispatched as fp8 e4m3 with a per-token scale (messages transport only;
+  // changes the output: Dispatcher::set_fp8_dispatch).
+  bool fp8_dispatch = false;
 };
+
+// The fewest tokens (on the rank with the most) for which a forward splits its MoE layers into
+// two overlapped micro-batches.
+inline constexpr int64_t kOverlapTokens = 64;
 
 class Model {
  public:
@@ -88,8 +99,12 @@ class Model {
   // stay f32 either way. Set before the first forward; Exact by default.
   void set_precision(kernels::Precision p) { precision_ = p; }
   kernels::Precision precision() const { return precision_; }
-  // Seconds spent inside the MoE exchanges since the start (0 without expert parallelism).
+  // Seconds spent inside the MoE exchanges since the start (0 without expert parallelism). With
+  // overlapped micro-batches, the time the exchanges kept this rank waiting or busy in MPI
+  // calls (posting, progressing, waiting), not the time they were in flight.
   double exchange_seconds() const { return exchange_seconds_; }
+  // MoE layers run as two overlapped micro-batches since the start.
+  int64_t overlapped_layers() const { return overlapped_layers_; }
 
   // Runs the batch, writing the new tokens' latent KV into `kv`, and fills
   // logits: [batch.logit_rows.size(), vocab] f32. Under expert parallelism every rank of the
@@ -158,6 +173,15 @@ class Model {
   // The n rows of x ([n, hidden]) as row pointers, in the workspace.
   const float* const* token_rows(const float* x, int64_t n);
   void moe_ffn(int64_t layer, int64_t n);  // ws_.h -> ws_.ffn_out
+  // Expert parallel, two micro-batches (the first n / 2 tokens, the rest): micro-batch 0's
+  // dispatch in flight while its shared experts run, 1's dispatch while 0's experts run, 0's
+  // combine while 1's experts run, 1's combine while 1's shared experts run. out = routed sum +
+  // shared, as moe_ffn.
+  void moe_overlapped(const MoeWeights& m, int64_t layer, int64_t n, const int32_t* ex,
+                      const float* wt);
+  // Collective under expert parallelism, at the start of each forward: whether its MoE layers
+  // run overlapped (the same answer on every rank).
+  void choose_overlap(int64_t n_tokens);
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                float* out) const;
   // The absorbed attention (q_lat, scores, o_lat, o_heads) of rows [r0, r1) of the batch.
@@ -174,6 +198,10 @@ class Model {
   kernels::Precision precision_ = kernels::Precision::Exact;
   Workspace ws_;
   std::unique_ptr<moe::Dispatcher> dispatcher_;
+  std::unique_ptr<moe::Dispatcher> dispatcher2_;  // the second micro-batch's (overlap)
+  bool overlap_now_ = false;                      // this forward's MoE layers overlap
+  moe::Dispatcher* progress_ = nullptr;           // its exchange is progressed between kernel calls
+  int64_t overlapped_layers_ = 0;
   double exchange_seconds_ = 0;
   std::unique_ptr<std::atomic<int64_t>[]> expert_counts_;  // [layers * n_routed_experts]
   std::unique_ptr<std::atomic<int64_t>[]> expert_passes_;  // [layers * n_routed_experts]

@@ -1,15 +1,64 @@
 #include "moe/dispatch.h"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <string>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "kernels/kernels.h"
+#include "moe/fp8_rows.h"
 
 namespace moeserve::moe {
+
+// The build's -O2 vectorizes only loops without a remainder; these two are the quantized
+// dispatch's cost per value, so they ask for the full vectorizer.
+__attribute__((optimize("O3"))) float fp8_quantize_row(const float* x, int64_t n, uint8_t* q) {
+  // amax as the largest |x| bit pattern (the same order for non-NaN floats; an integer max
+  // vectorizes).
+  uint32_t top = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, x + k, 4);
+    u &= 0x7fffffffu;
+    top = u > top ? u : top;
+  }
+  if (top >= 0x7f800000u) {  // NaN or infinity somewhere: the row comes back as NaN
+    std::memset(q, 0x7f, n);
+    return 1.0f;
+  }
+  float amax;
+  std::memcpy(&amax, &top, 4);
+  float scale = amax > 0 ? amax / 448.0f : 1.0f;
+  if (scale < 0x1p-126f) scale = 0x1p-126f;  // x * (1 / scale) must not overflow
+  // In blocks, each step a loop of one width that the compiler vectorizes: scale, encode to
+  // 32-bit codes, narrow.
+  const float inv = 1.0f / scale;
+  constexpr int64_t kBlock = 256;
+  alignas(64) float y[kBlock];
+  alignas(64) uint32_t c[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    for (int64_t k = 0; k < m; ++k) y[k] = x[b + k] * inv;
+    for (int64_t k = 0; k < m; ++k) c[k] = fp8_encode_bits(y[k]);
+    for (int64_t k = 0; k < m; ++k) q[b + k] = static_cast<uint8_t>(c[k]);
+  }
+  return scale;
+}
+
+__attribute__((optimize("O3"))) void fp8_dequantize_row(const uint8_t* q, float scale, int64_t n,
+                                                        float* out) {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = fp8e4m3_to_f32(static_cast<uint8_t>(b));
+    return t;
+  }();
+  for (int64_t k = 0; k < n; ++k) out[k] = table[q[k]] * scale;
+}
 
 namespace {
 
@@ -187,7 +236,7 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
     int64_t* h = &block[r * W + 2 * S];
     h[kStatus] = bad.empty() ? 0 : 1;
     h[kFingerprint] = static_cast<int64_t>(pl.fingerprint());
-    h[kHidden] = H, h[kTopK] = K, h[kMode] = static_cast<int64_t>(mode_);
+    h[kHidden] = H, h[kTopK] = K, h[kMode] = static_cast<int64_t>(mode_) + (fp8_ ? 2 : 0);
     h[kTokens] = bad.empty() ? n : 0;
     for (int d = 0; d < R && bad.empty(); ++d)
       h[kHeaderWords + d] = p.pair_offset[d + 1] - p.pair_offset[d];
@@ -204,7 +253,7 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
          bad.empty() ? std::string() : " (here: " + bad + ")");
   const char* what[kHeaderWords] = {};
   what[kFingerprint] = "placement", what[kHidden] = "hidden size", what[kTopK] = "top_k";
-  what[kMode] = "dispatch mode";
+  what[kMode] = "dispatch mode (or --ep-dispatch-dtype)";
   for (int f = kFingerprint; f <= kMode; ++f)
     for (int r = 1; r < R; ++r)
       MS_CHECK(got[r * W + 2 * S + f] == got[2 * S + f], "MoE dispatch: ranks 0 and ", r,
@@ -213,6 +262,13 @@ DispatchPlan Dispatcher::plan(const Placement& pl, int64_t n, int64_t K, int64_t
   plan_receive(p, pl, got, S, W);
   if (transport_ == Transport::Auto) timing_.plan += timed([&] { share_layout(p, got, W, S); });
   return p;
+}
+
+void Dispatcher::resolve_transport() {
+  if (transport_ != Transport::Auto || shm_asked_) return;
+  shm_bytes_ = size_t(1) << 20;    // grown by the plans that need more (share_layout)
+  shm_ = comm_.share(shm_bytes_);  // collective
+  shm_asked_ = true;
 }
 
 void Dispatcher::share_layout(DispatchPlan& p, const std::vector<int64_t>& got, int64_t W,
@@ -244,22 +300,42 @@ void Dispatcher::share_layout(DispatchPlan& p, const std::vector<int64_t>& got, 
 }
 
 const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hidden) {
+  dispatch_start(p, hidden);
+  return dispatch_finish(p);
+}
+
+bool Dispatcher::progress() {
+  if (!pending_) return true;
+  bool done = false;
+  const double t = timed([&] { done = pending_->test(); });
+  (phase_ == Phase::Combining ? timing_.combine : timing_.dispatch) += t;
+  return done;
+}
+
+void Dispatcher::dispatch_start(const DispatchPlan& p, const float* hidden) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
+  MS_CHECK(phase_ == Phase::Idle, "MoE dispatch: an exchange of this Dispatcher is in flight");
   dispatched_ = p.id;
+  hidden_ = hidden;
   rows_.resize(p.n_recv());
   for (auto* v : {&send_counts_, &send_displs_, &recv_counts_, &recv_displs_})
     v->assign(p.n_ranks, 0);
+  phase_ = Phase::Dispatching;
   if (p.shared) {
     timing_.dispatch = timed([&] { dispatch_shared(p, hidden); });
-    return rows_.data();
+    return;
   }
   const int R = p.n_ranks, me = p.rank;
-  const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
+  const int64_t H = p.hidden, row = H * sizeof(float);
   const int64_t MW = p.mask_words, mrow = MW * sizeof(uint64_t);
   // One contiguous block per peer and direction, each 64-byte aligned: the rows' masks
-  // (PerRank), padded, then the rows. This rank's own rows do not travel: they are read where
-  // they are, in `hidden`.
-  auto block_bytes = [&](int64_t rows) { return rows ? align64(rows * mrow) + rows * row : 0; };
+  // (PerRank), padded, then the rows (fp8: their scales, padded, then their codes). This rank's
+  // own rows do not travel: they are read where they are, in `hidden` (fp8: round-tripped
+  // through fp8 in dispatch_finish, as the others' are).
+  auto block_bytes = [&](int64_t rows) -> size_t {
+    if (!rows) return 0;
+    return align64(rows * mrow) + (fp8_ ? align64(rows * sizeof(float)) + rows * H : rows * row);
+  };
   size_t so = 0, ro = 0;
   for (int q = 0; q < R; ++q) {
     const int64_t out = q == me ? 0 : p.row_offset[q + 1] - p.row_offset[q];
@@ -275,6 +351,13 @@ const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hid
     std::byte* dst = sb + send_displs_[d];
     std::memcpy(dst, p.row_mask.data() + b * MW, (e - b) * mrow);
     dst += align64((e - b) * mrow);
+    if (fp8_) {
+      auto* scales = reinterpret_cast<float*>(dst);
+      auto* codes = reinterpret_cast<uint8_t*>(dst + align64((e - b) * sizeof(float)));
+      for (int64_t r = b; r < e; ++r)
+        scales[r - b] = fp8_quantize_row(hidden + p.row_token[r] * H, H, codes + (r - b) * H);
+      continue;
+    }
     for (int64_t r = b; r < e; ++r, dst += row) std::memcpy(dst, hidden + p.row_token[r] * H, row);
   }
   send_.reset();
@@ -285,7 +368,25 @@ const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hid
     recv_.add_piece(rb + recv_displs_[q], recv_counts_[q]);
     recv_.next_peer();
   }
-  timing_.dispatch = timed([&] { comm_.all_to_all_matched(send_, recv_); });
+  timing_.dispatch = timed([&] { pending_ = comm_.start_all_to_all_matched(send_, recv_); });
+}
+
+const float* const* Dispatcher::dispatch_finish(const DispatchPlan& p) {
+  MS_CHECK(phase_ == Phase::Dispatching && dispatched_ == p.id,
+           "MoE dispatch: dispatch_finish without its dispatch_start");
+  phase_ = Phase::Idle;
+  if (p.shared) return rows_.data();
+  timing_.dispatch += timed([&] { pending_->wait(); });
+  pending_.reset();
+  const int R = p.n_ranks, me = p.rank;
+  const int64_t H = p.hidden, J = p.n_slots, MW = p.mask_words;
+  const int64_t mrow = MW * sizeof(uint64_t);
+  const float* hidden = hidden_;
+  std::byte* rb = recv_buf_.p.get();
+  // fp8: every row that feeds an expert here, this rank's own too, dequantized into deq
+  // (travelling row i of source s at recv_row_offset[s] + i).
+  float* deq = fp8_ ? deq_.get(p.recv_row_offset[R] * H) : nullptr;
+  std::vector<uint8_t> own_codes(fp8_ ? H : 0);
   // Every row where it landed (or, from this rank, where it is); the other slots of a leader's
   // token (PerRank) point to it, in arrival order (leader slot, token): the order plan gave the
   // non-leaders of each cell.
@@ -304,10 +405,22 @@ const float* const* Dispatcher::dispatch(const DispatchPlan& p, const float* hid
       masks = reinterpret_cast<const uint64_t*>(rb + recv_displs_[s]);
       in = reinterpret_cast<const float*>(rb + recv_displs_[s] + align64(n_rows * mrow));
     }
+    const float* scales = in;  // fp8: the block's scales, then its codes
+    const auto* codes = fp8_ && in
+                            ? reinterpret_cast<const uint8_t*>(in) + align64(n_rows * sizeof(float))
+                            : nullptr;
     int64_t r = 0;
     for (int64_t j0 = 0; j0 < J; ++j0)
       for (int64_t q = 0; q < p.lead_count[s * J + j0]; ++q, ++r) {
         const float* src = tokens ? hidden + tokens[r] * H : in + r * H;
+        if (fp8_) {
+          float* d = deq + (p.recv_row_offset[s] + r) * H;
+          if (tokens)
+            fp8_dequantize_row(own_codes.data(), fp8_quantize_row(src, H, own_codes.data()), H, d);
+          else
+            fp8_dequantize_row(codes + r * H, scales[r], H, d);
+          src = d;
+        }
         rows_[lead[s * J + j0]++] = src;
         for (int64_t w = 0; w < MW; ++w)
           for (uint64_t m = masks[r * MW + w]; m; m &= m - 1) {
@@ -393,15 +506,20 @@ void Dispatcher::combine_shared(const DispatchPlan& p, const float* expert_out, 
 }
 
 void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* out) {
+  combine_start(p, expert_out);
+  combine_finish(p, out);
+}
+
+void Dispatcher::combine_start(const DispatchPlan& p, const float* expert_out) {
   MS_ASSERT(p.mode == mode_ && p.n_ranks == comm_.size());
-  if (p.shared) {
-    MS_CHECK(dispatched_ == p.id, "MoE combine: the plan was not the last one dispatched");
-    dispatched_ = 0;
-    timing_.combine = timed([&] { combine_shared(p, expert_out, out); });
-    return;
-  }
+  MS_CHECK(phase_ == Phase::Idle, "MoE combine: an exchange of this Dispatcher is in flight");
+  MS_CHECK(dispatched_ == p.id, "MoE combine: the plan was not the last one dispatched");
+  expert_out_ = expert_out;
+  phase_ = Phase::Combining;
+  timing_.combine = 0;
+  if (p.shared) return;
   const int R = p.n_ranks, me = p.rank;
-  const int64_t H = p.hidden, J = p.n_slots, K = p.top_k, row = H * sizeof(float);
+  const int64_t H = p.hidden, J = p.n_slots, row = H * sizeof(float);
   const int64_t S = p.seg_slots;
   float* back = back_.get(p.n_pairs_sent() * H);
   // Each cell's rows back to its source, except this rank's own (read in place): one piece per
@@ -420,7 +538,24 @@ void Dispatcher::combine(const DispatchPlan& p, const float* expert_out, float* 
     }
     recv_.next_peer();
   }
-  timing_.combine = timed([&] { comm_.all_to_all_matched(send_, recv_); });
+  timing_.combine = timed([&] { pending_ = comm_.start_all_to_all_matched(send_, recv_); });
+}
+
+void Dispatcher::combine_finish(const DispatchPlan& p, float* out) {
+  MS_CHECK(phase_ == Phase::Combining && dispatched_ == p.id,
+           "MoE combine: combine_finish without its combine_start");
+  phase_ = Phase::Idle;
+  const float* expert_out = expert_out_;
+  if (p.shared) {
+    dispatched_ = 0;
+    timing_.combine = timed([&] { combine_shared(p, expert_out, out); });
+    return;
+  }
+  timing_.combine += timed([&] { pending_->wait(); });
+  pending_.reset();
+  const int64_t H = p.hidden, K = p.top_k;
+  const int me = p.rank;
+  const float* back = back_.p.get();
   // The single-process order: experts ascending (k), acc = acc + y * w from 0.0f.
   const int64_t self_begin = p.pair_offset[me], self_end = p.pair_offset[me + 1];
   std::vector<const float*> ys(K);

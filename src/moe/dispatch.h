@@ -133,6 +133,15 @@ class Dispatcher {
   // The plan must be this Dispatcher's latest (checked with the shared-memory transport).
   const float* const* dispatch(const DispatchPlan& plan, const float* hidden);
 
+  // dispatch in two halves, so that the exchange is in flight while the caller computes
+  // something else (Model's two micro-batches): dispatch_start packs and posts the exchange and
+  // returns at once; dispatch_finish waits for it and returns what dispatch returns. Between
+  // them, call progress() now and then. `hidden` stays unchanged until combine. With shared
+  // memory, dispatch_start does all of it. One exchange per Dispatcher at a time: use one
+  // Dispatcher per micro-batch.
+  void dispatch_start(const DispatchPlan& plan, const float* hidden);
+  const float* const* dispatch_finish(const DispatchPlan& plan);
+
   // A buffer [plan.n_recv(), hidden] f32 for the expert outputs, valid until the next plan.
   // With the shared-memory transport it lies in the shared segment, where combine's readers
   // find it without a copy; write it only between dispatch and combine.
@@ -143,16 +152,37 @@ class Dispatcher {
   // expert_out() returned; any other is copied there first with shared memory). out:
   // [n_tokens, hidden] f32, the weighted sum per token.
   void combine(const DispatchPlan& plan, const float* expert_out, float* out);
+  // combine in two halves, as dispatch_start / dispatch_finish: expert_out stays unchanged
+  // until combine_finish, which waits for the rows and writes out. With shared memory,
+  // combine_finish does all of it.
+  void combine_start(const DispatchPlan& plan, const float* expert_out);
+  void combine_finish(const DispatchPlan& plan, float* out);
+  // Lets the exchange in flight (between a *_start and its *_finish) move data; never blocks.
+  // True when it is complete or none is in flight.
+  bool progress();
+
+  // Messages transport: hidden rows travel as fp8 e4m3 with one f32 scale per row (moe/
+  // fp8_rows.h), a quarter of the bytes; every row that feeds an expert, a rank's own too, is
+  // the fp8 round trip of the token's row, so the result is the same for any number of ranks
+  // but not the f32 one. Combine is unchanged. No effect with shared memory (no row travels).
+  // Set alike on every rank (plan checks it), before a plan.
+  void set_fp8_dispatch(bool on) { fp8_ = on; }
+  bool fp8_dispatch() const { return fp8_; }
 
   comm::Communicator& comm() { return comm_; }
   DispatchMode mode() const { return mode_; }
-  // Whether the exchanges go through shared memory (known after the first plan).
+  // Whether the exchanges go through shared memory (known after the first plan, or after
+  // resolve_transport).
   bool shared() const { return shm_ != nullptr; }
+  // Collective: with Transport::Auto, asks now (as the first plan would) whether the ranks
+  // share memory; nothing when that is known already.
+  void resolve_transport();
 
   // Seconds the last plan / dispatch / combine spent exchanging. Messages: inside their
-  // all-to-all; the rest of each call is local work (planning, the PerRank row pointers, the
-  // weighted sum). Shared memory: plan's all-to-all, all of dispatch (publishing the rows), all
-  // of combine (the sum reads the other ranks' rows: transfer and sum at once).
+  // all-to-all (posting it, progress() calls while it was in flight, waiting for it); the rest
+  // of each call is local work (planning, the PerRank row pointers, the weighted sum). Shared
+  // memory: plan's all-to-all, all of dispatch (publishing the rows), all of combine (the sum reads
+  // the other ranks' rows: transfer and sum at once).
   struct Timing {
     double plan = 0, dispatch = 0, combine = 0;
   };
@@ -190,12 +220,20 @@ class Dispatcher {
   std::vector<const float*> src_;            // combine: output row of each travel position
   std::vector<const float*> rows_;           // [n_recv] dispatch result
   Buffer<float> y_;                          // [n_recv, H] expert_out()
+  bool fp8_ = false;                         // set_fp8_dispatch
+  Buffer<float> deq_;                        // fp8: [rows, H] the dequantized rows
   Buffer<float> back_;  // [n_pairs_sent, H] combine: outputs back, in travel order
   // Messages: one contiguous block per peer in each direction (dispatch: masks, then rows).
   Buffer<std::byte> send_buf_, recv_buf_;
   std::vector<size_t> send_counts_, send_displs_, recv_counts_, recv_displs_;  // [R] bytes
   comm::Segments send_, recv_;  // the pieces all_to_all_matched moves
   Timing timing_;
+  // The exchange in flight (messages) and what its *_finish needs.
+  enum class Phase { Idle, Dispatching, Combining };
+  Phase phase_ = Phase::Idle;
+  std::unique_ptr<comm::PendingExchange> pending_;
+  const float* hidden_ = nullptr;      // dispatch_start's rows: this rank's own are read there
+  const float* expert_out_ = nullptr;  // combine_start's
 };
 
 }  // namespace moeserve::moe

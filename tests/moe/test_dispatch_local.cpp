@@ -10,7 +10,9 @@
 #include "../test_util.h"
 #include "comm/local_comm.h"
 #include "core/aligned.h"
+#include "core/dtype.h"
 #include "moe/dispatch.h"
+#include "moe/fp8_rows.h"
 
 using moeserve::comm::LocalCommunicator;
 using moeserve::moe::Dispatcher;
@@ -164,3 +166,43 @@ INSTANTIATE_TEST_SUITE_P(Modes, DispatchLocal,
                          [](const auto& info) {
                            return info.param == DispatchMode::PerRank ? "PerRank" : "PerExpert";
                          });
+
+// The quantized dispatch's encoder is core/dtype.h's f32_to_fp8e4m3 for every value class
+// (normal, subnormal, ties, saturation, signs), and a row's round trip stays within half an
+// e4m3 step of its amax-scaled value.
+TEST(Fp8Rows, EncoderMatchesTheReference) {
+  std::vector<float> v = {0.0f,    -0.0f,    448.0f,     -448.0f,  464.0f,
+                          480.0f,  1e30f,    -1e30f,     0x1p-6f,  0x1p-7f,
+                          0x1p-9f, 0x1p-10f, 0x1.8p-10f, 0x1p-20f, 3.0f * 0x1p-10f};
+  for (int e = -12; e <= 9; ++e)  // every mantissa step and the ties between them
+    for (int m = 0; m < 32; ++m) {
+      const float x = std::ldexp(1.0f + m / 16.0f, e);
+      v.push_back(x);
+      v.push_back(-x);
+    }
+  Rng rng(5);
+  for (int i = 0; i < 20000; ++i)
+    v.push_back(rng.uniform(-500.0f, 500.0f) *
+                std::ldexp(1.0f, static_cast<int>(rng.below(20)) - 12));
+  for (float x : v) EXPECT_EQ(moeserve::moe::fp8_encode(x), moeserve::f32_to_fp8e4m3(x)) << x;
+  EXPECT_EQ(moeserve::moe::fp8_encode(std::numeric_limits<float>::quiet_NaN()) & 0x7f, 0x7f);
+
+  std::vector<float> row(300), back(300);
+  for (float& x : row) x = rng.uniform(-3.0f, 3.0f);
+  row[7] = -5.0f;  // the amax
+  std::vector<uint8_t> q(300);
+  const float scale = moeserve::moe::fp8_quantize_row(row.data(), 300, q.data());
+  EXPECT_EQ(scale, 5.0f / 448.0f);
+  moeserve::moe::fp8_dequantize_row(q.data(), scale, 300, back.data());
+  EXPECT_EQ(back[7], -5.0f);
+  for (int k = 0; k < 300; ++k) {
+    const float a = std::fabs(row[k]) / scale;  // in e4m3 units: step 2^(e-3) at a in [2^e, 2^e+1)
+    const float step =
+        a < 0x1p-6f ? 0x1p-9f : std::ldexp(1.0f, static_cast<int>(std::floor(std::log2(a))) - 3);
+    EXPECT_LE(std::fabs(back[k] - row[k]), 0.5f * step * scale * 1.0001f) << k;
+  }
+  row[3] = std::numeric_limits<float>::infinity();
+  moeserve::moe::fp8_dequantize_row(
+      q.data(), moeserve::moe::fp8_quantize_row(row.data(), 300, q.data()), 300, back.data());
+  EXPECT_TRUE(std::isnan(back[0]));
+}

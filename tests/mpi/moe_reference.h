@@ -120,4 +120,37 @@ inline void ep_moe(moe::Dispatcher& d, const moe::Placement& pl, const FakeExper
   d.combine(p, y, out);
 }
 
+// ep_moe as two micro-batches (the first n / 2 tokens, the rest) on two Dispatchers, in the
+// model's overlapped order: 1's dispatch in flight while 0's experts run, 0's combine while 1's
+// run, each exchange progressed between experts.
+inline void ep_moe_overlapped(moe::Dispatcher& d0, moe::Dispatcher& d1, const moe::Placement& pl,
+                              const FakeExperts& fx, int64_t n, int64_t K, const int32_t* ex,
+                              const float* wt, const float* h, float* out) {
+  const int64_t H = fx.H, first[3] = {0, n / 2, n};
+  moe::Dispatcher* d[2] = {&d0, &d1};
+  moe::DispatchPlan p[2];
+  for (int i = 0; i < 2; ++i)
+    p[i] = d[i]->plan(pl, first[i + 1] - first[i], K, H, ex + first[i] * K, wt + first[i] * K);
+  auto experts = [&](int i, const float* const* x, float* y, moe::Dispatcher& busy) {
+    for (int32_t j = 0; j < p[i].n_slots; ++j) {
+      busy.progress();
+      fx.run(p[i].slot_expert[j], x + p[i].slot_offset[j], p[i].slot_count(j),
+             y + p[i].slot_offset[j] * H);
+    }
+  };
+  d0.dispatch_start(p[0], h);
+  d0.progress();
+  const float* const* x0 = d0.dispatch_finish(p[0]);
+  d1.dispatch_start(p[1], h + first[1] * H);
+  float* y0 = d0.expert_out(p[0]);
+  experts(0, x0, y0, d1);
+  const float* const* x1 = d1.dispatch_finish(p[1]);
+  d0.combine_start(p[0], y0);
+  float* y1 = d1.expert_out(p[1]);
+  experts(1, x1, y1, d0);
+  d0.combine_finish(p[0], out);
+  d1.combine_start(p[1], y1);
+  d1.combine_finish(p[1], out + first[1] * H);
+}
+
 }  // namespace moeserve::testing

@@ -150,56 +150,99 @@ void test_segments(Communicator& c, Checker& ck) {
 // piece, and empty pieces (left out on both sides). The sender's pieces are every other run of
 // a strided source, the receiver's land in reverse order of address with gaps, so a piece put
 // in the wrong place shows.
-void test_matched_on(Communicator& c, Checker& ck, size_t direct) {
-  const int n = c.size(), me = c.rank();
-  auto sizes = [&](int from, int to) {
+// The lists of one exchange and the memory they name; `salt` makes each exchange's bytes its
+// own.
+struct MatchedCase {
+  int n, me;
+  size_t direct, salt;
+  std::vector<std::vector<uint8_t>> src, dst;
+  Segments s, r;
+  std::vector<size_t> sizes(int from, int to) const {
     std::vector<size_t> v;
     if ((from + to) % 3 == 2) return std::vector<size_t>{7 + size_t(from)};  // one small piece
     for (int k = 0; k < 6; ++k)
       v.push_back((k + from + 2 * to) % 3 == 0 ? direct + 13 * k + to : 5 * k + from);
     v.push_back(0);
     return v;
-  };
-  std::vector<std::vector<uint8_t>> src(n), dst(n);
-  Segments s, r;
-  s.reset();
-  r.reset();
-  for (int p = 0; p < n; ++p) {
-    const auto out = sizes(me, p);
-    size_t total = 0;
-    for (size_t b : out) total += b;
-    src[p].assign(2 * total + 16, 0xaa);
-    size_t i = 0, o = 0;
-    for (size_t b : out) {
-      for (size_t k = 0; k < b; ++k) src[p][o + k] = pattern(me, p, i + k);
-      s.add_piece(&src[p][o], b);
-      i += b, o += 2 * b + 1;
-    }
-    s.next_peer();
-    const auto in = sizes(p, me);
-    total = 0;
-    for (size_t b : in) total += b;
-    dst[p].assign(total + in.size(), 0xee);
-    // Piece k lands after pieces k+1.. (reverse address order), one byte apart.
-    size_t end = dst[p].size();
-    std::vector<size_t> at(in.size());
-    for (size_t k = 0; k < in.size(); ++k) at[k] = end -= in[k] + 1;
-    for (size_t k = 0; k < in.size(); ++k) r.add_piece(&dst[p][at[k]], in[k]);
-    r.next_peer();
   }
-  c.all_to_all_matched(s, r);
-  bool ok = true;
-  for (int p = 0; p < n; ++p) {
-    const auto in = sizes(p, me);
-    size_t end = dst[p].size(), i = 0;
-    for (size_t b : in) {
-      end -= b + 1;
-      for (size_t k = 0; k < b; ++k) ok &= dst[p][end + k] == pattern(p, me, i + k);
-      ok &= dst[p][end + b] == 0xee;
-      i += b;
+  MatchedCase(Communicator& c, size_t direct_, size_t salt_ = 0)
+      : n(c.size()), me(c.rank()), direct(direct_), salt(salt_), src(n), dst(n) {
+    s.reset();
+    r.reset();
+    for (int p = 0; p < n; ++p) {
+      const auto out = sizes(me, p);
+      size_t total = 0;
+      for (size_t b : out) total += b;
+      src[p].assign(2 * total + 16, 0xaa);
+      size_t i = 0, o = 0;
+      for (size_t b : out) {
+        for (size_t k = 0; k < b; ++k) src[p][o + k] = pattern(me, p, i + k + salt * 7919);
+        s.add_piece(&src[p][o], b);
+        i += b, o += 2 * b + 1;
+      }
+      s.next_peer();
+      const auto in = sizes(p, me);
+      total = 0;
+      for (size_t b : in) total += b;
+      dst[p].assign(total + in.size(), 0xee);
+      // Piece k lands after pieces k+1.. (reverse address order), one byte apart.
+      size_t end = dst[p].size();
+      std::vector<size_t> at(in.size());
+      for (size_t k = 0; k < in.size(); ++k) at[k] = end -= in[k] + 1;
+      for (size_t k = 0; k < in.size(); ++k) r.add_piece(&dst[p][at[k]], in[k]);
+      r.next_peer();
     }
   }
-  CHECK(ck, ok);
+  bool arrived() const {
+    bool ok = true;
+    for (int p = 0; p < n; ++p) {
+      const auto in = sizes(p, me);
+      size_t end = dst[p].size(), i = 0;
+      for (size_t b : in) {
+        end -= b + 1;
+        for (size_t k = 0; k < b; ++k) ok &= dst[p][end + k] == pattern(p, me, i + k + salt * 7919);
+        ok &= dst[p][end + b] == 0xee;
+        i += b;
+      }
+    }
+    return ok;
+  }
+};
+
+void test_matched_on(Communicator& c, Checker& ck, size_t direct) {
+  MatchedCase x(c, direct);
+  c.all_to_all_matched(x.s, x.r);
+  CHECK(ck, x.arrived());
+}
+
+// Several non-blocking exchanges in flight at once, completed in another order than started
+// (each keeps to its own messages), one of them ended by its destructor (which waits).
+void test_matched_in_flight(Communicator& c, Checker& ck) {
+  for (size_t direct : {size_t(1), size_t(64), size_t(1) << 20}) {
+    moeserve::comm::MpiOptions opt;
+    opt.direct_bytes = direct;
+    auto m = moeserve::comm::mpi_world(opt);
+    MatchedCase a(*m, direct, 1), b(*m, direct, 2), d(*m, direct, 3);
+    auto pa = m->start_all_to_all_matched(a.s, a.r);
+    auto pb = m->start_all_to_all_matched(b.s, b.r);
+    { auto pd = m->start_all_to_all_matched(d.s, d.r); }  // waited for here
+    CHECK(ck, d.arrived());
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    bool done = false;
+    while (!done && std::chrono::steady_clock::now() < until) done = pb->test();
+    CHECK(ck, done);
+    if (!done) pb->wait();
+    CHECK(ck, b.arrived());
+    CHECK(ck, pb->test());  // stays complete
+    pa->wait();
+    CHECK(ck, a.arrived());
+    // Blocking exchanges between non-blocking ones number their messages alike.
+    MatchedCase e(*m, direct, 4);
+    auto pe = m->start_all_to_all_matched(e.s, e.r);
+    test_matched_on(*m, ck, direct);
+    pe->wait();
+    CHECK(ck, e.arrived());
+  }
 }
 
 void test_matched(Communicator& c, Checker& ck) {
@@ -408,11 +451,17 @@ void test_mailbox(Communicator& c, Checker& ck) {
 int main(int argc, char** argv) {
   const bool large = argc > 1 && std::string(argv[1]) == "--large";
   std::vector<moeserve::mpitest::Test> tests = {
-      {"basics", test_basics},         {"all_reduce", test_all_reduce},
-      {"all_gather_v", test_gather_v}, {"all_to_all", test_all_to_all},
-      {"segments", test_segments},     {"matched", test_matched},
-      {"send_recv", test_send_recv},   {"split", test_split},
-      {"window", test_window},         {"check_all", test_check_all},
+      {"basics", test_basics},
+      {"all_reduce", test_all_reduce},
+      {"all_gather_v", test_gather_v},
+      {"all_to_all", test_all_to_all},
+      {"segments", test_segments},
+      {"matched", test_matched},
+      {"matched, several in flight", test_matched_in_flight},
+      {"send_recv", test_send_recv},
+      {"split", test_split},
+      {"window", test_window},
+      {"check_all", test_check_all},
       {"mailbox", test_mailbox},
   };
   if (large) tests = {{"large", test_large}};

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "harness.h"
+#include "moe/fp8_rows.h"
 #include "moe_reference.h"
 
 using moeserve::comm::Communicator;
@@ -144,6 +145,93 @@ void test_dispatch(Communicator& c, Checker& ck, DispatchMode mode,
   CHECK(ck, d.shared() == (transport == Transport::Auto));
 }
 
+// Two micro-batches on two Dispatchers, one's exchange in flight while the other's experts
+// run: the reference's bits, with every transport (Auto: shared memory, where the *_start and
+// *_finish halves run back to back).
+void test_overlapped(Communicator& c, Checker& ck, DispatchMode mode, Transport transport) {
+  const int n = c.size(), me = c.rank();
+  Dispatcher d0(c, mode, transport), d1(c, mode, transport);
+  for (const Case& cs : cases()) {
+    const Global g = make_batch(cs, n, 2000 + cs.E * 3 + cs.K);
+    const FakeExperts fx(cs.E, cs.H, 8, 7 + cs.E);
+    const Placement pl = cs.placement(n, g.ex);
+    std::vector<float> want(g.N * cs.H);
+    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
+                                     want.data());
+    const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
+    std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
+    moeserve::testing::ep_moe_overlapped(d0, d1, pl, fx, nt, cs.K, g.ex.data() + t0 * cs.K,
+                                         g.wt.data() + t0 * cs.K, g.h.data() + t0 * cs.H,
+                                         got.data());
+    CHECK_MSG(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0,
+              cs.name + " overlapped");
+  }
+  // A finish without its start, or a second start while one is in flight: an error.
+  const Placement pl = contiguous(16, n);
+  const int32_t ex[4] = {1, 4, 9, 12};
+  const float wt[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+  std::vector<float> h(32, 1.0f), out(32);
+  const DispatchPlan p = d0.plan(pl, 1, 4, 32, ex, wt);
+  CHECK_THROWS(ck, [&] { d0.dispatch_finish(p); }, {"without its dispatch_start"});
+  d0.dispatch_start(p, h.data());
+  CHECK_THROWS(ck, [&] { d0.dispatch_start(p, h.data()); }, {"in flight"});
+  const float* const* x = d0.dispatch_finish(p);
+  float* y = d0.expert_out(p);
+  for (int64_t i = 0; i < p.n_recv(); ++i) std::memcpy(y + i * 32, x[i], 32 * sizeof(float));
+  d0.combine(p, y, out.data());
+  CHECK(ck, out[0] == 1.0f && out[31] == 1.0f);
+}
+
+// fp8 dispatch (messages): the reference's bits over rows round-tripped through fp8 (every
+// row, a rank's own too), plain and overlapped; not the f32 result.
+void test_fp8(Communicator& c, Checker& ck, DispatchMode mode) {
+  const int n = c.size(), me = c.rank();
+  Dispatcher d0(c, mode, Transport::Messages), d1(c, mode, Transport::Messages);
+  d0.set_fp8_dispatch(true);
+  d1.set_fp8_dispatch(true);
+  int64_t differs = 0;
+  for (const Case& cs : cases()) {
+    const Global g = make_batch(cs, n, 3000 + cs.E * 5 + cs.K);
+    const FakeExperts fx(cs.E, cs.H, 8, 11 + cs.E);
+    const Placement pl = cs.placement(n, g.ex);
+    std::vector<float> h8(g.h.size()), want(g.N * cs.H), exact(g.N * cs.H);
+    std::vector<uint8_t> q(cs.H);
+    for (int64_t t = 0; t < g.N; ++t) {
+      const float scale = moeserve::moe::fp8_quantize_row(&g.h[t * cs.H], cs.H, q.data());
+      moeserve::moe::fp8_dequantize_row(q.data(), scale, cs.H, &h8[t * cs.H]);
+    }
+    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), h8.data(),
+                                     want.data());
+    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
+                                     exact.data());
+    const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
+    const size_t bytes = nt * cs.H * sizeof(float);
+    for (const bool overlapped : {false, true}) {
+      std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
+      const int32_t* ex = g.ex.data() + t0 * cs.K;
+      const float* wt = g.wt.data() + t0 * cs.K;
+      const float* h = g.h.data() + t0 * cs.H;
+      if (overlapped)
+        moeserve::testing::ep_moe_overlapped(d0, d1, pl, fx, nt, cs.K, ex, wt, h, got.data());
+      else
+        moeserve::testing::ep_moe(d0, pl, fx, nt, cs.K, ex, wt, h, got.data());
+      CHECK_MSG(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, bytes) == 0,
+                cs.name + (overlapped ? " fp8 overlapped" : " fp8"));
+      differs += std::memcmp(got.data(), exact.data() + t0 * cs.H, bytes) != 0;
+    }
+  }
+  c.all_reduce(&differs, 1, ReduceOp::Sum);
+  CHECK(ck, differs > 0);
+  // Ranks that disagree on it: an error on every rank.
+  const Placement pl = contiguous(8, n);
+  const int32_t good[2] = {1, 6};
+  const float w[2] = {0.5f, 0.5f};
+  Dispatcher mixed(c, mode, Transport::Messages);
+  mixed.set_fp8_dispatch(me == 0);
+  if (n > 1)
+    CHECK_THROWS(ck, [&] { mixed.plan(pl, 1, 2, 16, good, w); }, {"disagree on the dispatch mode"});
+}
+
 // Shared memory: a dispatch repeated without a new plan, and expert outputs passed in another
 // buffer than expert_out(), still give the reference's bits.
 void test_shared_reuse(Communicator& c, Checker& ck) {
@@ -253,6 +341,18 @@ int main() {
       {"dispatch via messages PerExpert",
        [](auto& c, auto& ck) {
          test_dispatch(c, ck, DispatchMode::PerExpert, Transport::Messages);
+       }},
+      {"overlapped micro-batches via messages",
+       [](auto& c, auto& ck) {
+         test_overlapped(c, ck, DispatchMode::PerRank, Transport::Messages);
+         test_overlapped(c, ck, DispatchMode::PerExpert, Transport::Messages);
+       }},
+      {"overlapped micro-batches, auto transport",
+       [](auto& c, auto& ck) { test_overlapped(c, ck, DispatchMode::PerRank, Transport::Auto); }},
+      {"fp8 dispatch",
+       [](auto& c, auto& ck) {
+         test_fp8(c, ck, DispatchMode::PerRank);
+         test_fp8(c, ck, DispatchMode::PerExpert);
        }},
       {"dispatch via staging", test_dispatch_staging},
       {"dispatch via messages, cells direct or packed", test_dispatch_direct},

@@ -3,7 +3,8 @@
 
 - Transport: with one rank per host, shared memory (vader) alone cannot connect the ranks (Open
   MPI treats the hosts as separate nodes) and TCP alone can; the ranks see their own hostnames.
-- Expert parallelism over 2 hosts x 2 ranks: `score` and `generate` bit-identical to one process.
+- Expert parallelism over 2 hosts x 2 ranks: `score` and `generate` bit-identical to one process,
+  also with a prompt overlapped in two micro-batches (--ep-overlap on and off).
 - Prefill on host 1, decode on host 2 (`serve --prefill-ranks 1 --decode-ranks 1`): every greedy
   request gives what one process gives, with the KV cache crossing the hosts one-sided (MPI RMA,
   where an osc component works over TCP: osc/ucx) and two-sided. osc/ucx over TCP was seen to return wrong
@@ -181,6 +182,18 @@ def ep_case(args, tmp):
                 check(rc == 0 and out == ref and out,
                       f"{what[0]} {name}, redundant {red}: bit-identical to one process"
                       + ("" if rc == 0 else f" (rc {rc}: {err[-500:]})"))
+    # A prompt long enough for overlapped micro-batches (--ep-overlap; 64 tokens and more),
+    # exchanged across the hosts through TCP: on and off bit-identical to one process.
+    model = os.path.join(SRC, "tests", "fixtures", "models", "v3_tiny")
+    score = ["score", "--model", model, "--ids", ",".join(str(3 * i % 250) for i in range(100))]
+    ref = subprocess.run([args.moeserve] + score, capture_output=True, text=True,
+                         check=True).stdout
+    for overlap in ("on", "off"):
+        rc, out, err = tb_run(["-np", "4", args.moeserve] + score +
+                              ["--threads", "1", "--ep-overlap", overlap])
+        check(rc == 0 and out == ref and out,
+              f"score of 100 tokens, --ep-overlap {overlap}: bit-identical to one process"
+              + ("" if rc == 0 else f" (rc {rc}: {err[-500:]})"))
 
 
 def pd_cases(args, tmp, model, osc_ucx):
