@@ -381,6 +381,9 @@ void Model::forward_mtp(const Batch& b, const float* h_in, kv::KvPool& kv, float
   MS_CHECK(kv.n_layers() > cfg_.num_hidden_layers, "the KV cache has no layer for the MTP module");
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
   forwards_.fetch_add(1, std::memory_order_relaxed);
+  // Every rank of the group runs this forward (empty ones included), so they agree here on
+  // whether the module's MoE layer overlaps, as the main forward does.
+  choose_overlap(T);
   if (T == 0) {
     // A rank with no rows still takes part in the module's MoE exchange.
     if (dispatcher_ && w_.mtp.layer.is_moe) moe_ffn(cfg_.num_hidden_layers, 0);
