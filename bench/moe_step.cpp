@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   Precision prec = Precision::Exact;
   int64_t T = 16;
   int threads = 0, iters = 30;
+  bool sweep = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const std::string v = i + 1 < argc ? argv[++i] : "";
@@ -76,10 +77,12 @@ int main(int argc, char** argv) {
       threads = std::atoi(v.c_str());
     else if (a == "--iters")
       iters = std::max(1, std::atoi(v.c_str()));
+    else if (a == "--sweep" && (v == "0" || v == "1"))
+      sweep = v == "1";
     else {
       std::fprintf(stderr,
                    "usage: bench_moe_step [--weights fp8|bf16] [--precision exact|bf16] "
-                   "[--tokens 16] [--threads N] [--iters 30]\n");
+                   "[--tokens 16] [--threads N] [--iters 30] [--sweep 0|1]\n");
       return 2;
     }
   }
@@ -149,6 +152,22 @@ int main(int argc, char** argv) {
         clock == Clock::kWall ? "wall" : "cpu", peak / 1e9, tl * 1e3, layer_flops / tl / 1e9,
         100 * layer_flops / tl / peak, static_cast<long long>(T), td * 1e3, dense_flops / td / 1e9,
         100 * dense_flops / td / peak);
+  }
+  // --sweep 1: one expert-shaped product (1024 x 2048, a 2048 x 2048 one) alone for 1..T
+  // tokens, CPU time per thread: the rate each token count gets, and its weight bytes' rate.
+  if (sweep) {
+    for (int64_t n = 1; n <= T; n = n < 8 ? n + 1 : n + 4) {
+      for (const Matrix* mt : {static_cast<const Matrix*>(&gate[0]), &dense}) {
+        const Weight& w = mt->w;
+        const double t =
+            best(Clock::kCpu, [&] { matmul(pool, x.data(), n, H, w, y.data(), H, prec); });
+        const double fl = 2.0 * w.rows * w.cols * n;
+        const double by = static_cast<double>(w.rows * w.cols * dtype_size(dt));
+        std::printf("%3lld tokens x %lld x %lld: %7.3f ms %6.1f GFLOP/s %6.1f GB/s\n",
+                    static_cast<long long>(n), static_cast<long long>(w.rows),
+                    static_cast<long long>(w.cols), t * 1e3, fl / t / 1e9, by / t / 1e9);
+      }
+    }
   }
   return 0;
 }
