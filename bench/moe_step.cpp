@@ -6,7 +6,7 @@
 // Reports GFLOP/s against the peak of the unit the products run on, timed two ways: wall clock,
 // and CPU time per thread (what the threads would take on an unshared machine).
 //   bench_moe_step [--weights fp8|bf16] [--precision exact|bf16] [--tokens 16] [--threads N]
-//                  [--iters 30]
+//                  [--iters 30] [--sweep 0|1]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   Precision prec = Precision::Exact;
   int64_t T = 16;
   int threads = 0, iters = 30;
+  bool sweep = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const std::string v = i + 1 < argc ? argv[++i] : "";
@@ -76,10 +77,12 @@ int main(int argc, char** argv) {
       threads = std::atoi(v.c_str());
     else if (a == "--iters")
       iters = std::max(1, std::atoi(v.c_str()));
+    else if (a == "--sweep" && (v == "0" || v == "1"))
+      sweep = v == "1";
     else {
       std::fprintf(stderr,
                    "usage: bench_moe_step [--weights fp8|bf16] [--precision exact|bf16] "
-                   "[--tokens 16] [--threads N] [--iters 30]\n");
+                   "[--tokens 16] [--threads N] [--iters 30] [--sweep 0|1]\n");
       return 2;
     }
   }
@@ -149,6 +152,22 @@ int main(int argc, char** argv) {
         clock == Clock::kWall ? "wall" : "cpu", peak / 1e9, tl * 1e3, layer_flops / tl / 1e9,
         100 * layer_flops / tl / peak, static_cast<long long>(T), td * 1e3, dense_flops / td / 1e9,
         100 * dense_flops / td / peak);
+  }
+  // --sweep 1: the 34 gate and up matrices (1024 x 2048 each, more bytes than an L3 holds, so
+  // their weights come from memory as in a step) one after another, for 1..T tokens, CPU time
+  // per thread: the rate each token count gets, and its weight bytes' rate.
+  if (sweep) {
+    std::vector<const Weight*> ws;
+    for (int64_t e = 0; e <= E; ++e) ws.push_back(&gate[e].w), ws.push_back(&up[e].w);
+    for (int64_t n = 1; n <= T; n = n < 8 ? n + 1 : n + 4) {
+      const double t = best(Clock::kCpu, [&] {
+        for (const Weight* w : ws) matmul(pool, x.data(), n, H, *w, y.data(), H, prec);
+      });
+      const double el = static_cast<double>(ws.size()) * I * H;
+      std::printf("%3lld tokens x 34 x %lld x %lld: %7.3f ms %6.1f GFLOP/s %6.1f GB/s\n",
+                  static_cast<long long>(n), static_cast<long long>(I), static_cast<long long>(H),
+                  t * 1e3, 2.0 * el * n / t / 1e9, el * dtype_size(dt) / t / 1e9);
+    }
   }
   return 0;
 }

@@ -183,6 +183,18 @@ TEST(Bf16Matmul, SeveralKBlocksAndPanels) {
   }
 }
 
+// One panel of more than a few tokens (batched decode): row groups over several K blocks of
+// the grouped path (bf16_grouped), the last one partial, rows not a multiple of a group.
+TEST(Bf16Matmul, BatchedDecodeRowGroupsAndKBlocks) {
+  ThreadPool pool(2);
+  uint32_t seed = 500;
+  for (DType dt : kDtypes)
+    for (int64_t m : {9, 16, 64}) {
+      check(pool, dt, m, 133, 1100, seed++);
+      check(pool, dt, m, 20, 2048, seed++);
+    }
+}
+
 // Subnormal, zero, huge and NaN inputs, and sums that pass through the tiny range, where the
 // flushes decide the bits.
 TEST(Bf16Matmul, EdgeValuesFollowTheContract) {

@@ -69,18 +69,20 @@ void x_to_bf16(const float* x, int64_t K, const float* sc, uint16_t* out) {
   std::fill(out + k, out + round32(K), uint16_t{0});
 }
 
-// Rows [n0, n0 + nn) of w as bf16, whole (zero-padded to round32(K)). wb: [nn, ldw]. NaN-free
-// fp8 (w.fp8_plain) goes through O::fp8_bf16x32 where O has it: the same values.
+// Rows [n0, n0 + nn), columns [k0, k1) of w as bf16 (k0 % 32 == 0, k1 <= round32(K); zero
+// past K). wb: [nn, ldw], column k0 first. NaN-free fp8 (w.fp8_plain) goes through
+// O::fp8_bf16x32 where O has it: the same values.
 template <class O, DType DT>
-void bf16_rows(const Weight& w, int64_t n0, int64_t nn, uint16_t* wb, int64_t ldw) {
+void bf16_rows(const Weight& w, int64_t n0, int64_t nn, uint16_t* wb, int64_t ldw, int64_t k0,
+               int64_t k1) {
   using V = typename O::V;
-  const int64_t K = w.cols, Kp = round32(K);
+  const int64_t K = std::min(w.cols, k1);
   const V s = DT == DType::F8_E4M3 ? O::set1(256.0f) : O::zero();  // cvt_fp8's scale 1
   alignas(64) float t[16];
   for (int64_t r = 0; r < nn; ++r) {
     const uint8_t* row = w_row(w, n0 + r);
-    uint16_t* o = wb + r * ldw;
-    int64_t k = 0;
+    uint16_t* o = wb + r * ldw - k0;
+    int64_t k = k0;
     if constexpr (DT == DType::F8_E4M3 && O::kFp8Bf16) {
       if (w.fp8_plain)
         for (; k + 32 <= K; k += 32) O::fp8_bf16x32(row + k, o + k);
@@ -89,7 +91,7 @@ void bf16_rows(const Weight& w, int64_t n0, int64_t nn, uint16_t* wb, int64_t ld
       O::store(t, k + 16 <= K ? load_w<O, DT>(row, k, s) : load_w_tail<O, DT>(row, k, K - k, s));
       O::round_bf16x16(t, o + k);
     }
-    std::fill(o + k, o + Kp, uint16_t{0});
+    if (k < k1) std::fill(o + k, o + k1, uint16_t{0});
   }
 }
 
@@ -281,6 +283,64 @@ struct Bf16Item {
   int64_t job, n0, n1;
 };
 
+// bf16_grouped's blocks: kGroupK columns of O::kBTileN rows (6 KB of bf16 for the unit's
+// tiles: in L1 with the partial sums and a tile's tokens); the weights of the block
+// kGroupAhead blocks on are prefetched while a block's products run, so that the conversion of
+// each block (or the tiles, for weights read in place) finds them in L2.
+constexpr int64_t kGroupK = 512;
+constexpr int kGroupAhead = 4;
+
+// Rows [it.n0, it.n1) of job j, all its m <= kBf16M tokens (x: [m, ldx] bf16): for each group
+// of O::kBTileN rows and each K block, the group's weights (wp: read in place, else converted
+// here into an L1-sized block) serve every token while they stay in L1, and the tiles' partial
+// sums (16 lanes each) wait in an L1-sized buffer between K blocks. Against converting all the
+// item's rows first (into L2), the weights' reads overlap the products and the tiles read them
+// from L1.
+template <class O, DType DT>
+void bf16_grouped(const MatmulJob& j, const Bf16Item& it, const uint16_t* x, int64_t ldx,
+                  const uint16_t* wp, int64_t ldw) {
+  constexpr int64_t G = O::kBTileN;
+  constexpr int64_t es = DT == DType::F8_E4M3 ? 1 : DT == DType::F32 ? 4 : 2;  // weight bytes
+  static thread_local std::vector<uint16_t> wbuf;
+  static thread_local std::vector<float> pbuf;
+  const Weight& w = *j.w;
+  const int64_t Kp = round32(w.cols), m = j.m, rows = it.n1 - it.n0;
+  const int64_t kb = std::min(kGroupK, Kp), ldb = kb + 32;
+  if (!wp) wbuf.resize(static_cast<size_t>(G * ldb));
+  pbuf.resize(static_cast<size_t>(kBf16M * G * 16));
+  float* part = pbuf.data();
+  for (int64_t g0 = 0; g0 < rows; g0 += G) {
+    const int64_t gn = std::min(G, rows - g0);
+    for (int64_t k0 = 0; k0 < Kp; k0 += kb) {
+      const int64_t k1 = std::min(Kp, k0 + kb), nc = (k1 - k0) / 32;
+      const bool first = k0 == 0, last = k1 == Kp;
+      int64_t pg = g0, pk = k0;  // the block to prefetch
+      for (int d = 0; d < kGroupAhead && pg < rows; ++d) {
+        pk += kb;
+        if (pk >= Kp) pg += G, pk = 0;
+      }
+      if (pg < rows) {
+        const int64_t b0 = pk * es, b1 = std::min(w.cols, pk + kb) * es;
+        for (int64_t r = pg; r < std::min(rows, pg + G); ++r) {
+          const uint8_t* row = w_row(w, it.n0 + r);
+          for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(row + b, 0, 2);
+        }
+      }
+      const uint16_t* wg = wbuf.data();
+      int64_t ld = ldb;
+      if (wp)
+        wg = wp + g0 * ldw + k0, ld = ldw;
+      else
+        bf16_rows<O, DT>(w, it.n0 + g0, gn, wbuf.data(), ldb, k0, k1);
+      for (int64_t i0 = 0; i0 < m; i0 += O::kBTileM) {
+        const int64_t mt = std::min<int64_t>(O::kBTileM, m - i0);
+        bf16_tile_fn<O, false>(mt, gn)(x + i0 * ldx + k0, ldx, wg, ld, nc, part + i0 * G * 16,
+                                       G * 16, first, last, j.y + i0 * j.ldy + it.n0 + g0, j.ldy);
+      }
+    }
+  }
+}
+
 // Rows [it.n0, it.n1) of job j for all its tokens. xb: the job's x as bf16 ([m, round32(K)];
 // null for fp8, whose x is scaled here by the item's block row of scales, a panel of tokens at
 // a time). Weights that are not read in place are converted once, whole rows, and serve every
@@ -296,17 +356,20 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
   const bool direct = DT == DType::BF16 && K % 32 == 0;
   bool f8reg = false;
   if constexpr (fp8 && O::kFp8Bf16) f8reg = w.fp8_plain && K % 32 == 0 && m <= kFp8RegM;
+  // One panel of more than a few tokens (batched decode, short prefill): row groups, see
+  // bf16_grouped.
+  const bool grouped = m > kFp8RegM && m <= kBf16M;
   const uint16_t* wp = nullptr;
   int64_t ldw;
   if (direct) {
     wp = reinterpret_cast<const uint16_t*>(w_row(w, it.n0));
     ldw = K;
-  } else if (f8reg) {
+  } else if (f8reg || grouped) {
     ldw = K;  // bytes, read in place
   } else {
     ldw = Kp + 32;  // rows not 4 KB apart
     wbuf.resize(static_cast<size_t>(rows * ldw));
-    bf16_rows<O, DT>(w, it.n0, rows, wbuf.data(), ldw);
+    bf16_rows<O, DT>(w, it.n0, rows, wbuf.data(), ldw, 0, Kp);
     wp = wbuf.data();
   }
   // K blocks: for a few tokens (decode) whole rows, which stream from memory best; for more,
@@ -351,6 +414,10 @@ void bf16_item(const MatmulJob& j, const Bf16Item& it, const uint16_t* xb) {
           }
         }
       }
+    }
+    if (grouped) {
+      bf16_grouped<O, DT>(j, it, xp, ldx, wp, ldw);
+      continue;
     }
     // Few tokens (whole K): the tiles take their rows from O::kBTileN runs of consecutive
     // rows, the next tile the next row of each run, so the prefetchers see long sequential
