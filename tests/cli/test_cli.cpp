@@ -146,6 +146,8 @@ TEST(Cli, FlagErrorsExitOneWithOneLine) {
       {"generate " + (d / "absent") + " --prompt-ids 1", "absent"},
       {"init-model --preset tiny --dtype f16 --out " + (d / "x"), "--dtype"},
       {"bench --preset tiny --ep-transport pigeon", "--ep-transport"},
+      {"bench --preset tiny --ep-overlap maybe", "--ep-overlap"},
+      {"bench --preset tiny --ep-dispatch-dtype int4", "--ep-dispatch-dtype"},
       {"plan-placement --load x.json --ranks 2", "--out is required"},
   };
   for (const auto& [args, fragment] : cases) {
