@@ -329,6 +329,23 @@ void Model::run_layer(int64_t l, const Batch& b, kv::KvPool& kv, float* x, int64
   for (int64_t i = 0; i < T * H; ++i) x[i] = x[i] + ws_.ffn_out[i];
 }
 
+float* Model::layer_workspace(int64_t T) {
+  const int64_t H = cfg_.hidden_size;
+  sized(ws_.h, T * H);
+  sized(ws_.attn_out, T * H);
+  sized(ws_.ffn_out, T * H);
+  return sized(ws_.x, T * H);
+}
+
+void Model::embed_tokens(const Weight& embed, const Batch& b, float* out, int64_t stride) const {
+  for (size_t t = 0; t < b.tokens.size(); ++t) {
+    const int32_t id = b.tokens[t];
+    MS_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " is out of range [0, ",
+             cfg_.vocab_size, ")");
+    kernels::dequant_row(embed, id, out + static_cast<int64_t>(t) * stride);
+  }
+}
+
 void Model::forward(const Batch& b, kv::KvPool& kv, float* logits, float* hidden) {
   const int64_t T = static_cast<int64_t>(b.tokens.size()), H = cfg_.hidden_size;
   forwards_.fetch_add(1, std::memory_order_relaxed);
@@ -340,16 +357,8 @@ void Model::forward(const Batch& b, kv::KvPool& kv, float* logits, float* hidden
         if (w_.layers[l].is_moe) moe_ffn(l, 0);
     return;
   }
-  float* x = sized(ws_.x, T * H);
-  sized(ws_.h, T * H);
-  sized(ws_.attn_out, T * H);
-  sized(ws_.ffn_out, T * H);
-  for (int64_t t = 0; t < T; ++t) {
-    const int32_t id = b.tokens[t];
-    MS_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " is out of range [0, ",
-             cfg_.vocab_size, ")");
-    kernels::dequant_row(w_.embed, id, x + t * H);
-  }
+  float* x = layer_workspace(T);
+  embed_tokens(w_.embed, b, x, H);
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) run_layer(l, b, kv, x, T);
   if (hidden) rmsnorm(x, w_.final_norm, T, H, hidden);
   const int64_t R = static_cast<int64_t>(b.logit_rows.size());
@@ -394,16 +403,10 @@ void Model::forward_mtp(const Batch& b, const float* h_in, kv::KvPool& kv, float
   const Weight& head = m.head.data ? m.head : w_.lm_head;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   float* cat = sized(ws_.mtp_cat, T * 2 * H);
-  float* x = sized(ws_.x, T * H);
-  sized(ws_.h, T * H);
-  sized(ws_.attn_out, T * H);
-  sized(ws_.ffn_out, T * H);
+  float* x = layer_workspace(T);
+  embed_tokens(embed, b, cat, 2 * H);
   for (int64_t t = 0; t < T; ++t) {
-    const int32_t id = b.tokens[t];
-    MS_CHECK(id >= 0 && id < cfg_.vocab_size, "token id ", id, " is out of range [0, ",
-             cfg_.vocab_size, ")");
     float* e = cat + t * 2 * H;
-    kernels::dequant_row(embed, id, e);
     rms_row(e, m.enorm.data(), H, eps, e);
     rms_row(h_in + t * H, m.hnorm.data(), H, eps, e + H);
   }

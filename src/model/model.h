@@ -182,6 +182,10 @@ class Model {
   // Collective under expert parallelism, at the start of each forward: whether its MoE layers
   // run overlapped (the same answer on every rank).
   void choose_overlap(int64_t n_tokens);
+  // Sizes the layer workspace for T rows and returns the residual stream (ws_.x).
+  float* layer_workspace(int64_t T);
+  // Checks each token id of b and writes its row of `embed` at out + t * stride.
+  void embed_tokens(const Weight& embed, const Batch& b, float* out, int64_t stride) const;
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t dim,
                float* out) const;
   // The absorbed attention (q_lat, scores, o_lat, o_heads) of rows [r0, r1) of the batch.
