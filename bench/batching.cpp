@@ -6,12 +6,12 @@
 //
 // Each row also prices its decode steps, from the experts the steps actually read (the model's
 // counters): bytes per step (every matrix all tokens use, once; each routed expert that at
-// least one token went to, once; each sequence's cached latent rows) and matrix FLOPs per step
-// (2 per weight element per token that uses it). Against this machine's measured read bandwidth
-// and peak FMA rate, max(bytes / bandwidth, FLOPs / peak) bounds the step's time from below;
-// "bound tok/s" is the rate at that bound ("%bound": the measured rate's share of it), and its
-// ratio to batch 1's shows what batching can buy on this model at best, on any machine whose
-// bandwidth and FMA rate stand in these ratios.
+// least one token went to, once; each sequence's cached latent rows, at the cache's dtype) and
+// matrix FLOPs per step (2 per weight element per token that uses it). Against this machine's
+// measured read bandwidth and peak FMA rate, max(bytes / bandwidth, FLOPs / peak) bounds the step's
+// time from below; "bound tok/s" is the rate at that bound ("%bound": the measured rate's share of
+// it), and its ratio to batch 1's shows what batching can buy on this model at best, on any machine
+// whose bandwidth and FMA rate stand in these ratios.
 // --precision bf16 runs the weight products under the bf16 contract (kernels.h), and prices the
 // FLOPs against the peak of the unit those run on (vdpbf16ps where the CPU has it).
 //   bench_batching --model DIR [--batches 1,2,4,8,16] [--prompt-len 32] [--output-len 64]
@@ -30,6 +30,7 @@
 #include "core/thread_pool.h"
 #include "engine/engine.h"
 #include "kernels/roofline.h"
+#include "kv/kv_pool.h"
 #include "model/model.h"
 #include "model/weights.h"
 
@@ -110,7 +111,8 @@ struct StepCost {
   double tokens = 0, bytes = 0, flops = 0;
 };
 
-StepCost step_cost(const model::Model& m, const Phase& ph, int64_t prompt_len, int64_t output_len) {
+StepCost step_cost(const model::Model& m, const Phase& ph, int64_t prompt_len, int64_t output_len,
+                   kv::KvDtype kv_dtype) {
   const model::ModelConfig& c = m.config();
   const model::ModelWeights& w = m.weights();
   int64_t moe_layers = 0;
@@ -128,7 +130,7 @@ StepCost step_cost(const model::Model& m, const Phase& ph, int64_t prompt_len, i
   // Cached rows each sequence reads per layer: its context, on average half-way through.
   const double ctx = prompt_len + output_len / 2.0;
   s.bytes = fixed_bytes + passes * ex_bytes +
-            s.tokens * ctx * c.num_hidden_layers * c.kv_cache_dim() * sizeof(float);
+            s.tokens * ctx * c.num_hidden_layers * kv::kv_row_bytes(kv_dtype, c.kv_cache_dim());
   s.flops = 2.0 * (fixed_elems * s.tokens + routed * ex_elems);
   return s;
 }
@@ -201,7 +203,7 @@ int main(int argc, char** argv) {
       const double tps = ph.tokens / ph.seconds;
       if (tps > best) {
         best = tps;
-        cost = step_cost(m, ph, prompt_len, output_len);
+        cost = step_cost(m, ph, prompt_len, output_len, ec.kv_dtype);
         best_step = cost.tokens / tps;
       }
     }

@@ -178,6 +178,16 @@ void run_bench(const BenchArgs& a) {
   engine::GenerateStats st;
   gen.generate(prompt, opt, {}, &st);
   gen.drain();
+  // The same decode after a short prompt (kShortPrompt tokens): what a token costs when
+  // attention has few cached rows to read, next to the figure at --prompt-len.
+  constexpr int64_t kShortPrompt = 8;
+  const bool short_run = a.prompt_len > kShortPrompt;
+  engine::GenerateStats short_st;
+  if (short_run) {
+    gen.generate(std::vector<int32_t>(prompt.begin(), prompt.begin() + kShortPrompt), opt, {},
+                 &short_st);
+    gen.drain();
+  }
   // Speculative decoding: the same decode with the MTP module's drafts, and the steps' costs.
   engine::GenerateStats spec_st;
   SpecCosts costs;
@@ -187,9 +197,9 @@ void run_bench(const BenchArgs& a) {
     gen.generate(prompt, so, {}, &spec_st);
     costs = measure_spec_costs(m, prompt, a.speculative_tokens, kv_dtype);
   }
-  double times[4] = {st.prefill_seconds, st.decode_seconds, st.prefill_exchange_seconds,
-                     st.decode_exchange_seconds};
-  comm.all_reduce(times, 4, comm::ReduceOp::Max);
+  double times[5] = {st.prefill_seconds, st.decode_seconds, st.prefill_exchange_seconds,
+                     st.decode_exchange_seconds, short_st.decode_seconds};
+  comm.all_reduce(times, 5, comm::ReduceOp::Max);
   st.prefill_seconds = times[0];
   st.decode_seconds = times[1];
   // Under mpirun, the largest rank's: the ranks map one checkpoint, whose pages they share
@@ -233,10 +243,22 @@ void run_bench(const BenchArgs& a) {
   const double prefill_gflops =
       n_ranks * forward_flops(c, active_elems, 0, a.prompt_len) / st.prefill_seconds / 1e9;
   const double decode_tps = n_ranks * (st.output_tokens - 1) / st.decode_seconds;
-  const double decode_gbs = active_bytes * decode_tps / 1e9;
+  // Bytes a decode step reads: the weights its token uses, and every cached latent row of its
+  // sequence in every layer (the step that makes output token k, k >= 1, attends over
+  // prompt + k rows; the timed steps average prompt + n/2). Counted once each.
+  const double row_bytes =
+      static_cast<double>(c.num_hidden_layers) * kv::kv_row_bytes(kv_dtype, c.kv_cache_dim());
+  auto kv_read = [&](int64_t prompt_tokens, int64_t out) {
+    return row_bytes * (prompt_tokens + out / 2.0);
+  };
+  const double kv_read_bytes = kv_read(a.prompt_len, st.output_tokens);
+  const double decode_gbs = (active_bytes + kv_read_bytes) * decode_tps / 1e9;
+  const double short_tps =
+      short_run ? n_ranks * (short_st.output_tokens - 1) / times[4] : decode_tps;
+  const double short_kv_read = short_run ? kv_read(kShortPrompt, short_st.output_tokens) : 0;
+  const double short_gbs = (active_bytes + short_kv_read) * short_tps / 1e9;
   const int64_t kv_tokens = a.prompt_len + a.decode_tokens;
-  const double kv_bytes = static_cast<double>(kv_tokens) * c.num_hidden_layers *
-                          kv::kv_row_bytes(kv_dtype, c.kv_cache_dim());
+  const double kv_bytes = static_cast<double>(kv_tokens) * row_bytes;
   const double rss = rss_all;
 
   std::printf("model          %s (%s, %.2f GB of weights, %.1f MB read per decoded token)\n",
@@ -250,8 +272,16 @@ void run_bench(const BenchArgs& a) {
   std::printf("prefill        %lld tokens: %.1f tokens/s, %.1f GFLOP/s = %.1f%% of its peak\n",
               static_cast<long long>(a.prompt_len), prefill_tps, prefill_gflops,
               100.0 * prefill_gflops / peak);
-  std::printf("decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights = %.1f%% of read bandwidth\n",
-              decode_tps, decode_gbs, 100.0 * decode_gbs / bw);
+  std::printf(
+      "decode (bs=1)  %.2f tokens/s, %.2f GB/s of weights and cache (%.1f + %.1f MB a token) = "
+      "%.1f%% of read bandwidth\n",
+      decode_tps, decode_gbs, active_bytes / 1e6, kv_read_bytes / 1e6, 100.0 * decode_gbs / bw);
+  if (short_run)
+    std::printf(
+        "               after %lld prompt tokens instead of %lld: %.2f tokens/s, %.1f%% of read "
+        "bandwidth (attention over fewer cached rows)\n",
+        static_cast<long long>(kShortPrompt), static_cast<long long>(a.prompt_len), short_tps,
+        100.0 * short_gbs / bw);
   double spec_tps = 0, acceptance = 0;
   if (a.speculative_tokens > 0) {
     spec_tps = (spec_st.output_tokens - 1) / spec_st.decode_seconds;
@@ -301,6 +331,9 @@ void run_bench(const BenchArgs& a) {
                         {"prefill_peak_ratio", prefill_gflops / peak},
                         {"decode_tokens_per_s", decode_tps},
                         {"decode_bandwidth_ratio", decode_gbs / bw},
+                        {"decode_kv_read_bytes", kv_read_bytes},
+                        {"short_prompt_decode_tokens_per_s", short_tps},
+                        {"short_prompt_decode_bandwidth_ratio", short_gbs / bw},
                         {"ranks", n_ranks},
                         {"prefill_comm_share", times[2] / st.prefill_seconds},
                         {"decode_comm_share", times[3] / st.decode_seconds},

@@ -478,6 +478,29 @@ TEST(Cli, PrecisionFlag) {
   expect_clean_failure(run(gen + " --precision fp16"), {"--precision"});
 }
 
+TEST(Cli, BenchCountsTheCacheRowsADecodeStepReads) {
+  // The decode figure's bytes: the weights a token uses plus every cached latent row of every
+  // layer (prompt + k rows for output token k, averaged over the timed steps), at the cache's
+  // dtype; and the same decode after a short prompt, reported next to it.
+  const std::string shipped = std::string(MOESERVE_SOURCE_DIR) + "/data/models/shakespeare-v3-tiny";
+  json cfg;
+  std::ifstream(shipped + "/config.json") >> cfg;
+  const int64_t layers = cfg["num_hidden_layers"].get<int64_t>();
+  const int64_t dim = cfg["kv_lora_rank"].get<int64_t>() + cfg["qk_rope_head_dim"].get<int64_t>();
+  for (const auto& [dtype, bytes] : {std::pair<std::string, int64_t>{"f32", 4}, {"bf16", 2}}) {
+    const CmdResult r = run("bench --model " + shipped +
+                            " --prompt-len 24 --decode-tokens 8 --json --kv-cache-dtype " + dtype);
+    ASSERT_EQ(r.status, 0) << r.err;
+    const json j = json::parse(r.out.substr(r.out.rfind('{')));
+    EXPECT_DOUBLE_EQ(j["decode_kv_read_bytes"].get<double>(),
+                     static_cast<double>(layers * dim * bytes) * (24 + 8 / 2.0))
+        << dtype;
+    EXPECT_GT(j["short_prompt_decode_tokens_per_s"].get<double>(), 0.0);
+    EXPECT_GT(j["short_prompt_decode_bandwidth_ratio"].get<double>(), 0.0);
+    EXPECT_NE(r.out.find("after 8 prompt tokens instead of 24"), std::string::npos) << r.out;
+  }
+}
+
 TEST(Cli, SpeculativeTokensFlag) {
   // generate with the shipped model's MTP module: the same greedy output, and the acceptance on
   // stderr; bench reports it; a model without the module is one clear line.
