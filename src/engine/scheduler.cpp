@@ -363,8 +363,19 @@ void Scheduler::draft(const std::vector<Seq*>& seqs, const std::vector<int64_t>&
   for (Seq* s : seqs) trim_blocks(*s, static_cast<int64_t>(s->tokens.size() + s->drafts.size()));
 }
 
-bool Scheduler::step(bool force_forward) {
+bool Scheduler::may_speculate() const {
+  for (const auto& s : running_)
+    if (s->spec && !s->done) return true;
+  for (const auto& s : waiting_)
+    if (s->spec && !s->done) return true;
+  return false;
+}
+
+bool Scheduler::step(bool force_forward, bool group_speculates) {
   sweep();
+  // (Where the group agreed that nobody speculates, this rank does not either.)
+  MS_ASSERT(group_speculates || !model_.expert_parallel() || !may_speculate());
+  group_spec_ = group_speculates;
   const int64_t V = model_.config().vocab_size, H = model_.config().hidden_size;
   // 1. Schedule. Running sequences that finished their prompt decode one token each (with their
   // drafts, under speculative decoding); those still prefilling, then newly admitted ones, share
@@ -550,7 +561,8 @@ bool Scheduler::step(bool force_forward) {
   }
 
   // 4. The MTP module over the positions each speculating sequence computed, then its drafts.
-  // Under expert parallelism every rank runs it, with or without rows of its own.
+  // Under expert parallelism every rank runs it, with or without rows of its own, unless the
+  // group agreed that nobody speculates.
   if (any_spec || mtp_lockstep()) {
     model::Batch mb;
     std::vector<float> h_in;
