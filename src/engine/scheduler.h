@@ -23,9 +23,8 @@
 // no rank speculates (may_speculate(), step()'s group_speculates): then none. A prefill-only
 // scheduler runs the module too and hands its drafts over with the sequence. With prefix
 // caching, a block holds the module's rows as well, and its last row read the token after the
-// block (outside the key): only speculating sequences publish (after the module's rows), a hit
-// computes its last matched block again, and a block whose key is published already stays
-// unpublished.
+// block, so the pool's keys hold that token too (KvPool::set_key_next_token): only speculating
+// sequences publish (after the module's rows), and a hit is exact, to its last matched block.
 //
 // Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
 // everything. Request callbacks run inside step() and cancel().
@@ -119,8 +118,6 @@ class Scheduler {
   void reuse_prefix(Seq& s);    // a sequence with no blocks takes the cached start of its tokens
   void drop_blocks(Seq& s);     // releases its blocks; it starts again from position 0
   void publish_blocks(Seq& s);  // publishes its computed full blocks
-  // Whether a block holding s's tokens of block i (after its blocks before) is published.
-  bool equal_published(Seq& s, int64_t i);
   void preempt(Seq& s);
   void sweep();            // drops finished sequences
   void hand_over(Seq& s);  // prefill-only: to on_prefilled, with its blocks and drafts
