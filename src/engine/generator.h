@@ -52,20 +52,22 @@ class Generator {
   // forwards (and MTP forwards) with empty batches until all of them have called drain().
   void drain();
 
+  // The agreement round before a step under expert parallelism (without: this rank's own
+  // answer): whether any rank runs one (`mine`: this one does), and the most MTP forwards any
+  // rank's step has (`mtp`: this one's). A caller running forwards of its own (perplexity)
+  // calls agree(true, 0) before each, so that the ranks in drain() follow.
+  struct Agreement {
+    bool active = false;
+    int64_t mtp_forwards = 0;
+  };
+  Agreement agree(bool mine, int64_t mtp);
+
  private:
   void forward(const model::Batch& b, kv::KvPool& kv, float* logits);
   std::vector<int32_t> generate_speculative(const std::vector<int32_t>& prompt,
                                             const GenerateOptions& opt,
                                             const std::function<void(int32_t)>& on_token,
                                             GenerateStats* stats);
-  // The agreement before a step under expert parallelism (without: this rank's own answer):
-  // whether any rank runs one (`mine`: this one does), and the most MTP forwards any rank's
-  // step has (`mtp`: this one's).
-  struct Agreement {
-    bool active = false;
-    int64_t mtp_forwards = 0;
-  };
-  Agreement agree(bool mine, int64_t mtp);
 
   model::Model& m_;
   int64_t block_size_;
