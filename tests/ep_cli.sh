@@ -2,8 +2,8 @@
 # Expert parallelism through the real binary under mpirun: for the same requests the output is
 # bit-identical for EP = 1, 2, 4 and 8 ranks (oversubscribed), with and without redundant
 # experts and with placement files (score and generate), for bf16, fp8 and int4 weights and
-# for every KV cache dtype; a rank that fails ends the job with one clear message; generate
-# refuses --speculative-tokens under mpirun in one line (serve supports it).
+# for every KV cache dtype; a rank that fails ends the job with one clear message; speculative
+# decoding (generate and bench --speculative-tokens) gives one process's tokens and acceptance.
 # Usage: ep_cli.sh MOESERVE_BINARY SOURCE_DIR
 set -euo pipefail
 bin=$1
@@ -114,14 +114,45 @@ echo "$out" | grep -q "error: rank 1 of 2 failed: model folder .* has no .safete
   || fail "no clear message from rank 0: $out"
 echo "ok: failing rank ends the job cleanly"
 
-# Speculative decoding is for `serve` under mpirun: generate and bench refuse it in one line.
-set +e
-out=$(timeout 60 $mpi 2 "$bin" generate --model "$src/data/models/shakespeare-v3-tiny" --prompt-ids 1,2,3 \
-  --max-tokens 4 --speculative-tokens 1 2>&1)
-rc=$?
-set -e
-[ $rc -ne 0 ] && [ $rc -ne 124 ] || fail "generate --speculative-tokens under mpirun gave rc=$rc"
-[ "$(echo "$out" | grep -c "not supported by \`moeserve generate\` under mpirun")" -ge 1 ] \
-  || fail "no clear refusal of --speculative-tokens: $out"
-echo "ok: generate refuses --speculative-tokens under mpirun"
+# Speculative decoding under mpirun (the MTP module's forwards in lockstep with the other
+# ranks' empty ones): generate gives one process's output ids and draft and acceptance counts on
+# the trained model, greedy and seeded-sampled, at EP 2 and 4; greedy, the ids of decoding
+# without speculation.
+shakes="$src/data/models/shakespeare-v3-tiny"
+prompt=0,471,1141,286,817,29,329
+"$bin" generate --model "$shakes" --prompt-ids $prompt --max-tokens 40 --json --ignore-eos \
+  > "$tmp/plain.json" 2>/dev/null
+plain_ids=$(grep -o '"output_ids":\[[0-9,]*\]' "$tmp/plain.json")
+for sampling in "" "--temperature 0.8 --top-p 0.95 --seed 7"; do
+  gen="generate --model $shakes --prompt-ids $prompt --max-tokens 40 --json --ignore-eos --speculative-tokens 2 $sampling"
+  "$bin" $gen > "$tmp/ref_spec.json" 2>/dev/null
+  grep -q '"draft_tokens":[1-9]' "$tmp/ref_spec.json" || fail "no drafts: $(cat "$tmp/ref_spec.json")"
+  grep -q '"accepted_tokens":[1-9]' "$tmp/ref_spec.json" || fail "no draft accepted: $(cat "$tmp/ref_spec.json")"
+  if [ -z "$sampling" ]; then
+    grep -qF "$plain_ids" "$tmp/ref_spec.json" || fail "greedy speculative output differs from plain decoding"
+  fi
+  for n in 2 4; do
+    $mpi $n "$bin" $gen --threads 1 > "$tmp/ep_spec.json" 2>/dev/null \
+      || fail "generate --speculative-tokens 2 failed at EP=$n ($sampling)"
+    cmp -s "$tmp/ref_spec.json" "$tmp/ep_spec.json" \
+      || fail "speculative generate differs at EP=$n ($sampling): $(cat "$tmp/ep_spec.json") vs $(cat "$tmp/ref_spec.json")"
+  done
+done
+echo "ok: generate --speculative-tokens 2 at EP 2/4 equals one process (ids and acceptance)"
+# bench: every rank decodes its own copy of the sequence, so EP 2 verifies twice the drafts of
+# one process and accepts twice as many.
+bench="bench --model $shakes --prompt-len 16 --decode-tokens 12 --speculative-tokens 1 --json"
+"$bin" $bench 2>/dev/null | tail -1 > "$tmp/bench1.json"
+$mpi 2 "$bin" $bench --threads 1 2>/dev/null | tail -1 > "$tmp/bench2.json" \
+  || fail "bench --speculative-tokens 1 failed at EP=2"
+python3 - "$tmp/bench1.json" "$tmp/bench2.json" <<'PY' || fail "bench --speculative-tokens at EP 2"
+import json, sys
+one, two = (json.load(open(p)) for p in sys.argv[1:])
+assert one["spec_draft_tokens"] > 0 and one["spec_accepted_tokens"] > 0, one
+assert two["ranks"] == 2 and two["speculative_tokens"] == 1, two
+for k in ("spec_draft_tokens", "spec_accepted_tokens"):
+    assert two[k] == 2 * one[k], (k, one[k], two[k])
+assert two["spec_decode_tokens_per_s"] > 0 and two["verify_seconds"] > 0, two
+PY
+echo "ok: bench --speculative-tokens 1 at EP 2 (acceptance of both ranks' sequences)"
 echo "1 passed, 0 failed"

@@ -147,7 +147,6 @@ void run_bench(const BenchArgs& a) {
   });
   if (!a.preset.empty()) dir = (fs::path(a.cache_dir) / (a.preset + "-" + a.dtype)).string();
 
-  check_speculative_single_process(a.speculative_tokens, n_ranks, "bench");
   pm.load(dir);
   model::Model& m = pm.model();
   if (a.speculative_tokens > 0) m.load_mtp();
@@ -195,7 +194,17 @@ void run_bench(const BenchArgs& a) {
     engine::GenerateOptions so = opt;
     so.speculative_tokens = a.speculative_tokens;
     gen.generate(prompt, so, {}, &spec_st);
+    gen.drain();
     costs = measure_spec_costs(m, prompt, a.speculative_tokens, kv_dtype);
+    // Under mpirun, the slowest rank's times, and the drafts of every rank's sequence.
+    double t[4] = {spec_st.decode_seconds, costs.step, costs.verify, costs.draft};
+    comm.all_reduce(t, 4, comm::ReduceOp::Max);
+    spec_st.decode_seconds = t[0];
+    costs = {t[1], t[2], t[3]};
+    int64_t n[2] = {spec_st.draft_tokens, spec_st.accepted_tokens};
+    comm.all_reduce(n, 2, comm::ReduceOp::Sum);
+    spec_st.draft_tokens = n[0];
+    spec_st.accepted_tokens = n[1];
   }
   double times[5] = {st.prefill_seconds, st.decode_seconds, st.prefill_exchange_seconds,
                      st.decode_exchange_seconds, short_st.decode_seconds};
@@ -284,7 +293,7 @@ void run_bench(const BenchArgs& a) {
         100.0 * short_gbs / bw);
   double spec_tps = 0, acceptance = 0;
   if (a.speculative_tokens > 0) {
-    spec_tps = (spec_st.output_tokens - 1) / spec_st.decode_seconds;
+    spec_tps = n_ranks * (spec_st.output_tokens - 1) / spec_st.decode_seconds;
     acceptance = spec_st.draft_tokens > 0
                      ? static_cast<double>(spec_st.accepted_tokens) / spec_st.draft_tokens
                      : 0.0;

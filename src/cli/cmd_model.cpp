@@ -72,7 +72,6 @@ void run_generate(const GenerateArgs& a) {
   ParallelModel pm(a.model, a.par);
   model::Model& m = pm.model();
   const kv::KvDtype kv_dtype = parse_kv_cache_dtype(a.kv_cache_dtype);
-  check_speculative_single_process(a.speculative_tokens, pm.world().size(), "generate");
   if (a.speculative_tokens > 0) m.load_mtp();
   engine::Generator gen(m, 16, kv_dtype);
   if (!pm.is_root()) {  // the other ranks hold experts and follow rank 0's steps
@@ -116,6 +115,10 @@ void run_generate(const GenerateArgs& a) {
   if (a.json) {
     json j{{"prompt_ids", prompt}, {"output_ids", out}};
     if (sampled) j["seed"] = seed;  // greedy output does not depend on it
+    if (a.speculative_tokens > 0) {
+      j["draft_tokens"] = st.draft_tokens;
+      j["accepted_tokens"] = st.accepted_tokens;
+    }
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("\n");
@@ -228,7 +231,8 @@ void register_model_commands(CLI::App& app) {
                                 "--json so that the run can be repeated)");
   gen->add_flag("--json", g->json,
                 "Print {\"prompt_ids\": [...], \"output_ids\": [...]} (and \"seed\" when "
-                "sampling) instead of the text");
+                "sampling, \"draft_tokens\" and \"accepted_tokens\" with --speculative-tokens) "
+                "instead of the text");
   gen->add_flag("--ignore-eos", g->ignore_eos,
                 "Do not stop at the end-of-sequence tokens (config.json, tokenizer, "
                 "generation_config.json)");

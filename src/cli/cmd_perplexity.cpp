@@ -362,7 +362,6 @@ void run_perplexity(const PplArgs& a) {
   kv::KvPool pool(group * blocks_per_seq, 16, cfg.num_hidden_layers, cfg.kv_cache_dim(), kv_dtype);
   std::vector<int32_t> blocks;
   MS_ASSERT(pool.allocate(pool.n_blocks(), &blocks));
-  const model::ExpertParallel* ep = m.expert_parallel();
   std::vector<float> logits, lq(V);
   std::vector<double> row;
   std::vector<uint8_t> in_set(V);
@@ -402,10 +401,7 @@ void run_perplexity(const PplArgs& a) {
           }
       }
       logits.resize(std::max<size_t>(1, b.logit_rows.size()) * V);
-      if (ep) {  // the agreement round that precedes every forward (engine::Generator)
-        int64_t active = 1;
-        ep->comm->all_reduce(&active, 1, comm::ReduceOp::Max);
-      }
+      gen.agree(true, 0);  // the round that precedes every forward (engine::Generator)
       const double f0 = now();
       m.forward(b, pool, logits.data());
       forward_seconds += now() - f0;

@@ -32,13 +32,6 @@ void add_speculative_tokens_option(CLI::App* c, int64_t* v) {
       ->check(CLI::Range(int64_t{0}, int64_t{16}));
 }
 
-void check_speculative_single_process(int64_t speculative_tokens, int world_size,
-                                      const char* command) {
-  MS_CHECK(speculative_tokens == 0 || world_size == 1,
-           "--speculative-tokens is not supported by `moeserve ", command,
-           "` under mpirun (`moeserve serve` supports it); run one process or leave it at 0");
-}
-
 kv::KvDtype parse_kv_cache_dtype(const std::string& v) {
   kv::KvDtype d = kv::kDefaultKvDtype;
   MS_CHECK(kv::parse_kv_dtype(v, &d), "--kv-cache-dtype must be bf16, fp8 or f32, not '", v, "'");

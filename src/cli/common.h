@@ -17,10 +17,6 @@ namespace moeserve::cli {
 void add_kv_cache_dtype_option(CLI::App* c, std::string* v);
 // --speculative-tokens K (default 0: off).
 void add_speculative_tokens_option(CLI::App* c, int64_t* v);
-// The one line refusing speculative decoding under mpirun for `command` (generate, bench),
-// which supports it in one process only (serve supports it under mpirun); thrown on every rank.
-void check_speculative_single_process(int64_t speculative_tokens, int world_size,
-                                      const char* command);
 kv::KvDtype parse_kv_cache_dtype(const std::string& v);
 
 // --precision, the same in every command that computes (add_parallel_flags adds it): how the

@@ -121,14 +121,9 @@ void ClusterWorker::start_transfers() {
     }
     // The start of the prompt this rank holds already (its prefix cache) is not moved.
     if (cfg_.engine.prefix_caching) {
+      // (Under speculative decoding the keys also hold the token after each block: the
+      // handoff's tokens go on past the prompt, with the first generated one.)
       h.n_reused = kv_.match(h.tokens.data(), h.n_prompt / kv_.block_size(), &h.mine);
-      if (cfg_.engine.speculative_tokens > 0 && h.n_reused > 0) {
-        // The MTP module's row at a block's last position read the token after the block
-        // (not part of its key): the last block moves like the rest (Scheduler::reuse_prefix).
-        kv_.release({h.mine.back()});
-        h.mine.pop_back();
-        --h.n_reused;
-      }
     }
     if (!kv_.allocate(static_cast<int64_t>(h.blocks.size()) - h.n_reused, &h.mine)) {
       kv_.release(h.mine);  // wait, holding nothing

@@ -196,10 +196,12 @@ void ClusterWorker::run() {
       start_transfers();
     }
     expire_leases();
-    // The group agrees whether to step (and whether to stop): every rank of an
-    // expert-parallel group must run the same number of forwards.
-    int64_t flags[2] = {sched_->has_work() && (progressed || input) ? 1 : 0, stop_ ? 1 : 0};
-    if (group_.size() > 1) group_.all_reduce(flags, 2, comm::ReduceOp::Max);
+    // The group agrees whether to step (and whether to stop), and whether any rank may
+    // speculate in the step: every rank of an expert-parallel group must run the same number of
+    // forwards of the model and of its MTP module.
+    int64_t flags[3] = {sched_->has_work() && (progressed || input) ? 1 : 0, stop_ ? 1 : 0,
+                        sched_->may_speculate() ? 1 : 0};
+    if (group_.size() > 1) group_.all_reduce(flags, 3, comm::ReduceOp::Max);
     if (flags[1]) break;
     if (!flags[0]) {
       post_events();
@@ -209,7 +211,7 @@ void ClusterWorker::run() {
       continue;
     }
     try {
-      progressed = sched_->step(group_.size() > 1);
+      progressed = sched_->step(group_.size() > 1, flags[2] != 0);
     } catch (const std::exception&) {
       progressed = true;  // its requests failed; go on
     }

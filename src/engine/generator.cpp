@@ -85,9 +85,6 @@ std::vector<int32_t> Generator::generate_speculative(const std::vector<int32_t>&
                                                      const GenerateOptions& opt,
                                                      const std::function<void(int32_t)>& on_token,
                                                      GenerateStats* stats) {
-  MS_CHECK(!m_.expert_parallel(),
-           "speculative decoding (--speculative-tokens) is not supported under expert "
-           "parallelism (mpirun) yet");
   const int64_t P = static_cast<int64_t>(prompt.size()), k = opt.speculative_tokens;
   EngineConfig ec;
   ec.max_num_seqs = 1;
@@ -118,10 +115,16 @@ std::vector<int32_t> Generator::generate_speculative(const std::vector<int32_t>&
   r->on_finish = [&](const FinishEvent& e) { fin = e; };
   sched.add(1, r);
   // The prefill's time ends with the step that gave the first token (the MTP module's pass over
-  // the prompt and the first drafts included).
+  // the prompt and the first drafts included). Under expert parallelism each step is agreed on
+  // with the group (the other ranks follow it in drain(), or step their own sequences).
+  const bool ep = m_.expert_parallel() != nullptr;
   while (sched.has_work()) {
+    const Agreement g = agree(true, sched.may_speculate() ? k : 0);
+    MS_CHECK(g.mtp_forwards == 0 || g.mtp_forwards == k,
+             "the ranks disagree on --speculative-tokens (", k, " here, ", g.mtp_forwards,
+             " on another)");
     const bool first = out.empty();
-    sched.step();
+    sched.step(/*force_forward=*/ep, g.mtp_forwards > 0);
     if (first && !out.empty()) t1 = now();
   }
   MS_CHECK(fin.reason != FinishReason::Error, fin.error);
@@ -136,25 +139,34 @@ std::vector<int32_t> Generator::generate_speculative(const std::vector<int32_t>&
   return out;
 }
 
-bool Generator::any_active(bool mine) {
+Generator::Agreement Generator::agree(bool mine, int64_t mtp) {
   const model::ExpertParallel* ep = m_.expert_parallel();
-  if (!ep) return mine;
-  int64_t v = mine ? 1 : 0;
-  ep->comm->all_reduce(&v, 1, comm::ReduceOp::Max);
-  return v != 0;
+  if (!ep) return {mine, mtp};
+  int64_t v[2] = {mine ? 1 : 0, mtp};
+  ep->comm->all_reduce(v, 2, comm::ReduceOp::Max);
+  return {v[0] != 0, v[1]};
 }
 
 void Generator::forward(const model::Batch& b, kv::KvPool& kv, float* logits) {
-  any_active(true);
+  agree(true, 0);
   m_.forward(b, kv, logits);
 }
 
 void Generator::drain() {
   if (!m_.expert_parallel()) return;
   const model::ModelConfig& c = m_.config();
-  kv::KvPool kv(1, 1, c.num_hidden_layers, c.kv_cache_dim(), kv_dtype_);
+  // (A layer for the MTP module's rows, which the empty forwards write none of.)
+  kv::KvPool kv(1, 1, c.num_hidden_layers + (m_.has_mtp() ? 1 : 0), c.kv_cache_dim(), kv_dtype_);
   const model::Batch empty;
-  while (any_active(false)) m_.forward(empty, kv, nullptr);
+  for (;;) {
+    const Agreement g = agree(false, 0);
+    if (!g.active) break;
+    m_.forward(empty, kv, nullptr);
+    MS_CHECK(g.mtp_forwards == 0 || m_.has_mtp(),
+             "another rank decodes speculatively, and this one has not loaded the MTP module");
+    for (int64_t j = 0; j < g.mtp_forwards; ++j)
+      m_.forward_mtp(empty, nullptr, kv, nullptr, nullptr);
+  }
 }
 
 std::vector<double> Generator::score(const std::vector<int32_t>& ids, int64_t chunk) {

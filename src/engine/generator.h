@@ -18,7 +18,7 @@ struct GenerateOptions {
   std::vector<int32_t> stop_ids;  // generation ends after emitting one of these
   int64_t prefill_chunk = 512;    // prompt tokens per forward
   // Speculative decoding with the model's MTP module (0: off): tokens drafted per step, verified
-  // by one forward of the main model (engine::Scheduler). Not under expert parallelism.
+  // by one forward of the main model (engine::Scheduler).
   int64_t speculative_tokens = 0;
 };
 
@@ -29,9 +29,11 @@ struct GenerateStats {
   int64_t draft_tokens = 0, accepted_tokens = 0;                     // speculative decoding
 };
 
-// Under expert parallelism the ranks of the model's group step together: each forward is
-// preceded by an agreement round, and a rank that is done (or has nothing to run) calls
-// drain(), running empty forwards until every rank is done.
+// Under expert parallelism the ranks of the model's group step together: each step (a forward,
+// and under speculative decoding the MTP module's k forwards after it) is preceded by an
+// agreement round, and a rank that is done (or has nothing to run) calls drain(), running empty
+// steps until every rank is done. The round also tells how many MTP forwards the step has: k
+// where some rank speculates in it, else 0, so a draining rank follows either kind of step.
 class Generator {
  public:
   explicit Generator(model::Model& m, int64_t block_size = 16,
@@ -47,8 +49,18 @@ class Generator {
   std::vector<double> score(const std::vector<int32_t>& ids, int64_t chunk = 128);
 
   // Collective under expert parallelism (a no-op without): takes part in the other ranks'
-  // forwards with empty batches until all of them have called drain().
+  // forwards (and MTP forwards) with empty batches until all of them have called drain().
   void drain();
+
+  // The agreement round before a step under expert parallelism (without: this rank's own
+  // answer): whether any rank runs one (`mine`: this one does), and the most MTP forwards any
+  // rank's step has (`mtp`: this one's). A caller running forwards of its own (perplexity)
+  // calls agree(true, 0) before each, so that the ranks in drain() follow.
+  struct Agreement {
+    bool active = false;
+    int64_t mtp_forwards = 0;
+  };
+  Agreement agree(bool mine, int64_t mtp);
 
  private:
   void forward(const model::Batch& b, kv::KvPool& kv, float* logits);
@@ -56,7 +68,6 @@ class Generator {
                                             const GenerateOptions& opt,
                                             const std::function<void(int32_t)>& on_token,
                                             GenerateStats* stats);
-  bool any_active(bool mine);
 
   model::Model& m_;
   int64_t block_size_;

@@ -99,6 +99,8 @@ Scheduler::Scheduler(model::Model& m, const EngineConfig& cfg, kv::KvPool& kv)
     model_.load_mtp();
     MS_CHECK(kv_.n_layers() > m.config().num_hidden_layers,
              "speculative decoding needs a KV pool with a layer for the MTP module");
+    // A block's MTP row at its last position read the token after the block: part of its key.
+    kv_.set_key_next_token(true);
     MS_CHECK(kv_.n_blocks() * kv_.block_size() >= cfg_.max_model_len + cfg_.speculative_tokens,
              "the KV cache (", kv_.n_blocks(), " blocks of ", kv_.block_size(),
              " tokens) cannot hold one sequence of --max-model-len ", cfg_.max_model_len,
@@ -204,21 +206,17 @@ void Scheduler::preempt(Seq& s) {
 void Scheduler::reuse_prefix(Seq& s) {
   if (!cfg_.prefix_caching || !s.blocks.empty()) return;
   const int64_t n_tokens = static_cast<int64_t>(s.tokens.size());
-  int64_t k = kv_.match(s.tokens.data(), (n_tokens - 1) / kv_.block_size(), &s.blocks);
-  if (s.spec && k > 0) {
-    // The MTP module's row at a block's last position read the token after the block, which
-    // is not part of the block's key: the last block is computed again.
-    kv_.release({s.blocks.back()});
-    s.blocks.pop_back();
-    --k;
-  }
+  // (Under speculative decoding the keys also hold the token after each block, which the
+  // sequence has: its last token is never in a matched block.)
+  const int64_t k = kv_.match(s.tokens.data(), (n_tokens - 1) / kv_.block_size(), &s.blocks);
   s.computed = k * kv_.block_size();
   s.n_published = k;
 }
 
 void Scheduler::publish_blocks(Seq& s) {
   // Under speculative decoding a published block holds the MTP module's rows too, which only
-  // speculating sequences write.
+  // speculating sequences write, and its key the token after it (which a full block's sequence
+  // has: `computed` stays short of its last token).
   if (!cfg_.prefix_caching || (cfg_.speculative_tokens > 0 && !s.spec)) return;
   const int64_t bs = kv_.block_size();
   while ((s.n_published + 1) * bs <= s.computed) {
@@ -226,23 +224,11 @@ void Scheduler::publish_blocks(Seq& s) {
     if (!kv_.is_published(s.blocks[i])) {
       const int32_t parent = i > 0 ? s.blocks[i - 1] : -1;
       if (parent >= 0 && !kv_.is_published(parent)) return;  // after a collision: stop here
-      if (cfg_.speculative_tokens > 0 && equal_published(s, i)) {
-        // Publishing would swap ours for that block, whose MTP row at its last position may
-        // have read another next token: ours stays unpublished, and so do those after it.
-        ++s.n_published;
-        continue;
-      }
+      MS_ASSERT(!kv_.key_next_token() || static_cast<int64_t>(s.tokens.size()) > (i + 1) * bs);
       s.blocks[i] = kv_.publish(s.blocks[i], parent, s.tokens.data() + i * bs);
     }
     ++s.n_published;
   }
-}
-
-bool Scheduler::equal_published(Seq& s, int64_t i) {
-  std::vector<int32_t> probe;
-  const int64_t k = kv_.match(s.tokens.data(), i + 1, &probe);
-  kv_.release(probe);
-  return k == i + 1;
 }
 
 void Scheduler::sweep() {
@@ -363,8 +349,19 @@ void Scheduler::draft(const std::vector<Seq*>& seqs, const std::vector<int64_t>&
   for (Seq* s : seqs) trim_blocks(*s, static_cast<int64_t>(s->tokens.size() + s->drafts.size()));
 }
 
-bool Scheduler::step(bool force_forward) {
+bool Scheduler::may_speculate() const {
+  for (const auto& s : running_)
+    if (s->spec && !s->done) return true;
+  for (const auto& s : waiting_)
+    if (s->spec && !s->done) return true;
+  return false;
+}
+
+bool Scheduler::step(bool force_forward, bool group_speculates) {
   sweep();
+  // (Where the group agreed that nobody speculates, this rank does not either.)
+  MS_ASSERT(group_speculates || !model_.expert_parallel() || !may_speculate());
+  group_spec_ = group_speculates;
   const int64_t V = model_.config().vocab_size, H = model_.config().hidden_size;
   // 1. Schedule. Running sequences that finished their prompt decode one token each (with their
   // drafts, under speculative decoding); those still prefilling, then newly admitted ones, share
@@ -550,7 +547,8 @@ bool Scheduler::step(bool force_forward) {
   }
 
   // 4. The MTP module over the positions each speculating sequence computed, then its drafts.
-  // Under expert parallelism every rank runs it, with or without rows of its own.
+  // Under expert parallelism every rank runs it, with or without rows of its own, unless the
+  // group agreed that nobody speculates.
   if (any_spec || mtp_lockstep()) {
     model::Batch mb;
     std::vector<float> h_in;

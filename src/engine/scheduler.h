@@ -18,12 +18,13 @@
 // `computed` and written over later. Requests whose logits are processed (penalties,
 // logit_bias, min_tokens, a constraint) or that ask for logprobs decode without speculation.
 // Under expert parallelism the module's MoE layer exchanges tokens with the group like the
-// main model's, so every step of every rank runs it k times (the catch-up and k - 1 chained
-// drafts), empty where the rank has nothing to draft. A prefill-only scheduler runs the module
-// too and hands its drafts over with the sequence. With prefix caching, a block holds the
-// module's rows as well, and its last row read the token after the block (outside the key):
-// only speculating sequences publish (after the module's rows), a hit computes its last
-// matched block again, and a block whose key is published already stays unpublished.
+// main model's, so a step runs it k times on every rank (the catch-up and k - 1 chained
+// drafts), empty where the rank has nothing to draft, unless the group agreed beforehand that
+// no rank speculates (may_speculate(), step()'s group_speculates): then none. A prefill-only
+// scheduler runs the module too and hands its drafts over with the sequence. With prefix
+// caching, a block holds the module's rows as well, and its last row read the token after the
+// block, so the pool's keys hold that token too (KvPool::set_key_next_token): only speculating
+// sequences publish (after the module's rows), and a hit is exact, to its last matched block.
 //
 // Single-threaded: the owner (engine::Engine's thread, or a cluster rank's loop) calls
 // everything. Request callbacks run inside step() and cancel().
@@ -76,7 +77,13 @@ class Scheduler {
   // One forward over what is runnable. Returns false when nothing was; then, with
   // `force_forward` (the ranks of an expert-parallel group step together), it still runs an
   // empty forward. A failed forward fails the requests in it and rethrows.
-  bool step(bool force_forward = false);
+  // `group_speculates` (expert parallelism under speculative decoding): whether any rank of the
+  // group may_speculate() this step, which the ranks agree on before it (a max over the group):
+  // then every rank runs the MTP module k times, else none does. Ignored in one process.
+  bool step(bool force_forward = false, bool group_speculates = true);
+  // Whether a sequence here (running or waiting) speculates, so that this step may run the MTP
+  // module: what a rank brings to the group's agreement before a step.
+  bool may_speculate() const;
 
   // On a prefill-only scheduler (a prefill rank), sequences stop after their first token and
   // go here instead of decoding on (unless that token already finished them). Under
@@ -111,16 +118,14 @@ class Scheduler {
   void reuse_prefix(Seq& s);    // a sequence with no blocks takes the cached start of its tokens
   void drop_blocks(Seq& s);     // releases its blocks; it starts again from position 0
   void publish_blocks(Seq& s);  // publishes its computed full blocks
-  // Whether a block holding s's tokens of block i (after its blocks before) is published.
-  bool equal_published(Seq& s, int64_t i);
   void preempt(Seq& s);
   void sweep();            // drops finished sequences
   void hand_over(Seq& s);  // prefill-only: to on_prefilled, with its blocks and drafts
   bool speculates(const Request& r) const;
-  // Every step runs the MTP module k times, rows or not: the group's ranks exchange tokens in
-  // its MoE layer (speculative decoding under expert parallelism).
+  // This step runs the MTP module k times, rows or not: the group's ranks exchange tokens in
+  // its MoE layer (speculative decoding under expert parallelism, some rank speculating).
   bool mtp_lockstep() const {
-    return cfg_.speculative_tokens > 0 && model_.expert_parallel() != nullptr;
+    return cfg_.speculative_tokens > 0 && model_.expert_parallel() != nullptr && group_spec_;
   }
   // Reports a generated token and finishes the sequence when it ends it; true when it did.
   bool emit(Seq& s, TokenEvent ev, const float* logits_row);
@@ -133,6 +138,7 @@ class Scheduler {
   EngineConfig cfg_;
   kv::KvPool& kv_;
   bool prefill_only_ = false;
+  bool group_spec_ = true;                     // this step's group_speculates
   std::vector<std::unique_ptr<Seq>> running_;  // admitted, in admission order
   std::deque<std::unique_ptr<Seq>> waiting_;   // not admitted (or preempted), FIFO
   int64_t preemptions_ = 0, steps_ = 0, prompt_tokens_ = 0, generated_tokens_ = 0;

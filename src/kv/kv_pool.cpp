@@ -105,6 +105,7 @@ KvPool::KvPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t k
       block_size_(block_size),
       n_layers_(n_layers),
       kv_dim_(kv_dim),
+      key_len_(block_size),
       dtype_(dtype),
       row_bytes_(kv_row_bytes(dtype, kv_dim)),
       mem_(checked_bytes(n_blocks, block_size, n_layers, row_bytes_), "the KV cache") {
@@ -193,7 +194,14 @@ bool KvPool::holds(int32_t b, int32_t parent, const int32_t* tokens) const {
   const Meta& m = meta_[b];
   if (!m.published || m.parent != parent) return false;
   if (parent >= 0 && m.parent_generation != meta_[parent].generation) return false;
-  return std::equal(tokens, tokens + block_size_, tokens_.begin() + b * block_size_);
+  return std::equal(tokens, tokens + key_len_, tokens_.begin() + b * key_len_);
+}
+
+void KvPool::set_key_next_token(bool on) {
+  if (on == key_next_token()) return;
+  MS_CHECK(index_.empty(), "the KV pool's keys change only before anything is published");
+  key_len_ = block_size_ + (on ? 1 : 0);
+  tokens_.clear();
 }
 
 int64_t KvPool::match(const int32_t* tokens, int64_t max_blocks, std::vector<int32_t>* out) {
@@ -202,7 +210,7 @@ int64_t KvPool::match(const int32_t* tokens, int64_t max_blocks, std::vector<int
   int64_t k = 0;
   for (; k < max_blocks; ++k) {
     const int32_t* t = tokens + k * block_size_;
-    key = prefix_block_key(key, t, block_size_);
+    key = prefix_block_key(key, t, key_len_);
     const auto it = index_.find(key);
     if (it == index_.end() || !holds(it->second, parent, t)) break;
     parent = it->second;
@@ -215,7 +223,7 @@ int64_t KvPool::match(const int32_t* tokens, int64_t max_blocks, std::vector<int
 int32_t KvPool::publish(int32_t block, int32_t parent, const int32_t* tokens) {
   MS_ASSERT(block >= 0 && block < n_blocks_ && meta_[block].refs > 0 && !meta_[block].published);
   MS_ASSERT(parent < n_blocks_ && (parent < 0 || meta_[parent].published));
-  const uint64_t key = prefix_block_key(parent < 0 ? 0 : meta_[parent].key, tokens, block_size_);
+  const uint64_t key = prefix_block_key(parent < 0 ? 0 : meta_[parent].key, tokens, key_len_);
   const auto it = index_.find(key);
   if (it != index_.end()) {
     const int32_t other = it->second;
@@ -229,8 +237,8 @@ int32_t KvPool::publish(int32_t block, int32_t parent, const int32_t* tokens) {
   m.key = key;
   m.parent = parent;
   m.parent_generation = parent < 0 ? 0 : meta_[parent].generation;
-  if (tokens_.empty()) tokens_.resize(static_cast<size_t>(n_blocks_ * block_size_));
-  std::copy(tokens, tokens + block_size_, tokens_.begin() + block * block_size_);
+  if (tokens_.empty()) tokens_.resize(static_cast<size_t>(n_blocks_ * key_len_));
+  std::copy(tokens, tokens + key_len_, tokens_.begin() + block * key_len_);
   index_.emplace(key, block);
   return block;
 }

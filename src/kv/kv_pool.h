@@ -17,7 +17,9 @@
 // released first, only when allocate() finds no never-used or unpublished free block. The cached
 // bits depend only on the tokens, the model and the pool's dtype and block size (the numerical
 // contract, docs/design.md), and a pool has one model, dtype and block size, so the tokens are
-// the whole key.
+// the whole key. Under speculative decoding a block also holds the MTP module's rows, and the
+// one at its last position read the token after the block: then that token is part of the key
+// too (set_key_next_token).
 #pragma once
 
 #include <cstddef>
@@ -75,6 +77,11 @@ class KvPool {
   // different prefix already holds the same key (a hash collision), `block` stays unpublished
   // and is returned; is_published() tells.
   int32_t publish(int32_t block, int32_t parent, const int32_t* tokens);
+  // With `on`, a block's key also holds the token after it: match() and publish() then read
+  // one token past each block (tokens[k * block_size] for match's k-th, tokens[block_size] for
+  // publish), which the caller must have. Set before anything is published.
+  void set_key_next_token(bool on);
+  bool key_next_token() const { return key_len_ > block_size_; }
   bool is_published(int32_t block) const { return meta_[block].published; }
   // Published blocks (held or not), and those of them nobody holds (evictable).
   int64_t n_cached() const { return static_cast<int64_t>(index_.size()); }
@@ -111,6 +118,7 @@ class KvPool {
 
  private:
   int64_t n_blocks_, block_size_, n_layers_, kv_dim_;
+  int64_t key_len_;  // tokens in a block's key: block_size_, or one more (set_key_next_token)
   KvDtype dtype_;
   int64_t row_bytes_;
   uint8_t* data() const { return reinterpret_cast<uint8_t*>(mem_.data()); }
@@ -135,7 +143,7 @@ class KvPool {
 
   std::vector<int32_t> free_;    // stack of free, unpublished block ids
   std::vector<Meta> meta_;       // [n_blocks]
-  std::vector<int32_t> tokens_;  // [n_blocks][block_size]: a published block's token ids
+  std::vector<int32_t> tokens_;  // [n_blocks][key_len]: a published block's key's token ids
   std::unordered_map<uint64_t, int32_t> index_;  // key -> published block
   int32_t lru_head_ = -1, lru_tail_ = -1;        // oldest, newest
   int64_t lru_size_ = 0;

@@ -232,6 +232,48 @@ TEST(KvPool, PublishingADuplicateReturnsThePublishedBlock) {
 // Eviction: only when no never-used (or unpublished) block is free, least recently released
 // first, a sequence's last block before its first; an evicted block is published again under
 // its new prefix.
+// Keys with the token after each block (speculative decoding): a match needs that token too,
+// and the same tokens going on differently are two blocks, each chained on.
+TEST(KvPool, KeysWithTheNextTokenTellContinuationsApart) {
+  kv::KvPool pool(8, 2, 1, 4);
+  pool.set_key_next_token(true);
+  EXPECT_TRUE(pool.key_next_token());
+  const std::vector<int32_t> a = {1, 2, 3, 4, 5}, b = {1, 2, 9, 4, 5};
+  std::vector<int32_t> x, y;
+  ASSERT_TRUE(pool.allocate(2, &x));
+  ASSERT_TRUE(pool.allocate(2, &y));
+  EXPECT_EQ(pool.publish(x[0], -1, a.data()), x[0]);
+  EXPECT_EQ(pool.publish(x[1], x[0], a.data() + 2), x[1]);
+  // b's first block holds a's tokens but reads 9 after them: published too, and b's second
+  // block chains on to it.
+  EXPECT_EQ(pool.publish(y[0], -1, b.data()), y[0]);
+  EXPECT_TRUE(pool.is_published(y[0]));
+  EXPECT_EQ(pool.publish(y[1], y[0], b.data() + 2), y[1]);
+  EXPECT_EQ(pool.n_cached(), 4);
+  std::vector<int32_t> got;
+  EXPECT_EQ(pool.match(b.data(), 2, &got), 2);
+  EXPECT_EQ(got, y);
+  pool.release(got);
+  got.clear();
+  EXPECT_EQ(pool.match(a.data(), 2, &got), 2);
+  EXPECT_EQ(got, x);
+  pool.release(got);
+  got.clear();
+  // {1, 2} then 7: neither block.
+  const std::vector<int32_t> c = {1, 2, 7};
+  EXPECT_EQ(pool.match(c.data(), 1, &got), 0);
+  // The same block and next token: the published one is returned.
+  std::vector<int32_t> z;
+  ASSERT_TRUE(pool.allocate(1, &z));
+  EXPECT_EQ(pool.publish(z[0], -1, a.data()), x[0]);
+  pool.release({x[0]});
+  pool.release(x);
+  pool.release(y);
+  EXPECT_EQ(pool.n_used(), 0);
+  // The keys change only while nothing is published.
+  EXPECT_THROW(pool.set_key_next_token(false), Error);
+}
+
 TEST(KvPool, EvictsLeastRecentlyReleasedOnlyWhenNothingElseIsFree) {
   kv::KvPool pool(4, 1, 1, 4);
   const std::vector<int32_t> a = {10, 11}, b = {20};

@@ -404,6 +404,67 @@ TEST(Speculative, PrefixCacheHitsKeepTheDrafts) {
   }
 }
 
+// A request that took its start from the cache publishes its own later blocks: a chat's third
+// turn finds the blocks of the first two (the first's, then those the second computed after
+// it), and gives what a cold cache gives. The pool's keys hold the token after each block, so a
+// block whose MTP row read another next token (the same tokens went on differently) is not
+// taken, and both can be published.
+TEST(Speculative, PrefixCacheHitPublishesItsLaterBlocks) {
+  ThreadPool pool(2);
+  model::Model m(trained_dir(), pool);
+  const int V = static_cast<int>(m.config().vocab_size);
+  const engine::SamplingParams greedy;
+  engine::EngineConfig ec;
+  ec.max_num_seqs = 4;
+  ec.max_model_len = 256;
+  ec.max_batch_tokens = 64;
+  ec.speculative_tokens = 2;
+  engine::Engine warm(m, ec);
+  auto hits = [&] { return warm.stats().prefix_hit_tokens; };
+  // Turn 1: 40 prompt tokens, 21 generated (blocks 0-2 full and published).
+  const std::vector<int32_t> p = prompt_of(40, 3, V);
+  const Ran a = run_one(warm, p, 21, greedy);
+  // Turn 2: all of turn 1 and 5 more tokens (66), 24 generated: it takes blocks 0-2 and
+  // computes and publishes blocks 3 and 4 (positions 48-79).
+  std::vector<int32_t> turn2 = p;
+  turn2.insert(turn2.end(), a.out.begin(), a.out.end());
+  for (int32_t t : prompt_of(5, 9, V)) turn2.push_back(t);
+  int64_t before = hits();
+  const Ran b = run_one(warm, turn2, 24, greedy);
+  EXPECT_EQ(hits() - before, 48);
+  // Turn 3: all of turn 2 and 3 more (93): blocks 0-4 from the cache, 80 tokens.
+  std::vector<int32_t> turn3 = turn2;
+  turn3.insert(turn3.end(), b.out.begin(), b.out.end());
+  for (int32_t t : prompt_of(3, 10, V)) turn3.push_back(t);
+  ASSERT_EQ(turn3.size(), 93u);
+  before = hits();
+  const Ran c = run_one(warm, turn3, 12, greedy);
+  EXPECT_EQ(hits() - before, 80);
+  engine::Engine cold_engine(m, ec);
+  const Ran cold = run_one(cold_engine, turn3, 12, greedy);
+  EXPECT_EQ(c.out, cold.out);
+  EXPECT_EQ(c.drafts, cold.drafts);
+  EXPECT_EQ(c.accepted, cold.accepted);
+  // The same 32 tokens going on with another token: the block ending there is published twice
+  // (once per next token), and a request on the second continuation takes both blocks.
+  std::vector<int32_t> fork(p.begin(), p.begin() + 32);
+  for (int32_t t : prompt_of(9, 7, V)) fork.push_back(t);
+  ASSERT_NE(fork[32], p[32]);
+  before = hits();
+  const Ran fo = run_one(warm, fork, 20, greedy);
+  EXPECT_EQ(hits() - before, 16);  // block 0 only: block 1 read p[32] after it
+  // fork's first 49 tokens (with its output), then another: blocks 0-2.
+  std::vector<int32_t> fork2 = fork;
+  fork2.insert(fork2.end(), fo.out.begin(), fo.out.begin() + 8);
+  ASSERT_EQ(fork2.size(), 49u);
+  fork2.push_back(1);
+  before = hits();
+  const Ran f = run_one(warm, fork2, 8, greedy);
+  EXPECT_EQ(hits() - before, 48);  // blocks 0-2, fork's own block 1 among them
+  engine::Engine cold2(m, ec);
+  EXPECT_EQ(f.out, run_one(cold2, fork2, 8, greedy).out);
+}
+
 namespace {
 
 double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& p, int* df) {
