@@ -73,32 +73,62 @@ Global make_batch(const Case& c, int n, uint64_t seed) {
   return g;
 }
 
+// One case on this rank: the global batch, the experts, the placement, and the reference over
+// the whole batch; run() and run_overlapped() give this rank's rows, same() compares them.
+struct RankCase {
+  const Case& cs;
+  const Global g;
+  const FakeExperts fx;
+  const Placement pl;
+  const int64_t t0, nt;
+
+  RankCase(const Case& c, int n, int me, uint64_t batch_seed, uint64_t expert_seed)
+      : cs(c),
+        g(make_batch(c, n, batch_seed)),
+        fx(c.E, c.H, 8, expert_seed),
+        pl(c.placement(n, g.ex)),
+        t0(g.first[me]),
+        nt(g.first[me + 1] - g.first[me]) {}
+  const int32_t* ex() const { return g.ex.data() + t0 * cs.K; }
+  const float* wt() const { return g.wt.data() + t0 * cs.K; }
+  // The single-process layer over every token, of hidden rows h (g.h unless given).
+  std::vector<float> reference(const float* h = nullptr) const {
+    std::vector<float> out(g.N * cs.H);
+    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), h ? h : g.h.data(),
+                                     out.data());
+    return out;
+  }
+  std::vector<float> run(Dispatcher& d) const {
+    std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
+    moeserve::testing::ep_moe(d, pl, fx, nt, cs.K, ex(), wt(), g.h.data() + t0 * cs.H, got.data());
+    return got;
+  }
+  std::vector<float> run_overlapped(Dispatcher& d0, Dispatcher& d1) const {
+    std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
+    moeserve::testing::ep_moe_overlapped(d0, d1, pl, fx, nt, cs.K, ex(), wt(),
+                                         g.h.data() + t0 * cs.H, got.data());
+    return got;
+  }
+  // This rank's rows of `all` (a reference over every token), bit for bit.
+  bool same(const std::vector<float>& got, const std::vector<float>& all) const {
+    return std::memcmp(got.data(), all.data() + t0 * cs.H, got.size() * sizeof(float)) == 0;
+  }
+};
+
 void run_case(Communicator& c, Checker& ck, const Case& cs, DispatchMode mode, Dispatcher& d) {
   const int n = c.size(), me = c.rank();
-  const Global g = make_batch(cs, n, 1000 + cs.E * 7 + cs.K);
-  const FakeExperts fx(cs.E, cs.H, 8, 42 + cs.E);
-  const Placement pl = cs.placement(n, g.ex);
-  std::vector<float> want(g.N * cs.H);
-  moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
-                                   want.data());
-
-  const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
-  std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
-  const int32_t* ex = g.ex.data() + t0 * cs.K;
-  const float* wt = g.wt.data() + t0 * cs.K;
-  const float* h = g.h.data() + t0 * cs.H;
-  moeserve::testing::ep_moe(d, pl, fx, nt, cs.K, ex, wt, h, got.data());
-  const bool same =
-      std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0;
-  CHECK_MSG(ck, same, cs.name + (mode == DispatchMode::PerRank ? " PerRank" : " PerExpert"));
+  const RankCase rc(cs, n, me, 1000 + cs.E * 7 + cs.K, 42 + cs.E);
+  CHECK_MSG(ck, rc.same(rc.run(d), rc.reference()),
+            cs.name + (mode == DispatchMode::PerRank ? " PerRank" : " PerExpert"));
 
   // Plan invariants across ranks: what is sent arrives, each row once per pair or per rank.
-  const DispatchPlan p = d.plan(pl, nt, cs.K, cs.H, ex, wt);
+  const int64_t nt = rc.nt;
+  const DispatchPlan p = d.plan(rc.pl, nt, cs.K, cs.H, rc.ex(), rc.wt());
   int64_t sums[3] = {p.n_pairs_sent(), p.n_recv(), nt * cs.K};
   c.all_reduce(sums, 3, ReduceOp::Sum);
   CHECK(ck, sums[0] == sums[1] && sums[0] == sums[2]);
   CHECK(ck, p.n_rows_sent() <= p.n_pairs_sent() && p.n_rows_sent() >= (nt ? 1 : 0));
-  CHECK(ck, p.n_slots == static_cast<int32_t>(pl.experts_on(me).size()));
+  CHECK(ck, p.n_slots == static_cast<int32_t>(rc.pl.experts_on(me).size()));
 }
 
 std::vector<Case> cases() {
@@ -152,19 +182,8 @@ void test_overlapped(Communicator& c, Checker& ck, DispatchMode mode, Transport 
   const int n = c.size(), me = c.rank();
   Dispatcher d0(c, mode, transport), d1(c, mode, transport);
   for (const Case& cs : cases()) {
-    const Global g = make_batch(cs, n, 2000 + cs.E * 3 + cs.K);
-    const FakeExperts fx(cs.E, cs.H, 8, 7 + cs.E);
-    const Placement pl = cs.placement(n, g.ex);
-    std::vector<float> want(g.N * cs.H);
-    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
-                                     want.data());
-    const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
-    std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
-    moeserve::testing::ep_moe_overlapped(d0, d1, pl, fx, nt, cs.K, g.ex.data() + t0 * cs.K,
-                                         g.wt.data() + t0 * cs.K, g.h.data() + t0 * cs.H,
-                                         got.data());
-    CHECK_MSG(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, got.size() * sizeof(float)) == 0,
-              cs.name + " overlapped");
+    const RankCase rc(cs, n, me, 2000 + cs.E * 3 + cs.K, 7 + cs.E);
+    CHECK_MSG(ck, rc.same(rc.run_overlapped(d0, d1), rc.reference()), cs.name + " overlapped");
   }
   // A finish without its start, or a second start while one is in flight: an error.
   const Placement pl = contiguous(16, n);
@@ -191,33 +210,18 @@ void test_fp8(Communicator& c, Checker& ck, DispatchMode mode) {
   d1.set_fp8_dispatch(true);
   int64_t differs = 0;
   for (const Case& cs : cases()) {
-    const Global g = make_batch(cs, n, 3000 + cs.E * 5 + cs.K);
-    const FakeExperts fx(cs.E, cs.H, 8, 11 + cs.E);
-    const Placement pl = cs.placement(n, g.ex);
-    std::vector<float> h8(g.h.size()), want(g.N * cs.H), exact(g.N * cs.H);
+    const RankCase rc(cs, n, me, 3000 + cs.E * 5 + cs.K, 11 + cs.E);
+    std::vector<float> h8(rc.g.h.size());
     std::vector<uint8_t> q(cs.H);
-    for (int64_t t = 0; t < g.N; ++t) {
-      const float scale = moeserve::moe::fp8_quantize_row(&g.h[t * cs.H], cs.H, q.data());
+    for (int64_t t = 0; t < rc.g.N; ++t) {
+      const float scale = moeserve::moe::fp8_quantize_row(&rc.g.h[t * cs.H], cs.H, q.data());
       moeserve::moe::fp8_dequantize_row(q.data(), scale, cs.H, &h8[t * cs.H]);
     }
-    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), h8.data(),
-                                     want.data());
-    moeserve::testing::reference_moe(fx, g.N, cs.K, g.ex.data(), g.wt.data(), g.h.data(),
-                                     exact.data());
-    const int64_t t0 = g.first[me], nt = g.first[me + 1] - t0;
-    const size_t bytes = nt * cs.H * sizeof(float);
+    const std::vector<float> want = rc.reference(h8.data()), exact = rc.reference();
     for (const bool overlapped : {false, true}) {
-      std::vector<float> got(nt * cs.H, std::numeric_limits<float>::quiet_NaN());
-      const int32_t* ex = g.ex.data() + t0 * cs.K;
-      const float* wt = g.wt.data() + t0 * cs.K;
-      const float* h = g.h.data() + t0 * cs.H;
-      if (overlapped)
-        moeserve::testing::ep_moe_overlapped(d0, d1, pl, fx, nt, cs.K, ex, wt, h, got.data());
-      else
-        moeserve::testing::ep_moe(d0, pl, fx, nt, cs.K, ex, wt, h, got.data());
-      CHECK_MSG(ck, std::memcmp(got.data(), want.data() + t0 * cs.H, bytes) == 0,
-                cs.name + (overlapped ? " fp8 overlapped" : " fp8"));
-      differs += std::memcmp(got.data(), exact.data() + t0 * cs.H, bytes) != 0;
+      const std::vector<float> got = overlapped ? rc.run_overlapped(d0, d1) : rc.run(d0);
+      CHECK_MSG(ck, rc.same(got, want), cs.name + (overlapped ? " fp8 overlapped" : " fp8"));
+      differs += !rc.same(got, exact);
     }
   }
   c.all_reduce(&differs, 1, ReduceOp::Sum);
