@@ -168,32 +168,35 @@ def transport_case(args):
 
 def ep_case(args, tmp):
     print("== expert parallelism, 2 hosts x 2 ranks", flush=True)
+
+    one_process = {}  # what -> its output in one process
+
+    def same_as_one_process(what, extra, label):
+        """`moeserve WHAT` on 4 ranks over the hosts (with EXTRA) prints one process's bytes."""
+        if tuple(what) not in one_process:
+            one_process[tuple(what)] = subprocess.run([args.moeserve] + what, capture_output=True,
+                                                      text=True, check=True).stdout
+        ref = one_process[tuple(what)]
+        rc, out, err = tb_run(["-np", "4", args.moeserve] + what + ["--threads", "1"] + extra)
+        check(rc == 0 and out == ref and out, f"{label}: bit-identical to one process"
+              + ("" if rc == 0 else f" (rc {rc}: {err[-500:]})"))
+
     ids = "5,17,200,2,2,2,41,7,99,123,64,1,0,255"
     for name in ("v3_tiny", "v3_fp8_tiny"):
         model = os.path.join(SRC, "tests", "fixtures", "models", name)
         for what in (["score", "--model", model, "--ids", ids],
                      ["generate", "--model", model, "--prompt-ids", "3,1,4,1,5", "--max-tokens",
                       "10", "--json", "--ignore-eos"]):
-            ref = subprocess.run([args.moeserve] + what, capture_output=True, text=True,
-                                 check=True).stdout
             for red in ("0", "3"):
-                rc, out, err = tb_run(["-np", "4", args.moeserve] + what +
-                                      ["--threads", "1", "--redundant-experts", red])
-                check(rc == 0 and out == ref and out,
-                      f"{what[0]} {name}, redundant {red}: bit-identical to one process"
-                      + ("" if rc == 0 else f" (rc {rc}: {err[-500:]})"))
+                same_as_one_process(what, ["--redundant-experts", red],
+                                    f"{what[0]} {name}, redundant {red}")
     # A prompt long enough for overlapped micro-batches (--ep-overlap; 64 tokens and more),
     # exchanged across the hosts through TCP: on and off bit-identical to one process.
     model = os.path.join(SRC, "tests", "fixtures", "models", "v3_tiny")
     score = ["score", "--model", model, "--ids", ",".join(str(3 * i % 250) for i in range(100))]
-    ref = subprocess.run([args.moeserve] + score, capture_output=True, text=True,
-                         check=True).stdout
     for overlap in ("on", "off"):
-        rc, out, err = tb_run(["-np", "4", args.moeserve] + score +
-                              ["--threads", "1", "--ep-overlap", overlap])
-        check(rc == 0 and out == ref and out,
-              f"score of 100 tokens, --ep-overlap {overlap}: bit-identical to one process"
-              + ("" if rc == 0 else f" (rc {rc}: {err[-500:]})"))
+        same_as_one_process(score, ["--ep-overlap", overlap],
+                            f"score of 100 tokens, --ep-overlap {overlap}")
 
 
 def pd_cases(args, tmp, model, osc_ucx):
