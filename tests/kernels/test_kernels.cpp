@@ -2,8 +2,10 @@
 // for bit), against each other across ISAs, batch sizes and thread counts (bit for bit).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iostream>
 #include <memory>
 #include <random>
 #include <string>
@@ -26,6 +28,31 @@ std::vector<Isa> isas() {
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
     if (isa_available(isa)) v.push_back(isa);
   return v;
+}
+
+// The kernel tests run every ISA this CPU has (the "AllIsas" loops and the Isas/ suites); this
+// says which ones do not run here, and fails if a set the CPU has were left out.
+TEST(KernelIsas, WhichRunHere) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  const std::vector<Isa> run = isas();
+  auto runs = [&](Isa isa) { return std::find(run.begin(), run.end(), isa) != run.end(); };
+  EXPECT_TRUE(runs(Isa::Scalar));
+  EXPECT_EQ(runs(Isa::Avx2), avx2);
+  EXPECT_EQ(runs(Isa::Avx512), avx512);
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) EXPECT_TRUE(runs(Isa::Avx512Bf16));
+  std::string tested, not_here;
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
+    (runs(isa) ? tested : not_here) += std::string(" ") + isa_name(isa);
+  std::cout << "kernel tests run for:" << tested << "\n";
+  if (!not_here.empty())
+    std::cout << "NOT tested on this CPU (it lacks the instructions):" << not_here << "\n";
+  RecordProperty("isas_tested", tested);
+  RecordProperty("isas_not_on_this_cpu", not_here);
 }
 
 // A weight matrix with its own storage. Values uniform in [-1, 1] (fp8: the full e4m3 range
@@ -912,13 +939,10 @@ std::string int_shape(DType dt, DType sdt, int64_t group, int64_t m, int64_t n, 
   return ::testing::AssertionSuccess();
 }
 
-// One ISA's kernels on integer weights; skipped where the CPU lacks the ISA.
+// One ISA's kernels on integer weights, instantiated for the ISAs this CPU has
+// (KernelIsas.WhichRunHere names the others).
 class IntMatmul : public ::testing::TestWithParam<Isa> {
  protected:
-  void SetUp() override {
-    if (!isa_available(GetParam()))
-      GTEST_SKIP() << isa_name(GetParam()) << " is not available on this CPU";
-  }
   const KernelTable& table() const { return kernel_table(GetParam()); }
   const char* name() const { return isa_name(GetParam()); }
 
@@ -953,8 +977,7 @@ class IntMatmul : public ::testing::TestWithParam<Isa> {
   }
 };
 
-INSTANTIATE_TEST_SUITE_P(Isas, IntMatmul,
-                         ::testing::Values(Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16),
+INSTANTIATE_TEST_SUITE_P(Isas, IntMatmul, ::testing::ValuesIn(isas()),
                          [](const auto& info) { return std::string(isa_name(info.param)); });
 
 // Every scale dtype and group size (32, 64, 128 -- ragged at the end -- and the whole row), odd
