@@ -10,12 +10,12 @@ struct Avx2 {
   struct V {
     __m256 lo, hi;  // lanes 0-7, lanes 8-15
   };
-  static constexpr bool kFp8Direct = false;  // no cvt_fp8_direct
+  static constexpr bool kFp8Direct = true;
   static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
   static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 1;  // the same for fp8 rows
   static constexpr int kSumHeadsFp8 = 4,
                        kSumColsFp8 = 1;           // weighted_cached, fp8: outputs x 16 columns
-  static constexpr int kTileM = 2, kTileN = 2;    // 8 ymm accumulators
+  static constexpr int kTileM = 1, kTileN = 6;  // 12 ymm accumulators; x read once per 6 rows
   static constexpr int kTileTM = 2, kTileTN = 2;  // 8 ymm accumulators
   static constexpr int gemv_rows(int m) { return m == 1 ? 4 : m == 2 ? 2 : 1; }
 
@@ -89,6 +89,8 @@ struct Avx2 {
                                                 _mm256_set1_epi32(static_cast<int>(0x87f00000u))));
   }
   static V cvt_fp8_raw(const uint8_t* p) { return {fp8_raw8(p), fp8_raw8(p + 8)}; }
+  // cvt_fp8_raw times s = scale * 2^120: float(fp8) * scale rounded once (as kernels_avx512.cpp).
+  static V cvt_fp8_direct(const uint8_t* p, V s) { return mul(cvt_fp8_raw(p), s); }
   // NaN scan as kernels_avx512.cpp: running unsigned max of b | 0x80; 0xff marks a NaN.
   using NanAcc = __m256i;
   static NanAcc nan_init() { return _mm256_setzero_si256(); }
@@ -116,12 +118,25 @@ struct Avx2 {
         _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), off));
     return {_mm256_mul_ps(lo, s.lo), _mm256_mul_ps(hi, s.hi)};
   }
-  // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights.
+  // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights. The 16 bytes go to both
+  // halves of a ymm; one byte shuffle puts bytes 0-7 (another bytes 8-15) in the 8 dwords, and
+  // each dword gives its low nibble by a mask and its high one by a shift: two shuffles per 32
+  // weights instead of six widening ones.
   static void cvt_q4x2(const uint8_t* p, V s, V& lo, V& hi) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
-    const __m256i off = _mm256_set1_epi32(8);
-    lo = int16x(_mm_and_si128(b, m), off, s);
-    hi = int16x(_mm_and_si128(_mm_srli_epi16(b, 4), m), off, s);
+    const __m256i b =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i d0 = _mm256_shuffle_epi8(
+        b, _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1, 4, -1, -1,
+                            -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1));
+    const __m256i d1 = _mm256_shuffle_epi8(
+        b, _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1, 12, -1,
+                            -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1));
+    const __m256i m = _mm256_set1_epi32(15), off = _mm256_set1_epi32(8);
+    auto w = [&](__m256i n, __m256 sv) {
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(n, off)), sv);
+    };
+    lo = {w(_mm256_and_si256(d0, m), s.lo), w(_mm256_and_si256(d1, m), s.hi)};
+    hi = {w(_mm256_srli_epi32(d0, 4), s.lo), w(_mm256_srli_epi32(d1, 4), s.hi)};
   }
   static V cvt_q4(const uint8_t* p, int half, V s) {
     V lo, hi;
