@@ -11,11 +11,11 @@ struct Avx2 {
     __m256 lo, hi;  // lanes 0-7, lanes 8-15
   };
   static constexpr bool kFp8Direct = true;
-  static constexpr int kDotHeads = 4;        // dots: rows of a per pass (x 2 rows of b)
+  static constexpr int kDotHeads = 4;  // dots: rows of a per pass (x 2 rows of b)
   static constexpr int kDotHeadsFp8 = 4, kDotRowsFp8 = 1;  // the same for fp8 rows
   static constexpr int kSumHeadsFp8 = 4,
                        kSumColsFp8 = 1;           // weighted_cached, fp8: outputs x 16 columns
-  static constexpr int kTileM = 1, kTileN = 6;  // 12 ymm accumulators; x read once per 6 rows
+  static constexpr int kTileM = 1, kTileN = 6;    // 12 ymm accumulators; x read once per 6 rows
   static constexpr int kTileTM = 2, kTileTN = 2;  // 8 ymm accumulators
   static constexpr int gemv_rows(int m) { return m == 1 ? 4 : m == 2 ? 2 : 1; }
 
