@@ -111,13 +111,6 @@ struct Avx2 {
   static constexpr bool kPrepBf16 = false;  // no q4_prep_bf16 / q8_prep_bf16
   static V q8_prep(float scale) { return set1(scale); }
   static constexpr bool kQ8Fma = false;  // no cvt_q8_fma
-  // 16 values (bytes, or nibbles already isolated in bytes) minus `off`, times s.
-  static V int16x(__m128i b, __m256i off, V s) {
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), off));
-    const __m256 hi =
-        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), off));
-    return {_mm256_mul_ps(lo, s.lo), _mm256_mul_ps(hi, s.hi)};
-  }
   // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights. The 16 bytes go to both
   // halves of a ymm; one byte shuffle puts bytes 0-7 (another bytes 8-15) in the 8 dwords, and
   // each dword gives its low nibble by a mask and its high one by a shift: two shuffles per 32
@@ -143,8 +136,14 @@ struct Avx2 {
     cvt_q4x2(p, s, lo, hi);
     return half ? hi : lo;
   }
+  // Bytes 0-7 and 8-15 widened straight from memory (no shuffle to reach the upper 8).
   static V cvt_q8(const uint8_t* p, V s) {
-    return int16x(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), _mm256_set1_epi32(128), s);
+    const __m256i off = _mm256_set1_epi32(128);
+    auto w = [&](const uint8_t* q, __m256 sv) {
+      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), sv);
+    };
+    return {w(p, s.lo), w(p + 8, s.hi)};
   }
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {
