@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <random>
@@ -31,20 +32,27 @@ std::vector<Isa> isas() {
 }
 
 // The kernel tests run every ISA this CPU has (the "AllIsas" loops and the Isas/ suites); this
-// says which ones do not run here, and fails if a set the CPU has were left out.
+// says which ones do not run here, and fails if a set the CPU has were left out. What the CPU
+// has is read from the kernel's flags in /proc/cpuinfo, apart from the code under test.
 TEST(KernelIsas, WhichRunHere) {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq");
+  std::ifstream info("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(info, line) && line.rfind("flags", 0) != 0) {
+  }
+  ASSERT_FALSE(line.empty()) << "no flags line in /proc/cpuinfo";
+  line += ' ';
+  auto has = [&](const char* flag) {
+    return line.find(' ' + std::string(flag) + ' ') != line.npos;
+  };
+  const bool avx2 = has("avx2") && has("fma") && has("f16c");
+  const bool avx512 =
+      avx2 && has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq");
   const std::vector<Isa> run = isas();
   auto runs = [&](Isa isa) { return std::find(run.begin(), run.end(), isa) != run.end(); };
   EXPECT_TRUE(runs(Isa::Scalar));
   EXPECT_EQ(runs(Isa::Avx2), avx2);
   EXPECT_EQ(runs(Isa::Avx512), avx512);
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) EXPECT_TRUE(runs(Isa::Avx512Bf16));
+  if (avx512 && has("avx512_bf16")) EXPECT_TRUE(runs(Isa::Avx512Bf16));
   std::string tested, not_here;
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
     (runs(isa) ? tested : not_here) += std::string(" ") + isa_name(isa);

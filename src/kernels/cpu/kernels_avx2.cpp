@@ -111,6 +111,10 @@ struct Avx2 {
   static constexpr bool kPrepBf16 = false;  // no q4_prep_bf16 / q8_prep_bf16
   static V q8_prep(float scale) { return set1(scale); }
   static constexpr bool kQ8Fma = false;  // no cvt_q8_fma
+  // 8 stored values, one per dword, minus `off`, times s.
+  static __m256 int8x(__m256i u, __m256i off, __m256 s) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), s);
+  }
   // 16 bytes: their low nibbles (lo) and high nibbles (hi) as weights. The 16 bytes go to both
   // halves of a ymm; one byte shuffle puts bytes 0-7 (another bytes 8-15) in the 8 dwords, and
   // each dword gives its low nibble by a mask and its high one by a shift: two shuffles per 32
@@ -125,11 +129,8 @@ struct Avx2 {
         b, _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1, 12, -1,
                             -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1));
     const __m256i m = _mm256_set1_epi32(15), off = _mm256_set1_epi32(8);
-    auto w = [&](__m256i n, __m256 sv) {
-      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(n, off)), sv);
-    };
-    lo = {w(_mm256_and_si256(d0, m), s.lo), w(_mm256_and_si256(d1, m), s.hi)};
-    hi = {w(_mm256_srli_epi32(d0, 4), s.lo), w(_mm256_srli_epi32(d1, 4), s.hi)};
+    lo = {int8x(_mm256_and_si256(d0, m), off, s.lo), int8x(_mm256_and_si256(d1, m), off, s.hi)};
+    hi = {int8x(_mm256_srli_epi32(d0, 4), off, s.lo), int8x(_mm256_srli_epi32(d1, 4), off, s.hi)};
   }
   static V cvt_q4(const uint8_t* p, int half, V s) {
     V lo, hi;
@@ -139,11 +140,10 @@ struct Avx2 {
   // Bytes 0-7 and 8-15 widened straight from memory (no shuffle to reach the upper 8).
   static V cvt_q8(const uint8_t* p, V s) {
     const __m256i off = _mm256_set1_epi32(128);
-    auto w = [&](const uint8_t* q, __m256 sv) {
-      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), sv);
+    auto u = [](const uint8_t* q) {
+      return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
     };
-    return {w(p, s.lo), w(p + 8, s.hi)};
+    return {int8x(u(p), off, s.lo), int8x(u(p + 8), off, s.hi)};
   }
   // NaN-exact: NaN bytes become the quiet NaN of their sign.
   static V cvt_fp8(const uint8_t* p, V s256) {
