@@ -5,6 +5,8 @@
 #include <stdlib.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 #include "core/error.h"
@@ -41,6 +43,18 @@ void expect_error(Fn&& fn, std::initializer_list<std::string> fragments) {
       EXPECT_NE(msg.find(f), std::string::npos)
           << "message \"" << msg << "\" lacks \"" << f << "\"";
   }
+}
+
+// The whole file ("" when it cannot be read).
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Writes `bytes` as the whole file.
+inline void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 inline std::string source_dir() {

@@ -11,6 +11,14 @@
 
 namespace moeserve {
 
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  MS_CHECK(in, "cannot read ", path);
+  std::ostringstream os;
+  os << in.rdbuf();
+  return os.str();
+}
+
 nlohmann::json read_json_file(const std::string& path, size_t max_bytes) {
   struct stat st {};
   MS_CHECK(::stat(path.c_str(), &st) == 0, "cannot open ", path, ": ", std::strerror(errno));

@@ -1,5 +1,6 @@
-// Reading a JSON file named by a checkpoint or the user (config.json, an index): only a regular
-// file of bounded size is read, and a parse error names the byte, never the file's contents.
+// Reading files: a whole text file, or a JSON file named by a checkpoint or the user
+// (config.json, an index), of which only a regular file of bounded size is read, a parse error
+// naming the byte, never the file's contents.
 #pragma once
 
 #include <cstddef>
@@ -7,6 +8,9 @@
 #include <string>
 
 namespace moeserve {
+
+// The whole file at `path`; throws moeserve::Error when it cannot be read.
+std::string read_text_file(const std::string& path);
 
 // Parses the file at `path`; throws moeserve::Error when it is missing, not a regular file,
 // larger than max_bytes, unreadable, or not valid JSON.

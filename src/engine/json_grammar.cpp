@@ -8,7 +8,7 @@
 
 namespace moeserve::engine {
 
-using json = nlohmann::ordered_json;
+using ojson = nlohmann::ordered_json;
 
 namespace {
 
@@ -360,14 +360,14 @@ bool complete(const Grammar& g, const Stack& s) {
 // Schema -> nodes.
 class Compiler {
  public:
-  Compiler(const json& root, Grammar& g) : root_(root), g_(g) {}
+  Compiler(const ojson& root, Grammar& g) : root_(root), g_(g) {}
 
   int add(SNode n = {}) {
     g_.nodes.push_back(std::move(n));
     return static_cast<int>(g_.nodes.size()) - 1;
   }
 
-  int compile(const json& s, const std::string& at, int depth) {
+  int compile(const ojson& s, const std::string& at, int depth) {
     MS_CHECK(depth <= 32, "the JSON schema nests deeper than 32 levels at ", at);
     if (s.is_boolean()) {
       MS_CHECK(s.get<bool>(), "the JSON schema at ", at, " is false: no value matches it");
@@ -402,7 +402,7 @@ class Compiler {
       MS_CHECK(e->is_array() && !e->empty() && e->size() <= kMaxEnum, "'enum' at ", at,
                " must be a list of 1 to ", kMaxEnum, " values");
       n.literal = true;
-      for (const json& v : *e) n.literals.push_back(v.dump());
+      for (const ojson& v : *e) n.literals.push_back(v.dump());
       return add(std::move(n));
     }
     if (auto c = s.find("const"); c != s.end()) {
@@ -412,8 +412,9 @@ class Compiler {
     }
     if (auto t = s.find("type"); t != s.end()) {
       n.types = 0;
-      const std::vector<json> list = t->is_array() ? t->get<std::vector<json>>() : std::vector{*t};
-      for (const json& x : list) {
+      const std::vector<ojson> list =
+          t->is_array() ? t->get<std::vector<ojson>>() : std::vector{*t};
+      for (const ojson& x : list) {
         MS_CHECK(x.is_string(), "'type' at ", at, " must be a string or a list of strings");
         const std::string name = x.get<std::string>();
         if (name == "object")
@@ -440,8 +441,8 @@ class Compiler {
     }
     const int id = add();  // before the children: keeps ids in order of appearance
     // Object.
-    const json* props = s.contains("properties") ? &s["properties"] : nullptr;
-    const json* extra = s.contains("additionalProperties") ? &s["additionalProperties"] : nullptr;
+    const ojson* props = s.contains("properties") ? &s["properties"] : nullptr;
+    const ojson* extra = s.contains("additionalProperties") ? &s["additionalProperties"] : nullptr;
     if (props) {
       MS_CHECK(props->is_object(), "'properties' at ", at, " must be an object");
       MS_CHECK(props->size() <= kMaxProperties, "at most ", kMaxProperties,
@@ -450,7 +451,7 @@ class Compiler {
     std::vector<std::string> req;
     if (auto r = s.find("required"); r != s.end()) {
       MS_CHECK(r->is_array(), "'required' at ", at, " must be a list of names");
-      for (const json& x : *r) {
+      for (const ojson& x : *r) {
         MS_CHECK(x.is_string() && props && props->contains(x.get<std::string>()), "'required' at ",
                  at, " names ", x.dump(), ", which is not in 'properties'");
         req.push_back(x.get<std::string>());
@@ -460,7 +461,7 @@ class Compiler {
       n.has_props = true;
       if (props)
         for (auto it = props->begin(); it != props->end(); ++it) {
-          n.keys.push_back(json(it.key()).dump() + ":");
+          n.keys.push_back(ojson(it.key()).dump() + ":");
           n.prop_nodes.push_back(compile(*it, at + "/properties/" + it.key(), depth + 1));
           n.required.push_back(std::find(req.begin(), req.end(), it.key()) != req.end());
         }
@@ -487,7 +488,7 @@ class Compiler {
   }
 
  private:
-  int64_t count(const json& s, const char* key, const std::string& at) {
+  int64_t count(const ojson& s, const char* key, const std::string& at) {
     auto it = s.find(key);
     if (it == s.end()) return 0;
     MS_CHECK(it->is_number_integer() && it->get<int64_t>() >= 0 && it->get<int64_t>() <= 1 << 20,
@@ -495,11 +496,11 @@ class Compiler {
     return it->get<int64_t>();
   }
 
-  int ref(const json& r, const std::string& at, int depth) {
+  int ref(const ojson& r, const std::string& at, int depth) {
     MS_CHECK(r.is_string(), "'$ref' at ", at, " must be a string");
     const std::string path = r.get<std::string>();
     if (auto it = refs_.find(path); it != refs_.end()) return it->second;
-    const json* target = nullptr;
+    const ojson* target = nullptr;
     for (const char* prefix : {"#/$defs/", "#/definitions/"}) {
       const std::string p = prefix;
       if (path.compare(0, p.size(), p) == 0) {
@@ -519,13 +520,13 @@ class Compiler {
     return id;
   }
 
-  const json& root_;
+  const ojson& root_;
   Grammar& g_;
   std::map<std::string, int> refs_;
 };
 
 std::shared_ptr<const Grammar> build(const std::string& spec_text) {
-  const json spec = json::parse(spec_text, nullptr, false);
+  const ojson spec = ojson::parse(spec_text, nullptr, false);
   MS_CHECK(spec.is_object(), "invalid structured-output spec");
   auto g = std::make_shared<Grammar>();
   // Shared nodes: any value, a free key, the literals of booleans and null.
@@ -544,18 +545,18 @@ std::shared_ptr<const Grammar> build(const std::string& spec_text) {
   g->nodes.push_back({});
   g->nodes[g->null].literal = true;
   g->nodes[g->null].literals = {"null"};
-  const json& schema = spec.contains("schema") ? spec["schema"] : json();
+  const ojson& schema = spec.contains("schema") ? spec["schema"] : ojson();
   if (spec.contains("choices")) {
     // One of several values, each between raw texts: {"text", "schema", "after"}.
     SNode root;
-    for (const json& ch : spec["choices"]) {
+    for (const ojson& ch : spec["choices"]) {
       SNode before, after, seq;
       before.literal = after.literal = true;
       before.literals = {ch.value("text", "")};
       after.literals = {ch.value("after", "")};
       const int b = static_cast<int>(g->nodes.size());
       g->nodes.push_back(std::move(before));
-      const json& sc = ch.contains("schema") ? ch["schema"] : json::object();
+      const ojson& sc = ch.contains("schema") ? ch["schema"] : ojson::object();
       Compiler c(sc, *g);
       const int v = c.compile(sc, "#", 0);
       const int a = static_cast<int>(g->nodes.size());
@@ -579,7 +580,7 @@ std::shared_ptr<const Grammar> build(const std::string& spec_text) {
   }
   for (const char* k : {"end", "prefix", "suffix"})
     if (spec.contains(k))
-      for (const json& id : spec[k])
+      for (const ojson& id : spec[k])
         (std::string(k) == "end"      ? g->end_ids
          : std::string(k) == "prefix" ? g->prefix
                                       : g->suffix)
@@ -787,8 +788,8 @@ TokenTrie::TokenTrie(const std::vector<std::string>& token_bytes)
     for (int32_t n : path) other_[n] = 1;
 }
 
-std::string json_constraint_spec(const json* schema, const std::vector<int32_t>& end_ids) {
-  json spec = {{"schema", schema ? *schema : json()}, {"end", end_ids}};
+std::string json_constraint_spec(const ojson* schema, const std::vector<int32_t>& end_ids) {
+  ojson spec = {{"schema", schema ? *schema : ojson()}, {"end", end_ids}};
   return spec.dump();
 }
 

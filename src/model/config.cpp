@@ -43,7 +43,6 @@ constexpr int64_t kMaxLayers = int64_t{1} << 14;
 constexpr int64_t kMaxExperts = 4096;
 constexpr int64_t kMaxRows = int64_t{1} << 24;  // rows of a matrix made of several heads/experts
 constexpr int64_t kMaxPositions = (int64_t{1} << 31) - 1;
-constexpr size_t kMaxConfigBytes = size_t{16} << 20;
 
 // A value for a message: scalars as JSON, long strings cut, arrays and objects by kind only (a
 // crafted value may be huge or deeply nested).

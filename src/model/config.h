@@ -1,6 +1,7 @@
 // The model's configuration, read once from config.json and validated; immutable afterwards.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -9,6 +10,9 @@
 #include "model/quantization.h"
 
 namespace moeserve::model {
+
+// The largest config.json (bytes) any reader of it accepts.
+inline constexpr size_t kMaxConfigBytes = size_t{16} << 20;
 
 enum class ScoringFunc { Sigmoid, Softmax };
 enum class TopkMethod { NoauxTc, Greedy, GroupLimitedGreedy };

@@ -18,10 +18,6 @@ using nlohmann::json;
 
 namespace {
 
-constexpr size_t kMaxConfigBytes = size_t{16} << 20;
-constexpr size_t kMaxIndexBytes = size_t{256} << 20;
-constexpr uint64_t kMaxHeaderBytes = 100'000'000;
-
 // Element sizes of the safetensors dtypes (0: unknown).
 uint64_t elem_size(const std::string& d) {
   static const std::map<std::string, uint64_t> sizes = {
@@ -178,15 +174,6 @@ std::string fmt(const char* f, double v) {
   return buf;
 }
 
-// Bytes in decimal units (GB = 10^9 bytes), two decimals.
-std::string gb(uint64_t bytes) {
-  const double v = static_cast<double>(bytes);
-  if (v >= 1e9) return fmt("%.2f GB", v / 1e9);
-  if (v >= 1e6) return fmt("%.2f MB", v / 1e6);
-  if (v >= 1e3) return fmt("%.2f KB", v / 1e3);
-  return std::to_string(bytes) + " B";
-}
-
 std::string count(uint64_t n) {
   const double v = static_cast<double>(n);
   if (v >= 1e12) return fmt("%.3fT", v / 1e12);
@@ -202,6 +189,14 @@ std::string pad(const std::string& s, size_t w, bool right = false) {
 }
 
 }  // namespace
+
+std::string format_bytes(uint64_t bytes) {
+  const double v = static_cast<double>(bytes);
+  if (v >= 1e9) return fmt("%.2f GB", v / 1e9);
+  if (v >= 1e6) return fmt("%.2f MB", v / 1e6);
+  if (v >= 1e3) return fmt("%.2f KB", v / 1e3);
+  return std::to_string(bytes) + " B";
+}
 
 const char* role_name(Role r) {
   static const char* names[] = {"routed experts",   "shared experts", "attention",
@@ -591,7 +586,8 @@ std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::option
          " tensor(s) in missing shards are not derivable from config.json and not counted\n";
 
   auto row = [&](const std::string& name, const Figure& f) {
-    s += "  " + pad(name, 28) + pad(count(f.params), 12, true) + pad(gb(f.bytes), 14, true) + "\n";
+    s += "  " + pad(name, 28) + pad(count(f.params), 12, true) +
+         pad(format_bytes(f.bytes), 14, true) + "\n";
   };
   s += "\n" + pad("weights by role", 30) + pad("parameters", 12, true) + pad("bytes", 14, true) +
        "\n";
@@ -629,7 +625,7 @@ std::string inspect_text(const Inventory& inv, const PlanOptions& o, std::option
   s += "\n";
   auto line = [&](const std::string& name, auto value) {
     s += "  " + pad(name, 38);
-    for (KvDtype d : ds) s += pad(gb(value(d)), 14, true);
+    for (KvDtype d : ds) s += pad(format_bytes(value(d)), 14, true);
     s += "\n";
   };
   line("replicated weights", [&](KvDtype) { return p.replicated; });

@@ -71,6 +71,9 @@ std::vector<TensorEntry> tensors_from_config(const ModelConfig& cfg, const Quant
 Inventory inspect_model(const std::string& dir);
 
 // The role of a tensor; `layer` and `expert` get its indices (-1 when none).
+// Bytes in decimal units (GB = 10^9 bytes) with two decimals: "1.23 GB", "4.50 MB", "12 B".
+std::string format_bytes(uint64_t bytes);
+
 Role classify_tensor(const std::string& name, const ModelConfig& cfg, int64_t* layer = nullptr,
                      int64_t* expert = nullptr);
 

@@ -15,6 +15,7 @@
 #include "core/json_file.h"
 #include "kernels/kernels.h"
 #include "model/config.h"
+#include "model/inspect.h"
 #include "model/quantization.h"
 #include "model/safetensors.h"
 
@@ -25,14 +26,7 @@ using nlohmann::json;
 
 namespace {
 
-constexpr size_t kMaxConfigBytes = size_t{16} << 20;
 constexpr int64_t kChunkElems = int64_t{1} << 20;  // rows converted at a time, about
-
-std::string gb(uint64_t b) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f GB", static_cast<double>(b) / 1e9);
-  return buf;
-}
 
 // How one input tensor goes to the output.
 enum class Action { Copy, Quantize, ToBf16, KeepFp8, Drop };
@@ -416,7 +410,7 @@ QuantizeResult quantize_into(const QuantizeOptions& opt, const ThreadPool& pool,
       if (progress && now - last > std::chrono::seconds(2)) {
         last = now;
         progress("quantize: shard " + std::to_string(si + 1) + " of " + std::to_string(ns) + ", " +
-                 gb(done_in) + " of " + gb(res.bytes_in) + " read");
+                 format_bytes(done_in) + " of " + format_bytes(res.bytes_in) + " read");
       }
     }
     w.finish();

@@ -47,9 +47,7 @@ std::string TensorView::shape_str() const {
 namespace {
 
 // The format's limit on the JSON header (as the reference implementation enforces it).
-constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 // An index lists every tensor once; DeepSeek-V3's is about 9 MB.
-constexpr size_t kMaxIndexBytes = size_t{256} << 20;
 
 // A name from a header for a message: cut when long, control bytes shown as '?'.
 std::string printable(const std::string& s) {

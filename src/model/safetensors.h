@@ -19,6 +19,10 @@
 
 namespace moeserve::model {
 
+// The largest safetensors header and model.safetensors.index.json (bytes) read.
+inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+inline constexpr size_t kMaxIndexBytes = size_t{256} << 20;
+
 struct TensorView {
   std::string name;
   std::string file;  // the file it lives in, for messages

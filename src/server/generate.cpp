@@ -13,8 +13,6 @@ namespace moeserve::server {
 
 namespace {
 
-constexpr std::chrono::milliseconds kPoll{50};  // how often a waiting handler looks around
-
 [[noreturn]] void too_long(const std::string& message, const std::string& param) {
   throw ApiError(400, message, param, "context_length_exceeded");
 }

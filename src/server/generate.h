@@ -3,6 +3,7 @@
 // stream of server-sent events.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -14,6 +15,9 @@ class Exchange;
 }
 
 namespace moeserve::server {
+
+// How often a handler waiting on the engine looks around (client gone, deadline).
+inline constexpr std::chrono::milliseconds kPoll{50};
 
 struct ServerContext;
 

@@ -9,7 +9,7 @@
 
 namespace moeserve::server {
 
-using json = nlohmann::ordered_json;
+using ojson = nlohmann::ordered_json;
 
 namespace {
 
@@ -26,28 +26,28 @@ double clamp_lp(float lp) {
   return std::isnan(lp) || lp < -9999.0f ? -9999.0 : lp;
 }
 
-json bytes_of(std::string_view b) {
-  json a = json::array();
+ojson bytes_of(std::string_view b) {
+  ojson a = ojson::array();
   for (unsigned char c : b) a.push_back(static_cast<int>(c));
   return a;
 }
 
 }  // namespace
 
-std::string to_wire(const json& j) {
-  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+std::string to_wire(const ojson& j) {
+  return j.dump(-1, ' ', false, ojson::error_handler_t::replace);
 }
 
 std::string error_body(const std::string& message, const std::string& type,
                        const std::string& param, const std::string& code) {
-  json e = {{"message", message},
-            {"type", type},
-            {"param", param.empty() ? json(nullptr) : json(param)},
-            {"code", code.empty() ? json(nullptr) : json(code)}};
-  return to_wire(json{{"error", e}});
+  ojson e = {{"message", message},
+             {"type", type},
+             {"param", param.empty() ? ojson(nullptr) : ojson(param)},
+             {"code", code.empty() ? ojson(nullptr) : ojson(code)}};
+  return to_wire(ojson{{"error", e}});
 }
 
-json usage_json(const Usage& u) {
+ojson usage_json(const Usage& u) {
   return {{"prompt_tokens", u.prompt_tokens},
           {"completion_tokens", u.completion_tokens},
           {"total_tokens", u.prompt_tokens + u.completion_tokens},
@@ -68,15 +68,15 @@ ResponseBuilder::ResponseBuilder(Endpoint endpoint, std::string model,
       logprobs_(logprobs),
       usage_in_chunks_(usage_in_chunks) {}
 
-json ResponseBuilder::base(const char* object) const {
+ojson ResponseBuilder::base(const char* object) const {
   return {{"id", id_}, {"object", object}, {"created", created_}, {"model", model_}};
 }
 
-json ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
+ojson ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
   if (endpoint_ == Endpoint::Chat) {
-    json content = json::array();
+    ojson content = ojson::array();
     for (const auto& t : lps) {
-      json top = json::array();
+      ojson top = ojson::array();
       for (const auto& [id, lp] : t.top)
         top.push_back({{"token", token_display(tok_, id)},
                        {"logprob", clamp_lp(lp)},
@@ -88,13 +88,13 @@ json ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
     }
     return {{"content", content}, {"refusal", nullptr}};
   }
-  json tokens = json::array(), token_lps = json::array(), tops = json::array(),
-       offsets = json::array();
+  ojson tokens = ojson::array(), token_lps = ojson::array(), tops = ojson::array(),
+        offsets = ojson::array();
   for (const auto& t : lps) {
     tokens.push_back(token_display(tok_, t.id));
     token_lps.push_back(clamp_lp(t.logprob));
     // The sampled token is always listed, so there may be logprobs + 1 entries.
-    json top = json::object();
+    ojson top = ojson::object();
     for (const auto& [id, lp] : t.top) top[token_display(tok_, id)] = clamp_lp(lp);
     const std::string self = token_display(tok_, t.id);
     if (!top.contains(self)) top[self] = clamp_lp(t.logprob);
@@ -107,30 +107,30 @@ json ResponseBuilder::logprobs(const std::vector<TokenLogprob>& lps) const {
           {"text_offset", offsets}};
 }
 
-json ResponseBuilder::role_chunk(int index) const {
-  json c = base("chat.completion.chunk");
-  c["choices"] = json::array({{{"index", index},
-                               {"delta", {{"role", "assistant"}, {"content", ""}}},
-                               {"logprobs", nullptr},
-                               {"finish_reason", nullptr}}});
+ojson ResponseBuilder::role_chunk(int index) const {
+  ojson c = base("chat.completion.chunk");
+  c["choices"] = ojson::array({{{"index", index},
+                                {"delta", {{"role", "assistant"}, {"content", ""}}},
+                                {"logprobs", nullptr},
+                                {"finish_reason", nullptr}}});
   if (usage_in_chunks_) c["usage"] = nullptr;
   return c;
 }
 
-json ResponseBuilder::chunk(const Delta& d, const char* finish_reason, int index) const {
+ojson ResponseBuilder::chunk(const Delta& d, const char* finish_reason, int index) const {
   const bool want_lp = !d.logprobs.empty();
-  json choice = {{"index", index}};
-  json c;
+  ojson choice = {{"index", index}};
+  ojson c;
   if (endpoint_ == Endpoint::Chat) {
     c = base("chat.completion.chunk");
-    json delta = json::object();
+    ojson delta = ojson::object();
     if (!d.reasoning.empty()) delta["reasoning_content"] = d.reasoning;
     if (!d.content.empty() || (want_lp && d.reasoning.empty())) delta["content"] = d.content;
     if (!d.tool_calls.empty()) {
-      json calls = json::array();
+      ojson calls = ojson::array();
       for (const ToolCallDelta& t : d.tool_calls) {
-        json c = {{"index", t.index}};
-        json fn = json::object();
+        ojson c = {{"index", t.index}};
+        ojson fn = ojson::object();
         if (!t.id.empty()) {
           c["id"] = t.id;
           c["type"] = "function";
@@ -147,38 +147,38 @@ json ResponseBuilder::chunk(const Delta& d, const char* finish_reason, int index
     c = base("text_completion");
     choice["text"] = d.content;
   }
-  choice["logprobs"] = want_lp ? logprobs(d.logprobs) : json(nullptr);
-  choice["finish_reason"] = finish_reason ? json(finish_reason) : json(nullptr);
-  c["choices"] = json::array({choice});
+  choice["logprobs"] = want_lp ? logprobs(d.logprobs) : ojson(nullptr);
+  choice["finish_reason"] = finish_reason ? ojson(finish_reason) : ojson(nullptr);
+  c["choices"] = ojson::array({choice});
   if (usage_in_chunks_) c["usage"] = nullptr;
   return c;
 }
 
-json ResponseBuilder::usage_chunk(const Usage& u) const {
-  json c = base(endpoint_ == Endpoint::Chat ? "chat.completion.chunk" : "text_completion");
-  c["choices"] = json::array();
+ojson ResponseBuilder::usage_chunk(const Usage& u) const {
+  ojson c = base(endpoint_ == Endpoint::Chat ? "chat.completion.chunk" : "text_completion");
+  c["choices"] = ojson::array();
   c["usage"] = usage_json(u);
   return c;
 }
 
-json ResponseBuilder::full(const std::vector<Choice>& choices, const Usage& u) const {
-  json r = base(endpoint_ == Endpoint::Chat ? "chat.completion" : "text_completion");
-  json list = json::array();
+ojson ResponseBuilder::full(const std::vector<Choice>& choices, const Usage& u) const {
+  ojson r = base(endpoint_ == Endpoint::Chat ? "chat.completion" : "text_completion");
+  ojson list = ojson::array();
   for (size_t i = 0; i < choices.size(); ++i) {
     const Delta& all = *choices[i].all;
-    json choice = {{"index", static_cast<int64_t>(i)}};
+    ojson choice = {{"index", static_cast<int64_t>(i)}};
     if (endpoint_ == Endpoint::Chat) {
-      json msg = {{"role", "assistant"}, {"content", all.content}};
+      ojson msg = {{"role", "assistant"}, {"content", all.content}};
       if (reasoning_) msg["reasoning_content"] = all.reasoning;
       if (!all.tool_calls.empty()) {
         // The streamed pieces, joined per call.
-        json calls = json::array();
+        ojson calls = ojson::array();
         for (const ToolCallDelta& t : all.tool_calls) {
           while (static_cast<int>(calls.size()) <= t.index)
             calls.push_back({{"id", ""},
                              {"type", "function"},
                              {"function", {{"name", ""}, {"arguments", ""}}}});
-          json& c = calls[t.index];
+          ojson& c = calls[t.index];
           if (!t.id.empty()) {
             c["id"] = t.id;
             c["function"]["name"] = t.name;
@@ -192,7 +192,7 @@ json ResponseBuilder::full(const std::vector<Choice>& choices, const Usage& u) c
     } else {
       choice["text"] = all.content;
     }
-    choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : json(nullptr);
+    choice["logprobs"] = logprobs_ ? logprobs(all.logprobs) : ojson(nullptr);
     choice["finish_reason"] = choices[i].finish_reason;
     list.push_back(std::move(choice));
   }

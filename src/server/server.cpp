@@ -15,7 +15,7 @@
 
 namespace moeserve::server {
 
-using json = nlohmann::ordered_json;
+using ojson = nlohmann::ordered_json;
 
 namespace {
 
@@ -52,7 +52,7 @@ void send_error(http::Exchange& ex, const ApiError& e) {
   if (!ex.responded()) ex.respond(e.status, "application/json", error_body(e));
 }
 
-json model_card(const ServerContext& ctx) {
+ojson model_card(const ServerContext& ctx) {
   return {{"id", ctx.opt.served_model_name},
           {"object", "model"},
           {"created", ctx.started},
@@ -209,7 +209,7 @@ void Server::handle(http::Exchange& ex) {
     }
     if (path == "/v1/models") {
       if (!get) not_allowed();
-      json j = {{"object", "list"}, {"data", json::array({model_card(ctx)})}};
+      ojson j = {{"object", "list"}, {"data", ojson::array({model_card(ctx)})}};
       ex.respond(200, "application/json", to_wire(j));
       return;
     }

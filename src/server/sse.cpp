@@ -10,8 +10,6 @@ namespace moeserve::server {
 
 namespace {
 
-constexpr std::chrono::milliseconds kPoll{50};
-
 std::string event(const nlohmann::ordered_json& j) {
   return "data: " + to_wire(j) + "\n\n";
 }

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/json_file.h"
 #include "tokenizer/jinja/interpreter.h"
 #include "tokenizer/jinja/parser.h"
 
@@ -17,14 +18,6 @@ struct ChatTemplateImpl {
 };
 
 namespace {
-
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  MS_CHECK(in, "cannot read ", path.string());
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
 
 // The string of a special token entry: "text" or {"content": "text", ...}.
 std::optional<std::string> token_string(const nlohmann::ordered_json& v) {
@@ -42,7 +35,7 @@ ChatTemplate ChatTemplate::from_model_dir(const std::filesystem::path& dir,
   const auto cfg_path = dir / "tokenizer_config.json";
   if (std::filesystem::is_regular_file(cfg_path)) {
     try {
-      cfg = nlohmann::ordered_json::parse(read_file(cfg_path));
+      cfg = nlohmann::ordered_json::parse(read_text_file(cfg_path));
     } catch (const nlohmann::json::exception& e) {
       fail("cannot parse ", cfg_path.string(), ": ", e.what());
     }
@@ -52,7 +45,7 @@ ChatTemplate ChatTemplate::from_model_dir(const std::filesystem::path& dir,
   }
   std::string source;
   if (!override_file.empty()) {
-    source = read_file(override_file);
+    source = read_text_file(override_file);
   } else if (cfg.contains("chat_template")) {
     const auto& t = cfg["chat_template"];
     if (t.is_string()) {
@@ -63,7 +56,7 @@ ChatTemplate ChatTemplate::from_model_dir(const std::filesystem::path& dir,
     }
     MS_CHECK(!source.empty(), cfg_path.string(), ": chat_template has no default template");
   } else if (std::filesystem::is_regular_file(dir / "chat_template.jinja")) {
-    source = read_file(dir / "chat_template.jinja");
+    source = read_text_file(dir / "chat_template.jinja");
   } else {
     fail("no chat template: ", cfg_path.string(), " has no \"chat_template\" and there is no ",
          (dir / "chat_template.jinja").string());

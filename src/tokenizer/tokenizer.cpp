@@ -6,30 +6,19 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/json_file.h"
 #include "tokenizer/tokenizer_impl.h"
 #include "tokenizer/unicode.h"
 #include "tokenizer/word_cache.h"
 
 namespace moeserve::tokenizer {
-namespace {
-
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  MS_CHECK(in, "cannot read ", path.string());
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
-
-}  // namespace
-
 Tokenizer Tokenizer::load(const std::filesystem::path& dir) {
   const auto tok = dir / "tokenizer.json";
   MS_CHECK(std::filesystem::is_regular_file(tok), "no tokenizer found: ", tok.string(),
            " does not exist (expected a Hugging Face model folder)");
   const auto cfg = dir / "tokenizer_config.json";
-  const std::string cfg_text = std::filesystem::is_regular_file(cfg) ? read_file(cfg) : "";
-  return from_json(read_file(tok), cfg_text);
+  const std::string cfg_text = std::filesystem::is_regular_file(cfg) ? read_text_file(cfg) : "";
+  return from_json(read_text_file(tok), cfg_text);
 }
 
 Tokenizer Tokenizer::from_json(const std::string& tokenizer_json, const std::string& config_json) {

@@ -15,7 +15,9 @@
 #include "../test_util.h"
 #include "model/init_model.h"
 
+using moeserve::testing::read_file;
 using moeserve::testing::TempDir;
+using moeserve::testing::write_file;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -42,15 +44,6 @@ CmdResult run_with(const std::string& env, const std::string& args) {
 
 CmdResult run(const std::string& args) {
   return run_with("", args);
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream(path, std::ios::binary) << text;
 }
 
 json read_fixture(const std::string& name) {

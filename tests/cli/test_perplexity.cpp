@@ -19,6 +19,7 @@
 #include "model/model.h"
 
 using moeserve::testing::TempDir;
+using moeserve::testing::write_file;
 using nlohmann::json;
 namespace fs = std::filesystem;
 using namespace moeserve;
@@ -57,10 +58,6 @@ json run_json(const std::string& args) {
 const std::string kSrc = MOESERVE_SOURCE_DIR;
 const std::string kFixtures = kSrc + "/tests/fixtures/models/";
 const std::string kText = kSrc + "/tests/fixtures/text/tinyshakespeare_head.txt";
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream(path, std::ios::binary) << text;
-}
 
 json reference_case(const std::string& fixture, size_t len) {
   std::ifstream in(kFixtures + fixture + "/reference.json");

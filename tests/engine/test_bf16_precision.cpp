@@ -11,6 +11,7 @@
 
 #include "../test_util.h"
 #include "engine/generator.h"
+#include "engine_test_util.h"
 #include "forward_util.h"
 #include "model/init_model.h"
 #include "model/model.h"
@@ -18,6 +19,7 @@
 using namespace moeserve;
 using moeserve::testing::full_logits;
 using moeserve::testing::TempDir;
+using namespace moeserve::engine_test;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -25,30 +27,15 @@ namespace {
 
 constexpr kernels::Precision kBf16 = kernels::Precision::Bf16;
 
-struct TinyModel {
-  TempDir dir;
-  ThreadPool pool{2};
-  std::unique_ptr<model::Model> m;
-  explicit TinyModel(bool fp8) {
-    model::InitOptions o;
-    o.seed = 7;
-    o.fp8 = fp8;
-    model::write_random_model(model::preset_config("tiny"), dir.path(), o);
-    m = std::make_unique<model::Model>(dir.path(), pool);
-    m->set_precision(kBf16);
-  }
+// The tiny model computing with bf16 precision.
+struct Bf16Tiny : TinyModel {
+  explicit Bf16Tiny(bool fp8) : TinyModel(fp8) { m->set_precision(kBf16); }
 };
-
-std::vector<int32_t> ids(int n, int salt, int vocab) {
-  std::vector<int32_t> v(n);
-  for (int i = 0; i < n; ++i) v[i] = (i * 37 + salt * 101 + 11) % vocab;
-  return v;
-}
 
 TEST(Bf16Precision, ChunkingBatchAndThreadsDoNotChangeABit) {
   for (bool fp8 : {false, true}) {
     SCOPED_TRACE(fp8 ? "fp8 weights" : "bf16 weights");
-    TinyModel t(fp8);
+    Bf16Tiny t(fp8);
     model::Model& m = *t.m;
     const auto& c = m.config();
     for (kv::KvDtype dt : {kv::KvDtype::F32, kv::KvDtype::BF16}) {

@@ -11,30 +11,16 @@
 #include "engine/cluster.h"
 #include "engine/generator.h"
 #include "engine/wire.h"
+#include "engine_test_util.h"
 #include "model/init_model.h"
 
 using namespace moeserve;
 using namespace std::chrono_literals;
+using namespace moeserve::engine_test;
 
 namespace {
 
-struct Pending {
-  std::shared_ptr<engine::Request> req = std::make_shared<engine::Request>();
-  std::vector<int32_t> out;
-  std::vector<int64_t> index;
-  std::promise<engine::FinishEvent> done;
-  Pending(std::vector<int32_t> prompt, int64_t max_tokens) {
-    req->prompt = std::move(prompt);
-    req->max_tokens = max_tokens;
-    req->on_token = [this](const engine::TokenEvent& e) {
-      out.push_back(e.token);
-      index.push_back(e.index);
-    };
-    req->on_finish = [this](const engine::FinishEvent& e) { done.set_value(e); };
-  }
-};
-
-std::vector<int32_t> prompt_of(int n, int salt) {
+std::vector<int32_t> cluster_prompt(int n, int salt) {
   std::vector<int32_t> v(n);
   for (int i = 0; i < n; ++i) v[i] = (i * 29 + salt * 13 + 3) % 512;
   return v;
@@ -61,7 +47,7 @@ static void one_rank_matches_running_alone(kv::KvDtype dt) {
     engine::Generator g(m, 16, dt);
     engine::GenerateOptions o;
     o.max_tokens = 3 + i;
-    expected.push_back(g.generate(prompt_of(2 + i * 5, i), o));
+    expected.push_back(g.generate(cluster_prompt(2 + i * 5, i), o));
   }
   engine::ClusterWorker worker(m, world, world, *mb, cc);
   std::thread compute([&] { worker.run(); });
@@ -69,13 +55,13 @@ static void one_rank_matches_running_alone(kv::KvDtype dt) {
   {
     engine::ClusterFrontEnd fe(m.config(), *mb, cc);
     for (int i = 0; i < 8; ++i) {
-      reqs.push_back(std::make_unique<Pending>(prompt_of(2 + i * 5, i), 3 + i));
+      reqs.push_back(std::make_unique<Pending>(cluster_prompt(2 + i * 5, i), 3 + i));
       uint64_t id;
       std::string err;
       ASSERT_EQ(fe.submit(reqs.back()->req, &id, &err), engine::SubmitResult::Accepted) << err;
     }
     // A long one, cancelled while it runs.
-    auto slow = std::make_unique<Pending>(prompt_of(60, 9), 60);
+    auto slow = std::make_unique<Pending>(cluster_prompt(60, 9), 60);
     uint64_t slow_id;
     ASSERT_EQ(fe.submit(slow->req, &slow_id, nullptr), engine::SubmitResult::Accepted);
     fe.cancel(slow_id);  // long before its 60 tokens are out
@@ -98,7 +84,7 @@ static void one_rank_matches_running_alone(kv::KvDtype dt) {
     // block of the last token), with the same output.
     int64_t hits = 0;
     for (int i = 0; i < 8; ++i) {
-      Pending again(prompt_of(2 + i * 5, i), 3 + i);
+      Pending again(cluster_prompt(2 + i * 5, i), 3 + i);
       ASSERT_EQ(fe.submit(again.req, nullptr, nullptr), engine::SubmitResult::Accepted);
       auto g = again.done.get_future();
       ASSERT_EQ(g.wait_for(60s), std::future_status::ready);

@@ -10,10 +10,12 @@
 #include "engine/engine.h"
 #include "engine/generator.h"
 #include "engine/sampler.h"
+#include "engine_test_util.h"
 #include "model/init_model.h"
 
 using namespace moeserve;
 using namespace std::chrono_literals;
+using namespace moeserve::engine_test;
 
 namespace {
 
@@ -45,25 +47,6 @@ bool wait_until(Pred pred, std::chrono::milliseconds limit = 30s) {
     ASSERT_EQ(fut_.wait_for(60s), std::future_status::ready) << "request did not finish"; \
     event = fut_.get();                                                                   \
   } while (0)
-
-// A request whose result can be awaited.
-struct Pending {
-  std::shared_ptr<engine::Request> req = std::make_shared<engine::Request>();
-  std::vector<int32_t> out;
-  std::promise<engine::FinishEvent> done;
-  Pending(std::vector<int32_t> prompt, int64_t max_tokens) {
-    req->prompt = std::move(prompt);
-    req->max_tokens = max_tokens;
-    req->on_token = [this](const engine::TokenEvent& e) { out.push_back(e.token); };
-    req->on_finish = [this](const engine::FinishEvent& e) { done.set_value(e); };
-  }
-};
-
-std::vector<int32_t> prompt_of(int n, int salt) {
-  std::vector<int32_t> v(n);
-  for (int i = 0; i < n; ++i) v[i] = (i * 31 + salt * 17 + 5) % 512;
-  return v;
-}
 
 std::vector<int32_t> alone(model::Model& m, const std::vector<int32_t>& p, int64_t n,
                            const engine::SamplingParams& sp = {},
@@ -537,32 +520,6 @@ std::vector<int64_t> draw(const engine::SamplingParams& sp, const std::vector<fl
     if (t >= 0 && t < static_cast<int32_t>(logits.size())) ++counts[t];
   }
   return counts;
-}
-
-// Pearson's statistic over the tokens p allows; infinite when a token p forbids was drawn.
-// Sets *df to the degrees of freedom.
-double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& p, int* df) {
-  int64_t n = 0;
-  for (int64_t c : counts) n += c;
-  double x = 0;
-  int cells = 0;
-  for (size_t i = 0; i < counts.size(); ++i) {
-    if (p[i] == 0.0) {
-      if (counts[i] > 0) x = INFINITY;
-      continue;
-    }
-    const double e = p[i] * static_cast<double>(n);
-    x += (counts[i] - e) * (counts[i] - e) / e;
-    ++cells;
-  }
-  *df = std::max(cells - 1, 1);
-  return x;
-}
-
-// The chi-square quantile a correct sampler exceeds with probability ~1e-6 (Wilson-Hilferty).
-double chi_square_limit(int df) {
-  const double z = 4.75, a = 2.0 / (9.0 * df), c = 1.0 - a + z * std::sqrt(a);
-  return df * c * c * c;
 }
 
 // Draws n tokens with `sp` and checks them against `want`; each of `wrong` (the distribution of a

@@ -5,6 +5,7 @@
 
 #include "../test_util.h"
 #include "engine/generator.h"
+#include "engine_test_util.h"
 #include "forward_util.h"
 #include "model/init_model.h"
 #include "model/model.h"
@@ -12,31 +13,9 @@
 using namespace moeserve;
 using moeserve::testing::full_logits;
 using moeserve::testing::TempDir;
+using namespace moeserve::engine_test;
 
 namespace {
-
-struct TinyModel {
-  TempDir dir;
-  ThreadPool pool{2};
-  std::unique_ptr<model::Model> m;
-  // kv_lora_rank: when set, overrides the preset's (the cache rows' width).
-  explicit TinyModel(bool fp8 = false, const std::string& preset = "tiny",
-                     int64_t kv_lora_rank = 0) {
-    model::InitOptions o;
-    o.seed = 7;
-    o.fp8 = fp8;
-    model::ModelConfig c = model::preset_config(preset);
-    if (kv_lora_rank) c.kv_lora_rank = kv_lora_rank;
-    model::write_random_model(c, dir.path(), o);
-    m = std::make_unique<model::Model>(dir.path(), pool);
-  }
-};
-
-std::vector<int32_t> ids(int n, int salt, int vocab) {
-  std::vector<int32_t> v(n);
-  for (int i = 0; i < n; ++i) v[i] = (i * 37 + salt * 101 + 11) % vocab;
-  return v;
-}
 
 // Every cache dtype. The tests of batch, layout and thread-count invariance run for each, on a
 // model whose cache rows (160 + 16 values) span two fp8 scale blocks.

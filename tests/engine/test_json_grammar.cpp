@@ -11,12 +11,12 @@
 #include "engine/sampler.h"
 
 using namespace moeserve;
-using json = nlohmann::ordered_json;
+using ojson = nlohmann::ordered_json;
 
 namespace {
 
 std::string spec(const std::string& schema) {
-  const json s = json::parse(schema);
+  const ojson s = ojson::parse(schema);
   return engine::json_constraint_spec(&s, {0});
 }
 
@@ -123,7 +123,7 @@ TEST(JsonGrammar, MaskedSamplingAlwaysYieldsAValue) {
   // takes can then go on.
   for (char c = 0x20; c < 0x7f; ++c) bytes.push_back(std::string(1, c));
   auto trie = std::make_shared<engine::TokenTrie>(bytes);
-  const json schema = json::parse(kPerson);
+  const ojson schema = ojson::parse(kPerson);
   auto c = engine::compile_json_constraint(engine::json_constraint_spec(&schema, {0}), trie);
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0.0f, 3.0f);
@@ -151,7 +151,7 @@ TEST(JsonGrammar, MaskedSamplingAlwaysYieldsAValue) {
     if (!ended) continue;
     ++finished;
     ASSERT_TRUE(complete(kPerson, text)) << text;
-    const json v = json::parse(text);
+    const ojson v = ojson::parse(text);
     EXPECT_TRUE(v.contains("name") && v["name"].is_string() && v.contains("ok")) << text;
   }
   EXPECT_GE(finished, 150);
@@ -163,14 +163,14 @@ TEST(JsonGrammar, ToolCallShapeWithForcedTokens) {
   std::vector<std::string> bytes = {"", "", "", "", "{", "}", "\"a\":", "\n", "f", "g", "\n."};
   for (char c = 0x20; c < 0x7f; ++c) bytes.push_back(std::string(1, c));
   auto trie = std::make_shared<engine::TokenTrie>(bytes);
-  const json spec = {
+  const ojson spec = {
       {"prefix", {1, 2}},
       {"choices",
        {{{"text", "f\n"},
-         {"schema", json::parse(R"({"type":"object","properties":{"a":{"type":"integer"}},
+         {"schema", ojson::parse(R"({"type":"object","properties":{"a":{"type":"integer"}},
                                     "required":["a"]})")},
          {"after", "\n."}},
-        {{"text", "g\n"}, {"schema", json::parse(R"({"enum":[true]})")}, {"after", "\n."}}}},
+        {{"text", "g\n"}, {"schema", ojson::parse(R"({"enum":[true]})")}, {"after", "\n."}}}},
       {"suffix", {3}},
       {"end", {0}}};
   auto c = engine::compile_json_constraint(spec.dump(), trie);
@@ -199,7 +199,7 @@ TEST(JsonGrammar, ToolCallShapeWithForcedTokens) {
     if (text.rfind("f\n", 0) == 0) {
       ++f;
       ASSERT_EQ(text.substr(text.size() - 2), "\n.") << text;
-      const json v = json::parse(text.substr(2, text.size() - 4));
+      const ojson v = ojson::parse(text.substr(2, text.size() - 4));
       EXPECT_TRUE(v["a"].is_number_integer()) << text;
     } else {
       ++g;

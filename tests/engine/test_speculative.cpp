@@ -13,10 +13,12 @@
 #include "engine/generator.h"
 #include "engine/sampler.h"
 #include "engine/scheduler.h"
+#include "engine_test_util.h"
 #include "model/init_model.h"
 
 using namespace moeserve;
 using namespace std::chrono_literals;
+using namespace moeserve::engine_test;
 
 namespace {
 
@@ -46,12 +48,6 @@ std::vector<int32_t> generate(model::Model& m, const std::vector<int32_t>& promp
   o.sampling = sp;
   o.speculative_tokens = k;
   return g.generate(prompt, o, {}, st);
-}
-
-std::vector<int32_t> prompt_of(int n, int salt, int vocab) {
-  std::vector<int32_t> v(n);
-  for (int i = 0; i < n; ++i) v[i] = (i * 31 + salt * 17 + 5) % vocab;
-  return v;
 }
 
 // Starts of lines in the style of the training text, as `moeserve tokenize` gives them (with the
@@ -184,18 +180,6 @@ TEST(Speculative, SeededSampledOutputIsReproducible) {
 }
 
 namespace {
-
-struct Pending {
-  std::shared_ptr<engine::Request> req = std::make_shared<engine::Request>();
-  std::vector<int32_t> out;
-  std::promise<engine::FinishEvent> done;
-  Pending(std::vector<int32_t> prompt, int64_t max_tokens) {
-    req->prompt = std::move(prompt);
-    req->max_tokens = max_tokens;
-    req->on_token = [this](const engine::TokenEvent& e) { out.push_back(e.token); };
-    req->on_finish = [this](const engine::FinishEvent& e) { done.set_value(e); };
-  }
-};
 
 // Kinds of request in the mixed batch: greedy, seeded sampling (both speculate), a repetition
 // penalty and logprobs (both decode without speculation).
@@ -464,34 +448,6 @@ TEST(Speculative, PrefixCacheHitPublishesItsLaterBlocks) {
   engine::Engine cold2(m, ec);
   EXPECT_EQ(f.out, run_one(cold2, fork2, 8, greedy).out);
 }
-
-namespace {
-
-double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& p, int* df) {
-  int64_t n = 0;
-  for (int64_t c : counts) n += c;
-  double x = 0;
-  int cells = 0;
-  for (size_t i = 0; i < counts.size(); ++i) {
-    if (p[i] == 0.0) {
-      if (counts[i] > 0) x = INFINITY;
-      continue;
-    }
-    const double e = p[i] * static_cast<double>(n);
-    x += (counts[i] - e) * (counts[i] - e) / e;
-    ++cells;
-  }
-  *df = std::max(cells - 1, 1);
-  return x;
-}
-
-// Exceeded by a correct sampler with probability ~1e-6 (Wilson-Hilferty).
-double chi_square_limit(int df) {
-  const double z = 4.75, a = 2.0 / (9.0 * df), c = 1.0 - a + z * std::sqrt(a);
-  return df * c * c * c;
-}
-
-}  // namespace
 
 // Draft x ~ q, then Sampler::verify against p: the tokens that come out follow p (not q), for a
 // draft close to the target, one far from it, and one that gives some of p's tokens nothing.

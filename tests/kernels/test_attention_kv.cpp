@@ -11,25 +11,13 @@
 
 #include "core/aligned.h"
 #include "core/dtype.h"
+#include "kernel_test_util.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/kernels.h"
 #include "kernels/reference/reference.h"
 
 namespace moeserve::kernels {
 namespace {
-
-std::vector<Isa> isas() {
-  std::vector<Isa> v;
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
-    if (isa_available(isa)) v.push_back(isa);
-  return v;
-}
-
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 
 int64_t row_bytes_of(DType dt, int64_t width) {
   return dt == DType::F32    ? 4 * width
@@ -88,14 +76,6 @@ struct StoredRows {
     return v;
   }
 };
-
-AlignedFloats random_floats(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  AlignedFloats v(n);
-  for (float& f : v) f = u(rng);
-  return v;
-}
 
 const DType kCacheDtypes[] = {DType::F32, DType::BF16, DType::F8_E4M3};
 

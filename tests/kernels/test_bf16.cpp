@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/aligned.h"
+#include "kernel_test_util.h"
 #include "kernels/bf16_math.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/kernels.h"
@@ -18,15 +19,6 @@
 
 namespace moeserve::kernels {
 namespace {
-
-std::vector<Isa> isas() {
-  std::vector<Isa> v;
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
-    if (isa_available(isa)) v.push_back(isa);
-  return v;
-}
-
-const DType kDtypes[] = {DType::BF16, DType::F8_E4M3, DType::F32, DType::F16};
 
 // Weights uniform in [-1, 1] times 2^e, e in [e0, e0 + 4) (fp8: e4m3's range with block
 // scales 2^-12..2^-6). `edge`: every 7th value a bf16 subnormal, a zero or -0.
@@ -82,10 +74,6 @@ AlignedFloats random_x(size_t n, uint32_t seed, int e0 = 0, bool edge = false) {
     if (edge && i % 11 == 5) v[i] = specials[(i / 11) % 8];
   }
   return v;
-}
-
-uint32_t bits(float f) {
-  return f32_bits(f);
 }
 
 // Both NaN, or the same bits.

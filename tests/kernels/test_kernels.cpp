@@ -15,21 +15,13 @@
 #include "../core/dtype_fixture.h"
 #include "core/aligned.h"
 #include "core/error.h"
+#include "kernel_test_util.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/kernels.h"
 #include "kernels/reference/reference.h"
 
 namespace moeserve::kernels {
 namespace {
-
-const DType kDtypes[] = {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3};
-
-std::vector<Isa> isas() {
-  std::vector<Isa> v;
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
-    if (isa_available(isa)) v.push_back(isa);
-  return v;
-}
 
 // The kernel tests run every ISA this CPU has (the "AllIsas" loops and the Isas/ suites); this
 // says which ones do not run here, and fails if a set the CPU has were left out. What the CPU
@@ -109,23 +101,7 @@ struct TestWeight {
   }
 };
 
-// Aligned rows, so tests reach both the kernels' direct path (aligned rows, K a multiple of
-// 16) and their copy path.
 using Floats = AlignedFloats;
-
-Floats random_floats(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  Floats v(n);
-  for (float& f : v) f = u(rng);
-  return v;
-}
-
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 
 // Index of the first element whose bits differ, or -1.
 int64_t first_diff(const float* a, const float* b, int64_t n) {

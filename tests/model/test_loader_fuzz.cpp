@@ -25,7 +25,9 @@
 #include "model/quantize.h"
 
 using namespace moeserve;
+using moeserve::testing::read_file;
 using moeserve::testing::TempDir;
+using moeserve::testing::write_file;
 using nlohmann::json;
 
 namespace {
@@ -48,16 +50,6 @@ struct Checkpoint {
   std::function<void(const std::string& dir)> extra;  // links, FIFOs, other files
   std::string what;                                   // the mutations, for messages
 };
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_file(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 void write(const Checkpoint& c, const std::string& dir) {
   fs::create_directories(dir);

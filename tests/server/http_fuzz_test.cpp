@@ -26,7 +26,9 @@ int open_fds() {
   return n;
 }
 
-int status_of(std::string_view r) {
+// The status code of a raw response after any "100 Continue": 0 for no response at all, -1 for
+// one that is not a well-formed status line.
+int parsed_status(std::string_view r) {
   while (r.rfind("HTTP/1.1 100 ", 0) == 0) {
     const size_t end = r.find("\r\n\r\n");
     if (end == std::string_view::npos) return -1;
@@ -252,7 +254,7 @@ TEST(HttpFuzz, MalformedRequestsNeverBreakTheServer) {
         c.send(req);
         if (g.pick(8) != 0) c.shutdown_write();  // mostly: no more is coming
         c.closed_by_peer(5s);
-        const int st = status_of(c.received());
+        const int st = parsed_status(c.received());
         ++sent;
         std::lock_guard<std::mutex> lk(mu);
         ++statuses[st];

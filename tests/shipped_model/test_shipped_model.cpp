@@ -23,6 +23,7 @@
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
+using moeserve::testing::read_file;
 using moeserve::testing::TempDir;
 using nlohmann::json;
 namespace fs = std::filesystem;
@@ -42,11 +43,6 @@ json read_json(const fs::path& p) {
 const json& reference() {
   static const json ref = read_json(kSrc / "tests/fixtures/shipped_model/reference.json");
   return ref;
-}
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 struct Result {

@@ -10,10 +10,10 @@
 namespace moeserve::tokenizer {
 namespace {
 
-using json = nlohmann::ordered_json;
+using ojson = nlohmann::ordered_json;
 using testing::read_fixture;
 
-ChatTemplate make_template(const json& c, const json& special) {
+ChatTemplate make_template(const ojson& c, const ojson& special) {
   if (c.contains("template")) {
     if (c["template"] == "v3") return ChatTemplate::from_model_dir(testing::v3_dir());
     return ChatTemplate::from_model_dir(testing::v3_dir(),
@@ -25,14 +25,14 @@ ChatTemplate make_template(const json& c, const json& special) {
   return ChatTemplate::from_string(c["source"].get<std::string>(), tokens);
 }
 
-std::string render_case(const json& c, const json& special) {
+std::string render_case(const ojson& c, const ojson& special) {
   const ChatTemplate t = make_template(c, special);
   return t.render(c["messages"], c["add_generation_prompt"].get<bool>(),
-                  c.contains("tools") ? c["tools"] : json(nullptr));
+                  c.contains("tools") ? c["tools"] : ojson(nullptr));
 }
 
 TEST(ChatTemplate, MatchesJinja2) {
-  const json fixture = read_fixture("chat_templates.json");
+  const ojson fixture = read_fixture("chat_templates.json");
   int rendered = 0, refused = 0;
   for (const auto& c : fixture["cases"]) {
     const std::string name = c["name"];
@@ -62,7 +62,7 @@ TEST(ChatTemplate, MatchesJinja2) {
 TEST(ChatTemplate, R1DropsEarlierReasoningAndOpensThink) {
   const auto t =
       ChatTemplate::from_model_dir(testing::v3_dir(), testing::r1_dir() / "chat_template.jinja");
-  const json messages = json::parse(R"([
+  const ojson messages = ojson::parse(R"([
     {"role": "user", "content": "Q1"},
     {"role": "assistant", "content": "<think>secret</think>A1"},
     {"role": "user", "content": "Q2"}])");
@@ -82,7 +82,7 @@ TEST(ChatTemplate, ErrorsCarryTheLine) {
   }
   const auto t = ChatTemplate::from_string("a\nb\n{{ raise_exception('bad role') }}");
   try {
-    t.render(json::array(), false);
+    t.render(ojson::array(), false);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("line 3"), std::string::npos) << e.what();
@@ -93,13 +93,13 @@ TEST(ChatTemplate, ErrorsCarryTheLine) {
 TEST(ChatTemplate, LimitsStopRunawayTemplates) {
   auto loop = ChatTemplate::from_string(
       "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
-  EXPECT_THROW(loop.render(json::array(), false), Error);
+  EXPECT_THROW(loop.render(ojson::array(), false), Error);
   auto big = ChatTemplate::from_string(
       "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}");
-  EXPECT_THROW(big.render(json::array(), false), Error);
+  EXPECT_THROW(big.render(ojson::array(), false), Error);
   auto recursive =
       ChatTemplate::from_string("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
-  EXPECT_THROW(recursive.render(json::array(), false), Error);
+  EXPECT_THROW(recursive.render(ojson::array(), false), Error);
   std::string deep(5000, '(');
   EXPECT_THROW(ChatTemplate::from_string("{{ " + deep + " }}"), Error);
 }
@@ -113,8 +113,8 @@ TEST(ChatTemplate, ExtraVariablesAndTools) {
   const auto t = ChatTemplate::from_string(
       "{{ flag }}|{{ tools | length if tools else 'none' }}|{{ bos_token }}",
       {{"bos_token", "<s>"}});
-  EXPECT_EQ(t.render(json::array(), false, nullptr, json{{"flag", 7}}), "7|none|<s>");
-  EXPECT_EQ(t.render(json::array(), false, json::array({1, 2}), json{{"flag", "x"}}), "x|2|<s>");
+  EXPECT_EQ(t.render(ojson::array(), false, nullptr, ojson{{"flag", 7}}), "7|none|<s>");
+  EXPECT_EQ(t.render(ojson::array(), false, ojson::array({1, 2}), ojson{{"flag", "x"}}), "x|2|<s>");
 }
 
 }  // namespace
