@@ -44,8 +44,12 @@ finish_one() {
     failed+=("$name")
   fi
 }
+# Left out here (scripts/test.sh runs them): the reference tests on the long YaRN fixture, one
+# sequence of 5,000 tokens through the code the other fixtures run on up to 100 (they took 2 of
+# the run's 9 minutes under the sanitizers).
+skip='*/v3_long_yarn'
 for p in "${progs[@]}"; do
-  build-asan/"$p" --gtest_brief=1 >"$logs/$p.log" 2>&1 &
+  build-asan/"$p" --gtest_brief=1 --gtest_filter="-$skip" >"$logs/$p.log" 2>&1 &
   running+=("$!:$p")
   [ ${#running[@]} -lt "$(nproc)" ] || finish_one
 done

@@ -85,7 +85,10 @@ void run_generate(const GenerateArgs& a) {
   const bool sampled = a.temperature > 0.0f;
   engine::GenerateOptions opt;
   opt.max_tokens = a.max_tokens;
-  opt.sampling = {a.temperature, a.top_p, a.top_k, seed};
+  opt.sampling.temperature = a.temperature;
+  opt.sampling.top_p = a.top_p;
+  opt.sampling.top_k = a.top_k;
+  opt.sampling.seed = seed;
   opt.speculative_tokens = a.speculative_tokens;
   if (!a.ignore_eos) {
     // The end of sequence of config.json, the tokenizer and generation_config.json.

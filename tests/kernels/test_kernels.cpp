@@ -44,7 +44,9 @@ TEST(KernelIsas, WhichRunHere) {
   EXPECT_TRUE(runs(Isa::Scalar));
   EXPECT_EQ(runs(Isa::Avx2), avx2);
   EXPECT_EQ(runs(Isa::Avx512), avx512);
-  if (avx512 && has("avx512_bf16")) EXPECT_TRUE(runs(Isa::Avx512Bf16));
+  if (avx512 && has("avx512_bf16")) {
+    EXPECT_TRUE(runs(Isa::Avx512Bf16));
+  }
   std::string tested, not_here;
   for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16})
     (runs(isa) ? tested : not_here) += std::string(" ") + isa_name(isa);
