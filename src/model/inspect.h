@@ -70,10 +70,10 @@ std::vector<TensorEntry> tensors_from_config(const ModelConfig& cfg, const Quant
 // Tensors of absent shards (or, with no shard at all, every tensor) come from the config.
 Inventory inspect_model(const std::string& dir);
 
-// The role of a tensor; `layer` and `expert` get its indices (-1 when none).
 // Bytes in decimal units (GB = 10^9 bytes) with two decimals: "1.23 GB", "4.50 MB", "12 B".
 std::string format_bytes(uint64_t bytes);
 
+// The role of a tensor; `layer` and `expert` get its indices (-1 when none).
 Role classify_tensor(const std::string& name, const ModelConfig& cfg, int64_t* layer = nullptr,
                      int64_t* expert = nullptr);
 
